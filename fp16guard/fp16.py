@@ -1,0 +1,45 @@
+"""IEEE 754 binary16 (FP16) range facts and the pure helpers built on them.
+
+Every threshold fp16guard uses lives here, so the rest of the package never spells a magic number.
+Source: IEEE 754-2008, table 3.5 (binary16: 5 exponent bits, 10 fraction bits, emax = 15).
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Largest finite FP16 magnitude, (2 - 2**-10) * 2**15. Values in (65504, 65520) still round to
+#: 65504 under round-to-nearest-even; fp16guard flags anything above 65504 (conservative).
+FP16_MAX = 65504.0
+
+#: Smallest positive normal FP16 magnitude, 2**-14 (about 6.1e-5). Below it values are subnormal
+#: and lose precision (fewer than 11 significant bits).
+FP16_MIN_NORMAL = 2.0**-14
+
+#: Smallest positive subnormal FP16 magnitude, 2**-24 (about 6.0e-8). fp16guard counts a nonzero
+#: value below it as flushed to zero (strictly, values below 2**-25 round to zero and values in
+#: [2**-25, 2**-24) round up to 2**-24; counting the whole interval is the conservative choice).
+FP16_MIN_SUBNORMAL = 2.0**-24
+
+
+def headroom_bits(amax: float) -> float:
+    """Headroom of a tensor in bits: ``log2(FP16_MAX / amax)``.
+
+    Args:
+        amax: largest finite magnitude of the tensor (any unit; compared with 65504).
+
+    Returns:
+        Positive when the tensor fits FP16 with room to spare (``3.0`` means it could grow 8x),
+        negative when it overflows (``-1.0`` means it is twice too large), ``inf`` for an all-zero
+        tensor and ``-inf`` when ``amax`` is itself inf or NaN.
+    """
+    if amax != amax or math.isinf(amax):
+        return -math.inf
+    if amax <= 0.0:
+        return math.inf
+    return math.log2(FP16_MAX / amax)
+
+
+def fits_fp16(amax: float) -> bool:
+    """True when a finite magnitude ``amax`` is representable in FP16 without overflow."""
+    return amax == amax and amax <= FP16_MAX

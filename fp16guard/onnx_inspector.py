@@ -1,0 +1,1 @@
+def inspect_onnx(*a, **k): raise NotImplementedError

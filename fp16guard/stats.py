@@ -1,0 +1,190 @@
+"""Range statistics of one tensor, computed where the tensor lives.
+
+:func:`tensor_stats` reduces a tensor of any shape to a 5-vector on the tensor's own device, with no
+host synchronisation; :class:`RangeStats` is the host-side value once a report is read.
+:func:`array_stats` does the same for a numpy array (weights, ONNX initializers).
+
+The five statistics, in :data:`STAT_FIELDS` order:
+
+``amax``
+    largest *finite* magnitude, ``max |x|`` over finite elements (0 for an empty tensor).
+``nonfinite``
+    number of inf or NaN elements.
+``nonzero``
+    number of finite nonzero elements (the denominator of the underflow fractions).
+``flush_to_zero``
+    finite nonzero elements with ``|x| < 2**-24``: FP16 rounds them to zero (or to its smallest
+    subnormal).
+``subnormal``
+    elements with ``2**-24 <= |x| < 2**-14``: FP16 keeps them as subnormals, with reduced precision.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, headroom_bits
+
+STAT_FIELDS = ("amax", "nonfinite", "nonzero", "flush_to_zero", "subnormal")
+
+
+def tensor_stats(x: torch.Tensor) -> torch.Tensor:
+    """Reduce ``x`` to its range statistics, on ``x.device``, without a host sync.
+
+    Args:
+        x: floating tensor of any shape and dtype (float16, bfloat16, float32, float64).
+
+    Returns:
+        float64 tensor of shape ``[5]`` on ``x.device``, fields in :data:`STAT_FIELDS` order.
+        Counts are exact up to 2**53 elements.
+    """
+    a = x.detach().abs()
+    finite = torch.isfinite(a)
+    nonzero = finite & (a != 0)
+    tiny = a < FP16_MIN_SUBNORMAL
+    small = a < FP16_MIN_NORMAL
+    if a.numel():
+        amax = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)).amax()
+    else:
+        amax = torch.zeros((), dtype=a.dtype, device=a.device)
+    return torch.stack(
+        [
+            amax.double(),
+            (~finite).sum().double(),
+            nonzero.sum().double(),
+            (nonzero & tiny).sum().double(),
+            (nonzero & small & ~tiny).sum().double(),
+        ]
+    )
+
+
+@functools.cache
+def fused_tensor_stats():
+    """:func:`tensor_stats` compiled by ``torch.compile`` into one fused reduction kernel.
+
+    Used on CUDA, where the eager version launches about ten kernels per tensor. Compiled with
+    ``dynamic=True`` on a flattened view, so one graph serves every shape of a given dtype.
+
+    Returns:
+        A callable with :func:`tensor_stats`' signature.
+    """
+    compiled = torch.compile(tensor_stats, dynamic=True, fullgraph=True)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return compiled(x.detach().reshape(-1))
+
+    return run
+
+
+def can_fuse(device: torch.device) -> bool:
+    """True when :func:`fused_tensor_stats` can run on ``device`` (CUDA with Triton)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class RangeStats:
+    """Range statistics of one tensor, or of several merged (max of ``amax``, sum of counts).
+
+    Attributes:
+        amax: largest finite magnitude (same unit as the tensor).
+        numel: number of elements.
+        nonfinite: inf/NaN elements.
+        nonzero: finite nonzero elements.
+        flush_to_zero: finite nonzero elements with ``|x| < 2**-24``.
+        subnormal: elements with ``2**-24 <= |x| < 2**-14``.
+    """
+
+    amax: float = 0.0
+    numel: int = 0
+    nonfinite: int = 0
+    nonzero: int = 0
+    flush_to_zero: int = 0
+    subnormal: int = 0
+
+    @classmethod
+    def from_row(cls, row: Iterable[float], numel: int) -> "RangeStats":
+        """Build from a :func:`tensor_stats` row (5 numbers) and the tensor's element count."""
+        amax, nonfinite, nonzero, ftz, sub = (float(v) for v in row)
+        return cls(amax, int(numel), int(nonfinite), int(nonzero), int(ftz), int(sub))
+
+    @classmethod
+    def merge(cls, items: Iterable["RangeStats"]) -> "RangeStats":
+        """Combine the statistics of several tensors; an empty iterable gives all zeros."""
+        items = list(items)
+        if not items:
+            return cls()
+        return cls(
+            amax=max(s.amax for s in items),
+            numel=sum(s.numel for s in items),
+            nonfinite=sum(s.nonfinite for s in items),
+            nonzero=sum(s.nonzero for s in items),
+            flush_to_zero=sum(s.flush_to_zero for s in items),
+            subnormal=sum(s.subnormal for s in items),
+        )
+
+    @property
+    def overflows(self) -> bool:
+        """True when a finite value exceeds 65504: an FP16 copy would hold inf."""
+        return self.amax > FP16_MAX
+
+    @property
+    def out_of_range(self) -> bool:
+        """True when the tensor overflows FP16 or already holds inf/NaN."""
+        return self.overflows or self.nonfinite > 0
+
+    @property
+    def headroom(self) -> float:
+        """``log2(65504 / amax)`` in bits; see :func:`fp16guard.fp16.headroom_bits`."""
+        return headroom_bits(self.amax)
+
+    @property
+    def flush_to_zero_fraction(self) -> float:
+        """Fraction of finite nonzero elements that FP16 flushes to zero (0 when none are nonzero)."""
+        return self.flush_to_zero / self.nonzero if self.nonzero else 0.0
+
+    @property
+    def subnormal_fraction(self) -> float:
+        """Fraction of finite nonzero elements that FP16 keeps only as subnormals."""
+        return self.subnormal / self.nonzero if self.nonzero else 0.0
+
+    def to_json(self) -> dict:
+        """JSON-ready dict: the fields plus ``headroom`` (null when infinite) and the fractions."""
+        d = asdict(self)
+        h = self.headroom
+        d["headroom"] = None if math.isinf(h) else round(h, 4)
+        d["flush_to_zero_fraction"] = self.flush_to_zero_fraction
+        d["subnormal_fraction"] = self.subnormal_fraction
+        return d
+
+
+def array_stats(a: np.ndarray) -> RangeStats:
+    """:class:`RangeStats` of a numpy array (weights, ONNX initializers), computed in float64.
+
+    Args:
+        a: array of any shape; non-floating arrays are measured after conversion to float64.
+    """
+    x = np.abs(np.asarray(a, dtype=np.float64))
+    finite = np.isfinite(x)
+    nonzero = finite & (x != 0)
+    tiny = x < FP16_MIN_SUBNORMAL
+    small = x < FP16_MIN_NORMAL
+    return RangeStats(
+        amax=float(x[finite].max()) if finite.any() else 0.0,
+        numel=int(x.size),
+        nonfinite=int((~finite).sum()),
+        nonzero=int(nonzero.sum()),
+        flush_to_zero=int((nonzero & tiny).sum()),
+        subnormal=int((nonzero & small & ~tiny).sum()),
+    )
