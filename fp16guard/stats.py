@@ -37,6 +37,10 @@ STAT_FIELDS = ("amax", "nonfinite", "nonzero", "flush_to_zero", "subnormal")
 def tensor_stats(x: torch.Tensor) -> torch.Tensor:
     """Reduce ``x`` to its range statistics, on ``x.device``, without a host sync.
 
+    Written as one ``abs``, one ``amax`` and four ``count_nonzero`` of comparisons (no bool
+    ``sum``, no ``isfinite``, both several times slower on the CPU): NaN fails every comparison, so
+    ``|x| <= finfo.max`` counts exactly the finite elements.
+
     Args:
         x: floating tensor of any shape and dtype (float16, bfloat16, float32, float64).
 
@@ -45,21 +49,22 @@ def tensor_stats(x: torch.Tensor) -> torch.Tensor:
         Counts are exact up to 2**53 elements.
     """
     a = x.detach().abs()
-    finite = torch.isfinite(a)
-    nonzero = finite & (a != 0)
-    tiny = a < FP16_MIN_SUBNORMAL
-    small = a < FP16_MIN_NORMAL
-    if a.numel():
-        amax = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)).amax()
+    n = a.numel()
+    finite = torch.count_nonzero(a <= torch.finfo(a.dtype).max)
+    zero = torch.count_nonzero(a == 0)
+    below_subnormal = torch.count_nonzero(a < FP16_MIN_SUBNORMAL)  # zeros included
+    below_normal = torch.count_nonzero(a < FP16_MIN_NORMAL)  # zeros included
+    if n:
+        amax = torch.nan_to_num(a, nan=0.0, posinf=0.0).amax()
     else:
         amax = torch.zeros((), dtype=a.dtype, device=a.device)
     return torch.stack(
         [
             amax.double(),
-            (~finite).sum().double(),
-            nonzero.sum().double(),
-            (nonzero & tiny).sum().double(),
-            (nonzero & small & ~tiny).sum().double(),
+            (n - finite).double(),
+            (finite - zero).double(),
+            (below_subnormal - zero).double(),
+            (below_normal - below_subnormal).double(),
         ]
     )
 

@@ -1,0 +1,106 @@
+"""Model inputs from files: ``.npy``, ``.npz``, images and ``.wav``.
+
+Every loader returns a :class:`NamedInput`: the arrays to feed, by position, and a label for the
+report. What an image or a waveform becomes depends on the model; :func:`load_input` returns the
+raw decoded array and the example (or the user's model) applies its own preprocessing.
+"""
+
+from __future__ import annotations
+
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+AUDIO_SUFFIXES = {".wav"}
+
+
+class InputError(ValueError):
+    """An input file is missing, unreadable, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class NamedInput:
+    """Arrays to feed a model, with a label.
+
+    Attributes:
+        label: what the input is (a file name, ``skimage.data.page()``), for the report.
+        arrays: positional model inputs (numpy arrays), or for raw images/audio the decoded data
+            (``uint8 [H, W, 3]`` RGB image; ``float32 [T]`` waveform in [-1, 1]).
+        sample_rate: samples per second for audio, else None.
+        kind: ``arrays``, ``image`` or ``audio``.
+    """
+
+    label: str
+    arrays: tuple[np.ndarray, ...]
+    sample_rate: int | None = None
+    kind: str = "arrays"
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """Read a PCM ``.wav`` (8/16/32-bit integer) as mono float32 in [-1, 1].
+
+    Returns:
+        ``(waveform [T] float32, sample_rate in Hz)``; several channels are averaged.
+
+    Raises:
+        InputError: not a readable PCM WAV file.
+    """
+    try:
+        with wave.open(str(path), "rb") as w:
+            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+            raw = w.readframes(w.getnframes())
+    except (wave.Error, EOFError) as e:
+        raise InputError(f"{path}: not a PCM WAV file ({e}); convert it with `sox IN -b 16 OUT.wav`") from None
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}.get(width)
+    if dtype is None:
+        raise InputError(f"{path}: {8 * width}-bit WAV samples are not supported; use 16-bit PCM")
+    x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    x = (x - 128.0) / 128.0 if width == 1 else x / float(np.iinfo(dtype).max)
+    return x.reshape(-1, channels).mean(axis=1), rate
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as ``uint8 [H, W, 3]`` RGB (grayscale and alpha are converted)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"{path}: not a readable image ({e})") from None
+
+
+def load_input(path: str | Path) -> NamedInput:
+    """Load one ``--input`` file.
+
+    * ``.npy``: one array, the model's single input.
+    * ``.npz``: several arrays, fed in the order of their names in the archive (``arr_0``, ...)
+      or by name for ONNX models whose inputs carry those names.
+    * an image (``.png``, ``.jpg``, ...): ``uint8 [H, W, 3]`` RGB, ``kind="image"``.
+    * ``.wav``: mono float32 waveform, ``kind="audio"``.
+
+    Raises:
+        InputError: the file does not exist, or its type is not one of the above, or it is corrupt.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"input file not found: {p}")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return NamedInput(p.name, (np.load(p, allow_pickle=False),))
+        if suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                return NamedInput(p.name, tuple(z[k] for k in z.files))
+    except (ValueError, OSError) as e:
+        raise InputError(f"{p}: not a readable numpy file ({e})") from None
+    if suffix in IMAGE_SUFFIXES:
+        return NamedInput(p.name, (read_image(p),), kind="image")
+    if suffix in AUDIO_SUFFIXES:
+        x, rate = read_wav(p)
+        return NamedInput(p.name, (x,), sample_rate=rate, kind="audio")
+    raise InputError(f"{p}: unknown input type {suffix!r}; use .npy, .npz, an image "
+                     f"({', '.join(sorted(IMAGE_SUFFIXES))}) or .wav")
