@@ -83,12 +83,12 @@ def check_tensor(name: str, values: np.ndarray, *, layer: str = "", is_bn_stat: 
     if over:
         reason = f"{over} of {s.numel} values exceed 65504 (amax {s.amax:.4g}) and become inf in FP16"
         if is_bn_stat:
-            reason += "; fatal if the model is cast to FP16 before BatchNorm is folded, see the bn_fold finding"
+            reason += "; fatal if cast before BatchNorm is folded (see bn_fold)"
         out.append(StaticFinding(name, "overflow", "error", over, s, reason, layer))
     if s.flush_to_zero and (s.flush_to_zero_fraction >= FLUSH_FRACTION or s.numel <= SMALL_CONSTANT):
         out.append(StaticFinding(
             name, "flush_to_zero", "warning", s.flush_to_zero, s,
-            f"{s.flush_to_zero} of {s.nonzero} nonzero values are below 2^-24 and flush to zero in FP16",
+            f"{s.flush_to_zero} of {s.nonzero} nonzero values are below 2^-24: zero in FP16",
             layer))
     return out
 

