@@ -283,7 +283,8 @@ class FInspect:
         self._paused = True
         try:
             skip = self._weight_ids
-            return [self._store.measure(t) for t in iter_tensors(obj) if id(t) not in skip]
+            rows = [self._store.measure(t) for t in iter_tensors(obj) if id(t) not in skip]
+            return list(dict.fromkeys(rows))  # a tensor returned twice counts once
         finally:
             self._paused = False
 

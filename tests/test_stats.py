@@ -1,0 +1,72 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from fp16guard.fp16 import FP16_MAX, headroom_bits
+from fp16guard.stats import RangeStats, array_stats, tensor_stats
+
+
+def stats_of(t: torch.Tensor) -> RangeStats:
+    return RangeStats.from_row(tensor_stats(t).tolist(), t.numel())
+
+
+def test_known_values_float32():
+    x = torch.tensor([0.0, 1e-9, -3e-6, 2.0, math.inf, math.nan, -7e4, 1e-30])
+    s = stats_of(x)
+    assert s == RangeStats(amax=70000.0, numel=8, nonfinite=2, nonzero=5, flush_to_zero=2, subnormal=1)
+    assert s.overflows and s.out_of_range
+    assert s.flush_to_zero_fraction == pytest.approx(2 / 5)
+
+
+def test_fp16_cast_of_same_values_shows_what_fp16_does():
+    # 1e-9 and 1e-30 become 0, -7e4 becomes -inf, -3e-6 stays a subnormal.
+    s = stats_of(torch.tensor([0.0, 1e-9, -3e-6, 2.0, math.inf, math.nan, -7e4, 1e-30]).half())
+    assert s == RangeStats(amax=2.0, numel=8, nonfinite=3, nonzero=2, flush_to_zero=0, subnormal=1)
+
+
+def test_empty_tensor():
+    assert stats_of(torch.zeros(0)) == RangeStats()
+
+
+def test_headroom():
+    assert headroom_bits(FP16_MAX) == 0.0
+    assert headroom_bits(FP16_MAX / 8) == pytest.approx(3.0)
+    assert headroom_bits(FP16_MAX * 2) == pytest.approx(-1.0)
+    assert headroom_bits(0.0) == math.inf
+    assert headroom_bits(math.inf) == -math.inf
+
+
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrays(np.float32, st.integers(0, 64), elements=floats))
+def test_torch_and_numpy_statistics_agree(a):
+    assert stats_of(torch.from_numpy(a)) == array_stats(a)
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrays(np.float32, st.integers(1, 64), elements=st.floats(-2.0**20, 2.0**20, width=32)))
+def test_overflow_flag_predicts_fp16_cast(a):
+    s = array_stats(a)
+    with np.errstate(over="ignore"):
+        cast_inf = bool(np.isinf(a.astype(np.float16)).any())
+    # Conservative: whatever FP16 turns into inf is flagged; (65504, 65520) is flagged but rounds down.
+    if cast_inf:
+        assert s.overflows
+    if s.amax >= 65520:
+        assert cast_inf
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrays(np.float32, st.integers(1, 64), elements=st.floats(-2.0**-10, 2.0**-10, width=32, allow_subnormal=False)))
+def test_flush_to_zero_count_covers_fp16_zeros(a):
+    s = array_stats(a)
+    became_zero = int(((a != 0) & (a.astype(np.float16) == 0)).sum())
+    assert s.flush_to_zero >= became_zero
+    assert s.flush_to_zero == int(((a != 0) & (np.abs(a) < 2.0**-24)).sum())
