@@ -54,31 +54,32 @@ def _inspect(args, console: Console) -> int:
     from .examples import get_example
     from .inputs import load_input
     from .loading import load_torch_model, model_kind, run_torch
-    from .onnx_inspector import inspect_onnx
+    from .onnx_inspector import inspect_onnx, load_onnx
 
     if not args.model and not args.example:
         raise _Usage("give a MODEL or --example NAME")
     if args.model and args.example:
         raise _Usage("give either a MODEL or --example, not both")
-    raw = [load_input(p) for p in args.input]
     if args.example:
         ex = get_example(args.example)
         framework = ex.framework
-        inputs = [ex.prepare(r) for r in raw] if raw else ex.inputs()
         console.print(f"example [bold]{ex.name}[/]: {ex.description}")
         model = ex.load()
+        raw = [load_input(p) for p in args.input]
+        inputs = [ex.prepare(r) for r in raw] if raw else ex.inputs()
     else:
         framework = "onnx" if model_kind(args.model) == "onnx" else "torch"
-        if not raw:
+        model = load_onnx(args.model) if framework == "onnx" else load_torch_model(args.model, args.checkpoint)
+        inputs = [load_input(p) for p in args.input]
+        if not inputs:
             raise _Usage(f"{args.model} needs at least one --input")
-        inputs = raw
-        model = args.model if framework == "onnx" else load_torch_model(args.model, args.checkpoint)
     if framework == "onnx":
         if args.ops or args.half or args.device != "cpu":
             raise _Usage("--ops, --half and --device apply to PyTorch models only")
         feeds = [i.arrays if i.kind == "arrays" else _no_raw(i) for i in inputs]
         report = inspect_onnx(model, feeds, labels=[i.label for i in inputs],
-                              memory_budget=int(args.memory_budget * (1 << 30)))
+                              memory_budget=int(args.memory_budget * (1 << 30)),
+                              source=Path(args.model or model).name)
     else:
         report = run_torch(model, inputs, ops=args.ops, device=args.device, half=args.half)
         if args.example:
@@ -129,14 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 150)
-    err = Console(stderr=True)
     try:
         if args.command == "inspect":
             return _inspect(args, console)
         return _fetch(args, console)
     except (_Usage, InputError, ModelLoadError, MissingDependencyError, AssetError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        err.print(f"[bold red]fp16guard: error:[/] {msg}", highlight=False)
+        print(f"fp16guard: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
 
 
