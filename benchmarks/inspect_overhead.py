@@ -9,7 +9,8 @@ rounds (plain, fp16guard, seed-style, Hugging Face) so drift hits all alike; eac
 the median over rounds, and the printed ratio is variant / plain.
 
 * fp16guard: ``FInspect(model)`` hooks installed once; the report is read once at the end (its cost
-  is printed separately).
+  is printed separately). On CUDA, ``fp16guard-eager`` is the same with ``fused=False`` (eager
+  torch reductions instead of the Triton kernel).
 * seed-style: the seed's ``fp16_check`` forward hook on every module: ``torch.abs(x).max()``
   compared with 65504 in Python, i.e. one host sync per tensor per module.
 * hf: transformers' ``DebugUnderflowOverflow`` (when transformers imports), on a copy of the model
@@ -87,6 +88,10 @@ def bench(dtype, device, batch, iters, warmup):
     guarded = copy.deepcopy(base)
     probe = FInspect(guarded, static=False)
     variants["fp16guard"] = (guarded, probe)
+    eager_model = copy.deepcopy(base)
+    eager_probe = FInspect(eager_model, static=False, fused=False)
+    if device.type == "cuda":
+        variants["fp16guard-eager"] = (eager_model, eager_probe)
 
     seed_model = copy.deepcopy(base)
     seed_handles = seed_style_hooks(seed_model)
@@ -102,7 +107,7 @@ def bench(dtype, device, batch, iters, warmup):
         print(f"  (Hugging Face DebugUnderflowOverflow skipped: {type(e).__name__}: {e})")
 
     times = {k: [] for k in variants}
-    with torch.no_grad(), probe:  # hooks installed once, for every round
+    with torch.no_grad(), probe, eager_probe:  # hooks installed once, for every round
         for r in range(warmup + iters):
             for name, (model, _) in variants.items():
                 dt = timed(lambda: model(x), device)

@@ -20,8 +20,8 @@ that is where the NaN was born; with the model in FP32, ``from`` predicts where 
 Cost. Each floating tensor a module takes or returns is reduced to five numbers (see
 :mod:`fp16guard.stats`) on its own device; the results stay there until :meth:`FInspect.report`,
 which reads all of them with one transfer per device. A tensor handed from one module to the next
-is measured once (an identity/version cache), and on CUDA the reduction is one fused kernel
-(``torch.compile``). ``benchmarks/inspect_overhead.py`` measures the overhead.
+is measured once (an identity/version cache), and on CUDA the reduction is one Triton kernel
+writing into a preallocated device buffer. ``benchmarks/inspect_overhead.py`` measures the overhead.
 
 Hygiene. The inspector keeps all its state on the instance; nothing is stored on modules. On exit,
 also when the forward raised, every hook is removed and the model's ``state_dict`` is untouched.
@@ -41,7 +41,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .report import CallRecord, InspectionReport
 from .static_check import check_module
-from .stats import RangeStats, can_fuse, fused_tensor_stats, tensor_stats
+from . import triton_stats
+from .stats import RangeStats, tensor_stats
 
 logger = logging.getLogger("fp16guard")
 
@@ -83,19 +84,27 @@ class _StatsStore:
     """
 
     def __init__(self, fused: bool | None):
-        self._fused = fused
+        self._fused = fused is not False
         self._pending: list[torch.Tensor] = []
         self._blocks: list[tuple[torch.device, torch.Tensor, list[int]]] = []
         self._pending_rows: list[int] = []
+        self._arenas: dict[torch.device, triton_stats.StatsArena] = {}
+        self._arena_rows: list[tuple[int, torch.device, int]] = []
         self._numel: list[int] = []
         # id(tensor) -> (weakref to it, its version counter, row)
         self._cache: dict[int, tuple[weakref.ref, int, int]] = {}
         self._host: list[tuple[float, ...]] | None = None
 
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        fused = can_fuse(t.device) if self._fused is None else (self._fused and can_fuse(t.device))
+    def _reduce(self, t: torch.Tensor, row: int) -> None:
         with torch.no_grad():
-            return fused_tensor_stats()(t) if fused else tensor_stats(t)
+            if self._fused and triton_stats.available(t):
+                arena = self._arenas.get(t.device)
+                if arena is None:
+                    arena = self._arenas[t.device] = triton_stats.StatsArena(t.device)
+                self._arena_rows.append((row, t.device, arena.reduce(t)))
+            else:
+                self._pending.append(tensor_stats(t))
+                self._pending_rows.append(row)
 
     def measure(self, t: torch.Tensor, *, fresh: bool = False) -> int:
         """Row of ``t``'s statistics, computed now unless ``t`` is unchanged since last measured.
@@ -110,8 +119,7 @@ class _StatsStore:
             return hit[2]
         row = len(self._numel)
         self._numel.append(t.numel())
-        self._pending.append(self._reduce(t))
-        self._pending_rows.append(row)
+        self._reduce(t, row)
         self._host = None
         if version is not None:
             self._cache[id(t)] = (weakref.ref(t), version, row)
@@ -138,6 +146,9 @@ class _StatsStore:
             for _, block, rows in self._blocks:
                 for row, values in zip(rows, block.cpu().tolist()):
                     host[row] = tuple(values)
+            arena_values = {device: arena.read() for device, arena in self._arenas.items()}
+            for row, device, slot in self._arena_rows:
+                host[row] = arena_values[device][slot]
             self._host = host
         return self._host
 
@@ -194,8 +205,9 @@ class FInspect:
             (to find where inf/NaN is born). It is never modified.
         ops: also record every aten op (``F.relu``, ``+``, ``matmul`` inside ``forward`` are
             invisible to module hooks) through a ``TorchDispatchMode``. Slower; off by default.
-        fused: reduce each tensor with one compiled kernel (``torch.compile``). ``None`` (default)
-            fuses on CUDA when Triton is available and runs eager torch ops elsewhere.
+        fused: reduce each CUDA tensor with one Triton kernel (:mod:`fp16guard.triton_stats`).
+            ``None`` (default) or True: wherever Triton is available; False: eager torch ops
+            everywhere (the CPU always uses them).
         static: include the static weight check (:func:`fp16guard.static_check.check_module`) in
             the report.
 

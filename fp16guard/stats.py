@@ -21,7 +21,6 @@ The five statistics, in :data:`STAT_FIELDS` order:
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Iterable
@@ -67,35 +66,6 @@ def tensor_stats(x: torch.Tensor) -> torch.Tensor:
             (below_normal - below_subnormal).double(),
         ]
     )
-
-
-@functools.cache
-def fused_tensor_stats():
-    """:func:`tensor_stats` compiled by ``torch.compile`` into one fused reduction kernel.
-
-    Used on CUDA, where the eager version launches about ten kernels per tensor. Compiled with
-    ``dynamic=True`` on a flattened view, so one graph serves every shape of a given dtype.
-
-    Returns:
-        A callable with :func:`tensor_stats`' signature.
-    """
-    compiled = torch.compile(tensor_stats, dynamic=True, fullgraph=True)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return compiled(x.detach().reshape(-1))
-
-    return run
-
-
-def can_fuse(device: torch.device) -> bool:
-    """True when :func:`fused_tensor_stats` can run on ``device`` (CUDA with Triton)."""
-    if device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
