@@ -302,6 +302,7 @@ class FInspect:
 
     def _make_pre_hook(self, name: str, kind: str, leaf: bool) -> Callable:
         def pre_hook(module, args, kwargs):
+            """Measure the inputs before the module runs (an in-place op would overwrite them)."""
             n = self._call_counts.get(name, 0)
             self._call_counts[name] = n + 1
             self._open.append(_PendingCall(name, kind, name, n, leaf, self._measure_all((args, kwargs))))
@@ -311,6 +312,7 @@ class FInspect:
 
     def _make_post_hook(self, root: bool) -> Callable:
         def post_hook(module, args, kwargs, output):
+            """Measure the outputs and close the call; the root's hook also stacks the rows."""
             if not self._open:  # hooks were installed while this module was already running
                 return
             pending = self._open.pop()

@@ -19,7 +19,7 @@ first output name (Paddle's ``conv2d_450.tmp_0``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -106,16 +106,20 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def activation_values(model: onnx.ModelProto) -> tuple[list[str], set[str]]:
+def activation_values(model: onnx.ModelProto, types: Mapping[str, int] | None = None,
+                      constants: Iterable[str] | None = None) -> tuple[list[str], set[str]]:
     """The floating values an inspection measures, in execution order, and the constant-only ones.
+
+    ``types`` (value name -> ONNX element type) and ``constants`` (names of initializers and
+    ``Constant`` outputs) are computed from ``model`` when not given.
 
     Returns:
         ``(measured, constant)``: graph inputs and node outputs of floating type that depend on
         at least one graph input; and every value computed from constants alone (initializers,
         ``Constant`` nodes and what folds from them), which the static check covers instead.
     """
-    types = _value_types(model)
-    constant = set(graph_constants(model))
+    types = _value_types(model) if types is None else types
+    constant = set(graph_constants(model) if constants is None else constants)
     measured = [i.name for i in model.graph.input if types.get(i.name) in FLOAT_TYPES and i.name not in constant]
     for node in model.graph.node:
         if node.op_type == "Constant" or (node.input and all(not n or n in constant for n in node.input)):
@@ -259,8 +263,8 @@ def inspect_onnx(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     proto = load_onnx(model)
     consts = graph_constants(proto)
     runs = _as_feed_list(proto, feeds, set(consts))
-    measured, _ = activation_values(proto)
     types = _value_types(proto)
+    measured, _ = activation_values(proto, types, consts)
     largest = max(runs, key=lambda f: sum(a.nbytes for a in f.values()))
     chunks = plan_chunks(measured, value_bytes(proto, largest), memory_budget)
     opts = ort.SessionOptions()
