@@ -20,6 +20,7 @@ the median over rounds, and the printed ratio is variant / plain.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -79,7 +80,31 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def bench(dtype, device, batch, iters, warmup):
+def noop_hooks(model):
+    """A pre- and a post-hook that do nothing on every module: the floor of any hook-based tool."""
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(lambda mod, a, k: None, with_kwargs=True))
+        handles.append(m.register_forward_hook(lambda mod, a, k, o: None, with_kwargs=True, always_call=True))
+    return handles
+
+
+class _Breakdown:
+    """Extra FInspect variants that split its cost (``--breakdown``); they poke private state."""
+
+    @staticmethod
+    def no_reduction(probe):
+        probe._store._reduce = lambda t, row: None  # hooks and bookkeeping, no kernel at all
+        return probe
+
+    @staticmethod
+    def generic_launcher(probe):
+        """After the first (warm-up) forward created the arena: Triton's kernel[grid](...) launch."""
+        for arena in probe._store._arenas.values():
+            arena._launch.direct = False
+
+
+def bench(dtype, device, batch, iters, warmup, breakdown=False):
     base, source = make_resnet50()
     base = base.eval().to(device=device, dtype=dtype)
     x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
@@ -92,6 +117,18 @@ def bench(dtype, device, batch, iters, warmup):
     eager_probe = FInspect(eager_model, static=False, fused=False)
     if device.type == "cuda":
         variants["fp16guard-eager"] = (eager_model, eager_probe)
+
+    extra = []
+    if breakdown:
+        hooks_model = copy.deepcopy(base)
+        extra += noop_hooks(hooks_model)
+        variants["hooks-only"] = (hooks_model, None)
+        nr_model = copy.deepcopy(base)
+        variants["no-reduction"] = (nr_model, _Breakdown.no_reduction(FInspect(nr_model, static=False)))
+        if device.type == "cuda":
+            tl_model = copy.deepcopy(base)
+            tl_probe = FInspect(tl_model, static=False)
+            variants["triton-launch"] = (tl_model, tl_probe)
 
     seed_model = copy.deepcopy(base)
     seed_handles = seed_style_hooks(seed_model)
@@ -107,14 +144,20 @@ def bench(dtype, device, batch, iters, warmup):
         print(f"  (Hugging Face DebugUnderflowOverflow skipped: {type(e).__name__}: {e})")
 
     times = {k: [] for k in variants}
-    with torch.no_grad(), probe, eager_probe:  # hooks installed once, for every round
+    probes = [p for _, p in variants.values() if p is not None]
+    with contextlib.ExitStack() as stack:  # hooks installed once, for every round
+        stack.enter_context(torch.no_grad())
+        for p in probes:
+            stack.enter_context(p)
         for r in range(warmup + iters):
             for name, (model, _) in variants.items():
                 dt = timed(lambda: model(x), device)
                 if r >= warmup:
                     times[name].append(dt)
+                if name == "triton-launch" and r == 0:
+                    _Breakdown.generic_launcher(variants[name][1])
     t_report = timed(lambda: probe.report(), device)
-    for h in seed_handles:
+    for h in seed_handles + extra:
         h.remove()
     med = {k: statistics.median(v) for k, v in times.items()}
     return source, med, t_report, len(probe.report().calls)
@@ -127,18 +170,21 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dtypes", default="float32,float16")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="add variants that split fp16guard's cost: no-op hooks, hooks without "
+                         "reductions, Triton's generic launcher")
     args = ap.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     print(f"fp16guard inspect overhead: ResNet-50, batch {args.batch}, {name}, torch {torch.__version__}, "
           f"{args.iters} timed rounds after {args.warmup} warm-up")
-    print(f"{'dtype':8} {'variant':11} {'ms/forward':>11} {'x plain':>8}")
+    print(f"{'dtype':8} {'variant':15} {'ms/forward':>11} {'x plain':>8}")
     for dt_name in args.dtypes.split(","):
         dtype = getattr(torch, dt_name)
-        source, med, t_report, n_calls = bench(dtype, device, args.batch, args.iters, args.warmup)
+        source, med, t_report, n_calls = bench(dtype, device, args.batch, args.iters, args.warmup, args.breakdown)
         for k, v in med.items():
-            print(f"{dt_name:8} {k:11} {v * 1e3:11.2f} {v / med['plain']:8.2f}")
-        print(f"{dt_name:8} report()    {t_report * 1e3:11.2f}  (once, for {n_calls} calls; model from {source})")
+            print(f"{dt_name:8} {k:15} {v * 1e3:11.2f} {v / med['plain']:8.2f}")
+        print(f"{dt_name:8} {'report()':15} {t_report * 1e3:11.2f}  (once, for {n_calls} calls; model from {source})")
 
 
 if __name__ == "__main__":

@@ -295,8 +295,11 @@ class FInspect:
         self._paused = True
         try:
             skip = self._weight_ids
-            rows = [self._store.measure(t) for t in iter_tensors(obj) if id(t) not in skip]
-            return list(dict.fromkeys(rows))  # a tensor returned twice counts once
+            measure = self._store.measure
+            if type(obj) is torch.Tensor:  # the common case, without the generic walk
+                return [] if id(obj) in skip or not obj.is_floating_point() else [measure(obj)]
+            rows = [measure(t) for t in iter_tensors(obj) if id(t) not in skip]
+            return list(dict.fromkeys(rows)) if len(rows) > 1 else rows  # returned twice counts once
         finally:
             self._paused = False
 
@@ -305,7 +308,8 @@ class FInspect:
             """Measure the inputs before the module runs (an in-place op would overwrite them)."""
             n = self._call_counts.get(name, 0)
             self._call_counts[name] = n + 1
-            self._open.append(_PendingCall(name, kind, name, n, leaf, self._measure_all((args, kwargs))))
+            inputs = args[0] if len(args) == 1 and not kwargs else (args, kwargs)
+            self._open.append(_PendingCall(name, kind, name, n, leaf, self._measure_all(inputs)))
             self._stack.append(name)
 
         return pre_hook

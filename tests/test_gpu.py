@@ -11,9 +11,10 @@ from fp16guard.stats import RangeStats, tensor_stats
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-launch", "triton-launch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 4095, 4096, 100_003, 3_000_000])
-def test_triton_stats_equal_eager_stats(dtype, n):
+def test_triton_stats_equal_eager_stats(dtype, n, direct):
     from fp16guard.triton_stats import StatsArena
 
     g = torch.Generator(device="cuda").manual_seed(n)
@@ -23,10 +24,13 @@ def test_triton_stats_equal_eager_stats(dtype, n):
         x[3], x[5], x[7] = math.inf, -math.inf, math.nan
         x[9] = 7e4
     x = x.to(dtype)
-    arena = StatsArena(x.device, rows=2)
-    slots = [arena.reduce(x), arena.reduce(x[: n // 2]), arena.reduce(x[:0])]
+    arena = StatsArena(x.device, rows=2, direct=direct)
+    # whole, a prefix, empty, and an unaligned view (its own specialization); each twice, so the
+    # second launch of every specialization goes through the direct launcher
+    parts = [x, x[: n // 2], x[:0], x[1:]] * 2
+    slots = [arena.reduce(p) for p in parts]
     rows = arena.read()
-    for slot, part in zip(slots, [x, x[: n // 2], x[:0]]):
+    for slot, part in zip(slots, parts):
         got = RangeStats.from_row(rows[slot], part.numel())
         want = RangeStats.from_row(tensor_stats(part).tolist(), part.numel())
         assert got == want
@@ -43,3 +47,19 @@ def test_fused_and_eager_reports_agree_on_a_conv_net():
             model(x)
         reports.append(probe.report())
     assert reports[0].calls == reports[1].calls
+
+
+def test_channels_last_and_strided_tensors_are_measured_whole():
+    from fp16guard.triton_stats import StatsArena
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 8, 16, 16, device="cuda", generator=g) * 1e3
+    x[1, 2, 3, 4] = 9e4
+    parts = [x.to(memory_format=torch.channels_last), x[:, ::2], x.transpose(2, 3)]
+    arena = StatsArena(x.device)
+    slots = [arena.reduce(p) for p in parts * 2]
+    rows = arena.read()
+    for slot, part in zip(slots, parts * 2):
+        want = RangeStats.from_row(tensor_stats(part).tolist(), part.numel())
+        assert RangeStats.from_row(rows[slot], part.numel()) == want
+    assert rows[slots[0]][0] == pytest.approx(9e4, rel=1e-6)
