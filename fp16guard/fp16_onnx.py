@@ -1,0 +1,333 @@
+"""Typed FP16 ONNX (the form TensorRT 11 needs) and its strict CPU emulation.
+
+:func:`to_typed_fp16` turns an FP32 graph into a *typed* FP16 graph: FP16 initializers, FP16
+activations, FP32 graph inputs and outputs with ``Cast`` nodes at the boundary. TensorRT 11 dropped
+the FP16 builder flag: its networks are strongly typed, so the precision of every layer is the type
+of its tensors in the ONNX file.
+
+Why not onnxconverter-common's ``convert_float_to_float16``: by default it raises every weight
+below 1e-7 to 1e-7 and clamps every weight above 1e4 to 1e4, which alone breaks valid models and
+hides the very overflow fp16guard looks for (both can be switched off), and on the prefixes a
+bisect produces its Cast clean-up raises ``ValueError: The downstream node of the second cast node
+should be graph output`` (a prefix output that also feeds an FP32 op, e.g. PP-OCRv4's Resize). The
+conversion here is small and total: a value FP16 can hold is stored rounded to nearest, a value
+beyond 65504 becomes inf, a value below 2^-25 becomes 0, as an FP16 cast does; nothing is clamped.
+:class:`Fp16Conversion` lists the initializers and ``Constant`` values that did not fit.
+
+:func:`emulation_model` rewrites a typed FP16 graph into an FP32 graph that ONNX Runtime's CPU EP
+runs *as if* in FP16: every FP16 tensor becomes an FP32 tensor whose producer is followed by a
+``Cast(to=FLOAT16) -> Cast(to=FLOAT)`` pair, i.e. every op's output is rounded through IEEE FP16
+(overflow to inf, subnormals, flush to zero), every weight holds its FP16 value, and the arithmetic
+of each op runs in FP32 (as FP16 kernels with FP32 accumulation do). Run it with graph
+optimizations off (:func:`emulation_session_options`): ORT's optimizer removes back-to-back Casts,
+and its CPU EP has no FP16 kernel for many ops, both of which would hide an overflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
+
+#: Ops kept in FP32 (with Casts around them) by default: no FP16 form in ONNX Runtime / TensorRT,
+#: or float inputs that are really coordinates/indices.
+DEFAULT_FP32_OPS = ("NonMaxSuppression", "RoiAlign", "Range", "RandomUniformLike", "RandomNormalLike",
+                    "RandomUniform", "RandomNormal", "Multinomial")
+
+#: Float inputs that an op's schema requires in FP32 even when the op runs in FP16:
+#: ``{op_type: input indices}`` (Resize's ``roi`` and ``scales``, Upsample's ``scales``).
+FP32_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
+
+
+@dataclass(frozen=True)
+class UnfitConstant:
+    """An FP32 initializer or ``Constant`` value that FP16 cannot hold exactly in range.
+
+    Attributes:
+        name: tensor name in the graph.
+        numel: element count.
+        overflow: elements with finite |x| > 65504 (they become inf).
+        flushed: nonzero elements with |x| < 2^-25 (they round to 0).
+        amax: largest finite |x|.
+    """
+
+    name: str
+    numel: int
+    overflow: int
+    flushed: int
+    amax: float
+
+    def to_json(self) -> dict:
+        """Plain-JSON form."""
+        return dict(name=self.name, numel=self.numel, overflow=self.overflow, flushed=self.flushed, amax=self.amax)
+
+
+@dataclass
+class Fp16Conversion:
+    """What :func:`to_typed_fp16` did.
+
+    Attributes:
+        unfit: constants that did not fit FP16 (see :class:`UnfitConstant`).
+        fp32_nodes: names of nodes left in FP32 (op on the FP32 list, or asked by name).
+        casts: Cast nodes inserted at precision boundaries.
+    """
+
+    unfit: list[UnfitConstant] = field(default_factory=list)
+    fp32_nodes: list[str] = field(default_factory=list)
+    casts: int = 0
+
+
+def _float_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
+                    out[node.output[0]] = numpy_helper.to_array(a.t)
+    return out
+
+
+def unfit_constants(model: onnx.ModelProto) -> list[UnfitConstant]:
+    """FP32 initializers and ``Constant`` values of ``model`` that overflow or flush in FP16."""
+    out = []
+    for name, v in _float_constants(model).items():
+        a = np.abs(v.astype(np.float64, copy=False))
+        finite = np.isfinite(a)
+        over = int(np.count_nonzero(finite & (a > FP16_MAX)))
+        # below half the smallest subnormal, round-to-nearest gives zero
+        flushed = int(np.count_nonzero((a > 0) & (a <= FP16_MIN_SUBNORMAL / 2)))
+        if over or flushed:
+            amax = float(a[finite].max()) if finite.any() else 0.0
+            out.append(UnfitConstant(name, int(v.size), over, flushed, amax))
+    return out
+
+
+def _fp16_tensor(t: onnx.TensorProto, name: str | None = None) -> onnx.TensorProto:
+    with np.errstate(over="ignore"):
+        return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), name or t.name)
+
+
+def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = None,
+                  node_block_list: list[str] | None = None) -> tuple[onnx.ModelProto, Fp16Conversion]:
+    """Typed FP16 copy of an FP32 ONNX graph, FP32 at its inputs and outputs, nothing clamped.
+
+    Every node runs in FP16 except those whose op is in ``fp32_ops`` or whose name is in
+    ``node_block_list``. Float tensors take the precision of their producer; a Cast is inserted
+    (once per tensor and precision) wherever a consumer needs the other one, and before every
+    float graph output. Float initializers and ``Constant`` values read only by FP16 nodes are
+    stored in FP16; those read by FP32 nodes stay FP32 (an FP16 reader then gets a Cast).
+    ``Cast(to=FLOAT)`` and ``ConstantOfShape`` inside the FP16 region produce FP16.
+
+    Args:
+        model: FP32 ``onnx.ModelProto`` (not modified). Shape inference must type its tensors.
+        fp32_ops: op types to keep in FP32 (default :data:`DEFAULT_FP32_OPS`; ops of the
+            ``ai.onnx.ml`` domain always stay FP32).
+        node_block_list: node names to keep in FP32 (e.g. earlier offenders).
+
+    Returns:
+        ``(fp16_model, conversion)``.
+    """
+    fp32_ops = DEFAULT_FP32_OPS if fp32_ops is None else tuple(fp32_ops)
+    blocked_names = set(node_block_list or ())
+    types = _types(model)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    report = Fp16Conversion(unfit=unfit_constants(model))
+
+    def runs_fp32(node: onnx.NodeProto) -> bool:
+        return node.op_type in fp32_ops or node.name in blocked_names or node.domain == "ai.onnx.ml"
+
+    is_float = {name for name, t in types.items() if t == TensorProto.FLOAT}
+    graph_inputs = {i.name for i in g.input}
+    inits = {i.name: i for i in g.initializer}
+    constants = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    # precision of each float tensor's storage: 16 or 32
+    precision: dict[str, int] = {}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in g.node:
+        for k, name in enumerate(node.input):
+            if name:
+                readers.setdefault(name, []).append((node, k))
+
+    def wants(node: onnx.NodeProto, k: int) -> int:
+        if runs_fp32(node) or k in FP32_INPUTS.get(node.op_type, ()):
+            return 32
+        return 16
+
+    for name in is_float:
+        if name in graph_inputs:
+            precision[name] = 32
+        elif name in inits or name in constants:
+            want = {wants(n, k) for n, k in readers.get(name, [])}
+            precision[name] = 16 if want == {16} else 32
+    for node in g.node:
+        if node.op_type == "Constant":
+            continue
+        p = 32 if runs_fp32(node) else 16
+        report.fp32_nodes += [node.name] if p == 32 else []
+        for o in node.output:
+            if o in is_float:
+                precision[o] = p
+
+    # constants stored in FP16
+    for i, init in enumerate(g.initializer):
+        if precision.get(init.name) == 16:
+            g.initializer[i].CopyFrom(_fp16_tensor(init))
+    for name, node in constants.items():
+        if precision.get(name) == 16:
+            for a in node.attribute:
+                if a.name == "value":
+                    a.t.CopyFrom(_fp16_tensor(a.t))
+                elif a.name in ("value_float", "value_floats"):  # rare forms: keep them FP32
+                    precision[name] = 32
+
+    new_nodes: list[onnx.NodeProto] = []
+    casts: dict[tuple[str, int], str] = {}
+
+    def cast(name: str, to: int) -> str:
+        key = (name, to)
+        if key not in casts:
+            out = f"{name}__to{to}"
+            new_nodes.append(onnx.helper.make_node(
+                "Cast", [name], [out], name=f"{name}__cast_to_fp{to}",
+                to=TensorProto.FLOAT16 if to == 16 else TensorProto.FLOAT))
+            casts[key] = out
+            report.casts += 1
+        return casts[key]
+
+    graph_outputs = {o.name for o in g.output}
+    renamed_outputs: dict[str, str] = {}
+    for node in g.node:
+        node_p = 32 if runs_fp32(node) else 16
+        for k, name in enumerate(node.input):
+            if name in precision:
+                need = wants(node, k) if node.op_type != "Constant" else precision[name]
+                if precision[name] != need:
+                    node.input[k] = cast(renamed_outputs.get(name, name), need)
+                elif name in renamed_outputs:
+                    node.input[k] = renamed_outputs[name]
+        if node_p == 16:
+            for a in node.attribute:
+                if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                    a.i = TensorProto.FLOAT16
+                elif node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type == TensorProto.FLOAT:
+                    a.t.CopyFrom(_fp16_tensor(a.t))
+        for j, o in enumerate(node.output):
+            if o in graph_outputs and precision.get(o) == 16:
+                node.output[j] = renamed_outputs[o] = f"{o}__fp16"
+        new_nodes.append(node)
+        for o in node.output:
+            orig = next((k for k, v in renamed_outputs.items() if v == o), None)
+            if orig is not None:
+                new_nodes.append(onnx.helper.make_node("Cast", [o], [orig], name=f"{orig}__output_cast",
+                                                       to=TensorProto.FLOAT))
+                report.casts += 1
+    del g.node[:]
+    g.node.extend(new_nodes)
+    # value_info: record the FP16 tensors; drop stale entries for renamed ones
+    kept = []
+    for vi in g.value_info:
+        if precision.get(vi.name) == 16:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+        kept.append(vi)
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    return m, report
+
+
+def _types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - best effort: fall back to declared value_info
+        inferred = model
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    for node in g.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    types[node.output[0]] = a.t.data_type
+    return types
+
+
+def _to_fp32_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
+    out = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
+    return out
+
+
+def emulation_model(fp16_model: onnx.ModelProto) -> onnx.ModelProto:
+    """FP32 graph that computes exactly what ``fp16_model`` computes with FP16 storage.
+
+    Every FP16 initializer and constant is stored as FP32 holding the same (FP16) value; every
+    FP16 activation is produced in FP32 and immediately rounded through FP16 by a
+    ``Cast(to=FLOAT16) -> Cast(to=FLOAT)`` pair. ``Cast(to=FLOAT16)`` nodes of the original stay
+    (they round), followed by a ``Cast(to=FLOAT)``.
+
+    Args:
+        fp16_model: a typed FP16 graph from :func:`to_typed_fp16`.
+
+    Returns:
+        a new ``onnx.ModelProto`` (run it with :func:`emulation_session_options`).
+    """
+    types = _types(fp16_model)
+    m = onnx.ModelProto()
+    m.CopyFrom(fp16_model)
+    g = m.graph
+    for i, init in enumerate(g.initializer):
+        if init.data_type == TensorProto.FLOAT16:
+            g.initializer[i].CopyFrom(_to_fp32_tensor(init))
+    for vi in [*g.value_info, *g.input, *g.output]:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    nodes = []
+    for index, node in enumerate(g.node):
+        new = onnx.NodeProto()
+        base = f"{node.name or node.op_type}#{index}"
+        new.CopyFrom(node)
+        is_cast16 = node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in node.attribute)
+        for a in new.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT16:
+                a.t.CopyFrom(_to_fp32_tensor(a.t))
+            elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == TensorProto.FLOAT16 \
+                    and not is_cast16:
+                a.i = TensorProto.FLOAT
+        rounding = []
+        for j, out in enumerate(node.output):
+            if not out or types.get(out) != TensorProto.FLOAT16:
+                continue
+            if is_cast16:  # already rounds: widen its FP16 result back to FP32
+                new.output[j] = f"{out}__fp16"
+                rounding.append(onnx.helper.make_node("Cast", [new.output[j]], [out], to=TensorProto.FLOAT,
+                                                      name=f"{base}__widen{j}"))
+            else:
+                new.output[j] = f"{out}__fp32"
+                rounding += [
+                    onnx.helper.make_node("Cast", [new.output[j]], [f"{out}__fp16"], to=TensorProto.FLOAT16,
+                                          name=f"{base}__round{j}"),
+                    onnx.helper.make_node("Cast", [f"{out}__fp16"], [out], to=TensorProto.FLOAT,
+                                          name=f"{base}__widen{j}"),
+                ]
+        nodes += [new, *rounding]
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
+
+
+def emulation_session_options():
+    """``onnxruntime.SessionOptions`` for an emulation graph: every graph optimization off.
+
+    With optimizations on, ORT removes ``Cast(FLOAT16) -> Cast(FLOAT)`` pairs (cast elimination),
+    which would skip the rounding and hide an overflow.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return so

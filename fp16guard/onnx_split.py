@@ -1,0 +1,126 @@
+"""Split an ONNX graph, in topological order, into a prefix and a suffix.
+
+Candidate cuts sit after every node that computes a floating-point activation (``Constant``
+nodes and integer shape arithmetic are not candidates: a ``Constant`` travels with the nodes that
+use it, on either side). A cut after candidate ``k`` gives the **prefix** (graph inputs -> every
+tensor computed before the cut that a later node or a graph output still needs) and the **suffix**
+(those tensors and the graph inputs -> the graph outputs). Both are cut out with
+``onnx.utils.Extractor``, which keeps exactly the nodes and initializers each side needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import TensorProto
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+class OnnxSplitError(ValueError):
+    """The ONNX graph cannot be split (subgraphs reading outer values, untyped tensors...)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A node after which the graph can be cut.
+
+    Attributes:
+        position: index of the node in ``graph.node`` (topological order).
+        name: the node's name (``"p2o.BatchNormalization.0"``), or ``"<op>_<position>"``.
+        op_type: the ONNX op (``"BatchNormalization"``).
+        scope: the module scope carried by the name (``"/backbone/layer4/0"``), or ``""``.
+    """
+
+    position: int
+    name: str
+    op_type: str
+    scope: str
+
+
+def scope_of(name: str) -> str:
+    """Module scope of a node name exported by torch.onnx (``"/layer1/0/conv1/Conv"`` ->
+    ``"layer1.0.conv1"``), or ``""``."""
+    if not name.startswith("/") or name.count("/") < 2:
+        return ""
+    return ".".join(p for p in name.split("/")[1:-1] if p)
+
+
+class OnnxSplitter:
+    """Cuts of an FP32 ONNX model.
+
+    Args:
+        model: the FP32 ``onnx.ModelProto`` (not modified).
+
+    Raises:
+        OnnxSplitError: a node has subgraphs (``If``/``Loop``/``Scan``), or shape inference
+            cannot type a tensor that would cross a cut.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        for node in model.graph.node:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise OnnxSplitError(
+                    f"node {node.name or node.op_type!r} ({node.op_type}) has a subgraph; fp16guard cuts flat "
+                    "graphs only. Export the model without control flow (e.g. fixed shapes), or bisect "
+                    "the PyTorch model instead.")
+        self.model = model
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception as e:  # noqa: BLE001
+            raise OnnxSplitError(f"ONNX shape inference failed ({e}); fp16guard needs the type of every "
+                                 "tensor that may cross a cut") from None
+        self.extractor = onnx.utils.Extractor(inferred)
+        g = inferred.graph
+        self.types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
+        self.types.update({i.name: i.data_type for i in g.initializer})
+        self.nodes = list(model.graph.node)
+        self.graph_inputs = [i.name for i in model.graph.input
+                             if i.name not in {init.name for init in model.graph.initializer}]
+        self.graph_outputs = [o.name for o in model.graph.output]
+        self.candidates = [
+            Candidate(i, n.name or f"{n.op_type}_{i}", n.op_type, scope_of(n.name))
+            for i, n in enumerate(self.nodes)
+            if n.op_type != "Constant" and any(self.types.get(o) in FLOAT_TYPES for o in n.output if o)
+        ]
+
+    def boundary(self, position: int) -> list[str]:
+        """Tensors computed by nodes ``0..position`` (not ``Constant``) that later nodes or the
+        graph outputs read: the values that cross the cut, in production order."""
+        produced: dict[str, int] = {}
+        for i, n in enumerate(self.nodes[: position + 1]):
+            if n.op_type != "Constant":
+                for o in n.output:
+                    if o:
+                        produced[o] = i
+        needed = set(self.graph_outputs)
+        for n in self.nodes[position + 1:]:
+            needed.update(n.input)
+        return [t for t in produced if t in needed]
+
+    def split(self, position: int) -> tuple[onnx.ModelProto, onnx.ModelProto | None, list[str]]:
+        """Prefix and suffix for a cut after node ``position``.
+
+        Returns:
+            ``(prefix, suffix, boundary)``: ``prefix`` maps the graph inputs to the boundary
+            tensors; ``suffix`` maps boundary tensors and graph inputs to the graph outputs that
+            the prefix does not already produce (None if it produces all of them).
+
+        Raises:
+            OnnxSplitError: a boundary tensor has no inferred type.
+        """
+        live = self.boundary(position)
+        untyped = [t for t in live if t not in self.types]
+        if untyped:
+            raise OnnxSplitError(f"cannot type tensor(s) {untyped[:3]} crossing the cut after node "
+                                 f"{self.nodes[position].name!r}; run onnx shape inference on the model first")
+        prefix = self.extractor.extract_model(self.graph_inputs, live)
+        rest = [o for o in self.graph_outputs if o not in live]
+        suffix = None
+        if rest:
+            suffix = self.extractor.extract_model(live + self.graph_inputs, rest)
+        for m in (prefix, suffix):
+            if m is not None:
+                m.ir_version = self.model.ir_version
+        return prefix, suffix, live
