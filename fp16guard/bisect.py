@@ -12,7 +12,10 @@ are adjacent: candidate ``hi`` is the offender, and both sides of the boundary h
 builds. For a PyTorch model the offending segment is then refined to the single op inside it
 (``ceil(log2 ops)`` more builds). With ``all_offenders`` the offender is kept in FP32 (its ONNX
 nodes go on the FP16 converter's block list) and the search runs again from it, until the all-FP16
-cut is good or ``max_offenders`` are found.
+cut is good or ``max_offenders`` are found. An offender whose *outputs* are out of FP16 range
+makes its consumers the next offenders (they receive inf), so ``all_offenders`` lists the whole
+region that needs FP32 (or a scale rewrite); one whose overflow is internal (a BatchNorm variance,
+x * 1e5 * 1e-5 inside one forward) is listed alone.
 
 A cut is **bad** when a hybrid output has a non-finite value where the reference is finite, or
 the metric exceeds the tolerance. The default metric is the relative L2 error of each output,
@@ -418,7 +421,7 @@ class _TorchTarget:
                     parts = ast.literal_eval(scopes)
                 except (ValueError, SyntaxError):
                     continue
-                fqn = ".".join(p for p in parts[1:-1] if p)
+                fqn = parts[-2] if len(parts) >= 2 else ""  # cumulative: ['', 'first', 'first.0', 'mul']
             else:
                 from .onnx_split import scope_of
 

@@ -168,7 +168,10 @@ def _bisect(args, console: Console) -> int:
     from .backends import get_backend
 
     options = {"allow_cpu": True} if args.allow_cpu and args.backend in ("onnxruntime", "auto") else {}
-    backend = get_backend(args.backend, **options) if options or args.backend != "auto" else get_backend("auto")
+    try:
+        backend = get_backend(args.backend, **options)
+    except ValueError as e:  # unknown name
+        raise _Usage(str(e)) from None
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:

@@ -63,3 +63,36 @@ def test_channels_last_and_strided_tensors_are_measured_whole():
         want = RangeStats.from_row(tensor_stats(part).tolist(), part.numel())
         assert RangeStats.from_row(rows[slot], part.numel()) == want
     assert rows[slots[0]][0] == pytest.approx(9e4, rel=1e-6)
+
+
+def _ort_cuda():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu (CUDA EP) is not installed")
+
+
+def test_bisect_crepe_real_fp16_kernels_agree_with_the_emulation():
+    """torch (FP16 CUDA module) and onnxruntime (CUDA EP) name the same module as emulate."""
+    from fp16guard.bisect import bisect
+    from fp16guard.examples import get_example
+
+    ex = get_example("crepe-full")
+    model, inputs = ex.load(), ex.inputs()
+    verdicts = {}
+    for backend in ("emulate", "torch"):
+        verdicts[backend] = [o.name for o in bisect(model, inputs, backend=backend).offenders]
+    assert verdicts["torch"] == verdicts["emulate"] == ["conv2_BN"]
+    _ort_cuda()
+    assert [o.name for o in bisect(model, inputs, backend="onnxruntime").offenders] == ["conv2_BN"]
+
+
+def test_bisect_ppocr_on_the_cuda_ep_agrees_with_the_emulation():
+    _ort_cuda()
+    from fp16guard.bisect import bisect
+    from fp16guard.examples import get_example
+
+    ex = get_example("ppocr-det")
+    inputs = ex.inputs()[:1]
+    names = {b: [o.name for o in bisect(ex.load(), inputs, backend=b).offenders] for b in ("emulate", "onnxruntime")}
+    assert names["onnxruntime"] == names["emulate"] == ["p2o.BatchNormalization.1"]
