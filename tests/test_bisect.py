@@ -105,7 +105,7 @@ def test_single_offender_is_named_and_refined_to_its_op():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = bisect(model, [_x()], backend="emulate")
     assert [o.name for o in result.offenders] == ["1"]  # the Gain(1e5)
-    assert result.offenders[0].kind == "Gain" and "mul" in result.offenders[0].op
+    assert result.offenders[0].kind == "Scale" and "mul" in result.offenders[0].op
     assert result.offenders[0].amax == pytest.approx(
         (model[1](model[0](_x()))).abs().max().item(), rel=1e-6)  # FP32 value at the cut
     assert result.builds <= result.build_bound + 1  # + the refinement inside the module
