@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from fp16guard.bisect import BisectError, bisect, relative_l2
+from fp16guard.bisect import DEFAULT_TOLERANCE, BisectError, bisect, relative_l2
 from fp16guard.inputs import InputError, NamedInput
 from fp16guard.torch_split import SplitError, TorchSplitter
 from models import Scale as Gain  # multiplies by a constant, as a module with a name
@@ -282,7 +282,7 @@ def test_ppocr_det_blames_the_batchnorm_with_the_overflowing_variance():
     assert unfit["batch_norm_0.w_2"].overflow == 24 and unfit["batch_norm_0.w_2"].amax == pytest.approx(9.79e7, rel=0.01)
     assert result.builds <= result.build_bound == 11
     good = [t.error for t in result.trials if not t.bad]
-    assert max(good) < 0.05 / 2  # FP16 rounding alone stays well under the tolerance
+    assert max(good) < DEFAULT_TOLERANCE / 2  # FP16 rounding alone stays well under the tolerance
 
 
 @pytest.mark.slow

@@ -24,6 +24,9 @@ class OrtEngine(Engine):
     def __init__(self, model: onnx.ModelProto, providers: list, options=None):
         import onnxruntime as ort
 
+        if options is None:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3  # errors only: ORT warns about every EP it does not use
         self.session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

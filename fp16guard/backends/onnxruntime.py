@@ -39,7 +39,10 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, *, allow_cpu: bool = False, device_id: int = 0):
         super().__init__()
         if cuda_available():
-            self.providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+            # HEURISTIC: cuDNN's exhaustive algorithm search costs seconds per new prefix and shape,
+            # and a bisect builds a new prefix every step
+            options = {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}
+            self.providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
         elif allow_cpu:
             self.providers = ["CPUExecutionProvider"]
         else:
