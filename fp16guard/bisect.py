@@ -405,12 +405,38 @@ class _TorchTarget:
                 model = onnx.load_from_string(buf.getvalue())
         except Exception as e:  # noqa: BLE001 - exporters raise many types
             op = self.splitter.op_name(position)
-            msg = (f"cannot export the prefix ending at {op} to ONNX ({type(e).__name__}: "
-                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+            first = next((line for line in str(e).strip().splitlines() if line.strip()), "")
+            msg = f"cannot export the prefix ending at {op} to ONNX ({type(e).__name__}: {first[:200]})"
             self._exports[position] = (None, msg)
             raise BisectError(msg) from None
         self._exports[position] = (model, None)
         return model
+
+    def export_error(self, cut: int) -> str | None:
+        """Why the prefix of ``cut`` cannot be exported to ONNX, or None if it can."""
+        position = self.splitter.end_of(cut - 1)
+        try:
+            self._export(position, self.splitter.split(position)[0])
+        except BisectError as e:
+            return str(e)
+        return None
+
+    def exportable_limit(self, n: int) -> int:
+        """Largest cut ``<= n`` whose prefix exports to ONNX (``n`` when the backend runs PyTorch
+        modules itself). Post-processing the exporter cannot handle stays in the FP32 suffix;
+        found by binary search over exports only (exportability shrinks with the prefix)."""
+        if type(self.backend).build_module is not Backend.build_module:
+            return n  # the torch backend runs GraphModules: no export needed
+        if self.export_error(n) is None:
+            return n
+        lo, hi = 0, n  # lo exports (0: the empty prefix), hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.export_error(mid) is None:
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
     def _module_nodes(self, model: onnx.ModelProto, modules: set[str]) -> list[str]:
         """Names of the exported ONNX nodes that belong to any of ``modules`` (or their children),
@@ -597,6 +623,16 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
             on_trial(trial)
         return trial.bad
 
+    if isinstance(target, _TorchTarget):
+        last = target.exportable_limit(n)
+        if last < n:
+            if last == 0:
+                raise BisectError(f"{target.export_error(1)}. Nothing before it can be exported either; "
+                                  "export the model to ONNX yourself and bisect the .onnx file")
+            result.notes.append(
+                f"cuts after {target.names[last - 1]!r} cannot be exported to ONNX ({target.export_error(last + 1)}); "
+                f"those {n - last} segment(s) always run in the FP32 PyTorch suffix and were not searched")
+            n = last
     start = 0
     for rnd in range(max_offenders if all_offenders else 1):
         if isinstance(target, _OnnxTarget):
@@ -605,14 +641,7 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
         else:
             def bad(c, rnd=rnd):
                 return run_cut("module", rnd, c, target.splitter.end_of(c - 1), target.names[c - 1], c == n)
-        try:
-            hit = _binary_search(n, bad, start)
-        except BisectError as e:
-            if isinstance(target, _TorchTarget) and "cannot export" in str(e):
-                raise BisectError(f"{e}. Ops that cannot be exported must stay in the FP32 suffix; "
-                                  "bisect the exportable part of the model (e.g. without its post-processing), "
-                                  "or export the model to ONNX and bisect the .onnx file") from None
-            raise
+        hit = _binary_search(n, bad, start)
         if hit is None:
             break
         stage_trials = [t for t in result.trials if t.round == rnd and t.stage in ("module", "node")]

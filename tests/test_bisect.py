@@ -330,3 +330,25 @@ def test_cli_bisect_bad_usage_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("fp16guard: error: ") for line in err)
     assert "unknown backend 'fp8'" in err[1] and "PyTorch models" in err[2]
+
+
+class WithPostprocessing(nn.Module):
+    """An offender in the body, then post-processing (a running max) that the ONNX exporter
+    cannot convert: it must stay in the FP32 PyTorch suffix."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _lin(seed=6)
+        self.bad = UpDown(1e5)
+        self.head = _lin(seed=7)
+
+    def forward(self, x):
+        return torch.cummax(self.head(self.bad(self.body(x))), dim=0)[0]
+
+
+def test_post_processing_that_cannot_be_exported_stays_in_the_suffix():
+    result = bisect(WithPostprocessing().eval(), [_x()], backend="emulate")
+    assert [o.name for o in result.offenders] == ["bad"]
+    assert any("cannot be exported to ONNX" in n and "cummax" in n for n in result.notes), result.notes
+    limit = next(i for i, name in enumerate(result.candidates) if name.endswith("cummax"))
+    assert max(t.cut for t in result.trials) <= limit  # never a prefix holding the cummax
