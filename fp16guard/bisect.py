@@ -42,6 +42,7 @@ import onnx
 from .backends import Backend, get_backend
 from .fp16_onnx import UnfitConstant, to_typed_fp16
 from .inputs import InputError, NamedInput
+from .stats import array_stats
 
 SCHEMA = "fp16guard.bisect/1"
 
@@ -209,6 +210,7 @@ class BisectResult:
         """Plain-JSON form (schema ``fp16guard.bisect/1``, documented in docs/bisect-schema.md)."""
 
         def clean(x):
+            """Non-finite floats as strings (JSON has no inf), recursively."""
             if isinstance(x, float) and not math.isfinite(x):
                 return str(x)
             if isinstance(x, dict):
@@ -243,14 +245,21 @@ def _onnx_feeds(input_names: Sequence[str], item: NamedInput) -> dict[str, np.nd
 
 
 def _amax(arrays: Sequence[np.ndarray]) -> float:
-    best = 0.0
-    for a in arrays:
-        a = np.asarray(a)
-        if np.issubdtype(a.dtype, np.floating) and a.size:
-            finite = np.abs(a[np.isfinite(a)].astype(np.float64))
-            if finite.size:
-                best = max(best, float(finite.max()))
-    return best
+    """Largest finite |x| over the floating arrays (integer outputs are shapes and indices)."""
+    return max((array_stats(a).amax for a in arrays if np.issubdtype(np.asarray(a).dtype, np.floating)),
+               default=0.0)
+
+
+def _worst(errors) -> tuple[float, int]:
+    """(worst error, inputs run) over an iterable of per-input errors; NaN counts as inf, and the
+    first non-finite error stops the iteration: one broken input decides the cut."""
+    worst, runs = 0.0, 0
+    for err in errors:
+        runs += 1
+        worst = max(worst, err) if not math.isnan(err) else math.inf
+        if worst == math.inf:
+            break
+    return worst, runs
 
 
 def _constant_feeders(model: onnx.ModelProto, nodes: set[str]) -> set[str]:
@@ -297,17 +306,22 @@ class _OnnxTarget:
         self.fp32_nodes: set[str] = set()
         self.unfit: list[UnfitConstant] = []
 
-    def block(self, offender_nodes: Sequence[str]) -> None:
+    def cut_position(self, cut: int) -> int:
+        """Node index (in ``graph.node``) of the last node in the FP16 prefix of ``cut``."""
+        return self.splitter.candidates[cut - 1].position
+
+    def block(self, offender_nodes: Sequence[str], name: str) -> None:
         """Keep these nodes (and the Constants only they read) in FP32 from now on."""
         self.fp32_nodes |= set(offender_nodes)
         self.fp32_nodes |= _constant_feeders(self.model, self.fp32_nodes)
 
-    def evaluate(self, cut: int, metric: Metric) -> tuple[float, bool, int]:
-        """Error of the hybrid with candidates ``0..cut-1`` in FP16 (worst over inputs)."""
-        position = self.splitter.candidates[cut - 1].position
+    def evaluate(self, position: int, metric: Metric, full: bool) -> tuple[float, bool, int]:
+        """``(worst error over inputs, engine built?, prefix runs)`` for the hybrid whose FP16
+        prefix ends at node ``position``; ``full`` marks the all-FP16 cut (its unfit constants
+        are kept for the result)."""
         prefix, suffix, live = self.splitter.split(position)
         fp16, conversion = to_typed_fp16(prefix, node_block_list=sorted(self.fp32_nodes))
-        if cut == len(self.names) and not self.unfit:
+        if full and not self.unfit:
             self.unfit = conversion.unfit
         before = self.backend.builds
         engine = self.backend.build(fp16)
@@ -319,29 +333,29 @@ class _OnnxTarget:
                 suffix_session = self._ort.InferenceSession(suffix.SerializeToString(), self._so,
                                                             providers=["CPUExecutionProvider"])
                 self._suffixes[position] = suffix_session
-        worst, runs = 0.0, 0
-        outputs_wanted = self.splitter.graph_outputs
-        for feed, ref in zip(self.feeds, self.reference):
-            mid = dict(zip(engine.output_names, engine.run(feed)))
-            runs += 1
-            values = dict(feed)
-            values.update({name: mid[name] for name in live})
-            if suffix_session is not None:
-                names = [i.name for i in suffix_session.get_inputs()]
-                outs = suffix_session.run(None, {n: values[n] for n in names})
-                values.update(dict(zip([o.name for o in suffix_session.get_outputs()], outs)))
-            err = metric([values[o] for o in outputs_wanted], ref)
-            worst = max(worst, err) if not math.isnan(err) else math.inf
-            if worst == math.inf:
-                break  # one broken input decides the cut
+
+        def errors():
+            """The metric on each input: FP16 prefix, then the FP32 ONNX Runtime suffix."""
+            for feed, ref in zip(self.feeds, self.reference):
+                mid = dict(zip(engine.output_names, engine.run(feed)))
+                values = dict(feed)
+                values.update({name: mid[name] for name in live})
+                if suffix_session is not None:
+                    names = [i.name for i in suffix_session.get_inputs()]
+                    outs = suffix_session.run(None, {n: values[n] for n in names})
+                    values.update(dict(zip([o.name for o in suffix_session.get_outputs()], outs)))
+                yield metric([values[o] for o in self.splitter.graph_outputs], ref)
+
+        worst, runs = _worst(errors())
         return worst, built, runs
 
-    def describe_offender(self, cut: int) -> tuple[str, str, tuple[str, ...], float | None]:
+    def describe(self, cut: int) -> tuple[tuple[str, ...], float]:
+        """``(ONNX nodes, amax)`` of the offender at ``cut``: the node itself, and the largest
+        finite |x| of the FP32 values crossing that cut (an FP32 run of the prefix)."""
         c = self.splitter.candidates[cut - 1]
-        prefix, _, live = self.splitter.split(c.position)
+        prefix, _, _ = self.splitter.split(c.position)
         session = self._ort.InferenceSession(prefix.SerializeToString(), self._so, providers=["CPUExecutionProvider"])
-        amax = max(_amax(session.run(None, feed)) for feed in self.feeds)
-        return c.name, c.op_type, (c.name,), amax
+        return (c.name,), max(_amax(session.run(None, feed)) for feed in self.feeds)
 
 
 class _TorchTarget:
@@ -358,8 +372,6 @@ class _TorchTarget:
         self.torch = torch
         self.backend = backend
         self.inputs = [to_tensors(item) for item in inputs]
-        self.labels = [item.label for item in inputs]
-        self.model = model
         self.reference = []
         with torch.no_grad():
             for item, args in zip(inputs, self.inputs):
@@ -377,11 +389,14 @@ class _TorchTarget:
         self.fp32_modules: set[str] = set()
         self.unfit: list[UnfitConstant] = []
         self._exports: dict[int, tuple[onnx.ModelProto | None, str | None]] = {}
-        self.unexportable_from: int | None = None
 
-    def block(self, offender_nodes: Sequence[str], module: str) -> None:
-        """Keep this module's ops in FP32 in later prefixes (ONNX backends only)."""
-        self.fp32_modules.add(module)
+    def cut_position(self, cut: int) -> int:
+        """Op position (execution order) of the last op of segment ``cut - 1``."""
+        return self.splitter.end_of(cut - 1)
+
+    def block(self, offender_nodes: Sequence[str], name: str) -> None:
+        """Keep module ``name``'s ops in FP32 in later prefixes (ONNX backends only)."""
+        self.fp32_modules.add(name)
 
     def _export(self, position: int, prefix) -> onnx.ModelProto:
         torch = self.torch
@@ -414,7 +429,7 @@ class _TorchTarget:
 
     def export_error(self, cut: int) -> str | None:
         """Why the prefix of ``cut`` cannot be exported to ONNX, or None if it can."""
-        position = self.splitter.end_of(cut - 1)
+        position = self.cut_position(cut)
         try:
             self._export(position, self.splitter.split(position)[0])
         except BisectError as e:
@@ -441,9 +456,10 @@ class _TorchTarget:
     def _module_nodes(self, model: onnx.ModelProto, modules: set[str]) -> list[str]:
         """Names of the exported ONNX nodes that belong to any of ``modules`` (or their children),
         from torch.onnx's ``pkg.torch.onnx.name_scopes`` metadata, else from scoped node names."""
-        from .onnx_split import scope_of
+        from .onnx_inspector import scope_of
 
         def inside(fqn: str) -> bool:
+            """Whether module path ``fqn`` is one of ``modules`` or inside one."""
             return bool(fqn) and any(fqn == m or fqn.startswith(m + ".") for m in modules)
 
         out = []
@@ -462,10 +478,14 @@ class _TorchTarget:
                 out.append(n.name)
         return out
 
-    def position_of(self, cut: int, stage: str, ops: Sequence[int] | None) -> int:
-        return self.splitter.end_of(cut - 1) if stage == "module" else ops[cut - 1]
+    def evaluate(self, position: int, metric: Metric, full: bool) -> tuple[float, bool, int]:
+        """``(worst error over inputs, engine built?, prefix runs)`` for the hybrid whose FP16
+        prefix ends at op ``position``; ``full`` marks the all-FP16 cut (its unfit constants are
+        kept for the result).
 
-    def evaluate_position(self, position: int, metric: Metric, full: bool) -> tuple[float, bool, int]:
+        Raises:
+            BisectError: the prefix cannot be exported, or ``all_offenders`` with the torch backend.
+        """
         torch = self.torch
         prefix, suffix, live = self.splitter.split(position)
         before = self.backend.builds
@@ -483,35 +503,33 @@ class _TorchTarget:
             raise BisectError("all_offenders needs an ONNX backend (emulate, onnxruntime, tensorrt): the torch "
                               "backend cannot keep a module in FP32 inside its FP16 prefix")
         built = self.backend.builds > before
-        worst, runs = 0.0, 0
-        for args, ref in zip(self.inputs, self.reference):
-            feeds = {name: t.numpy() for name, t in zip(engine.input_names, args)}
-            mid = engine.run(feeds)
-            runs += 1
-            live_tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in mid]
-            with torch.no_grad():
-                out = suffix(*live_tensors, *args)
-            outs = [t.numpy() for t in out if isinstance(t, torch.Tensor)]
-            err = metric(outs, ref)
-            worst = max(worst, err) if not math.isnan(err) else math.inf
-            if worst == math.inf:
-                break
+
+        def errors():
+            """The metric on each input: FP16 prefix engine, then the FP32 PyTorch suffix."""
+            for args, ref in zip(self.inputs, self.reference):
+                mid = engine.run({name: t.numpy() for name, t in zip(engine.input_names, args)})
+                with torch.no_grad():
+                    out = suffix(*(torch.from_numpy(np.ascontiguousarray(a)) for a in mid), *args)
+                yield metric([t.numpy() for t in out if isinstance(t, torch.Tensor)], ref)
+
+        worst, runs = _worst(errors())
         return worst, built, runs
 
-    def describe_position(self, position: int) -> float:
+    def describe(self, cut: int) -> tuple[tuple[str, ...], float]:
+        """``(ONNX nodes, amax)`` of the offending segment at ``cut``: its nodes in the exported
+        prefix (empty if that prefix cannot be exported), and the largest finite |x| of the FP32
+        values crossing the cut (an FP32 run of the prefix)."""
         torch = self.torch
-        prefix, _, _ = self.splitter.split(position)
+        position = self.cut_position(cut)
+        prefix = self.splitter.split(position)[0]
         with torch.no_grad():
-            return max(_amax([t.numpy() for t in prefix(*args) if isinstance(t, torch.Tensor)])
+            amax = max(_amax([t.numpy() for t in prefix(*args) if isinstance(t, torch.Tensor)])
                        for args in self.inputs)
-
-    def onnx_nodes_of(self, cut: int) -> tuple[str, ...]:
-        position = self.splitter.end_of(cut - 1)
         try:
-            model = self._export(position, self.splitter.split(position)[0])
+            nodes = tuple(self._module_nodes(self._export(position, prefix), {self.names[cut - 1]}))
         except BisectError:
-            return ()
-        return tuple(self._module_nodes(model, {self.names[cut - 1]}))
+            nodes = ()
+        return nodes, amax
 
 
 # -- the search ----------------------------------------------------------------------------------
@@ -607,14 +625,12 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
     cache: dict[tuple, Trial] = {}
 
     def run_cut(stage: str, rnd: int, cut: int, position: int, label: str, full: bool = False) -> bool:
+        """Evaluate (once per stage, round and position) and record a cut; True when it is bad."""
         key = (stage, rnd, position)
         if key in cache:
             return cache[key].bad
         t = time.perf_counter()
-        if isinstance(target, _OnnxTarget):
-            err, built, runs = target.evaluate(cut, metric)
-        else:
-            err, built, runs = target.evaluate_position(position, metric, full)
+        err, built, runs = target.evaluate(position, metric, full)
         trial = Trial(stage, rnd, cut, label, err, not (err <= tolerance), time.perf_counter() - t, built)
         cache[key] = trial
         result.trials.append(trial)
@@ -635,12 +651,10 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
             n = last
     start = 0
     for rnd in range(max_offenders if all_offenders else 1):
-        if isinstance(target, _OnnxTarget):
-            def bad(c, rnd=rnd):
-                return run_cut("node", rnd, c, target.splitter.candidates[c - 1].position, target.names[c - 1], c == n)
-        else:
-            def bad(c, rnd=rnd):
-                return run_cut("module", rnd, c, target.splitter.end_of(c - 1), target.names[c - 1], c == n)
+        def bad(c, rnd=rnd):
+            """Whether cut ``c`` of this round is bad."""
+            return run_cut(target.stage, rnd, c, target.cut_position(c), target.names[c - 1], c == n)
+
         hit = _binary_search(n, bad, start)
         if hit is None:
             break
@@ -651,26 +665,21 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
             result.monotonic = False
         name, kind = target.names[hit - 1], target.kinds[hit - 1]
         err = next(t.error for t in stage_trials if t.cut == hit)
+        nodes, amax = target.describe(hit)
         op = None
-        if isinstance(target, _OnnxTarget):
-            _, _, nodes, amax = target.describe_offender(hit)
-            target.block(nodes)
-        else:
-            position = target.splitter.end_of(hit - 1)
-            amax = target.describe_position(position)
-            nodes = target.onnx_nodes_of(hit)
-            if refine:
-                ops = target.splitter.op_positions(hit - 1)
-                if len(ops) > 1:
-                    def bad_op(j, rnd=rnd, ops=ops):
-                        return run_cut("op", rnd, j, ops[j - 1], target.splitter.op_name(ops[j - 1]))
-                    # cut 0 of the refinement = the previous segment's cut (good); len(ops) = this one (bad)
-                    cache[("op", rnd, ops[-1])] = cache[("module", rnd, position)]
-                    j = _binary_search(len(ops), bad_op, 0)
-                    op = target.splitter.op_name(ops[(j or len(ops)) - 1])
-                else:
-                    op = target.splitter.op_name(ops[0])
-            target.block(nodes, name)
+        if refine and isinstance(target, _TorchTarget):
+            ops = target.splitter.op_positions(hit - 1)
+            if len(ops) > 1:
+                def bad_op(j, rnd=rnd, ops=ops):
+                    """Whether the cut after op ``j`` of the offending segment is bad."""
+                    return run_cut("op", rnd, j, ops[j - 1], target.splitter.op_name(ops[j - 1]))
+                # cut 0 of the refinement = the previous segment's cut (good); len(ops) = this one (bad)
+                cache[("op", rnd, ops[-1])] = cache[(target.stage, rnd, target.cut_position(hit))]
+                j = _binary_search(len(ops), bad_op, 0)
+                op = target.splitter.op_name(ops[(j or len(ops)) - 1])
+            else:
+                op = target.splitter.op_name(ops[0])
+        target.block(nodes, name)
         result.offenders.append(Offender(name=name, kind=kind, op=op, onnx_nodes=tuple(nodes), cut=hit,
                                          error=err, amax=amax, round=rnd))
         start = hit  # later offenders come after this one

@@ -22,9 +22,18 @@ from . import __version__
 EXIT_CLEAN, EXIT_OVERFLOW, EXIT_USAGE = 0, 1, 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """MODEL, --checkpoint, --input and --example: how every command names a model and its inputs."""
     from .examples import EXAMPLES
 
+    p.add_argument("model", nargs="?", help="an .onnx file, a .pt2 ExportedProgram, or package.module:factory")
+    p.add_argument("--checkpoint", help="state_dict file for a package.module:factory model")
+    p.add_argument("--input", action="append", default=[], metavar="FILE",
+                   help=".npy, .npz, an image or a .wav; repeat for several inputs")
+    p.add_argument("--example", choices=sorted(EXAMPLES), help="a bundled real model with real inputs")
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fp16guard", description="Find and fix FP16 overflow in neural networks.")
     p.add_argument("--version", action="version", version=f"fp16guard {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -34,11 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="Run a model in FP32 (or FP16 with --half) and report where activations "
                                      "cross 65504, where inf/NaN appear, and which weights do not fit FP16. "
                                      "Exit status: 0 clean, 1 overflow found, 2 bad usage.")
-    ins.add_argument("model", nargs="?", help="an .onnx file, a .pt2 ExportedProgram, or package.module:factory")
-    ins.add_argument("--checkpoint", help="state_dict file for a package.module:factory model")
-    ins.add_argument("--input", action="append", default=[], metavar="FILE",
-                     help=".npy, .npz, an image or a .wav; repeat for several inputs")
-    ins.add_argument("--example", choices=sorted(EXAMPLES), help="a bundled real model with real inputs")
+    _add_model_arguments(ins)
     ins.add_argument("--json", metavar="PATH", help="write the report as JSON (schema fp16guard.inspect/1)")
     ins.add_argument("--plot", metavar="PATH", help="write a PNG of per-layer amax in execution order")
     ins.add_argument("--ops", action="store_true", help="PyTorch: also record every aten op (slower)")
@@ -53,11 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "and an FP32 suffix, and binary-search for the first module (PyTorch) or "
                                      "node (ONNX) that breaks the output in FP16. Exit status: 0 none found, "
                                      "1 found, 2 bad usage.")
-    bis.add_argument("model", nargs="?", help="an .onnx file, a .pt2 ExportedProgram, or package.module:factory")
-    bis.add_argument("--checkpoint", help="state_dict file for a package.module:factory model")
-    bis.add_argument("--input", action="append", default=[], metavar="FILE",
-                     help=".npy, .npz, an image or a .wav; repeat for several inputs")
-    bis.add_argument("--example", choices=sorted(EXAMPLES), help="a bundled real model with real inputs")
+    _add_model_arguments(bis)
     bis.add_argument("--backend", default="auto",
                      help="auto (tensorrt, else onnxruntime with CUDA, else emulate), emulate, onnxruntime, "
                           "torch, tensorrt")
@@ -80,28 +81,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(args, console: Console) -> int:
-    from .examples import get_example
-    from .inputs import load_input
-    from .loading import load_torch_model, model_kind, run_torch
-    from .onnx_inspector import inspect_onnx, load_onnx
+    from .loading import run_torch
+    from .onnx_inspector import inspect_onnx
 
-    if not args.model and not args.example:
-        raise _Usage("give a MODEL or --example NAME")
-    if args.model and args.example:
-        raise _Usage("give either a MODEL or --example, not both")
-    if args.example:
-        ex = get_example(args.example)
-        framework = ex.framework
-        console.print(f"example [bold]{ex.name}[/]: {ex.description}")
-        model = ex.load()
-        raw = [load_input(p) for p in args.input]
-        inputs = [ex.prepare(r) for r in raw] if raw else ex.inputs()
-    else:
-        framework = "onnx" if model_kind(args.model) == "onnx" else "torch"
-        model = load_onnx(args.model) if framework == "onnx" else load_torch_model(args.model, args.checkpoint)
-        inputs = [load_input(p) for p in args.input]
-        if not inputs:
-            raise _Usage(f"{args.model} needs at least one --input")
+    model, inputs, framework, _ = _model_and_inputs(args, console)
     if framework == "onnx":
         if args.ops or args.half or args.device != "cpu":
             raise _Usage("--ops, --half and --device apply to PyTorch models only")
@@ -177,13 +160,16 @@ def _bisect(args, console: Console) -> int:
                   console=console, transient=True) as progress:
         task = progress.add_task(f"bisect {name}: building and running the all-FP16 prefix", total=None)
 
+        tried = 0
+
         def on_trial(t):
+            """One line per evaluated cut, and the spinner's count."""
+            nonlocal tried
+            tried += 1
             progress.console.print(f"  {t.stage} cut {t.cut} (last in FP16: {t.last}): "
                                    f"{'bad' if t.bad else 'good'}, error {t.error:.3g}, {t.seconds:.1f} s")
-            progress.update(task, description=f"bisect {name}: {len(result_trials) + 1} cuts tried")
-            result_trials.append(t)
+            progress.update(task, description=f"bisect {name}: {tried} cuts tried")
 
-        result_trials: list = []
         result = bisect(model, inputs, backend=backend, metric=args.metric, tolerance=tolerance,
                         all_offenders=args.all_offenders, max_offenders=args.max_offenders,
                         refine=not args.no_refine, on_trial=on_trial, source=name)

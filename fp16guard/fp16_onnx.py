@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
+from .onnx_inspector import _value_types, graph_constants
 
 #: Ops kept in FP32 (with Casts around them) by default: no FP16 form in ONNX Runtime / TensorRT,
 #: or float inputs that are really coordinates/indices.
@@ -81,20 +82,12 @@ class Fp16Conversion:
     casts: int = 0
 
 
-def _float_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
-                    out[node.output[0]] = numpy_helper.to_array(a.t)
-    return out
-
-
 def unfit_constants(model: onnx.ModelProto) -> list[UnfitConstant]:
     """FP32 initializers and ``Constant`` values of ``model`` that overflow or flush in FP16."""
     out = []
-    for name, v in _float_constants(model).items():
+    for name, v in graph_constants(model).items():
+        if v.dtype != np.float32:
+            continue
         a = np.abs(v.astype(np.float64, copy=False))
         finite = np.isfinite(a)
         over = int(np.count_nonzero(finite & (a > FP16_MAX)))
@@ -140,6 +133,7 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
     report = Fp16Conversion(unfit=unfit_constants(model))
 
     def runs_fp32(node: onnx.NodeProto) -> bool:
+        """Whether ``node`` stays in FP32 (op list, name list, ai.onnx.ml)."""
         return node.op_type in fp32_ops or node.name in blocked_names or node.domain == "ai.onnx.ml"
 
     is_float = {name for name, t in types.items() if t == TensorProto.FLOAT}
@@ -155,6 +149,7 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
                 readers.setdefault(name, []).append((node, k))
 
     def wants(node: onnx.NodeProto, k: int) -> int:
+        """Precision (16 or 32) that input ``k`` of ``node`` must have."""
         if runs_fp32(node) or k in FP32_INPUTS.get(node.op_type, ()):
             return 32
         return 16
@@ -190,6 +185,7 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
     casts: dict[tuple[str, int], str] = {}
 
     def cast(name: str, to: int) -> str:
+        """Name of ``name`` cast to FP``to``: one Cast node per tensor and precision."""
         key = (name, to)
         if key not in casts:
             out = f"{name}__to{to}"
@@ -241,14 +237,9 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - best effort: fall back to declared value_info
-        inferred = model
-    g = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
-    types.update({i.name: i.data_type for i in g.initializer})
-    for node in g.node:
+    """Element type of every tensor: shape inference, initializers, and ``Constant`` values."""
+    types = _value_types(model)
+    for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value":

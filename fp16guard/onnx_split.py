@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto
 
+from .onnx_inspector import scope_of
+
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
@@ -37,14 +39,6 @@ class Candidate:
     name: str
     op_type: str
     scope: str
-
-
-def scope_of(name: str) -> str:
-    """Module scope of a node name exported by torch.onnx (``"/layer1/0/conv1/Conv"`` ->
-    ``"layer1.0.conv1"``), or ``""``."""
-    if not name.startswith("/") or name.count("/") < 2:
-        return ""
-    return ".".join(p for p in name.split("/")[1:-1] if p)
 
 
 class OnnxSplitter:

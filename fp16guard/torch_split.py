@@ -90,14 +90,6 @@ def _innermost(node: fx.Node) -> tuple[str, str]:
     return "", "function"
 
 
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, str):
-        return target
-    name = getattr(target, "__name__", None) or str(target)
-    return name.split(".")[0] if name.startswith(("aten", "_")) is False else name
-
-
 class TorchSplitter:
     """Cuts of a captured PyTorch model at segment (module) boundaries, or at single ops.
 
@@ -115,7 +107,7 @@ class TorchSplitter:
 
         self._nodes = [n for n in self.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
                        and n.target != "_guards_fn"]  # torch.export's input-shape guard: not an op
-        self._position = {n: i for i, n in enumerate(self._nodes)}
+        self._position = {n.name: i for i, n in enumerate(self._nodes)}
         self.segments = self._segments()
 
     def _segments(self) -> list[Segment]:
@@ -150,13 +142,11 @@ class TorchSplitter:
     # -- cutting -------------------------------------------------------------------------------
     def end_of(self, segment: int) -> int:
         """Op position (into the execution order) of the last op of ``segment``."""
-        last = self.segments[segment].nodes[-1]
-        return next(i for i, n in enumerate(self._nodes) if n.name == last)
+        return self._position[self.segments[segment].nodes[-1]]
 
     def op_positions(self, segment: int) -> list[int]:
         """Op positions of every op in ``segment``: the candidate cuts when refining inside it."""
-        names = set(self.segments[segment].nodes)
-        return [i for i, n in enumerate(self._nodes) if n.name in names]
+        return [self._position[name] for name in self.segments[segment].nodes]
 
     def op_name(self, position: int) -> str:
         """FX node name and op of the op at ``position`` (``"batch_norm_1 (aten.batch_norm.default)"``)."""
@@ -186,6 +176,7 @@ class TorchSplitter:
         output_node = next(n for n in graph.nodes if n.op == "output")
 
         def users_outside(n: fx.Node) -> bool:
+            """Whether an op outside the prefix (or the output) reads ``n``."""
             return any(u not in inside and u.op != "get_attr" for u in n.users)
 
         live = [n for n in self._nodes[: position + 1] if users_outside(n)]
