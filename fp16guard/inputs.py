@@ -104,3 +104,24 @@ def load_input(path: str | Path) -> NamedInput:
         return NamedInput(p.name, (x,), sample_rate=rate, kind="audio")
     raise InputError(f"{p}: unknown input type {suffix!r}; use .npy, .npz, an image "
                      f"({', '.join(sorted(IMAGE_SUFFIXES))}) or .wav")
+
+
+def load_inputs(paths) -> list[NamedInput]:
+    """Load ``--input`` arguments: files as :func:`load_input`, folders as every supported file in
+    them (sorted by name; other files skipped).
+
+    Raises:
+        InputError: a path does not exist, a folder holds no supported file, or a file is unreadable.
+    """
+    out: list[NamedInput] = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in
+                           {".npy", ".npz", *IMAGE_SUFFIXES, *AUDIO_SUFFIXES})
+            if not files:
+                raise InputError(f"{p}: no .npy, .npz, image or .wav file in this folder")
+            out += [load_input(f) for f in files]
+        else:
+            out.append(load_input(p))
+    return out

@@ -74,6 +74,24 @@ def scope_of(node_name: str) -> str:
     return ".".join(parts[:-1])
 
 
+def node_scope(node: onnx.NodeProto) -> str:
+    """Module scope of an exported node: from torch.onnx's ``pkg.torch.onnx.name_scopes`` metadata
+    (dynamo exporter) or from a scoped name (:func:`scope_of`); ``""`` when neither says."""
+    import ast
+
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                parts = [x for x in ast.literal_eval(p.value) if x]
+            except (ValueError, SyntaxError):
+                break
+            if len(parts) < 2:
+                return ""
+            cumulative = len(parts) < 3 or parts[-2].startswith(parts[-3] + ".")
+            return parts[-2] if cumulative else ".".join(parts[:-1])
+    return scope_of(node.name)
+
+
 def graph_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Every constant tensor of the main graph by name: initializers and ``Constant`` node values."""
     out = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
@@ -230,6 +248,62 @@ def check_feed(inputs: Sequence[onnx.ValueInfoProto], feed: Mapping[str, np.ndar
         raise InputError(f"unknown model input(s) {sorted(unknown)}; the model takes: {', '.join(x.name for x in inputs)}")
 
 
+def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Feeds], *,
+                 providers: Sequence[str] | None = None, labels: Sequence[str] = (),
+                 memory_budget: int = 1 << 30) -> list[dict[str, RangeStats]]:
+    """Range statistics of every activation of an FP32 ONNX model, per run.
+
+    The values measured are :func:`activation_values` (graph inputs and node outputs of floating
+    type that depend on an input). They are exposed as graph outputs in chunks of at most
+    ``memory_budget`` bytes and reduced to :class:`RangeStats` as each run returns.
+
+    Args:
+        model, feeds, providers, labels, memory_budget: as in :func:`inspect_onnx`.
+
+    Returns:
+        One ``{value name: RangeStats}`` per run.
+
+    Raises:
+        ModelLoadError: ONNX Runtime cannot load the model.
+        InputError: a feed does not match the graph's inputs, or ONNX Runtime fails on it.
+    """
+    import onnxruntime as ort
+    import torch
+
+    from .stats import tensor_stats
+
+    proto = load_onnx(model)
+    consts = graph_constants(proto)
+    runs = _as_feed_list(proto, feeds, set(consts))
+    types = _value_types(proto)
+    measured, _ = activation_values(proto, types, consts)
+    largest = max(runs, key=lambda f: sum(a.nbytes for a in f.values()))
+    chunks = plan_chunks(measured, value_bytes(proto, largest), memory_budget)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    name = Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name
+    logger.info("measuring %d values of %s in %d chunk(s) per run", len(measured), name, len(chunks))
+
+    stats: list[dict[str, RangeStats]] = [{} for _ in runs]
+    for chunk in chunks:
+        try:
+            sess = ort.InferenceSession(expose(proto, chunk, types).SerializeToString(), opts,
+                                        providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as e:
+            raise ModelLoadError(f"ONNX Runtime cannot load {name}: {e}") from None
+        for run, feed in enumerate(runs):
+            try:
+                values = sess.run(None, feed)
+            except Exception as e:
+                label = labels[run] if run < len(labels) else f"run {run}"
+                raise InputError(f"ONNX Runtime failed on {label}: {e}") from None
+            for value_name, v in zip(chunk, values):
+                t = torch.from_numpy(np.ascontiguousarray(v))
+                stats[run][value_name] = RangeStats.from_row(tensor_stats(t).tolist(), t.numel())
+            del values
+    return stats
+
+
 def inspect_onnx(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Feeds], *,
                  providers: Sequence[str] | None = None, static: bool = True,
                  labels: Sequence[str] = (), source: str | None = None,
@@ -255,40 +329,11 @@ def inspect_onnx(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
         ModelLoadError: the model is missing or unreadable, or ONNX Runtime cannot load it.
         InputError: a feed does not match the graph's inputs, or ONNX Runtime fails on it.
     """
-    import onnxruntime as ort
-    import torch
-
-    from .stats import tensor_stats
-
     proto = load_onnx(model)
     consts = graph_constants(proto)
     runs = _as_feed_list(proto, feeds, set(consts))
-    types = _value_types(proto)
-    measured, _ = activation_values(proto, types, consts)
-    largest = max(runs, key=lambda f: sum(a.nbytes for a in f.values()))
-    chunks = plan_chunks(measured, value_bytes(proto, largest), memory_budget)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     name = source or (Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name)
-    logger.info("inspecting %d values of %s in %d chunk(s) per run", len(measured), name, len(chunks))
-
-    stats: list[dict[str, RangeStats]] = [{} for _ in runs]
-    for chunk in chunks:
-        try:
-            sess = ort.InferenceSession(expose(proto, chunk, types).SerializeToString(), opts,
-                                        providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as e:
-            raise ModelLoadError(f"ONNX Runtime cannot load {name}: {e}") from None
-        for run, feed in enumerate(runs):
-            try:
-                values = sess.run(None, feed)
-            except Exception as e:
-                label = labels[run] if run < len(labels) else f"run {run}"
-                raise InputError(f"ONNX Runtime failed on {label}: {e}") from None
-            for value_name, v in zip(chunk, values):
-                t = torch.from_numpy(np.ascontiguousarray(v))
-                stats[run][value_name] = RangeStats.from_row(tensor_stats(t).tolist(), t.numel())
-            del values
+    stats = value_ranges(proto, runs, providers=providers, labels=labels, memory_budget=memory_budget)
 
     records: list[CallRecord] = []
     for run in range(len(runs)):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .fp16 import FP16_MAX
+from .folding import fold_batchnorm
 from .report import StaticFinding
 from .stats import RangeStats, array_stats
 
@@ -45,24 +46,6 @@ class BatchNormParams:
     var: np.ndarray
     eps: float
     var_name: str = ""
-
-
-def fold_batchnorm(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
-                   eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """BatchNorm as a per-channel affine map ``y = x * scale + shift``, in float64.
-
-    Args:
-        gamma, beta, mean, var: arrays of shape ``[C]`` (any float dtype).
-        eps: the BatchNorm epsilon.
-
-    Returns:
-        ``(scale, shift)``, float64 arrays of shape ``[C]``:
-        ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``
-        (seed 000; PyTorch ``torch.nn.utils.fusion.fuse_conv_bn_weights`` with no conv).
-    """
-    gamma, beta, mean, var = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
-    scale = gamma / np.sqrt(var + eps)
-    return scale, beta - mean * scale
 
 
 def check_tensor(name: str, values: np.ndarray, *, layer: str = "", is_bn_stat: bool = False) -> list[StaticFinding]:

