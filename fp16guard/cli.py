@@ -148,7 +148,7 @@ def _inspect(args, console: Console) -> int:
     return EXIT_OVERFLOW if report.overflow_found else EXIT_CLEAN
 
 
-def _model_and_inputs(args, console: Console):
+def _model_and_inputs(args, console: Console, *, require_inputs: bool = True):
     """(model, inputs, framework, display name) from MODEL/--example and --input."""
     from .examples import get_example
     from .inputs import load_inputs
@@ -167,7 +167,7 @@ def _model_and_inputs(args, console: Console):
     framework = "onnx" if model_kind(args.model) == "onnx" else "torch"
     model = load_onnx(args.model) if framework == "onnx" else load_torch_model(args.model, args.checkpoint)
     inputs = load_inputs(args.input)
-    if not inputs:
+    if not inputs and require_inputs:
         raise _Usage(f"{args.model} needs at least one --input")
     return model, inputs, framework, Path(args.model).name if framework == "onnx" else args.model
 
@@ -232,7 +232,8 @@ def _calibration_sets(args, console: Console):
         validate = getattr(args, "validate", [])
         validation = [ex.prepare(r) for r in load_inputs(validate)] if validate else ex.validation()
         return ex.load(), calibration, validation, ex.framework, ex.name, ex.task_metrics
-    model, calibration, framework, name = _model_and_inputs(args, console)
+    model, calibration, framework, name = _model_and_inputs(args, console,
+                                                            require_inputs=not getattr(args, "plan", None))
     from .inputs import load_inputs as _load
 
     validation = _load(getattr(args, "validate", []))

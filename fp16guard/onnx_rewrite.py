@@ -531,14 +531,18 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
             notes.append(RewriteNote("scale", node.name, f"HardSigmoid alpha x 2^{e_in}"))
         elif op.role is Role.TIED and e_in and t in TIED_CONSTANTS:
             wanted = TIED_CONSTANTS[t]
+            changed = False
             for k, x in enumerate(node.input):
                 if x and x in consts and (wanted is None or k in wanted) and consts.get(x).dtype.kind == "f":
                     consts.replace(node, k, consts.get(x).astype(np.float64) * pow2(-e_in), f"x2^{-e_in}")
+                    changed = True
             if t == "Clip":
                 for a in ("min", "max"):
                     if _attr(node, a) is not None:
                         _set_attr(node, a, float(_attr(node, a)) * pow2(-e_in))
-            notes.append(RewriteNote("scale", node.name, f"{t}: constants x 2^{-e_in}"))
+                        changed = True
+            if changed:
+                notes.append(RewriteNote("scale", node.name, f"{t}: constants x 2^{-e_in}"))
 
     # explicit rescales
     by_consumer: dict[tuple[str, str], str] = {}

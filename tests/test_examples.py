@@ -98,3 +98,12 @@ def test_asset_files_match_pinned_hashes():
 
     for name, asset in ASSETS.items():
         assert _sha256(asset_path(name)) == asset.sha256
+
+
+def test_photos_keep_grayscale_and_drop_alpha():
+    from fp16guard.examples import ppocr
+
+    shapes = {k: v.shape for k, v in ppocr.photos(ppocr.PHOTOS).items()}
+    assert shapes["page"] == (191, 384) and shapes["text"] == (172, 448)  # grayscale stays 2-D
+    assert shapes["logo"] == (500, 500, 3)  # RGBA -> RGB
+    assert ppocr.preprocess(ppocr.photos(("text",))["text"]).shape == (1, 3, 736, 1920)

@@ -70,7 +70,11 @@ PHOTOS = ("page", "coffee", "text", "logo", "chelsea")
 def photos(names: tuple[str, ...] = ("page", "coffee", "text")) -> dict[str, np.ndarray]:
     """Real photos from scikit-image (see :data:`PHOTOS`), ``uint8 [H, W, 3]`` RGB by name."""
     data = require("skimage.data", extra="examples", purpose="the example photos (scikit-image)")
-    return {name: np.asarray(getattr(data, name)())[..., :3] for name in names}
+    out = {}
+    for name in names:
+        img = np.asarray(getattr(data, name)())
+        out[name] = img[:, :, :3] if img.ndim == 3 else img  # drop alpha (logo is RGBA); keep grayscale 2-D
+    return out
 
 
 def mask_iou(prob: np.ndarray, reference: np.ndarray, thresh: float = DB_THRESH) -> float:
