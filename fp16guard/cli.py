@@ -234,9 +234,7 @@ def _calibration_sets(args, console: Console):
         return ex.load(), calibration, validation, ex.framework, ex.name, ex.task_metrics
     model, calibration, framework, name = _model_and_inputs(args, console,
                                                             require_inputs=not getattr(args, "plan", None))
-    from .inputs import load_inputs as _load
-
-    validation = _load(getattr(args, "validate", []))
+    validation = load_inputs(getattr(args, "validate", []))
     for item in [*calibration, *validation]:
         if item.kind != "arrays":
             _no_raw(item)

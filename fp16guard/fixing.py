@@ -64,6 +64,7 @@ def prepare_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteN
 
 
 def _feeds(model: onnx.ModelProto, inputs: Sequence[NamedInput]) -> list[dict[str, np.ndarray]]:
+    from .bisect import _onnx_feeds
     from .onnx_inspector import graph_constants
 
     consts = set(graph_constants(model))
@@ -72,11 +73,8 @@ def _feeds(model: onnx.ModelProto, inputs: Sequence[NamedInput]) -> list[dict[st
     for item in inputs:
         if item.kind != "arrays":
             raise InputError(f"{item.label}: a raw {item.kind} needs preprocessing; use --example or pass .npy/.npz")
-        if len(item.arrays) != len(names):
-            raise InputError(f"{item.label}: the model takes {len(names)} input(s) ({', '.join(names)}), "
-                             f"got {len(item.arrays)}")
-        out.append({n: np.ascontiguousarray(a, dtype=np.float32) if np.asarray(a).dtype.kind == "f" else a
-                    for n, a in zip(names, item.arrays)})
+        feed = _onnx_feeds(names, item)
+        out.append({n: a.astype(np.float32) if a.dtype.kind == "f" else a for n, a in feed.items()})
     return out
 
 
@@ -287,11 +285,6 @@ class Verification:
     def finite(self) -> bool:
         """No output has inf/NaN where FP32 is finite."""
         return all(r.nonfinite == 0 for r in self.rows)
-
-    def worst(self, task: str) -> float:
-        """Lowest score of task metric ``task`` over inputs (nan if never computed)."""
-        vals = [r.task[task] for r in self.rows if task in r.task]
-        return min(vals) if vals else math.nan
 
     def to_json(self) -> dict:
         """Plain-JSON form."""

@@ -20,7 +20,6 @@ import math
 
 import numpy as np
 
-from .fp16 import FP16_MAX
 
 
 def fold_batchnorm(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
@@ -97,14 +96,3 @@ def exponent_for(amax: float, target_log2: int) -> int:
 def pow2(exponent: int) -> float:
     """``2.0 ** exponent`` as a Python float (exact)."""
     return math.ldexp(1.0, int(exponent))
-
-
-def rescaled(values: np.ndarray, exponent: int) -> np.ndarray:
-    """``values * 2**exponent`` in float64 (exact for finite values)."""
-    return np.asarray(values, dtype=np.float64) * pow2(exponent)
-
-
-def fp16_overflow(values: np.ndarray) -> int:
-    """Count of finite elements of ``values`` beyond 65504 (they would be inf in FP16)."""
-    a = np.abs(np.asarray(values, dtype=np.float64))
-    return int(np.count_nonzero(np.isfinite(a) & (a > FP16_MAX)))

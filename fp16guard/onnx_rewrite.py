@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .fp16 import FP16_MIN_NORMAL
 from .folding import fold_affine_into_weights, fold_batchnorm, pow2
 from .onnx_inspector import _value_types, node_scope
-from .scaling import Role, ScaleOp, ScaleSolution
+from .scaling import Rescale, Role, ScaleOp, ScaleSolution
 
 FLOAT = TensorProto.FLOAT
 
@@ -142,17 +142,13 @@ class _Constants:
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
         self.values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-        self.readers: dict[str, int] = {}
-        for node in graph.node:
-            for t in node.input:
-                if t in self.values:
-                    self.readers[t] = self.readers.get(t, 0) + 1
         self.made: dict[tuple[str, str], str] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.values
 
     def get(self, name: str) -> np.ndarray:
+        """The value of initializer ``name`` (as stored: usually float32)."""
         return self.values[name]
 
     def replace(self, node: onnx.NodeProto, index: int, value: np.ndarray, suffix: str) -> None:
@@ -243,6 +239,7 @@ def _keeps_precision(before: np.ndarray, after: np.ndarray) -> bool:
     ``|w| < 2**-14`` may not grow by more than 1% of the weights (a BatchNorm with a running
     variance of 1e8 multiplies the conv's weights by 1e-4, which FP16 holds with 1 to 3 bits)."""
     def sub(a):
+        """Count of nonzero elements below the smallest FP16 normal."""
         a = np.abs(np.asarray(a, dtype=np.float64))
         return int(np.count_nonzero((a > 0) & (a < FP16_MIN_NORMAL)))
     return sub(after) <= sub(before) + 0.01 * np.asarray(before).size
@@ -545,7 +542,7 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
                 notes.append(RewriteNote("scale", node.name, f"{t}: constants x 2^{-e_in}"))
 
     # explicit rescales
-    by_consumer: dict[tuple[str, str], str] = {}
+    by_consumer: dict[tuple[str, str], Rescale] = {}
     outputs = {o.name for o in g.output}
     new_nodes = []
     pending_out: dict[str, tuple[str, int]] = {}  # producer output renamed -> (raw name, exponent)
@@ -555,6 +552,7 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
     made: dict[tuple[str, int], str] = {}
 
     def mul_node(src: str, exponent: int, dst: str) -> onnx.NodeProto:
+        """``dst = src * 2**exponent`` (an FP32 scalar constant), noted."""
         c = f"{dst}__factor"
         g.initializer.append(numpy_helper.from_array(np.array(pow2(exponent), dtype=np.float32), c))
         notes.append(RewriteNote("rescale_op", dst, f"Mul by 2^{exponent} (no constant could absorb it)"))
@@ -562,16 +560,14 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
 
     for r in solution.rescales:
         if r.consumer:
-            by_consumer[(r.tensor, r.consumer)] = f"{r.tensor}__x2^{r.exponent}"
+            by_consumer[(r.tensor, r.consumer)] = r
     for node in g.node:
         for k, x in enumerate(node.input):
-            key = (x, node.name)
-            if key in by_consumer:
-                r = next(r for r in solution.rescales if (r.tensor, r.consumer) == key)
-                dst = by_consumer[key]
+            r = by_consumer.get((x, node.name))
+            if r is not None:
                 if (x, r.exponent) not in made:
-                    new_nodes.append(mul_node(x, r.exponent, dst))
-                    made[(x, r.exponent)] = dst
+                    made[(x, r.exponent)] = f"{x}__x2^{r.exponent}"
+                    new_nodes.append(mul_node(x, r.exponent, made[(x, r.exponent)]))
                 node.input[k] = made[(x, r.exponent)]
         renamed = []
         for j, o in enumerate(node.output):

@@ -187,6 +187,7 @@ class _UnionFind:
         self.parent: dict[str, str] = {}
 
     def find(self, x: str) -> str:
+        """The class representative of ``x`` (path halving)."""
         self.parent.setdefault(x, x)
         while self.parent[x] != x:
             self.parent[x] = self.parent[self.parent[x]]
@@ -194,6 +195,7 @@ class _UnionFind:
         return x
 
     def union(self, items: Iterable[str]) -> None:
+        """Put all ``items`` in one class."""
         items = list(items)
         for other in items[1:]:
             a, b = self.find(items[0]), self.find(other)
@@ -322,6 +324,7 @@ def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleS
     seen: set[tuple[str, int, str]] = set()
 
     def add(tensor: str, exponent: int, consumer: str, reason: str) -> None:
+        """Record a :class:`Rescale` once (none for exponent 0)."""
         key = (tensor, exponent, consumer)
         if exponent and key not in seen:
             seen.add(key)

@@ -1,6 +1,5 @@
 """The bundled real models on real inputs: the findings the README promises, from real runs."""
 
-import numpy as np
 import pytest
 import torch
 
