@@ -92,23 +92,30 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_arguments(cal)
     _add_plan_arguments(cal)
     cal.add_argument("-o", "--output", required=True, metavar="PLAN.json", help="where to write the plan")
+    cal.add_argument("--graph", choices=["torch", "onnx"], default=None,
+                     help="PyTorch models: plan for the torch.export graph (default; fix -o OUT.pt2) or for the "
+                          "ONNX export (fix -o OUT.onnx)")
 
     fix = sub.add_parser("fix", help="rewrite a model so it runs entirely in FP16, and verify it",
                          description="Fold BatchNorms and power-of-two scale factors into the weights so every "
-                                     "activation stays in FP16 range, convert to a typed FP16 ONNX (TensorRT 11 "
-                                     "form), and verify it against FP32 on an FP16 backend. Calibrates first "
-                                     "unless --plan is given. Exit status: 0 fixed and verified, 1 still "
+                                     "activation stays in FP16 range, convert to typed FP16 (an ONNX model in "
+                                     "TensorRT 11's strongly typed form, or for PyTorch models a .pt2 "
+                                     "ExportedProgram), and verify it against FP32 on an FP16 backend. Calibrates "
+                                     "first unless --plan is given. Exit status: 0 fixed and verified, 1 still "
                                      "non-finite (written only with --force), 2 bad usage.")
     _add_model_arguments(fix)
     _add_plan_arguments(fix)
     fix.add_argument("--plan", metavar="PLAN.json", help="apply this plan instead of calibrating")
     fix.add_argument("--validate", action="append", default=[], metavar="FILE",
                      help="validation input not used for calibration (file or folder; repeatable)")
-    fix.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="where to write the fixed typed FP16 ONNX")
+    fix.add_argument("-o", "--output", required=True, metavar="OUT.onnx|OUT.pt2",
+                     help="where to write the fixed typed FP16 model: .onnx, or .pt2 for a PyTorch model "
+                          "(torch.export.save; load with torch.export.load(path).module())")
     fix.add_argument("--fallback", choices=["fp32"], help="instead of scaling, keep the offending nodes in FP32 "
                                                           "(what other tools do; for comparison)")
     fix.add_argument("--backend", default="emulate", help="FP16 backend for verification: emulate (default, CPU), "
-                                                          "onnxruntime (CUDA), tensorrt")
+                                                          "onnxruntime (CUDA) or tensorrt for .onnx, torch (CUDA) "
+                                                          "for .pt2")
     fix.add_argument("--force", action="store_true", help="write the model even if it still produces inf/NaN")
     fix.add_argument("--json", metavar="PATH", help="write the fix report as JSON (schema fp16guard.fix/1)")
     fix.add_argument("--save-plan", metavar="PLAN.json", help="also write the plan used")
@@ -245,10 +252,12 @@ def _calibrate(args, console: Console) -> int:
     from .fixing import calibrate
     from .render import print_plan
 
-    model, calibration, _, _, name, _ = _calibration_sets(args, console)
+    model, calibration, _, framework, name, _ = _calibration_sets(args, console)
+    if args.graph and framework == "onnx":
+        raise _Usage("--graph applies to PyTorch models; an ONNX model's plan always names its own graph")
     with console.status(f"calibrating {name} on {len(calibration)} input(s)"):
         plan = calibrate(model, calibration, target_log2=args.target_log2, raise_underflow=args.raise_underflow,
-                         source=name)
+                         source=name, graph=args.graph)
     print_plan(plan, console)
     console.print(f"plan: {plan.save(args.output)}")
     return EXIT_CLEAN
@@ -263,19 +272,38 @@ def _fix(args, console: Console) -> int:
     plan = RewritePlan.load(args.plan) if args.plan else None
     if plan is None and not calibration:
         raise _Usage("give calibration inputs (--input or --example) or a --plan")
+    if args.output.endswith(".pt2"):
+        output = "torch"
+        if framework != "torch":
+            raise _Usage(f"-o {args.output}: a .pt2 program comes from a PyTorch model; write an .onnx for {name}")
+    elif args.output.endswith(".onnx"):
+        output = "onnx"
+    else:
+        raise _Usage(f"-o {args.output}: give an .onnx or (PyTorch models) a .pt2 path")
+    if output == "torch" and args.backend not in ("emulate", "torch"):
+        raise _Usage(f"--backend {args.backend} runs ONNX models; a .pt2 is verified on emulate or torch")
+    if output == "onnx" and args.backend == "torch":
+        raise _Usage("--backend torch runs .pt2 programs; an .onnx is verified on emulate, onnxruntime or tensorrt")
     with console.status(f"fixing {name}: calibrate, rewrite, verify on {args.backend}"):
         try:
-            result = fix_model(model, calibration, plan=plan, validation=validation, target_log2=args.target_log2,
-                               raise_underflow=args.raise_underflow, fallback=args.fallback, backend=args.backend,
-                               metrics=metrics, force=args.force, source=name)
+            result = fix_model(model, calibration, plan=plan, validation=validation, output=output,
+                               target_log2=args.target_log2, raise_underflow=args.raise_underflow,
+                               fallback=args.fallback, backend=args.backend, metrics=metrics, force=args.force,
+                               source=name)
         except FixError as e:
             print(f"fp16guard: {e}", file=sys.stderr)
             return EXIT_OVERFLOW
     print_fix(result, console)
-    import onnx
+    if output == "torch":
+        from .torch_rewrite import examples_of, save_program
 
-    onnx.save(result.fixed, args.output)
-    console.print(f"fixed typed FP16 model: {args.output}")
+        save_program(result.fixed, examples_of([*calibration, *validation]), args.output)
+        console.print(f"fixed typed FP16 program: {args.output} (torch.export.load(path).module())")
+    else:
+        import onnx
+
+        onnx.save(result.fixed, args.output)
+        console.print(f"fixed typed FP16 model: {args.output}")
     if args.save_plan:
         console.print(f"plan: {result.plan.save(args.save_plan)}")
     if args.json:

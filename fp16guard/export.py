@@ -1,4 +1,4 @@
-"""PyTorch -> ONNX export, the one place fp16guard calls ``torch.onnx.export``.
+"""PyTorch -> ONNX export, the one place fp16guard calls ``torch.onnx.export`` (and :func:`eval_mode`).
 
 The dynamo exporter (``torch.onnx.export(..., dynamo=True)``, needs onnxscript) records each
 node's module scope in its metadata (``pkg.torch.onnx.name_scopes``); without onnxscript the
@@ -7,11 +7,28 @@ TorchScript exporter is used, whose node names carry the scopes instead (``/conv
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 from typing import Sequence
 
 import onnx
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Put ``model`` in eval mode for the block and restore its training flag after (a module
+    unflattened from an ``ExportedProgram`` has no train mode and is left as it is)."""
+    was_training = model.training
+    try:
+        model.train(False)
+    except NotImplementedError:  # torch.export's unflattened module: already an inference graph
+        yield model
+        return
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class ExportError(ValueError):
@@ -39,7 +56,8 @@ def export_onnx(module, args: tuple, *, dynamic_shapes=None, what: str = "the mo
     """Export ``module(*args)`` to an FP32 ``onnx.ModelProto``.
 
     Args:
-        module: a ``torch.nn.Module`` or ``GraphModule`` (put in eval mode).
+        module: a ``torch.nn.Module`` or ``GraphModule`` (exported in eval mode; its training flag
+            is restored).
         args: example arguments (tensors).
         dynamic_shapes: as ``torch.export`` takes it (see :func:`dynamic_dims`); dynamo only.
         what: how to name the module in the error.
@@ -49,15 +67,15 @@ def export_onnx(module, args: tuple, *, dynamic_shapes=None, what: str = "the mo
     """
     import torch
 
-    module.train(False)
     try:
-        if importlib.util.find_spec("onnxscript") is not None:
-            program = torch.onnx.export(module, tuple(args), dynamo=True, verbose=False,
-                                        dynamic_shapes=dynamic_shapes)
-            return program.model_proto
-        buf = io.BytesIO()
-        torch.onnx.export(module, tuple(args), buf, dynamo=False)
-        return onnx.load_from_string(buf.getvalue())
+        with eval_mode(module):
+            if importlib.util.find_spec("onnxscript") is not None:
+                program = torch.onnx.export(module, tuple(args), dynamo=True, verbose=False,
+                                            dynamic_shapes=dynamic_shapes)
+                return program.model_proto
+            buf = io.BytesIO()
+            torch.onnx.export(module, tuple(args), buf, dynamo=False)
+            return onnx.load_from_string(buf.getvalue())
     except Exception as e:  # noqa: BLE001 - exporters raise many types
         first = next((line for line in str(e).strip().splitlines() if line.strip()), "")
         raise ExportError(f"cannot export {what} to ONNX ({type(e).__name__}: {first[:200]})") from None

@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from .fp16 import FP16_MIN_NORMAL
 
 
 def fold_batchnorm(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
@@ -96,3 +97,31 @@ def exponent_for(amax: float, target_log2: int) -> int:
 def pow2(exponent: int) -> float:
     """``2.0 ** exponent`` as a Python float (exact)."""
     return math.ldexp(1.0, int(exponent))
+
+
+def keeps_fp16_precision(before: np.ndarray, after: np.ndarray) -> bool:
+    """Whether a fold keeps FP16 weights out of the subnormal range.
+
+    The count of nonzero ``|w| < 2**-14`` may not grow by more than 1% of the weights: a
+    BatchNorm with a running variance of 1e8 multiplies the conv's weights by 1e-4, which FP16
+    holds with 1 to 3 significant bits.
+
+    Args:
+        before, after: the weight before and after the fold (same size, any float dtype).
+    """
+    def sub(a):
+        """Count of nonzero elements below the smallest FP16 normal."""
+        a = np.abs(np.asarray(a, dtype=np.float64))
+        return int(np.count_nonzero((a > 0) & (a < FP16_MIN_NORMAL)))
+    return sub(after) <= sub(before) + 0.01 * np.asarray(before).size
+
+
+def raise_small(values: np.ndarray, floor: float) -> tuple[np.ndarray, int]:
+    """Raise every nonzero ``|x| < floor`` to ``sign(x) * floor`` (the plan's consented underflow fix).
+
+    Returns:
+        ``(values', count)``: same dtype as ``values``, and how many elements were raised.
+    """
+    v = np.asarray(values)
+    small = (v != 0) & (np.abs(v) < floor)
+    return np.where(small, np.sign(v) * floor, v).astype(v.dtype), int(small.sum())

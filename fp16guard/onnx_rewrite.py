@@ -33,8 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .fp16 import FP16_MIN_NORMAL
-from .folding import fold_affine_into_weights, fold_batchnorm, pow2
+from .folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
 from .onnx_inspector import _value_types, node_scope
 from .scaling import Rescale, Role, ScaleOp, ScaleSolution
 
@@ -234,17 +233,6 @@ def _out_channels(node: onnx.NodeProto, weight: np.ndarray) -> tuple[int, int] |
     return weight.shape[1], 1
 
 
-def _keeps_precision(before: np.ndarray, after: np.ndarray) -> bool:
-    """Whether folding keeps FP16 weights out of the subnormal range: the count of nonzero
-    ``|w| < 2**-14`` may not grow by more than 1% of the weights (a BatchNorm with a running
-    variance of 1e8 multiplies the conv's weights by 1e-4, which FP16 holds with 1 to 3 bits)."""
-    def sub(a):
-        """Count of nonzero elements below the smallest FP16 normal."""
-        a = np.abs(np.asarray(a, dtype=np.float64))
-        return int(np.count_nonzero((a > 0) & (a < FP16_MIN_NORMAL)))
-    return sub(after) <= sub(before) + 0.01 * np.asarray(before).size
-
-
 def fold_affine_constants(model: onnx.ModelProto, *, scales: bool = False) -> tuple[onnx.ModelProto, list[RewriteNote]]:
     """Fold per-channel constant ``Mul``/``Div``/``Add``/``Sub`` that follow a ``Conv`` or
     ``ConvTranspose`` into its weights and bias, as long as each is the only reader of the previous
@@ -303,7 +291,7 @@ def fold_affine_constants(model: onnx.ModelProto, *, scales: bool = False) -> tu
             shape[oc[1]] = oc[0]
             if op.op_type in ("Mul", "Div"):
                 f = c if op.op_type == "Mul" else 1.0 / c
-                if not _keeps_precision(w0, w * f.reshape(shape)):
+                if not keeps_fp16_precision(w0, w * f.reshape(shape)):
                     break
                 w, b = w * f.reshape(shape), b * f
             else:
@@ -364,7 +352,7 @@ def fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Rewri
             b = consts.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
             w2, b2 = (fold_affine_into_weights(w, b, scale, shift, channel_axis=oc[1])
                       if oc is not None and oc[0] == scale.size else (None, None))
-            if w2 is not None and _keeps_precision(w, w2):
+            if w2 is not None and keeps_fp16_precision(w, w2):
                 consts.replace(conv, 1, w2, "bnfold")
                 consts.replace(conv, 2, b2, "bnfold")
                 conv.output[0] = bn.output[0]
@@ -614,9 +602,7 @@ def raise_constants(model: onnx.ModelProto, raises: Sequence[tuple[str, float]])
             raise RewriteError(f"plan raises constant {name!r}, which is not in the model")
         init = g.initializer[by_name[name]]
         v = numpy_helper.to_array(init)
-        small = (v != 0) & (np.abs(v) < floor)
-        new = np.where(small, np.sign(v) * floor, v).astype(v.dtype)
+        new, count = raise_small(v, floor)
         g.initializer[by_name[name]].CopyFrom(numpy_helper.from_array(new, name))
-        notes.append(RewriteNote("raise_constant", name, f"{int(small.sum())} value(s) below {floor:.3g} raised "
-                                 f"to {floor:.3g} (was amax {float(np.abs(v[small]).max()) if small.any() else 0:.3g})"))
+        notes.append(RewriteNote("raise_constant", name, f"{count} value(s) below {floor:.3g} raised to {floor:.3g}"))
     return m, notes

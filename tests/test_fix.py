@@ -225,7 +225,7 @@ def test_plan_round_trip_and_errors(tmp_path):
         apply_onnx(model, edited)
 
 
-def test_torch_module_is_exported_fixed_and_unchanged():
+def test_torch_module_exported_to_onnx_is_fixed_and_unchanged():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)).eval()
     with torch.no_grad():
@@ -233,8 +233,9 @@ def test_torch_module_is_exported_fixed_and_unchanged():
         net[2].running_var.fill_(1e9)  # beyond FP16: plain .half() makes it inf
         net[2].weight.fill_(1e3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    result = fix_model(net, [_x(1), _x(2)], validation=[_x(3)])
-    assert result.plan.framework == "torch" and result.verification.finite
+    result = fix_model(net, [_x(1), _x(2)], validation=[_x(3)], output="onnx")
+    assert isinstance(result.fixed, onnx.ModelProto)
+    assert result.plan.framework == "onnx" and result.verification.finite
     assert max(r.rel_l2 for r in result.verification.rows) < 5e-3
     assert not result.naive.finite or max(r.rel_l2 for r in result.naive.rows) > 0.5
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
@@ -309,6 +310,9 @@ def test_crepe_full_fixed_pitch_and_probabilities():
 
     ex = get_example("crepe-full")
     result = fix_model(ex.load(), ex.calibration(), validation=ex.validation(), metrics=ex.task_metrics)
+    assert result.plan.framework == "torch"  # the PyTorch rewriter: torch.export graph, FP16 program
+    # measured (emulate): pitch within 1 bin 100% on all three, max probability error 4.2e-4;
+    # naive .half(): max probability error 0.37, 0.46, 0.68
     for row in result.verification.rows:
         assert row.task["pitch_within_1_bin"] >= 0.99 and row.task["1-max_prob_error"] >= 0.99
     assert min(r.task["1-max_prob_error"] for r in result.naive.rows) < 0.7  # naive: off by > 0.3

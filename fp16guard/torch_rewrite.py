@@ -1,0 +1,751 @@
+"""The PyTorch rewriter: the ONNX path's plan and solver, applied to a ``torch.export`` graph.
+
+A PyTorch module is captured once with ``torch.export`` (:func:`capture`): a flat ``GraphModule``
+of ATen ops whose parameters are ``get_attr`` nodes. Every pass below is a pure function from
+``GraphModule`` to a new ``GraphModule``: the captured graph and the user's module are never
+modified (changed constants are registered as new buffers; nothing is written in place).
+
+1. :func:`fold_batchnorms`: an inference ``aten.batch_norm`` right after a convolution is folded
+   into its weights in float64 (seed 000's formula, :func:`fp16guard.folding.fold_batchnorm`);
+   any other one, or one whose fold would make the conv's FP16 weights subnormal, becomes
+   ``x * scale + shift`` with ``scale``/``shift`` computed in float64. No FP16 tensor then holds a
+   running variance.
+2. :func:`scale_ops`: the graph as :func:`fp16guard.scaling.solve` sees it (each op's
+   :class:`~fp16guard.scaling.Role`), so the PyTorch and ONNX paths share one solver.
+3. :func:`activation_amax`: calibration amax of every activation (node), kept on the device and
+   read back once per forward.
+4. :func:`apply_exponents`: the solution's power-of-two exponents folded into weights, biases,
+   norm epsilons, constant multipliers, clamp bounds and pad values; an explicit
+   ``aten.mul`` by a power of two only where :class:`~fp16guard.scaling.Rescale` asks for one.
+5. :func:`to_fp16_program`: the typed FP16 program (FP16 constants and activations, FP32 graph
+   inputs and outputs, named nodes optionally kept in FP32 with casts around them), what
+   ``fp16guard fix ... -o OUT.pt2`` saves with ``torch.export.save``.
+6. :func:`run_emulated`: strict FP16 emulation of such a program on the CPU (every op computed in
+   FP32 from FP16-stored inputs and rounded to FP16), the counterpart of the ``emulate`` ONNX
+   backend; PyTorch's own CPU FP16 kernels are 40x slower than FP32 on the crepe example.
+
+Names: the plan's tensors are fx node names of the graph after step 1 (each ATen op writes one
+value named like the node, e.g. ``conv2d_1``); ``capture`` and ``fold_batchnorms`` are
+deterministic, so calibration and application see the same names.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .export import ExportError, dynamic_dims, eval_mode
+from .folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
+from .onnx_rewrite import RewriteError, RewriteNote
+from .scaling import Role, ScaleOp, ScaleSolution
+
+aten = torch.ops.aten
+
+
+def _packets(*names: str) -> frozenset:
+    """ATen overload packets by name (names this torch version lacks are skipped)."""
+    return frozenset(p for p in (getattr(aten, n, None) for n in names) if p is not None)
+
+
+#: Ops with a weight at ``args[1]`` and a bias at ``args[2]`` (output channels on weight axis 0,
+#: axis 1 for a transposed convolution).
+LINEAR_OPS = _packets("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+                      "conv_transpose3d", "linear")
+#: Normalizations invariant to their input's scale: ``(weight index, bias index, eps index)``.
+NORM_OPS = {p: idx for p, idx in ((getattr(aten, "layer_norm", None), (2, 3, 4)),
+                                  (getattr(aten, "group_norm", None), (2, 3, 4))) if p is not None}
+#: Positively homogeneous ops of degree one: ``f(x / F) = f(x) / F`` for ``F > 0``.
+TIED_OPS = _packets(
+    "relu", "relu_", "leaky_relu", "prelu", "_prelu_kernel", "hardtanh", "clamp", "clip", "max_pool1d",
+    "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
+    "upsample_bilinear2d", "upsample_trilinear3d", "upsample_bicubic2d", "cat", "concat", "stack", "add",
+    "sub", "maximum", "minimum", "pad", "constant_pad_nd", "reshape", "view", "_unsafe_view", "permute",
+    "transpose", "t", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone", "expand",
+    "slice", "select", "narrow", "split", "split_with_sizes", "chunk", "unbind", "dropout",
+    "feature_dropout", "mean", "sum", "neg", "abs", "amax", "flip", "roll", "pixel_shuffle",
+    "pixel_unshuffle", "alias", "detach", "repeat", "tile", "movedim", "index_select", "_to_copy", "to",
+)
+#: Tied ops whose scalar arguments are values of the activation (scaled with it): arg indices.
+TIED_SCALARS = {p: idx for p, idx in ((getattr(aten, "clamp", None), (1, 2)), (getattr(aten, "clip", None), (1, 2)),
+                                      (getattr(aten, "hardtanh", None), (1, 2)), (getattr(aten, "add", None), (1,)),
+                                      (getattr(aten, "sub", None), (1,)), (getattr(aten, "pad", None), (3,)),
+                                      (getattr(aten, "constant_pad_nd", None), (2,))) if p is not None}
+MATMUL_OPS = _packets("matmul", "mm", "bmm")
+
+
+def _packet(node: fx.Node):
+    """The ATen overload packet of a ``call_function`` node (None for anything else)."""
+    if node.op != "call_function":
+        return None
+    return getattr(node.target, "overloadpacket", node.target)
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def capture(model: torch.nn.Module, examples: Sequence[Sequence[torch.Tensor]]) -> fx.GraphModule:
+    """The model as one flat ``GraphModule`` of ATen ops (``torch.export``, non-strict).
+
+    Args:
+        model: the FP32 module; exported in eval mode, and its training flag is restored after.
+        examples: argument tuples; input dimensions that differ between them are exported as
+            dynamic (:func:`fp16guard.export.dynamic_dims`).
+
+    Raises:
+        ExportError: ``torch.export`` cannot capture the module (the message gives its first line
+            and what to do).
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        gm = model.module()
+    else:
+        with eval_mode(model):
+            try:
+                gm = torch.export.export(model, tuple(examples[0]), dynamic_shapes=dynamic_dims(examples),
+                                         strict=False).module()
+            except Exception as e:  # noqa: BLE001 - export raises many types
+                first = next((line for line in str(e).strip().splitlines() if line.strip()), "")
+                raise ExportError(f"torch.export cannot capture {type(model).__name__} ({type(e).__name__}: "
+                                  f"{first[:200]}); make forward() traceable, or export it to ONNX and fix the "
+                                  f".onnx file") from None
+    for node in list(gm.graph.nodes):  # torch.export's input-shape guard is not an op
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+class _Constants:
+    """Copy-on-write constants of a ``GraphModule``: a changed value becomes a new buffer read by a
+    new ``get_attr`` node, so tensors shared with the user's module are never written."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.count = 0
+
+    def get(self, node) -> np.ndarray | None:
+        """A constant argument as float64 numpy (a ``get_attr`` node or a Python number), else None."""
+        if isinstance(node, fx.Node):
+            return _fetch(self.gm, node.target).detach().cpu().double().numpy() if node.op == "get_attr" else None
+        if isinstance(node, (int, float)) and not isinstance(node, bool):
+            return np.asarray(float(node))
+        return None
+
+    def new(self, value: np.ndarray, before: fx.Node, like: torch.Tensor | None = None) -> fx.Node:
+        """A ``get_attr`` node for a new buffer holding ``value`` (dtype of ``like``, default FP32)."""
+        while hasattr(self.gm, f"_fp16guard_c{self.count}"):  # earlier passes' constants keep their names
+            self.count += 1
+        name = f"_fp16guard_c{self.count}"
+        dtype = like.dtype if like is not None else torch.float32
+        self.gm.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value)).to(dtype))
+        with self.gm.graph.inserting_before(before):
+            return self.gm.graph.get_attr(name)
+
+    def replace(self, user: fx.Node, index: int, value: np.ndarray) -> None:
+        """Set ``user.args[index]`` to ``value``: a new buffer for a tensor constant, a float for a scalar."""
+        old = user.args[index]
+        args = list(user.args)
+        if isinstance(old, fx.Node):
+            args[index] = self.new(value, user, _fetch(self.gm, old.target))
+        else:
+            args[index] = float(np.asarray(value).reshape(-1)[0])
+        user.args = tuple(args)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new ``GraphModule`` with a copied graph; constants are shared until replaced (copy-on-write)."""
+    new = fx.GraphModule(gm, _copy_graph(gm.graph))
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    g = fx.Graph()
+    g._codegen = graph._codegen  # torch.export's pytree input/output structure (never mutated)
+    env: dict[fx.Node, fx.Node] = {}
+    out = g.graph_copy(graph, env)
+    g.output(out)
+    return g
+
+
+def _is_float_value(node: fx.Node) -> bool:
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    vals, _ = tree_flatten(val)
+    return any(getattr(v, "dtype", None) is not None and v.dtype.is_floating_point for v in vals)
+
+
+def _activations(gm: fx.GraphModule) -> set[str]:
+    """Names of nodes whose value depends on a graph input (constants and their functions excluded)."""
+    acts: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            acts.add(node.name)
+        elif node.op in ("call_function", "call_method", "call_module"):
+            ins, _ = tree_flatten((node.args, node.kwargs))
+            if any(isinstance(a, fx.Node) and a.name in acts for a in ins):
+                acts.add(node.name)
+    return acts
+
+
+def annotate(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """Record every node's value type (``meta["tensor_meta"]``) by running ``example`` once, for
+    nodes the passes added (``torch.export`` already records ``meta["val"]`` on its own)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example)
+    return gm
+
+
+def scope_of(node: fx.Node) -> str:
+    """The module path a node was traced from (``""`` at the top level)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    fqn = list(stack.values())[-1][0]
+    return fqn if isinstance(fqn, str) else str(fqn)
+
+
+def fold_batchnorms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[RewriteNote]]:
+    """Fold every inference ``aten.batch_norm`` away (see the module docstring).
+
+    Args:
+        gm: a captured graph (not modified).
+
+    Returns:
+        ``(gm', notes)``: ``batch_norm`` nodes folded into their convolution keep no node; the
+        others become ``mul`` + ``add`` nodes named ``<bn>_scale`` and ``<bn>`` (so the plan's name
+        for the BatchNorm's output does not change).
+
+    Raises:
+        RewriteError: a BatchNorm in training mode, or whose statistics are not constants.
+    """
+    gm = _copy(gm)
+    g = gm.graph
+    consts = _Constants(gm)
+    notes: list[RewriteNote] = []
+    bn_ops = _packets("batch_norm", "_native_batch_norm_legit_no_training")
+    for bn in list(g.nodes):
+        if _packet(bn) not in bn_ops:
+            continue
+        x, w, b, mean, var = bn.args[:5]
+        if _packet(bn) is aten.batch_norm:
+            training, eps = bn.args[5], bn.args[7]
+        else:
+            training, eps = False, bn.args[6]
+        if training:
+            raise RewriteError(f"{bn.name}: BatchNorm in training mode cannot be folded; put the model in eval mode")
+        stats = [consts.get(a) for a in (mean, var)]
+        if any(s is None for s in stats):
+            raise RewriteError(f"{bn.name}: BatchNorm statistics are not constants")
+        c = stats[0].size
+        gamma = consts.get(w) if w is not None else np.ones(c)
+        beta = consts.get(b) if b is not None else np.zeros(c)
+        scale, shift = fold_batchnorm(gamma, beta, stats[0], stats[1], float(eps))
+        users = list(bn.users)
+        if _packet(bn) is not aten.batch_norm:  # (out, mean, invstd): only getitem 0 may be read
+            if any(_packet(u) is not operator.getitem or u.args[1] != 0 for u in users):
+                raise RewriteError(f"{bn.name}: BatchNorm statistics outputs are read")
+            out_nodes = users
+        else:
+            out_nodes = [bn]
+        conv = x if isinstance(x, fx.Node) else None
+        folded = False
+        if conv is not None and _packet(conv) in LINEAR_OPS and len(conv.users) == 1 and "linear" not in str(conv.target):
+            transposed = "transpose" in str(conv.target) or (_packet(conv) is aten.convolution and conv.args[6])
+            groups = conv.args[8] if _packet(conv) is aten.convolution else (
+                conv.args[6] if "transpose" in str(conv.target) and len(conv.args) > 6 else 1)
+            weight = consts.get(conv.args[1])
+            bias = consts.get(conv.args[2]) if len(conv.args) > 2 and conv.args[2] is not None else None
+            axis = 1 if transposed else 0
+            if weight is not None and not (transposed and groups != 1) and weight.shape[axis] == c:
+                w2, b2 = fold_affine_into_weights(weight, bias, scale, shift, channel_axis=axis)
+                if keeps_fp16_precision(weight, w2):
+                    args = list(conv.args)
+                    args[1] = consts.new(w2, conv, _fetch(gm, conv.args[1].target))
+                    while len(args) < 3:
+                        args.append(None)
+                    args[2] = consts.new(b2, conv, _fetch(gm, conv.args[1].target))
+                    conv.args = tuple(args)
+                    for o in out_nodes:
+                        o.replace_all_uses_with(conv)
+                    folded = True
+                    notes.append(RewriteNote("fold_batchnorm", bn.name, f"folded into {conv.name} in float64 "
+                                             f"(running variance amax {float(np.max(stats[1])):.4g})"))
+        if not folded:
+            shape = [c] + [1] * (len(bn.meta["val"].shape) - 2 if "val" in bn.meta else 2)
+            like = _fetch(gm, mean.target)
+            s_node = consts.new(scale.reshape(shape), bn, like)
+            t_node = consts.new(shift.reshape(shape), bn, like)
+            with g.inserting_before(bn):
+                mul = g.call_function(aten.mul.Tensor, (x, s_node))
+                add = g.call_function(aten.add.Tensor, (mul, t_node))
+            mul.meta.update(bn.meta)
+            add.meta.update(bn.meta)
+            for o in out_nodes:
+                o.replace_all_uses_with(add)
+            why = ("folding would make the conv's FP16 weights subnormal" if conv is not None
+                   and _packet(conv) in LINEAR_OPS else "no conv to fold into")
+            notes.append(RewriteNote("batchnorm_to_affine", bn.name, f"{why}: per-channel mul + add with scale "
+                                     f"and shift computed in float64"))
+            name = bn.name
+            for o in out_nodes:
+                if o is not bn:
+                    g.erase_node(o)
+            g.erase_node(bn)
+            mul.name, add.name = f"{name}_scale", name  # keep the BatchNorm's output name for the plan
+            continue
+        for o in out_nodes:
+            if o is not bn:
+                g.erase_node(o)
+        g.erase_node(bn)
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    return gm, notes
+
+
+def _role(node: fx.Node, acts: set[str], consts: _Constants) -> Role:
+    p = _packet(node)
+    ins = [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node) and a.name in acts]
+    if p is operator.getitem:
+        return Role.TIED
+    if p in LINEAR_OPS:
+        const_w = len(node.args) > 1 and consts.get(node.args[1]) is not None
+        const_b = len(node.args) < 3 or node.args[2] is None or consts.get(node.args[2]) is not None
+        return Role.LINEAR if const_w and const_b and len(ins) == 1 else Role.BARRIER
+    if p in NORM_OPS:
+        w_idx, b_idx, _ = NORM_OPS[p]
+        w = node.args[w_idx] if len(node.args) > w_idx else None
+        b = node.args[b_idx] if len(node.args) > b_idx else None
+        if len(ins) != 1 or any(a is not None and consts.get(a) is None for a in (w, b)):
+            return Role.BARRIER
+        return Role.LINEAR if w is not None else Role.BOUNDED
+    if p in MATMUL_OPS:
+        if len(ins) == 2:
+            return Role.PRODUCT
+        return Role.LINEAR if len(ins) == 1 and any(consts.get(a) is not None for a in node.args[:2]) else Role.BARRIER
+    if p in (aten.mul, aten.div):
+        if len(ins) == 2:
+            return Role.PRODUCT if p is aten.mul else Role.QUOTIENT
+        if len(ins) == 1 and consts.get(node.args[1]) is not None and (p is aten.mul or node.args[0] is ins[0]):
+            return Role.LINEAR
+        if p is aten.mul and len(ins) == 1 and consts.get(node.args[0]) is not None:
+            return Role.LINEAR
+        return Role.BARRIER
+    if p is getattr(aten, "hardsigmoid", None):
+        return Role.BOUNDED
+    if p in (aten._to_copy, getattr(aten, "to", None)):
+        dtype = node.kwargs.get("dtype")
+        return Role.TIED if dtype is None or dtype.is_floating_point else Role.BARRIER
+    if p in TIED_OPS:
+        if p in (aten.add, aten.sub) and len(ins) == 1:
+            other = node.args[1] if node.args[0] is ins[0] else node.args[0]
+            return Role.TIED if consts.get(other) is not None and node.args[0] is ins[0] else Role.BARRIER
+        return Role.TIED
+    return Role.BARRIER
+
+
+def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
+    """The graph as :func:`fp16guard.scaling.solve` sees it.
+
+    Each ``call_function`` node whose value depends on a graph input is one
+    :class:`~fp16guard.scaling.ScaleOp` named like the node, writing the value of the same name;
+    its inputs are the activation nodes it reads (constants left out). Roles: see
+    :data:`LINEAR_OPS`, :data:`NORM_OPS`, :data:`TIED_OPS`; ``mul``/``div`` by a constant are
+    linear, of two activations a product/quotient; ``hardsigmoid`` and a norm without weight are
+    bounded; every other op (sigmoid, GELU, softmax, exp, ...) is a barrier.
+
+    Args:
+        gm: a captured graph after :func:`fold_batchnorms`.
+    """
+    acts = _activations(gm)
+    consts = _Constants(gm)
+    ops = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or node.name not in acts:
+            continue
+        ins = tuple(dict.fromkeys(a.name for a in tree_flatten((node.args, node.kwargs))[0]
+                                  if isinstance(a, fx.Node) and a.name in acts))
+        outs = (node.name,) if _is_float_value(node) or "val" not in node.meta and "tensor_meta" not in node.meta else ()
+        role = _role(node, acts, consts) if node.op == "call_function" else Role.BARRIER
+        ops.append(ScaleOp(node.name, role, ins, outs, scope_of(node)))
+    return ops
+
+
+def graph_io(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
+    """``(input names, output names)`` of the float activations at the graph boundary."""
+    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = [a.name for a in tree_flatten(out.args)[0] if isinstance(a, fx.Node)]
+    return inputs, outputs
+
+
+def activation_amax(gm: fx.GraphModule, examples: Iterable[Sequence[torch.Tensor]]) -> dict[str, float]:
+    """Max |x| of every node's value over ``examples`` (``inf`` where a value is ever non-finite).
+
+    The per-node maxima stay on the device as 0-d tensors and are read back once per forward.
+
+    Args:
+        gm: the graph; run as is (FP32).
+        examples: argument tuples.
+    """
+    amax: dict[str, float] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            """Run ``n`` and keep its value's max |x| (``inf`` if any element is inf/NaN)."""
+            out = super().run_node(n)
+            tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            if tensors and n.op != "get_attr":
+                m = torch.stack([t.detach().abs().amax().double() if t.numel() else t.new_zeros((), dtype=torch.float64)
+                                 for t in tensors]).amax()
+                finite = torch.stack([t.isfinite().all() for t in tensors]).all()
+                found[n.name] = torch.where(finite, m, torch.full_like(m, math.inf))
+            return out
+
+    with torch.no_grad():
+        for example in examples:
+            found: dict[str, torch.Tensor] = {}
+            Recorder(gm).run(*example)
+            if found:
+                values = torch.stack(list(found.values())).cpu().tolist()  # one host sync per forward
+                for name, v in zip(found, values):
+                    amax[name] = max(amax.get(name, 0.0), v)
+    return amax
+
+
+def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.GraphModule, list[RewriteNote]]:
+    """Rescale constants (and insert ``aten.mul`` by a power of two only where unavoidable) so
+    every activation ``t`` is stored as ``true * 2**-solution.exponents[t]``.
+
+    Per op (``e_in``/``e_out``: exponents of its activation input and output), as
+    :func:`fp16guard.onnx_rewrite.apply_exponents`:
+
+    * conv/linear/matmul by a constant: ``W *= 2**(e_in - e_out)``, ``b *= 2**-e_out``.
+    * ``mul`` by a constant: ``c *= 2**(e_in - e_out)``; ``div`` by one: ``c *= 2**(e_out - e_in)``.
+    * ``layer_norm``/``group_norm``: ``weight, bias *= 2**-e_out``, ``eps *= 2**(-2 e_in)``.
+    * ``hardsigmoid`` (``clamp(x/6 + 1/2, 0, 1)``) with ``e_in != 0``: written as
+      ``clamp(x * 2**e_in/6 + 1/2, 0, 1)`` (three elementwise ops TensorRT fuses into one).
+    * tied ops: added constants, clamp/hardtanh bounds and pad values ``*= 2**-e``.
+    * each :class:`~fp16guard.scaling.Rescale`: ``aten.mul`` by ``2**exponent`` on that edge.
+
+    Args:
+        gm: the graph the solution was computed for (after :func:`fold_batchnorms`; not modified).
+        solution: from :func:`fp16guard.scaling.solve` or :func:`~fp16guard.scaling.complete`.
+
+    Returns:
+        ``(gm', notes)``.
+
+    Raises:
+        RewriteError: a rescaled constant exceeds 65504.
+    """
+    gm = _copy(gm)
+    g = gm.graph
+    consts = _Constants(gm)
+    e = solution.exponents
+    ops = {op.name: op for op in scale_ops(gm)}
+    notes: list[RewriteNote] = []
+
+    def scale_arg(node: fx.Node, index: int, exponent: int) -> None:
+        """``node.args[index] *= 2**exponent`` (a new buffer or a new float)."""
+        if exponent and index < len(node.args) and node.args[index] is not None:
+            value = consts.get(node.args[index]) * pow2(exponent)
+            if np.any(np.abs(value) > 65504):
+                raise RewriteError(f"rescaled constant {index} of {node.name} exceeds 65504; lower the headroom "
+                                   f"target (--target-log2) or use --fallback fp32")
+            consts.replace(node, index, value)
+
+    for node in list(g.nodes):
+        op = ops.get(node.name)
+        if op is None:
+            continue
+        p = _packet(node)
+        e_in = e.get(op.inputs[0], 0) if op.inputs else 0
+        e_out = solution.produced(op)
+        if op.role is Role.LINEAR:
+            if p in LINEAR_OPS:
+                scale_arg(node, 1, e_in - e_out)
+                scale_arg(node, 2, -e_out)
+            elif p in NORM_OPS:
+                w_idx, b_idx, eps_idx = NORM_OPS[p]
+                scale_arg(node, w_idx, -e_out)
+                scale_arg(node, b_idx, -e_out)
+                _scale_eps(node, eps_idx, e_in)
+            elif p in MATMUL_OPS or p is aten.mul:
+                k = 1 if consts.get(node.args[1]) is not None and node.args[0] is not None and \
+                    isinstance(node.args[0], fx.Node) and node.args[0].name in op.inputs else 0
+                scale_arg(node, k, e_in - e_out)
+            elif p is aten.div:
+                scale_arg(node, 1, e_out - e_in)
+            if e_in or e_out:
+                notes.append(RewriteNote("scale", node.name, f"{p.__name__ if hasattr(p, '__name__') else p}: "
+                                         f"input exponent {e_in}, output exponent {e_out}"))
+        elif op.role is Role.BOUNDED and e_in:
+            if p in NORM_OPS:
+                _scale_eps(node, NORM_OPS[p][2], e_in)
+                notes.append(RewriteNote("scale", node.name, f"norm eps x 2^{-2 * e_in}"))
+            else:  # hardsigmoid
+                with g.inserting_before(node):
+                    m = g.call_function(aten.mul.Tensor, (node.args[0], pow2(e_in) / 6.0))
+                    a = g.call_function(aten.add.Tensor, (m, 0.5))
+                    c = g.call_function(aten.clamp.default, (a, 0.0, 1.0))
+                node.replace_all_uses_with(c)
+                name = node.name
+                g.erase_node(node)
+                c.name = name
+                notes.append(RewriteNote("scale", name, f"hardsigmoid as clamp(x * 2^{e_in}/6 + 1/2, 0, 1)"))
+        elif op.role is Role.TIED and e_in and p in TIED_SCALARS:
+            changed = False
+            for k in TIED_SCALARS[p]:
+                if k < len(node.args) and consts.get(node.args[k]) is not None and not (
+                        isinstance(node.args[k], fx.Node) and node.args[k].name in op.inputs):
+                    scale_arg(node, k, -e_in)
+                    changed = True
+            if changed:
+                notes.append(RewriteNote("scale", node.name, f"{p.__name__}: constants x 2^{-e_in}"))
+
+    by_name = {n.name: n for n in g.nodes}
+    made: dict[tuple[str, int], fx.Node] = {}
+    for r in solution.rescales:
+        src = by_name[r.tensor]
+        if r.consumer:
+            user = by_name[r.consumer]
+            if (r.tensor, r.exponent) not in made:
+                with g.inserting_after(src):
+                    made[(r.tensor, r.exponent)] = g.call_function(aten.mul.Tensor, (src, pow2(r.exponent)))
+            user.replace_input_with(src, made[(r.tensor, r.exponent)])
+        else:
+            with g.inserting_after(src):
+                mul = g.call_function(aten.mul.Tensor, (src, pow2(r.exponent)))
+            src.replace_all_uses_with(mul, delete_user_cb=lambda u: u is not mul)
+        notes.append(RewriteNote("rescale_op", r.tensor, f"mul by 2^{r.exponent} (no constant could absorb it)"))
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    return gm, notes
+
+
+def _scale_eps(node: fx.Node, index: int, e_in: int) -> None:
+    if not e_in:
+        return
+    args = list(node.args)
+    while len(args) <= index:
+        args.append(1e-5)  # ATen's default for layer_norm and group_norm
+    args[index] = float(args[index]) * pow2(-2 * e_in)
+    node.args = tuple(args)
+
+
+def raise_constants(gm: fx.GraphModule, raises: Sequence[tuple[str, float]]) -> tuple[fx.GraphModule, list[RewriteNote]]:
+    """Raise constants FP16 flushes to zero: every nonzero ``|x| < floor`` becomes ``sign(x) * floor``.
+
+    Args:
+        gm: the graph (not modified).
+        raises: ``(get_attr target, floor)`` pairs (the plan's consented underflow entries).
+
+    Raises:
+        RewriteError: no ``get_attr`` node reads that target.
+    """
+    gm = _copy(gm)
+    consts = _Constants(gm)
+    notes = []
+    for target, floor in raises:
+        readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
+        if not readers:
+            raise RewriteError(f"plan raises constant {target!r}, which the model does not have")
+        value, count = raise_small(_fetch(gm, target).detach().cpu().double().numpy(), floor)
+        new = consts.new(value, readers[0], _fetch(gm, target))
+        for r in readers:
+            r.replace_all_uses_with(new)
+        notes.append(RewriteNote("raise_constant", target, f"{count} value(s) below {floor:.3g} raised to {floor:.3g}"))
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, notes
+
+
+def constants(gm: fx.GraphModule) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Float constants of the graph: ``{get_attr target: (value as float64, reader node names)}``."""
+    out: dict[str, tuple[np.ndarray, list[str]]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        t = _fetch(gm, node.target)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            readers = [u.name for u in node.users]
+            if node.target in out:
+                out[node.target][1].extend(readers)
+            else:
+                out[node.target] = (t.detach().cpu().double().numpy(), readers)
+    return out
+
+
+def to_fp16_program(gm: fx.GraphModule, fp32_nodes: Iterable[str] = ()) -> fx.GraphModule:
+    """The typed FP16 program: FP16 constants and activations, FP32 graph inputs and outputs.
+
+    Float placeholders are cast to FP16 on the way in and float outputs back to FP32 on the way
+    out (the ONNX path's typed-graph boundary). Nodes named in ``fp32_nodes`` run in FP32: their
+    float inputs are cast up, their constants stay FP32, and their FP16 readers get a cast down.
+
+    Args:
+        gm: an FP32 graph (not modified).
+        fp32_nodes: node names to keep in FP32 (the plan's unfixable or fallback nodes).
+
+    Returns:
+        A new ``GraphModule``; save it with ``torch.export`` (:func:`save_program`).
+    """
+    fp32 = set(fp32_nodes)
+    src = gm.graph
+    g = fx.Graph()
+    g._codegen = src._codegen
+    new = torch.nn.Module()
+    env16: dict[fx.Node, Any] = {}  # value as FP16 consumers read it
+    env32: dict[fx.Node, Any] = {}  # value as FP32 consumers read it
+    is16: dict[fx.Node, bool] = {}
+    buffers: dict[tuple[str, torch.dtype], fx.Node] = {}
+    count = 0
+
+    def cast(node: fx.Node, dtype: torch.dtype) -> fx.Node:
+        """``node`` converted to ``dtype`` (an ``aten._to_copy``)."""
+        return g.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+
+    def const(target: str, dtype: torch.dtype) -> fx.Node:
+        """A ``get_attr`` for the constant at ``target`` stored as ``dtype`` (floats only)."""
+        nonlocal count
+        key = (target, dtype)
+        if key not in buffers:
+            t = _fetch(gm, target)
+            name = f"c{count}"
+            count += 1
+            new.register_buffer(name, t.detach().to(dtype) if t.is_floating_point() else t.detach().clone())
+            buffers[key] = g.get_attr(name)
+        return buffers[key]
+
+    def read(node: fx.Node, want16: bool):
+        """The value of ``node`` for a consumer running in FP16 (``want16``) or FP32."""
+        if node.op == "get_attr":
+            t = _fetch(gm, node.target)
+            if not isinstance(t, torch.Tensor):
+                return None
+            return const(node.target, (torch.float16 if want16 else torch.float32) if t.is_floating_point() else t.dtype)
+        env = env16 if want16 else env32
+        if node not in env:
+            have = env16.get(node, env32.get(node))
+            env[node] = cast(have, torch.float16 if want16 else torch.float32) if is16.get(node) is not None else have
+        return env[node]
+
+    for node in src.nodes:
+        if node.op == "placeholder":
+            p = g.placeholder(node.name)
+            p.meta.update(node.meta)
+            if _is_float_value(node):
+                env32[node], is16[node] = p, False
+            else:
+                env32[node] = env16[node] = p
+        elif node.op == "get_attr":
+            continue  # read() makes the constant in the precision its reader needs
+        elif node.op == "output":
+            outs = tree_map(lambda a: read(a, False) if isinstance(a, fx.Node) else a, node.args[0])
+            g.output(outs)
+        else:
+            want16 = node.name not in fp32
+            args, kwargs = tree_map(lambda a: read(a, want16) if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
+            kwargs = dict(kwargs)
+            if want16 and kwargs.get("dtype") is torch.float32:
+                kwargs["dtype"] = torch.float16  # an explicit FP32 cast inside the model stays in the FP16 program
+            out = g.create_node(node.op, node.target, tuple(args), kwargs, name=node.name)
+            floaty = _is_float_value(node)
+            if floaty:
+                (env16 if want16 else env32)[node] = out
+                is16[node] = want16
+            else:
+                env16[node] = env32[node] = out
+    g.lint()
+    return fx.GraphModule(new, g)
+
+
+def save_program(program: fx.GraphModule, examples: Sequence[Sequence[torch.Tensor]], path) -> str:
+    """Save an FP16 program as a ``.pt2`` ``ExportedProgram`` (``torch.export.save``); input
+    dimensions that differ between ``examples`` stay dynamic. Load it with
+    ``torch.export.load(path).module()``.
+
+    Raises:
+        ExportError: ``torch.export`` cannot re-capture the program.
+    """
+    try:
+        ep = torch.export.export(program, tuple(examples[0]), dynamic_shapes=dynamic_dims(examples), strict=False)
+    except Exception as e:  # noqa: BLE001
+        first = next((line for line in str(e).strip().splitlines() if line.strip()), "")
+        raise ExportError(f"cannot export the fixed program ({type(e).__name__}: {first[:200]}); "
+                          f"write an .onnx instead") from None
+    torch.export.save(ep, str(path))
+    return str(path)
+
+
+def run_emulated(program: fx.GraphModule, *args: torch.Tensor) -> list[torch.Tensor]:
+    """Run an FP16 program with strict FP16 storage and FP32 arithmetic, on the CPU.
+
+    Each op gets its FP16 inputs converted to FP32, runs in FP32, and its result is rounded to the
+    dtype the op would produce on the FP16 inputs (found on the ``meta`` device), so every FP16
+    value is exactly what an FP16 kernel with FP32 accumulation stores: values beyond 65504 become
+    inf, tiny ones subnormal or zero. This is what the ``emulate`` ONNX backend does
+    (:func:`fp16guard.fp16_onnx.emulation_model`).
+
+    Args:
+        program: from :func:`to_fp16_program`.
+        args: graph inputs (FP32 tensors).
+
+    Returns:
+        The outputs, flattened, as given by the program (FP32 at the boundary).
+    """
+    def up(a):
+        """FP16 tensors to FP32."""
+        return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a
+
+    def meta(a):
+        """A tensor's stand-in on the meta device."""
+        return torch.empty_like(a, device="meta") if isinstance(a, torch.Tensor) else a
+
+    class Emulator(fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            """The op in FP32, rounded to the dtype it has in FP16."""
+            out = target(*tree_map(up, args), **tree_map(up, kwargs))
+            try:
+                want = target(*tree_map(meta, args), **tree_map(meta, kwargs))
+            except Exception:  # noqa: BLE001 - an op with no meta kernel keeps its FP32 dtype
+                return out
+            return tree_map(lambda o, w: o.to(w.dtype) if isinstance(o, torch.Tensor) and isinstance(w, torch.Tensor)
+                            and o.is_floating_point() else o, out, _match(want, out))
+
+    with torch.no_grad():
+        out = Emulator(program).run(*args)
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _match(want, out):
+    """``want`` shaped like ``out`` for ``tree_map`` (a single tensor op may return a list)."""
+    if isinstance(out, (list, tuple)) and not isinstance(want, (list, tuple)):
+        return type(out)([want] * len(out))
+    return want
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 of a module's state_dict bytes (keys in order): the plan's ``model_sha256``."""
+    from .plan import sha256_of
+
+    return sha256_of(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in model.state_dict().values()))
+
+
+def examples_of(inputs) -> list[tuple[torch.Tensor, ...]]:
+    """Argument tuples of FP32 tensors from :class:`~fp16guard.inputs.NamedInput` items."""
+    return [tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in item.arrays) for item in inputs]
