@@ -21,6 +21,7 @@ PyTorch models go through :mod:`fp16guard.torch_rewrite` with the same plan and 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -622,7 +623,7 @@ def verify_torch(reference, program, inputs: Sequence[NamedInput], splits: Seque
             raise BackendError("backend torch runs PyTorch's FP16 kernels on CUDA, and no CUDA device is visible; "
                                "use --backend emulate")
         device = torch.device("cuda")
-        on_gpu = program.to(device)
+        on_gpu = copy.deepcopy(program).to(device)  # Module.to moves in place: the program stays on the CPU
 
         def run(ex):
             """The program on CUDA."""

@@ -96,3 +96,19 @@ def test_bisect_ppocr_on_the_cuda_ep_agrees_with_the_emulation():
     inputs = ex.inputs()[:1]
     names = {b: [o.name for o in bisect(ex.load(), inputs, backend=b).offenders] for b in ("emulate", "onnxruntime")}
     assert names["onnxruntime"] == names["emulate"] == ["p2o.BatchNormalization.1"]
+
+
+def test_fixed_crepe_program_on_real_fp16_cuda_kernels_matches_the_emulation():
+    """The .pt2 program fp16guard fix writes for crepe-full, run by PyTorch's FP16 CUDA kernels."""
+    from fp16guard.examples import get_example
+    from fp16guard.fixing import fix_model
+
+    ex = get_example("crepe-full")
+    runs = {b: fix_model(ex.load(), ex.calibration(), validation=ex.validation(), metrics=ex.task_metrics,
+                         backend=b) for b in ("emulate", "torch")}
+    assert runs["torch"].plan.exponents == runs["emulate"].plan.exponents
+    for cuda_row, emu_row in zip(runs["torch"].verification.rows, runs["emulate"].verification.rows):
+        assert cuda_row.nonfinite == 0 and cuda_row.task["pitch_within_1_bin"] >= 0.99
+        assert cuda_row.task["1-max_prob_error"] >= 0.99
+        assert cuda_row.rel_l2 < 3 * emu_row.rel_l2 + 1e-4
+    assert min(r.task["1-max_prob_error"] for r in runs["torch"].naive.rows) < 0.9
