@@ -1,50 +1,125 @@
-"""``tensorrt``: build a TensorRT engine from the typed FP16 ONNX prefix and run it.
+"""``tensorrt``: build a TensorRT engine from a typed FP16 ONNX model and run it.
 
-Written against the TensorRT 10 and 11 Python API and imported lazily (extra ``tensorrt``):
+Written against the TensorRT 10 and 11 Python API and imported lazily (extra ``tensorrt``;
+TensorRT-RTX's ``tensorrt_rtx_bindings``, which has the same API, is accepted too):
 
-* networks are created strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``): the
-  precision of each layer is the type of its tensors in the typed FP16 ONNX, which is the only
-  mode TensorRT 11 has (its FP16 builder flag is gone). On TensorRT 10, where strong typing is
-  optional, the FP16 flag is never needed for the same reason;
-* I/O by ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` on the current torch
-  CUDA stream, with torch CUDA tensors as buffers (torch is already a dependency and owns the
-  CUDA context; cuda-python would add a second allocator for no gain).
+* **Strongly typed networks.** The precision of each layer is the type of its tensors in the
+  typed FP16 ONNX. TensorRT 11 (and TensorRT-RTX) has no other kind of network and no FP16
+  builder flag; on TensorRT 10 the network is created with ``STRONGLY_TYPED``, so the FP16 flag
+  is never set either.
+* **Caches.** The builder's timing cache is kept in ``<cache>/tensorrt/timing.cache`` and reused by
+  every build; serialized engines (plans) are kept in ``<cache>/tensorrt/engines``, keyed by the
+  ONNX content hash, the TensorRT version and the GPU, so a model is built once per machine
+  (``<cache>`` is ``$FP16GUARD_CACHE`` or ``~/.cache/fp16guard``; ``cache_dir=False`` turns both off).
+* **I/O** by ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` on the current
+  torch CUDA stream, with torch CUDA tensors as buffers: torch is already a dependency and owns
+  the CUDA context; cuda-python (seed 004's choice) would add a second allocator for no gain.
+* **Intermediate tensors** (``debug_tensors=``): marked as debug tensors
+  (``INetworkDefinition.mark_debug``, TensorRT >= 10), which TensorRT computes inside its fused
+  kernels and hands to an ``IDebugListener`` at run time without changing fusions; where
+  ``mark_debug`` is missing they are marked as outputs instead, with a warning that this can
+  change fusions. The values land in ``engine.debug_values`` after each run.
+* **Inspection**: :func:`describe_engine` lists the built engine's layers, their fused ONNX nodes
+  and precisions (``IEngineInspector``), so a user sees whether a scale multiply was folded away
+  or a layer fell back to FP32.
+
+Verified here: parsing and building with TensorRT-RTX 1.7 on an H100 (``tests/test_trt_helpers.py``,
+``tests/test_backends_tensorrt.py`` when it imports). Running engines, debug tensors and engine
+inspection need a GPU TensorRT supports (TensorRT-RTX refuses compute capability 9.0): unverified.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import ctypes
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 
-from .._optional import require
-from .base import Backend, BackendError, Engine
+from .base import Backend, BackendError, Engine, content_hash
+
+logger = logging.getLogger("fp16guard")
 
 
 def import_tensorrt():
-    """The ``tensorrt`` module, or :class:`fp16guard._optional.MissingDependencyError` naming the extra."""
-    return require("tensorrt", extra="tensorrt", purpose="the tensorrt backend")
+    """``tensorrt`` (or TensorRT-RTX), or :class:`fp16guard._optional.MissingDependencyError` naming the extra."""
+    from ..trt import import_tensorrt as _import
+
+    return _import("the tensorrt backend")
+
+
+def _capsule_pointer(capsule) -> int:
+    """The address a ``PyCapsule`` holds (TensorRT passes debug tensor buffers as capsules)."""
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    return int(get_pointer(capsule, get_name(capsule)))
+
+
+class _DeviceArray:
+    """A view of raw device memory for ``torch.as_tensor`` (``__cuda_array_interface__`` v3)."""
+
+    def __init__(self, ptr: int, shape: tuple[int, ...], typestr: str):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (ptr, True), "version": 3}
 
 
 class TensorRTEngine(Engine):
-    """A deserialized TensorRT engine with one execution context."""
+    """A deserialized TensorRT engine with one execution context.
 
-    def __init__(self, trt, plan: bytes):
+    Attributes:
+        debug_values: ``{tensor name: numpy array}`` of the debug tensors, filled by each run.
+    """
+
+    def __init__(self, trt, plan: bytes, debug_tensors: Sequence[str] = ()):
         import torch
 
         self._torch = torch
         self.trt = trt
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise BackendError("TensorRT could not deserialize the engine on this GPU (see the TensorRT log above)")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        self.debug_values: dict[str, np.ndarray] = {}
+        self._listener = None
+        # debug tensors marked as outputs (no mark_debug in this TensorRT) are read as outputs
+        self._extra_outputs = [n for n in debug_tensors if n in self.output_names]
+        listened = [n for n in debug_tensors if n not in self._extra_outputs]
+        if listened:
+            self._listener = self._make_listener(trt, torch)
+            self.context.set_debug_listener(self._listener)
+            for name in listened:
+                if not self.engine.is_debug_tensor(name):
+                    raise BackendError(f"{name} is not a debug tensor of this engine")
+                self.context.set_tensor_debug_state(name, True)
+
+    def _make_listener(self, trt, torch):
+        engine = self
+
+        class Listener(trt.IDebugListener):
+            def process_debug_tensor(self, addr, location, type, shape, name, stream):
+                """Copy the debug tensor to the host while its buffer is valid (this call only)."""
+                dtype = np.dtype(trt.nptype(type))
+                view = _DeviceArray(_capsule_pointer(addr), tuple(shape), dtype.str)
+                with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+                    engine.debug_values[name] = torch.as_tensor(view, device="cuda").cpu().numpy()
+                return True
+
+        return Listener()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run once on the current CUDA stream; outputs come back as numpy arrays."""
+        """Run once on the current CUDA stream; outputs come back as numpy arrays (network
+        outputs added for ``debug_tensors`` are moved to :attr:`debug_values`)."""
         torch, trt = self._torch, self.trt
         keep = []
         for name in self.input_names:
@@ -59,15 +134,69 @@ class TensorRTEngine(Engine):
             t = torch.empty(shape, dtype=dtype, device="cuda")
             outs.append(t)
             self.context.set_tensor_address(name, t.data_ptr())
+        self.debug_values = {}
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
         stream.synchronize()
-        return [o.cpu().numpy() for o in outs]
+        values = {name: o.cpu().numpy() for name, o in zip(self.output_names, outs)}
+        for name in self._extra_outputs:
+            self.debug_values[name] = values.pop(name)
+        return list(values.values())
+
+
+@dataclass
+class EngineLayer:
+    """One layer of a built engine, as ``IEngineInspector`` reports it.
+
+    Attributes:
+        name: the engine layer's name; fused layers join their ONNX node names with ``" + "``.
+        type: TensorRT's layer type (``CaskConvolution``, ``PointWiseV2``, ``Reformat``, ...).
+        precisions: the data types of its inputs and outputs (``Half``, ``Float``, ...).
+        fused: the ONNX nodes fused into it (``name`` split on ``" + "``).
+    """
+
+    name: str
+    type: str
+    precisions: list[str] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)
+
+
+def describe_engine(plan: bytes, trt=None) -> list[EngineLayer]:
+    """The layers of a serialized engine: type, precisions and the ONNX nodes fused into each.
+
+    Needs the engine built with ``ProfilingVerbosity.DETAILED`` (the backend does this) and a GPU
+    the engine runs on.
+
+    Raises:
+        BackendError: the engine cannot be deserialized here.
+    """
+    trt = trt or import_tensorrt()
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise BackendError("TensorRT could not deserialize the engine on this GPU")
+    info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = []
+    for entry in info.get("Layers", []):
+        if isinstance(entry, str):  # ProfilingVerbosity.LAYER_NAMES_ONLY
+            layers.append(EngineLayer(entry, "", [], entry.split(" + ")))
+            continue
+        name = str(entry.get("Name", ""))
+        types = [str(t.get("Format/Datatype", "")) for t in (*entry.get("Inputs", []), *entry.get("Outputs", []))]
+        precisions = sorted({p.split()[-1] for p in types if p})
+        layers.append(EngineLayer(name, str(entry.get("LayerType", "")), precisions, name.split(" + ")))
+    return layers
 
 
 class TensorRTBackend(Backend):
-    """Typed FP16 ONNX -> strongly typed TensorRT engine.
+    """Typed FP16 ONNX -> strongly typed TensorRT engine (see the module docstring).
+
+    Args:
+        workspace_bytes: the builder's workspace limit.
+        cache_dir: where the timing cache and engines are kept (default ``<cache>/tensorrt``);
+            ``False`` keeps nothing on disk.
+        debug_tensors: names of intermediate tensors to expose at run time
+            (``engine.debug_values``).
 
     Raises:
         fp16guard._optional.MissingDependencyError: TensorRT is not installed.
@@ -76,37 +205,108 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, workspace_bytes: int = 4 << 30):
+    def __init__(self, workspace_bytes: int = 4 << 30, cache_dir: str | Path | bool | None = None,
+                 debug_tensors: Sequence[str] = ()):
         super().__init__()
         self.trt = import_tensorrt()
         self.workspace_bytes = workspace_bytes
+        if cache_dir is None or cache_dir is True:
+            from ..examples.assets import cache_dir as fp16guard_cache
 
-    def _build(self, fp16_model: onnx.ModelProto) -> Engine:
+            cache_dir = fp16guard_cache() / "tensorrt"
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.debug_tensors = list(debug_tensors)
+        self.plans_built = 0
+
+    @property
+    def version(self) -> str:
+        """``tensorrt 10.x`` / ``tensorrt_rtx_bindings 1.x``."""
+        return f"{self.trt.__name__} {self.trt.__version__}"
+
+    def _network(self, builder):
+        """A strongly typed network: the flag on TensorRT 10, the only kind on 11 and RTX."""
+        flag = getattr(self.trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        return builder.create_network(0 if flag is None else 1 << int(flag))
+
+    def _plan_path(self, fp16_model: onnx.ModelProto) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu"
+        tag = "".join(c if c.isalnum() else "-" for c in f"{self.version}-{gpu}-{','.join(self.debug_tensors)}")
+        return self.cache_dir / "engines" / f"{content_hash(fp16_model)[:32]}-{tag}.plan"
+
+    def build_plan(self, fp16_model: onnx.ModelProto) -> bytes:
+        """The serialized engine for ``fp16_model``: from the engine cache, or parsed and built
+        (then cached). Input shapes must be static (the model's own).
+
+        Raises:
+            BackendError: the parser rejects the model, an input shape is dynamic, or the build fails.
+        """
         trt = self.trt
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, logger)
+        path = self._plan_path(fp16_model)
+        if path is not None and path.is_file():
+            logger.info("tensorrt: engine from the cache %s", path)
+            return path.read_bytes()
+        log = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(log)
+        network = self._network(builder)
+        parser = trt.OnnxParser(network, log)
         if not parser.parse(fp16_model.SerializeToString()):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BackendError(f"TensorRT's ONNX parser rejected the prefix: {errors}")
+            errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+            raise BackendError(f"TensorRT's ONNX parser rejected the model: {errors}")
+        self._mark_debug(network)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
+        if hasattr(trt, "ProfilingVerbosity"):
+            config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # for describe_engine
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
             shape = tuple(tensor.shape)
             if any(d < 0 for d in shape):
-                raise BackendError(f"input {tensor.name} has dynamic shape {shape}; the tensorrt backend "
-                                   "builds for the shapes of the bisect inputs only (not yet supported)")
+                raise BackendError(f"input {tensor.name} has dynamic shape {shape}; the tensorrt backend builds "
+                                   "for static shapes (give the ONNX model fixed input dimensions)")
             profile.set_shape(tensor.name, shape, shape, shape)
         config.add_optimization_profile(profile)
+        cache_file = self.cache_dir / "timing.cache" if self.cache_dir is not None else None
+        timing = config.create_timing_cache(cache_file.read_bytes() if cache_file and cache_file.is_file() else b"")
+        config.set_timing_cache(timing, False)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise BackendError("TensorRT failed to build the engine (see the TensorRT log above)")
-        return TensorRTEngine(trt, bytes(plan))
+        self.plans_built += 1
+        plan = bytes(plan)
+        if self.cache_dir is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(plan)
+        return plan
+
+    def _mark_debug(self, network) -> None:
+        if not self.debug_tensors:
+            return
+        tensors = {}
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            for j in range(layer.num_outputs):
+                tensors[layer.get_output(j).name] = layer.get_output(j)
+        missing = [n for n in self.debug_tensors if n not in tensors]
+        if missing:
+            raise BackendError(f"the network has no tensor named {missing[0]!r} to expose")
+        for name in self.debug_tensors:
+            if hasattr(network, "mark_debug"):
+                network.mark_debug(tensors[name])
+            else:
+                warnings.warn(f"this TensorRT has no debug tensors; {name} is marked as a network output, "
+                              f"which can change layer fusion", stacklevel=3)
+                network.mark_output(tensors[name])
+
+    def _build(self, fp16_model: onnx.ModelProto) -> Engine:
+        return TensorRTEngine(self.trt, self.build_plan(fp16_model), self.debug_tensors)
 
     def describe(self) -> str:
         """One line naming the TensorRT version."""
-        return f"tensorrt {self.trt.__version__}: strongly typed engine from the typed FP16 ONNX"
+        return f"{self.version}: strongly typed engine from the typed FP16 ONNX"

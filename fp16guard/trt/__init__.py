@@ -16,7 +16,7 @@ from types import ModuleType
 from .._optional import MissingDependencyError
 
 
-def import_tensorrt() -> ModuleType:
+def import_tensorrt(purpose: str = "building TensorRT networks") -> ModuleType:
     """The ``tensorrt`` module, else TensorRT-RTX's ``tensorrt_rtx_bindings`` (same Python API),
     else one clear error.
 
@@ -30,5 +30,5 @@ def import_tensorrt() -> ModuleType:
             return importlib.import_module(name)
         except ImportError:
             continue
-    raise MissingDependencyError("tensorrt is needed for building TensorRT networks but is not installed: "
+    raise MissingDependencyError(f"tensorrt is needed for {purpose} but is not installed: "
                                  "pip install 'fp16guard[tensorrt]' (NVIDIA's index), or tensorrt-rtx")

@@ -1,0 +1,72 @@
+"""The tensorrt backend against a real TensorRT (or TensorRT-RTX): parse, build, caches, debug
+tensors, and (on a GPU the engine runs on) the numbers. Skipped when neither imports (CI)."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fp16guard.fp16_onnx import to_typed_fp16
+
+
+def _backend(tmp_path, **options):
+    try:
+        from fp16guard.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(cache_dir=tmp_path / "trt", **options)
+    except ImportError:
+        pytest.skip("neither tensorrt nor tensorrt_rtx_bindings is installed")
+
+
+def _model():
+    """x -> Conv -> Relu -> Conv -> y, typed FP16 (FP32 at the boundary)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+             for n, s in (("w1", (4, 3, 3, 3)), ("b1", (4,)), ("w2", (2, 4, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return to_typed_fp16(m)[0]
+
+
+def test_plan_is_built_once_then_comes_from_the_engine_cache(tmp_path):
+    be = _backend(tmp_path)
+    model = _model()
+    plan = be.build_plan(model)
+    assert len(plan) > 0 and be.plans_built == 1
+    assert (tmp_path / "trt" / "timing.cache").stat().st_size > 0
+    again = _backend(tmp_path)
+    assert again.build_plan(model) == plan and again.plans_built == 0
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    next(n for n in other.graph.node if n.op_type == "Relu").op_type = "Sigmoid"
+    assert again.build_plan(other) != plan and again.plans_built == 1
+
+
+def test_debug_tensors_are_marked_and_unknown_names_refused(tmp_path):
+    from fp16guard.backends import BackendError
+
+    be = _backend(tmp_path, debug_tensors=["r"])
+    assert len(be.build_plan(_model())) > 0
+    with pytest.raises(BackendError, match="no tensor named 'nope'"):
+        _backend(tmp_path, debug_tensors=["nope"]).build_plan(_model())
+
+
+def test_engine_agrees_with_the_emulation_where_it_runs(tmp_path):
+    from fp16guard.backends import BackendError, get_backend
+
+    be = _backend(tmp_path, debug_tensors=["r"])
+    model = _model()
+    try:
+        engine = be.build(model)
+    except BackendError as e:  # TensorRT-RTX on compute capability 9.0 builds but cannot run
+        pytest.skip(f"engines do not run on this GPU: {e}")
+    x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    (y,) = engine.run({"x": x})
+    (ref,) = get_backend("emulate").build(model).run({"x": x})
+    np.testing.assert_allclose(y, ref, rtol=2e-2, atol=2e-2)
+    assert engine.debug_values["r"].shape == (1, 4, 8, 8)
