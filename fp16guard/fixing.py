@@ -518,8 +518,12 @@ def calibrate_torch(model, inputs: Sequence[NamedInput], *, target_log2: int = 1
                                            raise_underflow))
     base_amax = tr.activation_amax(captured, examples)
     fallback = _fallback(_fx_nodes(captured), base_amax, _overflow_constants(captured), target_log2)
-    return _plan("torch", source or type(model).__name__, tr.state_dict_sha256(model), target_log2,
+    plan = _plan("torch", source or type(model).__name__, tr.state_dict_sha256(model), target_log2,
                  [i.label for i in inputs], sol, underflow, fallback)
+    from .module_scales import module_scales
+
+    plan.modules = [m.to_json() for m in module_scales(model, plan, examples, graph=prepared)]
+    return plan
 
 
 def apply_torch(model, plan: RewritePlan, examples, *, fallback: str | None = None, check_hash: bool = True):

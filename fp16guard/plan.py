@@ -72,8 +72,9 @@ class RewritePlan:
     """What to rewrite, decided from calibration.
 
     Attributes:
-        framework: ``onnx``, or ``torch`` for a PyTorch module (the plan then names the values of
-            the module's ONNX export, and ``model_sha256`` hashes its state_dict).
+        framework: the graph the plan names: ``onnx`` (ONNX values) or ``torch`` (fx nodes of a
+            PyTorch module's ``torch.export`` graph); for a PyTorch module ``model_sha256``
+            hashes its state_dict.
         source: the model's name (file name or ``package.module:factory``).
         model_sha256: hash of the model file / state_dict the plan was calibrated on.
         target_log2: headroom target, stored magnitudes <= ``2**target_log2``.
@@ -87,6 +88,9 @@ class RewritePlan:
         fallback_fp32: for ``fix --fallback fp32`` (the original graph, no rewrite): the nodes to
             keep in FP32 (``{node, reason}``).
         tight: values left unscaled above the target but within 65504 (``{tensor, amax}``).
+        modules: PyTorch plans: the exponents at each module's boundary
+            (:class:`fp16guard.module_scales.ModuleScale` as JSON), for rewriters that patch
+            module ``forward`` functions (mmdeploy).
     """
 
     framework: str
@@ -101,6 +105,7 @@ class RewritePlan:
     unfixable: list[dict] = field(default_factory=list)
     fallback_fp32: list[dict] = field(default_factory=list)
     tight: list[dict] = field(default_factory=list)
+    modules: list[dict] = field(default_factory=list)
 
     @property
     def exponents(self) -> dict[str, int]:

@@ -1,0 +1,151 @@
+"""A PyTorch plan seen per module: which modules receive or return scaled activations.
+
+A ``framework="torch"`` plan (:func:`fp16guard.fixing.calibrate_torch`) names fx nodes of the
+model's ``torch.export`` graph. Rewriters that patch module ``forward`` functions (the mmdeploy
+rewriters in :mod:`fp16guard.rewriters`) need the same decision per *module*: "the output of
+``backbone.layer4.1`` is stored as true / 2^k" and "``neck.reduce_conv_c5`` receives its input
+stored as true / 2^k". :func:`module_scales` derives that from the plan and the graph: a module's
+output is the last node traced inside it, its input the activations its first nodes read from
+outside it (``nn_module_stack`` metadata).
+
+A :class:`ModuleScale` also carries a fingerprint of the module's parameters and buffers, so a
+rewriter that only sees the module instance (mmdeploy passes ``self``, not its qualified name)
+finds its entry without any global state, and a plan made for other weights never matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from .plan import RewritePlan
+
+
+@dataclass(frozen=True)
+class ModuleScale:
+    """The scale exponents at one module's boundary.
+
+    Attributes:
+        module: qualified name in the calibrated model (``backbone.layer4.1``).
+        type: the module's class name (``BasicBlock``).
+        fingerprint: :func:`module_fingerprint` of the module.
+        input_exponent: its (first) input arrives stored as ``true * 2**-input_exponent``.
+        output_exponent: it must return ``true * 2**-output_exponent``.
+    """
+
+    module: str
+    type: str
+    fingerprint: str
+    input_exponent: int
+    output_exponent: int
+
+    def to_json(self) -> dict:
+        """As a JSON object."""
+        return asdict(self)
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over the module's state_dict: names, dtypes, shapes and bytes, in order (hex, 16 chars)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _stack_paths(node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for fqn, _ in stack.values():
+        fqn = fqn if isinstance(fqn, str) else str(fqn)
+        for prefix in ("L['self'].", "L__self__."):
+            if fqn.startswith(prefix):
+                fqn = fqn[len(prefix):]
+        out.append(fqn)
+    return out
+
+
+def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[Sequence[torch.Tensor]], *,
+                  prefix: str = "", types: Iterable[str] | None = None, graph=None) -> list[ModuleScale]:
+    """Modules of ``model`` whose input or output the plan stores scaled.
+
+    Args:
+        model: the module the plan was calibrated on (captured again with ``torch.export``; not
+            modified).
+        plan: a ``framework="torch"`` plan of ``model``.
+        examples: argument tuples, as for calibration (capture only).
+        prefix: dropped from the qualified names (when ``model`` wraps the real one, e.g. a
+            ``backbone + neck`` wrapper whose attribute ``model`` holds the detector: ``"model."``).
+        types: only modules of these class names (default: every module).
+        graph: the plan's graph if the caller has it (``fold_batchnorms(capture(model))``);
+            captured again otherwise.
+
+    Returns:
+        :class:`ModuleScale` entries in execution order, for modules with a nonzero input or
+        output exponent.
+
+    Raises:
+        ValueError: the plan is not a PyTorch plan.
+    """
+    from .torch_rewrite import capture, fold_batchnorms
+
+    if plan.framework != "torch":
+        raise ValueError(f"module scales need a PyTorch plan (calibrate the nn.Module), not a {plan.framework} plan")
+    gm = graph if graph is not None else fold_batchnorms(capture(model, examples))[0]  # the graph the plan names
+    exponents = plan.exponents
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    inside: dict[str, list] = {}
+    for n in nodes:
+        for path in _stack_paths(n):
+            inside.setdefault(path, []).append(n)
+    modules = dict(model.named_modules())
+    wanted = set(types) if types is not None else None
+    out = []
+    for path, members in inside.items():
+        mod = modules.get(path)
+        if mod is None or (wanted is not None and type(mod).__name__ not in wanted):
+            continue
+        names = {n.name for n in members}
+        first_inputs = [a for n in members for a in n.all_input_nodes
+                        if a.name not in names and a.op != "get_attr"]
+        e_in = exponents.get(first_inputs[0].name, 0) if first_inputs else 0
+        e_out = exponents.get(members[-1].name, 0)
+        if e_in or e_out:
+            name = path[len(prefix):] if prefix and path.startswith(prefix) else path
+            out.append(ModuleScale(name, type(mod).__name__, module_fingerprint(mod), int(e_in), int(e_out)))
+    return out
+
+
+class ScaleTable:
+    """Module scales looked up by module instance (through :func:`module_fingerprint`).
+
+    Modules without parameters or buffers (ReLU, pooling) have no fingerprint and are never
+    found: their exponents follow from their neighbours.
+
+    Args:
+        entries: :class:`ModuleScale` items (a plan's ``modules``).
+    """
+
+    def __init__(self, entries: Iterable[ModuleScale]):
+        self.entries = list(entries)
+        self._by_fingerprint = {e.fingerprint: e for e in self.entries}
+
+    @classmethod
+    def from_plan(cls, plan: RewritePlan) -> "ScaleTable":
+        """The table of a plan's ``modules`` field (empty for a plan without one)."""
+        return cls(ModuleScale(**m) for m in plan.modules)
+
+    def find(self, module: torch.nn.Module) -> ModuleScale | None:
+        """The entry of ``module``, or None."""
+        if not module.state_dict():
+            return None
+        return self._by_fingerprint.get(module_fingerprint(module))
+
+    def exponents(self, module: torch.nn.Module) -> tuple[int, int]:
+        """``(input_exponent, output_exponent)`` of ``module``; ``(0, 0)`` if the plan has none."""
+        entry = self.find(module)
+        return (entry.input_exponent, entry.output_exponent) if entry else (0, 0)

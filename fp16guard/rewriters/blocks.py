@@ -1,0 +1,119 @@
+"""Scaled forwards of the two modules seed 002 patched, decided by a plan, in plain PyTorch.
+
+mmdet's ``BasicBlock`` and mmocr's ``FPEM_FFM`` as functions of the module and its
+:class:`~fp16guard.module_scales.ModuleScale` entries: the BatchNorms are folded into their convs
+in float64 and the power-of-two exponents folded into the weights
+(:func:`fp16guard.warp.scaled_conv`), so the traced graph computes every activation stored as
+``true * 2**-e`` with no extra op where the factor can be absorbed. Exact in real arithmetic;
+the mmdeploy function rewriters (:mod:`fp16guard.rewriters.mmdeploy_rewriters`) call these.
+
+Unlike seed 002 nothing here looks at the traced values (``torch.abs(self.norm2(out)).max()``),
+keeps a global flag, or uses a channel-count threshold: the exponents come from the plan.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..folding import fold_affine_into_weights, fold_batchnorm, pow2
+from ..module_scales import ScaleTable
+from ..warp import scaled_conv
+
+
+def folded_conv(conv: nn.Conv2d, bn: nn.Module | None) -> nn.Conv2d:
+    """A copy of ``conv`` with the inference BatchNorm ``bn`` folded in (float64, seed 000), or a
+    plain copy when ``bn`` is None.
+
+    Raises:
+        ValueError: ``bn`` is in training mode.
+    """
+    out = copy.deepcopy(conv)
+    if bn is None:
+        return out
+    if bn.training:
+        raise ValueError(f"{type(bn).__name__} is in training mode; export the model in eval mode")
+    scale, shift = fold_batchnorm(*(t.detach().cpu().numpy() for t in (bn.weight, bn.bias, bn.running_mean,
+                                                                        bn.running_var)), bn.eps)
+    bias = conv.bias.detach().cpu().numpy() if conv.bias is not None else None
+    w, b = fold_affine_into_weights(conv.weight.detach().cpu().numpy(), bias, scale, shift, channel_axis=0)
+    out.weight = nn.Parameter(torch.from_numpy(w).to(conv.weight.dtype), requires_grad=False)
+    out.bias = nn.Parameter(torch.from_numpy(b).to(conv.weight.dtype), requires_grad=False)
+    return out
+
+
+def _conv_norm(block: nn.Module) -> tuple[nn.Conv2d, nn.Module | None, nn.Module | None]:
+    """``(conv, norm, activation)`` of an ``nn.Sequential(conv, norm[, act])`` or an mmcv
+    ``ConvModule`` (order conv, norm, act)."""
+    if isinstance(block, nn.Sequential):
+        parts = list(block)
+        conv = parts[0]
+        norm = next((p for p in parts[1:] if isinstance(p, nn.modules.batchnorm._BatchNorm)), None)
+        act = next((p for p in parts[1:] if not isinstance(p, nn.modules.batchnorm._BatchNorm)), None)
+        return conv, norm, act
+    return block.conv, getattr(block, "norm", None) if getattr(block, "with_norm", False) else None, \
+        getattr(block, "activate", None) if getattr(block, "with_activation", False) else None
+
+
+def conv_norm_act(block: nn.Module, x: torch.Tensor, in_exponent: int, out_exponent: int = 0) -> torch.Tensor:
+    """``act(norm(conv(x)))`` for ``x`` stored with ``in_exponent``, returning ``out_exponent``:
+    the norm folded, the factor folded into the conv's weights (ReLU is scale-equivariant)."""
+    conv, norm, act = _conv_norm(block)
+    y = scaled_conv(folded_conv(conv, norm), in_exponent, out_exponent)(x)
+    return act(y) if act is not None else y
+
+
+def basic_block_forward(block: nn.Module, x: torch.Tensor, table: ScaleTable) -> torch.Tensor:
+    """mmdet ``BasicBlock.forward`` with the plan's exponents.
+
+    ``x`` arrives with the block's input exponent; ``conv1+norm1`` maps it to the exponent the
+    plan gives ``conv1``'s output, ``conv2+norm2`` (and the downsample path) to the block's output
+    exponent; the identity is added there and ReLU applied (scale-equivariant).
+
+    Args:
+        block: an eval-mode ``mmdet.models.backbones.resnet.BasicBlock`` (not modified).
+        x: ``[N, C, H, W]``.
+        table: the plan's module scales.
+    """
+    e_in, e_out = table.exponents(block)
+    e_mid = table.exponents(block.conv1)[1]
+    out = block.relu(scaled_conv(folded_conv(block.conv1, block.norm1), e_in, e_mid)(x))
+    out = scaled_conv(folded_conv(block.conv2, block.norm2), e_mid, e_out)(out)
+    if block.downsample is not None:
+        conv, norm, _ = _conv_norm(block.downsample)
+        identity = scaled_conv(folded_conv(conv, norm), e_in, e_out)(x)
+    else:
+        identity = x if e_in == e_out else x * pow2(e_in - e_out)
+    return block.relu(out + identity)
+
+
+def fpem_ffm_forward(neck: nn.Module, x: Sequence[torch.Tensor], table: ScaleTable) -> tuple[torch.Tensor, ...]:
+    """mmocr 1.x ``FPEM_FFM.forward`` with the plan's exponents: each ``reduce_conv_c*`` takes its
+    input with the exponent the plan gives it and returns true values (seed 002 undid the scale
+    of ``c5`` after ``reduce_conv_c5``'s conv+BN; here the factor is folded into that conv's
+    weights). The FPEM/FFM part is mmocr 1.0.1's code.
+
+    Raises:
+        NotImplementedError: the plan scales the neck's outputs (its readers are not rewritten).
+    """
+    reduce = [neck.reduce_conv_c2, neck.reduce_conv_c3, neck.reduce_conv_c4, neck.reduce_conv_c5]
+    if table.exponents(neck)[1]:
+        raise NotImplementedError("the plan scales FPEM_FFM's outputs; only its inputs can carry a factor")
+    if any(table.exponents(r)[1] for r in reduce):
+        raise NotImplementedError("the plan keeps a reduce_conv output of FPEM_FFM scaled; the FPEMs are not "
+                                  "rewritten, so they need true values")
+    c2, c3, c4, c5 = (conv_norm_act(r, t, table.exponents(r)[0]) for r, t in zip(reduce, x))
+    for i, fpem in enumerate(neck.fpems):
+        c2, c3, c4, c5 = fpem(c2, c3, c4, c5)
+        if i == 0:
+            c2_ffm, c3_ffm, c4_ffm, c5_ffm = c2, c3, c4, c5
+        else:
+            c2_ffm, c3_ffm, c4_ffm, c5_ffm = c2_ffm + c2, c3_ffm + c3, c4_ffm + c4, c5_ffm + c5
+    size = c2_ffm.size()[-2:]
+    outs = [c2_ffm] + [F.interpolate(c, size, mode="bilinear", align_corners=neck.align_corners)
+                       for c in (c3_ffm, c4_ffm, c5_ffm)]
+    return tuple(outs)

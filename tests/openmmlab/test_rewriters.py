@@ -1,0 +1,143 @@
+"""fp16guard's mmdeploy rewriters on a real mmocr PANet (ResNet-18 + FPEM_FFM) inside a real
+mmdeploy ``RewriterContext``.
+
+Runs in the OpenMMLab environment `.ci/run` creates (see README, "Using fp16guard with
+mmdeploy"); skipped where mmdeploy is not installed.
+
+OpenMMLab's pretrained weights cannot be downloaded here and a randomly initialized PANet does not
+overflow, so the fixture makes the overflow real and explicit: it multiplies the gamma of the last
+BatchNorm of ``backbone.layer4`` (``layer4[-1].bn2``) until the block's output reaches ~1e5, the
+situation seed 002 patched.
+"""
+
+import copy
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mmdeploy = pytest.importorskip("mmdeploy")
+torch = pytest.importorskip("torch")
+
+from mmdeploy.core import RewriterContext  # noqa: E402
+
+import fp16guard.rewriters  # noqa: E402,F401 - registers the rewriters
+from fp16guard.fixing import calibrate  # noqa: E402
+from fp16guard.fp16_onnx import to_typed_fp16  # noqa: E402
+from fp16guard.backends import get_backend  # noqa: E402
+
+
+class Features(torch.nn.Module):
+    """PANet's backbone and neck: image ``[N, 3, H, W]`` -> the four FPEM_FFM feature maps."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x):
+        return self.detector.neck(self.detector.backbone(x))
+
+
+def _panet():
+    import mmocr
+    from mmengine.config import Config
+    from mmocr.registry import MODELS
+    from mmocr.utils import register_all_modules
+
+    register_all_modules()
+    root = Path(mmocr.__file__).parent / ".mim" / "configs" / "textdet" / "panet"
+    cfg = Config.fromfile(str(next(root.glob("panet_resnet18_fpem-ffm_*ctw1500.py"))))
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model).eval()
+    with torch.no_grad():
+        model.backbone.layer4[-1].norm2.weight.mul_(3e3)  # the explicit overflow: see the module docstring
+    return model
+
+
+def _image(seed=0, size=320):
+    from skimage import data, transform
+
+    img = [data.astronaut, data.coffee, data.chelsea][seed]()
+    img = transform.resize(img, (size, size), anti_aliasing=True).astype(np.float32)
+    x = (img - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    net = Features(_panet())
+    calib = [_image(0), _image(1)]
+    with torch.no_grad():
+        assert float(net.detector.backbone(torch.from_numpy(calib[0]))[-1].abs().max()) > 65504
+    plan = calibrate(net, calib)
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    plan.save(path)
+    return net, plan, path
+
+
+def _export(net, x, deploy_cfg=None):
+    """ONNX bytes of ``net(x)`` traced (TorchScript exporter), inside a tensorrt RewriterContext
+    when ``deploy_cfg`` is given."""
+    buf = io.BytesIO()
+    args = (torch.from_numpy(x),)
+    if deploy_cfg is None:
+        torch.onnx.export(net, args, buf, dynamo=False, opset_version=13)
+    else:
+        with RewriterContext(cfg=deploy_cfg, backend="tensorrt", opset=13):
+            torch.onnx.export(net, args, buf, dynamo=False, opset_version=13)
+    return buf.getvalue()
+
+
+def _run_fp16(onnx_bytes, x):
+    import onnx
+
+    model, _ = to_typed_fp16(onnx.load_from_string(onnx_bytes))
+    return get_backend("emulate").build(model).run({model.graph.input[0].name: x})
+
+
+def _run_fp32(onnx_bytes, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+def test_plan_names_the_block_and_the_neck_conv(setup):
+    net, plan, _ = setup
+    scaled = {m["module"]: (m["input_exponent"], m["output_exponent"]) for m in plan.modules}
+    assert scaled["detector.backbone.layer4.1"][1] > 0
+    assert scaled["detector.neck.reduce_conv_c5"][0] == scaled["detector.backbone.layer4.1"][1]
+
+
+def test_plain_export_overflows_and_the_plan_export_does_not(setup):
+    net, plan, path = setup
+    x = _image(2)  # validation image, not used for calibration
+    plain = _export(net, x)
+    assert not all(np.isfinite(y).all() for y in _run_fp16(plain, x))
+    fixed = _export(net, x, dict(fp16guard=dict(plan=str(path))))
+    ref = _run_fp32(plain, x)
+    for a, b in zip(_run_fp32(fixed, x), ref):  # equal to the original in FP32, within rounding
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    for a, b in zip(_run_fp16(fixed, x), ref):  # finite and close in strict FP16
+        assert np.isfinite(a).all()
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
+
+
+def test_rewriters_apply_only_inside_the_context_and_leave_no_state(setup):
+    from mmdet.models.backbones.resnet import BasicBlock
+    from mmocr.models.textdet.necks.fpem_ffm import FPEM_FFM
+
+    net, plan, path = setup
+    originals = (BasicBlock.forward, FPEM_FFM.forward)
+    x = _image(2)
+    cfg = dict(fp16guard=dict(plan=str(path)))
+    first, second = _export(net, x, cfg), _export(net, x, cfg)
+    assert first == second  # no hidden state between exports
+    assert (BasicBlock.forward, FPEM_FFM.forward) == originals  # restored after the context
+    assert _export(net, x) != first  # outside the context: the original forward
+    without_plan = _export(net, x, dict())  # inside, but no plan in the deploy config: nothing scaled
+    assert not all(np.isfinite(y).all() for y in _run_fp16(without_plan, x))
+    state = copy.deepcopy(net.state_dict())
+    _export(net, x, cfg)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
