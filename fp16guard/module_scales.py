@@ -16,6 +16,7 @@ finds its entry without any global state, and a plan made for other weights neve
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
@@ -50,10 +51,15 @@ class ModuleScale:
 def module_fingerprint(module: torch.nn.Module) -> str:
     """sha256 over the module's state_dict: names, dtypes, shapes and bytes, in order (hex, 16 chars)."""
     h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    with warnings.catch_warnings():  # under torch.jit tracing, .numpy() warns that it reads a constant: it does
+        warnings.simplefilter("ignore")
+        for name, t in module.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            a = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+            # numpy's dtype and shape: plain values even where a rewriter (mmdeploy's
+            # torch.Tensor.size for TensorRT) makes traced tensors report shapes as tensors
+            h.update(f"{name}:{t.dtype}:{a.shape}".encode())
+            h.update(a.tobytes())
     return h.hexdigest()[:16]
 
 

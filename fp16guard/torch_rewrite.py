@@ -82,10 +82,16 @@ MATMUL_OPS = _packets("matmul", "mm", "bmm")
 
 
 def _packet(node: fx.Node):
-    """The ATen overload packet of a ``call_function`` node (None for anything else)."""
+    """The ATen overload packet of a ``call_function`` node (None for anything else); an in-place
+    op (``aten.add_``, from ``out += identity``) counts as its functional form: its output is
+    the node's own value either way."""
     if node.op != "call_function":
         return None
-    return getattr(node.target, "overloadpacket", node.target)
+    packet = getattr(node.target, "overloadpacket", node.target)
+    name = getattr(packet, "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):
+        return getattr(aten, name[:-1], packet)
+    return packet
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:

@@ -99,7 +99,7 @@ def test_block_forwards_from_the_plan_are_exact_and_stay_in_fp16_range():
             assert float(h.abs().max()) < 2**13 + 1
         k = table.exponents(net.layer[2])[1]
         np.testing.assert_allclose((h * 2.0**k).numpy(), ref.numpy(), rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
-        head = conv_norm_act(net.head, h, table.exponents(net.head)[0])
+        head = conv_norm_act(net.head, h, table)
         np.testing.assert_allclose(head.numpy(), ref_head.numpy(), rtol=1e-4, atol=1e-4)
     # layer.1's downsample conv opens the region: layer.0 stays unscaled, layer.1 maps 0 -> k
     found = {m.module: (m.input_exponent, m.output_exponent) for m in module_scales(net, plan, [(x,)], types=["Block"])}

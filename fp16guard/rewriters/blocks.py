@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..folding import fold_affine_into_weights, fold_batchnorm, pow2
+from ..folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2
 from ..module_scales import ScaleTable
 from ..warp import scaled_conv
 
@@ -59,11 +59,29 @@ def _conv_norm(block: nn.Module) -> tuple[nn.Conv2d, nn.Module | None, nn.Module
         getattr(block, "activate", None) if getattr(block, "with_activation", False) else None
 
 
-def conv_norm_act(block: nn.Module, x: torch.Tensor, in_exponent: int, out_exponent: int = 0) -> torch.Tensor:
-    """``act(norm(conv(x)))`` for ``x`` stored with ``in_exponent``, returning ``out_exponent``:
-    the norm folded, the factor folded into the conv's weights (ReLU is scale-equivariant)."""
+def conv_norm_act(block: nn.Module, x: torch.Tensor, table: ScaleTable) -> torch.Tensor:
+    """``act(norm(conv(x)))`` of a conv+BN(+ReLU) block with the plan's exponents: ``x`` arrives
+    with the block's input exponent, the result leaves with its output exponent.
+
+    The BatchNorm is folded into the conv (float64) and the factors into the folded weights, as
+    :func:`fp16guard.torch_rewrite.fold_batchnorms` does; where folding would make the conv's
+    FP16 weights subnormal (a running variance of 1e10 scales them by 1e-5), the conv keeps its
+    weights (scaled to the exponent the plan gives its output) and the BatchNorm becomes a
+    per-channel ``x * scale + shift`` computed in float64 that absorbs the rest of the factor.
+    """
     conv, norm, act = _conv_norm(block)
-    y = scaled_conv(folded_conv(conv, norm), in_exponent, out_exponent)(x)
+    e_in, e_out = table.exponents(block)
+    folded = folded_conv(conv, norm)
+    if norm is None or keeps_fp16_precision(conv.weight.detach().numpy(), folded.weight.detach().numpy()):
+        y = scaled_conv(folded, e_in, e_out)(x)
+    else:
+        e_mid = table.exponents(conv)[1] if table.find(conv) is not None else e_in
+        y = scaled_conv(conv, e_in, e_mid)(x)
+        scale, shift = fold_batchnorm(*(t.detach().cpu().numpy() for t in (norm.weight, norm.bias, norm.running_mean,
+                                                                            norm.running_var)), norm.eps)
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        y = (y * torch.from_numpy(scale * pow2(e_mid - e_out)).to(y.dtype).view(shape)
+             + torch.from_numpy(shift * pow2(-e_out)).to(y.dtype).view(shape))
     return act(y) if act is not None else y
 
 
@@ -106,7 +124,7 @@ def fpem_ffm_forward(neck: nn.Module, x: Sequence[torch.Tensor], table: ScaleTab
     if any(table.exponents(r)[1] for r in reduce):
         raise NotImplementedError("the plan keeps a reduce_conv output of FPEM_FFM scaled; the FPEMs are not "
                                   "rewritten, so they need true values")
-    c2, c3, c4, c5 = (conv_norm_act(r, t, table.exponents(r)[0]) for r, t in zip(reduce, x))
+    c2, c3, c4, c5 = (conv_norm_act(r, t, table) for r, t in zip(reduce, x))
     for i, fpem in enumerate(neck.fpems):
         c2, c3, c4, c5 = fpem(c2, c3, c4, c5)
         if i == 0:

@@ -39,19 +39,32 @@ class Features(torch.nn.Module):
         return self.detector.neck(self.detector.backbone(x))
 
 
-def _panet():
+def _panet(calibration_image):
+    """mmocr's PANet (ResNet-18 + FPEM_FFM, the CTW1500 config) with random weights, eval mode, and
+    ``layer4[-1].norm2``'s gamma doubled until the backbone's last output reaches 1.5e5 on
+    ``calibration_image`` (the explicit overflow: see the module docstring)."""
     import mmocr
+    import mmocr.models  # noqa: F401 - registers the models (register_all_modules needs torchvision)
     from mmengine.config import Config
+    from mmengine.registry import init_default_scope
     from mmocr.registry import MODELS
-    from mmocr.utils import register_all_modules
 
-    register_all_modules()
+    init_default_scope("mmocr")
     root = Path(mmocr.__file__).parent / ".mim" / "configs" / "textdet" / "panet"
-    cfg = Config.fromfile(str(next(root.glob("panet_resnet18_fpem-ffm_*ctw1500.py"))))
+    cfg = Config.fromfile(str(root / "panet_resnet18_fpem-ffm_600e_ctw1500.py"))
     torch.manual_seed(0)
     model = MODELS.build(cfg.model).eval()
+    x = torch.from_numpy(calibration_image)
     with torch.no_grad():
-        model.backbone.layer4[-1].norm2.weight.mul_(3e3)  # the explicit overflow: see the module docstring
+        gamma = model.backbone.layer4[-1].norm2.weight
+        while float(model.backbone(x)[-1].abs().max()) < 1.5e5:
+            gamma.mul_(2.0)
+        # the neck's first BatchNorm after c5 normalizes it, as training would have made it: its
+        # running statistics are those of its input on this image (a running variance ~1e9)
+        conv, bn = model.neck.reduce_conv_c5[0], model.neck.reduce_conv_c5[1]
+        y = conv(model.backbone(x)[-1])
+        bn.running_mean.copy_(y.mean((0, 2, 3)))
+        bn.running_var.copy_(y.var((0, 2, 3)))
     return model
 
 
@@ -66,8 +79,8 @@ def _image(seed=0, size=320):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    net = Features(_panet())
     calib = [_image(0), _image(1)]
+    net = Features(_panet(calib[0]))
     with torch.no_grad():
         assert float(net.detector.backbone(torch.from_numpy(calib[0]))[-1].abs().max()) > 65504
     plan = calibrate(net, calib)
@@ -106,8 +119,10 @@ def _run_fp32(onnx_bytes, x):
 def test_plan_names_the_block_and_the_neck_conv(setup):
     net, plan, _ = setup
     scaled = {m["module"]: (m["input_exponent"], m["output_exponent"]) for m in plan.modules}
-    assert scaled["detector.backbone.layer4.1"][1] > 0
-    assert scaled["detector.neck.reduce_conv_c5"][0] == scaled["detector.backbone.layer4.1"][1]
+    k = scaled["detector.backbone.layer4.1"][1]
+    assert k > 0 and scaled["detector.backbone.layer4.0"] == (0, k)  # layer4's residual stream, tied
+    assert scaled["detector.neck.reduce_conv_c5"] == (k, 0)  # the neck's first conv+BN undoes it
+    assert not plan.rescale_ops and not plan.unfixable  # every factor folds into weights
 
 
 def test_plain_export_overflows_and_the_plan_export_does_not(setup):
@@ -117,11 +132,12 @@ def test_plain_export_overflows_and_the_plan_export_does_not(setup):
     assert not all(np.isfinite(y).all() for y in _run_fp16(plain, x))
     fixed = _export(net, x, dict(fp16guard=dict(plan=str(path))))
     ref = _run_fp32(plain, x)
+    # measured: FP32 max relative difference 2.3e-7..5.9e-7; FP16 relative L2 4.0e-4..9.6e-4
     for a, b in zip(_run_fp32(fixed, x), ref):  # equal to the original in FP32, within rounding
-        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
     for a, b in zip(_run_fp16(fixed, x), ref):  # finite and close in strict FP16
         assert np.isfinite(a).all()
-        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 5e-3
 
 
 def test_rewriters_apply_only_inside_the_context_and_leave_no_state(setup):
