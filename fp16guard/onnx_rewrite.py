@@ -268,8 +268,11 @@ def fold_affine_constants(model: onnx.ModelProto, *, scales: bool = False) -> tu
         oc = _out_channels(node, w0)
         if oc is None:
             continue
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        if has_bias and node.input[2] not in consts:
+            continue  # a bias computed in the graph: nothing to fold into
         w = w0.astype(np.float64)
-        b = consts.get(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else np.zeros(oc[0])
+        b = consts.get(node.input[2]).astype(np.float64) if has_bias else np.zeros(oc[0])
         folded = []
         while True:
             out = node.output[0]
@@ -345,8 +348,9 @@ def fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Rewri
         scale, shift = fold_batchnorm(*(consts.get(t) for t in bn.input[1:5]), float(_attr(bn, "epsilon", 1e-5)))
         src = bn.input[0]
         conv = producer.get(src)
+        constant_bias = conv is not None and (len(conv.input) < 3 or not conv.input[2] or conv.input[2] in consts)
         if (conv is not None and conv.op_type in ("Conv", "ConvTranspose") and conv.input[1] in consts
-                and len(readers.get(src, [])) == 1 and src not in outputs):
+                and constant_bias and len(readers.get(src, [])) == 1 and src not in outputs):
             w = consts.get(conv.input[1])
             oc = _out_channels(conv, w)
             b = consts.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None

@@ -2,8 +2,7 @@
 
 mmdet's ``BasicBlock`` and mmocr's ``FPEM_FFM`` as functions of the module and its
 :class:`~fp16guard.module_scales.ModuleScale` entries: the BatchNorms are folded into their convs
-in float64 and the power-of-two exponents folded into the weights
-(:func:`fp16guard.warp.scaled_conv`), so the traced graph computes every activation stored as
+in float64 and the power-of-two exponents folded into the weights, so the traced graph computes every activation stored as
 ``true * 2**-e`` with no extra op where the factor can be absorbed. Exact in real arithmetic;
 the mmdeploy function rewriters (:mod:`fp16guard.rewriters.mmdeploy_rewriters`) call these.
 
@@ -13,37 +12,45 @@ keeps a global flag, or uses a channel-count threshold: the exponents come from 
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2
 from ..module_scales import ScaleTable
-from ..warp import scaled_conv
 
 
-def folded_conv(conv: nn.Conv2d, bn: nn.Module | None) -> nn.Conv2d:
-    """A copy of ``conv`` with the inference BatchNorm ``bn`` folded in (float64, seed 000), or a
-    plain copy when ``bn`` is None.
+def folded_weights(conv: nn.Conv2d, bn: nn.Module | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(weight, bias)`` of ``conv`` with the inference BatchNorm ``bn`` folded in, float64 numpy
+    (seed 000's formula, :func:`fp16guard.folding.fold_batchnorm`); ``conv``'s own when ``bn`` is
+    None (a missing bias as zeros).
 
     Raises:
         ValueError: ``bn`` is in training mode.
     """
-    out = copy.deepcopy(conv)
+    w = conv.weight.detach().cpu().double().numpy()
+    b = conv.bias.detach().cpu().double().numpy() if conv.bias is not None else np.zeros(w.shape[0])
     if bn is None:
-        return out
+        return w, b
     if bn.training:
         raise ValueError(f"{type(bn).__name__} is in training mode; export the model in eval mode")
     scale, shift = fold_batchnorm(*(t.detach().cpu().numpy() for t in (bn.weight, bn.bias, bn.running_mean,
                                                                         bn.running_var)), bn.eps)
-    bias = conv.bias.detach().cpu().numpy() if conv.bias is not None else None
-    w, b = fold_affine_into_weights(conv.weight.detach().cpu().numpy(), bias, scale, shift, channel_axis=0)
-    out.weight = nn.Parameter(torch.from_numpy(w).to(conv.weight.dtype), requires_grad=False)
-    out.bias = nn.Parameter(torch.from_numpy(b).to(conv.weight.dtype), requires_grad=False)
-    return out
+    return fold_affine_into_weights(w, b, scale, shift, channel_axis=0)
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor, w: np.ndarray, b: np.ndarray, in_exponent: int,
+          out_exponent: int) -> torch.Tensor:
+    """``conv``'s convolution of ``x`` (stored with ``in_exponent``) with weights ``w``, ``b``
+    rescaled so the result is stored with ``out_exponent`` (:mod:`fp16guard.folding`'s rule:
+    ``W 2**(in - out)``, ``b 2**-out``). The weights enter the graph as constants: a tracer sees
+    no op on parameters."""
+    weight = torch.from_numpy(w * pow2(in_exponent - out_exponent)).to(x.dtype)
+    bias = torch.from_numpy(b * pow2(-out_exponent)).to(x.dtype)
+    return conv._conv_forward(x, weight, bias)
 
 
 def _conv_norm(block: nn.Module) -> tuple[nn.Conv2d, nn.Module | None, nn.Module | None]:
@@ -71,12 +78,12 @@ def conv_norm_act(block: nn.Module, x: torch.Tensor, table: ScaleTable) -> torch
     """
     conv, norm, act = _conv_norm(block)
     e_in, e_out = table.exponents(block)
-    folded = folded_conv(conv, norm)
-    if norm is None or keeps_fp16_precision(conv.weight.detach().numpy(), folded.weight.detach().numpy()):
-        y = scaled_conv(folded, e_in, e_out)(x)
+    w, b = folded_weights(conv, norm)
+    if norm is None or keeps_fp16_precision(conv.weight.detach().cpu().numpy(), w):
+        y = _conv(conv, x, w, b, e_in, e_out)
     else:
         e_mid = table.exponents(conv)[1] if table.find(conv) is not None else e_in
-        y = scaled_conv(conv, e_in, e_mid)(x)
+        y = _conv(conv, x, *folded_weights(conv, None), e_in, e_mid)
         scale, shift = fold_batchnorm(*(t.detach().cpu().numpy() for t in (norm.weight, norm.bias, norm.running_mean,
                                                                             norm.running_var)), norm.eps)
         shape = (1, -1) + (1,) * (y.dim() - 2)
@@ -99,11 +106,11 @@ def basic_block_forward(block: nn.Module, x: torch.Tensor, table: ScaleTable) ->
     """
     e_in, e_out = table.exponents(block)
     e_mid = table.exponents(block.conv1)[1]
-    out = block.relu(scaled_conv(folded_conv(block.conv1, block.norm1), e_in, e_mid)(x))
-    out = scaled_conv(folded_conv(block.conv2, block.norm2), e_mid, e_out)(out)
+    out = block.relu(_conv(block.conv1, x, *folded_weights(block.conv1, block.norm1), e_in, e_mid))
+    out = _conv(block.conv2, out, *folded_weights(block.conv2, block.norm2), e_mid, e_out)
     if block.downsample is not None:
         conv, norm, _ = _conv_norm(block.downsample)
-        identity = scaled_conv(folded_conv(conv, norm), e_in, e_out)(x)
+        identity = _conv(conv, x, *folded_weights(conv, norm), e_in, e_out)
     else:
         identity = x if e_in == e_out else x * pow2(e_in - e_out)
     return block.relu(out + identity)
