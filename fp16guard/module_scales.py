@@ -87,12 +87,12 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
         prefix: dropped from the qualified names (when ``model`` wraps the real one, e.g. a
             ``backbone + neck`` wrapper whose attribute ``model`` holds the detector: ``"model."``).
         types: only modules of these class names (default: every module).
-        graph: the plan's graph if the caller has it (``fold_batchnorms(capture(model))``);
-            captured again otherwise.
+        graph: the plan's graph if the caller has it (``fold_batchnorms(capture(model))``).
 
     Returns:
-        :class:`ModuleScale` entries in execution order, for modules with a nonzero input or
-        output exponent.
+        :class:`ModuleScale` entries for modules with a nonzero input or output exponent, in
+        execution order; then the BatchNorms the plan folded into a scaled conv (they read and
+        write the conv's output exponent when they run unfolded).
 
     Raises:
         ValueError: the plan is not a PyTorch plan.
@@ -101,7 +101,8 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
 
     if plan.framework != "torch":
         raise ValueError(f"module scales need a PyTorch plan (calibrate the nn.Module), not a {plan.framework} plan")
-    gm = graph if graph is not None else fold_batchnorms(capture(model, examples))[0]  # the graph the plan names
+    raw = capture(model, examples)
+    gm = graph if graph is not None else fold_batchnorms(raw)[0]  # the graph the plan names
     exponents = plan.exponents
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     inside: dict[str, list] = {}
@@ -123,6 +124,19 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
         if e_in or e_out:
             name = path[len(prefix):] if prefix and path.startswith(prefix) else path
             out.append(ModuleScale(name, type(mod).__name__, module_fingerprint(mod), int(e_in), int(e_out)))
+    # a BatchNorm folded into the conv before it has no node in the plan's graph: unfolded, it
+    # runs on the conv's output, so it reads and writes the exponent of the folded conv
+    kept = {n.name for n in gm.graph.nodes}
+    for n in raw.graph.nodes:
+        target = str(getattr(n.target, "overloadpacket", n.target))
+        if "batch_norm" not in target or n.name in kept or not n.all_input_nodes:
+            continue
+        e = exponents.get(n.all_input_nodes[0].name, 0)
+        paths = _stack_paths(n)
+        mod = modules.get(paths[-1]) if paths else None
+        if e and mod is not None and (wanted is None or type(mod).__name__ in wanted):
+            name = paths[-1][len(prefix):] if prefix and paths[-1].startswith(prefix) else paths[-1]
+            out.append(ModuleScale(name, type(mod).__name__, module_fingerprint(mod), int(e), int(e)))
     return out
 
 

@@ -142,3 +142,38 @@ def fpem_ffm_forward(neck: nn.Module, x: Sequence[torch.Tensor], table: ScaleTab
     outs = [c2_ffm] + [F.interpolate(c, size, mode="bilinear", align_corners=neck.align_corners)
                        for c in (c3_ffm, c4_ffm, c5_ffm)]
     return tuple(outs)
+
+
+# ---------------------------------------------------------------- any module, by the plan's module scales
+
+def conv_forward(conv: nn.Module, x: torch.Tensor, e_in: int, e_out: int) -> torch.Tensor:
+    """``conv(x)`` (Conv1d/2d/3d) for ``x`` stored with ``e_in``, returning ``e_out``: the factor
+    folded into the weights (``W 2**(e_in - e_out)``, ``b 2**-e_out``), which enter as constants."""
+    return _conv(conv, x, *folded_weights(conv, None), e_in, e_out)
+
+
+def linear_forward(linear: nn.Linear, x: torch.Tensor, e_in: int, e_out: int) -> torch.Tensor:
+    """``linear(x)`` for ``x`` stored with ``e_in``, returning ``e_out`` (the factor in the weights)."""
+    w = linear.weight.detach().cpu().double().numpy() * pow2(e_in - e_out)
+    b = None if linear.bias is None else torch.from_numpy(linear.bias.detach().cpu().double().numpy()
+                                                          * pow2(-e_out)).to(x.dtype)
+    return F.linear(x, torch.from_numpy(w).to(x.dtype), b)
+
+
+def batchnorm_forward(bn: nn.Module, x: torch.Tensor, e_in: int, e_out: int) -> torch.Tensor:
+    """An inference BatchNorm for ``x`` stored with ``e_in``, returning ``e_out``:
+    ``mean 2**-e_in``, ``gamma 2**(e_in - e_out)``, ``beta 2**-e_out``, the variance unchanged
+    (``(x 2**-e - m 2**-e) / sqrt(v + eps) = (x - m) / sqrt(v + eps) 2**-e``).
+
+    Raises:
+        ValueError: ``bn`` is in training mode or has no running statistics.
+    """
+    if bn.training or bn.running_mean is None:
+        raise ValueError(f"{type(bn).__name__} must be in eval mode with running statistics to be rescaled")
+
+    def const(t, e):
+        """``t * 2**e`` as a constant of ``x``'s dtype (None stays None)."""
+        return None if t is None else torch.from_numpy(t.detach().cpu().double().numpy() * pow2(e)).to(x.dtype)
+
+    return F.batch_norm(x, const(bn.running_mean, -e_in), const(bn.running_var, 0), const(bn.weight, e_in - e_out),
+                        const(bn.bias, -e_out), False, 0.0, bn.eps)

@@ -10,14 +10,42 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import importlib
+
 from mmdeploy.core import FUNCTION_REWRITER
+
+# mmengine.model registers a torch.fx.wrap at import. If that import first happens inside a
+# RewriterContext (the context imports every rewritten function's module), mmdeploy 1.3.1's exit
+# pops the new entry by list index from what torch 2.x keeps as a dict: KeyError: -1. Importing it
+# here, before any context, keeps the count unchanged across the context.
+importlib.import_module("mmengine.model")
 
 from ..module_scales import ScaleTable
 from ..plan import PlanError, RewritePlan
-from .blocks import basic_block_forward, fpem_ffm_forward
+from .blocks import basic_block_forward, batchnorm_forward, conv_forward, fpem_ffm_forward, linear_forward
 
 #: The deploy-config key that names the plan: ``fp16guard = dict(plan='plan.json')``.
 CONFIG_KEY = "fp16guard"
+
+
+def _table(ctx) -> ScaleTable | None:
+    """The plan's table for this rewriter context, read once per context (kept on the context
+    object, which ends with the ``RewriterContext``)."""
+    if not hasattr(ctx, "_fp16guard_table"):
+        ctx._fp16guard_table = plan_table(ctx.cfg)
+    return ctx._fp16guard_table
+
+
+def _exponents(ctx, module) -> tuple[int, int] | None:
+    """``(e_in, e_out)`` of ``module`` in the context's plan, or None (fingerprints cached per context)."""
+    table = _table(ctx)
+    if table is None:
+        return None
+    cache = ctx.__dict__.setdefault("_fp16guard_modules", {})
+    if id(module) not in cache:
+        entry = table.find(module)
+        cache[id(module)] = (entry.input_exponent, entry.output_exponent) if entry else None
+    return cache[id(module)]
 
 
 def plan_table(cfg) -> ScaleTable | None:
@@ -34,7 +62,10 @@ def plan_table(cfg) -> ScaleTable | None:
     plan = RewritePlan.load(plan) if isinstance(plan, (str, Path)) else RewritePlan.from_json(dict(plan))
     if plan.framework != "torch" or not plan.modules:
         raise PlanError(f"the plan for {plan.source} has no module scales; calibrate the PyTorch model "
-                        f"(fp16guard calibrate --deploy-cfg ... or fp16guard.calibrate(model, ...))")
+                        f"(fp16guard.calibrate(model, images))")
+    if plan.rescale_ops or plan.unfixable:
+        raise PlanError(f"the plan for {plan.source} needs explicit rescales or FP32 nodes, which module "
+                        f"rewriters cannot insert; fix the exported ONNX with `fp16guard fix` instead")
     return ScaleTable.from_plan(plan)
 
 
@@ -43,7 +74,7 @@ def plan_table(cfg) -> ScaleTable | None:
 def basic_block__forward__tensorrt(self, x):
     """``BasicBlock.forward`` with the plan's exponents (:func:`~fp16guard.rewriters.blocks.basic_block_forward`)."""
     ctx = FUNCTION_REWRITER.get_context()
-    table = plan_table(ctx.cfg)
+    table = _table(ctx)
     if table is None or (table.find(self) is None and table.find(self.conv1) is None):
         return ctx.origin_func(self, x)
     return basic_block_forward(self, x, table)
@@ -54,8 +85,39 @@ def basic_block__forward__tensorrt(self, x):
 def fpem_ffm__forward__tensorrt(self, x):
     """``FPEM_FFM.forward`` with the plan's exponents (:func:`~fp16guard.rewriters.blocks.fpem_ffm_forward`)."""
     ctx = FUNCTION_REWRITER.get_context()
-    table = plan_table(ctx.cfg)
+    table = _table(ctx)
     reduce = (self.reduce_conv_c2, self.reduce_conv_c3, self.reduce_conv_c4, self.reduce_conv_c5)
     if table is None or not any(table.find(r) for r in (self, *reduce)):
         return ctx.origin_func(self, x)
     return fpem_ffm_forward(self, x, table)
+
+
+# The generic plan rewriter: every Conv, Linear and BatchNorm the plan lists, in any codebase. A
+# region whose boundaries are such modules (and whose inside is scale-equivariant: ReLU, pooling,
+# resize, concatenation, residual sums) is reproduced exactly; the modules keep their identity
+# (no wrapper), so fingerprints and the block rewriters above are unaffected.
+
+@FUNCTION_REWRITER.register_rewriter(func_name="torch.nn.Conv1d.forward", backend="tensorrt")
+@FUNCTION_REWRITER.register_rewriter(func_name="torch.nn.Conv2d.forward", backend="tensorrt")
+@FUNCTION_REWRITER.register_rewriter(func_name="torch.nn.Conv3d.forward", backend="tensorrt")
+def conv__forward__tensorrt(self, input):
+    """``ConvNd.forward`` with the plan's exponents (:func:`~fp16guard.rewriters.blocks.conv_forward`)."""
+    ctx = FUNCTION_REWRITER.get_context()
+    e = _exponents(ctx, self)
+    return ctx.origin_func(self, input) if e is None else conv_forward(self, input, *e)
+
+
+@FUNCTION_REWRITER.register_rewriter(func_name="torch.nn.Linear.forward", backend="tensorrt")
+def linear__forward__tensorrt(self, input):
+    """``Linear.forward`` with the plan's exponents (:func:`~fp16guard.rewriters.blocks.linear_forward`)."""
+    ctx = FUNCTION_REWRITER.get_context()
+    e = _exponents(ctx, self)
+    return ctx.origin_func(self, input) if e is None else linear_forward(self, input, *e)
+
+
+@FUNCTION_REWRITER.register_rewriter(func_name="torch.nn.modules.batchnorm._BatchNorm.forward", backend="tensorrt")
+def batchnorm__forward__tensorrt(self, input):
+    """``_BatchNorm.forward`` with the plan's exponents (:func:`~fp16guard.rewriters.blocks.batchnorm_forward`)."""
+    ctx = FUNCTION_REWRITER.get_context()
+    e = _exponents(ctx, self)
+    return ctx.origin_func(self, input) if e is None else batchnorm_forward(self, input, *e)

@@ -157,3 +157,28 @@ def test_rewriters_apply_only_inside_the_context_and_leave_no_state(setup):
     state = copy.deepcopy(net.state_dict())
     _export(net, x, cfg)
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_generic_rewriters_apply_any_plan_to_conv_linear_and_batchnorm_modules(tmp_path):
+    """A plain PyTorch residual network (no OpenMMLab class): only the generic Conv/BatchNorm
+    rewriters can apply its plan."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from test_module_scales import _net, _x
+
+    net = _net()
+    plan = calibrate(net, [_x(1), _x(2)])
+    assert any(m["type"] == "BatchNorm2d" for m in plan.modules)  # folded BNs run unfolded here
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    x = _x(3)
+    plain, fixed = _export(net, x), _export(net, x, dict(fp16guard=dict(plan=str(path))))
+    assert not all(np.isfinite(y).all() for y in _run_fp16(plain, x))
+    ref = _run_fp32(plain, x)
+    for a, b in zip(_run_fp32(fixed, x), ref):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    for a, b in zip(_run_fp16(fixed, x), ref):
+        assert np.isfinite(a).all() and np.abs(a - b).max() < 1e-2  # sigmoid outputs
+    assert fixed == _export(net, x, dict(fp16guard=dict(plan=str(path))))
+    assert torch.nn.Conv2d.forward is torch.nn.modules.conv.Conv2d.forward  # restored
