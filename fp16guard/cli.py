@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_arguments(cal)
     _add_plan_arguments(cal)
     cal.add_argument("-o", "--output", required=True, metavar="PLAN.json", help="where to write the plan")
+    cal.add_argument("--deploy-cfg", metavar="D", help="OpenMMLab: mmdeploy deploy config (then MODEL is the "
+                                                       "CHECKPOINT, as in mmdeploy's tools/deploy.py)")
+    cal.add_argument("--model-cfg", metavar="M", help="OpenMMLab: the model config (needs --deploy-cfg)")
+    cal.add_argument("--img", action="append", default=[], metavar="IMG",
+                     help="OpenMMLab: calibration image, through the model's data_preprocessor (repeatable)")
     cal.add_argument("--graph", choices=["torch", "onnx"], default=None,
                      help="PyTorch models: plan for the torch.export graph (default; fix -o OUT.pt2) or for the "
                           "ONNX export (fix -o OUT.onnx)")
@@ -248,11 +253,31 @@ def _calibration_sets(args, console: Console):
     return model, calibration, validation, framework, name, {}
 
 
+def _openmmlab_sets(args, console: Console):
+    """(model, calibration inputs, "torch", name) for --deploy-cfg/--model-cfg CHECKPOINT --img."""
+    from .openmmlab import TensorForward, load_deploy_cfg, load_model, model_inputs
+
+    if not (args.deploy_cfg and args.model_cfg and args.model):
+        raise _Usage("OpenMMLab models need --deploy-cfg D --model-cfg M CHECKPOINT --img IMG "
+                     "(the order of mmdeploy's tools/deploy.py)")
+    if args.input or args.example:
+        raise _Usage("with --model-cfg give calibration images with --img, not --input/--example")
+    if not args.img:
+        raise _Usage("give at least one calibration image with --img")
+    deploy_cfg = load_deploy_cfg(args.deploy_cfg)
+    model = load_model(args.model_cfg, args.model)
+    console.print(f"OpenMMLab model {type(model).__name__} from {args.model_cfg} + {args.model}")
+    return TensorForward(model), model_inputs(model, args.img, deploy_cfg), "torch", Path(args.model).name
+
+
 def _calibrate(args, console: Console) -> int:
     from .fixing import calibrate
     from .render import print_plan
 
-    model, calibration, _, framework, name, _ = _calibration_sets(args, console)
+    if args.deploy_cfg or args.model_cfg or args.img:
+        model, calibration, framework, name = _openmmlab_sets(args, console)
+    else:
+        model, calibration, _, framework, name, _ = _calibration_sets(args, console)
     if args.graph and framework == "onnx":
         raise _Usage("--graph applies to PyTorch models; an ONNX model's plan always names its own graph")
     with console.status(f"calibrating {name} on {len(calibration)} input(s)"):

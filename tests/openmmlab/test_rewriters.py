@@ -182,3 +182,37 @@ def test_generic_rewriters_apply_any_plan_to_conv_linear_and_batchnorm_modules(t
         assert np.isfinite(a).all() and np.abs(a - b).max() < 1e-2  # sigmoid outputs
     assert fixed == _export(net, x, dict(fp16guard=dict(plan=str(path))))
     assert torch.nn.Conv2d.forward is torch.nn.modules.conv.Conv2d.forward  # restored
+
+
+def test_cli_calibrates_an_openmmlab_checkpoint_in_deploy_py_argument_order(setup, tmp_path):
+    """`fp16guard calibrate --deploy-cfg D --model-cfg M CHECKPOINT --img IMG`: the model built
+    from mmocr's config, the checkpoint loaded, images through the model's data_preprocessor."""
+    import mmocr
+    from PIL import Image
+    from skimage import data
+
+    from fp16guard.cli import main
+    from fp16guard.plan import RewritePlan
+
+    net, _, _ = setup
+    ckpt = tmp_path / "panet.pth"
+    torch.save({"state_dict": net.detector.state_dict()}, ckpt)
+    deploy = tmp_path / "deploy.py"
+    deploy.write_text("codebase_config = dict(type='mmocr', task='TextDetection')\n"
+                      "backend_config = dict(type='tensorrt')\n"
+                      "onnx_config = dict(type='onnx', input_shape=[320, 320], opset_version=13)\n")
+    images = []
+    for name in ("astronaut", "coffee"):
+        images += ["--img", str(tmp_path / f"{name}.png")]
+        Image.fromarray(getattr(data, name)()).save(images[-1])
+    model_cfg = Path(mmocr.__file__).parent / ".mim/configs/textdet/panet/panet_resnet18_fpem-ffm_600e_ctw1500.py"
+    out = tmp_path / "plan.json"
+    assert main(["calibrate", "--deploy-cfg", str(deploy), "--model-cfg", str(model_cfg), str(ckpt), *images,
+                 "-o", str(out)]) == 0
+    plan = RewritePlan.load(out)
+    scaled = {m["module"]: (m["input_exponent"], m["output_exponent"]) for m in plan.modules}
+    assert scaled["model.backbone.layer4.1"][1] > 0 and scaled["model.neck.reduce_conv_c5"][1] == 0
+    x = _image(2)
+    fixed = _export(net, x, dict(fp16guard=dict(plan=str(out))))
+    assert all(np.isfinite(y).all() for y in _run_fp16(fixed, x))
+    assert main(["calibrate", "--model-cfg", str(model_cfg), str(ckpt), *images, "-o", str(out)]) == 2

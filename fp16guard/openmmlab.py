@@ -1,0 +1,115 @@
+"""OpenMMLab models for ``fp16guard calibrate --deploy-cfg D --model-cfg M CHECKPOINT --img IMG``.
+
+The arguments follow mmdeploy's ``tools/deploy.py`` (deploy config, model config, checkpoint,
+image). The model is built from its config with mmengine's registry in the config's
+``default_scope`` (``mmocr``, ``mmdet``, ...), the checkpoint loaded on the CPU, and each image
+goes through the model's own ``data_preprocessor`` (mean/std, BGR->RGB, padding), resized first
+to the deploy config's static ``onnx_config.input_shape`` when it has one. The dataset pipeline is
+not used: it imports torchvision, which has no build beside every torch.
+
+Calibration then runs on :class:`TensorForward`, the model's tensor-mode forward
+(``model._forward``: backbone, neck and head), so the plan covers what mmdeploy exports and its
+module scales match the modules the rewriters see (by fingerprint).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ._optional import require
+from .inputs import NamedInput, read_image
+from .onnx_inspector import ModelLoadError
+
+
+class TensorForward(torch.nn.Module):
+    """``model._forward(x)`` (an mmengine ``BaseModel`` in ``mode='tensor'``) as a plain module;
+    outputs flattened to a tuple of tensors."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        out = self.model._forward(x)
+        flat, _ = torch.utils._pytree.tree_flatten(out)
+        return tuple(t for t in flat if isinstance(t, torch.Tensor))
+
+
+def load_model(model_cfg: str | Path, checkpoint: str | Path) -> torch.nn.Module:
+    """Build an OpenMMLab model from its config and load a checkpoint on the CPU, in eval mode.
+
+    Raises:
+        MissingDependencyError: mmengine is not installed (extra ``mmdeploy``).
+        ModelLoadError: a file is missing, or the config's model cannot be built.
+    """
+    require("mmengine", extra="mmdeploy", purpose="OpenMMLab models (--model-cfg)")
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.runner import load_checkpoint
+
+    for what, path in (("model config", model_cfg), ("checkpoint", checkpoint)):
+        if not Path(path).is_file():
+            raise ModelLoadError(f"{what} not found: {path}")
+    cfg = Config.fromfile(str(model_cfg))
+    scope = cfg.get("default_scope", "mmdet")
+    try:
+        importlib.import_module(f"{scope}.models")  # registers the codebase's models
+        init_default_scope(scope)
+        model = MODELS.build(cfg.model)
+    except Exception as e:  # noqa: BLE001 - registry errors come in many types
+        raise ModelLoadError(f"cannot build the model of {model_cfg} in scope {scope!r} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    load_checkpoint(model, str(checkpoint), map_location="cpu", logger="silent")
+    return model.eval()
+
+
+def _static_shape(deploy_cfg) -> tuple[int, int] | None:
+    """``(width, height)`` of a static deploy config (``onnx_config.input_shape``), else None."""
+    shape = (deploy_cfg.get("onnx_config") or {}).get("input_shape") if deploy_cfg else None
+    return (int(shape[0]), int(shape[1])) if shape else None
+
+
+def model_inputs(model: torch.nn.Module, images: Sequence[str | Path], deploy_cfg=None) -> list[NamedInput]:
+    """Images as the model's ``data_preprocessor`` prepares them: ``float32 [1, 3, H, W]``.
+
+    Args:
+        model: from :func:`load_model`.
+        images: image files (read as RGB; handed over as BGR, as mmcv reads them).
+        deploy_cfg: an mmengine ``Config`` or dict; its static ``onnx_config.input_shape`` (``[W, H]``),
+            if any, is the size images are resized to.
+
+    Raises:
+        InputError: an image cannot be read.
+    """
+    from PIL import Image
+
+    size = _static_shape(deploy_cfg)
+    out = []
+    for path in images:
+        rgb = read_image(path)
+        if size is not None:
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+        bgr = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1].transpose(2, 0, 1)))
+        with torch.no_grad():
+            x = model.data_preprocessor({"inputs": [bgr]}, False)["inputs"]
+        out.append(NamedInput(Path(path).name, (x.float().numpy(),)))
+    return out
+
+
+def load_deploy_cfg(path: str | Path):
+    """The deploy config as an mmengine ``Config``.
+
+    Raises:
+        ModelLoadError: the file is missing.
+    """
+    require("mmengine", extra="mmdeploy", purpose="mmdeploy deploy configs (--deploy-cfg)")
+    from mmengine.config import Config
+
+    if not Path(path).is_file():
+        raise ModelLoadError(f"deploy config not found: {path}")
+    return Config.fromfile(str(path))
