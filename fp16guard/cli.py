@@ -34,6 +34,15 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--example", choices=sorted(EXAMPLES), help="a bundled real model with real inputs")
 
 
+def _add_openmmlab_arguments(p: argparse.ArgumentParser) -> None:
+    """``--deploy-cfg D --model-cfg M CHECKPOINT --img IMG``: mmdeploy's tools/deploy.py order."""
+    p.add_argument("--deploy-cfg", metavar="D", help="OpenMMLab: mmdeploy deploy config (then MODEL is the "
+                                                     "CHECKPOINT, as in mmdeploy's tools/deploy.py)")
+    p.add_argument("--model-cfg", metavar="M", help="OpenMMLab: the model config (needs --deploy-cfg)")
+    p.add_argument("--img", action="append", default=[], metavar="IMG",
+                   help="OpenMMLab: input image, through the model's data_preprocessor (repeatable)")
+
+
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """Options of calibration, shared by ``calibrate`` and ``fix``."""
     p.add_argument("--target-log2", type=int, default=13, metavar="K",
@@ -68,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "node (ONNX) that breaks the output in FP16. Exit status: 0 none found, "
                                      "1 found, 2 bad usage.")
     _add_model_arguments(bis)
+    _add_openmmlab_arguments(bis)
     bis.add_argument("--backend", default="auto",
                      help="auto (tensorrt, else onnxruntime with CUDA, else emulate), emulate, onnxruntime, "
                           "torch, tensorrt")
@@ -92,11 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_arguments(cal)
     _add_plan_arguments(cal)
     cal.add_argument("-o", "--output", required=True, metavar="PLAN.json", help="where to write the plan")
-    cal.add_argument("--deploy-cfg", metavar="D", help="OpenMMLab: mmdeploy deploy config (then MODEL is the "
-                                                       "CHECKPOINT, as in mmdeploy's tools/deploy.py)")
-    cal.add_argument("--model-cfg", metavar="M", help="OpenMMLab: the model config (needs --deploy-cfg)")
-    cal.add_argument("--img", action="append", default=[], metavar="IMG",
-                     help="OpenMMLab: calibration image, through the model's data_preprocessor (repeatable)")
+    _add_openmmlab_arguments(cal)
     cal.add_argument("--graph", choices=["torch", "onnx"], default=None,
                      help="PyTorch models: plan for the torch.export graph (default; fix -o OUT.pt2) or for the "
                           "ONNX export (fix -o OUT.onnx)")
@@ -190,7 +196,10 @@ def _bisect(args, console: Console) -> int:
     from .bisect import DEFAULT_TOLERANCE, bisect
     from .render import print_bisect
 
-    model, inputs, framework, name = _model_and_inputs(args, console)
+    if args.deploy_cfg or args.model_cfg or args.img:
+        model, inputs, framework, name = _openmmlab_sets(args, console)
+    else:
+        model, inputs, framework, name = _model_and_inputs(args, console)
     if framework == "onnx":
         for item in inputs:
             if item.kind != "arrays":
@@ -263,7 +272,7 @@ def _openmmlab_sets(args, console: Console):
     if args.input or args.example:
         raise _Usage("with --model-cfg give calibration images with --img, not --input/--example")
     if not args.img:
-        raise _Usage("give at least one calibration image with --img")
+        raise _Usage("give at least one image with --img")
     deploy_cfg = load_deploy_cfg(args.deploy_cfg)
     model = load_model(args.model_cfg, args.model)
     console.print(f"OpenMMLab model {type(model).__name__} from {args.model_cfg} + {args.model}")

@@ -216,3 +216,27 @@ def test_cli_calibrates_an_openmmlab_checkpoint_in_deploy_py_argument_order(setu
     fixed = _export(net, x, dict(fp16guard=dict(plan=str(out))))
     assert all(np.isfinite(y).all() for y in _run_fp16(fixed, x))
     assert main(["calibrate", "--model-cfg", str(model_cfg), str(ckpt), *images, "-o", str(out)]) == 2
+
+
+def test_cli_bisect_names_the_overflowing_block_in_deploy_py_argument_order(setup, tmp_path, capsys):
+    import json
+
+    import mmocr
+    from PIL import Image
+    from skimage import data
+
+    from fp16guard.cli import main
+
+    net, _, _ = setup
+    ckpt = tmp_path / "panet.pth"
+    torch.save({"state_dict": net.detector.state_dict()}, ckpt)
+    deploy = tmp_path / "deploy.py"
+    deploy.write_text("onnx_config = dict(type='onnx', input_shape=[320, 320], opset_version=13)\n")
+    Image.fromarray(data.chelsea()).save(tmp_path / "chelsea.png")
+    model_cfg = Path(mmocr.__file__).parent / ".mim/configs/textdet/panet/panet_resnet18_fpem-ffm_600e_ctw1500.py"
+    code = main(["bisect", "--deploy-cfg", str(deploy), "--model-cfg", str(model_cfg), str(ckpt),
+                 "--img", str(tmp_path / "chelsea.png"), "--backend", "emulate", "--json", str(tmp_path / "b.json")])
+    assert code == 1  # an offender was found
+    result = json.loads((tmp_path / "b.json").read_text())
+    # measured: 8 engine builds, 7.7 s; offender model.backbone.layer4.1.bn2, the scaled BatchNorm
+    assert result["offenders"][0]["name"] == "model.backbone.layer4.1.bn2"
