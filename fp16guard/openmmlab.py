@@ -113,3 +113,39 @@ def load_deploy_cfg(path: str | Path):
     if not Path(path).is_file():
         raise ModelLoadError(f"deploy config not found: {path}")
     return Config.fromfile(str(path))
+
+
+def export_onnx(deploy_cfg, model: torch.nn.Module, image: NamedInput, output_prefix: str | Path,
+                *, opset_version: int = 11) -> Path:
+    """Export an OpenMMLab model to ONNX through mmdeploy's own ``mmdeploy.apis.onnx.export``
+    (``patch_model``, ``RewriterContext`` with the deploy config, ``torch.onnx.export``), with
+    fp16guard's rewriters registered: a ``fp16guard = dict(plan=...)`` key in the deploy config
+    applies the plan.
+
+    Differences from ``mmdeploy.apis.torch2onnx``, which this replaces on machines where it
+    cannot run: the model and input come from :func:`load_model` and :func:`model_inputs` (no
+    dataset pipeline, so no torchvision), the export runs on the CPU (torch2onnx refuses the CPU
+    for TensorRT; mmdeploy's export moves everything to the CPU anyway), the model is exported in
+    tensor mode (``mode='tensor'``: the head's raw outputs, no post-processing), and the
+    TorchScript exporter is used (fp16guard's rewriter of ``torch.onnx.export``).
+
+    Args:
+        deploy_cfg: an mmengine ``Config`` or dict with ``backend_config.type == 'tensorrt'``.
+        model: from :func:`load_model` (eval mode).
+        image: one input from :func:`model_inputs`.
+        output_prefix: the ONNX file is ``<output_prefix>.onnx``.
+
+    Returns:
+        The ONNX path.
+
+    Raises:
+        MissingDependencyError: mmdeploy is not installed.
+    """
+    require("mmdeploy", extra="mmdeploy", purpose="exporting through mmdeploy")
+    importlib.import_module("fp16guard.rewriters")  # registers the rewriters
+    from mmdeploy.apis.onnx import export
+
+    x = torch.from_numpy(image.arrays[0])
+    export(model, x, str(output_prefix), backend="tensorrt", input_metas={"data_samples": None, "mode": "tensor"},
+           context_info={"deploy_cfg": deploy_cfg}, opset_version=opset_version)
+    return Path(f"{output_prefix}.onnx")

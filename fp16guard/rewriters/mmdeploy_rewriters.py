@@ -121,3 +121,13 @@ def batchnorm__forward__tensorrt(self, input):
     ctx = FUNCTION_REWRITER.get_context()
     e = _exponents(ctx, self)
     return ctx.origin_func(self, input) if e is None else batchnorm_forward(self, input, *e)
+
+
+@FUNCTION_REWRITER.register_rewriter(func_name="torch.onnx.export", backend="tensorrt")
+def onnx_export__tensorrt(*args, **kwargs):
+    """``torch.onnx.export`` with the TorchScript exporter (``dynamo=False``) unless the caller
+    chose: mmdeploy 1.3.1's ``apis.onnx.export`` calls it without ``dynamo``, torch >= 2.9
+    defaults to the dynamo exporter, and that one breaks mmdeploy's context exit."""
+    ctx = FUNCTION_REWRITER.get_context()
+    kwargs.setdefault("dynamo", False)
+    return ctx.origin_func(*args, **kwargs)

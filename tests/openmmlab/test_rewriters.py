@@ -240,3 +240,23 @@ def test_cli_bisect_names_the_overflowing_block_in_deploy_py_argument_order(setu
     result = json.loads((tmp_path / "b.json").read_text())
     # measured: 8 engine builds, 7.7 s; offender model.backbone.layer4.1.bn2, the scaled BatchNorm
     assert result["offenders"][0]["name"] == "model.backbone.layer4.1.bn2"
+
+
+def test_mmdeploy_own_onnx_export_applies_the_plan(setup, tmp_path):
+    """Through mmdeploy.apis.onnx.export (patch_model + RewriterContext + torch.onnx.export), the
+    path torch2onnx takes after building its inputs."""
+    from fp16guard.inputs import NamedInput
+    from fp16guard.openmmlab import export_onnx
+
+    net, _, path = setup
+    x = _image(2)
+    cfg = dict(backend_config=dict(type="tensorrt"), onnx_config=dict(type="onnx"), fp16guard=dict(plan=str(path)))
+    fixed = export_onnx(cfg, net.detector, NamedInput("chelsea", (x,)), tmp_path / "fixed").read_bytes()
+    plain_cfg = {k: v for k, v in cfg.items() if k != "fp16guard"}
+    plain = export_onnx(plain_cfg, net.detector, NamedInput("chelsea", (x,)), tmp_path / "plain").read_bytes()
+    assert not all(np.isfinite(y).all() for y in _run_fp16(plain, x))
+    ref = _run_fp32(plain, x)
+    for a, b in zip(_run_fp32(fixed, x), ref):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    for a, b in zip(_run_fp16(fixed, x), ref):
+        assert np.isfinite(a).all() and np.linalg.norm(a - b) / np.linalg.norm(b) < 5e-3
