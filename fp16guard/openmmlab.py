@@ -35,6 +35,7 @@ class TensorForward(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
+        """``model._forward(x)``: ``x`` the preprocessed batch ``float32 [N, 3, H, W]``."""
         out = self.model._forward(x)
         flat, _ = torch.utils._pytree.tree_flatten(out)
         return tuple(t for t in flat if isinstance(t, torch.Tensor))

@@ -410,6 +410,8 @@ def activation_amax(gm: fx.GraphModule, examples: Iterable[Sequence[torch.Tensor
     amax: dict[str, float] = {}
 
     class Recorder(fx.Interpreter):
+        """Runs the graph and keeps every value's max |x| on its device."""
+
         def run_node(self, n):
             """Run ``n`` and keep its value's max |x| (``inf`` if any element is inf/NaN)."""
             out = super().run_node(n)
@@ -723,6 +725,8 @@ def run_emulated(program: fx.GraphModule, *args: torch.Tensor) -> list[torch.Ten
         return torch.empty_like(a, device="meta") if isinstance(a, torch.Tensor) else a
 
     class Emulator(fx.Interpreter):
+        """Runs each op in FP32 on FP16-stored inputs and rounds its result back."""
+
         def call_function(self, target, args, kwargs):
             """The op in FP32, rounded to the dtype it has in FP16."""
             out = target(*tree_map(up, args), **tree_map(up, kwargs))

@@ -107,6 +107,8 @@ class TensorRTEngine(Engine):
         engine = self
 
         class Listener(trt.IDebugListener):
+            """Copies each debug tensor TensorRT hands over into ``engine.debug_values``."""
+
             def process_debug_tensor(self, addr, location, type, shape, name, stream):
                 """Copy the debug tensor to the host while its buffer is valid (this call only)."""
                 dtype = np.dtype(trt.nptype(type))
