@@ -89,16 +89,16 @@ def setup(tmp_path_factory):
     return net, plan, path
 
 
-def _export(net, x, deploy_cfg=None):
+def _export(net, x, deploy_cfg=None, opset=13):
     """ONNX bytes of ``net(x)`` traced (TorchScript exporter), inside a tensorrt RewriterContext
     when ``deploy_cfg`` is given."""
     buf = io.BytesIO()
     args = (torch.from_numpy(x),)
     if deploy_cfg is None:
-        torch.onnx.export(net, args, buf, dynamo=False, opset_version=13)
+        torch.onnx.export(net, args, buf, dynamo=False, opset_version=opset)
     else:
-        with RewriterContext(cfg=deploy_cfg, backend="tensorrt", opset=13):
-            torch.onnx.export(net, args, buf, dynamo=False, opset_version=13)
+        with RewriterContext(cfg=deploy_cfg, backend="tensorrt", opset=opset):
+            torch.onnx.export(net, args, buf, dynamo=False, opset_version=opset)
     return buf.getvalue()
 
 
@@ -260,3 +260,47 @@ def test_mmdeploy_own_onnx_export_applies_the_plan(setup, tmp_path):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
     for a, b in zip(_run_fp16(fixed, x), ref):
         assert np.isfinite(a).all() and np.linalg.norm(a - b) / np.linalg.norm(b) < 5e-3
+
+
+def test_dbnet_whole_model_through_the_generic_rewriters(tmp_path):
+    """mmocr's DBNet (ResNet-18 + FPNC + DBHead), whole tensor-mode model: the region runs from
+    layer4 through the FPNC neck (convs without norms, upsampling, sums, concatenation) to the
+    head's first BatchNorm, so only the BasicBlock and the generic Conv/BatchNorm rewriters apply.
+    Same fixture rule as PANet: layer4's last gamma doubled until the block writes 1.5e5, and the
+    head's first BatchNorm given its input's running statistics."""
+    import mmocr
+    import mmocr.models  # noqa: F401
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmocr.registry import MODELS
+
+    from fp16guard.openmmlab import TensorForward
+
+    init_default_scope("mmocr")
+    root = Path(mmocr.__file__).parent / ".mim" / "configs" / "textdet" / "dbnet"
+    torch.manual_seed(0)
+    model = MODELS.build(Config.fromfile(str(root / "dbnet_resnet18_fpnc_1200e_icdar2015.py")).model).eval()
+    calib = [_image(0), _image(1)]
+    x = torch.from_numpy(calib[0])
+    with torch.no_grad():
+        gamma = model.backbone.layer4[-1].norm2.weight
+        while float(model.backbone(x)[-1].abs().max()) < 1.5e5:
+            gamma.mul_(2.0)
+        y = model.det_head.binarize[0](model.neck(model.backbone(x)))
+        bn = model.det_head.binarize[1]
+        bn.running_mean.copy_(y.mean((0, 2, 3)))
+        bn.running_var.copy_(y.var((0, 2, 3)))
+    net = TensorForward(model)
+    plan = calibrate(net, calib)
+    assert len(plan.regions) >= 3 and not plan.rescale_ops and not plan.unfixable
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    xv = _image(2)
+    cfg = dict(onnx_config=dict(type="onnx", input_shape=None), fp16guard=dict(plan=str(path)))
+    plain, fixed = _export(net, xv, opset=11), _export(net, xv, cfg, opset=11)
+    assert not all(np.isfinite(y).all() for y in _run_fp16(plain, xv))
+    ref = _run_fp32(plain, xv)
+    for a, b in zip(_run_fp32(fixed, xv), ref):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    for a, b in zip(_run_fp16(fixed, xv), ref):
+        assert np.isfinite(a).all() and np.abs(a - b).max() < 1e-2  # probabilities
