@@ -70,3 +70,25 @@ def test_engine_agrees_with_the_emulation_where_it_runs(tmp_path):
     (ref,) = get_backend("emulate").build(model).run({"x": x})
     np.testing.assert_allclose(y, ref, rtol=2e-2, atol=2e-2)
     assert engine.debug_values["r"].shape == (1, 4, 8, 8)
+
+
+@pytest.mark.slow
+def test_typed_fp16_ppocr_naive_and_fixed_parse_and_build(tmp_path):
+    """The bundled PP-OCRv4 detector as a plain typed FP16 ONNX and as `fp16guard fix` writes it:
+    TensorRT's parser takes both and the builder builds both (measured with TensorRT-RTX 1.7 on an
+    H100: 638 and 637 network layers)."""
+    be = _backend(tmp_path)
+    from fp16guard.examples import get_example
+    from fp16guard.fixing import fix_onnx
+
+    ex = get_example("ppocr-det")
+    original = onnx.load(str(ex.load()))
+    fixed = fix_onnx(original, ex.calibration()[:1], compare_naive=False).fixed
+    for model in (to_typed_fp16(original)[0], fixed):
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        dims = model.graph.input[0].type.tensor_type.shape.dim  # the backend builds static shapes
+        for d, size in zip(dims, (1, 3, 736, 736)):
+            d.ClearField("dim_param")
+            d.dim_value = size
+        assert len(be.build_plan(model)) > 0
+    assert be.plans_built == 2
