@@ -321,6 +321,14 @@ def compare_outputs(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarra
     return relative_l2(list(outputs), list(reference)), max_abs, nonfinite
 
 
+def _row(item: NamedInput, split: str, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray],
+         metrics: Mapping[str, TaskMetric] | None) -> VerifyRow:
+    """One :class:`VerifyRow`: the error metrics and every task metric of ``outputs``."""
+    rel, mx, nf = compare_outputs(outputs, reference)
+    task = {k: float(fn(list(outputs), list(reference))) for k, fn in (metrics or {}).items()}
+    return VerifyRow(item.label, split, rel, mx, nf, task)
+
+
 def verify_onnx(reference_model: onnx.ModelProto, fp16_model: onnx.ModelProto, inputs: Sequence[NamedInput],
                 splits: Sequence[str], *, backend: str | Backend = "emulate", variant: str = "fixed",
                 metrics: Mapping[str, TaskMetric] | None = None,
@@ -354,9 +362,7 @@ def verify_onnx(reference_model: onnx.ModelProto, fp16_model: onnx.ModelProto, i
     out = Verification(variant, be.describe())
     for item, split, feed, ref in zip(inputs, splits, feeds, references):
         y = engine.run(feed)
-        rel, mx, nf = compare_outputs(y, ref)
-        task = {k: float(fn(list(y), list(ref))) for k, fn in (metrics or {}).items()}
-        out.rows.append(VerifyRow(item.label, split, rel, mx, nf, task))
+        out.rows.append(_row(item, split, y, ref, metrics))
     return out, references
 
 
@@ -522,7 +528,7 @@ def calibrate_torch(model, inputs: Sequence[NamedInput], *, target_log2: int = 1
                  [i.label for i in inputs], sol, underflow, fallback)
     from .module_scales import module_scales
 
-    plan.modules = [m.to_json() for m in module_scales(model, plan, examples, graph=prepared)]
+    plan.modules = [m.to_json() for m in module_scales(model, plan, examples, captured=captured)]
     return plan
 
 
@@ -639,9 +645,7 @@ def verify_torch(reference, program, inputs: Sequence[NamedInput], splits: Seque
     out = Verification(variant, what)
     for item, split, ex, ref in zip(inputs, splits, examples, references):
         y = [t.float().cpu().numpy() for t in run(ex)]
-        rel, mx, nf = compare_outputs(y, ref)
-        task = {k: float(fn(list(y), list(ref))) for k, fn in (metrics or {}).items()}
-        out.rows.append(VerifyRow(item.label, split, rel, mx, nf, task))
+        out.rows.append(_row(item, split, y, ref, metrics))
     return out, references
 
 
@@ -696,13 +700,13 @@ def _as_onnx(model, inputs: Sequence[NamedInput]) -> tuple[onnx.ModelProto, str,
         return proto, "onnx", sha256_of(proto.SerializeToString())
     from .export import dynamic_dims, export_onnx
 
-    examples = [tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in item.arrays) for item in inputs]
+    from .torch_rewrite import examples_of, state_dict_sha256
+
+    examples = examples_of(inputs)
     if not examples:
         raise FixError("a PyTorch model needs inputs to be exported to ONNX")
     proto = export_onnx(model, examples[0], dynamic_shapes=dynamic_dims(examples), what=type(model).__name__)
-    digest = sha256_of(b"".join(t.detach().cpu().contiguous().numpy().tobytes()
-                                for t in model.state_dict().values()))
-    return proto, "torch", digest
+    return proto, "torch", state_dict_sha256(model)
 
 
 def calibrate(model, calib_inputs, *, target_log2: int = 13, raise_underflow: bool = False,
@@ -773,15 +777,13 @@ def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, valida
     if graph == "torch":
         return fix_torch(model, calibration, plan=plan, validation=validation, **options)
     proto, framework, digest = _as_onnx(model, [*calibration, *validation])
+    target_log2, raise_underflow = options.pop("target_log2", 13), options.pop("raise_underflow", False)
     if plan is None:
         plan = calibrate(model if framework == "torch" else proto, calibration, graph="onnx",
-                         target_log2=options.pop("target_log2", 13),
-                         raise_underflow=options.pop("raise_underflow", False), source=options.get("source"))
+                         target_log2=target_log2, raise_underflow=raise_underflow, source=options.get("source"))
     elif plan.model_sha256 != digest and not options.get("force"):
         raise PlanError(f"the plan was calibrated on another model ({plan.source}, sha256 "
                         f"{plan.model_sha256[:12]}...); calibrate this one, or force it")
-    options.pop("target_log2", None)
-    options.pop("raise_underflow", None)
     plan_for_graph = RewritePlan(**{**plan.__dict__, "model_sha256": sha256_of(proto.SerializeToString())})
     result = fix_onnx(proto, calibration, plan=plan_for_graph, validation=validation, **options)
     result.plan = plan

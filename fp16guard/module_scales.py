@@ -63,20 +63,8 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _stack_paths(node) -> list[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    out = []
-    for fqn, _ in stack.values():
-        fqn = fqn if isinstance(fqn, str) else str(fqn)
-        for prefix in ("L['self'].", "L__self__."):
-            if fqn.startswith(prefix):
-                fqn = fqn[len(prefix):]
-        out.append(fqn)
-    return out
-
-
 def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[Sequence[torch.Tensor]], *,
-                  prefix: str = "", types: Iterable[str] | None = None, graph=None) -> list[ModuleScale]:
+                  types: Iterable[str] | None = None, captured=None) -> list[ModuleScale]:
     """Modules of ``model`` whose input or output the plan stores scaled.
 
     Args:
@@ -84,10 +72,8 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
             modified).
         plan: a ``framework="torch"`` plan of ``model``.
         examples: argument tuples, as for calibration (capture only).
-        prefix: dropped from the qualified names (when ``model`` wraps the real one, e.g. a
-            ``backbone + neck`` wrapper whose attribute ``model`` holds the detector: ``"model."``).
         types: only modules of these class names (default: every module).
-        graph: the plan's graph if the caller has it (``fold_batchnorms(capture(model))``).
+        captured: ``capture(model, examples)`` if the caller has it (an export saved).
 
     Returns:
         :class:`ModuleScale` entries for modules with a nonzero input or output exponent, in
@@ -98,16 +84,17 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
         ValueError: the plan is not a PyTorch plan.
     """
     from .torch_rewrite import capture, fold_batchnorms
+    from .torch_split import module_paths
 
     if plan.framework != "torch":
         raise ValueError(f"module scales need a PyTorch plan (calibrate the nn.Module), not a {plan.framework} plan")
-    raw = capture(model, examples)
-    gm = graph if graph is not None else fold_batchnorms(raw)[0]  # the graph the plan names
+    raw = captured if captured is not None else capture(model, examples)
+    gm = fold_batchnorms(raw)[0]  # the graph the plan names (deterministic: the same node names)
     exponents = plan.exponents
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     inside: dict[str, list] = {}
     for n in nodes:
-        for path in _stack_paths(n):
+        for path in module_paths(n):
             inside.setdefault(path, []).append(n)
     modules = dict(model.named_modules())
     wanted = set(types) if types is not None else None
@@ -122,8 +109,7 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
         e_in = exponents.get(first_inputs[0].name, 0) if first_inputs else 0
         e_out = exponents.get(members[-1].name, 0)
         if e_in or e_out:
-            name = path[len(prefix):] if prefix and path.startswith(prefix) else path
-            out.append(ModuleScale(name, type(mod).__name__, module_fingerprint(mod), int(e_in), int(e_out)))
+            out.append(ModuleScale(path, type(mod).__name__, module_fingerprint(mod), int(e_in), int(e_out)))
     # a BatchNorm folded into the conv before it has no node in the plan's graph: unfolded, it
     # runs on the conv's output, so it reads and writes the exponent of the folded conv
     kept = {n.name for n in gm.graph.nodes}
@@ -132,11 +118,10 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
         if "batch_norm" not in target or n.name in kept or not n.all_input_nodes:
             continue
         e = exponents.get(n.all_input_nodes[0].name, 0)
-        paths = _stack_paths(n)
+        paths = module_paths(n)
         mod = modules.get(paths[-1]) if paths else None
         if e and mod is not None and (wanted is None or type(mod).__name__ in wanted):
-            name = paths[-1][len(prefix):] if prefix and paths[-1].startswith(prefix) else paths[-1]
-            out.append(ModuleScale(name, type(mod).__name__, module_fingerprint(mod), int(e), int(e)))
+            out.append(ModuleScale(paths[-1], type(mod).__name__, module_fingerprint(mod), int(e), int(e)))
     return out
 
 
@@ -144,7 +129,9 @@ class ScaleTable:
     """Module scales looked up by module instance (through :func:`module_fingerprint`).
 
     Modules without parameters or buffers (ReLU, pooling) have no fingerprint and are never
-    found: their exponents follow from their neighbours.
+    found: their exponents follow from their neighbours. A table remembers each module it has
+    looked up (a fingerprint hashes all of its weights), so it is meant for one export, during
+    which the weights do not change.
 
     Args:
         entries: :class:`ModuleScale` items (a plan's ``modules``).
@@ -153,6 +140,7 @@ class ScaleTable:
     def __init__(self, entries: Iterable[ModuleScale]):
         self.entries = list(entries)
         self._by_fingerprint = {e.fingerprint: e for e in self.entries}
+        self._seen: dict[int, tuple[torch.nn.Module, ModuleScale | None]] = {}  # the module keeps its id
 
     @classmethod
     def from_plan(cls, plan: RewritePlan) -> "ScaleTable":
@@ -161,9 +149,10 @@ class ScaleTable:
 
     def find(self, module: torch.nn.Module) -> ModuleScale | None:
         """The entry of ``module``, or None."""
-        if not module.state_dict():
-            return None
-        return self._by_fingerprint.get(module_fingerprint(module))
+        if id(module) not in self._seen:
+            entry = self._by_fingerprint.get(module_fingerprint(module)) if module.state_dict() else None
+            self._seen[id(module)] = (module, entry)
+        return self._seen[id(module)][1]
 
     def exponents(self, module: torch.nn.Module) -> tuple[int, int]:
         """``(input_exponent, output_exponent)`` of ``module``; ``(0, 0)`` if the plan has none."""

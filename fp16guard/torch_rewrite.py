@@ -216,11 +216,10 @@ def annotate(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> fx.GraphMod
 
 def scope_of(node: fx.Node) -> str:
     """The module path a node was traced from (``""`` at the top level)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    fqn = list(stack.values())[-1][0]
-    return fqn if isinstance(fqn, str) else str(fqn)
+    from .torch_split import module_paths
+
+    paths = module_paths(node)
+    return paths[-1] if paths else ""
 
 
 def fold_batchnorms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[RewriteNote]]:

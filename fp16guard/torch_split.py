@@ -75,14 +75,25 @@ def capture(model: torch.nn.Module, args: Sequence[Any]) -> fx.GraphModule:
         "traceable (no data-dependent Python control flow).")
 
 
+def _module_path(fqn) -> str:
+    """A qualified module name from ``nn_module_stack``, without dynamo's ``L['self'].`` prefix."""
+    fqn = fqn if isinstance(fqn, str) else str(fqn)
+    for prefix in ("L['self'].", "L__self__."):  # dynamo-style paths of older versions
+        if fqn.startswith(prefix):
+            return fqn[len(prefix):]
+    return fqn
+
+
+def module_paths(node: fx.Node) -> list[str]:
+    """Qualified names of the modules a node was traced inside, outermost first."""
+    return [_module_path(fqn) for fqn, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
 def _innermost(node: fx.Node) -> tuple[str, str]:
     stack = node.meta.get("nn_module_stack")
     if stack:
         fqn, kind = list(stack.values())[-1]
-        fqn = fqn if isinstance(fqn, str) else str(fqn)
-        for prefix in ("L['self'].", "L__self__."):  # dynamo-style paths of older versions
-            if fqn.startswith(prefix):
-                fqn = fqn[len(prefix):]
+        fqn = _module_path(fqn)
         kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
         return fqn, kind.rsplit(".", 1)[-1]
     if node.op == "call_module":

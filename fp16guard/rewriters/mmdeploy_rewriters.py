@@ -37,15 +37,10 @@ def _table(ctx) -> ScaleTable | None:
 
 
 def _exponents(ctx, module) -> tuple[int, int] | None:
-    """``(e_in, e_out)`` of ``module`` in the context's plan, or None (fingerprints cached per context)."""
+    """``(e_in, e_out)`` of ``module`` in the context's plan, or None."""
     table = _table(ctx)
-    if table is None:
-        return None
-    cache = ctx.__dict__.setdefault("_fp16guard_modules", {})
-    if id(module) not in cache:
-        entry = table.find(module)
-        cache[id(module)] = (entry.input_exponent, entry.output_exponent) if entry else None
-    return cache[id(module)]
+    entry = table.find(module) if table is not None else None
+    return (entry.input_exponent, entry.output_exponent) if entry else None
 
 
 def plan_table(cfg) -> ScaleTable | None:

@@ -30,10 +30,10 @@ def _layers_by_name(network, trt) -> dict:
     return out
 
 
-def _scaled(values, factor: float, keep: list, dtype=None) -> np.ndarray:
+def _scaled(values, factor: float, keep: list) -> np.ndarray:
     """``values * factor`` computed in float64, stored in ``values``' dtype (kept alive)."""
     v = np.asarray(values)
-    out = np.ascontiguousarray((v.astype(np.float64) * factor).astype(dtype or v.dtype))
+    out = np.ascontiguousarray((v.astype(np.float64) * factor).astype(v.dtype))
     keep.append(out)
     return out
 
