@@ -104,6 +104,21 @@ class _Breakdown:
             arena._launch.direct = False
 
 
+def gpu_only_ms(model, x, iters) -> float:
+    """Median time of the plain forward replayed as a CUDA graph: its GPU work with no Python."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(x)
+    times = [timed(graph.replay, x.device) for _ in range(iters)]
+    return statistics.median(times) * 1e3
+
+
 def bench(dtype, device, batch, iters, warmup, breakdown=False):
     base, source = make_resnet50()
     base = base.eval().to(device=device, dtype=dtype)
@@ -160,7 +175,11 @@ def bench(dtype, device, batch, iters, warmup, breakdown=False):
     for h in seed_handles + extra:
         h.remove()
     med = {k: statistics.median(v) for k, v in times.items()}
-    return source, med, t_report, len(probe.report().calls)
+    gpu_ms = None
+    if breakdown and device.type == "cuda":
+        with torch.no_grad():
+            gpu_ms = gpu_only_ms(base, x, iters)
+    return source, med, t_report, len(probe.report().calls), gpu_ms
 
 
 def main():
@@ -172,7 +191,7 @@ def main():
     ap.add_argument("--dtypes", default="float32,float16")
     ap.add_argument("--breakdown", action="store_true",
                     help="add variants that split fp16guard's cost: no-op hooks, hooks without "
-                         "reductions, Triton's generic launcher")
+                         "reductions, Triton's generic launcher, and the plain forward's GPU-only time")
     args = ap.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
@@ -181,9 +200,13 @@ def main():
     print(f"{'dtype':8} {'variant':15} {'ms/forward':>11} {'x plain':>8}")
     for dt_name in args.dtypes.split(","):
         dtype = getattr(torch, dt_name)
-        source, med, t_report, n_calls = bench(dtype, device, args.batch, args.iters, args.warmup, args.breakdown)
+        source, med, t_report, n_calls, gpu_ms = bench(dtype, device, args.batch, args.iters, args.warmup,
+                                                       args.breakdown)
         for k, v in med.items():
             print(f"{dt_name:8} {k:15} {v * 1e3:11.2f} {v / med['plain']:8.2f}")
+        if gpu_ms is not None:
+            print(f"{dt_name:8} {'plain GPU-only':15} {gpu_ms:11.2f} {gpu_ms / 1e3 / med['plain']:8.2f}"
+                  "  (CUDA graph replay: below 1.00, the plain forward is bound by Python, not the GPU)")
         print(f"{dt_name:8} {'report()':15} {t_report * 1e3:11.2f}  (once, for {n_calls} calls; model from {source})")
 
 

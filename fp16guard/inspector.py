@@ -88,23 +88,25 @@ class _StatsStore:
         self._pending: list[torch.Tensor] = []
         self._blocks: list[tuple[torch.device, torch.Tensor, list[int]]] = []
         self._pending_rows: list[int] = []
-        self._arenas: dict[torch.device, triton_stats.StatsArena] = {}
-        self._arena_rows: list[tuple[int, torch.device, int]] = []
+        self._arenas: dict[int, triton_stats.StatsArena] = {}  # by CUDA device index
+        self._arena_rows: list[tuple[int, int, int]] = []  # (row, device index, arena slot)
         self._numel: list[int] = []
         # id(tensor) -> (weakref to it, its version counter, row)
         self._cache: dict[int, tuple[weakref.ref, int, int]] = {}
         self._host: list[tuple[float, ...]] | None = None
 
     def _reduce(self, t: torch.Tensor, row: int) -> None:
-        with torch.no_grad():
-            if self._fused and triton_stats.available(t):
-                arena = self._arenas.get(t.device)
-                if arena is None:
-                    arena = self._arenas[t.device] = triton_stats.StatsArena(t.device)
-                self._arena_rows.append((row, t.device, arena.reduce(t)))
-            else:
-                self._pending.append(tensor_stats(t))
-                self._pending_rows.append(row)
+        # No torch.no_grad() here: tensor_stats detaches first and the Triton kernel is invisible
+        # to autograd, and entering the context costs more than the kernel launch on a slow CPU.
+        if self._fused and triton_stats.available(t):
+            index = t.get_device()
+            arena = self._arenas.get(index)
+            if arena is None:
+                arena = self._arenas[index] = triton_stats.StatsArena(t.device)
+            self._arena_rows.append((row, index, arena.reduce(t)))
+        else:
+            self._pending.append(tensor_stats(t))
+            self._pending_rows.append(row)
 
     def measure(self, t: torch.Tensor, *, fresh: bool = False) -> int:
         """Row of ``t``'s statistics, computed now unless ``t`` is unchanged since last measured.
@@ -126,7 +128,8 @@ class _StatsStore:
         return row
 
     def flush(self) -> None:
-        """Stack pending rows per device (no host sync) and forget the tensor cache."""
+        """Stack pending rows per device (no host sync), forget the tensor cache, and re-read the
+        Triton launch settings (once per forward, not per launch)."""
         by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
         for stat, row in zip(self._pending, self._pending_rows):
             rows = by_device.setdefault(stat.device, ([], []))
@@ -137,6 +140,8 @@ class _StatsStore:
         self._pending.clear()
         self._pending_rows.clear()
         self._cache.clear()
+        for arena in self._arenas.values():
+            arena.refresh()
 
     def read(self) -> list[tuple[float, ...]]:
         """Every row as host floats, in row order: one device-to-host copy per block."""
@@ -158,7 +163,7 @@ class _StatsStore:
         return RangeStats.merge(RangeStats.from_row(host[r], self._numel[r]) for r in rows)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _PendingCall:
     name: str
     kind: str

@@ -102,38 +102,49 @@ def _launch_hooks_active() -> bool:
 
 
 class _Launcher:
-    """Launches ``_stats_kernel``, bypassing Triton's per-call argument binding where it can.
+    """Launches ``_stats_kernel`` on one device, bypassing Triton's per-call argument binding
+    where it can.
 
     The first launch of each specialization goes through ``kernel[grid](...)``, which compiles
     (or loads from Triton's cache) and returns the ``CompiledKernel``; later launches with the
-    same specialization call that kernel's C launcher directly.
+    same specialization call that kernel's C launcher directly, with raw device pointers (ints:
+    the C launcher then skips a ``data_ptr()`` call per tensor).
+
+    Everything that does not change between launches (the device index, the program cap, whether
+    a profiler hooks launches) is looked up once, or once per forward in :meth:`refresh`: on a
+    slow host CPU each Python attribute chain in this path costs microseconds, and a forward
+    launches hundreds of these kernels.
     """
 
-    def __init__(self, direct: bool | None = None):
+    def __init__(self, device: torch.device, direct: bool | None = None):
         self.direct = _direct_launch_supported() if direct is None else direct
         self._compiled: dict[tuple, object] = {}
-        self._max_programs: dict[int, int] = {}
+        self._index = device.index if device.index is not None else torch.cuda.current_device()
+        sms = torch.cuda.get_device_properties(self._index).multi_processor_count
+        self._max_programs = PROGRAMS_PER_SM * sms
         try:
             self._stream = torch._C._cuda_getCurrentRawStream  # what Triton's own driver calls
         except AttributeError:  # pragma: no cover - very old torch
             self._stream = lambda index: torch.cuda.current_stream(index).cuda_stream
+        self.refresh()
 
-    def __call__(self, x: torch.Tensor, amax: torch.Tensor, counts: torch.Tensor, row: int) -> None:
+    def refresh(self) -> None:
+        """Re-read whether a profiler hooks Triton launches (then every launch is generic)."""
+        self._generic = _launch_hooks_active()
+
+    def __call__(self, x: torch.Tensor, amax: torch.Tensor, counts: torch.Tensor, row: int,
+                 amax_ptr: int, counts_ptr: int) -> None:
         n = x.numel()
-        index = x.device.index
-        cap = self._max_programs.get(index)
-        if cap is None:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            cap = self._max_programs[index] = PROGRAMS_PER_SM * sms
-        grid = min((n + BLOCK * UNROLL - 1) // (BLOCK * UNROLL), cap)
-        key = (x.dtype, x.data_ptr() % 16 == 0)
-        compiled = self._compiled.get(key) if self.direct else None
-        if compiled is None or _launch_hooks_active():
+        grid = min((n + BLOCK * UNROLL - 1) // (BLOCK * UNROLL), self._max_programs)
+        ptr = x.data_ptr()
+        key = (x.dtype, ptr % 16 == 0)
+        compiled = None if self._generic or not self.direct else self._compiled.get(key)
+        if compiled is None:
             self._compiled[key] = _stats_kernel[(grid,)](x, amax, counts, n, row, BLOCK=BLOCK, UNROLL=UNROLL,
                                                          num_warps=NUM_WARPS)
             return
-        compiled.run(grid, 1, 1, self._stream(index), compiled.function,
-                     compiled.packed_metadata, None, None, None, x, amax, counts, n, row, BLOCK, UNROLL)
+        compiled.run(grid, 1, 1, self._stream(self._index), compiled.function,
+                     compiled.packed_metadata, None, None, None, ptr, amax_ptr, counts_ptr, n, row, BLOCK, UNROLL)
 
 
 class StatsArena:
@@ -151,8 +162,9 @@ class StatsArena:
     def __init__(self, device: torch.device, rows: int = 1024, direct: bool | None = None):
         self.device = device
         self.rows = rows
-        self._blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._launch = _Launcher(direct)
+        # (amax [rows] float32, counts [rows, 4] int64, and their device pointers)
+        self._blocks: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+        self._launch = _Launcher(device, direct)
         self.used = 0
 
     @property
@@ -160,25 +172,36 @@ class StatsArena:
         """Whether launches bypass Triton's generic launcher (see :class:`_Launcher`)."""
         return self._launch.direct
 
+    def refresh(self) -> None:
+        """Re-read launch settings that may change between forwards (a profiler attaching)."""
+        self._launch.refresh()
+
     def reduce(self, t: torch.Tensor) -> int:
-        """Launch the reduction of ``t`` into a fresh slot (no host sync); returns the slot."""
+        """Launch the reduction of ``t`` into a fresh slot (no host sync); returns the slot.
+
+        Args:
+            t: a CUDA tensor on this arena's device, dtype in :data:`DTYPES`, any shape and
+                strides (a non-dense view is copied first).
+        """
         slot = self.used
+        self.used = slot + 1
         block, row = divmod(slot, self.rows)
         if block == len(self._blocks):
-            self._blocks.append((torch.zeros(self.rows, dtype=torch.float32, device=self.device),
-                                 torch.zeros(self.rows, 4, dtype=torch.int64, device=self.device)))
-        amax, counts = self._blocks[block]
+            amax = torch.zeros(self.rows, dtype=torch.float32, device=self.device)
+            counts = torch.zeros(self.rows, 4, dtype=torch.int64, device=self.device)
+            self._blocks.append((amax, counts, amax.data_ptr(), counts.data_ptr()))
         if t.numel():
             # Statistics ignore element order: any dense layout is read in place.
-            dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-            self._launch(t if dense else t.contiguous(), amax, counts, row)
-        self.used += 1
+            if not (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
+                t = t.contiguous()
+            amax, counts, amax_ptr, counts_ptr = self._blocks[block]
+            self._launch(t, amax, counts, row, amax_ptr, counts_ptr)
         return slot
 
     def read(self) -> list[tuple[float, ...]]:
         """Every used slot as ``(amax, nonfinite, nonzero, flush_to_zero, subnormal)``."""
         out: list[tuple[float, ...]] = []
-        for amax, counts in self._blocks:
+        for amax, counts, _, _ in self._blocks:
             a, c = amax.cpu().tolist(), counts.cpu().tolist()
             out += [(a[i], *map(float, c[i])) for i in range(len(a))]
         return out[: self.used]
