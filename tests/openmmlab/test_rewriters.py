@@ -4,10 +4,7 @@ mmdeploy ``RewriterContext``.
 Runs in the OpenMMLab environment `.ci/run` creates (see README, "Using fp16guard with
 mmdeploy"); skipped where mmdeploy is not installed.
 
-OpenMMLab's pretrained weights cannot be downloaded here and a randomly initialized PANet does not
-overflow, so the fixture makes the overflow real and explicit: it multiplies the gamma of the last
-BatchNorm of ``backbone.layer4`` (``layer4[-1].bn2``) until the block's output reaches ~1e5, the
-situation seed 002 patched.
+The overflow is made real and explicit by the PANet fixture (``panet.py``, ``conftest.py``).
 """
 
 import copy
@@ -26,67 +23,7 @@ import fp16guard.rewriters  # noqa: E402,F401 - registers the rewriters
 from fp16guard.fixing import calibrate  # noqa: E402
 from fp16guard.fp16_onnx import to_typed_fp16  # noqa: E402
 from fp16guard.backends import get_backend  # noqa: E402
-
-
-class Features(torch.nn.Module):
-    """PANet's backbone and neck: image ``[N, 3, H, W]`` -> the four FPEM_FFM feature maps."""
-
-    def __init__(self, detector):
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, x):
-        return self.detector.neck(self.detector.backbone(x))
-
-
-def _panet(calibration_image):
-    """mmocr's PANet (ResNet-18 + FPEM_FFM, the CTW1500 config) with random weights, eval mode, and
-    ``layer4[-1].norm2``'s gamma doubled until the backbone's last output reaches 1.5e5 on
-    ``calibration_image`` (the explicit overflow: see the module docstring)."""
-    import mmocr
-    import mmocr.models  # noqa: F401 - registers the models (register_all_modules needs torchvision)
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    from mmocr.registry import MODELS
-
-    init_default_scope("mmocr")
-    root = Path(mmocr.__file__).parent / ".mim" / "configs" / "textdet" / "panet"
-    cfg = Config.fromfile(str(root / "panet_resnet18_fpem-ffm_600e_ctw1500.py"))
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model).eval()
-    x = torch.from_numpy(calibration_image)
-    with torch.no_grad():
-        gamma = model.backbone.layer4[-1].norm2.weight
-        while float(model.backbone(x)[-1].abs().max()) < 1.5e5:
-            gamma.mul_(2.0)
-        # the neck's first BatchNorm after c5 normalizes it, as training would have made it: its
-        # running statistics are those of its input on this image (a running variance ~1e9)
-        conv, bn = model.neck.reduce_conv_c5[0], model.neck.reduce_conv_c5[1]
-        y = conv(model.backbone(x)[-1])
-        bn.running_mean.copy_(y.mean((0, 2, 3)))
-        bn.running_var.copy_(y.var((0, 2, 3)))
-    return model
-
-
-def _image(seed=0, size=320):
-    from skimage import data, transform
-
-    img = [data.astronaut, data.coffee, data.chelsea][seed]()
-    img = transform.resize(img, (size, size), anti_aliasing=True).astype(np.float32)
-    x = (img - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    calib = [_image(0), _image(1)]
-    net = Features(_panet(calib[0]))
-    with torch.no_grad():
-        assert float(net.detector.backbone(torch.from_numpy(calib[0]))[-1].abs().max()) > 65504
-    plan = calibrate(net, calib)
-    path = tmp_path_factory.mktemp("plan") / "plan.json"
-    plan.save(path)
-    return net, plan, path
+from panet import image  # noqa: E402
 
 
 def _export(net, x, deploy_cfg=None, opset=13):
@@ -127,7 +64,7 @@ def test_plan_names_the_block_and_the_neck_conv(setup):
 
 def test_plain_export_overflows_and_the_plan_export_does_not(setup):
     net, plan, path = setup
-    x = _image(2)  # validation image, not used for calibration
+    x = image(2)  # validation image, not used for calibration
     plain = _export(net, x)
     assert not all(np.isfinite(y).all() for y in _run_fp16(plain, x))
     fixed = _export(net, x, dict(fp16guard=dict(plan=str(path))))
@@ -146,7 +83,7 @@ def test_rewriters_apply_only_inside_the_context_and_leave_no_state(setup):
 
     net, plan, path = setup
     originals = (BasicBlock.forward, FPEM_FFM.forward)
-    x = _image(2)
+    x = image(2)
     cfg = dict(fp16guard=dict(plan=str(path)))
     first, second = _export(net, x, cfg), _export(net, x, cfg)
     assert first == second  # no hidden state between exports
@@ -212,7 +149,7 @@ def test_cli_calibrates_an_openmmlab_checkpoint_in_deploy_py_argument_order(setu
     plan = RewritePlan.load(out)
     scaled = {m["module"]: (m["input_exponent"], m["output_exponent"]) for m in plan.modules}
     assert scaled["model.backbone.layer4.1"][1] > 0 and scaled["model.neck.reduce_conv_c5"][1] == 0
-    x = _image(2)
+    x = image(2)
     fixed = _export(net, x, dict(fp16guard=dict(plan=str(out))))
     assert all(np.isfinite(y).all() for y in _run_fp16(fixed, x))
     assert main(["calibrate", "--model-cfg", str(model_cfg), str(ckpt), *images, "-o", str(out)]) == 2
@@ -249,7 +186,7 @@ def test_mmdeploy_own_onnx_export_applies_the_plan(setup, tmp_path):
     from fp16guard.openmmlab import export_onnx
 
     net, _, path = setup
-    x = _image(2)
+    x = image(2)
     cfg = dict(backend_config=dict(type="tensorrt"), onnx_config=dict(type="onnx"), fp16guard=dict(plan=str(path)))
     fixed = export_onnx(cfg, net.detector, NamedInput("chelsea", (x,)), tmp_path / "fixed").read_bytes()
     plain_cfg = {k: v for k, v in cfg.items() if k != "fp16guard"}
@@ -280,7 +217,7 @@ def test_dbnet_whole_model_through_the_generic_rewriters(tmp_path):
     root = Path(mmocr.__file__).parent / ".mim" / "configs" / "textdet" / "dbnet"
     torch.manual_seed(0)
     model = MODELS.build(Config.fromfile(str(root / "dbnet_resnet18_fpnc_1200e_icdar2015.py")).model).eval()
-    calib = [_image(0), _image(1)]
+    calib = [image(0), image(1)]
     x = torch.from_numpy(calib[0])
     with torch.no_grad():
         gamma = model.backbone.layer4[-1].norm2.weight
@@ -295,7 +232,7 @@ def test_dbnet_whole_model_through_the_generic_rewriters(tmp_path):
     assert len(plan.regions) >= 3 and not plan.rescale_ops and not plan.unfixable
     path = tmp_path / "plan.json"
     plan.save(path)
-    xv = _image(2)
+    xv = image(2)
     cfg = dict(onnx_config=dict(type="onnx", input_shape=None), fp16guard=dict(plan=str(path)))
     plain, fixed = _export(net, xv, opset=11), _export(net, xv, cfg, opset=11)
     assert not all(np.isfinite(y).all() for y in _run_fp16(plain, xv))
