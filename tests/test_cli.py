@@ -70,6 +70,8 @@ def test_torch_model_rejects_waveform_of_wrong_shape(capsys):
     (["inspect", "fp16guard.nothing:here", "--input", "x.npy"], "cannot import fp16guard.nothing:here"),
     (["inspect", "--example", "crepe-full", "--input", __file__], "unknown input type '.py'"),
     (["inspect"], "give a MODEL or --example NAME"),
+    (["export", "c.pth", "--img", "i.png"], "export needs --deploy-cfg D --model-cfg M CHECKPOINT --img IMG"),
+    (["export", "--deploy-cfg", "d.py", "--model-cfg", "m.py", "c.pth"], "export takes exactly one --img"),
 ])
 def test_bad_usage_exit_2(argv, message, capsys):
     assert main(argv) == 2
