@@ -1,15 +1,21 @@
-"""OpenMMLab models for ``fp16guard calibrate --deploy-cfg D --model-cfg M CHECKPOINT --img IMG``.
+"""OpenMMLab models for ``fp16guard calibrate|bisect|export --deploy-cfg D --model-cfg M CHECKPOINT --img IMG``.
 
 The arguments follow mmdeploy's ``tools/deploy.py`` (deploy config, model config, checkpoint,
-image). The model is built from its config with mmengine's registry in the config's
-``default_scope`` (``mmocr``, ``mmdet``, ...), the checkpoint loaded on the CPU, and each image
-goes through the model's own ``data_preprocessor`` (mean/std, BGR->RGB, padding), resized first
-to the deploy config's static ``onnx_config.input_shape`` when it has one. The dataset pipeline is
-not used: it imports torchvision, which has no build beside every torch.
+image).
 
-Calibration then runs on :class:`TensorForward`, the model's tensor-mode forward
-(``model._forward``: backbone, neck and head), so the plan covers what mmdeploy exports and its
-module scales match the modules the rewriters see (by fingerprint).
+Calibration and bisection (:func:`load_model`, :func:`model_inputs`): the model is built from its
+config with mmengine's registry in the config's ``default_scope`` (``mmocr``, ``mmdet``, ...), the
+checkpoint loaded on the CPU, and each image goes through the model's own ``data_preprocessor``
+(mean/std, BGR->RGB, padding), resized first to the deploy config's static
+``onnx_config.input_shape`` when it has one. The dataset pipeline is not used there, so these run
+where torchvision does not import. They run on :class:`TensorForward`, the model's tensor-mode
+forward (``model._forward``: backbone, neck and head), so the plan covers what mmdeploy exports
+and its module scales match the modules the rewriters see (by fingerprint).
+
+Export (:func:`torch2onnx`): mmdeploy's own ``mmdeploy.apis.torch2onnx`` with fp16guard's
+rewriters registered (it needs torchvision: the codebase's test pipeline imports it), or
+:func:`export_onnx` (``mmdeploy.apis.onnx.export`` on a model and input built here, no
+torchvision). :func:`verify_export` runs the result in strict FP16 against FP32.
 """
 
 from __future__ import annotations
