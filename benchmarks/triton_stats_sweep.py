@@ -2,11 +2,13 @@
 
     python benchmarks/triton_stats_sweep.py        # results_triton_sweep_h100.txt
 
-Captures the conv/BN/ReLU outputs of one batch-32 ResNet-50 forward (FP32 and FP16), prints their
-total size (the bytes any after-the-fact reduction must read: the overhead floor discussed in the
-README) and the time torch.amax takes over all of them, then times fp16guard's StatsArena over
-all of them for every launch configuration (tile size, warps, unroll, programs per SM) and prints
-the best. The configuration in fp16guard/triton_stats.py comes from this sweep.
+Captures the conv/BN/ReLU outputs of one batch-32 ResNet-50 forward (FP32 and FP16) and prints
+their total size: the bytes any after-the-fact reduction must read, the overhead floor discussed in
+the README. Then, for torch.amax (reference) and for fp16guard's kernel in every launch
+configuration (tile size, warps, unroll, programs per SM) and with 32- or 64-bit offsets, it times
+the reductions of all of them replayed as one CUDA graph: GPU time only, with no Python launch cost
+(an earlier version of this sweep timed eager launches, which on the H100's host measured the
+launch rate, not the kernel). The configuration in fp16guard/triton_stats.py comes from here.
 """
 import itertools
 import sys
@@ -18,37 +20,86 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fp16guard.triton_stats as T  # noqa: E402
 from inspect_overhead import make_resnet50  # noqa: E402
 
-dev = torch.device("cuda")
-base, _ = make_resnet50(); base = base.eval().to(dev)
-acts = {}
-with torch.no_grad():
-    for dt in (torch.float32, torch.float16):
-        m = base.to(dt); got = []
-        hs = [mod.register_forward_hook(lambda mod, a, o: got.append(o.clone()) if type(mod).__name__ in ("Conv2d", "BatchNorm2d", "ReLU") else None) for mod in m.modules()]
-        m(torch.randn(32, 3, 224, 224, device=dev, dtype=dt)); [h.remove() for h in hs]
-        acts[dt] = got
-def total(ts, n=5):
-    ar = T.StatsArena(dev, rows=4096)
-    for t in ts: ar.reduce(t)
-    torch.cuda.synchronize(); s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        for t in ts: ar.reduce(t)
-    e.record(); torch.cuda.synchronize(); return s.elapsed_time(e) / n
-for dt, ts in acts.items():
-    gb = sum(t.numel() * t.element_size() for t in ts) / 1e9
-    ref_s = torch.cuda.Event(enable_timing=True); ref_e = torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(); ref_s.record()
-    for t in ts: torch.amax(t)
-    ref_e.record(); torch.cuda.synchronize(); ref = ref_s.elapsed_time(ref_e)
-    print(f"{dt}: {len(ts)} conv/bn/relu outputs, {gb:.2f} GB; torch.amax over all: {ref:.2f} ms")
-best = None
-for block, warps, unroll, pps in itertools.product([512, 1024, 2048], [4, 8], [1, 2, 4, 8], [2, 4, 8]):
-    T.BLOCK, T.NUM_WARPS, T.UNROLL, T.PROGRAMS_PER_SM = block, warps, unroll, pps
-    ms = [total(ts) for ts in acts.values()]
-    gbs = [sum(t.numel() * t.element_size() for t in ts) / 1e6 / m for ts, m in zip(acts.values(), ms)]
-    line = f"block {block} warps {warps} unroll {unroll} pps {pps}: fp32 {ms[0]:.2f} ms ({gbs[0]:.0f} GB/s) fp16 {ms[1]:.2f} ms ({gbs[1]:.0f} GB/s)"
-    if best is None or sum(ms) < best[0]:
-        best = (sum(ms), (block, warps, unroll, pps), line)
-    print(line)
-print("BEST", *best[1], "|", best[2])
+
+def activations(dev):
+    """{dtype: [conv/BN/ReLU outputs of one batch-32 forward]}."""
+    base, _ = make_resnet50()
+    base = base.eval().to(dev)
+    acts = {}
+    with torch.no_grad():
+        for dt in (torch.float32, torch.float16):
+            m = base.to(dt)
+            got = []
+            hooks = [mod.register_forward_hook(lambda mod, a, o: got.append(o.clone())
+                                               if type(mod).__name__ in ("Conv2d", "BatchNorm2d", "ReLU") else None)
+                     for mod in m.modules()]
+            m(torch.randn(32, 3, 224, 224, device=dev, dtype=dt))
+            for h in hooks:
+                h.remove()
+            acts[dt] = got
+    return acts
+
+
+def graph_ms(fn, reps=20):
+    """Mean GPU time of ``fn``'s kernels, captured once as a CUDA graph and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main():
+    dev = torch.device("cuda")
+    acts = activations(dev)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    amax = torch.zeros(4096, device=dev)
+    counts = torch.zeros(4096, 4, dtype=torch.int64, device=dev)
+    print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {T.triton.__version__}; "
+          "GPU-only times (CUDA graph replay)")
+    for dt, ts in acts.items():
+        gb = sum(t.numel() * t.element_size() for t in ts) / 1e9
+        ref = graph_ms(lambda: [torch.amax(t) for t in ts])
+        print(f"{dt}: {len(ts)} conv/bn/relu outputs, {gb:.2f} GB (reading them at 3.35 TB/s: {gb / 3.35:.2f} ms); "
+              f"torch.amax over all: {ref:.2f} ms ({gb / ref * 1e3:.0f} GB/s)")
+
+    def reduce_all(ts, block, warps, unroll, pps, wide):
+        def fn():
+            for i, t in enumerate(ts):
+                n = t.numel()
+                grid = min((n + block * unroll - 1) // (block * unroll), pps * sms)
+                T._stats_kernel[(grid,)](t, amax, counts, n, i, BLOCK=block, UNROLL=unroll, WIDE=wide,
+                                         num_warps=warps)
+        return graph_ms(fn)
+
+    results = []
+    for block, warps, unroll, pps, wide in itertools.product([1024, 2048, 4096], [4, 8], [1, 2, 4], [4, 8, 16],
+                                                             [False, True]):
+        ms = [reduce_all(ts, block, warps, unroll, pps, wide) for ts in acts.values()]
+        results.append((sum(ms), block, warps, unroll, pps, wide, ms))
+    results.sort()
+    gb = [sum(t.numel() * t.element_size() for t in ts) / 1e9 for ts in acts.values()]
+    for total, block, warps, unroll, pps, wide, ms in results:
+        mark = "  <- fp16guard" if (block, warps, unroll, pps, wide) == (T.BLOCK, T.NUM_WARPS, T.UNROLL,
+                                                                          T.PROGRAMS_PER_SM, False) else ""
+        print(f"block {block} warps {warps} unroll {unroll} pps {pps} {'64' if wide else '32'}-bit offsets: "
+              f"fp32 {ms[0]:.2f} ms ({gb[0] / ms[0] * 1e3:.0f} GB/s) fp16 {ms[1]:.2f} ms "
+              f"({gb[1] / ms[1] * 1e3:.0f} GB/s){mark}")
+
+
+if __name__ == "__main__":
+    main()

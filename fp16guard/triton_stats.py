@@ -35,29 +35,38 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: exit_hook, *all_arguments_including_constexprs)``.
 DIRECT_LAUNCH_VERSIONS = ((3, 6),)  # read in its source and tested on the H100; add others once checked
 
-#: Launch configuration, tuned on an H100 (``benchmarks/inspect_overhead.py --breakdown``).
+#: Launch configuration, tuned on an H100 by GPU-only time (the reductions of ResNet-50's
+#: activations replayed as a CUDA graph: ``benchmarks/triton_stats_sweep.py``).
 BLOCK = 1024
-UNROLL = 4
+UNROLL = 1
 NUM_WARPS = 8
 #: Programs per streaming multiprocessor: enough loads in flight to saturate HBM, few atomics.
 PROGRAMS_PER_SM = 4
+#: Tensors with more elements than this use 64-bit offsets (32-bit ones could overflow near 2**31).
+WIDE_ABOVE = 2**30
 
 if triton is not None:
 
     @triton.jit(do_not_specialize=["n", "row"])
-    def _stats_kernel(x_ptr, amax_ptr, count_ptr, n, row, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+    def _stats_kernel(x_ptr, amax_ptr, count_ptr, n, row, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+                      WIDE: tl.constexpr):
         # Each program strides over the tensor, UNROLL independent tiles per step (loads in
         # flight), keeping per-lane partials; its five atomics come at the end. (One atomic per
         # tile serialized on the five addresses of the row and cost more than the reads.)
+        # Offsets are 32-bit unless WIDE (tensors of more than 2**30 elements): 64-bit index
+        # arithmetic cost 4-7% of the kernel's time on the H100 (benchmarks/triton_stats_sweep.py).
         pid = tl.program_id(0)
-        step = tl.num_programs(0).to(tl.int64) * (BLOCK * UNROLL)
+        step = tl.num_programs(0) * (BLOCK * UNROLL)
+        if WIDE:
+            pid = pid.to(tl.int64)
+            step = step.to(tl.int64)
         lanes = tl.arange(0, BLOCK)
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         nonfinite = tl.zeros((BLOCK,), dtype=tl.int32)
         nonzero = tl.zeros((BLOCK,), dtype=tl.int32)
         flushed = tl.zeros((BLOCK,), dtype=tl.int32)
         subnormal = tl.zeros((BLOCK,), dtype=tl.int32)
-        for start in range(pid.to(tl.int64) * (BLOCK * UNROLL), n, step):
+        for start in range(pid * (BLOCK * UNROLL), n, step):
             for u in tl.static_range(UNROLL):
                 offs = start + u * BLOCK + lanes
                 inside = offs < n
@@ -137,14 +146,16 @@ class _Launcher:
         n = x.numel()
         grid = min((n + BLOCK * UNROLL - 1) // (BLOCK * UNROLL), self._max_programs)
         ptr = x.data_ptr()
-        key = (x.dtype, ptr % 16 == 0)
+        wide = n > WIDE_ABOVE
+        key = (x.dtype, ptr % 16 == 0, wide)
         compiled = None if self._generic or not self.direct else self._compiled.get(key)
         if compiled is None:
             self._compiled[key] = _stats_kernel[(grid,)](x, amax, counts, n, row, BLOCK=BLOCK, UNROLL=UNROLL,
-                                                         num_warps=NUM_WARPS)
+                                                         WIDE=wide, num_warps=NUM_WARPS)
             return
         compiled.run(grid, 1, 1, self._stream(self._index), compiled.function,
-                     compiled.packed_metadata, None, None, None, ptr, amax_ptr, counts_ptr, n, row, BLOCK, UNROLL)
+                     compiled.packed_metadata, None, None, None, ptr, amax_ptr, counts_ptr, n, row, BLOCK, UNROLL,
+                     wide)
 
 
 class StatsArena:

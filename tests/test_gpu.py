@@ -36,6 +36,28 @@ def test_triton_stats_equal_eager_stats(dtype, n, direct):
         assert got == want
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-launch", "triton-launch"])
+def test_triton_stats_past_2_30_elements_use_wide_offsets(direct):
+    """A 2 GB FP16 tensor of 2**30 + 3 elements (64-bit offsets), with the values that matter
+    planted past element 2**30, before and after a small tensor (32-bit offsets) of the same dtype."""
+    from fp16guard.triton_stats import WIDE_ABOVE, StatsArena
+
+    n = 2**30 + 3
+    x = torch.full((n,), 0.5, dtype=torch.float16, device="cuda")
+    x[-1], x[-2], x[-3] = 6e4, math.nan, 1e-6  # amax, non-finite, subnormal: all past 2**30
+    small = x[-1000:].clone()
+    assert n > WIDE_ABOVE >= small.numel()
+    arena = StatsArena(x.device, direct=direct)
+    parts = [small, x, small, x]
+    slots = [arena.reduce(p) for p in parts]
+    rows = arena.read()
+    for slot, part in zip(slots, parts):
+        want = RangeStats.from_row(tensor_stats(part).tolist(), part.numel())
+        assert RangeStats.from_row(rows[slot], part.numel()) == want
+    amax, nonfinite = rows[slots[1]][:2]
+    assert amax == float(torch.tensor(6e4, dtype=torch.float16)) and nonfinite == 1  # the planted values
+
+
 def test_fused_and_eager_reports_agree_on_a_conv_net():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(inplace=True),
