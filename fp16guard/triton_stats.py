@@ -9,8 +9,8 @@ and folds its block's results into one row of a preallocated device buffer with 
 Launch cost. Triton's generic launcher (``kernel[grid](...)``) binds and specializes every
 argument on every call, some 20 us of Python. A hook launches one kernel per tensor, so
 :class:`_Launcher` keeps the compiled kernel for each specialization it can meet (input dtype,
-16-byte alignment of the input pointer) and calls its C launcher directly, the same call Triton's
-``JITFunction.run`` ends with. The direct call is used only on Triton versions whose launcher
+16-byte alignment of the input pointer, 32- or 64-bit offsets) and calls its C launcher directly,
+the same call Triton's ``JITFunction.run`` ends with. The direct call is used only on Triton versions whose launcher
 signature was checked (:data:`DIRECT_LAUNCH_VERSIONS`); elsewhere the generic launcher runs.
 
 Semantics are those of :data:`fp16guard.stats.STAT_FIELDS`; ``tests/test_inspector.py`` checks
