@@ -10,8 +10,9 @@ Launch cost. Triton's generic launcher (``kernel[grid](...)``) binds and special
 argument on every call, some 20 us of Python. A hook launches one kernel per tensor, so
 :class:`_Launcher` keeps the compiled kernel for each specialization it can meet (input dtype,
 16-byte alignment of the input pointer, 32- or 64-bit offsets) and calls its C launcher directly,
-the same call Triton's ``JITFunction.run`` ends with. The direct call is used only on Triton versions whose launcher
-signature was checked (:data:`DIRECT_LAUNCH_VERSIONS`); elsewhere the generic launcher runs.
+the same call Triton's ``JITFunction.run`` ends with. The direct call is used only on Triton
+versions whose launcher signature was checked (:data:`DIRECT_LAUNCH_VERSIONS`); elsewhere the
+generic launcher runs.
 
 Semantics are those of :data:`fp16guard.stats.STAT_FIELDS`; ``tests/test_inspector.py`` checks
 the two paths agree on the GPU.
