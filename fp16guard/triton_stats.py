@@ -14,7 +14,7 @@ the same call Triton's ``JITFunction.run`` ends with. The direct call is used on
 versions whose launcher signature was checked (:data:`DIRECT_LAUNCH_VERSIONS`); elsewhere the
 generic launcher runs.
 
-Semantics are those of :data:`fp16guard.stats.STAT_FIELDS`; ``tests/test_inspector.py`` checks
+Semantics are those of :data:`fp16guard.stats.STAT_FIELDS`; ``tests/test_gpu.py`` checks
 the two paths agree on the GPU.
 """
 
