@@ -104,18 +104,20 @@ class _Breakdown:
             arena._launch.direct = False
 
 
-def gpu_only_ms(model, x, iters) -> float:
-    """Median time of the plain forward replayed as a CUDA graph: its GPU work with no Python."""
+def graph_replay_ms(fn, iters) -> float:
+    """Median time of ``fn``'s CUDA work captured once as a CUDA graph and replayed ``iters`` times:
+    GPU work with no Python launch cost (milliseconds)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream):  # warm-up outside the capture (allocations, autotuning)
         for _ in range(3):
-            model(x)
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        model(x)
-    times = [timed(graph.replay, x.device) for _ in range(iters)]
+        fn()
+    device = torch.device("cuda")
+    times = [timed(graph.replay, device) for _ in range(iters)]
     return statistics.median(times) * 1e3
 
 
@@ -178,7 +180,7 @@ def bench(dtype, device, batch, iters, warmup, breakdown=False):
     gpu_ms = None
     if breakdown and device.type == "cuda":
         with torch.no_grad():
-            gpu_ms = gpu_only_ms(base, x, iters)
+            gpu_ms = graph_replay_ms(lambda: base(x), iters)
     return source, med, t_report, len(probe.report().calls), gpu_ms
 
 

@@ -6,7 +6,7 @@ Captures the conv/BN/ReLU outputs of one batch-32 ResNet-50 forward (FP32 and FP
 their total size: the bytes any after-the-fact reduction must read, the overhead floor discussed in
 the README. Then, for torch.amax (reference) and for fp16guard's kernel in every launch
 configuration (tile size, warps, unroll, programs per SM) and with 32- or 64-bit offsets, it times
-the reductions of all of them replayed as one CUDA graph: GPU time only, with no Python launch cost
+the reductions of all of them replayed as one CUDA graph (median of 20 replays): GPU time only, with no Python launch cost
 (an earlier version of this sweep timed eager launches, which on the H100's host measured the
 launch rate, not the kernel). The configuration in fp16guard/triton_stats.py comes from here.
 """
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fp16guard.triton_stats as T  # noqa: E402
-from inspect_overhead import make_resnet50  # noqa: E402
+from inspect_overhead import graph_replay_ms, make_resnet50  # noqa: E402
 
 
 def activations(dev):
@@ -40,29 +40,6 @@ def activations(dev):
     return acts
 
 
-def graph_ms(fn, reps=20):
-    """Mean GPU time of ``fn``'s kernels, captured once as a CUDA graph and replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def main():
     dev = torch.device("cuda")
     acts = activations(dev)
@@ -73,7 +50,7 @@ def main():
           "GPU-only times (CUDA graph replay)")
     for dt, ts in acts.items():
         gb = sum(t.numel() * t.element_size() for t in ts) / 1e9
-        ref = graph_ms(lambda: [torch.amax(t) for t in ts])
+        ref = graph_replay_ms(lambda: [torch.amax(t) for t in ts], 20)
         print(f"{dt}: {len(ts)} conv/bn/relu outputs, {gb:.2f} GB (reading them at 3.35 TB/s: {gb / 3.35:.2f} ms); "
               f"torch.amax over all: {ref:.2f} ms ({gb / ref * 1e3:.0f} GB/s)")
 
@@ -84,7 +61,7 @@ def main():
                 grid = min((n + block * unroll - 1) // (block * unroll), pps * sms)
                 T._stats_kernel[(grid,)](t, amax, counts, n, i, BLOCK=block, UNROLL=unroll, WIDE=wide,
                                          num_warps=warps)
-        return graph_ms(fn)
+        return graph_replay_ms(fn, 20)
 
     results = []
     for block, warps, unroll, pps, wide in itertools.product([1024, 2048, 4096], [4, 8], [1, 2, 4], [4, 8, 16],

@@ -177,6 +177,11 @@ def _tensorrt_export_on_the_cpu():
     original = api_utils.check_backend_device
 
     def check_backend_device(deploy_cfg, device):
+        """mmdeploy's check, except that ``cpu`` passes for TensorRT.
+
+        Raises:
+            ValueError: mmdeploy's own refusal, for every other mismatch.
+        """
         if device == "cpu" and get_backend(deploy_cfg) == Backend.TENSORRT:
             return None
         return original(deploy_cfg, device)
