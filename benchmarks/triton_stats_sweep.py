@@ -8,7 +8,7 @@ the README. Then, for torch.amax (reference) and for fp16guard's kernel in every
 configuration (tile size, warps, unroll, programs per SM) and with 32- or 64-bit offsets, it times
 the reductions of all of them replayed as one CUDA graph (median of 20 replays): GPU time only, with no Python launch cost
 (an earlier version of this sweep timed eager launches, which on the H100's host measured the
-launch rate, not the kernel). The configuration in fp16guard/triton_stats.py comes from here.
+launch rate, not the kernel). The configuration in fp16guard/inspect/triton_stats.py comes from here.
 """
 import itertools
 import sys
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fp16guard.triton_stats as T  # noqa: E402
+import fp16guard.inspect.triton_stats as T  # noqa: E402
 from inspect_overhead import graph_replay_ms, make_resnet50  # noqa: E402
 
 

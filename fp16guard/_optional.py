@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from fp16guard.errors import MissingDependencyError
 
 
-class MissingDependencyError(ImportError):
-    """An optional dependency is not installed; the message names the pip extra that brings it."""
 
 
 def require(module: str, *, extra: str, purpose: str) -> ModuleType:

@@ -3,9 +3,10 @@
 Commands: ``inspect`` (activation ranges), ``bisect`` (first module whose FP16 execution breaks the
 output), ``calibrate`` (write a rewrite plan), ``fix`` (rewrite, convert to typed FP16, verify),
 ``export`` (OpenMMLab models through mmdeploy's torch2onnx with fp16guard's rewriters),
-``fetch-examples``. Exit status: 0 clean, 1 FP16 overflow / an offender found, 2 bad usage
-(missing file, unreadable model, wrong input, unknown or missing backend, a model that cannot be
-split).
+``fetch-examples``. Exit status: 0 clean, 1 FP16 overflow / an offender found / a fixed model that
+still overflows, 2 bad usage (missing file, unreadable model, wrong input, unknown or missing
+backend, a model that cannot be split): each :class:`~fp16guard.errors.Fp16GuardError` carries its
+status. Anything else is a bug and ends in a traceback.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from typing import Sequence
 
 from rich.console import Console
 
-from . import __version__
-
-EXIT_CLEAN, EXIT_OVERFLOW, EXIT_USAGE = 0, 1, 2
+from fp16guard import __version__
+from fp16guard.errors import EXIT_CLEAN, EXIT_OVERFLOW, Fp16GuardError, InputError, UsageError
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL, --checkpoint, --input and --example: how every command names a model and its inputs."""
-    from .examples import EXAMPLES
+    from fp16guard.examples import EXAMPLES
 
     p.add_argument("model", nargs="?", help="an .onnx file, a .pt2 ExportedProgram, or package.module:factory")
     p.add_argument("--checkpoint", help="state_dict file for a package.module:factory model")
@@ -154,13 +154,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(args, console: Console) -> int:
-    from .loading import run_torch
-    from .onnx_inspector import inspect_onnx
+    from fp16guard.inspect import inspect_onnx, plot_report, print_report, run_torch
 
     model, inputs, framework, _ = _model_and_inputs(args, console)
     if framework == "onnx":
         if args.ops or args.half or args.device != "cpu":
-            raise _Usage("--ops, --half and --device apply to PyTorch models only")
+            raise UsageError("--ops, --half and --device apply to PyTorch models only")
         feeds = [i.arrays if i.kind == "arrays" else _no_raw(i) for i in inputs]
         report = inspect_onnx(model, feeds, labels=[i.label for i in inputs],
                               memory_budget=int(args.memory_budget * (1 << 30)),
@@ -172,29 +171,25 @@ def _inspect(args, console: Console) -> int:
 
             report = replace(report, source=args.example)
 
-    from .render import print_report
-
     print_report(report, console, top=args.top)
     if args.json:
         console.print(f"JSON report: {report.save_json(args.json)}")
     if args.plot:
-        from .plot import plot_report
-
         console.print(f"plot: {plot_report(report, args.plot)}")
     return EXIT_OVERFLOW if report.overflow_found else EXIT_CLEAN
 
 
 def _model_and_inputs(args, console: Console, *, require_inputs: bool = True):
     """(model, inputs, framework, display name) from MODEL/--example and --input."""
-    from .examples import get_example
-    from .inputs import load_inputs
-    from .loading import load_torch_model, model_kind
-    from .onnx_inspector import load_onnx
+    from fp16guard.examples import get_example
+    from fp16guard.inputs import load_inputs
+    from fp16guard.loading import load_torch_model, model_kind
+    from fp16guard.onnx_graph import load_onnx
 
     if not args.model and not args.example:
-        raise _Usage("give a MODEL or --example NAME")
+        raise UsageError("give a MODEL or --example NAME")
     if args.model and args.example:
-        raise _Usage("give either a MODEL or --example, not both")
+        raise UsageError("give either a MODEL or --example, not both")
     if args.example:
         ex = get_example(args.example)
         console.print(f"example [bold]{ex.name}[/]: {ex.description}")
@@ -204,15 +199,14 @@ def _model_and_inputs(args, console: Console, *, require_inputs: bool = True):
     model = load_onnx(args.model) if framework == "onnx" else load_torch_model(args.model, args.checkpoint)
     inputs = load_inputs(args.input)
     if not inputs and require_inputs:
-        raise _Usage(f"{args.model} needs at least one --input")
+        raise UsageError(f"{args.model} needs at least one --input")
     return model, inputs, framework, Path(args.model).name if framework == "onnx" else args.model
 
 
 def _bisect(args, console: Console) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .bisect import DEFAULT_TOLERANCE, bisect
-    from .render import print_bisect
+    from fp16guard.bisect import DEFAULT_TOLERANCE, bisect, plot_bisect, print_bisect
 
     if args.deploy_cfg or args.model_cfg or args.img:
         model, inputs, framework, name = _openmmlab_sets(args, console)
@@ -223,14 +217,14 @@ def _bisect(args, console: Console) -> int:
             if item.kind != "arrays":
                 _no_raw(item)
     if args.backend == "torch" and framework == "onnx":
-        raise _Usage("--backend torch runs PyTorch models; for an .onnx file use emulate, onnxruntime or tensorrt")
-    from .backends import get_backend
+        raise UsageError("--backend torch runs PyTorch models; for an .onnx file use emulate, onnxruntime or tensorrt")
+    from fp16guard.backends import get_backend
 
     options = {"allow_cpu": True} if args.allow_cpu and args.backend in ("onnxruntime", "auto") else {}
     try:
         backend = get_backend(args.backend, **options)
     except ValueError as e:  # unknown name
-        raise _Usage(str(e)) from None
+        raise UsageError(str(e)) from None
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
@@ -253,16 +247,14 @@ def _bisect(args, console: Console) -> int:
     if args.json:
         console.print(f"JSON result: {result.save_json(args.json)}")
     if args.plot:
-        from .plot import plot_bisect
-
         console.print(f"plot: {plot_bisect(result, args.plot)}")
     return EXIT_OVERFLOW if result.found else EXIT_CLEAN
 
 
 def _calibration_sets(args, console: Console):
     """(model, calibration inputs, validation inputs, framework, name, task metrics)."""
-    from .examples import get_example
-    from .inputs import load_inputs
+    from fp16guard.examples import get_example
+    from fp16guard.inputs import load_inputs
 
     if args.example:
         ex = get_example(args.example)
@@ -274,23 +266,24 @@ def _calibration_sets(args, console: Console):
     model, calibration, framework, name = _model_and_inputs(args, console,
                                                             require_inputs=not getattr(args, "plan", None))
     validation = load_inputs(getattr(args, "validate", []))
-    for item in [*calibration, *validation]:
-        if item.kind != "arrays":
-            _no_raw(item)
+    if framework == "onnx":  # a PyTorch model takes images and waveforms as inspect and bisect give them
+        for item in [*calibration, *validation]:
+            if item.kind != "arrays":
+                _no_raw(item)
     return model, calibration, validation, framework, name, {}
 
 
 def _openmmlab_sets(args, console: Console):
     """(model, calibration inputs, "torch", name) for --deploy-cfg/--model-cfg CHECKPOINT --img."""
-    from .openmmlab import TensorForward, load_deploy_cfg, load_model, model_inputs
+    from fp16guard.openmmlab import TensorForward, load_deploy_cfg, load_model, model_inputs
 
     if not (args.deploy_cfg and args.model_cfg and args.model):
-        raise _Usage("OpenMMLab models need --deploy-cfg D --model-cfg M CHECKPOINT --img IMG "
+        raise UsageError("OpenMMLab models need --deploy-cfg D --model-cfg M CHECKPOINT --img IMG "
                      "(the order of mmdeploy's tools/deploy.py)")
     if args.input or args.example:
-        raise _Usage("with --model-cfg give calibration images with --img, not --input/--example")
+        raise UsageError("with --model-cfg give calibration images with --img, not --input/--example")
     if not args.img:
-        raise _Usage("give at least one image with --img")
+        raise UsageError("give at least one image with --img")
     deploy_cfg = load_deploy_cfg(args.deploy_cfg)
     model = load_model(args.model_cfg, args.model)
     console.print(f"OpenMMLab model {type(model).__name__} from {args.model_cfg} + {args.model}")
@@ -298,14 +291,14 @@ def _openmmlab_sets(args, console: Console):
 
 
 def _export(args, console: Console) -> int:
-    from .openmmlab import load_deploy_cfg, load_model, model_inputs, torch2onnx, verify_export
-    from .render import print_verification
+    from fp16guard.openmmlab import load_deploy_cfg, load_model, model_inputs, torch2onnx, verify_export
+    from fp16guard.fix import print_verification
 
     if not (args.deploy_cfg and args.model_cfg):
-        raise _Usage("export needs --deploy-cfg D --model-cfg M CHECKPOINT --img IMG "
+        raise UsageError("export needs --deploy-cfg D --model-cfg M CHECKPOINT --img IMG "
                      "(the order of mmdeploy's tools/deploy.py)")
     if len(args.img) != 1:
-        raise _Usage("export takes exactly one --img (mmdeploy builds the export's input from it)")
+        raise UsageError("export takes exactly one --img (mmdeploy builds the export's input from it)")
     deploy_cfg = load_deploy_cfg(args.deploy_cfg)
     with console.status(f"mmdeploy torch2onnx: {args.checkpoint}"):
         path = torch2onnx(args.img[0], args.work_dir, args.save_file, deploy_cfg, args.model_cfg, args.checkpoint,
@@ -324,15 +317,14 @@ def _export(args, console: Console) -> int:
 
 
 def _calibrate(args, console: Console) -> int:
-    from .fixing import calibrate
-    from .render import print_plan
+    from fp16guard.fix import calibrate, print_plan
 
     if args.deploy_cfg or args.model_cfg or args.img:
         model, calibration, framework, name = _openmmlab_sets(args, console)
     else:
         model, calibration, _, framework, name, _ = _calibration_sets(args, console)
     if args.graph and framework == "onnx":
-        raise _Usage("--graph applies to PyTorch models; an ONNX model's plan always names its own graph")
+        raise UsageError("--graph applies to PyTorch models; an ONNX model's plan always names its own graph")
     with console.status(f"calibrating {name} on {len(calibration)} input(s)"):
         plan = calibrate(model, calibration, target_log2=args.target_log2, raise_underflow=args.raise_underflow,
                          source=name, graph=args.graph)
@@ -342,40 +334,36 @@ def _calibrate(args, console: Console) -> int:
 
 
 def _fix(args, console: Console) -> int:
-    from .fixing import FixError, fix_model
-    from .plan import RewritePlan
-    from .render import print_fix
+    from fp16guard.fix import fix_model, print_fix
+    from fp16guard.plan import RewritePlan
 
     model, calibration, validation, framework, name, metrics = _calibration_sets(args, console)
     plan = RewritePlan.load(args.plan) if args.plan else None
     if plan is None and not calibration:
-        raise _Usage("give calibration inputs (--input or --example) or a --plan")
+        raise UsageError("give calibration inputs (--input or --example) or a --plan")
     if args.output.endswith(".pt2"):
         output = "torch"
         if framework != "torch":
-            raise _Usage(f"-o {args.output}: a .pt2 program comes from a PyTorch model; write an .onnx for {name}")
+            raise UsageError(f"-o {args.output}: a .pt2 program comes from a PyTorch model; write an .onnx for {name}")
     elif args.output.endswith(".onnx"):
         output = "onnx"
     else:
-        raise _Usage(f"-o {args.output}: give an .onnx or (PyTorch models) a .pt2 path")
+        raise UsageError(f"-o {args.output}: give an .onnx or (PyTorch models) a .pt2 path")
     if output == "torch" and args.backend not in ("emulate", "torch"):
-        raise _Usage(f"--backend {args.backend} runs ONNX models; a .pt2 is verified on emulate or torch")
+        raise UsageError(f"--backend {args.backend} runs ONNX models; a .pt2 is verified on emulate or torch")
     if output == "onnx" and args.backend == "torch":
-        raise _Usage("--backend torch runs .pt2 programs; an .onnx is verified on emulate, onnxruntime or tensorrt")
+        raise UsageError("--backend torch runs .pt2 programs; an .onnx is verified on emulate, onnxruntime or tensorrt")
     with console.status(f"fixing {name}: calibrate, rewrite, verify on {args.backend}"):
-        try:
-            result = fix_model(model, calibration, plan=plan, validation=validation, output=output,
-                               target_log2=args.target_log2, raise_underflow=args.raise_underflow,
-                               fallback=args.fallback, backend=args.backend, metrics=metrics, force=args.force,
-                               source=name)
-        except FixError as e:
-            print(f"fp16guard: {e}", file=sys.stderr)
-            return EXIT_OVERFLOW
+        result = fix_model(model, calibration, plan=plan, validation=validation, output=output,
+                           target_log2=args.target_log2, raise_underflow=args.raise_underflow,
+                           fallback=args.fallback, backend=args.backend, metrics=metrics, force=args.force,
+                           source=name)
     print_fix(result, console)
     if output == "torch":
-        from .torch_rewrite import examples_of, save_program
+        from fp16guard.fix.torch_pass import save_program
+        from fp16guard.inputs import torch_args
 
-        save_program(result.fixed, examples_of([*calibration, *validation]), args.output)
+        save_program(result.fixed, [torch_args(i) for i in [*calibration, *validation]], args.output)
         console.print(f"fixed typed FP16 program: {args.output} (torch.export.load(path).module())")
     else:
         import onnx
@@ -385,22 +373,21 @@ def _fix(args, console: Console) -> int:
     if args.save_plan:
         console.print(f"plan: {result.plan.save(args.save_plan)}")
     if args.json:
-        import json
+        from fp16guard.jsonio import write
 
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        write(result.to_json(), args.json)
         console.print(f"JSON report: {args.json}")
     return EXIT_CLEAN if result.verification.finite else EXIT_OVERFLOW
 
 
 def _no_raw(item):
-    from .inputs import InputError
-
+    """Refuse a raw image or waveform for an ONNX model (it needs the model's own preprocessing)."""
     raise InputError(f"{item.label}: an ONNX model takes .npy/.npz arrays, not a raw {item.kind}; "
                      "convert it with the model's preprocessing first")
 
 
 def _fetch(args, console: Console) -> int:
-    from .examples.assets import ASSETS, asset_path
+    from fp16guard.examples.assets import ASSETS, asset_path
 
     for name, asset in ASSETS.items():
         path = asset_path(name)
@@ -408,45 +395,24 @@ def _fetch(args, console: Console) -> int:
     return EXIT_CLEAN
 
 
-class _Usage(Exception):
-    pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fp16guard`` console script; returns the exit status."""
-    from ._optional import MissingDependencyError
-    from .examples.assets import AssetError
-    from .inputs import InputError
-    from .backends import BackendError
-    from .bisect import BisectError
-    from .onnx_inspector import ModelLoadError
-    from .onnx_split import OnnxSplitError
-    from .torch_split import SplitError
-    from .export import ExportError
-    from .plan import PlanError
-    from .onnx_rewrite import RewriteError
+    """Entry point of the ``fp16guard`` console script; returns the exit status.
 
+    An :class:`~fp16guard.errors.Fp16GuardError` is printed as one line on stderr and exits with its
+    ``exit_code`` (2 for usage and input errors, 1 for a fixed model that still overflows); any
+    other exception propagates with its traceback.
+    """
     args = _parser().parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 150)
+    commands = {"inspect": _inspect, "bisect": _bisect, "calibrate": _calibrate, "fix": _fix, "export": _export,
+                "fetch-examples": _fetch}
     try:
-        if args.command == "inspect":
-            return _inspect(args, console)
-        if args.command == "bisect":
-            return _bisect(args, console)
-        if args.command == "calibrate":
-            return _calibrate(args, console)
-        if args.command == "fix":
-            return _fix(args, console)
-        if args.command == "export":
-            return _export(args, console)
-        return _fetch(args, console)
-    except (_Usage, InputError, ModelLoadError, MissingDependencyError, AssetError, KeyError, BackendError,
-            BisectError, OnnxSplitError, SplitError, ExportError, PlanError, RewriteError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"fp16guard: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
+        return commands[args.command](args, console)
+    except Fp16GuardError as e:
+        print(f"fp16guard: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Pure math of the rewrites: BatchNorm folding and power-of-two rescaling of weights.
 
-Arrays in, arrays out, no graphs: the ONNX rewriter (:mod:`fp16guard.onnx_rewrite`), the PyTorch
-rewriter (:mod:`fp16guard.torch_rewrite`) and the TensorRT helpers share these functions, so the
+Arrays in, arrays out, no graphs: the ONNX rewriter (:mod:`fp16guard.fix.onnx_pass`), the PyTorch
+rewriter (:mod:`fp16guard.fix.torch_pass`) and the TensorRT helpers share these functions, so the
 three paths cannot drift apart. Everything is computed in float64 and returned in float64; callers
 cast to their storage type (FP32 in the FP32 graph, FP16 when the graph is converted).
 
@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from .fp16 import FP16_MIN_NORMAL
+from fp16guard.fp16 import FP16_MIN_NORMAL
 
 
 def fold_batchnorm(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,

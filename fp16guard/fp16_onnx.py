@@ -31,8 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
-from .onnx_inspector import _value_types, graph_constants
+from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
+from fp16guard.onnx_graph import graph_constants, value_types
 
 #: Ops kept in FP32 (with Casts around them) by default: no FP16 form in ONNX Runtime / TensorRT,
 #: or float inputs that are really coordinates/indices.
@@ -238,7 +238,7 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor: shape inference, initializers, and ``Constant`` values."""
-    types = _value_types(model)
+    types = value_types(model)
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:

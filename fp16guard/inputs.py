@@ -1,8 +1,15 @@
-"""Model inputs from files: ``.npy``, ``.npz``, images and ``.wav``.
+"""Model inputs: files (``.npy``, ``.npz``, images, ``.wav``) to :class:`NamedInput`, and the one
+path from a :class:`NamedInput` to what a model is fed.
 
 Every loader returns a :class:`NamedInput`: the arrays to feed, by position, and a label for the
 report. What an image or a waveform becomes depends on the model; :func:`load_input` returns the
 raw decoded array and the example (or the user's model) applies its own preprocessing.
+
+Every command feeds models through three functions: :func:`as_inputs` (whatever the Python API
+was given -> ``NamedInput`` items), :func:`onnx_feed` (one item -> ``{input name: array}``) and
+:func:`torch_args` (one item -> a tuple of tensors; raw images and waveforms get the generic
+layout a PyTorch model takes). So ``inspect``, ``bisect``, ``calibrate`` and ``fix`` accept the
+same inputs for the same model.
 """
 
 from __future__ import annotations
@@ -10,15 +17,15 @@ from __future__ import annotations
 import wave
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+from fp16guard.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 AUDIO_SUFFIXES = {".wav"}
 
 
-class InputError(ValueError):
-    """An input file is missing, unreadable, or does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -125,3 +132,69 @@ def load_inputs(paths) -> list[NamedInput]:
         else:
             out.append(load_input(p))
     return out
+
+
+def as_inputs(inputs, *, what: str = "input") -> list[NamedInput]:
+    """Inputs given to the Python API as :class:`NamedInput` items.
+
+    Args:
+        inputs: a ``NamedInput``, or a sequence of ``NamedInput`` items, arrays or tensors (one
+            input each), or tuples/lists of them (multi-input models).
+        what: how the items are labelled when they have no label (``calibration input 0``).
+
+    Returns:
+        One ``NamedInput`` per item (tensors copied to numpy on the CPU); an empty list for no input.
+    """
+    if isinstance(inputs, NamedInput):
+        return [inputs]
+    out = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, NamedInput):
+            out.append(item)
+        else:
+            arrays = item if isinstance(item, (tuple, list)) else (item,)
+            out.append(NamedInput(f"{what} {i}", tuple(np.asarray(a.detach().cpu() if hasattr(a, "detach") else a)
+                                                       for a in arrays)))
+    return out
+
+
+def onnx_feed(input_names: Sequence[str], item: NamedInput) -> dict[str, np.ndarray]:
+    """One input as an ONNX feed, ``{graph input name: array}``.
+
+    Arrays are matched to ``input_names`` by position; floating arrays become float32 (the FP32
+    model's input type), others are kept.
+
+    Raises:
+        InputError: a raw image or waveform (an ONNX model needs its own preprocessing), or the
+            wrong number of arrays.
+    """
+    if item.kind != "arrays":
+        raise InputError(f"{item.label}: an ONNX model takes .npy/.npz arrays, not a raw {item.kind}; "
+                         "convert it with the model's preprocessing first")
+    if len(item.arrays) != len(input_names):
+        raise InputError(f"{item.label}: the model takes {len(input_names)} input(s) "
+                         f"({', '.join(input_names)}), got {len(item.arrays)}")
+    return {n: np.ascontiguousarray(a.astype(np.float32) if a.dtype.kind == "f" else a)
+            for n, a in zip(input_names, item.arrays)}
+
+
+def torch_args(item: NamedInput):
+    """One input as the argument tuple of a PyTorch model's ``forward``.
+
+    Images become ``float32 [1, 3, H, W]`` in [0, 1], waveforms ``float32 [1, T]``; arrays are
+    taken as they are, float64 cast to float32.
+
+    Returns:
+        ``tuple[torch.Tensor, ...]`` on the CPU.
+    """
+    import torch
+
+    if item.kind == "image":
+        return (torch.from_numpy(item.arrays[0].astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous(),)
+    if item.kind == "audio":
+        return (torch.from_numpy(item.arrays[0].astype(np.float32))[None],)
+    out = []
+    for a in item.arrays:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        out.append(t.float() if t.dtype == torch.float64 else t)
+    return tuple(out)

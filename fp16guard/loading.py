@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 
-from .inputs import InputError, NamedInput
-from .onnx_inspector import ModelLoadError
+from fp16guard.errors import ModelLoadError
 
 
 def model_kind(spec: str) -> str:
@@ -77,56 +74,3 @@ def load_torch_model(spec: str, checkpoint: str | None = None) -> torch.nn.Modul
         except RuntimeError as e:
             raise ModelLoadError(f"{path} does not fit {spec}: {str(e).splitlines()[0]}") from None
     return model.eval()
-
-
-def to_tensors(item: NamedInput) -> tuple[torch.Tensor, ...]:
-    """Arrays of a :class:`NamedInput` as tensors for a generic PyTorch model.
-
-    Images become ``float32 [1, 3, H, W]`` in [0, 1], waveforms ``float32 [1, T]``; arrays are
-    taken as they are (float64 is cast to float32).
-    """
-    if item.kind == "image":
-        return (torch.from_numpy(item.arrays[0].astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous(),)
-    if item.kind == "audio":
-        return (torch.from_numpy(item.arrays[0].astype(np.float32))[None],)
-    out = []
-    for a in item.arrays:
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        out.append(t.float() if t.dtype == torch.float64 else t)
-    return tuple(out)
-
-
-def run_torch(model: torch.nn.Module, inputs: Sequence[NamedInput], *, ops: bool = False,
-              device: str = "cpu", half: bool = False):
-    """Run ``model`` on every input under :class:`~fp16guard.FInspect` and return the report.
-
-    The model is deep-copied before it is moved to ``device`` or cast to FP16, so the caller's
-    model is untouched.
-
-    Raises:
-        InputError: the model rejects an input (wrong shape or dtype); the message gives the
-            input's shapes and the model's first error line.
-    """
-    from .inspector import FInspect
-
-    if device != "cpu" or half:
-        import copy
-
-        model = copy.deepcopy(model).to(device)
-        if half:
-            model = model.half()
-    with torch.no_grad(), FInspect(model, ops=ops) as probe:
-        for item in inputs:
-            tensors = [t.to(device) for t in to_tensors(item)]
-            if half:
-                tensors = [t.half() if t.is_floating_point() else t for t in tensors]
-            try:
-                model(*tensors)
-            except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                shapes = ", ".join(str(list(t.shape)) for t in tensors)
-                raise InputError(f"the model rejected input {item.label} of shape {shapes}: "
-                                 f"{str(e).strip().splitlines()[0]}") from None
-    report = probe.report()
-    from dataclasses import replace
-
-    return replace(report, inputs=tuple(i.label for i in inputs))

@@ -29,9 +29,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ._optional import require
-from .inputs import NamedInput, read_image
-from .onnx_inspector import ModelLoadError
+from fp16guard._optional import require
+from fp16guard.inputs import NamedInput, read_image
+from fp16guard.errors import ModelLoadError
 
 
 class TensorForward(torch.nn.Module):
@@ -249,15 +249,15 @@ def verify_export(onnx_path: str | Path, inputs: Sequence[NamedInput], *, backen
     FP32 (ONNX Runtime, CPU) on ``inputs`` (from :func:`model_inputs`).
 
     Returns:
-        A :class:`fp16guard.fixing.Verification` with one row per input, variant ``exported``.
+        A :class:`fp16guard.compare.Verification` with one row per input, variant ``exported``.
 
     Raises:
         ModelLoadError: the ONNX file cannot be read.
     """
     import onnx
 
-    from .fixing import verify_onnx
-    from .fp16_onnx import to_typed_fp16
+    from fp16guard.fix.pipeline import verify_onnx
+    from fp16guard.fp16_onnx import to_typed_fp16
 
     try:
         model = onnx.load(str(onnx_path))

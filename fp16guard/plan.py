@@ -16,12 +16,11 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from fp16guard.errors import PlanError
 
 SCHEMA = "fp16guard.plan/1"
 
 
-class PlanError(ValueError):
-    """A plan file is missing, malformed, from another schema version, or does not match the model."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, headroom_bits
+from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, headroom_bits
 
 STAT_FIELDS = ("amax", "nonfinite", "nonzero", "flush_to_zero", "subnormal")
 

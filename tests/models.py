@@ -3,6 +3,7 @@
 from collections import namedtuple
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,3 +79,56 @@ class Raises(nn.Module):
 def toy_factory() -> nn.Module:
     torch.manual_seed(0)
     return Overflowing()
+
+
+class Block(nn.Module):
+    """The attribute layout of ``mmdet.models.backbones.resnet.BasicBlock`` (conv1, norm1, conv2,
+    norm2, relu, downsample) with its forward; the real class is tested in tests/openmmlab."""
+
+    def __init__(self, cin, c, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, c, 3, stride, 1, bias=False)
+        self.norm1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+        self.downsample = None if stride == 1 and cin == c else nn.Sequential(
+            nn.Conv2d(cin, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class Net(nn.Module):
+    """A stem conv, three :class:`Block` s (one strided) and a conv/BN/ReLU head with a sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer = nn.Sequential(Block(8, 8), Block(8, 16, stride=2), Block(16, 16))
+        self.head = nn.Sequential(nn.Conv2d(16, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        return self.head(self.layer(self.stem(x))).sigmoid()
+
+
+def residual_net():
+    """A :class:`Net` whose last block writes about 2e5 (beyond FP16), BatchNorm statistics randomized."""
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        for bn in net.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2)
+        net.layer[2].norm2.weight.fill_(2e5)  # the last block writes ~2e5
+        net.head[0].weight.mul_(1e-4)
+    return net
+
+
+def residual_input(seed):
+    """A ``float32 [1, 3, 16, 16]`` normal input for :class:`Net`."""
+    return np.random.default_rng(seed).normal(size=(1, 3, 16, 16)).astype(np.float32)

@@ -14,11 +14,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 import fp16guard
 from fp16guard.cli import main
-from fp16guard.fixing import FixError, apply_onnx, calibrate_onnx, fix_model, prepare_onnx
+from fp16guard.errors import FixError
+from fp16guard.fix.pipeline import apply_onnx, calibrate_onnx, fix_model, prepare_onnx
 from fp16guard.inputs import NamedInput
-from fp16guard.onnx_rewrite import apply_exponents, scale_ops
+from fp16guard.fix.onnx_pass import apply_exponents, scale_ops
 from fp16guard.plan import PlanError, RewritePlan
-from fp16guard.scaling import Role, ScaleOp, complete, solve
+from fp16guard.fix.solver import Role, ScaleOp, complete, solve
 
 
 def _model(nodes, inits, x_shape, out, out_shape=None):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 4095, 4096, 100_003, 3_000_000])
 def test_triton_stats_equal_eager_stats(dtype, n, direct):
-    from fp16guard.triton_stats import StatsArena
+    from fp16guard.inspect.triton_stats import StatsArena
 
     g = torch.Generator(device="cuda").manual_seed(n)
     x = torch.randn(n, device="cuda", generator=g) * torch.logspace(-12, 6, n, device="cuda")
@@ -40,7 +40,7 @@ def test_triton_stats_equal_eager_stats(dtype, n, direct):
 def test_triton_stats_past_2_30_elements_use_wide_offsets(direct):
     """A 2 GB FP16 tensor of 2**30 + 3 elements (64-bit offsets), with the values that matter
     planted past element 2**30, before and after a small tensor (32-bit offsets) of the same dtype."""
-    from fp16guard.triton_stats import WIDE_ABOVE, StatsArena
+    from fp16guard.inspect.triton_stats import WIDE_ABOVE, StatsArena
 
     n = 2**30 + 3
     x = torch.full((n,), 0.5, dtype=torch.float16, device="cuda")
@@ -72,7 +72,7 @@ def test_fused_and_eager_reports_agree_on_a_conv_net():
 
 
 def test_channels_last_and_strided_tensors_are_measured_whole():
-    from fp16guard.triton_stats import StatsArena
+    from fp16guard.inspect.triton_stats import StatsArena
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4, 8, 16, 16, device="cuda", generator=g) * 1e3
@@ -123,7 +123,7 @@ def test_bisect_ppocr_on_the_cuda_ep_agrees_with_the_emulation():
 def test_fixed_crepe_program_on_real_fp16_cuda_kernels_matches_the_emulation():
     """The .pt2 program fp16guard fix writes for crepe-full, run by PyTorch's FP16 CUDA kernels."""
     from fp16guard.examples import get_example
-    from fp16guard.fixing import fix_model
+    from fp16guard.fix import fix_model
 
     ex = get_example("crepe-full")
     runs = {b: fix_model(ex.load(), ex.calibration(), validation=ex.validation(), metrics=ex.task_metrics,

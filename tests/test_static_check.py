@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fp16guard.static_check import check_module, check_state_dict, fold_batchnorm
+from fp16guard.inspect.static_check import check_module, check_state_dict, fold_batchnorm
 
 
 def test_fold_batchnorm_matches_torch_eval_batchnorm():

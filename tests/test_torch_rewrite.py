@@ -11,11 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp16guard.cli import main
-from fp16guard.fixing import FixError, apply_torch, calibrate, calibrate_torch, fix_model
+from fp16guard.errors import FixError
+from fp16guard.fix.pipeline import apply_torch, calibrate, calibrate_torch, fix_model
+from fp16guard.torch_graph import capture
 from fp16guard.inputs import NamedInput
 from fp16guard.plan import PlanError
-from fp16guard.scaling import Role, complete
-from fp16guard import torch_rewrite as tr
+from fp16guard.fix.solver import Role, complete
+from fp16guard.fix import torch_pass as tr
 
 
 class Residual(nn.Module):
@@ -50,7 +52,7 @@ def _x(seed=1, shape=(1, 3, 8, 8)):
 
 def _captured(module, shape=(1, 3, 8, 8)):
     x = torch.from_numpy(_x(0, shape))
-    gm = tr.capture(module.eval(), [(x,)])
+    gm = capture(module.eval(), [(x,)])
     return tr.annotate(gm, (x,))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from .base import Backend, BackendError, Engine, content_hash
+from fp16guard.backends.base import Backend, BackendError, Engine, content_hash
 
 BACKENDS = ("emulate", "onnxruntime", "torch", "tensorrt")
 
@@ -27,7 +27,7 @@ def default_backend_name() -> str:
     """``tensorrt`` if importable, else ``onnxruntime`` if its CUDA EP is present, else ``emulate``."""
     if importlib.util.find_spec("tensorrt") is not None:
         return "tensorrt"
-    from .onnxruntime import cuda_available
+    from fp16guard.backends.onnxruntime import cuda_available
 
     return "onnxruntime" if cuda_available() else "emulate"
 
@@ -46,19 +46,19 @@ def get_backend(name: str = "auto", **options) -> Backend:
     if name == "auto":
         name = default_backend_name()
     if name == "emulate":
-        from .emulate import EmulateBackend
+        from fp16guard.backends.emulate import EmulateBackend
 
         return EmulateBackend(**options)
     if name == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeBackend
+        from fp16guard.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(**options)
     if name == "torch":
-        from .torch_fp16 import TorchBackend
+        from fp16guard.backends.torch_fp16 import TorchBackend
 
         return TorchBackend(**options)
     if name == "tensorrt":
-        from .tensorrt import TensorRTBackend
+        from fp16guard.backends.tensorrt import TensorRTBackend
 
         return TensorRTBackend(**options)
     raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")

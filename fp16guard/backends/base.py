@@ -8,11 +8,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
+from fp16guard.errors import BackendError
 
 
-class BackendError(RuntimeError):
-    """A backend cannot be used here (not installed, no GPU, refuses the request); the message
-    says what to install or which backend to pick instead."""
 
 
 def content_hash(model: onnx.ModelProto) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import onnx
 
-from .base import Backend, BackendError, Engine
-from .emulate import OrtEngine
+from fp16guard.backends.base import Backend, BackendError, Engine
+from fp16guard.backends.emulate import OrtEngine
 
 
 def cuda_available() -> bool:

@@ -41,14 +41,14 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .base import Backend, BackendError, Engine, content_hash
+from fp16guard.backends.base import Backend, BackendError, Engine, content_hash
 
 logger = logging.getLogger("fp16guard")
 
 
 def import_tensorrt():
     """``tensorrt`` (or TensorRT-RTX), or :class:`fp16guard._optional.MissingDependencyError` naming the extra."""
-    from ..trt import import_tensorrt as _import
+    from fp16guard.trt import import_tensorrt as _import
 
     return _import("the tensorrt backend")
 
@@ -213,7 +213,7 @@ class TensorRTBackend(Backend):
         self.trt = import_tensorrt()
         self.workspace_bytes = workspace_bytes
         if cache_dir is None or cache_dir is True:
-            from ..examples.assets import cache_dir as fp16guard_cache
+            from fp16guard.cache import cache_dir as fp16guard_cache
 
             cache_dir = fp16guard_cache() / "tensorrt"
         self.cache_dir = Path(cache_dir) if cache_dir else None

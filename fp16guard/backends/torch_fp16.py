@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import torch
 
-from .base import Backend, BackendError, Engine
+from fp16guard.backends.base import Backend, BackendError, Engine
 
 
 class TorchEngine(Engine):

@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..inputs import InputError, NamedInput, read_wav
+from fp16guard.errors import InputError, UsageError
+from fp16guard.inputs import NamedInput, read_wav
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def speech_wav() -> Path:
 
 
 def _ppocr_prepare(raw: NamedInput) -> NamedInput:
-    from . import ppocr
+    from fp16guard.examples import ppocr
 
     if raw.kind == "image":
         return NamedInput(raw.label, (ppocr.preprocess(raw.arrays[0]),))
@@ -69,13 +70,13 @@ def _ppocr_prepare(raw: NamedInput) -> NamedInput:
 
 
 def _ppocr_inputs() -> list[NamedInput]:
-    from . import ppocr
+    from fp16guard.examples import ppocr
 
     return [NamedInput(f"skimage.data.{k}()", (ppocr.preprocess(v),)) for k, v in ppocr.photos().items()]
 
 
 def _ppocr_split(names: tuple[str, ...], normalize: bool = True) -> list[NamedInput]:
-    from . import ppocr
+    from fp16guard.examples import ppocr
 
     photos = ppocr.photos(names)
     suffix = "" if normalize else " (0..255 pixels)"
@@ -83,7 +84,7 @@ def _ppocr_split(names: tuple[str, ...], normalize: bool = True) -> list[NamedIn
 
 
 def _crepe_prepare(raw: NamedInput, hop_ms: float = 50.0) -> NamedInput:
-    from .crepe import frames_from_audio
+    from fp16guard.examples.crepe import frames_from_audio
 
     if raw.kind == "audio":
         frames = frames_from_audio(raw.arrays[0], raw.sample_rate or 16000, hop_ms=hop_ms)
@@ -101,7 +102,7 @@ def _crepe_inputs() -> list[NamedInput]:
 def _crepe_validation() -> list[NamedInput]:
     """Frames calibration never sees: the speech at a 25 ms offset (between the 50 ms calibration
     hops), and a synthetic vowel-like tone (a glide from 110 to 440 Hz with 8 harmonics)."""
-    from .crepe import SAMPLE_RATE
+    from fp16guard.examples.crepe import SAMPLE_RATE
 
     x, rate = read_wav(speech_wav())
     shifted = _crepe_prepare(NamedInput("speech.wav +25 ms", (x[int(0.025 * rate):],), rate, "audio"))
@@ -114,25 +115,25 @@ def _crepe_validation() -> list[NamedInput]:
 
 
 def _ppocr_load():
-    from .ppocr import model_path
+    from fp16guard.examples.ppocr import model_path
 
     return model_path()
 
 
 def _crepe_load():
-    from .crepe import load_crepe
+    from fp16guard.examples.crepe import load_crepe
 
     return load_crepe("full")
 
 
 def _mask_iou(outputs, reference) -> float:
-    from .ppocr import mask_iou
+    from fp16guard.examples.ppocr import mask_iou
 
     return mask_iou(outputs[0], reference[0])
 
 
 def _pitch_agreement(outputs, reference) -> float:
-    from .crepe import pitch_agreement
+    from fp16guard.examples.crepe import pitch_agreement
 
     return pitch_agreement(outputs[0], reference[0])
 
@@ -160,9 +161,8 @@ def get_example(name: str) -> Example:
     """The example called ``name``.
 
     Raises:
-        KeyError: unknown name (the message lists the known ones).
+        UsageError: unknown name (the message lists the known ones).
     """
-    try:
-        return EXAMPLES[name]
-    except KeyError:
-        raise KeyError(f"unknown example {name!r}; known: {', '.join(EXAMPLES)}") from None
+    if name not in EXAMPLES:
+        raise UsageError(f"unknown example {name!r}; known: {', '.join(EXAMPLES)}")
+    return EXAMPLES[name]

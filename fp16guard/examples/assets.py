@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from fp16guard.cache import cache_dir
+from fp16guard.errors import AssetError
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,6 @@ ASSETS: dict[str, WheelAsset] = {
 }
 
 
-class AssetError(RuntimeError):
-    """An example's model file could not be found or fetched."""
-
-
-def cache_dir() -> Path:
-    """Where fetched files live: ``$FP16GUARD_CACHE`` or ``~/.cache/fp16guard``."""
-    return Path(os.environ.get("FP16GUARD_CACHE", Path.home() / ".cache" / "fp16guard"))
 
 
 def _sha256(path: Path) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .assets import asset_path
+from fp16guard.examples.assets import asset_path
 
 SAMPLE_RATE = 16000
 WINDOW_SIZE = 1024

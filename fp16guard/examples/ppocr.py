@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._optional import require
-from .assets import asset_path
+from fp16guard._optional import require
+from fp16guard.examples.assets import asset_path
 
 LIMIT_SIDE_LEN = 736
 #: RapidOCR / PP-OCR ``det_db_thresh``: a pixel is text when its probability exceeds it.

@@ -20,9 +20,9 @@ from mmdeploy.core import FUNCTION_REWRITER
 # here, before any context, keeps the count unchanged across the context.
 importlib.import_module("mmengine.model")
 
-from ..module_scales import ScaleTable
-from ..plan import PlanError, RewritePlan
-from .blocks import basic_block_forward, batchnorm_forward, conv_forward, fpem_ffm_forward, linear_forward
+from fp16guard.fix.module_scales import ScaleTable
+from fp16guard.plan import PlanError, RewritePlan
+from fp16guard.rewriters.blocks import basic_block_forward, batchnorm_forward, conv_forward, fpem_ffm_forward, linear_forward
 
 #: The deploy-config key that names the plan: ``fp16guard = dict(plan='plan.json')``.
 CONFIG_KEY = "fp16guard"

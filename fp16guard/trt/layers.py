@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..folding import fold_affine_into_weights, fold_batchnorm
+from fp16guard.folding import fold_affine_into_weights, fold_batchnorm
 
 
 def batchnorm_scale_shift(gamma, beta, mean, var, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +114,7 @@ def add_batchnorm(network, input, gamma, beta, mean, var, eps: float = 1e-5, *, 
         ValueError: scale or shift does not fit the input's dtype (e.g. FP16): fold it into the
             convolution before instead (:func:`fold_conv_bn`).
     """
-    from . import import_tensorrt
+    from fp16guard.trt import import_tensorrt
 
     trt = import_tensorrt()
     scale, shift = fold_batchnorm(gamma, beta, mean, var, eps)
@@ -143,7 +143,7 @@ def add_hswish(network, input, *, keep: list):
     Raises:
         MissingDependencyError: TensorRT is not installed.
     """
-    from . import import_tensorrt
+    from fp16guard.trt import import_tensorrt
 
     trt = import_tensorrt()
     dtype = _np_dtype(trt, input)
@@ -175,7 +175,7 @@ def add_fully_connected(network, input, weight: np.ndarray, bias: np.ndarray | N
     Raises:
         MissingDependencyError: TensorRT is not installed.
     """
-    from . import import_tensorrt
+    from fp16guard.trt import import_tensorrt
 
     trt = import_tensorrt()
     dtype = _np_dtype(trt, input)

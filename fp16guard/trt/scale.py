@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..folding import pow2
+from fp16guard.folding import pow2
 
 
 def _layers_by_name(network, trt) -> dict:
@@ -87,7 +87,7 @@ def scale_region(network, *, exponent: int, opened_by: Sequence[str], closed_by:
         KeyError: a layer name the network does not have.
         ValueError: a named layer cannot absorb the factor.
     """
-    from . import import_tensorrt
+    from fp16guard.trt import import_tensorrt
 
     trt = import_tensorrt()
     layers = _layers_by_name(network, trt)
@@ -121,7 +121,7 @@ def insert_rescale(network, tensor, exponent: int, *, keep: list):
     Raises:
         MissingDependencyError: TensorRT is not installed.
     """
-    from . import import_tensorrt
+    from fp16guard.trt import import_tensorrt
 
     trt = import_tensorrt()
     readers = []

@@ -101,7 +101,7 @@ def check_wts(path: str | Path, *, eps: float = 1e-5):
     Raises:
         WtsError: as :func:`read_wts`.
     """
-    from ..static_check import BatchNormParams, check_batchnorm, check_tensor
+    from fp16guard.inspect.static_check import BatchNormParams, check_batchnorm, check_tensor
 
     weights = read_wts(path)
     findings = []

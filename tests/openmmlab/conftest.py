@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fp16guard.fixing import calibrate
+from fp16guard.fix import calibrate
 from panet import Features, image, panet
 
 

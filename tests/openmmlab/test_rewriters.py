@@ -20,7 +20,8 @@ torch = pytest.importorskip("torch")
 from mmdeploy.core import RewriterContext  # noqa: E402
 
 import fp16guard.rewriters  # noqa: E402,F401 - registers the rewriters
-from fp16guard.fixing import calibrate  # noqa: E402
+from fp16guard.fix import calibrate  # noqa: E402
+from tests.models import residual_input, residual_net  # noqa: E402
 from fp16guard.fp16_onnx import to_typed_fp16  # noqa: E402
 from fp16guard.backends import get_backend  # noqa: E402
 from panet import image  # noqa: E402
@@ -99,17 +100,12 @@ def test_rewriters_apply_only_inside_the_context_and_leave_no_state(setup):
 def test_generic_rewriters_apply_any_plan_to_conv_linear_and_batchnorm_modules(tmp_path):
     """A plain PyTorch residual network (no OpenMMLab class): only the generic Conv/BatchNorm
     rewriters can apply its plan."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from test_module_scales import _net, _x
-
-    net = _net()
-    plan = calibrate(net, [_x(1), _x(2)])
+    net = residual_net()
+    plan = calibrate(net, [residual_input(1), residual_input(2)])
     assert any(m["type"] == "BatchNorm2d" for m in plan.modules)  # folded BNs run unfolded here
     path = tmp_path / "plan.json"
     plan.save(path)
-    x = _x(3)
+    x = residual_input(3)
     plain, fixed = _export(net, x), _export(net, x, dict(fp16guard=dict(plan=str(path))))
     assert not all(np.isfinite(y).all() for y in _run_fp16(plain, x))
     ref = _run_fp32(plain, x)

@@ -24,10 +24,10 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from .fp16 import FP16_MAX
-from .folding import fold_batchnorm
-from .report import StaticFinding
-from .stats import RangeStats, array_stats
+from fp16guard.fp16 import FP16_MAX
+from fp16guard.folding import fold_batchnorm
+from fp16guard.inspect.report import StaticFinding
+from fp16guard.stats import RangeStats, array_stats
 
 #: A flush-to-zero finding needs at least this fraction of a tensor's nonzero values to flush ...
 FLUSH_FRACTION = 0.01

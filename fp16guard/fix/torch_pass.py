@@ -40,10 +40,10 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .export import ExportError, dynamic_dims, eval_mode
-from .folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
-from .onnx_rewrite import RewriteError, RewriteNote
-from .scaling import Role, ScaleOp, ScaleSolution
+from fp16guard.torch_graph import ExportError, capture, dynamic_dims, get_attr, module_scope
+from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
+from fp16guard.fix.onnx_pass import RewriteError, RewriteNote
+from fp16guard.fix.solver import Role, ScaleOp, ScaleSolution
 
 aten = torch.ops.aten
 
@@ -94,44 +94,6 @@ def _packet(node: fx.Node):
     return packet
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def capture(model: torch.nn.Module, examples: Sequence[Sequence[torch.Tensor]]) -> fx.GraphModule:
-    """The model as one flat ``GraphModule`` of ATen ops (``torch.export``, non-strict).
-
-    Args:
-        model: the FP32 module; exported in eval mode, and its training flag is restored after.
-        examples: argument tuples; input dimensions that differ between them are exported as
-            dynamic (:func:`fp16guard.export.dynamic_dims`).
-
-    Raises:
-        ExportError: ``torch.export`` cannot capture the module (the message gives its first line
-            and what to do).
-    """
-    if isinstance(model, torch.export.ExportedProgram):
-        gm = model.module()
-    else:
-        with eval_mode(model):
-            try:
-                gm = torch.export.export(model, tuple(examples[0]), dynamic_shapes=dynamic_dims(examples),
-                                         strict=False).module()
-            except Exception as e:  # noqa: BLE001 - export raises many types
-                first = next((line for line in str(e).strip().splitlines() if line.strip()), "")
-                raise ExportError(f"torch.export cannot capture {type(model).__name__} ({type(e).__name__}: "
-                                  f"{first[:200]}); make forward() traceable, or export it to ONNX and fix the "
-                                  f".onnx file") from None
-    for node in list(gm.graph.nodes):  # torch.export's input-shape guard is not an op
-        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
-            gm.graph.erase_node(node)
-    gm.recompile()
-    return gm
-
-
 class _Constants:
     """Copy-on-write constants of a ``GraphModule``: a changed value becomes a new buffer read by a
     new ``get_attr`` node, so tensors shared with the user's module are never written."""
@@ -143,7 +105,7 @@ class _Constants:
     def get(self, node) -> np.ndarray | None:
         """A constant argument as float64 numpy (a ``get_attr`` node or a Python number), else None."""
         if isinstance(node, fx.Node):
-            return _fetch(self.gm, node.target).detach().cpu().double().numpy() if node.op == "get_attr" else None
+            return get_attr(self.gm, node.target).detach().cpu().double().numpy() if node.op == "get_attr" else None
         if isinstance(node, (int, float)) and not isinstance(node, bool):
             return np.asarray(float(node))
         return None
@@ -163,7 +125,7 @@ class _Constants:
         old = user.args[index]
         args = list(user.args)
         if isinstance(old, fx.Node):
-            args[index] = self.new(value, user, _fetch(self.gm, old.target))
+            args[index] = self.new(value, user, get_attr(self.gm, old.target))
         else:
             args[index] = float(np.asarray(value).reshape(-1)[0])
         user.args = tuple(args)
@@ -212,14 +174,6 @@ def annotate(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> fx.GraphMod
     with torch.no_grad():
         ShapeProp(gm).propagate(*example)
     return gm
-
-
-def scope_of(node: fx.Node) -> str:
-    """The module path a node was traced from (``""`` at the top level)."""
-    from .torch_split import module_paths
-
-    paths = module_paths(node)
-    return paths[-1] if paths else ""
 
 
 def fold_batchnorms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[RewriteNote]]:
@@ -278,10 +232,10 @@ def fold_batchnorms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[RewriteNot
                 w2, b2 = fold_affine_into_weights(weight, bias, scale, shift, channel_axis=axis)
                 if keeps_fp16_precision(weight, w2):
                     args = list(conv.args)
-                    args[1] = consts.new(w2, conv, _fetch(gm, conv.args[1].target))
+                    args[1] = consts.new(w2, conv, get_attr(gm, conv.args[1].target))
                     while len(args) < 3:
                         args.append(None)
-                    args[2] = consts.new(b2, conv, _fetch(gm, conv.args[1].target))
+                    args[2] = consts.new(b2, conv, get_attr(gm, conv.args[1].target))
                     conv.args = tuple(args)
                     for o in out_nodes:
                         o.replace_all_uses_with(conv)
@@ -290,7 +244,7 @@ def fold_batchnorms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[RewriteNot
                                              f"(running variance amax {float(np.max(stats[1])):.4g})"))
         if not folded:
             shape = [c] + [1] * (len(bn.meta["val"].shape) - 2 if "val" in bn.meta else 2)
-            like = _fetch(gm, mean.target)
+            like = get_attr(gm, mean.target)
             s_node = consts.new(scale.reshape(shape), bn, like)
             t_node = consts.new(shift.reshape(shape), bn, like)
             with g.inserting_before(bn):
@@ -385,7 +339,7 @@ def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
                                   if isinstance(a, fx.Node) and a.name in acts))
         outs = (node.name,) if _is_float_value(node) or "val" not in node.meta and "tensor_meta" not in node.meta else ()
         role = _role(node, acts, consts) if node.op == "call_function" else Role.BARRIER
-        ops.append(ScaleOp(node.name, role, ins, outs, scope_of(node)))
+        ops.append(ScaleOp(node.name, role, ins, outs, module_scope(node)))
     return ops
 
 
@@ -571,8 +525,8 @@ def raise_constants(gm: fx.GraphModule, raises: Sequence[tuple[str, float]]) -> 
         readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
         if not readers:
             raise RewriteError(f"plan raises constant {target!r}, which the model does not have")
-        value, count = raise_small(_fetch(gm, target).detach().cpu().double().numpy(), floor)
-        new = consts.new(value, readers[0], _fetch(gm, target))
+        value, count = raise_small(get_attr(gm, target).detach().cpu().double().numpy(), floor)
+        new = consts.new(value, readers[0], get_attr(gm, target))
         for r in readers:
             r.replace_all_uses_with(new)
         notes.append(RewriteNote("raise_constant", target, f"{count} value(s) below {floor:.3g} raised to {floor:.3g}"))
@@ -587,7 +541,7 @@ def constants(gm: fx.GraphModule) -> dict[str, tuple[np.ndarray, list[str]]]:
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
-        t = _fetch(gm, node.target)
+        t = get_attr(gm, node.target)
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             readers = [u.name for u in node.users]
             if node.target in out:
@@ -631,7 +585,7 @@ def to_fp16_program(gm: fx.GraphModule, fp32_nodes: Iterable[str] = ()) -> fx.Gr
         nonlocal count
         key = (target, dtype)
         if key not in buffers:
-            t = _fetch(gm, target)
+            t = get_attr(gm, target)
             name = f"c{count}"
             count += 1
             new.register_buffer(name, t.detach().to(dtype) if t.is_floating_point() else t.detach().clone())
@@ -641,7 +595,7 @@ def to_fp16_program(gm: fx.GraphModule, fp32_nodes: Iterable[str] = ()) -> fx.Gr
     def read(node: fx.Node, want16: bool):
         """The value of ``node`` for a consumer running in FP16 (``want16``) or FP32."""
         if node.op == "get_attr":
-            t = _fetch(gm, node.target)
+            t = get_attr(gm, node.target)
             if not isinstance(t, torch.Tensor):
                 return None
             return const(node.target, (torch.float16 if want16 else torch.float32) if t.is_floating_point() else t.dtype)
@@ -746,15 +700,3 @@ def _match(want, out):
     if isinstance(out, (list, tuple)) and not isinstance(want, (list, tuple)):
         return type(out)([want] * len(out))
     return want
-
-
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """sha256 of a module's state_dict bytes (keys in order): the plan's ``model_sha256``."""
-    from .plan import sha256_of
-
-    return sha256_of(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in model.state_dict().values()))
-
-
-def examples_of(inputs) -> list[tuple[torch.Tensor, ...]]:
-    """Argument tuples of FP32 tensors from :class:`~fp16guard.inputs.NamedInput` items."""
-    return [tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in item.arrays) for item in inputs]

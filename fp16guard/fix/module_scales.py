@@ -1,6 +1,6 @@
 """A PyTorch plan seen per module: which modules receive or return scaled activations.
 
-A ``framework="torch"`` plan (:func:`fp16guard.fixing.calibrate_torch`) names fx nodes of the
+A ``framework="torch"`` plan (:func:`fp16guard.fix.calibrate`) names fx nodes of the
 model's ``torch.export`` graph. Rewriters that patch module ``forward`` functions (the mmdeploy
 rewriters in :mod:`fp16guard.rewriters`) need the same decision per *module*: "the output of
 ``backbone.layer4.1`` is stored as true / 2^k" and "``neck.reduce_conv_c5`` receives its input
@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .plan import RewritePlan
+from fp16guard.plan import RewritePlan
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,8 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
     Raises:
         ValueError: the plan is not a PyTorch plan.
     """
-    from .torch_rewrite import capture, fold_batchnorms
-    from .torch_split import module_paths
+    from fp16guard.fix.torch_pass import fold_batchnorms
+    from fp16guard.torch_graph import capture, module_paths
 
     if plan.framework != "torch":
         raise ValueError(f"module scales need a PyTorch plan (calibrate the nn.Module), not a {plan.framework} plan")

@@ -30,19 +30,22 @@ Instances nest (two probes on one model) and re-enter (the same probe entered tw
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import weakref
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .report import CallRecord, InspectionReport
-from .static_check import check_module
-from . import triton_stats
-from .stats import RangeStats, tensor_stats
+from fp16guard.errors import InputError
+from fp16guard.inputs import NamedInput, torch_args
+from fp16guard.inspect.report import CallRecord, InspectionReport
+from fp16guard.inspect.static_check import check_module
+from fp16guard.inspect import triton_stats
+from fp16guard.stats import RangeStats, tensor_stats
 
 logger = logging.getLogger("fp16guard")
 
@@ -210,7 +213,7 @@ class FInspect:
             (to find where inf/NaN is born). It is never modified.
         ops: also record every aten op (``F.relu``, ``+``, ``matmul`` inside ``forward`` are
             invisible to module hooks) through a ``TorchDispatchMode``. Slower; off by default.
-        fused: reduce each CUDA tensor with one Triton kernel (:mod:`fp16guard.triton_stats`).
+        fused: reduce each CUDA tensor with one Triton kernel (:mod:`fp16guard.inspect.triton_stats`).
             ``None`` (default) or True: wherever Triton is available; False: eager torch ops
             everywhere (the CPU always uses them).
         static: include the static weight check (:func:`fp16guard.static_check.check_module`) in
@@ -365,3 +368,33 @@ class FInspect:
             ops=self._records(self._ops),
             static=static,
         )
+
+
+def run_torch(model: torch.nn.Module, inputs: Sequence[NamedInput], *, ops: bool = False,
+              device: str = "cpu", half: bool = False):
+    """Run ``model`` on every input under :class:`~fp16guard.FInspect` and return the report.
+
+    The model is deep-copied before it is moved to ``device`` or cast to FP16, so the caller's
+    model is untouched.
+
+    Raises:
+        InputError: the model rejects an input (wrong shape or dtype); the message gives the
+            input's shapes and the model's first error line.
+    """
+    if device != "cpu" or half:
+        model = copy.deepcopy(model).to(device)
+        if half:
+            model = model.half()
+    with torch.no_grad(), FInspect(model, ops=ops) as probe:
+        for item in inputs:
+            tensors = [t.to(device) for t in torch_args(item)]
+            if half:
+                tensors = [t.half() if t.is_floating_point() else t for t in tensors]
+            try:
+                model(*tensors)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                shapes = ", ".join(str(list(t.shape)) for t in tensors)
+                raise InputError(f"the model rejected input {item.label} of shape {shapes}: "
+                                 f"{str(e).strip().splitlines()[0]}") from None
+    report = probe.report()
+    return dataclasses.replace(report, inputs=tuple(i.label for i in inputs))

@@ -4,7 +4,7 @@ Each pass is a pure function ``f(model, ...) -> (new_model, notes)``: the argume
 modified, and ``notes`` is a list of :class:`RewriteNote` (what changed, where, and why), the
 rows of ``fp16guard fix``'s report. The math lives in :mod:`fp16guard.folding`.
 
-Passes, in the order :func:`fp16guard.fixing.fix_onnx` runs them:
+Passes, in the order :func:`fp16guard.fix.pipeline.fix_target` runs them:
 
 1. :func:`constants_to_initializers`: ``Constant`` nodes become initializers (PP-OCRv4's exporter
    keeps every weight in a ``Constant`` node), so the passes below edit one kind of constant.
@@ -17,7 +17,7 @@ Passes, in the order :func:`fp16guard.fixing.fix_onnx` runs them:
    any other BatchNorm becomes ``Mul`` + ``Add`` by a per-channel scale and shift computed in
    float64. Afterwards no tensor holds a running variance.
 4. :func:`apply_exponents`: the scale regions of a plan. Every op's constants are rescaled by
-   powers of two so that each activation is stored as ``true * 2**-e`` (:mod:`fp16guard.scaling`
+   powers of two so that each activation is stored as ``true * 2**-e`` (:mod:`fp16guard.fix.solver`
    says which ops absorb, carry or refuse a scale); a ``Mul`` by a power of two is inserted only
    where no constant can absorb it.
 5. :func:`raise_constants`: constants that FP16 flushes to zero (an epsilon of 1e-10 under a log)
@@ -33,9 +33,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
-from .onnx_inspector import _value_types, node_scope
-from .scaling import Rescale, Role, ScaleOp, ScaleSolution
+from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
+from fp16guard.onnx_graph import consumers, node_scope, value_types
+from fp16guard.fix.solver import Rescale, Role, ScaleOp, ScaleSolution
+from fp16guard.errors import RewriteError
 
 FLOAT = TensorProto.FLOAT
 
@@ -60,8 +61,6 @@ class RewriteNote:
         return {"kind": self.kind, "target": self.target, "detail": self.detail}
 
 
-class RewriteError(ValueError):
-    """A rewrite cannot be applied to this graph (the message names the node and the reason)."""
 
 
 #: Ops whose activation inputs and outputs share one exponent (positively homogeneous of degree 1).
@@ -102,15 +101,6 @@ def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
             node.attribute.remove(a)
             break
     node.attribute.append(helper.make_attribute(name, value))
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for t in node.input:
-            if t:
-                out.setdefault(t, []).append(node)
-    return out
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
@@ -257,7 +247,7 @@ def fold_affine_constants(model: onnx.ModelProto, *, scales: bool = False) -> tu
     m = _copy(model)
     g = m.graph
     consts = _Constants(g)
-    readers = _consumers(g)
+    readers = consumers(g)
     outputs = {o.name for o in g.output}
     drop: set[str] = set()
     notes = []
@@ -328,7 +318,7 @@ def fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Rewri
     m = _copy(model)
     g = m.graph
     consts = _Constants(g)
-    readers = _consumers(g)
+    readers = consumers(g)
     producer = {o: n for n in g.node for o in n.output}
     outputs = {o.name for o in g.output}
     ranks = {}
@@ -396,7 +386,7 @@ def scale_ops(model: onnx.ModelProto) -> list[ScaleOp]:
     """
     g = model.graph
     consts = {i.name for i in g.initializer}
-    types = _value_types(model)
+    types = value_types(model)
     is_float = {n for n, t in types.items() if t in (FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)}
     # values computed from constants alone are constants too
     for node in g.node:

@@ -1,7 +1,13 @@
-"""The inspector for ONNX files: every intermediate value of an FP32 ONNX Runtime run.
+"""The ONNX graph layer: loading, constants, value types, consumers, scopes, and the one FP32 run.
+
+Every stage reads ONNX graphs through these helpers: :func:`load_onnx` (one error for a bad file),
+:func:`graph_constants`, :func:`value_types`, :func:`consumers` ("who reads value t"),
+:func:`node_scope` (the module a node came from), :func:`cpu_session` (the one place an ONNX
+Runtime CPU session is built), and :func:`value_ranges`, the FP32 measurement of every activation
+that the inspector reports and the fix calibrates on.
 
 Exposing every intermediate tensor as a graph output at once would keep them all alive (gigabytes
-for a 2880x2048 image). :func:`inspect_onnx` instead exposes them in *chunks* whose total size,
+for a 2880x2048 image). :func:`value_ranges` instead exposes them in *chunks* whose total size,
 estimated by ONNX shape inference for the actual input shapes, fits a memory budget (default
 1 GiB; a value whose size cannot be inferred counts as a sixteenth of the budget). Each chunk is
 one ONNX Runtime run; its outputs are reduced on the host with :func:`fp16guard.stats.tensor_stats`
@@ -16,6 +22,7 @@ Node names are mapped back to module scopes where the exporter wrote them
 first output name (Paddle's ``conv2d_450.tmp_0``).
 """
 
+
 from __future__ import annotations
 
 import logging
@@ -27,10 +34,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .inputs import InputError
-from .report import CallRecord, InspectionReport
-from .static_check import check_onnx
-from .stats import RangeStats
+from fp16guard.inputs import InputError
+from fp16guard.stats import RangeStats
+from fp16guard.errors import ModelLoadError
 
 logger = logging.getLogger("fp16guard")
 
@@ -39,8 +45,6 @@ FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, Ten
 Feeds = Union[Mapping[str, np.ndarray], Sequence[np.ndarray], np.ndarray]
 
 
-class ModelLoadError(ValueError):
-    """A model file is missing, unreadable, or not something fp16guard can run."""
 
 
 def load_onnx(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
@@ -108,11 +112,14 @@ def graph_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
-def _node_name(node: onnx.NodeProto, index: int) -> str:
+def node_name(node: onnx.NodeProto, index: int) -> str:
+    """A node's name, or ``<op_type>_<index>`` for an unnamed node (``index``: its graph position)."""
     return node.name or f"{node.op_type}_{index}"
 
 
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+def value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """ONNX element type (``TensorProto.FLOAT``, ...) of every value ONNX shape inference can type,
+    graph inputs, outputs and initializers included; the declared types only if inference fails."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # shape inference is best effort; fall back to what the file declares
@@ -122,6 +129,44 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
     types.update({i.name: i.data_type for i in g.initializer})
     return types
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Value name -> the nodes that read it, in graph order, once per input slot (``Mul(x, x)`` is
+    listed twice for ``x``, so "read by exactly one node input" is ``len(...) == 1``)."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                out.setdefault(name, []).append(node)
+    return out
+
+
+def cpu_session(model: onnx.ModelProto, *, optimize: bool = True, options=None):
+    """An ONNX Runtime ``InferenceSession`` of ``model`` on the CPU execution provider, quiet (warnings
+    and below not logged): the one place fp16guard builds a CPU session.
+
+    Args:
+        model: the graph to run (serialized here).
+        optimize: ``False`` turns graph optimizations off (emulation and FP16 prefixes must run
+            exactly the graph given).
+        options: a prepared ``onnxruntime.SessionOptions`` (its log level is raised); overrides
+            ``optimize``.
+
+    Raises:
+        ModelLoadError: ONNX Runtime refuses the model (the message has its first line).
+    """
+    import onnxruntime as ort
+
+    so = options or ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimize and options is None:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise ModelLoadError(f"ONNX Runtime cannot load {model.graph.name or 'the model'}: {first}") from None
 
 
 def activation_values(model: onnx.ModelProto, types: Mapping[str, int] | None = None,
@@ -136,7 +181,7 @@ def activation_values(model: onnx.ModelProto, types: Mapping[str, int] | None = 
         at least one graph input; and every value computed from constants alone (initializers,
         ``Constant`` nodes and what folds from them), which the static check covers instead.
     """
-    types = _value_types(model) if types is None else types
+    types = value_types(model) if types is None else types
     constant = set(graph_constants(model) if constants is None else constants)
     measured = [i.name for i in model.graph.input if types.get(i.name) in FLOAT_TYPES and i.name not in constant]
     for node in model.graph.node:
@@ -200,7 +245,13 @@ def expose(model: onnx.ModelProto, names: Sequence[str], types: Mapping[str, int
     return new
 
 
-def _as_feed_list(model: onnx.ModelProto, feeds, constants: set[str]) -> list[dict[str, np.ndarray]]:
+def feed_list(model: onnx.ModelProto, feeds, constants: set[str]) -> list[dict[str, np.ndarray]]:
+    """Feeds in any of :data:`Feeds`' forms (or a list of runs) as one checked ``{input name: array}``
+    per run; ``constants`` are graph inputs that are really initializers (not fed).
+
+    Raises:
+        InputError: the wrong number of arrays, or a feed :func:`check_feed` refuses.
+    """
     inputs = [i for i in model.graph.input if i.name not in constants]
     if isinstance(feeds, (np.ndarray, Mapping)):
         feeds = [feeds]
@@ -270,27 +321,30 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     import onnxruntime as ort
     import torch
 
-    from .stats import tensor_stats
+    from fp16guard.stats import tensor_stats
 
     proto = load_onnx(model)
     consts = graph_constants(proto)
-    runs = _as_feed_list(proto, feeds, set(consts))
-    types = _value_types(proto)
+    runs = feed_list(proto, feeds, set(consts))
+    types = value_types(proto)
     measured, _ = activation_values(proto, types, consts)
     largest = max(runs, key=lambda f: sum(a.nbytes for a in f.values()))
     chunks = plan_chunks(measured, value_bytes(proto, largest), memory_budget)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     name = Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name
     logger.info("measuring %d values of %s in %d chunk(s) per run", len(measured), name, len(chunks))
 
     stats: list[dict[str, RangeStats]] = [{} for _ in runs]
     for chunk in chunks:
-        try:
-            sess = ort.InferenceSession(expose(proto, chunk, types).SerializeToString(), opts,
-                                        providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as e:
-            raise ModelLoadError(f"ONNX Runtime cannot load {name}: {e}") from None
+        exposed = expose(proto, chunk, types)
+        if providers is None or list(providers) == ["CPUExecutionProvider"]:
+            sess = cpu_session(exposed)
+        else:
+            try:
+                opts = ort.SessionOptions()
+                opts.log_severity_level = 3
+                sess = ort.InferenceSession(exposed.SerializeToString(), opts, providers=list(providers))
+            except Exception as e:
+                raise ModelLoadError(f"ONNX Runtime cannot load {name}: {e}") from None
         for run, feed in enumerate(runs):
             try:
                 values = sess.run(None, feed)
@@ -304,56 +358,3 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     return stats
 
 
-def inspect_onnx(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Feeds], *,
-                 providers: Sequence[str] | None = None, static: bool = True,
-                 labels: Sequence[str] = (), source: str | None = None,
-                 memory_budget: int = 1 << 30) -> InspectionReport:
-    """Inspect an FP32 ONNX model: per-node activation ranges, from/to transitions, static check.
-
-    Args:
-        model: path to an ``.onnx`` file or an ``onnx.ModelProto``.
-        feeds: one run's inputs (a dict by input name, a tuple of arrays in input order, or one
-            array for a single-input model) or a list of runs. Shapes must match the graph's
-            declared static dimensions; floating arrays are cast to the declared float type.
-        providers: ONNX Runtime execution providers (default: CPU).
-        static: include the static check of initializers, ``Constant`` nodes and BatchNorms.
-        labels: a label per run, for the report.
-        source: what to call the model in the report (default: the file name).
-        memory_budget: bytes of intermediate values held at once (see the module docstring).
-
-    Returns:
-        An :class:`InspectionReport` with one :class:`CallRecord` per node and run (``call`` is the
-        run index), nodes in graph (topological) order.
-
-    Raises:
-        ModelLoadError: the model is missing or unreadable, or ONNX Runtime cannot load it.
-        InputError: a feed does not match the graph's inputs, or ONNX Runtime fails on it.
-    """
-    proto = load_onnx(model)
-    consts = graph_constants(proto)
-    runs = _as_feed_list(proto, feeds, set(consts))
-    name = source or (Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name)
-    stats = value_ranges(proto, runs, providers=providers, labels=labels, memory_budget=memory_budget)
-
-    records: list[CallRecord] = []
-    for run in range(len(runs)):
-        seen = stats[run]
-        for i, node in enumerate(proto.graph.node):
-            if not any(o in seen for o in node.output):
-                continue
-            node_name = _node_name(node, i)
-            scope = scope_of(node.name) or (node.output[0] if node.output else node_name)
-            records.append(CallRecord(
-                len(records), node_name, node.op_type, scope, run,
-                RangeStats.merge(seen[n] for n in node.input if n in seen),
-                RangeStats.merge(seen[n] for n in node.output if n in seen)))
-    consumer = {}
-    for i, node in enumerate(proto.graph.node):
-        for n in node.input:
-            consumer.setdefault(n, _node_name(node, i))
-    return InspectionReport(
-        source=name,
-        calls=tuple(records),
-        static=tuple(check_onnx(proto, consts, consumer)) if static else (),
-        inputs=tuple(labels) or tuple(f"run {k}" for k in range(len(runs))),
-    )

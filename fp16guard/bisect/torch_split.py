@@ -24,11 +24,11 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+from fp16guard.errors import ExportError, SplitError
+from fp16guard.torch_graph import capture, module_stack
 
 
 
-class SplitError(ValueError):
-    """The model cannot be captured as a graph or split; the message says what to try instead."""
 
 
 @dataclass(frozen=True)
@@ -51,51 +51,11 @@ class Segment:
     targets: tuple[str, ...]
 
 
-def capture(model: torch.nn.Module, args: Sequence[Any]) -> fx.GraphModule:
-    """The model as one flat ``GraphModule`` of ops, by ``torch.export`` then ``fx`` tracing.
-
-    Raises:
-        SplitError: neither capture works; the message names the failure and suggests exporting
-            the model to ONNX and bisecting the ``.onnx`` file.
-    """
-    if isinstance(model, torch.export.ExportedProgram):
-        return model.module()
-    errors = []
-    try:
-        return torch.export.export(model, tuple(args), strict=False).module()
-    except Exception as e:  # noqa: BLE001 - any capture failure means "try the next way"
-        errors.append(f"torch.export: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001
-        errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    raise SplitError(
-        f"cannot capture {type(model).__name__} as a graph ({'; '.join(errors)}). "
-        "Export it to ONNX yourself and run `fp16guard bisect model.onnx`, or make forward() "
-        "traceable (no data-dependent Python control flow).")
-
-
-def _module_path(fqn) -> str:
-    """A qualified module name from ``nn_module_stack``, without dynamo's ``L['self'].`` prefix."""
-    fqn = fqn if isinstance(fqn, str) else str(fqn)
-    for prefix in ("L['self'].", "L__self__."):  # dynamo-style paths of older versions
-        if fqn.startswith(prefix):
-            return fqn[len(prefix):]
-    return fqn
-
-
-def module_paths(node: fx.Node) -> list[str]:
-    """Qualified names of the modules a node was traced inside, outermost first."""
-    return [_module_path(fqn) for fqn, _ in (node.meta.get("nn_module_stack") or {}).values()]
-
-
 def _innermost(node: fx.Node) -> tuple[str, str]:
-    stack = node.meta.get("nn_module_stack")
+    """``(qualified name, class name)`` of the innermost module a node ran inside."""
+    stack = module_stack(node)
     if stack:
-        fqn, kind = list(stack.values())[-1]
-        fqn = _module_path(fqn)
-        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
-        return fqn, kind.rsplit(".", 1)[-1]
+        return stack[-1]
     if node.op == "call_module":
         return str(node.target), "module"
     return "", "function"
@@ -114,7 +74,10 @@ class TorchSplitter:
     """
 
     def __init__(self, model: torch.nn.Module | torch.export.ExportedProgram, args: Sequence[Any]):
-        self.gm = capture(model, args)
+        try:
+            self.gm = capture(model, [tuple(args)], trace_fallback=True)
+        except ExportError as e:
+            raise SplitError(str(e)) from None
 
         self._nodes = [n for n in self.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
                        and n.target != "_guards_fn"]  # torch.export's input-shape guard: not an op

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto
 
-from .onnx_inspector import scope_of
+from fp16guard.onnx_graph import node_name, node_scope
+from fp16guard.errors import OnnxSplitError
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
-class OnnxSplitError(ValueError):
-    """The ONNX graph cannot be split (subgraphs reading outer values, untyped tensors...)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class OnnxSplitter:
                              if i.name not in {init.name for init in model.graph.initializer}]
         self.graph_outputs = [o.name for o in model.graph.output]
         self.candidates = [
-            Candidate(i, n.name or f"{n.op_type}_{i}", n.op_type, scope_of(n.name))
+            Candidate(i, node_name(n, i), n.op_type, node_scope(n))
             for i, n in enumerate(self.nodes)
             if n.op_type != "Constant" and any(self.types.get(o) in FLOAT_TYPES for o in n.output if o)
         ]

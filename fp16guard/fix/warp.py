@@ -41,7 +41,7 @@ import numbers
 import torch
 from torch import nn
 
-from .folding import fold_batchnorm, pow2
+from fp16guard.folding import fold_batchnorm, pow2
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

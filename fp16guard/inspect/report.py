@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .fp16 import FP16_MAX
-from .stats import RangeStats
+from fp16guard.fp16 import FP16_MAX
+from fp16guard.stats import RangeStats
 
 #: Version tag of :meth:`InspectionReport.to_json`'s output; bumped on any incompatible change.
 SCHEMA = "fp16guard.inspect/1"

@@ -1,7 +1,7 @@
 """Choose power-of-two scale exponents for every activation so a model stays in FP16 range.
 
-Graph-agnostic: the ONNX rewriter (:mod:`fp16guard.onnx_rewrite`) and the PyTorch rewriter
-(:mod:`fp16guard.torch_rewrite`) describe their graphs as a list of :class:`ScaleOp` (each op's
+Graph-agnostic: the ONNX rewriter (:mod:`fp16guard.fix.onnx_pass`) and the PyTorch rewriter
+(:mod:`fp16guard.fix.torch_pass`) describe their graphs as a list of :class:`ScaleOp` (each op's
 :class:`Role` and its activation inputs and outputs, constants left out) and get back a
 :class:`ScaleSolution`.
 
@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Mapping, Sequence
 
-from .fp16 import FP16_MAX
-from .folding import exponent_for, pow2
+from fp16guard.fp16 import FP16_MAX
+from fp16guard.folding import exponent_for, pow2
 
 
 class Role(str, Enum):

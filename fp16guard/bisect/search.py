@@ -1,0 +1,328 @@
+"""``fp16guard.bisect``: name the first module whose FP16 execution breaks the model's output.
+
+The model is split in execution order into an FP16 **prefix** (run by a backend: TensorRT, ONNX
+Runtime CUDA, PyTorch FP16 on CUDA, or the CPU emulation) and an FP32 **suffix** (PyTorch for
+PyTorch models, ONNX Runtime CPU for ONNX models). A *cut* ``c`` puts the first ``c`` candidates
+(module segments of a PyTorch model, float-producing nodes of an ONNX graph) in FP16.
+
+Search. The reference is the whole model in FP32. Cut ``N`` (all in FP16) is tried first; if it
+is good, nothing is blamed. Otherwise a binary search keeps ``lo`` good and ``hi`` bad until they
+are adjacent: candidate ``hi`` is the offender, and both sides of the boundary have been run
+(``lo`` = 0, the all-FP32 model, is the reference itself). That is at most ``1 + ceil(log2 N)``
+builds. For a PyTorch model the offending segment is then refined to the single op inside it
+(``ceil(log2 ops)`` more builds). With ``all_offenders`` the offender is kept in FP32 (its ONNX
+nodes go on the FP16 converter's block list) and the search runs again from it, until the all-FP16
+cut is good or ``max_offenders`` are found. An offender whose *outputs* are out of FP16 range
+makes its consumers the next offenders (they receive inf), so ``all_offenders`` lists the whole
+region that needs FP32 (or a scale rewrite); one whose overflow is internal (a BatchNorm variance,
+x * 1e5 * 1e-5 inside one forward) is listed alone.
+
+A cut is **bad** when a hybrid output has a non-finite value where the reference is finite, or
+the metric exceeds the tolerance. The default metric is the relative L2 error of each output,
+``||y - y_ref||_2 / ||y_ref||_2``, worst over outputs and inputs; :data:`DEFAULT_TOLERANCE` and
+how it was calibrated are documented there. A task metric ``metric(outputs, reference) -> float``
+(lists of numpy arrays, in the model's output order) replaces it.
+
+Monotonicity. Binary search assumes that once a prefix is bad, longer prefixes stay bad. The
+result says whether every evaluated cut agreed with that (``BisectResult.monotonic``).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+
+from fp16guard.backends import Backend, get_backend
+from fp16guard.bisect.targets import OnnxSplitTarget, TorchSplitTarget
+from fp16guard.compare import Metric, load_metric, relative_l2
+from fp16guard.errors import BisectError
+from fp16guard.fp16_onnx import UnfitConstant
+from fp16guard.inputs import as_inputs
+from fp16guard.jsonio import strict, write
+from fp16guard.onnx_graph import load_onnx
+
+SCHEMA = "fp16guard.bisect/1"
+
+#: Default bound on the relative L2 error of a hybrid output. Calibrated on the bundled examples
+#: (the trial tables of ``fp16guard bisect --example NAME``): ordinary FP16 rounding in the good
+#: cuts gives up to 0.017 on ppocr-det (emulate; 0.024 with real FP16 kernels on ONNX Runtime's
+#: CUDA EP, H100) and 1.3e-4 on crepe-full, while the first bad cuts give 1.0 (ppocr-det) and
+#: 0.215 (crepe-full). 0.07 sits about 3x above the worst rounding and 3x below the smallest
+#: failure. Pass ``tolerance`` (``--tolerance``) or a task metric for your model.
+DEFAULT_TOLERANCE = 0.07
+
+
+
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One evaluated cut.
+
+    Attributes:
+        stage: ``module`` (module-level search), ``op`` (refinement inside the offender) or
+            ``node`` (ONNX graphs).
+        round: 0 for the first offender, 1 for the second (``all_offenders``), ...
+        cut: how many candidates of this stage ran in FP16.
+        last: name of the last candidate in the FP16 prefix.
+        error: the metric (inf when an output went non-finite).
+        bad: error > tolerance or non-finite output.
+        seconds: wall time of export + build + runs for this cut.
+        built: whether an engine was built (False: served from the cache).
+    """
+
+    stage: str
+    round: int
+    cut: int
+    last: str
+    error: float
+    bad: bool
+    seconds: float
+    built: bool
+
+
+@dataclass(frozen=True)
+class Offender:
+    """A module (or node) whose FP16 execution breaks the output.
+
+    Attributes:
+        name: qualified module name (``conv2_BN``) or ONNX node name.
+        kind: module class (``BatchNorm2d``) or ONNX op type.
+        op: for PyTorch models, the op inside the module found by refinement
+            (``batch_norm_1 (aten.batch_norm.default)``), else None.
+        onnx_nodes: names of the ONNX nodes of this module in the exported prefix.
+        cut: the first bad cut (module/node level).
+        error: metric at that cut.
+        amax: largest finite |x| of the FP32 values crossing the cut (the offender's outputs and
+            anything else live there), from an FP32 run of the prefix; None if not measured.
+        round: which search found it (``all_offenders``).
+    """
+
+    name: str
+    kind: str
+    op: str | None
+    onnx_nodes: tuple[str, ...]
+    cut: int
+    error: float
+    amax: float | None
+    round: int
+
+
+@dataclass
+class BisectResult:
+    """What :func:`bisect` found.
+
+    Attributes:
+        source: the model (file name or class).
+        backend: the backend's one-line description.
+        metric: ``relative_l2`` or the task metric's ``module:function``.
+        tolerance: the threshold used.
+        candidates: names of the candidate cuts (modules or ONNX nodes), in execution order.
+        trials: every evaluated cut, in order.
+        offenders: what was blamed, in the order found (empty: the all-FP16 model is good).
+        builds: engines built (real builds, cache hits excluded).
+        runs: prefix executions.
+        seconds: total wall time.
+        monotonic: every evaluated cut of every round agreed with "good below the boundary, bad
+            from it on".
+        unfit: constants of the model that FP16 cannot hold (from the all-FP16 prefix).
+        notes: anything the user should know (unexportable tail, non-monotonic search ...).
+    """
+
+    source: str
+    backend: str
+    metric: str
+    tolerance: float
+    candidates: list[str]
+    trials: list[Trial] = field(default_factory=list)
+    offenders: list[Offender] = field(default_factory=list)
+    builds: int = 0
+    runs: int = 0
+    seconds: float = 0.0
+    monotonic: bool = True
+    unfit: list[UnfitConstant] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        """Whether any offender was found."""
+        return bool(self.offenders)
+
+    @property
+    def build_bound(self) -> int:
+        """``ceil(log2 N) + 2`` for N candidates: the most module/node-level builds one round needs."""
+        return math.ceil(math.log2(max(len(self.candidates), 1))) + 2
+
+    def to_json(self) -> dict:
+        """Plain-JSON form (schema ``fp16guard.bisect/1``, documented in docs/bisect-schema.md; non-finite
+        floats as the strings of :mod:`fp16guard.jsonio`)."""
+        return strict(dict(
+            schema=SCHEMA, source=self.source, backend=self.backend, metric=self.metric,
+            tolerance=self.tolerance, found=self.found, candidates=self.candidates,
+            offenders=[asdict(o) for o in self.offenders], trials=[asdict(t) for t in self.trials],
+            builds=self.builds, runs=self.runs, seconds=self.seconds, monotonic=self.monotonic,
+            build_bound=self.build_bound, unfit=[u.to_json() for u in self.unfit], notes=self.notes))
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` to ``path``."""
+        return write(self.to_json(), path)
+
+
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=2))
+        return path
+
+
+# -- the search ----------------------------------------------------------------------------------
+
+def _binary_search(n: int, bad: Callable[[int], bool], start: int = 0) -> int | None:
+    """Smallest cut in ``start+1..n`` that is bad, given cut ``start`` good; None if ``n`` is good."""
+    if n <= start or not bad(n):
+        return None
+    lo, hi = start, n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if bad(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | str | None = None,
+           tolerance: float = DEFAULT_TOLERANCE, all_offenders: bool = False, max_offenders: int = 8,
+           refine: bool = True, on_trial: Callable[[Trial], None] | None = None,
+           source: str | None = None) -> BisectResult:
+    """Find the first module (PyTorch) or node (ONNX) whose FP16 execution breaks the output.
+
+    Args:
+        model: a ``torch.nn.Module`` (FP32, eval mode; not modified), a ``torch.export``
+            ``ExportedProgram``, an ``onnx.ModelProto``, or a path to an ``.onnx`` file.
+        inputs: one or more inputs: :class:`~fp16guard.inputs.NamedInput` s, or tensors/arrays,
+            or tuples of them for multi-input models. FP32, in the shapes the model takes (e.g.
+            ``float32 [1, 3, H, W]`` for an image model). A cut is bad if it is bad on any input.
+        backend: ``auto`` (tensorrt, else onnxruntime CUDA, else emulate), a name, or a
+            :class:`~fp16guard.backends.Backend`.
+        metric: ``metric(outputs, reference) -> float`` on lists of numpy arrays, or
+            ``"module:function"``; default :func:`relative_l2`.
+        tolerance: a cut is bad when the metric exceeds this (default :data:`DEFAULT_TOLERANCE`).
+        all_offenders: after each offender, keep it in FP32 and search again.
+        max_offenders: stop after this many offenders (``all_offenders``).
+        refine: for PyTorch models, refine the offending module to the op inside it.
+        on_trial: called after every evaluated cut (progress display).
+        source: a display name for the model.
+
+    Returns:
+        a :class:`BisectResult`.
+
+    Raises:
+        BisectError: no inputs, or a PyTorch model with no op to cut.
+        fp16guard.inputs.InputError: an input the model rejects (wrong shape or count).
+        fp16guard.torch_split.SplitError / fp16guard.onnx_split.OnnxSplitError: the model
+            cannot be captured or split; the message says what to try.
+        fp16guard.backends.BackendError / fp16guard._optional.MissingDependencyError: the
+            backend cannot run here.
+        ValueError: unknown backend name.
+    """
+    t0 = time.perf_counter()
+    items = as_inputs(inputs)
+    if not items:
+        raise BisectError("bisect needs at least one input")
+    metric_name = "relative_l2"
+    if isinstance(metric, str):
+        metric_name, metric = metric, load_metric(metric)
+    elif metric is not None:
+        metric_name = getattr(metric, "__name__", "custom")
+    metric = metric or relative_l2
+    engine_backend = get_backend(backend) if isinstance(backend, str) else backend
+
+    if isinstance(model, (str, Path)) or isinstance(model, onnx.ModelProto):
+        proto = load_onnx(model)
+        target: Any = OnnxSplitTarget(proto, items, engine_backend)
+        src = source or (Path(model).name if isinstance(model, (str, Path)) else proto.graph.name or "model.onnx")
+    else:
+        target = TorchSplitTarget(model, items, engine_backend)
+        src = source or type(model).__name__
+    n = len(target.names)
+    if n == 0:
+        raise BisectError(f"{src} has no operation to cut")
+    result = BisectResult(src, engine_backend.describe(), metric_name, tolerance, list(target.names))
+    cache: dict[tuple, Trial] = {}
+
+    def run_cut(stage: str, rnd: int, cut: int, position: int, label: str, full: bool = False) -> bool:
+        """Evaluate (once per stage, round and position) and record a cut; True when it is bad."""
+        key = (stage, rnd, position)
+        if key in cache:
+            return cache[key].bad
+        t = time.perf_counter()
+        err, built, runs = target.evaluate(position, metric, full)
+        trial = Trial(stage, rnd, cut, label, err, not (err <= tolerance), time.perf_counter() - t, built)
+        cache[key] = trial
+        result.trials.append(trial)
+        result.runs += runs
+        if on_trial is not None:
+            on_trial(trial)
+        return trial.bad
+
+    if isinstance(target, TorchSplitTarget):
+        last = target.exportable_limit(n)
+        if last < n:
+            if last == 0:
+                raise BisectError(f"{target.export_error(1)}. Nothing before it can be exported either; "
+                                  "export the model to ONNX yourself and bisect the .onnx file")
+            result.notes.append(
+                f"cuts after {target.names[last - 1]!r} cannot be exported to ONNX ({target.export_error(last + 1)}); "
+                f"those {n - last} segment(s) always run in the FP32 PyTorch suffix and were not searched")
+            n = last
+    start = 0
+    for rnd in range(max_offenders if all_offenders else 1):
+        def bad(c, rnd=rnd):
+            """Whether cut ``c`` of this round is bad."""
+            return run_cut(target.stage, rnd, c, target.cut_position(c), target.names[c - 1], c == n)
+
+        hit = _binary_search(n, bad, start)
+        if hit is None:
+            break
+        stage_trials = [t for t in result.trials if t.round == rnd and t.stage in ("module", "node")]
+        good_max = max((t.cut for t in stage_trials if not t.bad), default=start)
+        bad_min = min((t.cut for t in stage_trials if t.bad), default=hit)
+        if good_max >= bad_min:
+            result.monotonic = False
+        name, kind = target.names[hit - 1], target.kinds[hit - 1]
+        err = next(t.error for t in stage_trials if t.cut == hit)
+        nodes, amax = target.describe(hit)
+        op = None
+        if refine and isinstance(target, TorchSplitTarget):
+            ops = target.splitter.op_positions(hit - 1)
+            if len(ops) > 1:
+                def bad_op(j, rnd=rnd, ops=ops):
+                    """Whether the cut after op ``j`` of the offending segment is bad."""
+                    return run_cut("op", rnd, j, ops[j - 1], target.splitter.op_name(ops[j - 1]))
+                # cut 0 of the refinement = the previous segment's cut (good); len(ops) = this one (bad)
+                cache[("op", rnd, ops[-1])] = cache[(target.stage, rnd, target.cut_position(hit))]
+                j = _binary_search(len(ops), bad_op, 0)
+                op = target.splitter.op_name(ops[(j or len(ops)) - 1])
+            else:
+                op = target.splitter.op_name(ops[0])
+        target.block(nodes, name)
+        result.offenders.append(Offender(name=name, kind=kind, op=op, onnx_nodes=tuple(nodes), cut=hit,
+                                         error=err, amax=amax, round=rnd))
+        start = hit  # later offenders come after this one
+        if start >= n:
+            break
+    if result.offenders and len(result.offenders) == max_offenders and all_offenders:
+        result.notes.append(f"stopped after {max_offenders} offenders (max_offenders)")
+    if not result.monotonic:
+        result.notes.append("the search was not monotonic: a longer FP16 prefix was good after a shorter one "
+                            "was bad; the verdict is the first bad cut found, check the trial table")
+    result.unfit = target.unfit
+    result.builds = engine_backend.builds
+    result.seconds = time.perf_counter() - t0
+    return result

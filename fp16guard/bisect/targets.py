@@ -1,0 +1,287 @@
+"""The two kinds of bisect target: an ONNX graph cut at nodes, a PyTorch module cut at modules.
+
+Both answer the same questions for :func:`fp16guard.bisect.bisect`: the candidate cuts
+(``names``, ``kinds``), the error of the hybrid whose FP16 prefix ends at a cut
+(``evaluate``), what to report about an offender (``describe``), and how to keep an offender in
+FP32 for the next round (``block``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+
+from fp16guard.backends import Backend
+from fp16guard.bisect.onnx_split import OnnxSplitter
+from fp16guard.bisect.torch_split import TorchSplitter
+from fp16guard.compare import Metric
+from fp16guard.errors import BisectError, ExportError, InputError
+from fp16guard.fp16_onnx import UnfitConstant, to_typed_fp16
+from fp16guard.inputs import NamedInput, onnx_feed, torch_args
+from fp16guard.onnx_graph import consumers, cpu_session, node_scope
+from fp16guard.stats import array_stats
+from fp16guard.torch_graph import export_onnx
+
+
+def _amax(arrays: Sequence[np.ndarray]) -> float:
+    """Largest finite |x| over the floating arrays (integer outputs are shapes and indices)."""
+    return max((array_stats(a).amax for a in arrays if np.issubdtype(np.asarray(a).dtype, np.floating)),
+               default=0.0)
+
+
+def _worst(errors) -> tuple[float, int]:
+    """(worst error, inputs run) over an iterable of per-input errors; NaN counts as inf, and the
+    first non-finite error stops the iteration: one broken input decides the cut."""
+    worst, runs = 0.0, 0
+    for err in errors:
+        runs += 1
+        worst = max(worst, err) if not math.isnan(err) else math.inf
+        if worst == math.inf:
+            break
+    return worst, runs
+
+
+def _constant_feeders(model: onnx.ModelProto, nodes: set[str]) -> set[str]:
+    """Names of ``Constant`` nodes whose outputs only ``nodes`` read (they stay FP32 with them)."""
+    readers = {value: {n.name for n in nodes} for value, nodes in consumers(model.graph).items()}
+    return {n.name for n in model.graph.node
+            if n.op_type == "Constant" and n.name and readers.get(n.output[0], set()) and readers[n.output[0]] <= nodes}
+
+
+class OnnxSplitTarget:
+    """An ONNX graph: node-level cuts, FP32 suffix in ONNX Runtime CPU.
+
+    Args:
+        model: the FP32 graph (not modified).
+        inputs: the inputs every cut is evaluated on (arrays, in graph input order).
+        backend: runs each typed FP16 prefix.
+
+    Raises:
+        InputError: the model rejects an input.
+    """
+
+    stage = "node"
+
+    def __init__(self, model: onnx.ModelProto, inputs: Sequence[NamedInput], backend: Backend):
+        self.model = model
+        self.splitter = OnnxSplitter(model)
+        self.backend = backend
+        self.names = [c.name for c in self.splitter.candidates]
+        self.kinds = [c.op_type for c in self.splitter.candidates]
+        self.feeds = [onnx_feed(self.splitter.graph_inputs, item) for item in inputs]
+        full = cpu_session(model)
+        self.reference = []
+        for item, feed in zip(inputs, self.feeds):
+            try:
+                self.reference.append(full.run(None, feed))
+            except Exception as e:  # noqa: BLE001 - ORT raises its own types
+                shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
+                declared = ", ".join(f"{i.name} {i.shape}" for i in full.get_inputs())
+                raise InputError(f"the model rejected input {item.label} ({shapes}; it declares {declared}): "
+                                 f"{str(e).strip().splitlines()[0]}") from None
+        self._suffixes: dict[int, Any] = {}
+        self.fp32_nodes: set[str] = set()
+        self.unfit: list[UnfitConstant] = []
+
+    def cut_position(self, cut: int) -> int:
+        """Node index (in ``graph.node``) of the last node in the FP16 prefix of ``cut``."""
+        return self.splitter.candidates[cut - 1].position
+
+    def block(self, offender_nodes: Sequence[str], name: str) -> None:
+        """Keep these nodes (and the Constants only they read) in FP32 from now on."""
+        self.fp32_nodes |= set(offender_nodes)
+        self.fp32_nodes |= _constant_feeders(self.model, self.fp32_nodes)
+
+    def evaluate(self, position: int, metric: Metric, full: bool) -> tuple[float, bool, int]:
+        """``(worst error over inputs, engine built?, prefix runs)`` for the hybrid whose FP16
+        prefix ends at node ``position``; ``full`` marks the all-FP16 cut (its unfit constants
+        are kept for the result)."""
+        prefix, suffix, live = self.splitter.split(position)
+        fp16, conversion = to_typed_fp16(prefix, node_block_list=sorted(self.fp32_nodes))
+        if full and not self.unfit:
+            self.unfit = conversion.unfit
+        before = self.backend.builds
+        engine = self.backend.build(fp16)
+        built = self.backend.builds > before
+        suffix_session = None
+        if suffix is not None:
+            suffix_session = self._suffixes.get(position)
+            if suffix_session is None:
+                suffix_session = cpu_session(suffix)
+                self._suffixes[position] = suffix_session
+
+        def errors():
+            """The metric on each input: FP16 prefix, then the FP32 ONNX Runtime suffix."""
+            for feed, ref in zip(self.feeds, self.reference):
+                mid = dict(zip(engine.output_names, engine.run(feed)))
+                values = dict(feed)
+                values.update({name: mid[name] for name in live})
+                if suffix_session is not None:
+                    names = [i.name for i in suffix_session.get_inputs()]
+                    outs = suffix_session.run(None, {n: values[n] for n in names})
+                    values.update(dict(zip([o.name for o in suffix_session.get_outputs()], outs)))
+                yield metric([values[o] for o in self.splitter.graph_outputs], ref)
+
+        worst, runs = _worst(errors())
+        return worst, built, runs
+
+    def describe(self, cut: int) -> tuple[tuple[str, ...], float]:
+        """``(ONNX nodes, amax)`` of the offender at ``cut``: the node itself, and the largest
+        finite |x| of the FP32 values crossing that cut (an FP32 run of the prefix)."""
+        c = self.splitter.candidates[cut - 1]
+        prefix, _, _ = self.splitter.split(c.position)
+        session = cpu_session(prefix)
+        return (c.name,), max(_amax(session.run(None, feed)) for feed in self.feeds)
+
+
+class TorchSplitTarget:
+    """A PyTorch module: module-level cuts, refined to ops; FP32 suffix in PyTorch.
+
+    Args:
+        model: the FP32 module (never modified; captured in eval mode).
+        inputs: the inputs every cut is evaluated on.
+        backend: runs each FP16 prefix (as an exported typed ONNX, or a module for ``torch``).
+
+    Raises:
+        InputError: the model rejects an input; SplitError: the model cannot be captured.
+    """
+
+    stage = "module"
+
+    def __init__(self, model, inputs: Sequence[NamedInput], backend: Backend):
+        import torch
+
+        self.torch = torch
+        self.backend = backend
+        self.inputs = [torch_args(item) for item in inputs]
+        self.reference = []
+        with torch.no_grad():
+            for item, args in zip(inputs, self.inputs):
+                try:
+                    out = model(*args)
+                except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                    shapes = ", ".join(str(list(t.shape)) for t in args)
+                    raise InputError(f"the model rejected input {item.label} of shape {shapes}: "
+                                     f"{str(e).strip().splitlines()[0]}") from None
+                self.reference.append([t.numpy() for t in torch.utils._pytree.tree_leaves(out)
+                                       if isinstance(t, torch.Tensor)])
+        self.splitter = TorchSplitter(model, self.inputs[0])
+        self.names = [s.name for s in self.splitter.segments]
+        self.kinds = [s.module_type for s in self.splitter.segments]
+        self.fp32_modules: set[str] = set()
+        self.unfit: list[UnfitConstant] = []
+        self._exports: dict[int, tuple[onnx.ModelProto | None, str | None]] = {}
+
+    def cut_position(self, cut: int) -> int:
+        """Op position (execution order) of the last op of segment ``cut - 1``."""
+        return self.splitter.end_of(cut - 1)
+
+    def block(self, offender_nodes: Sequence[str], name: str) -> None:
+        """Keep module ``name``'s ops in FP32 in later prefixes (ONNX backends only)."""
+        self.fp32_modules.add(name)
+
+    def _export(self, position: int, prefix) -> onnx.ModelProto:
+        if position in self._exports:
+            model, error = self._exports[position]
+            if error:
+                raise BisectError(error)
+            return model
+        try:
+            model = export_onnx(prefix, tuple(self.inputs[0]),
+                                what=f"the prefix ending at {self.splitter.op_name(position)}")
+        except ExportError as e:
+            self._exports[position] = (None, str(e))
+            raise BisectError(str(e)) from None
+        self._exports[position] = (model, None)
+        return model
+
+    def export_error(self, cut: int) -> str | None:
+        """Why the prefix of ``cut`` cannot be exported to ONNX, or None if it can."""
+        position = self.cut_position(cut)
+        try:
+            self._export(position, self.splitter.split(position)[0])
+        except BisectError as e:
+            return str(e)
+        return None
+
+    def exportable_limit(self, n: int) -> int:
+        """Largest cut ``<= n`` whose prefix exports to ONNX (``n`` when the backend runs PyTorch
+        modules itself). Post-processing the exporter cannot handle stays in the FP32 suffix;
+        found by binary search over exports only (exportability shrinks with the prefix)."""
+        if type(self.backend).build_module is not Backend.build_module:
+            return n  # the torch backend runs GraphModules: no export needed
+        if self.export_error(n) is None:
+            return n
+        lo, hi = 0, n  # lo exports (0: the empty prefix), hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.export_error(mid) is None:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _module_nodes(self, model: onnx.ModelProto, modules: set[str]) -> list[str]:
+        """Names of the exported ONNX nodes that belong to any of ``modules`` (or their children),
+        from torch.onnx's ``pkg.torch.onnx.name_scopes`` metadata, else from scoped node names."""
+        def inside(fqn: str) -> bool:
+            """Whether module path ``fqn`` is one of ``modules`` or inside one."""
+            return bool(fqn) and any(fqn == m or fqn.startswith(m + ".") for m in modules)
+
+        return [n.name for n in model.graph.node if inside(node_scope(n))]
+
+    def evaluate(self, position: int, metric: Metric, full: bool) -> tuple[float, bool, int]:
+        """``(worst error over inputs, engine built?, prefix runs)`` for the hybrid whose FP16
+        prefix ends at op ``position``; ``full`` marks the all-FP16 cut (its unfit constants are
+        kept for the result).
+
+        Raises:
+            BisectError: the prefix cannot be exported, or ``all_offenders`` with the torch backend.
+        """
+        torch = self.torch
+        prefix, suffix, live = self.splitter.split(position)
+        before = self.backend.builds
+        engine = self.backend.build_module(prefix, self.inputs[0])
+        if engine is None:
+            model = self._export(position, prefix)
+            blocked = self._module_nodes(model, self.fp32_modules) if self.fp32_modules else []
+            if blocked:
+                blocked += sorted(_constant_feeders(model, set(blocked)))
+            fp16, conversion = to_typed_fp16(model, node_block_list=blocked)
+            if full and not self.unfit:
+                self.unfit = conversion.unfit
+            engine = self.backend.build(fp16)
+        elif self.fp32_modules:
+            raise BisectError("all_offenders needs an ONNX backend (emulate, onnxruntime, tensorrt): the torch "
+                              "backend cannot keep a module in FP32 inside its FP16 prefix")
+        built = self.backend.builds > before
+
+        def errors():
+            """The metric on each input: FP16 prefix engine, then the FP32 PyTorch suffix."""
+            for args, ref in zip(self.inputs, self.reference):
+                mid = engine.run({name: t.numpy() for name, t in zip(engine.input_names, args)})
+                with torch.no_grad():
+                    out = suffix(*(torch.from_numpy(np.ascontiguousarray(a)) for a in mid), *args)
+                yield metric([t.numpy() for t in out if isinstance(t, torch.Tensor)], ref)
+
+        worst, runs = _worst(errors())
+        return worst, built, runs
+
+    def describe(self, cut: int) -> tuple[tuple[str, ...], float]:
+        """``(ONNX nodes, amax)`` of the offending segment at ``cut``: its nodes in the exported
+        prefix (empty if that prefix cannot be exported), and the largest finite |x| of the FP32
+        values crossing the cut (an FP32 run of the prefix)."""
+        torch = self.torch
+        position = self.cut_position(cut)
+        prefix = self.splitter.split(position)[0]
+        with torch.no_grad():
+            amax = max(_amax([t.numpy() for t in prefix(*args) if isinstance(t, torch.Tensor)])
+                       for args in self.inputs)
+        try:
+            nodes = tuple(self._module_nodes(self._export(position, prefix), {self.names[cut - 1]}))
+        except BisectError:
+            nodes = ()
+        return nodes, amax

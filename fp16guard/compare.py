@@ -1,0 +1,133 @@
+"""Comparing FP16 outputs with an FP32 reference: the one error measure, task metrics, and the
+verification rows every stage reports (the shape of Polygraphy's comparator: one row per input,
+worst error over outputs).
+
+Used by bisect (is this cut good?), the fix (is the fixed model right?) and the mmdeploy export
+check.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from fp16guard.errors import UsageError
+
+#: A task metric or error measure: ``metric(outputs, reference) -> float`` on lists of numpy arrays
+#: in the model's output order. Bisect reads it as an error (lower is better, :func:`relative_l2`);
+#: the fix reports task metrics (higher is better, e.g. mask IoU).
+Metric = Callable[[list[np.ndarray], list[np.ndarray]], float]
+
+
+def relative_l2(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """Worst relative L2 error over outputs: ``max_i ||y_i - r_i||_2 / ||r_i||_2`` (dimensionless).
+
+    Float outputs are compared in float64; integer/bool outputs must match exactly (else inf).
+    A non-finite value where the reference is finite gives inf. Shapes must match (else inf).
+    """
+    worst = 0.0
+    for y, r in zip(outputs, reference):
+        y, r = np.asarray(y), np.asarray(r)
+        if y.shape != r.shape:
+            return math.inf
+        if not np.issubdtype(r.dtype, np.floating):
+            if not np.array_equal(y, r):
+                return math.inf
+            continue
+        y64, r64 = y.astype(np.float64), r.astype(np.float64)
+        finite_ref = np.isfinite(r64)
+        if np.any(~np.isfinite(y64) & finite_ref):
+            return math.inf
+        diff = np.where(finite_ref, y64 - r64, 0.0)
+        norm = float(np.linalg.norm(np.where(finite_ref, r64, 0.0)))
+        err = float(np.linalg.norm(diff)) / max(norm, 1e-30)
+        worst = max(worst, err)
+    return worst
+
+
+def load_metric(spec: str) -> Metric:
+    """``package.module:function`` -> the function (``metric(outputs, reference) -> float``).
+
+    Raises:
+        UsageError: the spec is malformed, or the module/function cannot be imported or called.
+    """
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise UsageError(f"--metric {spec!r}: give package.module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--metric {spec!r}: cannot import it ({e})") from None
+    if not callable(fn):
+        raise UsageError(f"--metric {spec!r} is not callable")
+    return fn
+
+
+def compare_outputs(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[float, float, int]:
+    """``(worst relative L2, max |error|, non-finite count)`` of outputs against an FP32 reference
+    (non-finite elements excluded from the two errors; relative L2 is inf when any exists)."""
+    max_abs, nonfinite = 0.0, 0
+    for y, r in zip(outputs, reference):
+        y64, r64 = np.asarray(y, dtype=np.float64), np.asarray(r, dtype=np.float64)
+        bad = ~np.isfinite(y64) & np.isfinite(r64)
+        nonfinite += int(bad.sum())
+        ok = np.isfinite(y64) & np.isfinite(r64)
+        if ok.any():
+            max_abs = max(max_abs, float(np.abs(y64[ok] - r64[ok]).max()))
+    return relative_l2(list(outputs), list(reference)), max_abs, nonfinite
+
+
+@dataclass(frozen=True)
+class VerifyRow:
+    """A model variant against the FP32 original on one input.
+
+    Attributes:
+        label: the input; ``split`` ``calibration`` or ``validation``.
+        rel_l2: worst relative L2 error over outputs; ``max_abs`` largest absolute error (output units).
+        nonfinite: count of inf/NaN output elements where FP32 is finite.
+        task: task metric scores by name (higher is better).
+    """
+
+    label: str
+    split: str
+    rel_l2: float
+    max_abs: float
+    nonfinite: int
+    task: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def measure(cls, label: str, split: str, outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray],
+                metrics: Mapping[str, Metric] | None = None) -> "VerifyRow":
+        """The row of ``outputs`` against ``reference``: :func:`compare_outputs` and every task metric."""
+        rel, mx, nf = compare_outputs(outputs, reference)
+        task = {k: float(fn(list(outputs), list(reference))) for k, fn in (metrics or {}).items()}
+        return cls(label, split, rel, mx, nf, task)
+
+
+@dataclass
+class Verification:
+    """One model variant verified on every input.
+
+    Attributes:
+        variant: ``fixed``, ``naive`` (plain FP16 conversion) or ``fallback``.
+        backend: the FP16 backend's description.
+        rows: one :class:`VerifyRow` per input.
+    """
+
+    variant: str
+    backend: str
+    rows: list[VerifyRow] = field(default_factory=list)
+
+    @property
+    def finite(self) -> bool:
+        """No output has inf/NaN where FP32 is finite."""
+        return all(r.nonfinite == 0 for r in self.rows)
+
+    def to_json(self) -> dict:
+        """Plain-JSON form (non-finite errors stay floats; :mod:`fp16guard.jsonio` writes them)."""
+        return {"variant": self.variant, "backend": self.backend, "finite": self.finite,
+                "rows": [asdict(r) for r in self.rows]}

@@ -1,0 +1,510 @@
+"""``fp16guard.fix``: one pipeline, calibrate -> plan -> apply -> convert -> verify, for any model.
+
+Every step runs through a :class:`~fp16guard.fix.targets.FixTarget`, so an ONNX graph
+(:class:`~fp16guard.fix.targets.OnnxFixTarget`) and a PyTorch module
+(:class:`~fp16guard.fix.targets.TorchFixTarget`) share all of them:
+
+1. **Calibrate** (:func:`calibrate_target`): activation amax of the prepared graph (BatchNorms and
+   bias constants folded in float64) over the calibration inputs, the scale solver
+   (:func:`fp16guard.fix.solver.solve`), the constants FP16 would flush entirely, and the nodes
+   the FP32 fallback would keep (measured on the unfolded graph): a
+   :class:`~fp16guard.plan.RewritePlan`.
+2. **Apply** (:func:`apply_plan`): the plan's exponents folded into the constants, its consented
+   constant raises, then the typed FP16 conversion with only the plan's unfixable nodes in FP32.
+   ``fallback="fp32"`` instead converts the unrewritten graph with the offending nodes in FP32
+   (what other tools do), for comparison.
+3. **Verify** (:func:`verify`), always: the FP16 model on an FP16 backend against the FP32
+   original on the calibration inputs and on validation inputs not used for calibration. A fixed
+   model that still produces inf/NaN is refused (:class:`~fp16guard.errors.StillOverflowsError`)
+   unless ``force``.
+
+The public entry points (:func:`fix`, :func:`fix_model`, :func:`calibrate`) pick the target from
+the model: an ``.onnx`` path or ``ModelProto`` is an ONNX target; a ``torch.nn.Module`` a PyTorch
+target, or (``output="onnx"``) its ONNX export as an ONNX target whose plans carry the module's
+state_dict hash.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from fp16guard.backends import Backend
+from fp16guard.compare import Metric, Verification, VerifyRow
+from fp16guard.errors import FixError, PlanError, StillOverflowsError
+from fp16guard.fix.onnx_pass import RewriteNote
+from fp16guard.fix.solver import ScaleSolution, complete, solve
+from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan, prepare_onnx
+from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL
+from fp16guard.fp16_onnx import Fp16Conversion
+from fp16guard.inputs import NamedInput, as_inputs
+from fp16guard.jsonio import strict
+from fp16guard.plan import PlanRegion, PlanUnderflow, RewritePlan
+
+logger = logging.getLogger("fp16guard")
+
+#: A task metric: ``metric(outputs, reference) -> score`` on lists of numpy arrays in the model's
+#: output order (higher is better, e.g. mask IoU).
+TaskMetric = Metric
+
+FIX_SCHEMA = "fp16guard.fix/1"
+
+__all__ = ["FixResult", "TaskMetric", "apply_onnx", "apply_plan", "apply_torch", "calibrate", "calibrate_onnx",
+           "calibrate_target", "calibrate_torch", "fallback_nodes", "fix", "fix_model", "fix_onnx", "fix_target",
+           "fix_torch", "prepare_onnx", "verify", "verify_onnx"]
+
+
+# ---------------------------------------------------------------- 1. calibrate
+
+
+def fallback_nodes(nodes: Sequence[NodeIO], amax: Mapping[str, float], overflowing_constants: set[str],
+                   target_log2: int) -> list[dict]:
+    """Nodes the FP32 fallback keeps in FP32: readers of constants that overflow FP16, writers of
+    values above ``2**target_log2`` and readers of values above 65504.
+
+    Args:
+        nodes: ``(node, inputs, outputs)`` of the unrewritten graph, in graph order.
+        amax: calibration amax per value of that graph.
+        overflowing_constants: names of its constants beyond 65504.
+        target_log2: the plan's headroom target.
+
+    Returns:
+        ``[{"node", "reason"}]`` in graph order.
+    """
+    out = []
+    for name, inputs, outputs in nodes:
+        reason = ""
+        big_in = [t for t in inputs if amax.get(t, 0.0) > FP16_MAX]
+        big_out = [t for t in outputs if amax.get(t, 0.0) > 2.0 ** target_log2]
+        if any(t in overflowing_constants for t in inputs):
+            reason = "reads a constant beyond 65504"
+        elif big_out:
+            reason = f"writes {big_out[0]} (amax {amax[big_out[0]]:.4g} > 2^{target_log2})"
+        elif big_in:
+            reason = f"reads {big_in[0]} (amax {amax[big_in[0]]:.4g} > 65504)"
+        if reason:
+            out.append({"node": name, "reason": reason})
+    return out
+
+
+def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_log2: int = 13,
+                     raise_underflow: bool = False) -> RewritePlan:
+    """Measure a target on calibration inputs and decide its rewrite plan.
+
+    Args:
+        target: the model (:class:`OnnxFixTarget` or :class:`TorchFixTarget`).
+        inputs: calibration inputs.
+        target_log2: headroom target: stored activations at or below ``2**target_log2``
+            (default 13, i.e. 8192: 3 bits below 65504, room for inputs 8x larger than seen).
+        raise_underflow: consent to raising constants FP16 flushes to zero (see
+            :class:`~fp16guard.plan.PlanUnderflow`).
+
+    Returns:
+        The :class:`~fp16guard.plan.RewritePlan` (``framework`` and ``model_sha256`` from the target;
+        for a PyTorch target also its per-module scales, ``modules``).
+
+    Raises:
+        FixError: no inputs, or the FP32 model itself produces inf/NaN on them.
+    """
+    if not inputs:
+        raise FixError("calibration needs at least one input")
+    amax = target.activation_amax(inputs)
+    bad = [t for t, a in amax.items() if not math.isfinite(a)]
+    if bad:
+        raise FixError(f"the FP32 model already produces inf/NaN at {bad[0]} on the calibration inputs; "
+                       f"no rewrite can fix that")
+    graph_inputs, graph_outputs = target.graph_io()
+    sol = solve(target.scale_ops(), amax, graph_inputs=graph_inputs, graph_outputs=graph_outputs,
+                target_log2=target_log2)
+    underflow = [PlanUnderflow(name, readers, value, flushed, FP16_MIN_NORMAL, raise_underflow)
+                 for name, readers, value, flushed in target.flushed_constants()]
+    nodes, overflowing = target.fallback_graph()
+    fallback = fallback_nodes(nodes, target.activation_amax(inputs, prepared=False), overflowing, target_log2)
+    plan = _plan(target, target_log2, [i.label for i in inputs], sol, underflow, fallback)
+    if isinstance(target, TorchFixTarget):
+        from fp16guard.fix.module_scales import module_scales
+
+        scales = module_scales(target.model, plan, target.examples, captured=target.base)
+        plan = replace(plan, modules=[m.to_json() for m in scales])
+    return plan
+
+
+def _plan(target: FixTarget, target_log2: int, labels: list[str], sol: ScaleSolution,
+          underflow: list[PlanUnderflow], fallback: list[dict]) -> RewritePlan:
+    """The :class:`RewritePlan` of a solved graph."""
+    return RewritePlan(
+        framework=target.framework, source=target.source, model_sha256=target.model_sha256,
+        target_log2=target_log2, calibration=labels,
+        regions=[PlanRegion(r.exponent, list(r.tensors), list(r.ops), list(r.scopes), r.amax, r.amax_after,
+                            list(r.opened_by), list(r.closed_by)) for r in sol.regions],
+        rescale_ops=[{"tensor": r.tensor, "exponent": r.exponent, "consumer": r.consumer, "reason": r.reason}
+                     for r in sol.rescales],
+        underflow=underflow,
+        unfixable=[{"tensor": u.tensor, "nodes": list(u.ops), "amax": u.amax, "reason": u.reason}
+                   for u in sol.unfixable],
+        fallback_fp32=fallback,
+        tight=[{"tensor": t, "amax": a} for t, a in sol.tight],
+    )
+
+
+# ---------------------------------------------------------------- 2. apply and convert
+
+
+@dataclass
+class Applied:
+    """A plan applied to a target.
+
+    Attributes:
+        fixed: the typed FP16 model (an ``onnx.ModelProto`` with FP32 graph inputs and outputs, or
+            a ``torch.fx.GraphModule`` that takes and returns FP32 tensors).
+        rewritten: the rewritten FP32 graph before conversion (equal to the original in real
+            arithmetic; the unrewritten graph for the FP32 fallback).
+        notes: what changed; ``conversion``: nodes left in FP32 and casts inserted.
+    """
+
+    fixed: object
+    rewritten: object
+    notes: list[RewriteNote]
+    conversion: Fp16Conversion
+
+
+def apply_plan(target: FixTarget, plan: RewritePlan, *, fallback: str | None = None,
+               check_hash: bool = True) -> Applied:
+    """Apply a plan to a target and convert it to typed FP16.
+
+    Args:
+        target: the model the plan was calibrated on.
+        plan: from :func:`calibrate_target` (or a file, edited or not).
+        fallback: ``None`` (scale rewrites, pure FP16 except the plan's unfixable nodes) or
+            ``"fp32"`` (no rewrite: the unrewritten graph with the plan's ``fallback_fp32`` nodes
+            in FP32, as Polygraphy / AutoCast / onnxconverter-common would).
+        check_hash: refuse a plan calibrated on another model.
+
+    Raises:
+        PlanError: the plan is for another model or framework, names a value the model does not
+            have, or breaks a tie (two values of one scale-equivariant op with different exponents).
+        RewriteError: a rescaled constant does not fit FP16.
+        ValueError: an unknown ``fallback``.
+    """
+    check_plan(target, plan, check_hash=check_hash)
+    if fallback not in (None, "fp32"):
+        raise ValueError(f"fallback must be None or 'fp32', got {fallback!r}")
+    if fallback == "fp32":
+        nodes = [entry["node"] for entry in plan.fallback_fp32]
+        fixed, conversion = target.convert(target.base, nodes)
+        note = RewriteNote("fallback_fp32", ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else ""),
+                           f"{len(nodes)} node(s) kept in FP32 with casts around them")
+        return Applied(fixed, target.base, [note], conversion)
+    ops = target.scale_ops()
+    known = {t for op in ops for t in (*op.inputs, *op.outputs)}
+    missing = sorted(set(plan.exponents) - known)
+    if missing:
+        raise PlanError(f"the plan scales {missing[0]!r} (and {len(missing) - 1} more), which the model does not have")
+    try:
+        sol = complete(ops, plan.exponents, graph_outputs=target.graph_io()[1])
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    raises = [(u.tensor, u.raise_to) for u in plan.underflow if u.consent]
+    rewritten, notes = target.rewrite(sol, raises)
+    fixed, conversion = target.convert(rewritten, plan.unfixable_nodes)
+    return Applied(fixed, rewritten, list(target.prepared_notes) + notes, conversion)
+
+
+# ---------------------------------------------------------------- 3. verify
+
+
+def verify(target: FixTarget, fixed, inputs: Sequence[NamedInput], splits: Sequence[str], *,
+           backend: str | Backend = "emulate", variant: str = "fixed", metrics: Mapping[str, Metric] | None = None,
+           references: list[list[np.ndarray]] | None = None) -> tuple[Verification, list[list[np.ndarray]]]:
+    """Run an FP16 model on an FP16 backend and compare it with the FP32 original on every input.
+
+    Args:
+        target: the original model.
+        fixed: an FP16 model of it (:func:`apply_plan`).
+        inputs: preprocessed inputs; ``splits`` says for each whether it is a ``calibration`` or a
+            ``validation`` input.
+        backend: FP16 backend name or instance (``emulate`` on CPU; ``onnxruntime``,
+            ``tensorrt`` (ONNX) or ``torch`` (PyTorch) on a GPU).
+        variant: the row label (``fixed``, ``naive``, ``fallback``).
+        metrics: task metrics (higher is better) by name.
+        references: FP32 outputs already computed (as returned by an earlier call).
+
+    Returns:
+        ``(verification, references)``.
+
+    Raises:
+        BackendError: the backend cannot run here, or cannot run this kind of model.
+    """
+    if references is None:
+        references = target.references(inputs)
+    what, run = target.runner(fixed, backend)
+    out = Verification(variant, what)
+    for item, split, ref in zip(inputs, splits, references):
+        out.rows.append(VerifyRow.measure(item.label, split, run(item), ref, metrics))
+    return out, references
+
+
+@dataclass
+class FixResult:
+    """Everything :func:`fix_target` produced.
+
+    Attributes:
+        fixed: the typed FP16 model (FP32 graph inputs/outputs).
+        rewritten_fp32: the rewritten FP32 graph (equal to the original in real arithmetic).
+        plan: the plan applied.
+        notes: every rewrite.
+        conversion: what the FP16 conversion did (nodes left in FP32, Casts).
+        verification: the fixed model on the FP16 backend; ``naive`` the plain conversion for
+            comparison (None if not run).
+    """
+
+    fixed: object
+    rewritten_fp32: object
+    plan: RewritePlan
+    notes: list[RewriteNote]
+    conversion: Fp16Conversion
+    verification: Verification
+    naive: Verification | None = None
+
+    def to_json(self) -> dict:
+        """The fix report, schema ``fp16guard.fix/1`` (docs/fix-schema.md): strict JSON, non-finite
+        errors written as the strings ``"inf"``/``"nan"`` (:mod:`fp16guard.jsonio`)."""
+        return strict({
+            "schema": FIX_SCHEMA, "source": self.plan.source, "framework": self.plan.framework,
+            "rewrites": [n.to_json() for n in self.notes],
+            "regions": [{"exponent": r.exponent, "scopes": r.scopes, "amax_before": r.amax,
+                         "amax_after": r.amax_after, "tensors": len(r.tensors)} for r in self.plan.regions],
+            "fp32_nodes": self.conversion.fp32_nodes, "casts": self.conversion.casts,
+            "verification": self.verification.to_json(),
+            "naive": self.naive.to_json() if self.naive else None})
+
+
+def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, plan: RewritePlan | None = None,
+               validation: Sequence[NamedInput] = (), target_log2: int = 13, raise_underflow: bool = False,
+               fallback: str | None = None, backend: str | Backend = "emulate",
+               metrics: Mapping[str, Metric] | None = None, compare_naive: bool = True,
+               force: bool = False) -> FixResult:
+    """Calibrate (unless ``plan`` is given), apply, convert and verify one target.
+
+    Args:
+        target: the model.
+        calibration: calibration inputs (needed unless ``plan`` is given; also verified).
+        plan: a plan to apply instead of calibrating.
+        validation: inputs not used for calibration, verified too.
+        target_log2, raise_underflow: see :func:`calibrate_target`.
+        fallback: see :func:`apply_plan`.
+        backend: FP16 backend for verification (default ``emulate``: strict FP16 emulation on CPU).
+        metrics: task metrics reported per input (higher is better).
+        compare_naive: also verify the plain FP16 conversion, for comparison.
+        force: skip the plan's model-hash check, and return the fixed model even if it still
+            produces inf/NaN.
+
+    Raises:
+        FixError: nothing to verify on; StillOverflowsError: the fixed model still produces
+            inf/NaN (unless ``force``).
+        PlanError, RewriteError, BackendError: see :func:`apply_plan` and :func:`verify`.
+    """
+    if plan is None:
+        plan = calibrate_target(target, calibration, target_log2=target_log2, raise_underflow=raise_underflow)
+    inputs = [*calibration, *validation]
+    if not inputs:
+        raise FixError("verification needs inputs: give calibration or validation inputs")
+    splits = ["calibration"] * len(calibration) + ["validation"] * len(validation)
+    applied = apply_plan(target, plan, fallback=fallback, check_hash=not force)
+    verification, refs = verify(target, applied.fixed, inputs, splits, backend=backend,
+                                variant="fallback" if fallback else "fixed", metrics=metrics)
+    naive = None
+    if compare_naive:
+        naive_model, _ = target.convert(target.base, [])
+        naive, _ = verify(target, naive_model, inputs, splits, backend=backend, variant="naive", metrics=metrics,
+                          references=refs)
+    if not verification.finite and not force:
+        worst = max(verification.rows, key=lambda r: r.nonfinite)
+        raise StillOverflowsError(
+            f"the fixed model still produces {worst.nonfinite} inf/NaN output value(s) on {worst.label} in FP16; "
+            f"see the plan's unfixable entries, try --fallback fp32, or --force to write it anyway")
+    return FixResult(applied.fixed, applied.rewritten, plan, applied.notes, applied.conversion, verification, naive)
+
+
+# ---------------------------------------------------------------- the public entry points
+
+
+def _is_torch(model) -> bool:
+    import torch
+
+    return isinstance(model, torch.nn.Module)
+
+
+def make_target(model, inputs: Sequence[NamedInput], *, graph: str | None = None, source: str | None = None) -> FixTarget:
+    """The :class:`FixTarget` of a model.
+
+    Args:
+        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (never modified).
+        inputs: every input the command runs (a module is captured, or exported, once for them).
+        graph: for a module, ``"torch"`` (default: its ``torch.export`` graph) or ``"onnx"`` (its ONNX
+            export, input dimensions that differ between ``inputs`` dynamic; plans still carry the
+            module's state_dict hash). An ONNX model is always ``"onnx"``.
+        source: display name.
+
+    Raises:
+        ValueError: ``graph="torch"`` for an ONNX model, or an unknown ``graph``.
+        FixError: a module without inputs; ExportError: it cannot be captured or exported.
+        ModelLoadError: an unreadable ONNX file.
+    """
+    is_torch = _is_torch(model)
+    if graph not in (None, "torch", "onnx") or (graph == "torch" and not is_torch):
+        raise ValueError(f"graph must be 'torch' (PyTorch modules only) or 'onnx', got {graph!r}")
+    if not is_torch:
+        return OnnxFixTarget(model, source=source)
+    if not inputs:
+        raise FixError("a PyTorch model needs inputs to be captured")
+    if graph != "onnx":
+        return TorchFixTarget(model, inputs, source=source)
+    from fp16guard.inputs import torch_args
+    from fp16guard.torch_graph import dynamic_dims, export_onnx, state_dict_sha256
+
+    examples = [torch_args(i) for i in inputs]
+    proto = export_onnx(model, examples[0], dynamic_shapes=dynamic_dims(examples), what=type(model).__name__)
+    return OnnxFixTarget(proto, source=source or type(model).__name__, model_sha256=state_dict_sha256(model))
+
+
+def calibrate(model, calib_inputs, *, target_log2: int = 13, raise_underflow: bool = False,
+              source: str | None = None, graph: str | None = None) -> RewritePlan:
+    """Calibrate a rewrite plan for an ONNX model or a PyTorch module.
+
+    Args:
+        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (not modified).
+        calib_inputs: :class:`~fp16guard.inputs.NamedInput` items, arrays, or tuples of arrays.
+        target_log2, raise_underflow: see :func:`calibrate_target`.
+        source: the model's name in the plan.
+        graph: for a PyTorch module, which graph the plan names: ``"torch"`` (default) or ``"onnx"``
+            (see :func:`make_target`). Either way ``model_sha256`` hashes the module's state_dict.
+
+    Raises:
+        FixError, ExportError, ModelLoadError, InputError; ValueError for an unknown ``graph``
+        or ``graph="torch"`` with an ONNX model.
+    """
+    inputs = as_inputs(calib_inputs, what="calibration input")
+    target = make_target(model, inputs, graph=graph, source=source)
+    return calibrate_target(target, inputs, target_log2=target_log2, raise_underflow=raise_underflow)
+
+
+def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, validation=(), output: str | None = None,
+              source: str | None = None, **options) -> FixResult:
+    """Fix an ONNX model or a PyTorch module (:func:`fix_target`, whose keyword arguments
+    ``options`` are).
+
+    Args:
+        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (never modified).
+        calib_inputs, validation: arrays, tuples of arrays or ``NamedInput`` items.
+        plan: apply this plan instead of calibrating; its ``framework`` picks the graph.
+        output: for a PyTorch module, ``"torch"`` (an FP16 program; default) or ``"onnx"`` (a
+            typed FP16 ONNX model).
+        source: the model's name in the plan.
+
+    Raises:
+        PlanError: ``plan`` was calibrated on another model, or names another graph than ``output``.
+        FixError, StillOverflowsError, ExportError, ModelLoadError, InputError, RewriteError: see
+            :func:`fix_target`.
+    """
+    calibration = as_inputs(calib_inputs, what="calibration input")
+    validation = as_inputs(validation, what="validation input")
+    is_torch = _is_torch(model)
+    graph = output or (plan.framework if plan is not None else ("torch" if is_torch else "onnx"))
+    if graph not in ("torch", "onnx") or (graph == "torch" and not is_torch):
+        raise ValueError(f"output must be 'torch' (PyTorch modules only) or 'onnx', got {graph!r}")
+    if plan is not None and plan.framework != graph:
+        raise PlanError(f"the plan names the values of a {plan.framework} graph, but the output asked for is "
+                        f"{graph}; calibrate again for {graph}")
+    target = make_target(model, [*calibration, *validation], graph=graph, source=source)
+    return fix_target(target, calibration, plan=plan, validation=validation, **options)
+
+
+def fix(model, calib_inputs, **options):
+    """Rewrite a model so it runs entirely in FP16, exact in real arithmetic; verify it.
+
+    ``fixed, plan = fp16guard.fix(model, calib_inputs)``: calibrates a plan on ``calib_inputs``,
+    folds BatchNorms, folds power-of-two scale regions into the weights, converts to typed FP16
+    (FP32 graph inputs and outputs), and verifies it against the FP32 model on the ``emulate``
+    backend. ``options`` are :func:`fix_model`'s and :func:`fix_target`'s (``validation``,
+    ``target_log2``, ``backend``, ``fallback``, ``metrics``, ``force``, ``output``, ...).
+
+    Args:
+        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (never modified).
+        calib_inputs: calibration inputs (arrays, tuples of arrays, or ``NamedInput``).
+
+    Returns:
+        ``(fixed, plan)``: for an ONNX model the typed FP16 ``onnx.ModelProto``; for a PyTorch
+        module the FP16 program, a ``torch.fx.GraphModule`` that takes and returns FP32 tensors
+        (``output="onnx"`` gives a ``ModelProto`` instead); and the
+        :class:`~fp16guard.plan.RewritePlan` applied.
+
+    Raises:
+        StillOverflowsError: the fixed model still produces inf/NaN in FP16 (pass ``force=True`` to get it).
+    """
+    result = fix_model(model, calib_inputs, **options)
+    return result.fixed, result.plan
+
+
+# ------------------------------------------------- per-framework forms of the steps above
+
+
+def calibrate_onnx(model: str | Path | onnx.ModelProto, inputs: Sequence[NamedInput], *, target_log2: int = 13,
+                   raise_underflow: bool = False, source: str | None = None,
+                   memory_budget: int = 1 << 30) -> RewritePlan:
+    """:func:`calibrate_target` of an :class:`OnnxFixTarget` (``memory_budget``: bytes of
+    intermediate values held at once while measuring)."""
+    target = OnnxFixTarget(model, source=source, memory_budget=memory_budget)
+    return calibrate_target(target, as_inputs(inputs), target_log2=target_log2, raise_underflow=raise_underflow)
+
+
+def calibrate_torch(model, inputs: Sequence[NamedInput], *, target_log2: int = 13, raise_underflow: bool = False,
+                    source: str | None = None) -> RewritePlan:
+    """:func:`calibrate_target` of a :class:`TorchFixTarget` (the plan names fx nodes and hashes
+    the module's state_dict)."""
+    inputs = as_inputs(inputs)
+    if not inputs:
+        raise FixError("calibration needs at least one input")
+    return calibrate_target(TorchFixTarget(model, inputs, source=source), inputs, target_log2=target_log2,
+                            raise_underflow=raise_underflow)
+
+
+def apply_onnx(model: str | Path | onnx.ModelProto, plan: RewritePlan, *, fallback: str | None = None,
+               check_hash: bool = True) -> tuple[onnx.ModelProto, onnx.ModelProto, list[RewriteNote], Fp16Conversion]:
+    """:func:`apply_plan` to an ONNX model: ``(fp16_model, fp32_rewritten, notes, conversion)``."""
+    a = apply_plan(OnnxFixTarget(model), plan, fallback=fallback, check_hash=check_hash)
+    return a.fixed, a.rewritten, a.notes, a.conversion
+
+
+def apply_torch(model, plan: RewritePlan, examples, *, fallback: str | None = None, check_hash: bool = True):
+    """:func:`apply_plan` to a PyTorch module captured on ``examples`` (argument tuples of FP32
+    tensors): ``(program, rewritten, notes, conversion)``."""
+    a = apply_plan(TorchFixTarget(model, as_inputs(examples)), plan, fallback=fallback, check_hash=check_hash)
+    return a.fixed, a.rewritten, a.notes, a.conversion
+
+
+def verify_onnx(reference_model: onnx.ModelProto, fp16_model: onnx.ModelProto, inputs: Sequence[NamedInput],
+                splits: Sequence[str], **options) -> tuple[Verification, list[list[np.ndarray]]]:
+    """:func:`verify` of a typed FP16 ONNX model against its FP32 original (``options`` as :func:`verify`)."""
+    return verify(OnnxFixTarget(reference_model), fp16_model, inputs, splits, **options)
+
+
+def fix_onnx(model: str | Path | onnx.ModelProto, calibration: Sequence[NamedInput] = (), *,
+             source: str | None = None, **options) -> FixResult:
+    """:func:`fix_target` of an :class:`OnnxFixTarget`."""
+    return fix_target(OnnxFixTarget(model, source=source), as_inputs(calibration), **options)
+
+
+def fix_torch(model, calibration: Sequence[NamedInput] = (), *, validation: Sequence[NamedInput] = (),
+              source: str | None = None, **options) -> FixResult:
+    """:func:`fix_target` of a :class:`TorchFixTarget`; ``FixResult.fixed`` is the FP16 program
+    (save it with :func:`fp16guard.fix.torch_pass.save_program`, ``.pt2``)."""
+    calibration, validation = as_inputs(calibration), as_inputs(validation)
+    target = TorchFixTarget(model, [*calibration, *validation], source=source)
+    return fix_target(target, calibration, validation=validation, **options)

@@ -1,0 +1,336 @@
+"""The two kinds of model the fix rewrites, behind one :class:`FixTarget` protocol.
+
+The pipeline (:mod:`fp16guard.fix.pipeline`) calibrates, solves, applies, converts and verifies
+through these methods only, so an ONNX graph and a PyTorch module share every step but the
+adapter:
+
+* :class:`OnnxFixTarget`: an FP32 ONNX graph; passes in :mod:`fp16guard.fix.onnx_pass`, typed
+  FP16 conversion by :func:`fp16guard.fp16_onnx.to_typed_fp16`, verification on any ONNX backend.
+* :class:`TorchFixTarget`: a ``torch.nn.Module`` captured once with ``torch.export``; passes in
+  :mod:`fp16guard.fix.torch_pass`, a typed FP16 ``GraphModule`` out, verification by strict FP16
+  emulation on the CPU or PyTorch's FP16 kernels on CUDA.
+
+Each target loads or captures its model once, when it is built, and keeps the two graphs every
+step needs: ``base`` (the model as captured, for the FP32 fallback) and ``prepared`` (after the
+structural passes: BatchNorms and bias constants folded; the graph a plan names).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+import onnx
+
+from fp16guard.backends import Backend, get_backend
+from fp16guard.errors import BackendError, PlanError
+from fp16guard.fix import onnx_pass
+from fp16guard.fix.onnx_pass import RewriteNote
+from fp16guard.fix.solver import ScaleOp, ScaleSolution
+from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
+from fp16guard.fp16_onnx import Fp16Conversion, to_typed_fp16, unfit_constants
+from fp16guard.inputs import NamedInput, onnx_feed, torch_args
+from fp16guard.onnx_graph import consumers, cpu_session, graph_constants, load_onnx, value_ranges
+from fp16guard.plan import sha256_of
+
+#: ``(node name, input value names, output value names)``: a graph op as the FP32-fallback rule sees it.
+NodeIO = tuple[str, Sequence[str], Sequence[str]]
+
+#: Runs one FP16 model on one input and returns its outputs (numpy, FP32).
+Runner = Callable[[NamedInput], list[np.ndarray]]
+
+
+class FixTarget(Protocol):
+    """What the fix pipeline needs of a model, whatever its framework.
+
+    Attributes:
+        framework: the graph a plan for it names: ``"onnx"`` or ``"torch"``.
+        source: the model's display name.
+        model_sha256: what a plan's ``model_sha256`` must equal to be applied to it.
+    """
+
+    framework: str
+    source: str
+    model_sha256: str
+
+    def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
+        """Max |x| of every activation of the prepared (or base) graph over ``inputs``; inf where
+        a value is ever non-finite."""
+
+    def scale_ops(self) -> list[ScaleOp]:
+        """The prepared graph as the solver sees it."""
+
+    def graph_io(self) -> tuple[list[str], list[str]]:
+        """``(input, output)`` value names of the prepared graph."""
+
+    def flushed_constants(self) -> list[tuple[str, list[str], float, int]]:
+        """``(name, readers, amax, flushed)`` of each prepared-graph constant FP16 flushes entirely to 0."""
+
+    def fallback_graph(self) -> tuple[list[NodeIO], set[str]]:
+        """The base graph's ops and the names of its constants beyond 65504 (the FP32 fallback's input)."""
+
+    def rewrite(self, solution: ScaleSolution, raises: Sequence[tuple[str, float]]) -> tuple[object, list[RewriteNote]]:
+        """The prepared graph with the solution's exponents folded in and the consented constant raises."""
+
+    def convert(self, graph: object, fp32_nodes: Sequence[str]) -> tuple[object, Fp16Conversion]:
+        """The typed FP16 model of an FP32 graph, ``fp32_nodes`` kept in FP32."""
+
+    def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
+        """The FP32 model's outputs on each input."""
+
+    def runner(self, fixed: object, backend: str | Backend) -> tuple[str, Runner]:
+        """``(backend description, run)`` for an FP16 model made by :meth:`convert`."""
+
+
+def _amax_of(runs: Sequence[Mapping]) -> dict[str, float]:
+    """Max amax per value over runs of :func:`~fp16guard.onnx_graph.value_ranges`; inf if ever non-finite."""
+    out: dict[str, float] = {}
+    for run in runs:
+        for name, s in run.items():
+            out[name] = math.inf if s.nonfinite or out.get(name) == math.inf else max(out.get(name, 0.0), s.amax)
+    return out
+
+
+def prepare_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:
+    """The structural passes: constants to initializers, bias Adds and BatchNorms folded.
+
+    Returns ``(model', notes)``; ``model`` is not modified.
+    """
+    notes: list[RewriteNote] = []
+    for rewrite in (onnx_pass.constants_to_initializers, onnx_pass.fold_affine_constants,
+                    onnx_pass.fold_batchnorms, onnx_pass.fold_affine_constants):
+        model, n = rewrite(model)
+        notes += n
+    return model, notes
+
+
+class OnnxFixTarget:
+    """An FP32 ONNX model to fix.
+
+    Args:
+        model: ``.onnx`` path or ``onnx.ModelProto`` (loaded once; never modified).
+        source: display name (default: the file name or the graph's name).
+        model_sha256: the identity a plan must carry (default: SHA-256 of the serialized model;
+            a PyTorch module exported to ONNX passes its state_dict hash).
+        memory_budget: bytes of intermediate values held at once while measuring.
+
+    Raises:
+        ModelLoadError: the file is missing or not a valid ONNX model.
+    """
+
+    framework = "onnx"
+
+    def __init__(self, model: str | Path | onnx.ModelProto, *, source: str | None = None,
+                 model_sha256: str | None = None, memory_budget: int = 1 << 30):
+        self.original = load_onnx(model)
+        self.source = source or (Path(model).name if not isinstance(model, onnx.ModelProto)
+                                 else self.original.graph.name or "model")
+        self.model_sha256 = model_sha256 or sha256_of(self.original.SerializeToString())
+        self.memory_budget = memory_budget
+        self.base, _ = onnx_pass.constants_to_initializers(self.original)
+        self.prepared, self.prepared_notes = prepare_onnx(self.original)
+        self._feeds: dict[int, dict[str, np.ndarray]] = {}
+
+    def feed(self, item: NamedInput) -> dict[str, np.ndarray]:
+        """``item`` as a feed of the model's graph inputs (one inputs-to-feeds path: :func:`onnx_feed`)."""
+        consts = set(graph_constants(self.original))
+        names = [i.name for i in self.original.graph.input if i.name not in consts]
+        return onnx_feed(names, item)
+
+    def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
+        """See :meth:`FixTarget.activation_amax`."""
+        graph = self.prepared if prepared else self.base
+        feeds = [self.feed(i) for i in inputs]
+        return _amax_of(value_ranges(graph, feeds, labels=[i.label for i in inputs], memory_budget=self.memory_budget))
+
+    def scale_ops(self) -> list[ScaleOp]:
+        """See :meth:`FixTarget.scale_ops`."""
+        return onnx_pass.scale_ops(self.prepared)
+
+    def graph_io(self) -> tuple[list[str], list[str]]:
+        """See :meth:`FixTarget.graph_io`."""
+        g = self.prepared.graph
+        return [i.name for i in g.input], [o.name for o in g.output]
+
+    def flushed_constants(self) -> list[tuple[str, list[str], float, int]]:
+        """See :meth:`FixTarget.flushed_constants`."""
+        readers = consumers(self.prepared.graph)
+        values = {i.name: i for i in self.prepared.graph.initializer}
+        out = []
+        for u in unfit_constants(self.prepared):
+            init = values.get(u.name)
+            if u.flushed and init is not None and u.flushed == int(np.count_nonzero(onnx.numpy_helper.to_array(init))):
+                out.append((u.name, list(dict.fromkeys(n.name for n in readers.get(u.name, []))), u.amax, u.flushed))
+        return out
+
+    def fallback_graph(self) -> tuple[list[NodeIO], set[str]]:
+        """See :meth:`FixTarget.fallback_graph`."""
+        nodes = [(n.name, list(n.input), list(n.output)) for n in self.base.graph.node]
+        return nodes, {u.name for u in unfit_constants(self.base) if u.overflow}
+
+    def rewrite(self, solution: ScaleSolution, raises: Sequence[tuple[str, float]]):
+        """See :meth:`FixTarget.rewrite`."""
+        scaled, notes = onnx_pass.apply_exponents(self.prepared, solution)
+        if raises:
+            scaled, n = onnx_pass.raise_constants(scaled, raises)
+            notes += n
+        return scaled, notes
+
+    def convert(self, graph: onnx.ModelProto, fp32_nodes: Sequence[str]) -> tuple[onnx.ModelProto, Fp16Conversion]:
+        """See :meth:`FixTarget.convert` (:func:`~fp16guard.fp16_onnx.to_typed_fp16`)."""
+        return to_typed_fp16(graph, node_block_list=list(fp32_nodes))
+
+    def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
+        """See :meth:`FixTarget.references` (ONNX Runtime, CPU, FP32)."""
+        session = cpu_session(self.original)
+        return [session.run(None, self.feed(i)) for i in inputs]
+
+    def runner(self, fixed: onnx.ModelProto, backend: str | Backend) -> tuple[str, Runner]:
+        """See :meth:`FixTarget.runner`: ``backend`` builds an engine of ``fixed``."""
+        be = get_backend(backend) if isinstance(backend, str) else backend
+        engine = be.build(fixed)
+        return be.describe(), lambda item: engine.run(self.feed(item))
+
+
+class TorchFixTarget:
+    """A PyTorch module to fix, captured once with ``torch.export``.
+
+    Args:
+        model: ``torch.nn.Module`` (never modified; captured in eval mode).
+        inputs: every input the command will run (calibration and validation): input dimensions
+            that differ between them are captured as dynamic.
+        source: display name (default: the class name).
+
+    Raises:
+        ExportError: ``torch.export`` cannot capture the module.
+        RewriteError: a BatchNorm in training mode.
+    """
+
+    framework = "torch"
+
+    def __init__(self, model, inputs: Sequence[NamedInput], *, source: str | None = None):
+        from fp16guard.fix import torch_pass as tp
+        from fp16guard.torch_graph import capture, state_dict_sha256
+
+        self._tp = tp
+        self.model = model
+        self.source = source or type(model).__name__
+        self.model_sha256 = state_dict_sha256(model)
+        self.examples = [torch_args(i) for i in inputs]
+        self.base = tp.annotate(capture(model, self.examples), self.examples[0])
+        self.prepared, self.prepared_notes = tp.fold_batchnorms(self.base)
+        tp.annotate(self.prepared, self.examples[0])
+
+    def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
+        """See :meth:`FixTarget.activation_amax`."""
+        return self._tp.activation_amax(self.prepared if prepared else self.base, [torch_args(i) for i in inputs])
+
+    def scale_ops(self) -> list[ScaleOp]:
+        """See :meth:`FixTarget.scale_ops`."""
+        return self._tp.scale_ops(self.prepared)
+
+    def graph_io(self) -> tuple[list[str], list[str]]:
+        """See :meth:`FixTarget.graph_io`."""
+        return self._tp.graph_io(self.prepared)
+
+    def flushed_constants(self) -> list[tuple[str, list[str], float, int]]:
+        """See :meth:`FixTarget.flushed_constants`."""
+        out = []
+        for target, (value, readers) in self._tp.constants(self.prepared).items():
+            nonzero = int(np.count_nonzero(value))
+            flushed = int(np.count_nonzero((value != 0) & (np.abs(value) <= FP16_MIN_SUBNORMAL / 2)))
+            if flushed and flushed == nonzero:
+                out.append((target, readers, float(np.abs(value).max()), flushed))
+        return out
+
+    def fallback_graph(self) -> tuple[list[NodeIO], set[str]]:
+        """See :meth:`FixTarget.fallback_graph`."""
+        import torch
+        from torch import fx
+        from torch.utils._pytree import tree_flatten
+
+        from fp16guard.torch_graph import get_attr
+
+        gm = self.base
+        nodes = [(n.name, [a.name for a in tree_flatten((n.args, n.kwargs))[0] if isinstance(a, fx.Node)], [n.name])
+                 for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+        over = set()
+        for n in gm.graph.nodes:
+            t = get_attr(gm, n.target) if n.op == "get_attr" else None
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and bool((t.detach().double().abs() > FP16_MAX).any()):
+                over.add(n.name)
+        return nodes, over
+
+    def rewrite(self, solution: ScaleSolution, raises: Sequence[tuple[str, float]]):
+        """See :meth:`FixTarget.rewrite`."""
+        scaled, notes = self._tp.apply_exponents(self.prepared, solution)
+        if raises:
+            scaled, n = self._tp.raise_constants(scaled, raises)
+            notes += n
+        return self._tp.annotate(scaled, self.examples[0]), notes
+
+    def convert(self, graph, fp32_nodes: Sequence[str]) -> tuple[object, Fp16Conversion]:
+        """See :meth:`FixTarget.convert` (:func:`~fp16guard.fix.torch_pass.to_fp16_program`)."""
+        import torch
+
+        program = self._tp.to_fp16_program(graph, list(fp32_nodes))
+        casts = sum(1 for n in program.graph.nodes
+                    if n.op == "call_function" and n.target is torch.ops.aten._to_copy.default)
+        return program, Fp16Conversion(fp32_nodes=list(fp32_nodes), casts=casts)
+
+    def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
+        """See :meth:`FixTarget.references` (the module itself, FP32, CPU, eval mode)."""
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        from fp16guard.torch_graph import eval_mode
+
+        with eval_mode(self.model), torch.no_grad():
+            return [[t.float().numpy() for t in tree_flatten(self.model(*torch_args(i)))[0] if isinstance(t, torch.Tensor)]
+                    for i in inputs]
+
+    def runner(self, fixed, backend: str | Backend) -> tuple[str, Runner]:
+        """See :meth:`FixTarget.runner`: ``emulate`` (strict FP16 emulation on the CPU) or ``torch``
+        (PyTorch's FP16 kernels on CUDA).
+
+        Raises:
+            BackendError: ``torch`` without a CUDA device, or another backend.
+        """
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        if backend == "emulate":
+            return (f"strict FP16 emulation (PyTorch {torch.__version__}, CPU)",
+                    lambda item: [t.float().numpy() for t in self._tp.run_emulated(fixed, *torch_args(item))])
+        if backend != "torch":
+            raise BackendError(f"a PyTorch model is verified on emulate or torch, not {backend!r}")
+        if not torch.cuda.is_available():
+            raise BackendError("backend torch runs PyTorch's FP16 kernels on CUDA, and no CUDA device is visible; "
+                               "use --backend emulate")
+        device = torch.device("cuda")
+        on_gpu = copy.deepcopy(fixed).to(device)  # Module.to moves in place: the program stays on the CPU
+
+        def run(item: NamedInput) -> list[np.ndarray]:
+            """The program on CUDA."""
+            with torch.no_grad():
+                out = on_gpu(*(a.to(device) for a in torch_args(item)))
+            return [t.float().cpu().numpy() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return f"PyTorch {torch.__version__} FP16 on {torch.cuda.get_device_name(device)}", run
+
+
+def check_plan(target: FixTarget, plan, *, check_hash: bool = True) -> None:
+    """Refuse a plan made for another framework or another model.
+
+    Raises:
+        PlanError: the plan names another framework's graph, or (``check_hash``) was calibrated on
+            another model.
+    """
+    if plan.framework != target.framework:
+        raise PlanError(f"this plan names the values of a {plan.framework} graph, but the model is fixed as a "
+                        f"{target.framework} graph; calibrate again for {target.framework}")
+    if check_hash and plan.model_sha256 != target.model_sha256:
+        raise PlanError(f"the plan was calibrated on another model ({plan.source}, sha256 {plan.model_sha256[:12]}...); "
+                        f"calibrate this one, or pass --force (force=True) if only metadata changed")

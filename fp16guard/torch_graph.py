@@ -1,0 +1,189 @@
+"""The PyTorch graph layer: one capture, module paths, one state-dict hash, and the ONNX export.
+
+* :func:`capture`: a module as one flat ``torch.fx.GraphModule`` of ATen ops (``torch.export``,
+  optionally falling back to ``torch.fx.symbolic_trace``), in eval mode; bisect cuts it, the fix
+  rewrites it.
+* :func:`module_paths`: which modules an op ran inside (``nn_module_stack``).
+* :func:`state_dict_sha256`: the hash that ties a plan to a module.
+* :func:`export_onnx`: the one place fp16guard calls ``torch.onnx.export``.
+
+The dynamo exporter (``torch.onnx.export(..., dynamo=True)``, needs onnxscript) records each
+node's module scope in its metadata (``pkg.torch.onnx.name_scopes``); without onnxscript the
+TorchScript exporter is used, whose node names carry the scopes instead (``/conv2/Conv``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+from typing import Sequence
+
+import onnx
+
+from fp16guard.errors import ExportError
+from fp16guard.plan import sha256_of
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Put ``model`` in eval mode for the block and restore its training flag after (a module
+    unflattened from an ``ExportedProgram`` has no train mode and is left as it is)."""
+    was_training = model.training
+    try:
+        model.train(False)
+    except NotImplementedError:  # torch.export's unflattened module: already an inference graph
+        yield model
+        return
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+
+
+def dynamic_dims(examples: Sequence[Sequence]) -> tuple[dict[int, object], ...] | None:
+    """``dynamic_shapes`` for ``torch.export``: every dimension whose size differs between the
+    example argument tuples becomes ``Dim.AUTO``; None when all examples have one shape."""
+    import torch
+
+    first = [tuple(a.shape) for a in examples[0]]
+    out, any_dynamic = [], False
+    for k, shape in enumerate(first):
+        dims = {}
+        for d in range(len(shape)):
+            if any(tuple(ex[k].shape)[d] != shape[d] for ex in examples[1:]):
+                dims[d] = torch.export.Dim.AUTO
+                any_dynamic = True
+        out.append(dims or None)
+    return tuple(out) if any_dynamic else None
+
+
+def export_onnx(module, args: tuple, *, dynamic_shapes=None, what: str = "the model") -> onnx.ModelProto:
+    """Export ``module(*args)`` to an FP32 ``onnx.ModelProto``.
+
+    Args:
+        module: a ``torch.nn.Module`` or ``GraphModule`` (exported in eval mode; its training flag
+            is restored).
+        args: example arguments (tensors).
+        dynamic_shapes: as ``torch.export`` takes it (see :func:`dynamic_dims`); dynamo only.
+        what: how to name the module in the error.
+
+    Raises:
+        ExportError: the exporter failed.
+    """
+    import torch
+
+    try:
+        with eval_mode(module):
+            if importlib.util.find_spec("onnxscript") is not None:
+                program = torch.onnx.export(module, tuple(args), dynamo=True, verbose=False,
+                                            dynamic_shapes=dynamic_shapes)
+                return program.model_proto
+            buf = io.BytesIO()
+            torch.onnx.export(module, tuple(args), buf, dynamo=False)
+            return onnx.load_from_string(buf.getvalue())
+    except Exception as e:  # noqa: BLE001 - exporters raise many types
+        first = next((line for line in str(e).strip().splitlines() if line.strip()), "")
+        raise ExportError(f"cannot export {what} to ONNX ({type(e).__name__}: {first[:200]})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line for line in str(e).strip().splitlines() if line.strip()), "")[:200]
+
+
+def capture(model, examples: Sequence[Sequence], *, trace_fallback: bool = False):
+    """The model as one flat ``torch.fx.GraphModule`` of ATen ops (``torch.export``, non-strict).
+
+    Args:
+        model: an ``nn.Module`` (captured in eval mode; its training flag is restored after, and
+            nothing else of it changes) or a ``torch.export.ExportedProgram``.
+        examples: argument tuples of tensors; input dimensions that differ between them are
+            exported as dynamic (:func:`dynamic_dims`).
+        trace_fallback: when ``torch.export`` fails, try ``torch.fx.symbolic_trace`` (a graph of
+            module calls and functions rather than ATen ops; bisect can cut it, the fix cannot
+            rewrite it).
+
+    Returns:
+        The ``GraphModule`` (parameters as ``get_attr`` nodes; torch.export's unused input-shape
+        guard removed).
+
+    Raises:
+        ExportError: no capture worked; the message gives each failure's first line and what to do.
+    """
+    import torch
+    from torch import fx
+
+    if isinstance(model, torch.export.ExportedProgram):
+        gm = model.module()
+    else:
+        errors = []
+        gm = None
+        with eval_mode(model):
+            try:
+                gm = torch.export.export(model, tuple(examples[0]), dynamic_shapes=dynamic_dims(examples),
+                                         strict=False).module()
+            except Exception as e:  # noqa: BLE001 - export raises many types
+                errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}")
+            if gm is None and trace_fallback:
+                try:
+                    gm = fx.symbolic_trace(model)
+                except Exception as e:  # noqa: BLE001
+                    errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
+        if gm is None:
+            raise ExportError(f"cannot capture {type(model).__name__} as a graph ({'; '.join(errors)}); make "
+                              f"forward() traceable (no data-dependent Python control flow), or export it to "
+                              f"ONNX yourself and give fp16guard the .onnx file")
+    for node in list(gm.graph.nodes):  # torch.export's input-shape guard is not an op
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def get_attr(gm, target: str):
+    """The tensor (or submodule) a ``get_attr`` node's dotted ``target`` names in ``gm``."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _module_path(fqn) -> str:
+    """A qualified module name from ``nn_module_stack``, without dynamo's ``L['self'].`` prefix."""
+    fqn = fqn if isinstance(fqn, str) else str(fqn)
+    for prefix in ("L['self'].", "L__self__."):  # dynamo-style paths of older versions
+        if fqn.startswith(prefix):
+            return fqn[len(prefix):]
+    return fqn
+
+
+def module_stack(node) -> list[tuple[str, str]]:
+    """``(qualified name, class name)`` of the modules an fx node was traced inside, outermost first
+    (from its ``nn_module_stack`` metadata; empty for a node traced outside any submodule)."""
+    out = []
+    for fqn, kind in (node.meta.get("nn_module_stack") or {}).values():
+        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        out.append((_module_path(fqn), kind.rsplit(".", 1)[-1]))
+    return out
+
+
+def module_paths(node) -> list[str]:
+    """Qualified names of the modules a node was traced inside, outermost first."""
+    return [path for path, _ in module_stack(node)]
+
+
+def module_scope(node) -> str:
+    """The qualified name of the innermost module an fx node was traced inside (``""`` at the top
+    level): the PyTorch counterpart of :func:`fp16guard.onnx_graph.node_scope`."""
+    paths = module_paths(node)
+    return paths[-1] if paths else ""
+
+
+def state_dict_sha256(model) -> str:
+    """Hex SHA-256 of a module's state_dict bytes (keys in order): a plan's ``model_sha256``.
+
+    Two modules with equal parameters and buffers hash alike, whatever their Python identity.
+    """
+    return sha256_of(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in model.state_dict().values()))
