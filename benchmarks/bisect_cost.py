@@ -61,7 +61,7 @@ import onnx
 import onnxruntime as ort
 
 from fp16guard.bisect import DEFAULT_TOLERANCE, bisect
-from fp16guard.compare import relative_l2
+from fp16guard.compare import relative_l2  # noqa: E402
 from fp16guard.examples import EXAMPLES, ppocr
 from fp16guard.inputs import NamedInput
 

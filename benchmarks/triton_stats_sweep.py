@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fp16guard.inspect.triton_stats as T  # noqa: E402
 from inspect_overhead import graph_replay_ms, make_resnet50  # noqa: E402
+
+import fp16guard.inspect.triton_stats as T  # noqa: E402
 
 
 def activations(dev):

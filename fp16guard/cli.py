@@ -291,8 +291,8 @@ def _openmmlab_sets(args, console: Console):
 
 
 def _export(args, console: Console) -> int:
-    from fp16guard.openmmlab import load_deploy_cfg, load_model, model_inputs, torch2onnx, verify_export
     from fp16guard.fix import print_verification
+    from fp16guard.openmmlab import load_deploy_cfg, load_model, model_inputs, torch2onnx, verify_export
 
     if not (args.deploy_cfg and args.model_cfg):
         raise UsageError("export needs --deploy-cfg D --model-cfg M CHECKPOINT --img IMG "

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from fp16guard.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 AUDIO_SUFFIXES = {".wav"}
-
-
 
 
 @dataclass(frozen=True)

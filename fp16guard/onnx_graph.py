@@ -34,17 +34,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fp16guard.errors import ModelLoadError
 from fp16guard.inputs import InputError
 from fp16guard.stats import RangeStats
-from fp16guard.errors import ModelLoadError
 
 logger = logging.getLogger("fp16guard")
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 Feeds = Union[Mapping[str, np.ndarray], Sequence[np.ndarray], np.ndarray]
-
-
 
 
 def load_onnx(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:

@@ -29,9 +29,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fp16guard._optional import require
-from fp16guard.inputs import NamedInput, read_image
+from fp16guard.deps import require
 from fp16guard.errors import ModelLoadError
+from fp16guard.inputs import NamedInput, read_image
 
 
 class TensorForward(torch.nn.Module):

@@ -16,11 +16,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 from fp16guard.errors import PlanError
 
 SCHEMA = "fp16guard.plan/1"
-
-
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,6 @@ def eval_mode(model):
         model.train(was_training)
 
 
-
-
 def dynamic_dims(examples: Sequence[Sequence]) -> tuple[dict[int, object], ...] | None:
     """``dynamic_shapes`` for ``torch.export``: every dimension whose size differs between the
     example argument tuples becomes ``Dim.AUTO``; None when all examples have one shape."""

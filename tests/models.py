@@ -72,7 +72,7 @@ class Raises(nn.Module):
         self.bn = nn.BatchNorm1d(4)
 
     def forward(self, x):
-        y = self.bn(self.lin(x))
+        self.bn(self.lin(x))  # the BatchNorm runs (in train mode it updates its statistics), then the forward fails
         raise RuntimeError("boom")
 
 

@@ -11,10 +11,10 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from fp16guard.bisect import DEFAULT_TOLERANCE, bisect
+from fp16guard.bisect.torch_split import TorchSplitter
 from fp16guard.compare import relative_l2
 from fp16guard.errors import BisectError, SplitError
 from fp16guard.inputs import InputError, NamedInput
-from fp16guard.bisect.torch_split import TorchSplitter
 from tests.models import Scale as Gain  # multiplies by a constant, as a module with a name
 
 

@@ -93,10 +93,10 @@ def test_naive_fp16_cast_silently_breaks_crepe(crepe_run):
 
 
 def test_asset_files_match_pinned_hashes():
-    from fp16guard.examples.assets import ASSETS, _sha256, asset_path
+    from fp16guard.examples.assets import ASSETS, asset_path, file_sha256
 
     for name, asset in ASSETS.items():
-        assert _sha256(asset_path(name)) == asset.sha256
+        assert file_sha256(asset_path(name)) == asset.sha256
 
 
 def test_photos_keep_grayscale_and_drop_alpha():

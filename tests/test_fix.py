@@ -15,11 +15,11 @@ from onnx import TensorProto, helper, numpy_helper
 import fp16guard
 from fp16guard.cli import main
 from fp16guard.errors import FixError
-from fp16guard.fix.pipeline import apply_onnx, calibrate_onnx, fix_model, prepare_onnx
-from fp16guard.inputs import NamedInput
 from fp16guard.fix.onnx_pass import apply_exponents, scale_ops
-from fp16guard.plan import PlanError, RewritePlan
+from fp16guard.fix.pipeline import apply_onnx, calibrate_onnx, fix_model, prepare_onnx
 from fp16guard.fix.solver import Role, ScaleOp, complete, solve
+from fp16guard.inputs import NamedInput
+from fp16guard.plan import PlanError, RewritePlan
 
 
 def _model(nodes, inits, x_shape, out, out_shape=None):
@@ -292,11 +292,11 @@ def test_ppocr_det_fixed_pure_fp16_agrees_with_fp32():
 
 @pytest.mark.slow
 def test_ppocr_det_on_unnormalized_pixels_stays_finite():
-    from fp16guard.examples import _ppocr_split, get_example
+    from fp16guard.examples import get_example, ppocr_inputs
 
     ex = get_example("ppocr-det")
-    calibration = _ppocr_split(("text", "chelsea"), normalize=False)
-    validation = _ppocr_split(("page", "coffee", "logo"), normalize=False)
+    calibration = ppocr_inputs(("text", "chelsea"), normalize=False)
+    validation = ppocr_inputs(("page", "coffee", "logo"), normalize=False)
     result = fix_model(ex.load(), calibration, validation=validation, metrics=ex.task_metrics)
     assert not result.naive.finite  # logo at 0..255 overflows to inf in plain FP16
     assert result.verification.finite

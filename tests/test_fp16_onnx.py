@@ -109,7 +109,7 @@ def test_backend_errors_name_what_to_do():
 
     with pytest.raises(ValueError, match="unknown backend 'fp8'.*emulate"):
         get_backend("fp8")
-    from fp16guard._optional import MissingDependencyError
+    from fp16guard.deps import MissingDependencyError
 
     try:
         import tensorrt  # noqa: F401

@@ -3,13 +3,12 @@
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from fp16guard.fix import calibrate
 from fp16guard.fix.module_scales import ScaleTable, module_fingerprint, module_scales
 from fp16guard.plan import RewritePlan
 from fp16guard.rewriters.blocks import basic_block_forward, conv_norm_act
-from tests.models import Net, residual_input, residual_net
+from tests.models import residual_input, residual_net
 
 
 def test_calibrated_plan_lists_module_scales_that_survive_json():

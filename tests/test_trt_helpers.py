@@ -194,9 +194,9 @@ def test_scale_region_folds_the_factor_into_the_weights_around_it():
     out = net.add_activation(c2.get_output(0), trt.ActivationType.SIGMOID)
     net.mark_output(out.get_output(0))
     scale_region(net, exponent=3, opened_by=["conv1"], closed_by=["conv2"], keep=keep)
-    from fp16guard.trt.scale import _layers_by_name
+    from fp16guard.trt.scale import layers_by_name
 
-    layers = _layers_by_name(net, trt)
+    layers = layers_by_name(net, trt)
     def weights(name, attr):
         return np.asarray(getattr(layers[name], attr)).reshape(-1)  # TensorRT hands weights back flat
 

@@ -25,8 +25,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fp16guard.fp16 import FP16_MAX
 from fp16guard.fix.warp import scaled_conv, scaled_linear, warp_bn, warp_conv, warp_linear
+from fp16guard.fp16 import FP16_MAX
 
 U32 = 2.0 ** -24  # float32 unit roundoff (eps32 / 2)
 U16 = 2.0 ** -11  # float16 unit roundoff

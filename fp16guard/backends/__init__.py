@@ -41,7 +41,7 @@ def get_backend(name: str = "auto", **options) -> Backend:
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
-        BackendError / fp16guard._optional.MissingDependencyError: the backend cannot run here.
+        BackendError / fp16guard.deps.MissingDependencyError: the backend cannot run here.
     """
     if name == "auto":
         name = default_backend_name()

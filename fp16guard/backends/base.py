@@ -8,8 +8,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
-from fp16guard.errors import BackendError
-
 
 
 

@@ -14,8 +14,8 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from fp16guard.fp16_onnx import emulation_model, emulation_session_options
 from fp16guard.backends.base import Backend, Engine
+from fp16guard.fp16_onnx import emulation_model, emulation_session_options
 
 
 class OrtEngine(Engine):

@@ -47,7 +47,7 @@ logger = logging.getLogger("fp16guard")
 
 
 def import_tensorrt():
-    """``tensorrt`` (or TensorRT-RTX), or :class:`fp16guard._optional.MissingDependencyError` naming the extra."""
+    """``tensorrt`` (or TensorRT-RTX), or :class:`fp16guard.deps.MissingDependencyError` naming the extra."""
     from fp16guard.trt import import_tensorrt as _import
 
     return _import("the tensorrt backend")
@@ -201,7 +201,7 @@ class TensorRTBackend(Backend):
             (``engine.debug_values``).
 
     Raises:
-        fp16guard._optional.MissingDependencyError: TensorRT is not installed.
+        fp16guard.deps.MissingDependencyError: TensorRT is not installed.
         BackendError: the ONNX parser or the builder fails (the parser's errors are included).
     """
 

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto
 
-from fp16guard.onnx_graph import node_name, node_scope
 from fp16guard.errors import OnnxSplitError
+from fp16guard.onnx_graph import node_name, node_scope
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
-
-
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+
 def _err(e: float, tolerance: float) -> str:
     text = "inf" if math.isinf(e) else f"{e:.3g}"
     return f"[bold red]{text}[/]" if not e <= tolerance else text

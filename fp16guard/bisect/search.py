@@ -29,14 +29,12 @@ result says whether every evaluated cut agreed with that (``BisectResult.monoton
 
 from __future__ import annotations
 
-import ast
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import numpy as np
 import onnx
 
 from fp16guard.backends import Backend, get_backend
@@ -57,9 +55,6 @@ SCHEMA = "fp16guard.bisect/1"
 #: 0.215 (crepe-full). 0.07 sits about 3x above the worst rounding and 3x below the smallest
 #: failure. Pass ``tolerance`` (``--tolerance``) or a task metric for your model.
 DEFAULT_TOLERANCE = 0.07
-
-
-
 
 
 @dataclass(frozen=True)
@@ -175,11 +170,6 @@ class BisectResult:
         return write(self.to_json(), path)
 
 
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=2))
-        return path
-
-
 # -- the search ----------------------------------------------------------------------------------
 
 def _binary_search(n: int, bad: Callable[[int], bool], start: int = 0) -> int | None:
@@ -227,7 +217,7 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
         fp16guard.inputs.InputError: an input the model rejects (wrong shape or count).
         fp16guard.torch_split.SplitError / fp16guard.onnx_split.OnnxSplitError: the model
             cannot be captured or split; the message says what to try.
-        fp16guard.backends.BackendError / fp16guard._optional.MissingDependencyError: the
+        fp16guard.backends.BackendError / fp16guard.deps.MissingDependencyError: the
             backend cannot run here.
         ValueError: unknown backend name.
     """

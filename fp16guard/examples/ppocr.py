@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fp16guard._optional import require
+from fp16guard.deps import require
 from fp16guard.examples.assets import asset_path
 
 LIMIT_SIDE_LEN = 736

@@ -11,8 +11,17 @@
 * :func:`print_plan`, :func:`print_fix`, :func:`print_verification`: terminal rendering.
 """
 
-from fp16guard.fix.pipeline import (FixResult, apply_plan, calibrate, calibrate_target, fix, fix_model, fix_target,
-                                    make_target, verify)
+from fp16guard.fix.pipeline import (
+                                    FixResult,
+                                    apply_plan,
+                                    calibrate,
+                                    calibrate_target,
+                                    fix,
+                                    fix_model,
+                                    fix_target,
+                                    make_target,
+                                    verify,
+)
 from fp16guard.fix.render import print_fix, print_plan, print_verification
 from fp16guard.fix.targets import FixTarget, OnnxFixTarget, TorchFixTarget
 from fp16guard.fix.warp import warp_bn, warp_conv, warp_linear

@@ -33,10 +33,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fp16guard.errors import RewriteError
+from fp16guard.fix.solver import Rescale, Role, ScaleOp, ScaleSolution
 from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
 from fp16guard.onnx_graph import consumers, node_scope, value_types
-from fp16guard.fix.solver import Rescale, Role, ScaleOp, ScaleSolution
-from fp16guard.errors import RewriteError
 
 FLOAT = TensorProto.FLOAT
 
@@ -59,8 +59,6 @@ class RewriteNote:
     def to_json(self) -> dict:
         """``{"kind", "target", "detail"}``."""
         return {"kind": self.kind, "target": self.target, "detail": self.detail}
-
-
 
 
 #: Ops whose activation inputs and outputs share one exponent (positively homogeneous of degree 1).

@@ -7,6 +7,7 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
+
 def print_plan(plan, console: Console) -> None:
     """A rewrite plan (:class:`fp16guard.plan.RewritePlan`): its scale regions, explicit rescales,
     unfixable values, tight values and flushed constants."""

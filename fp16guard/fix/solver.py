@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Mapping, Sequence
 
-from fp16guard.fp16 import FP16_MAX
 from fp16guard.folding import exponent_for, pow2
+from fp16guard.fp16 import FP16_MAX
 
 
 class Role(str, Enum):

@@ -40,10 +40,10 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fp16guard.torch_graph import ExportError, capture, dynamic_dims, get_attr, module_scope
-from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
 from fp16guard.fix.onnx_pass import RewriteError, RewriteNote
 from fp16guard.fix.solver import Role, ScaleOp, ScaleSolution
+from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
+from fp16guard.torch_graph import ExportError, dynamic_dims, get_attr, module_scope
 
 aten = torch.ops.aten
 

@@ -42,9 +42,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fp16guard.errors import InputError
 from fp16guard.inputs import NamedInput, torch_args
+from fp16guard.inspect import triton_stats
 from fp16guard.inspect.report import CallRecord, InspectionReport
 from fp16guard.inspect.static_check import check_module
-from fp16guard.inspect import triton_stats
 from fp16guard.stats import RangeStats, tensor_stats
 
 logger = logging.getLogger("fp16guard")

@@ -24,8 +24,8 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from fp16guard.fp16 import FP16_MAX
 from fp16guard.folding import fold_batchnorm
+from fp16guard.fp16 import FP16_MAX
 from fp16guard.inspect.report import StaticFinding
 from fp16guard.stats import RangeStats, array_stats
 

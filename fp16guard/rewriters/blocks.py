@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2
 from fp16guard.fix.module_scales import ScaleTable
+from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

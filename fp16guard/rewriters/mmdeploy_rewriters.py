@@ -8,9 +8,8 @@ export twice gives the same graph, and nothing outlives the ``RewriterContext``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import importlib
+from pathlib import Path
 
 from mmdeploy.core import FUNCTION_REWRITER
 
@@ -22,7 +21,13 @@ importlib.import_module("mmengine.model")
 
 from fp16guard.fix.module_scales import ScaleTable
 from fp16guard.plan import PlanError, RewritePlan
-from fp16guard.rewriters.blocks import basic_block_forward, batchnorm_forward, conv_forward, fpem_ffm_forward, linear_forward
+from fp16guard.rewriters.blocks import (
+    basic_block_forward,
+    batchnorm_forward,
+    conv_forward,
+    fpem_ffm_forward,
+    linear_forward,
+)
 
 #: The deploy-config key that names the plan: ``fp16guard = dict(plan='plan.json')``.
 CONFIG_KEY = "fp16guard"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from fp16guard._optional import MissingDependencyError
+from fp16guard.deps import MissingDependencyError
 
 
 def import_tensorrt(purpose: str = "building TensorRT networks") -> ModuleType:

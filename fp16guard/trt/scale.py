@@ -18,7 +18,8 @@ import numpy as np
 from fp16guard.folding import pow2
 
 
-def _layers_by_name(network, trt) -> dict:
+def layers_by_name(network, trt) -> dict:
+    """``{layer name: ILayer}`` of a TensorRT ``INetworkDefinition`` (``trt``: the imported module)."""
     out = {}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -90,7 +91,7 @@ def scale_region(network, *, exponent: int, opened_by: Sequence[str], closed_by:
     from fp16guard.trt import import_tensorrt
 
     trt = import_tensorrt()
-    layers = _layers_by_name(network, trt)
+    layers = layers_by_name(network, trt)
     for names in (opened_by, closed_by, inside):
         missing = [n for n in names if n not in layers]
         if missing:

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from panet import Features, image, panet
 
 from fp16guard.fix import calibrate
-from panet import Features, image, panet
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
 from fp16guard.errors import MissingDependencyError
-
-
 
 
 def require(module: str, *, extra: str, purpose: str) -> ModuleType:
