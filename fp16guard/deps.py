@@ -1,4 +1,5 @@
-"""Imports of optional dependencies, failing with one line that names the extra to install."""
+"""Imports of optional dependencies, failing with one line that names the extra to install
+(:class:`~fp16guard.errors.MissingDependencyError`)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,19 @@ def require(module: str, *, extra: str, purpose: str) -> ModuleType:
         raise MissingDependencyError(
             f"{module} is needed for {purpose} but is not installed: pip install 'fp16guard[{extra}]'"
         ) from None
+
+
+def import_tensorrt(purpose: str = "building TensorRT networks") -> ModuleType:
+    """The ``tensorrt`` module, else TensorRT-RTX's ``tensorrt_rtx_bindings`` (same Python API),
+    else one clear error.
+
+    Raises:
+        MissingDependencyError: neither is installed; names the ``tensorrt`` extra.
+    """
+    for name in ("tensorrt", "tensorrt_rtx_bindings"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise MissingDependencyError(f"tensorrt is needed for {purpose} but is not installed: "
+                                 "pip install 'fp16guard[tensorrt]' (NVIDIA's index), or tensorrt-rtx")

@@ -3,23 +3,20 @@
 The command line (:func:`fp16guard.cli.main`) prints any :class:`Fp16GuardError` as one line,
 ``fp16guard: error: <message>``, on stderr and exits with the class's :attr:`~Fp16GuardError.exit_code`:
 
-======================  ====  ===========================================================
-class                   exit  meaning
-======================  ====  ===========================================================
-:class:`UsageError`     2     the command line is inconsistent (a flag that does not apply)
-:class:`InputError`     2     an input file is missing, unreadable or does not fit the model
-:class:`ModelLoadError` 2     a model file or factory cannot be loaded
-:class:`PlanError`      2     a plan file is malformed or belongs to another model
-:class:`ExportError`    2     ``torch.export`` / the ONNX exporter cannot capture the model
-:class:`SplitError`     2     bisect cannot cut the model (PyTorch or ONNX)
-:class:`BisectError`    2     bisect was asked something it cannot answer (no inputs, no op)
-:class:`RewriteError`   2     a rewrite cannot be applied (a rescaled constant beyond FP16)
-:class:`BackendError`   2     the FP16 backend cannot run here (no CUDA, no TensorRT)
-:class:`AssetError`     2     an example's weights cannot be fetched or fail their hash
-:class:`MissingDependencyError` 2  an optional package is not installed
-:class:`FixError`       2     the model cannot be fixed as asked (no inputs, FP32 already inf)
-:class:`StillOverflowsError` 1  the fixed model still gives inf/NaN in FP16: an FP16 problem
-======================  ====  ===========================================================
+* :class:`UsageError` (exit 2): the command line is inconsistent (a flag that does not apply)
+* :class:`InputError` (exit 2): an input file is missing, unreadable or does not fit the model
+* :class:`ModelLoadError` (exit 2): a model file or factory cannot be loaded
+* :class:`PlanError` (exit 2): a plan file is malformed or belongs to another model
+* :class:`ExportError` (exit 2): ``torch.export`` / the ONNX exporter cannot capture the model
+* :class:`SplitError` (exit 2): bisect cannot cut the model (PyTorch or ONNX)
+* :class:`BisectError` (exit 2): bisect was asked something it cannot answer (no inputs, no op)
+* :class:`RewriteError` (exit 2): a rewrite cannot be applied (a rescaled constant beyond FP16)
+* :class:`BackendError` (exit 2): the FP16 backend cannot run here (no CUDA, no TensorRT)
+* :class:`AssetError` (exit 2): an example's weights cannot be fetched or fail their hash
+* :class:`MissingDependencyError` (exit 2): an optional package is not installed
+* :class:`WtsError` (exit 2): a tensorrtx ``.wts`` weights file is missing or malformed
+* :class:`FixError` (exit 2): the model cannot be fixed as asked (no inputs, FP32 already inf)
+* :class:`StillOverflowsError` (exit 1): the fixed model still gives inf/NaN in FP16: an FP16 problem
 
 Exit status 1 means only "an FP16 problem was found"; anything that is not an
 :class:`Fp16GuardError` is a bug and ends in a traceback, never disguised as either status.
@@ -87,6 +84,10 @@ class AssetError(Fp16GuardError, RuntimeError):
 
 class MissingDependencyError(Fp16GuardError, ImportError):
     """An optional dependency is not installed; the message names the pip extra that brings it."""
+
+
+class WtsError(Fp16GuardError, ValueError):
+    """A tensorrtx ``.wts`` weights file is missing or malformed (the message names the file and line)."""
 
 
 class FixError(Fp16GuardError, RuntimeError):

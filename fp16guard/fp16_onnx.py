@@ -26,6 +26,7 @@ and its CPU EP has no FP16 kernel for many ops, both of which would hide an over
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -136,29 +137,54 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
         """Whether ``node`` stays in FP32 (op list, name list, ai.onnx.ml)."""
         return node.op_type in fp32_ops or node.name in blocked_names or node.domain == "ai.onnx.ml"
 
+    constants = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    precision = _tensor_precisions(g, types, constants, runs_fp32, report)
+    _store_constants_fp16(g, constants, precision)
+    _insert_casts(g, precision, runs_fp32, report)
+    _mark_fp16_value_info(g, precision)
+    return m, report
+
+
+def _wanted_precision(node: onnx.NodeProto, k: int, runs_fp32: Callable[[onnx.NodeProto], bool]) -> int:
+    """Precision (16 or 32) that input ``k`` of ``node`` must have.
+
+    Args:
+        runs_fp32: whether a node stays in FP32 (see :func:`to_typed_fp16`).
+    """
+    if runs_fp32(node) or k in FP32_INPUTS.get(node.op_type, ()):
+        return 32
+    return 16
+
+
+def _tensor_precisions(g: onnx.GraphProto, types: dict[str, int], constants: dict[str, onnx.NodeProto],
+                       runs_fp32: Callable[[onnx.NodeProto], bool], report: Fp16Conversion) -> dict[str, int]:
+    """Storage precision (16 or 32) of each float tensor of ``g``, and the FP32 nodes added to
+    ``report.fp32_nodes``.
+
+    Graph inputs are FP32; an initializer or ``Constant`` value is FP16 only when every reader wants
+    FP16; any other tensor takes the precision of the node that produces it.
+
+    Args:
+        g: the graph (not modified).
+        types: element type of every tensor (:func:`_types`).
+        constants: ``Constant`` nodes of ``g`` by output name.
+        runs_fp32: whether a node stays in FP32.
+        report: the conversion report to complete.
+    """
     is_float = {name for name, t in types.items() if t == TensorProto.FLOAT}
     graph_inputs = {i.name for i in g.input}
-    inits = {i.name: i for i in g.initializer}
-    constants = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
-    # precision of each float tensor's storage: 16 or 32
+    inits = {i.name for i in g.initializer}
     precision: dict[str, int] = {}
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in g.node:
         for k, name in enumerate(node.input):
             if name:
                 readers.setdefault(name, []).append((node, k))
-
-    def wants(node: onnx.NodeProto, k: int) -> int:
-        """Precision (16 or 32) that input ``k`` of ``node`` must have."""
-        if runs_fp32(node) or k in FP32_INPUTS.get(node.op_type, ()):
-            return 32
-        return 16
-
     for name in is_float:
         if name in graph_inputs:
             precision[name] = 32
         elif name in inits or name in constants:
-            want = {wants(n, k) for n, k in readers.get(name, [])}
+            want = {_wanted_precision(n, k, runs_fp32) for n, k in readers.get(name, [])}
             precision[name] = 16 if want == {16} else 32
     for node in g.node:
         if node.op_type == "Constant":
@@ -168,8 +194,18 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
         for o in node.output:
             if o in is_float:
                 precision[o] = p
+    return precision
 
-    # constants stored in FP16
+
+def _store_constants_fp16(g: onnx.GraphProto, constants: dict[str, onnx.NodeProto], precision: dict[str, int]) -> None:
+    """Store in FP16 the initializers and ``Constant`` values whose precision is 16. A ``Constant`` in
+    the rare ``value_float``/``value_floats`` form stays FP32 (its entry in ``precision`` becomes 32).
+
+    Args:
+        g: the graph (edited in place).
+        constants: ``Constant`` nodes of ``g`` by output name.
+        precision: from :func:`_tensor_precisions` (updated in place).
+    """
     for i, init in enumerate(g.initializer):
         if precision.get(init.name) == 16:
             g.initializer[i].CopyFrom(_fp16_tensor(init))
@@ -181,6 +217,29 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
                 elif a.name in ("value_float", "value_floats"):  # rare forms: keep them FP32
                     precision[name] = 32
 
+
+def _retype_fp16_attributes(node: onnx.NodeProto) -> None:
+    """For a node that runs in FP16: ``Cast(to=FLOAT)`` casts to FLOAT16 instead, and ``ConstantOfShape``'s
+    FP32 fill value becomes FP16."""
+    for a in node.attribute:
+        if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+            a.i = TensorProto.FLOAT16
+        elif node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type == TensorProto.FLOAT:
+            a.t.CopyFrom(_fp16_tensor(a.t))
+
+
+def _insert_casts(g: onnx.GraphProto, precision: dict[str, int], runs_fp32: Callable[[onnx.NodeProto], bool],
+                  report: Fp16Conversion) -> None:
+    """Rewrite the nodes of ``g`` for mixed precision: a Cast (one per tensor and precision) before every
+    input whose precision is not the one its reader wants, FP16 attributes in FP16 nodes, and a
+    ``Cast(to=FLOAT)`` after every FP16 graph output (its producer then writes ``{name}__fp16``).
+
+    Args:
+        g: the graph (edited in place).
+        precision: storage precision of each float tensor (:func:`_tensor_precisions`).
+        runs_fp32: whether a node stays in FP32.
+        report: counts the inserted Casts.
+    """
     new_nodes: list[onnx.NodeProto] = []
     casts: dict[tuple[str, int], str] = {}
 
@@ -202,17 +261,13 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
         node_p = 32 if runs_fp32(node) else 16
         for k, name in enumerate(node.input):
             if name in precision:
-                need = wants(node, k) if node.op_type != "Constant" else precision[name]
+                need = _wanted_precision(node, k, runs_fp32) if node.op_type != "Constant" else precision[name]
                 if precision[name] != need:
                     node.input[k] = cast(renamed_outputs.get(name, name), need)
                 elif name in renamed_outputs:
                     node.input[k] = renamed_outputs[name]
         if node_p == 16:
-            for a in node.attribute:
-                if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
-                    a.i = TensorProto.FLOAT16
-                elif node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type == TensorProto.FLOAT:
-                    a.t.CopyFrom(_fp16_tensor(a.t))
+            _retype_fp16_attributes(node)
         for j, o in enumerate(node.output):
             if o in graph_outputs and precision.get(o) == 16:
                 node.output[j] = renamed_outputs[o] = f"{o}__fp16"
@@ -225,6 +280,10 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
                 report.casts += 1
     del g.node[:]
     g.node.extend(new_nodes)
+
+
+def _mark_fp16_value_info(g: onnx.GraphProto, precision: dict[str, int]) -> None:
+    """Set the element type of ``g.value_info`` entries of FP16 tensors to FLOAT16."""
     # value_info: record the FP16 tensors; drop stale entries for renamed ones
     kept = []
     for vi in g.value_info:
@@ -233,7 +292,6 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
         kept.append(vi)
     del g.value_info[:]
     g.value_info.extend(kept)
-    return m, report
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:

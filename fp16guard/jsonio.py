@@ -43,5 +43,5 @@ def write(obj: Any, path: str | Path) -> Path:
         OSError: the file cannot be written (for example its folder does not exist).
     """
     path = Path(path)
-    path.write_text(dumps(obj) + "\n")
+    path.write_text(dumps(obj) + "\n", encoding="utf-8")
     return path

@@ -25,6 +25,7 @@ first output name (Paddle's ``conv2d_450.tmp_0``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,8 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fp16guard.errors import ModelLoadError
-from fp16guard.inputs import InputError
+from fp16guard.errors import InputError, ModelLoadError
 from fp16guard.stats import RangeStats
 
 logger = logging.getLogger("fp16guard")
@@ -63,6 +63,12 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     if not proto.graph.node:
         raise ModelLoadError(f"{path}: the ONNX graph has no nodes")
     return proto
+
+
+def model_sha256(model: onnx.ModelProto) -> str:
+    """Hex SHA-256 of the model's deterministic serialization: a plan's ``model_sha256`` for an
+    ONNX model and the key of the engine cache."""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
 def scope_of(node_name: str) -> str:

@@ -12,12 +12,12 @@ A human may edit a plan: change a region's exponent, consent to raising a consta
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fp16guard.errors import PlanError
+from fp16guard.jsonio import write
 
 SCHEMA = "fp16guard.plan/1"
 
@@ -120,10 +120,8 @@ class RewritePlan:
         return {"schema": SCHEMA, **asdict(self)}
 
     def save(self, path: str | Path) -> Path:
-        """Write the JSON document; returns the path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        return path
+        """Write the JSON document (strict JSON, :mod:`fp16guard.jsonio`); returns the path."""
+        return write(self.to_json(), path)
 
     @classmethod
     def from_json(cls, doc: dict) -> "RewritePlan":
@@ -162,8 +160,3 @@ class RewritePlan:
         except json.JSONDecodeError as e:
             raise PlanError(f"{path}: not JSON ({e})") from None
         return cls.from_json(doc)
-
-
-def sha256_of(data: bytes) -> str:
-    """Hex SHA-256 of ``data`` (a serialized model)."""
-    return hashlib.sha256(data).hexdigest()

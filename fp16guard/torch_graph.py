@@ -22,7 +22,6 @@ from typing import Sequence
 import onnx
 
 from fp16guard.errors import ExportError
-from fp16guard.plan import sha256_of
 
 
 @contextlib.contextmanager
@@ -179,9 +178,26 @@ def module_scope(node) -> str:
     return paths[-1] if paths else ""
 
 
-def state_dict_sha256(model) -> str:
-    """Hex SHA-256 of a module's state_dict bytes (keys in order): a plan's ``model_sha256``.
+def state_dict_sha256(module) -> str:
+    """Hex SHA-256 over a module's state_dict: each entry's name, dtype, shape and bytes, in order.
 
+    The one module hash of fp16guard: a plan's ``model_sha256`` (the whole model) and, cut to 16
+    hex digits, a submodule's fingerprint (:func:`fp16guard.fix.module_scales.module_fingerprint`).
     Two modules with equal parameters and buffers hash alike, whatever their Python identity.
     """
-    return sha256_of(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in model.state_dict().values()))
+    import hashlib
+    import warnings
+
+    import torch
+
+    h = hashlib.sha256()
+    with warnings.catch_warnings():  # under torch.jit tracing, .numpy() warns that it reads a constant: it does
+        warnings.simplefilter("ignore")
+        for name, t in module.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            a = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+            # numpy's dtype and shape: plain values even where a rewriter (mmdeploy's
+            # torch.Tensor.size for TensorRT) makes traced tensors report shapes as tensors
+            h.update(f"{name}:{t.dtype}:{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()

@@ -48,7 +48,7 @@ def test_plan_is_built_once_then_comes_from_the_engine_cache(tmp_path):
 
 
 def test_debug_tensors_are_marked_and_unknown_names_refused(tmp_path):
-    from fp16guard.backends import BackendError
+    from fp16guard.errors import BackendError
 
     be = _backend(tmp_path, debug_tensors=["r"])
     assert len(be.build_plan(_model())) > 0
@@ -57,7 +57,8 @@ def test_debug_tensors_are_marked_and_unknown_names_refused(tmp_path):
 
 
 def test_engine_agrees_with_the_emulation_where_it_runs(tmp_path):
-    from fp16guard.backends import BackendError, get_backend
+    from fp16guard.backends import get_backend
+    from fp16guard.errors import BackendError
 
     be = _backend(tmp_path, debug_tensors=["r"])
     model = _model()

@@ -8,13 +8,16 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from fp16guard.bisect import DEFAULT_TOLERANCE, bisect
+from fp16guard.bisect.search import CutSearch
 from fp16guard.bisect.torch_split import TorchSplitter
 from fp16guard.compare import relative_l2
-from fp16guard.errors import BisectError, SplitError
-from fp16guard.inputs import InputError, NamedInput
+from fp16guard.errors import BisectError, InputError, SplitError
+from fp16guard.inputs import NamedInput
 from tests.models import Scale as Gain  # multiplies by a constant, as a module with a name
 
 
@@ -354,3 +357,29 @@ def test_post_processing_that_cannot_be_exported_stays_in_the_suffix():
     assert any("cannot be exported to ONNX" in n and "cummax" in n for n in result.notes), result.notes
     limit = next(i for i, name in enumerate(result.candidates) if name.endswith("cummax"))
     assert max(t.cut for t in result.trials) <= limit  # never a prefix holding the cummax
+
+
+@given(n=st.integers(1, 400), start=st.integers(0, 50), first_bad=st.integers(1, 500))
+def test_cut_search_finds_the_first_bad_cut_in_log2_verdicts(n, start, first_bad):
+    """The search object alone, on a monotone verdict: the first bad cut after ``start`` (or None
+    when cut n is good), in at most 1 + ceil(log2(n - start)) verdicts, bracketing it on both sides."""
+    search = CutSearch(n, start)
+    asked = []
+    hit = search.run(lambda c: asked.append(c) or c >= first_bad)
+    if n <= start:
+        assert hit is None and not asked
+        return
+    want = max(first_bad, start + 1) if first_bad <= n else None
+    assert hit == want and search.monotonic
+    assert len(asked) == len(set(asked)) <= 1 + math.ceil(math.log2(n - start))
+    if hit is not None and hit - 1 > start:
+        assert search.verdicts[hit - 1] is False  # the boundary is verified on the good side too
+
+
+def test_cut_search_reports_a_verdict_that_breaks_monotonicity():
+    search = CutSearch(8)
+    search.take(8, True)
+    search.take(4, True)
+    search.take(2, False)
+    search.take(6, False)  # good after a shorter prefix was bad
+    assert not search.monotonic

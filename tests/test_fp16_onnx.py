@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
-from fp16guard.backends import BackendError, get_backend
+from fp16guard.backends import get_backend
+from fp16guard.errors import BackendError
 from fp16guard.fp16_onnx import emulation_model, emulation_session_options, to_typed_fp16
 
 
@@ -109,7 +110,7 @@ def test_backend_errors_name_what_to_do():
 
     with pytest.raises(ValueError, match="unknown backend 'fp8'.*emulate"):
         get_backend("fp8")
-    from fp16guard.deps import MissingDependencyError
+    from fp16guard.errors import MissingDependencyError
 
     try:
         import tensorrt  # noqa: F401

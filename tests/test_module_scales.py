@@ -2,10 +2,13 @@
 (fp16guard.rewriters.blocks) on a residual network shaped like mmdet's ResNet BasicBlocks."""
 
 import numpy as np
+import pytest
 import torch
+import torch.nn as nn
 
+from fp16guard.errors import PlanError
 from fp16guard.fix import calibrate
-from fp16guard.fix.module_scales import ScaleTable, module_fingerprint, module_scales
+from fp16guard.fix.module_scales import ModuleScale, ScaleTable, module_fingerprint, module_scales
 from fp16guard.plan import RewritePlan
 from fp16guard.rewriters.blocks import basic_block_forward, conv_norm_act
 from tests.models import residual_input, residual_net
@@ -55,3 +58,20 @@ def test_block_forwards_from_the_plan_are_exact_and_stay_in_fp16_range():
     # layer.1's downsample conv opens the region: layer.0 stays unscaled, layer.1 maps 0 -> k
     found = {m.module: (m.input_exponent, m.output_exponent) for m in module_scales(net, plan, [(x,)], types=["Block"])}
     assert found == {"layer.1": (0, k), "layer.2": (k, k)}
+
+
+def test_twin_modules_with_identical_weights_are_told_apart_by_name():
+    """Two convs with the same weights but different scales: the table never lets the last one win
+    silently; bound to the model it picks each by qualified name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    model[2].load_state_dict(model[0].state_dict())
+    fp = module_fingerprint(model[0])
+    assert module_fingerprint(model[2]) == fp
+    entries = [ModuleScale("0", "Conv2d", fp, 0, 5), ModuleScale("2", "Conv2d", fp, 5, 0)]
+    with pytest.raises(PlanError, match="identical weights but different scales"):
+        ScaleTable(entries).find(model[2])
+    table = ScaleTable(entries, model=model)
+    assert table.exponents(model[0]) == (0, 5) and table.exponents(model[2]) == (5, 0)
+    agreeing = ScaleTable([ModuleScale("0", "Conv2d", fp, 3, 3), ModuleScale("2", "Conv2d", fp, 3, 3)])
+    assert agreeing.exponents(model[2]) == (3, 3)  # twins that agree need no name

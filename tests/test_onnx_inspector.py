@@ -4,8 +4,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from fp16guard import inspect_onnx
-from fp16guard.errors import ModelLoadError
-from fp16guard.inputs import InputError
+from fp16guard.errors import InputError, ModelLoadError
 from fp16guard.onnx_graph import plan_chunks, scope_of
 
 

@@ -11,12 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp16guard.cli import main
-from fp16guard.errors import FixError
+from fp16guard.errors import FixError, PlanError
 from fp16guard.fix import torch_pass as tr
 from fp16guard.fix.pipeline import apply_torch, calibrate, calibrate_torch, fix_model
 from fp16guard.fix.solver import Role, complete
 from fp16guard.inputs import NamedInput
-from fp16guard.plan import PlanError
 from fp16guard.torch_graph import capture
 
 

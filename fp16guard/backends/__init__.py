@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from fp16guard.backends.base import Backend, BackendError, Engine, content_hash
+from fp16guard.backends.base import Backend, Engine, content_hash
+from fp16guard.errors import BackendError
 
 BACKENDS = ("emulate", "onnxruntime", "torch", "tensorrt")
 

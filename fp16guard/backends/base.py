@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
 
+from fp16guard.onnx_graph import model_sha256
 
 
 def content_hash(model: onnx.ModelProto) -> str:
-    """SHA-256 of the model's deterministic serialization: the key of the engine cache."""
-    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    """The engine cache's key: :func:`fp16guard.onnx_graph.model_sha256` of the typed FP16 model."""
+    return model_sha256(model)
 
 
 class Engine(ABC):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import onnx
 
-from fp16guard.backends.base import Backend, BackendError, Engine
+from fp16guard.backends.base import Backend, Engine
 from fp16guard.backends.emulate import OrtEngine
+from fp16guard.errors import BackendError
 
 
 def cuda_available() -> bool:

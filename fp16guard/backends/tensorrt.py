@@ -41,16 +41,16 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from fp16guard.backends.base import Backend, BackendError, Engine, content_hash
+from fp16guard import deps
+from fp16guard.backends.base import Backend, Engine, content_hash
+from fp16guard.errors import BackendError
 
 logger = logging.getLogger("fp16guard")
 
 
 def import_tensorrt():
-    """``tensorrt`` (or TensorRT-RTX), or :class:`fp16guard.deps.MissingDependencyError` naming the extra."""
-    from fp16guard.trt import import_tensorrt as _import
-
-    return _import("the tensorrt backend")
+    """``tensorrt`` (or TensorRT-RTX), or :class:`fp16guard.errors.MissingDependencyError` naming the extra."""
+    return deps.import_tensorrt("the tensorrt backend")
 
 
 def _capsule_pointer(capsule) -> int:

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import torch
 
-from fp16guard.backends.base import Backend, BackendError, Engine
+from fp16guard.backends.base import Backend, Engine
+from fp16guard.errors import BackendError
 
 
 class TorchEngine(Engine):

@@ -172,18 +172,144 @@ class BisectResult:
 
 # -- the search ----------------------------------------------------------------------------------
 
-def _binary_search(n: int, bad: Callable[[int], bool], start: int = 0) -> int | None:
-    """Smallest cut in ``start+1..n`` that is bad, given cut ``start`` good; None if ``n`` is good."""
-    if n <= start or not bad(n):
-        return None
-    lo, hi = start, n
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if bad(mid):
-            hi = mid
+class CutSearch:
+    """The search for the first bad cut, as a pure object: it proposes cuts and takes verdicts;
+    it runs nothing, so the same object drives module cuts, op refinement and tests alike.
+
+    Binary search over cuts ``start+1..n``, cut ``start`` known good: the all-FP16 cut ``n`` first
+    (good: nothing to blame), then the middle of the (good, bad) bracket until the two are
+    adjacent, so the boundary is verified on both sides in at most ``1 + ceil(log2(n - start))``
+    verdicts::
+
+        search = CutSearch(n, start)
+        while (cut := search.propose()) is not None:
+            search.take(cut, bad=evaluate(cut))
+        search.first_bad  # None when cut n is good
+
+    Args:
+        n: the last cut (everything in FP16).
+        start: a cut known to be good (0: all FP32, the reference itself).
+    """
+
+    def __init__(self, n: int, start: int = 0):
+        self.n, self.good, self.bad = n, start, None
+        self.verdicts: dict[int, bool] = {}
+        self._over = n <= start
+
+    def propose(self) -> int | None:
+        """The next cut to evaluate, or None when the search is over."""
+        if self._over:
+            return None
+        if self.bad is None:
+            return self.n
+        return (self.good + self.bad) // 2 if self.bad - self.good > 1 else None
+
+    def take(self, cut: int, bad: bool) -> None:
+        """Record the verdict on ``cut`` (True: the hybrid output is broken)."""
+        self.verdicts[cut] = bad
+        if bad:
+            self.bad = min(cut, self.bad or cut)
+        elif self.bad is None:
+            self._over = True  # the all-FP16 cut is good
         else:
-            lo = mid
-    return hi
+            self.good = max(cut, self.good)
+
+    @property
+    def first_bad(self) -> int | None:
+        """The first bad cut once :meth:`propose` returns None (None: cut ``n`` is good)."""
+        return self.bad
+
+    @property
+    def monotonic(self) -> bool:
+        """Every good verdict lies before every bad one."""
+        goods = [c for c, b in self.verdicts.items() if not b]
+        bads = [c for c, b in self.verdicts.items() if b]
+        return not goods or not bads or max(goods) < min(bads)
+
+    def run(self, bad: Callable[[int], bool]) -> int | None:
+        """Drive the search with ``bad(cut) -> bool`` and return :attr:`first_bad`."""
+        while (cut := self.propose()) is not None:
+            self.take(cut, bad(cut))
+        return self.first_bad
+
+
+class _Session:
+    """One bisect run: evaluates cuts of a target (each at most once per stage, round and position),
+    records them as :class:`Trial` s in the result, and turns a bad cut into an :class:`Offender`."""
+
+    def __init__(self, target, metric: Metric, tolerance: float, result: BisectResult,
+                 on_trial: Callable[[Trial], None] | None):
+        self.target, self.metric, self.tolerance = target, metric, tolerance
+        self.result, self.on_trial = result, on_trial
+        self.cache: dict[tuple, Trial] = {}
+
+    def is_bad(self, stage: str, rnd: int, cut: int, position: int, label: str, full: bool = False) -> bool:
+        """Evaluate (once per stage, round and position) and record a cut; True when it is bad."""
+        key = (stage, rnd, position)
+        if key not in self.cache:
+            t = time.perf_counter()
+            err, built, runs = self.target.evaluate(position, self.metric, full)
+            trial = Trial(stage, rnd, cut, label, err, not (err <= self.tolerance), time.perf_counter() - t, built)
+            self.cache[key] = trial
+            self.result.trials.append(trial)
+            self.result.runs += runs
+            if self.on_trial is not None:
+                self.on_trial(trial)
+        return self.cache[key].bad
+
+    def searchable(self, n: int) -> int:
+        """The last cut whose prefix a PyTorch target can export (``n`` for ONNX); notes what is left out.
+
+        Raises:
+            BisectError: not even the first segment exports.
+        """
+        target = self.target
+        last = target.exportable_limit(n) if isinstance(target, TorchSplitTarget) else n
+        if last == 0:
+            raise BisectError(f"{target.export_error(1)}. Nothing before it can be exported either; "
+                              "export the model to ONNX yourself and bisect the .onnx file")
+        if last < n:
+            self.result.notes.append(
+                f"cuts after {target.names[last - 1]!r} cannot be exported to ONNX ({target.export_error(last + 1)}); "
+                f"those {n - last} segment(s) always run in the FP32 PyTorch suffix and were not searched")
+        return last
+
+    def offender(self, rnd: int, n: int, start: int, refine: bool) -> Offender | None:
+        """Round ``rnd``: the first bad cut after ``start`` as an offender (None: cut ``n`` is good);
+        the offender is then kept in FP32 for later rounds."""
+        target = self.target
+        search = CutSearch(n, start)
+        hit = search.run(lambda c: self.is_bad(target.stage, rnd, c, target.cut_position(c), target.names[c - 1],
+                                               c == n))
+        if hit is None:
+            return None
+        self.result.monotonic &= search.monotonic
+        name, kind = target.names[hit - 1], target.kinds[hit - 1]
+        err = self.cache[(target.stage, rnd, target.cut_position(hit))].error
+        nodes, amax = target.describe(hit)
+        op = self.refine(rnd, hit) if refine and isinstance(target, TorchSplitTarget) else None
+        target.block(nodes, name)
+        return Offender(name=name, kind=kind, op=op, onnx_nodes=tuple(nodes), cut=hit, error=err, amax=amax, round=rnd)
+
+    def refine(self, rnd: int, hit: int) -> str:
+        """The op inside offending segment ``hit`` (PyTorch targets) after which the output breaks."""
+        splitter = self.target.splitter
+        ops = splitter.op_positions(hit - 1)
+        if len(ops) == 1:
+            return splitter.op_name(ops[0])
+        # cut 0 of the refinement = the previous segment's cut (good); len(ops) = this one (bad, known)
+        self.cache[("op", rnd, ops[-1])] = self.cache[(self.target.stage, rnd, self.target.cut_position(hit))]
+        j = CutSearch(len(ops)).run(lambda j: self.is_bad("op", rnd, j, ops[j - 1], splitter.op_name(ops[j - 1])))
+        return splitter.op_name(ops[(j or len(ops)) - 1])
+
+
+def _metric(metric: Metric | str | None) -> tuple[str, Metric]:
+    """``(name, function)`` of bisect's ``metric`` argument (default :func:`relative_l2`)."""
+    if isinstance(metric, str):
+        return metric, load_metric(metric)
+    if metric is not None:
+        return getattr(metric, "__name__", "custom"), metric
+    return "relative_l2", relative_l2
 
 
 def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | str | None = None,
@@ -193,7 +319,7 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
     """Find the first module (PyTorch) or node (ONNX) whose FP16 execution breaks the output.
 
     Args:
-        model: a ``torch.nn.Module`` (FP32, eval mode; not modified), a ``torch.export``
+        model: a ``torch.nn.Module`` (FP32; captured in eval mode, not modified), a ``torch.export``
             ``ExportedProgram``, an ``onnx.ModelProto``, or a path to an ``.onnx`` file.
         inputs: one or more inputs: :class:`~fp16guard.inputs.NamedInput` s, or tensors/arrays,
             or tuples of them for multi-input models. FP32, in the shapes the model takes (e.g.
@@ -201,7 +327,7 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
         backend: ``auto`` (tensorrt, else onnxruntime CUDA, else emulate), a name, or a
             :class:`~fp16guard.backends.Backend`.
         metric: ``metric(outputs, reference) -> float`` on lists of numpy arrays, or
-            ``"module:function"``; default :func:`relative_l2`.
+            ``"module:function"``; default :func:`~fp16guard.compare.relative_l2`.
         tolerance: a cut is bad when the metric exceeds this (default :data:`DEFAULT_TOLERANCE`).
         all_offenders: after each offender, keep it in FP32 and search again.
         max_offenders: stop after this many offenders (``all_offenders``).
@@ -213,106 +339,43 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
         a :class:`BisectResult`.
 
     Raises:
-        BisectError: no inputs, or a PyTorch model with no op to cut.
-        fp16guard.inputs.InputError: an input the model rejects (wrong shape or count).
-        fp16guard.torch_split.SplitError / fp16guard.onnx_split.OnnxSplitError: the model
-            cannot be captured or split; the message says what to try.
-        fp16guard.backends.BackendError / fp16guard.deps.MissingDependencyError: the
-            backend cannot run here.
-        ValueError: unknown backend name.
+        BisectError: no inputs, or a model with no op to cut or none that exports.
+        InputError: an input the model rejects (wrong shape or count).
+        SplitError: the model cannot be captured or split; the message says what to try.
+        BackendError, MissingDependencyError: the backend cannot run here.
+        UsageError: a ``metric`` spec that cannot be imported. ValueError: unknown backend name.
     """
     t0 = time.perf_counter()
     items = as_inputs(inputs)
     if not items:
         raise BisectError("bisect needs at least one input")
-    metric_name = "relative_l2"
-    if isinstance(metric, str):
-        metric_name, metric = metric, load_metric(metric)
-    elif metric is not None:
-        metric_name = getattr(metric, "__name__", "custom")
-    metric = metric or relative_l2
+    metric_name, metric_fn = _metric(metric)
     engine_backend = get_backend(backend) if isinstance(backend, str) else backend
-
-    if isinstance(model, (str, Path)) or isinstance(model, onnx.ModelProto):
+    if isinstance(model, (str, Path, onnx.ModelProto)):
         proto = load_onnx(model)
         target: Any = OnnxSplitTarget(proto, items, engine_backend)
         src = source or (Path(model).name if isinstance(model, (str, Path)) else proto.graph.name or "model.onnx")
     else:
         target = TorchSplitTarget(model, items, engine_backend)
         src = source or type(model).__name__
-    n = len(target.names)
-    if n == 0:
+    if not target.names:
         raise BisectError(f"{src} has no operation to cut")
     result = BisectResult(src, engine_backend.describe(), metric_name, tolerance, list(target.names))
-    cache: dict[tuple, Trial] = {}
-
-    def run_cut(stage: str, rnd: int, cut: int, position: int, label: str, full: bool = False) -> bool:
-        """Evaluate (once per stage, round and position) and record a cut; True when it is bad."""
-        key = (stage, rnd, position)
-        if key in cache:
-            return cache[key].bad
-        t = time.perf_counter()
-        err, built, runs = target.evaluate(position, metric, full)
-        trial = Trial(stage, rnd, cut, label, err, not (err <= tolerance), time.perf_counter() - t, built)
-        cache[key] = trial
-        result.trials.append(trial)
-        result.runs += runs
-        if on_trial is not None:
-            on_trial(trial)
-        return trial.bad
-
-    if isinstance(target, TorchSplitTarget):
-        last = target.exportable_limit(n)
-        if last < n:
-            if last == 0:
-                raise BisectError(f"{target.export_error(1)}. Nothing before it can be exported either; "
-                                  "export the model to ONNX yourself and bisect the .onnx file")
-            result.notes.append(
-                f"cuts after {target.names[last - 1]!r} cannot be exported to ONNX ({target.export_error(last + 1)}); "
-                f"those {n - last} segment(s) always run in the FP32 PyTorch suffix and were not searched")
-            n = last
+    session = _Session(target, metric_fn, tolerance, result, on_trial)
+    n = session.searchable(len(target.names))
     start = 0
     for rnd in range(max_offenders if all_offenders else 1):
-        def bad(c, rnd=rnd):
-            """Whether cut ``c`` of this round is bad."""
-            return run_cut(target.stage, rnd, c, target.cut_position(c), target.names[c - 1], c == n)
-
-        hit = _binary_search(n, bad, start)
-        if hit is None:
+        offender = session.offender(rnd, n, start, refine)
+        if offender is None:
             break
-        stage_trials = [t for t in result.trials if t.round == rnd and t.stage in ("module", "node")]
-        good_max = max((t.cut for t in stage_trials if not t.bad), default=start)
-        bad_min = min((t.cut for t in stage_trials if t.bad), default=hit)
-        if good_max >= bad_min:
-            result.monotonic = False
-        name, kind = target.names[hit - 1], target.kinds[hit - 1]
-        err = next(t.error for t in stage_trials if t.cut == hit)
-        nodes, amax = target.describe(hit)
-        op = None
-        if refine and isinstance(target, TorchSplitTarget):
-            ops = target.splitter.op_positions(hit - 1)
-            if len(ops) > 1:
-                def bad_op(j, rnd=rnd, ops=ops):
-                    """Whether the cut after op ``j`` of the offending segment is bad."""
-                    return run_cut("op", rnd, j, ops[j - 1], target.splitter.op_name(ops[j - 1]))
-                # cut 0 of the refinement = the previous segment's cut (good); len(ops) = this one (bad)
-                cache[("op", rnd, ops[-1])] = cache[(target.stage, rnd, target.cut_position(hit))]
-                j = _binary_search(len(ops), bad_op, 0)
-                op = target.splitter.op_name(ops[(j or len(ops)) - 1])
-            else:
-                op = target.splitter.op_name(ops[0])
-        target.block(nodes, name)
-        result.offenders.append(Offender(name=name, kind=kind, op=op, onnx_nodes=tuple(nodes), cut=hit,
-                                         error=err, amax=amax, round=rnd))
-        start = hit  # later offenders come after this one
+        result.offenders.append(offender)
+        start = offender.cut  # later offenders come after this one
         if start >= n:
             break
-    if result.offenders and len(result.offenders) == max_offenders and all_offenders:
+    if all_offenders and len(result.offenders) == max_offenders:
         result.notes.append(f"stopped after {max_offenders} offenders (max_offenders)")
     if not result.monotonic:
         result.notes.append("the search was not monotonic: a longer FP16 prefix was good after a shorter one "
                             "was bad; the verdict is the first bad cut found, check the trial table")
-    result.unfit = target.unfit
-    result.builds = engine_backend.builds
-    result.seconds = time.perf_counter() - t0
+    result.unfit, result.builds, result.seconds = target.unfit, engine_backend.builds, time.perf_counter() - t0
     return result

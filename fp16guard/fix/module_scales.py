@@ -15,14 +15,14 @@ finds its entry without any global state, and a plan made for other weights neve
 
 from __future__ import annotations
 
-import hashlib
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import torch
 
+from fp16guard.errors import PlanError
 from fp16guard.plan import RewritePlan
+from fp16guard.torch_graph import state_dict_sha256
 
 
 @dataclass(frozen=True)
@@ -49,18 +49,8 @@ class ModuleScale:
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over the module's state_dict: names, dtypes, shapes and bytes, in order (hex, 16 chars)."""
-    h = hashlib.sha256()
-    with warnings.catch_warnings():  # under torch.jit tracing, .numpy() warns that it reads a constant: it does
-        warnings.simplefilter("ignore")
-        for name, t in module.state_dict().items():
-            t = t.detach().cpu().contiguous()
-            a = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-            # numpy's dtype and shape: plain values even where a rewriter (mmdeploy's
-            # torch.Tensor.size for TensorRT) makes traced tensors report shapes as tensors
-            h.update(f"{name}:{t.dtype}:{a.shape}".encode())
-            h.update(a.tobytes())
-    return h.hexdigest()[:16]
+    """The module's :func:`~fp16guard.torch_graph.state_dict_sha256`, cut to 16 hex digits."""
+    return state_dict_sha256(module)[:16]
 
 
 def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[Sequence[torch.Tensor]], *,
@@ -126,7 +116,14 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
 
 
 class ScaleTable:
-    """Module scales looked up by module instance (through :func:`module_fingerprint`).
+    """Module scales looked up by module instance: by qualified name plus fingerprint.
+
+    A rewriter sees only the module instance (mmdeploy passes ``self``). The table finds its
+    entry by :func:`module_fingerprint`; when several entries share a fingerprint (modules with
+    identical weights, e.g. freshly initialised twins) and disagree on their exponents, it tells
+    them apart by qualified name, which needs the root module (:meth:`bind`, or ``model=``), and
+    otherwise refuses to guess (:class:`~fp16guard.errors.PlanError`). Entries that agree are
+    interchangeable.
 
     Modules without parameters or buffers (ReLU, pooling) have no fingerprint and are never
     found: their exponents follow from their neighbours. A table remembers each module it has
@@ -135,24 +132,53 @@ class ScaleTable:
 
     Args:
         entries: :class:`ModuleScale` items (a plan's ``modules``).
+        model: the root module the plan was calibrated on (optional; see :meth:`bind`).
     """
 
-    def __init__(self, entries: Iterable[ModuleScale]):
+    def __init__(self, entries: Iterable[ModuleScale], model: torch.nn.Module | None = None):
         self.entries = list(entries)
-        self._by_fingerprint = {e.fingerprint: e for e in self.entries}
+        self._by_fingerprint: dict[str, list[ModuleScale]] = {}
+        for e in self.entries:
+            self._by_fingerprint.setdefault(e.fingerprint, []).append(e)
+        self._names: dict[int, str] = {}
         self._seen: dict[int, tuple[torch.nn.Module, ModuleScale | None]] = {}  # the module keeps its id
+        if model is not None:
+            self.bind(model)
 
     @classmethod
-    def from_plan(cls, plan: RewritePlan) -> "ScaleTable":
+    def from_plan(cls, plan: RewritePlan, model: torch.nn.Module | None = None) -> "ScaleTable":
         """The table of a plan's ``modules`` field (empty for a plan without one)."""
-        return cls(ModuleScale(**m) for m in plan.modules)
+        return cls((ModuleScale(**m) for m in plan.modules), model)
+
+    def bind(self, model: torch.nn.Module) -> "ScaleTable":
+        """Learn the qualified names of ``model``'s submodules, to tell apart twins with identical weights."""
+        self._names = {id(m): name for name, m in model.named_modules()}
+        self._seen.clear()
+        return self
 
     def find(self, module: torch.nn.Module) -> ModuleScale | None:
-        """The entry of ``module``, or None."""
+        """The entry of ``module``, or None.
+
+        Raises:
+            PlanError: several entries share ``module``'s fingerprint with different exponents and
+                the table has no root module to pick one by name.
+        """
         if id(module) not in self._seen:
-            entry = self._by_fingerprint.get(module_fingerprint(module)) if module.state_dict() else None
-            self._seen[id(module)] = (module, entry)
+            candidates = self._by_fingerprint.get(module_fingerprint(module), []) if module.state_dict() else []
+            self._seen[id(module)] = (module, self._pick(module, candidates))
         return self._seen[id(module)][1]
+
+    def _pick(self, module: torch.nn.Module, candidates: list[ModuleScale]) -> ModuleScale | None:
+        """The candidate of ``module``: the only one, one of several that agree, or the one named like it."""
+        if len({(c.input_exponent, c.output_exponent) for c in candidates}) <= 1:
+            return candidates[0] if candidates else None
+        name = self._names.get(id(module))
+        named = [c for c in candidates if c.module == name]
+        if name is None or not named:
+            raise PlanError(f"modules {', '.join(c.module for c in candidates)} have identical weights but "
+                            f"different scales; pass the model to ScaleTable (model=...) so they are told "
+                            f"apart by name")
+        return named[0]
 
     def exponents(self, module: torch.nn.Module) -> tuple[int, int]:
         """``(input_exponent, output_exponent)`` of ``module``; ``(0, 0)`` if the plan has none."""

@@ -36,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fp16guard.errors import RewriteError
 from fp16guard.fix.solver import Rescale, Role, ScaleOp, ScaleSolution
 from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
+from fp16guard.fp16 import FP16_MAX
 from fp16guard.onnx_graph import consumers, node_scope, value_types
 
 FLOAT = TensorProto.FLOAT
@@ -46,8 +47,9 @@ class RewriteNote:
     """One change a rewrite made.
 
     Attributes:
-        kind: ``constant_to_initializer``, ``fold_bias_add``, ``fold_batchnorm``,
-            ``batchnorm_to_affine``, ``scale``, ``rescale_op``, ``raise_constant``.
+        kind: ``constant_to_initializer``, ``fold_affine``, ``fold_batchnorm``,
+            ``batchnorm_to_affine``, ``scale``, ``rescale_op``, ``raise_constant``, ``fallback_fp32``
+            (docs/fix-schema.md).
         target: the node (or tensor) changed.
         detail: one sentence.
     """
@@ -221,6 +223,30 @@ def _out_channels(node: onnx.NodeProto, weight: np.ndarray) -> tuple[int, int] |
     return weight.shape[1], 1
 
 
+def _next_affine_op(out: str, readers: Mapping[str, list[onnx.NodeProto]], outputs: set[str], consts: _Constants,
+                    scales: bool) -> tuple[onnx.NodeProto, str] | None:
+    """The op that :func:`fold_affine_constants` can fold after the tensor ``out``, and the name of its
+    constant operand; None when there is none.
+
+    That op must be the only reader of ``out`` (which is no graph output) and an ``Add``/``Sub`` (or
+    ``Mul``/``Div`` when ``scales``) of ``out`` and a constant (the constant first only for
+    ``Mul``/``Add``).
+
+    Args:
+        readers: :func:`~fp16guard.onnx_graph.consumers` of the graph; outputs: graph output names.
+    """
+    users = readers.get(out, [])
+    kinds = ("Mul", "Div", "Add", "Sub") if scales else ("Add", "Sub")
+    if len(users) != 1 or out in outputs or users[0].op_type not in kinds:
+        return None
+    op = users[0]
+    if op.input[0] == out and op.input[1] in consts:
+        return op, op.input[1]
+    if op.input[1] == out and op.input[0] in consts and op.op_type in ("Mul", "Add"):
+        return op, op.input[0]
+    return None
+
+
 def fold_affine_constants(model: onnx.ModelProto, *, scales: bool = False) -> tuple[onnx.ModelProto, list[RewriteNote]]:
     """Fold per-channel constant ``Mul``/``Div``/``Add``/``Sub`` that follow a ``Conv`` or
     ``ConvTranspose`` into its weights and bias, as long as each is the only reader of the previous
@@ -263,18 +289,10 @@ def fold_affine_constants(model: onnx.ModelProto, *, scales: bool = False) -> tu
         b = consts.get(node.input[2]).astype(np.float64) if has_bias else np.zeros(oc[0])
         folded = []
         while True:
-            out = node.output[0]
-            users = readers.get(out, [])
-            kinds = ("Mul", "Div", "Add", "Sub") if scales else ("Add", "Sub")
-            if len(users) != 1 or out in outputs or users[0].op_type not in kinds:
+            found = _next_affine_op(node.output[0], readers, outputs, consts, scales)
+            if found is None:
                 break
-            op = users[0]
-            if op.input[0] == out and op.input[1] in consts:
-                other = op.input[1]
-            elif op.input[1] == out and op.input[0] in consts and op.op_type in ("Mul", "Add"):
-                other = op.input[0]
-            else:
-                break
+            op, other = found
             c = _channel_constant(consts.get(other), oc[0], w.ndim)
             if c is None or (op.op_type == "Div" and np.any(c == 0)):
                 break
@@ -442,6 +460,165 @@ def _role(node: onnx.NodeProto, acts: tuple[str, ...], consts: set[str], types: 
     return Role.BARRIER
 
 
+def _input_exponent(op: ScaleOp, exponents: Mapping[str, int]) -> int:
+    """Exponent of ``op``'s first activation input (0 when it has none or none was assigned)."""
+    return exponents.get(op.inputs[0], 0) if op.inputs else 0
+
+
+def _scale_weights(node: onnx.NodeProto, consts: _Constants, e_in: int, e_out: int) -> None:
+    """Rescale the weight and bias of a linear op (``W *= 2**(e_in - e_out)``, ``b *= 2**-e_out``) or
+    of a norm (``scale, B *= 2**-e_out``, ``epsilon *= 2**(-2 e_in)``).
+
+    Args:
+        node: a node of :data:`LINEAR_OPS` or :data:`NORM_OPS` (edited in place).
+        consts: the graph's initializers.
+        e_in: exponent of the activation input; e_out: exponent of the output.
+    """
+    t = node.op_type
+    if t in NORM_OPS:
+        w_idx, b_idx = NORM_OPS[t]
+        w_exp, b_exp = -e_out, -e_out
+        if e_in:
+            _set_attr(node, "epsilon", float(_attr(node, "epsilon", 1e-5)) * pow2(-2 * e_in))
+    else:
+        w_idx, b_idx = LINEAR_OPS[t]
+        w_exp, b_exp = e_in - e_out, -e_out
+        if t == "MatMul" and node.input[0] in consts:
+            w_idx = 0
+    if w_exp:
+        consts.replace(node, w_idx, consts.get(node.input[w_idx]).astype(np.float64) * pow2(w_exp), f"x2^{w_exp}")
+    if b_idx is not None and b_exp and len(node.input) > b_idx and node.input[b_idx]:
+        consts.replace(node, b_idx, consts.get(node.input[b_idx]).astype(np.float64) * pow2(b_exp), f"x2^{b_exp}")
+
+
+def _scale_mul_div_constant(node: onnx.NodeProto, op: ScaleOp, consts: _Constants, e_in: int, e_out: int) -> None:
+    """Rescale the constant operand of a ``Mul`` (``c *= 2**(e_in - e_out)``) or ``Div``
+    (``c *= 2**(e_out - e_in)``) whose other operand is the activation ``op.inputs[0]``."""
+    t = node.op_type
+    k = [i for i, x in enumerate(node.input) if x not in op.inputs][0]
+    exp = (e_in - e_out) if t == "Mul" else (e_out - e_in)
+    if exp:
+        consts.replace(node, k, consts.get(node.input[k]).astype(np.float64) * pow2(exp), f"x2^{exp}")
+
+
+def _scale_tied_constants(node: onnx.NodeProto, consts: _Constants, e_in: int) -> bool:
+    """Multiply the float constants of a tied op (those :data:`TIED_CONSTANTS` lists, and Clip's
+    ``min``/``max`` attributes) by ``2**-e_in``; whether anything changed."""
+    t = node.op_type
+    wanted = TIED_CONSTANTS[t]
+    changed = False
+    for k, x in enumerate(node.input):
+        if x and x in consts and (wanted is None or k in wanted) and consts.get(x).dtype.kind == "f":
+            consts.replace(node, k, consts.get(x).astype(np.float64) * pow2(-e_in), f"x2^{-e_in}")
+            changed = True
+    if t == "Clip":
+        for a in ("min", "max"):
+            if _attr(node, a) is not None:
+                _set_attr(node, a, float(_attr(node, a)) * pow2(-e_in))
+                changed = True
+    return changed
+
+
+def _scale_op_constants(node: onnx.NodeProto, op: ScaleOp, solution: ScaleSolution,
+                        consts: _Constants) -> RewriteNote | None:
+    """Rescale the constants (and scale attributes) of one op by its role in ``solution``.
+
+    Args:
+        node: the node (edited in place); op: its :class:`ScaleOp`.
+        solution: the exponents being applied.
+        consts: the graph's initializers.
+
+    Returns:
+        the ``scale`` note for ``node``, or None when nothing about it changed.
+    """
+    e_in = _input_exponent(op, solution.exponents)
+    e_out = solution.produced(op)
+    t = node.op_type
+    if op.role is Role.LINEAR:
+        if t in LINEAR_OPS or t in NORM_OPS:
+            _scale_weights(node, consts, e_in, e_out)
+        elif t in ("Mul", "Div"):
+            _scale_mul_div_constant(node, op, consts, e_in, e_out)
+        if e_in or e_out:
+            return RewriteNote("scale", node.name, f"{t}: input exponent {e_in}, output exponent {e_out}")
+    elif op.role is Role.BOUNDED and e_in:
+        _set_attr(node, "alpha", float(_attr(node, "alpha", 0.2)) * pow2(e_in))
+        return RewriteNote("scale", node.name, f"HardSigmoid alpha x 2^{e_in}")
+    elif op.role is Role.TIED and e_in and t in TIED_CONSTANTS:
+        if _scale_tied_constants(node, consts, e_in):
+            return RewriteNote("scale", node.name, f"{t}: constants x 2^{-e_in}")
+    return None
+
+
+def _rescale_node(graph: onnx.GraphProto, src: str, exponent: int, dst: str,
+                  notes: list[RewriteNote]) -> onnx.NodeProto:
+    """``dst = src * 2**exponent`` (an FP32 scalar constant added to ``graph``), noted in ``notes``."""
+    c = f"{dst}__factor"
+    graph.initializer.append(numpy_helper.from_array(np.array(pow2(exponent), dtype=np.float32), c))
+    notes.append(RewriteNote("rescale_op", dst, f"Mul by 2^{exponent} (no constant could absorb it)"))
+    return helper.make_node("Mul", [src, c], [dst], name=f"{dst}__rescale")
+
+
+def _insert_rescales(graph: onnx.GraphProto, solution: ScaleSolution, notes: list[RewriteNote]) -> None:
+    """Insert a ``Mul`` by ``2**exponent`` for each of ``solution.rescales``: on one consumer's input
+    edge (one Mul per tensor and exponent), or after the producer (its output renamed
+    ``{tensor}__unscaled``) when the rescale has no consumer. Appends a ``rescale_op`` note per Mul.
+
+    Raises:
+        RewriteError: a graph output has a nonzero exponent and no rescale.
+    """
+    by_consumer: dict[tuple[str, str], Rescale] = {}
+    outputs = {o.name for o in graph.output}
+    new_nodes = []
+    pending_out: dict[str, tuple[str, int]] = {}  # producer output renamed -> (raw name, exponent)
+    for r in solution.rescales:
+        if not r.consumer:
+            pending_out[r.tensor] = (f"{r.tensor}__unscaled", r.exponent)
+    made: dict[tuple[str, int], str] = {}
+    for r in solution.rescales:
+        if r.consumer:
+            by_consumer[(r.tensor, r.consumer)] = r
+    for node in graph.node:
+        for k, x in enumerate(node.input):
+            r = by_consumer.get((x, node.name))
+            if r is not None:
+                if (x, r.exponent) not in made:
+                    made[(x, r.exponent)] = f"{x}__x2^{r.exponent}"
+                    new_nodes.append(_rescale_node(graph, x, r.exponent, made[(x, r.exponent)], notes))
+                node.input[k] = made[(x, r.exponent)]
+        renamed = []
+        for j, o in enumerate(node.output):
+            if o in pending_out:
+                raw, _ = pending_out[o]
+                node.output[j] = raw
+                renamed.append(o)
+        new_nodes.append(node)
+        for o in renamed:
+            raw, exponent = pending_out[o]
+            new_nodes.append(_rescale_node(graph, raw, exponent, o, notes))
+    e = solution.exponents
+    for o in outputs:
+        if o not in pending_out and e.get(o, 0):
+            raise RewriteError(f"graph output {o!r} has exponent {e[o]} but no rescale")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+
+def _check_rescaled_range(graph: onnx.GraphProto, ops: Mapping[str, ScaleOp], exponents: Mapping[str, int]) -> None:
+    """Fail when a float initializer read by an op with a nonzero input exponent exceeds 65504.
+
+    Raises:
+        RewriteError: such an initializer (its readers named).
+    """
+    for init in graph.initializer:
+        v = numpy_helper.to_array(init)
+        if v.dtype.kind == "f" and np.any(np.isfinite(v) & (np.abs(v.astype(np.float64)) > FP16_MAX)):
+            readers = [n.name for n in graph.node if init.name in n.input]
+            if any(ops.get(n) is not None and _input_exponent(ops[n], exponents) for n in readers):
+                raise RewriteError(f"rescaled constant {init.name} (read by {', '.join(readers)}) exceeds 65504; "
+                                   f"lower the headroom target or use --fallback fp32")
+
+
 def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[onnx.ModelProto, list[RewriteNote]]:
     """Rescale constants (and insert ``Mul`` by a power of two only where unavoidable) so every
     activation ``t`` is stored as ``true * 2**-solution.exponents[t]``.
@@ -470,108 +647,18 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
     m = _copy(model)
     g = m.graph
     consts = _Constants(g)
-    e = solution.exponents
     ops = {op.name: op for op in scale_ops(m)}
     notes: list[RewriteNote] = []
     for node in g.node:
         op = ops.get(node.name)
         if op is None:
             continue
-        e_in = e.get(op.inputs[0], 0) if op.inputs else 0
-        e_out = solution.produced(op)
-        t = node.op_type
-        if op.role is Role.LINEAR:
-            if t in LINEAR_OPS or t in NORM_OPS:
-                if t in NORM_OPS:
-                    w_idx, b_idx = NORM_OPS[t]
-                    w_exp, b_exp = -e_out, -e_out
-                    if e_in:
-                        _set_attr(node, "epsilon", float(_attr(node, "epsilon", 1e-5)) * pow2(-2 * e_in))
-                else:
-                    w_idx, b_idx = LINEAR_OPS[t]
-                    w_exp, b_exp = e_in - e_out, -e_out
-                    if t == "MatMul" and node.input[0] in consts:
-                        w_idx = 0
-                if w_exp:
-                    consts.replace(node, w_idx, consts.get(node.input[w_idx]).astype(np.float64) * pow2(w_exp), f"x2^{w_exp}")
-                if b_idx is not None and b_exp and len(node.input) > b_idx and node.input[b_idx]:
-                    consts.replace(node, b_idx, consts.get(node.input[b_idx]).astype(np.float64) * pow2(b_exp), f"x2^{b_exp}")
-            elif t in ("Mul", "Div"):
-                k = [i for i, x in enumerate(node.input) if x not in op.inputs][0]
-                exp = (e_in - e_out) if t == "Mul" else (e_out - e_in)
-                if exp:
-                    consts.replace(node, k, consts.get(node.input[k]).astype(np.float64) * pow2(exp), f"x2^{exp}")
-            if e_in or e_out:
-                notes.append(RewriteNote("scale", node.name, f"{t}: input exponent {e_in}, output exponent {e_out}"))
-        elif op.role is Role.BOUNDED and e_in:
-            _set_attr(node, "alpha", float(_attr(node, "alpha", 0.2)) * pow2(e_in))
-            notes.append(RewriteNote("scale", node.name, f"HardSigmoid alpha x 2^{e_in}"))
-        elif op.role is Role.TIED and e_in and t in TIED_CONSTANTS:
-            wanted = TIED_CONSTANTS[t]
-            changed = False
-            for k, x in enumerate(node.input):
-                if x and x in consts and (wanted is None or k in wanted) and consts.get(x).dtype.kind == "f":
-                    consts.replace(node, k, consts.get(x).astype(np.float64) * pow2(-e_in), f"x2^{-e_in}")
-                    changed = True
-            if t == "Clip":
-                for a in ("min", "max"):
-                    if _attr(node, a) is not None:
-                        _set_attr(node, a, float(_attr(node, a)) * pow2(-e_in))
-                        changed = True
-            if changed:
-                notes.append(RewriteNote("scale", node.name, f"{t}: constants x 2^{-e_in}"))
-
-    # explicit rescales
-    by_consumer: dict[tuple[str, str], Rescale] = {}
-    outputs = {o.name for o in g.output}
-    new_nodes = []
-    pending_out: dict[str, tuple[str, int]] = {}  # producer output renamed -> (raw name, exponent)
-    for r in solution.rescales:
-        if not r.consumer:
-            pending_out[r.tensor] = (f"{r.tensor}__unscaled", r.exponent)
-    made: dict[tuple[str, int], str] = {}
-
-    def mul_node(src: str, exponent: int, dst: str) -> onnx.NodeProto:
-        """``dst = src * 2**exponent`` (an FP32 scalar constant), noted."""
-        c = f"{dst}__factor"
-        g.initializer.append(numpy_helper.from_array(np.array(pow2(exponent), dtype=np.float32), c))
-        notes.append(RewriteNote("rescale_op", dst, f"Mul by 2^{exponent} (no constant could absorb it)"))
-        return helper.make_node("Mul", [src, c], [dst], name=f"{dst}__rescale")
-
-    for r in solution.rescales:
-        if r.consumer:
-            by_consumer[(r.tensor, r.consumer)] = r
-    for node in g.node:
-        for k, x in enumerate(node.input):
-            r = by_consumer.get((x, node.name))
-            if r is not None:
-                if (x, r.exponent) not in made:
-                    made[(x, r.exponent)] = f"{x}__x2^{r.exponent}"
-                    new_nodes.append(mul_node(x, r.exponent, made[(x, r.exponent)]))
-                node.input[k] = made[(x, r.exponent)]
-        renamed = []
-        for j, o in enumerate(node.output):
-            if o in pending_out:
-                raw, _ = pending_out[o]
-                node.output[j] = raw
-                renamed.append(o)
-        new_nodes.append(node)
-        for o in renamed:
-            raw, exponent = pending_out[o]
-            new_nodes.append(mul_node(raw, exponent, o))
-    for o in outputs:
-        if o not in pending_out and e.get(o, 0):
-            raise RewriteError(f"graph output {o!r} has exponent {e[o]} but no rescale")
-    del g.node[:]
-    g.node.extend(new_nodes)
+        note = _scale_op_constants(node, op, solution, consts)
+        if note is not None:
+            notes.append(note)
+    _insert_rescales(g, solution, notes)
     _remove_unused_initializers(g)
-    for init in g.initializer:
-        v = numpy_helper.to_array(init)
-        if v.dtype.kind == "f" and np.any(np.isfinite(v) & (np.abs(v.astype(np.float64)) > 65504)):
-            readers = [n.name for n in g.node if init.name in n.input]
-            if any(ops.get(n) is not None and (e.get(ops[n].inputs[0], 0) if ops[n].inputs else 0) for n in readers):
-                raise RewriteError(f"rescaled constant {init.name} (read by {', '.join(readers)}) exceeds 65504; "
-                                   f"lower the headroom target or use --fallback fp32")
+    _check_rescaled_range(g, ops, solution.exponents)
     return m, notes
 
 

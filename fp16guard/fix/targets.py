@@ -34,7 +34,7 @@ from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
 from fp16guard.fp16_onnx import Fp16Conversion, to_typed_fp16, unfit_constants
 from fp16guard.inputs import NamedInput, onnx_feed, torch_args
 from fp16guard.onnx_graph import consumers, cpu_session, graph_constants, load_onnx, value_ranges
-from fp16guard.plan import sha256_of
+from fp16guard.onnx_graph import model_sha256 as onnx_model_sha256
 
 #: ``(node name, input value names, output value names)``: a graph op as the FP32-fallback rule sees it.
 NodeIO = tuple[str, Sequence[str], Sequence[str]]
@@ -128,7 +128,7 @@ class OnnxFixTarget:
         self.original = load_onnx(model)
         self.source = source or (Path(model).name if not isinstance(model, onnx.ModelProto)
                                  else self.original.graph.name or "model")
-        self.model_sha256 = model_sha256 or sha256_of(self.original.SerializeToString())
+        self.model_sha256 = model_sha256 or onnx_model_sha256(self.original)
         self.memory_budget = memory_budget
         self.base, _ = onnx_pass.constants_to_initializers(self.original)
         self.prepared, self.prepared_notes = prepare_onnx(self.original)

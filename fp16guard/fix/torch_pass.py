@@ -40,10 +40,12 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fp16guard.fix.onnx_pass import RewriteError, RewriteNote
+from fp16guard.errors import ExportError, RewriteError
+from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import Role, ScaleOp, ScaleSolution
 from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
-from fp16guard.torch_graph import ExportError, dynamic_dims, get_attr, module_scope
+from fp16guard.fp16 import FP16_MAX
+from fp16guard.torch_graph import dynamic_dims, get_attr, module_scope
 
 aten = torch.ops.aten
 
@@ -198,81 +200,135 @@ def fold_batchnorms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[RewriteNot
     for bn in list(g.nodes):
         if _packet(bn) not in bn_ops:
             continue
-        x, w, b, mean, var = bn.args[:5]
-        if _packet(bn) is aten.batch_norm:
-            training, eps = bn.args[5], bn.args[7]
-        else:
-            training, eps = False, bn.args[6]
-        if training:
-            raise RewriteError(f"{bn.name}: BatchNorm in training mode cannot be folded; put the model in eval mode")
-        stats = [consts.get(a) for a in (mean, var)]
-        if any(s is None for s in stats):
-            raise RewriteError(f"{bn.name}: BatchNorm statistics are not constants")
-        c = stats[0].size
-        gamma = consts.get(w) if w is not None else np.ones(c)
-        beta = consts.get(b) if b is not None else np.zeros(c)
-        scale, shift = fold_batchnorm(gamma, beta, stats[0], stats[1], float(eps))
-        users = list(bn.users)
-        if _packet(bn) is not aten.batch_norm:  # (out, mean, invstd): only getitem 0 may be read
-            if any(_packet(u) is not operator.getitem or u.args[1] != 0 for u in users):
-                raise RewriteError(f"{bn.name}: BatchNorm statistics outputs are read")
-            out_nodes = users
-        else:
-            out_nodes = [bn]
-        conv = x if isinstance(x, fx.Node) else None
-        folded = False
-        if conv is not None and _packet(conv) in LINEAR_OPS and len(conv.users) == 1 and "linear" not in str(conv.target):
-            transposed = "transpose" in str(conv.target) or (_packet(conv) is aten.convolution and conv.args[6])
-            groups = conv.args[8] if _packet(conv) is aten.convolution else (
-                conv.args[6] if "transpose" in str(conv.target) and len(conv.args) > 6 else 1)
-            weight = consts.get(conv.args[1])
-            bias = consts.get(conv.args[2]) if len(conv.args) > 2 and conv.args[2] is not None else None
-            axis = 1 if transposed else 0
-            if weight is not None and not (transposed and groups != 1) and weight.shape[axis] == c:
-                w2, b2 = fold_affine_into_weights(weight, bias, scale, shift, channel_axis=axis)
-                if keeps_fp16_precision(weight, w2):
-                    args = list(conv.args)
-                    args[1] = consts.new(w2, conv, get_attr(gm, conv.args[1].target))
-                    while len(args) < 3:
-                        args.append(None)
-                    args[2] = consts.new(b2, conv, get_attr(gm, conv.args[1].target))
-                    conv.args = tuple(args)
-                    for o in out_nodes:
-                        o.replace_all_uses_with(conv)
-                    folded = True
-                    notes.append(RewriteNote("fold_batchnorm", bn.name, f"folded into {conv.name} in float64 "
-                                             f"(running variance amax {float(np.max(stats[1])):.4g})"))
-        if not folded:
-            shape = [c] + [1] * (len(bn.meta["val"].shape) - 2 if "val" in bn.meta else 2)
-            like = get_attr(gm, mean.target)
-            s_node = consts.new(scale.reshape(shape), bn, like)
-            t_node = consts.new(shift.reshape(shape), bn, like)
-            with g.inserting_before(bn):
-                mul = g.call_function(aten.mul.Tensor, (x, s_node))
-                add = g.call_function(aten.add.Tensor, (mul, t_node))
-            mul.meta.update(bn.meta)
-            add.meta.update(bn.meta)
+        c, scale, shift, var = _batchnorm_affine(bn, consts)
+        out_nodes = _batchnorm_outputs(bn)
+        conv = bn.args[0] if isinstance(bn.args[0], fx.Node) else None
+        if conv is not None and _fold_into_conv(gm, consts, conv, c, scale, shift):
             for o in out_nodes:
-                o.replace_all_uses_with(add)
-            why = ("folding would make the conv's FP16 weights subnormal" if conv is not None
-                   and _packet(conv) in LINEAR_OPS else "no conv to fold into")
-            notes.append(RewriteNote("batchnorm_to_affine", bn.name, f"{why}: per-channel mul + add with scale "
-                                     f"and shift computed in float64"))
-            name = bn.name
-            for o in out_nodes:
-                if o is not bn:
-                    g.erase_node(o)
-            g.erase_node(bn)
-            mul.name, add.name = f"{name}_scale", name  # keep the BatchNorm's output name for the plan
-            continue
-        for o in out_nodes:
-            if o is not bn:
-                g.erase_node(o)
-        g.erase_node(bn)
+                o.replace_all_uses_with(conv)
+            notes.append(RewriteNote("fold_batchnorm", bn.name, f"folded into {conv.name} in float64 "
+                                     f"(running variance amax {float(np.max(var)):.4g})"))
+            _erase_batchnorm(g, bn, out_nodes)
+        else:
+            notes.append(_batchnorm_to_mul_add(gm, consts, bn, out_nodes, c, scale, shift, conv))
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()
     return gm, notes
+
+
+def _batchnorm_affine(bn: fx.Node, consts: _Constants) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """The inference BatchNorm ``bn`` as a per-channel affine map, computed in float64.
+
+    Returns:
+        ``(channels, scale, shift, running variance)``.
+
+    Raises:
+        RewriteError: ``bn`` is in training mode, or its statistics are not constants.
+    """
+    w, b, mean, var = bn.args[1:5]
+    if _packet(bn) is aten.batch_norm:
+        training, eps = bn.args[5], bn.args[7]
+    else:
+        training, eps = False, bn.args[6]
+    if training:
+        raise RewriteError(f"{bn.name}: BatchNorm in training mode cannot be folded; put the model in eval mode")
+    stats = [consts.get(a) for a in (mean, var)]
+    if any(s is None for s in stats):
+        raise RewriteError(f"{bn.name}: BatchNorm statistics are not constants")
+    c = stats[0].size
+    gamma = consts.get(w) if w is not None else np.ones(c)
+    beta = consts.get(b) if b is not None else np.zeros(c)
+    scale, shift = fold_batchnorm(gamma, beta, stats[0], stats[1], float(eps))
+    return c, scale, shift, stats[1]
+
+
+def _batchnorm_outputs(bn: fx.Node) -> list[fx.Node]:
+    """The nodes that carry ``bn``'s normalized output: ``bn`` itself for ``aten.batch_norm``, its
+    ``getitem 0`` readers for the ``(out, mean, invstd)`` variant.
+
+    Raises:
+        RewriteError: the variant's mean/invstd outputs are read.
+    """
+    if _packet(bn) is aten.batch_norm:
+        return [bn]
+    users = list(bn.users)
+    if any(_packet(u) is not operator.getitem or u.args[1] != 0 for u in users):
+        raise RewriteError(f"{bn.name}: BatchNorm statistics outputs are read")
+    return users
+
+
+def _fold_into_conv(gm: fx.GraphModule, consts: _Constants, conv: fx.Node, c: int, scale: np.ndarray,
+                    shift: np.ndarray) -> bool:
+    """Fold ``x * scale + shift`` into the weights and bias of ``conv`` (the BatchNorm's input) if it
+    can: a convolution (not linear, not a grouped transposed one) read only by the BatchNorm, with
+    constant weights of ``c`` output channels, whose folded FP16 weights lose no precision.
+
+    Returns:
+        Whether ``conv`` was rewritten (with new weight and bias buffers); if not, nothing changed.
+    """
+    if _packet(conv) not in LINEAR_OPS or len(conv.users) != 1 or "linear" in str(conv.target):
+        return False
+    transposed = "transpose" in str(conv.target) or (_packet(conv) is aten.convolution and conv.args[6])
+    groups = conv.args[8] if _packet(conv) is aten.convolution else (
+        conv.args[6] if "transpose" in str(conv.target) and len(conv.args) > 6 else 1)
+    weight = consts.get(conv.args[1])
+    bias = consts.get(conv.args[2]) if len(conv.args) > 2 and conv.args[2] is not None else None
+    axis = 1 if transposed else 0
+    if weight is None or (transposed and groups != 1) or weight.shape[axis] != c:
+        return False
+    w2, b2 = fold_affine_into_weights(weight, bias, scale, shift, channel_axis=axis)
+    if not keeps_fp16_precision(weight, w2):
+        return False
+    args = list(conv.args)
+    args[1] = consts.new(w2, conv, get_attr(gm, conv.args[1].target))
+    while len(args) < 3:
+        args.append(None)
+    args[2] = consts.new(b2, conv, get_attr(gm, conv.args[1].target))
+    conv.args = tuple(args)
+    return True
+
+
+def _batchnorm_to_mul_add(gm: fx.GraphModule, consts: _Constants, bn: fx.Node, out_nodes: list[fx.Node], c: int,
+                          scale: np.ndarray, shift: np.ndarray, conv: fx.Node | None) -> RewriteNote:
+    """Replace ``bn`` (and its ``out_nodes``) with ``x * scale + shift`` nodes named ``<bn>_scale`` and ``<bn>``.
+
+    Args:
+        c: the number of channels (``scale`` and ``shift`` become ``[c, 1, ...]`` buffers).
+        conv: ``bn``'s input node, if any (only for the note's reason).
+
+    Returns:
+        The note saying why the BatchNorm was not folded into a convolution.
+    """
+    g = gm.graph
+    x, mean = bn.args[0], bn.args[3]
+    shape = [c] + [1] * (len(bn.meta["val"].shape) - 2 if "val" in bn.meta else 2)
+    like = get_attr(gm, mean.target)
+    s_node = consts.new(scale.reshape(shape), bn, like)
+    t_node = consts.new(shift.reshape(shape), bn, like)
+    with g.inserting_before(bn):
+        mul = g.call_function(aten.mul.Tensor, (x, s_node))
+        add = g.call_function(aten.add.Tensor, (mul, t_node))
+    mul.meta.update(bn.meta)
+    add.meta.update(bn.meta)
+    for o in out_nodes:
+        o.replace_all_uses_with(add)
+    why = ("folding would make the conv's FP16 weights subnormal" if conv is not None
+           and _packet(conv) in LINEAR_OPS else "no conv to fold into")
+    note = RewriteNote("batchnorm_to_affine", bn.name, f"{why}: per-channel mul + add with scale "
+                       f"and shift computed in float64")
+    name = bn.name
+    _erase_batchnorm(g, bn, out_nodes)
+    mul.name, add.name = f"{name}_scale", name  # keep the BatchNorm's output name for the plan
+    return note
+
+
+def _erase_batchnorm(g: fx.Graph, bn: fx.Node, out_nodes: list[fx.Node]) -> None:
+    """Erase ``bn`` and its ``getitem`` output nodes (all already without users)."""
+    for o in out_nodes:
+        if o is not bn:
+            g.erase_node(o)
+    g.erase_node(bn)
 
 
 def _role(node: fx.Node, acts: set[str], consts: _Constants) -> Role:
@@ -418,16 +474,6 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
     e = solution.exponents
     ops = {op.name: op for op in scale_ops(gm)}
     notes: list[RewriteNote] = []
-
-    def scale_arg(node: fx.Node, index: int, exponent: int) -> None:
-        """``node.args[index] *= 2**exponent`` (a new buffer or a new float)."""
-        if exponent and index < len(node.args) and node.args[index] is not None:
-            value = consts.get(node.args[index]) * pow2(exponent)
-            if np.any(np.abs(value) > 65504):
-                raise RewriteError(f"rescaled constant {index} of {node.name} exceeds 65504; lower the headroom "
-                                   f"target (--target-log2) or use --fallback fp32")
-            consts.replace(node, index, value)
-
     for node in list(g.nodes):
         op = ops.get(node.name)
         if op is None:
@@ -435,50 +481,111 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
         p = _packet(node)
         e_in = e.get(op.inputs[0], 0) if op.inputs else 0
         e_out = solution.produced(op)
+        note = None
         if op.role is Role.LINEAR:
-            if p in LINEAR_OPS:
-                scale_arg(node, 1, e_in - e_out)
-                scale_arg(node, 2, -e_out)
-            elif p in NORM_OPS:
-                w_idx, b_idx, eps_idx = NORM_OPS[p]
-                scale_arg(node, w_idx, -e_out)
-                scale_arg(node, b_idx, -e_out)
-                _scale_eps(node, eps_idx, e_in)
-            elif p in MATMUL_OPS or p is aten.mul:
-                k = 1 if consts.get(node.args[1]) is not None and node.args[0] is not None and \
-                    isinstance(node.args[0], fx.Node) and node.args[0].name in op.inputs else 0
-                scale_arg(node, k, e_in - e_out)
-            elif p is aten.div:
-                scale_arg(node, 1, e_out - e_in)
-            if e_in or e_out:
-                notes.append(RewriteNote("scale", node.name, f"{p.__name__ if hasattr(p, '__name__') else p}: "
-                                         f"input exponent {e_in}, output exponent {e_out}"))
+            note = _scale_linear(consts, node, op, e_in, e_out)
+        elif op.role is Role.BOUNDED and e_in and p in NORM_OPS:
+            _scale_eps(node, NORM_OPS[p][2], e_in)
+            note = RewriteNote("scale", node.name, f"norm eps x 2^{-2 * e_in}")
         elif op.role is Role.BOUNDED and e_in:
-            if p in NORM_OPS:
-                _scale_eps(node, NORM_OPS[p][2], e_in)
-                notes.append(RewriteNote("scale", node.name, f"norm eps x 2^{-2 * e_in}"))
-            else:  # hardsigmoid
-                with g.inserting_before(node):
-                    m = g.call_function(aten.mul.Tensor, (node.args[0], pow2(e_in) / 6.0))
-                    a = g.call_function(aten.add.Tensor, (m, 0.5))
-                    c = g.call_function(aten.clamp.default, (a, 0.0, 1.0))
-                node.replace_all_uses_with(c)
-                name = node.name
-                g.erase_node(node)
-                c.name = name
-                notes.append(RewriteNote("scale", name, f"hardsigmoid as clamp(x * 2^{e_in}/6 + 1/2, 0, 1)"))
+            note = _scale_hardsigmoid(g, node, e_in)
         elif op.role is Role.TIED and e_in and p in TIED_SCALARS:
-            changed = False
-            for k in TIED_SCALARS[p]:
-                if k < len(node.args) and consts.get(node.args[k]) is not None and not (
-                        isinstance(node.args[k], fx.Node) and node.args[k].name in op.inputs):
-                    scale_arg(node, k, -e_in)
-                    changed = True
-            if changed:
-                notes.append(RewriteNote("scale", node.name, f"{p.__name__}: constants x 2^{-e_in}"))
+            note = _scale_tied(consts, node, op, e_in)
+        if note is not None:
+            notes.append(note)
+    notes.extend(_insert_rescales(g, solution))
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    return gm, notes
 
+
+def _scale_arg(consts: _Constants, node: fx.Node, index: int, exponent: int) -> None:
+    """``node.args[index] *= 2**exponent`` (a new buffer or a new float); nothing if ``exponent`` is 0
+    or the argument is absent.
+
+    Raises:
+        RewriteError: the rescaled constant exceeds 65504.
+    """
+    if exponent and index < len(node.args) and node.args[index] is not None:
+        value = consts.get(node.args[index]) * pow2(exponent)
+        if np.any(np.abs(value) > FP16_MAX):
+            raise RewriteError(f"rescaled constant {index} of {node.name} exceeds 65504; lower the headroom "
+                               f"target (--target-log2) or use --fallback fp32")
+        consts.replace(node, index, value)
+
+
+def _scale_linear(consts: _Constants, node: fx.Node, op: ScaleOp, e_in: int, e_out: int) -> RewriteNote | None:
+    """Fold the exponents of a linear op into its constants: conv/linear weight and bias, norm weight,
+    bias and eps, the constant operand of a matmul/``mul``/``div``.
+
+    Args:
+        op: ``node``'s :class:`~fp16guard.scaling.ScaleOp` (its activation inputs).
+        e_in, e_out: exponents of its activation input and output.
+
+    Returns:
+        A note if either exponent is nonzero, else None.
+    """
+    p = _packet(node)
+    if p in LINEAR_OPS:
+        _scale_arg(consts, node, 1, e_in - e_out)
+        _scale_arg(consts, node, 2, -e_out)
+    elif p in NORM_OPS:
+        w_idx, b_idx, eps_idx = NORM_OPS[p]
+        _scale_arg(consts, node, w_idx, -e_out)
+        _scale_arg(consts, node, b_idx, -e_out)
+        _scale_eps(node, eps_idx, e_in)
+    elif p in MATMUL_OPS or p is aten.mul:
+        k = 1 if consts.get(node.args[1]) is not None and node.args[0] is not None and \
+            isinstance(node.args[0], fx.Node) and node.args[0].name in op.inputs else 0
+        _scale_arg(consts, node, k, e_in - e_out)
+    elif p is aten.div:
+        _scale_arg(consts, node, 1, e_out - e_in)
+    if e_in or e_out:
+        return RewriteNote("scale", node.name, f"{p.__name__ if hasattr(p, '__name__') else p}: "
+                           f"input exponent {e_in}, output exponent {e_out}")
+    return None
+
+
+def _scale_hardsigmoid(g: fx.Graph, node: fx.Node, e_in: int) -> RewriteNote:
+    """Replace the ``hardsigmoid`` ``node`` (input exponent ``e_in``) with ``clamp(x * 2**e_in/6 + 1/2, 0, 1)``,
+    the last node taking its name."""
+    with g.inserting_before(node):
+        m = g.call_function(aten.mul.Tensor, (node.args[0], pow2(e_in) / 6.0))
+        a = g.call_function(aten.add.Tensor, (m, 0.5))
+        c = g.call_function(aten.clamp.default, (a, 0.0, 1.0))
+    node.replace_all_uses_with(c)
+    name = node.name
+    g.erase_node(node)
+    c.name = name
+    return RewriteNote("scale", name, f"hardsigmoid as clamp(x * 2^{e_in}/6 + 1/2, 0, 1)")
+
+
+def _scale_tied(consts: _Constants, node: fx.Node, op: ScaleOp, e_in: int) -> RewriteNote | None:
+    """Scale the constant scalar arguments of a tied op (:data:`TIED_SCALARS`: added constants, clamp
+    bounds, pad values) by ``2**-e_in``; arguments that are the op's activation inputs are left alone.
+
+    Returns:
+        A note if any argument was scaled, else None.
+    """
+    p = _packet(node)
+    changed = False
+    for k in TIED_SCALARS[p]:
+        if k < len(node.args) and consts.get(node.args[k]) is not None and not (
+                isinstance(node.args[k], fx.Node) and node.args[k].name in op.inputs):
+            _scale_arg(consts, node, k, -e_in)
+            changed = True
+    if changed:
+        return RewriteNote("scale", node.name, f"{p.__name__}: constants x 2^{-e_in}")
+    return None
+
+
+def _insert_rescales(g: fx.Graph, solution: ScaleSolution) -> list[RewriteNote]:
+    """Insert the solution's explicit rescales: an ``aten.mul`` by ``2**exponent`` after the tensor, read
+    by the one consumer named (one shared node per tensor and exponent) or else by all its readers."""
     by_name = {n.name: n for n in g.nodes}
     made: dict[tuple[str, int], fx.Node] = {}
+    notes: list[RewriteNote] = []
     for r in solution.rescales:
         src = by_name[r.tensor]
         if r.consumer:
@@ -492,10 +599,7 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
                 mul = g.call_function(aten.mul.Tensor, (src, pow2(r.exponent)))
             src.replace_all_uses_with(mul, delete_user_cb=lambda u: u is not mul)
         notes.append(RewriteNote("rescale_op", r.tensor, f"mul by 2^{r.exponent} (no constant could absorb it)"))
-    g.eliminate_dead_code()
-    g.lint()
-    gm.recompile()
-    return gm, notes
+    return notes
 
 
 def _scale_eps(node: fx.Node, index: int, e_in: int) -> None:
@@ -566,73 +670,98 @@ def to_fp16_program(gm: fx.GraphModule, fp32_nodes: Iterable[str] = ()) -> fx.Gr
         A new ``GraphModule``; save it with ``torch.export`` (:func:`save_program`).
     """
     fp32 = set(fp32_nodes)
-    src = gm.graph
-    g = fx.Graph()
-    g._codegen = src._codegen
-    new = torch.nn.Module()
-    env16: dict[fx.Node, Any] = {}  # value as FP16 consumers read it
-    env32: dict[fx.Node, Any] = {}  # value as FP32 consumers read it
-    is16: dict[fx.Node, bool] = {}
-    buffers: dict[tuple[str, torch.dtype], fx.Node] = {}
-    count = 0
-
-    def cast(node: fx.Node, dtype: torch.dtype) -> fx.Node:
-        """``node`` converted to ``dtype`` (an ``aten._to_copy``)."""
-        return g.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
-
-    def const(target: str, dtype: torch.dtype) -> fx.Node:
-        """A ``get_attr`` for the constant at ``target`` stored as ``dtype`` (floats only)."""
-        nonlocal count
-        key = (target, dtype)
-        if key not in buffers:
-            t = get_attr(gm, target)
-            name = f"c{count}"
-            count += 1
-            new.register_buffer(name, t.detach().to(dtype) if t.is_floating_point() else t.detach().clone())
-            buffers[key] = g.get_attr(name)
-        return buffers[key]
-
-    def read(node: fx.Node, want16: bool):
-        """The value of ``node`` for a consumer running in FP16 (``want16``) or FP32."""
-        if node.op == "get_attr":
-            t = get_attr(gm, node.target)
-            if not isinstance(t, torch.Tensor):
-                return None
-            return const(node.target, (torch.float16 if want16 else torch.float32) if t.is_floating_point() else t.dtype)
-        env = env16 if want16 else env32
-        if node not in env:
-            have = env16.get(node, env32.get(node))
-            env[node] = cast(have, torch.float16 if want16 else torch.float32) if is16.get(node) is not None else have
-        return env[node]
-
-    for node in src.nodes:
+    program = _Fp16Program(gm)
+    for node in gm.graph.nodes:
         if node.op == "placeholder":
-            p = g.placeholder(node.name)
-            p.meta.update(node.meta)
-            if _is_float_value(node):
-                env32[node], is16[node] = p, False
-            else:
-                env32[node] = env16[node] = p
+            program.add_input(node)
         elif node.op == "get_attr":
             continue  # read() makes the constant in the precision its reader needs
         elif node.op == "output":
-            outs = tree_map(lambda a: read(a, False) if isinstance(a, fx.Node) else a, node.args[0])
-            g.output(outs)
+            program.add_output(node)
         else:
-            want16 = node.name not in fp32
-            args, kwargs = tree_map(lambda a: read(a, want16) if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
-            kwargs = dict(kwargs)
-            if want16 and kwargs.get("dtype") is torch.float32:
-                kwargs["dtype"] = torch.float16  # an explicit FP32 cast inside the model stays in the FP16 program
-            out = g.create_node(node.op, node.target, tuple(args), kwargs, name=node.name)
-            floaty = _is_float_value(node)
-            if floaty:
-                (env16 if want16 else env32)[node] = out
-                is16[node] = want16
-            else:
-                env16[node] = env32[node] = out
-    g.lint()
-    return fx.GraphModule(new, g)
+            program.add_op(node, want16=node.name not in fp32)
+    return program.module()
+
+
+class _Fp16Program:
+    """The typed program :func:`to_fp16_program` builds, one source node at a time: each float value is
+    kept in the precision its producer ran in and cast (once) for consumers that need the other one."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.g = fx.Graph()
+        self.g._codegen = gm.graph._codegen
+        self.new = torch.nn.Module()
+        self.env16: dict[fx.Node, Any] = {}  # value as FP16 consumers read it
+        self.env32: dict[fx.Node, Any] = {}  # value as FP32 consumers read it
+        self.is16: dict[fx.Node, bool] = {}
+        self.buffers: dict[tuple[str, torch.dtype], fx.Node] = {}
+        self.count = 0
+
+    def cast(self, node: fx.Node, dtype: torch.dtype) -> fx.Node:
+        """``node`` converted to ``dtype`` (an ``aten._to_copy``)."""
+        return self.g.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+
+    def const(self, target: str, dtype: torch.dtype) -> fx.Node:
+        """A ``get_attr`` for the constant at ``target`` stored as ``dtype`` (floats only)."""
+        key = (target, dtype)
+        if key not in self.buffers:
+            t = get_attr(self.gm, target)
+            name = f"c{self.count}"
+            self.count += 1
+            self.new.register_buffer(name, t.detach().to(dtype) if t.is_floating_point() else t.detach().clone())
+            self.buffers[key] = self.g.get_attr(name)
+        return self.buffers[key]
+
+    def read(self, node: fx.Node, want16: bool):
+        """The value of ``node`` for a consumer running in FP16 (``want16``) or FP32."""
+        if node.op == "get_attr":
+            t = get_attr(self.gm, node.target)
+            if not isinstance(t, torch.Tensor):
+                return None
+            return self.const(node.target, (torch.float16 if want16 else torch.float32) if t.is_floating_point()
+                              else t.dtype)
+        env = self.env16 if want16 else self.env32
+        if node not in env:
+            have = self.env16.get(node, self.env32.get(node))
+            dtype = torch.float16 if want16 else torch.float32
+            env[node] = self.cast(have, dtype) if self.is16.get(node) is not None else have
+        return env[node]
+
+    def add_input(self, node: fx.Node) -> None:
+        """A graph input: a float one is FP32 (cast to FP16 when an FP16 op first reads it)."""
+        p = self.g.placeholder(node.name)
+        p.meta.update(node.meta)
+        if _is_float_value(node):
+            self.env32[node], self.is16[node] = p, False
+        else:
+            self.env32[node] = self.env16[node] = p
+
+    def add_output(self, node: fx.Node) -> None:
+        """The graph's output node: every output read as FP32."""
+        outs = tree_map(lambda a: self.read(a, False) if isinstance(a, fx.Node) else a, node.args[0])
+        self.g.output(outs)
+
+    def add_op(self, node: fx.Node, want16: bool) -> None:
+        """A copy of the op ``node`` running in FP16 (``want16``) or kept in FP32: its float inputs are
+        read (cast if need be) in that precision, and an explicit ``dtype=float32`` of an FP16 op
+        becomes float16."""
+        args, kwargs = tree_map(lambda a: self.read(a, want16) if isinstance(a, fx.Node) else a,
+                                (node.args, node.kwargs))
+        kwargs = dict(kwargs)
+        if want16 and kwargs.get("dtype") is torch.float32:
+            kwargs["dtype"] = torch.float16  # an explicit FP32 cast inside the model stays in the FP16 program
+        out = self.g.create_node(node.op, node.target, tuple(args), kwargs, name=node.name)
+        if _is_float_value(node):
+            (self.env16 if want16 else self.env32)[node] = out
+            self.is16[node] = want16
+        else:
+            self.env16[node] = self.env32[node] = out
+
+    def module(self) -> fx.GraphModule:
+        """The finished program as a ``GraphModule`` (its constants are the new buffers)."""
+        self.g.lint()
+        return fx.GraphModule(self.new, self.g)
 
 
 def save_program(program: fx.GraphModule, examples: Sequence[Sequence[torch.Tensor]], path) -> str:

@@ -14,13 +14,13 @@ schema documented in ``docs/report-schema.md``.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from fp16guard.fp16 import FP16_MAX
+from fp16guard.jsonio import write
 from fp16guard.stats import RangeStats
 
 #: Version tag of :meth:`InspectionReport.to_json`'s output; bumped on any incompatible change.
@@ -328,7 +328,5 @@ class InspectionReport:
         }
 
     def save_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_json` to ``path`` (UTF-8, indented); returns the path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-        return path
+        """Write :meth:`to_json` to ``path`` (strict JSON, :mod:`fp16guard.jsonio`); returns the path."""
+        return write(self.to_json(), path)

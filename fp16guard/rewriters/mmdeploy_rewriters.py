@@ -19,8 +19,9 @@ from mmdeploy.core import FUNCTION_REWRITER
 # here, before any context, keeps the count unchanged across the context.
 importlib.import_module("mmengine.model")
 
+from fp16guard.errors import PlanError
 from fp16guard.fix.module_scales import ScaleTable
-from fp16guard.plan import PlanError, RewritePlan
+from fp16guard.plan import RewritePlan
 from fp16guard.rewriters.blocks import (
     basic_block_forward,
     batchnorm_forward,

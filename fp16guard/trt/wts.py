@@ -19,9 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-
-class WtsError(ValueError):
-    """A ``.wts`` file is missing or malformed (the message names the file and line)."""
+from fp16guard.errors import WtsError
 
 
 def write_wts(path: str | Path, weights: Mapping[str, np.ndarray]) -> Path:

@@ -1,0 +1,52 @@
+"""One exception hierarchy, one line on stderr, one exit status per class; bugs are not disguised."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fp16guard.cli import main
+from fp16guard.errors import BackendError, Fp16GuardError, InputError, StillOverflowsError, UsageError
+
+
+def _log_eps(path):
+    """``log(x + 1e-10)``: FP16 flushes the epsilon, so ``x = 0`` gives -inf unless it is raised."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "eps"], ["s"], name="add_eps"), helper.make_node("Log", ["s"], ["y"], name="log")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.array(1e-10, np.float32), "eps")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, path)
+
+
+def test_a_fixed_model_that_still_overflows_exits_1_with_one_error_line_and_writes_nothing(tmp_path, capsys):
+    _log_eps(tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.array([0.0, 1.0, 2.0, 3.0], np.float32))
+    out = tmp_path / "fixed.onnx"
+    code = main(["fix", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "x.npy"), "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and not out.exists()
+    assert len(err) == 1 and err[0].startswith("fp16guard: error: the fixed model still produces 1 inf/NaN")
+
+
+def test_an_internal_error_is_a_traceback_not_a_usage_error(tmp_path, monkeypatch):
+    """A KeyError inside the model is a bug (of the model or of fp16guard): it propagates."""
+    (tmp_path / "keyerror_model.py").write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return {'a': x}['b']\n"
+        "def build():\n"
+        "    return M()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.save(tmp_path / "x.npy", np.ones((1, 4), np.float32))
+    with pytest.raises(KeyError, match="'b'"):
+        main(["inspect", "keyerror_model:build", "--input", str(tmp_path / "x.npy")])
+
+
+def test_classes_keep_the_builtin_they_replaced():
+    assert issubclass(InputError, ValueError) and issubclass(BackendError, RuntimeError)
+    assert issubclass(UsageError, Fp16GuardError) and StillOverflowsError.exit_code == 1
+    assert InputError.exit_code == 2 and UsageError.exit_code == 2
