@@ -33,7 +33,7 @@ Models:
   (``$FP16GUARD_CACHE``, ``fp16guard fetch-examples``) on a machine without network.
 * ``resnet50``: torchvision's ``resnet50()`` when torchvision imports, else
   ``benchmarks/_resnet50.py`` (same layout), random weights from ``torch.manual_seed(--seed)``,
-  eval mode, exported with ``fp16guard.export.export_onnx`` at ``[--batch, 3, 224, 224]`` (static
+  eval mode, exported with ``fp16guard.torch_graph.export_onnx`` at ``[--batch, 3, 224, 224]`` (static
   shape). Calibrated on ``--calib`` standard normal inputs (numpy ``default_rng(--seed)``); timed on
   one more draw. With random weights nothing overflows, the plan is empty and fixed is naive's
   graph byte for byte (the report says so): its fixed/naive ratio is the measurement's noise floor.

@@ -14,7 +14,7 @@ and its module scales match the modules the rewriters see (by fingerprint).
 
 Export (:func:`torch2onnx`): mmdeploy's own ``mmdeploy.apis.torch2onnx`` with fp16guard's
 rewriters registered (it needs torchvision: the codebase's test pipeline imports it), or
-:func:`export_onnx` (``mmdeploy.apis.onnx.export`` on a model and input built here, no
+:func:`mmdeploy_export` (``mmdeploy.apis.onnx.export`` on a model and input built here, no
 torchvision). :func:`verify_export` runs the result in strict FP16 against FP32.
 """
 
@@ -124,7 +124,7 @@ def load_deploy_cfg(path: str | Path):
     return Config.fromfile(str(path))
 
 
-def export_onnx(deploy_cfg, model: torch.nn.Module, image: NamedInput, output_prefix: str | Path,
+def mmdeploy_export(deploy_cfg, model: torch.nn.Module, image: NamedInput, output_prefix: str | Path,
                 *, opset_version: int = 11) -> Path:
     """Export an OpenMMLab model to ONNX through mmdeploy's own ``mmdeploy.apis.onnx.export``
     (``patch_model``, ``RewriterContext`` with the deploy config, ``torch.onnx.export``), with
@@ -256,7 +256,7 @@ def verify_export(onnx_path: str | Path, inputs: Sequence[NamedInput], *, backen
     """
     import onnx
 
-    from fp16guard.fix.pipeline import verify_onnx
+    from fp16guard.fix import OnnxFixTarget, verify
     from fp16guard.fp16_onnx import to_typed_fp16
 
     try:
@@ -264,5 +264,6 @@ def verify_export(onnx_path: str | Path, inputs: Sequence[NamedInput], *, backen
     except Exception as e:  # noqa: BLE001 - protobuf and IO errors
         raise ModelLoadError(f"cannot read the exported ONNX {onnx_path}: {e}") from None
     fp16, _ = to_typed_fp16(model)
-    verification, _ = verify_onnx(model, fp16, inputs, ["export"] * len(inputs), backend=backend, variant="exported")
+    verification, _ = verify(OnnxFixTarget(model), fp16, inputs, ["export"] * len(inputs), backend=backend,
+                             variant="exported")
     return verification

@@ -33,27 +33,27 @@ def _model():
     return to_typed_fp16(m)[0]
 
 
-def test_plan_is_built_once_then_comes_from_the_engine_cache(tmp_path):
+def test_engine_is_built_once_then_comes_from_the_engine_cache(tmp_path):
     be = _backend(tmp_path)
     model = _model()
-    plan = be.build_plan(model)
-    assert len(plan) > 0 and be.plans_built == 1
+    serialized = be.build_serialized(model)
+    assert len(serialized) > 0 and be.engines_built == 1
     assert (tmp_path / "trt" / "timing.cache").stat().st_size > 0
     again = _backend(tmp_path)
-    assert again.build_plan(model) == plan and again.plans_built == 0
+    assert again.build_serialized(model) == serialized and again.engines_built == 0
     other = onnx.ModelProto()
     other.CopyFrom(model)
     next(n for n in other.graph.node if n.op_type == "Relu").op_type = "Sigmoid"
-    assert again.build_plan(other) != plan and again.plans_built == 1
+    assert again.build_serialized(other) != serialized and again.engines_built == 1
 
 
 def test_debug_tensors_are_marked_and_unknown_names_refused(tmp_path):
     from fp16guard.errors import BackendError
 
     be = _backend(tmp_path, debug_tensors=["r"])
-    assert len(be.build_plan(_model())) > 0
+    assert len(be.build_serialized(_model())) > 0
     with pytest.raises(BackendError, match="no tensor named 'nope'"):
-        _backend(tmp_path, debug_tensors=["nope"]).build_plan(_model())
+        _backend(tmp_path, debug_tensors=["nope"]).build_serialized(_model())
 
 
 def test_engine_agrees_with_the_emulation_where_it_runs(tmp_path):
@@ -80,16 +80,16 @@ def test_typed_fp16_ppocr_naive_and_fixed_parse_and_build(tmp_path):
     H100: 638 and 637 network layers)."""
     be = _backend(tmp_path)
     from fp16guard.examples import get_example
-    from fp16guard.fix.pipeline import fix_onnx
+    from fp16guard.fix import OnnxFixTarget, fix_target
 
     ex = get_example("ppocr-det")
     original = onnx.load(str(ex.load()))
-    fixed = fix_onnx(original, ex.calibration()[:1], compare_naive=False).fixed
+    fixed = fix_target(OnnxFixTarget(original), ex.calibration()[:1], compare_naive=False).fixed
     for model in (to_typed_fp16(original)[0], fixed):
         model = onnx.ModelProto.FromString(model.SerializeToString())
         dims = model.graph.input[0].type.tensor_type.shape.dim  # the backend builds static shapes
         for d, size in zip(dims, (1, 3, 736, 736)):
             d.ClearField("dim_param")
             d.dim_value = size
-        assert len(be.build_plan(model)) > 0
-    assert be.plans_built == 2
+        assert len(be.build_serialized(model)) > 0
+    assert be.engines_built == 2

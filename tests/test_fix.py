@@ -1,6 +1,7 @@
 """fp16guard fix / calibrate: the scale solver, the ONNX rewrites, plans, verification, real models."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,8 +17,9 @@ import fp16guard
 from fp16guard.cli import main
 from fp16guard.errors import FixError, PlanError
 from fp16guard.fix.onnx_pass import apply_exponents, scale_ops
-from fp16guard.fix.pipeline import apply_onnx, calibrate_onnx, fix_model, prepare_onnx
+from fp16guard.fix.pipeline import apply_plan, calibrate_target, fix_model
 from fp16guard.fix.solver import Role, ScaleOp, complete, solve
+from fp16guard.fix.targets import OnnxFixTarget, prepare_onnx
 from fp16guard.inputs import NamedInput
 from fp16guard.plan import RewritePlan
 
@@ -183,9 +185,9 @@ def test_a_value_a_barrier_needs_beyond_65504_is_unfixable_and_stays_fp32():
     model = _model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
                     helper.make_node("Sigmoid", ["c"], ["y"], name="sig")],
                    {"w": rng.normal(size=(2, 3, 1, 1)) * 1e5}, [1, 3, 4, 4], "y")
-    plan = calibrate_onnx(model, [NamedInput("x", (_x(1, (1, 3, 4, 4)),))])
+    plan = calibrate_target(OnnxFixTarget(model), [NamedInput("x", (_x(1, (1, 3, 4, 4)),))])
     assert plan.unfixable and set(plan.unfixable_nodes) == {"conv", "sig"}
-    fixed, _, _, conversion = apply_onnx(model, plan)
+    conversion = apply_plan(OnnxFixTarget(model), plan).conversion
     assert set(conversion.fp32_nodes) == {"conv", "sig"}
 
 
@@ -196,7 +198,7 @@ def _log_eps_model():
 
 def test_an_epsilon_that_flushes_to_zero_is_raised_only_with_consent():
     x = np.array([0.0, 1.0, 2.0, 3.0], np.float32)
-    plan = calibrate_onnx(_log_eps_model(), [NamedInput("x", (x,))])
+    plan = calibrate_target(OnnxFixTarget(_log_eps_model()), [NamedInput("x", (x,))])
     (u,) = plan.underflow
     assert u.tensor == "eps" and u.readers == ["add_eps"] and not u.consent and u.raise_to == 2.0**-14
     with pytest.raises(FixError, match="inf/NaN"):
@@ -208,7 +210,7 @@ def test_an_epsilon_that_flushes_to_zero_is_raised_only_with_consent():
 
 def test_plan_round_trip_and_errors(tmp_path):
     model = _overflowing()
-    plan = calibrate_onnx(model, [NamedInput("x", (_x(1),))])
+    plan = calibrate_target(OnnxFixTarget(model), [NamedInput("x", (_x(1),))])
     path = plan.save(tmp_path / "plan.json")
     doc = json.loads(path.read_text())
     assert doc["schema"] == "fp16guard.plan/1" and doc["regions"][0]["exponent"] == plan.regions[0].exponent
@@ -219,11 +221,11 @@ def test_plan_round_trip_and_errors(tmp_path):
     with pytest.raises(PlanError, match="not a fp16guard.plan/1 plan"):
         RewritePlan.load(tmp_path / "bad.json")
     with pytest.raises(PlanError, match="calibrated on another model"):
-        apply_onnx(_overflowing(seed=5), plan)
+        apply_plan(OnnxFixTarget(_overflowing(seed=5)), plan)
     doc["regions"][0]["tensors"][0] = "nope"
     edited = RewritePlan.from_json(doc)
     with pytest.raises(PlanError, match="'nope'"):
-        apply_onnx(model, edited)
+        apply_plan(OnnxFixTarget(model), edited)
 
 
 def test_torch_module_exported_to_onnx_is_fixed_and_unchanged():
@@ -240,6 +242,19 @@ def test_torch_module_exported_to_onnx_is_fixed_and_unchanged():
     assert max(r.rel_l2 for r in result.verification.rows) < 5e-3
     assert not result.naive.finite or max(r.rel_l2 for r in result.naive.rows) > 0.5
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def _documented_keys(path):
+    """The keys of each table in a schema document (first column, in backticks)."""
+    tables, current = [], None
+    for line in path.read_text().splitlines():
+        if line.startswith("| `"):
+            current = current if current is not None else set()
+            current.add(line.split("`")[1])
+        elif current is not None:
+            tables.append(current)
+            current = None
+    return tables + ([current] if current else [])
 
 
 def _not_json(token):
@@ -260,6 +275,8 @@ def test_cli_calibrate_then_fix_with_the_plan(tmp_path):
     assert report["schema"] == "fp16guard.fix/1" and report["verification"]["finite"]
     assert not report["naive"]["finite"]  # the naive model overflows: its errors are "inf", not Infinity
     assert {row["rel_l2"] for row in report["naive"]["rows"]} == {"inf"}
+    documented = _documented_keys(Path(__file__).parents[1] / "docs" / "fix-schema.md")
+    assert documented == [set(report), set(report["verification"]["rows"][0])]
     assert onnx.load(str(out)).graph.initializer[0].data_type == TensorProto.FLOAT16
 
 

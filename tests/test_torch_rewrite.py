@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from fp16guard.cli import main
 from fp16guard.errors import FixError, PlanError
 from fp16guard.fix import torch_pass as tr
-from fp16guard.fix.pipeline import apply_torch, calibrate, calibrate_torch, fix_model
+from fp16guard.fix.pipeline import apply_plan, calibrate, calibrate_target, fix_model
 from fp16guard.fix.solver import Role, complete
+from fp16guard.fix.targets import TorchFixTarget
 from fp16guard.inputs import NamedInput
 from fp16guard.torch_graph import capture
 
@@ -189,7 +190,7 @@ def test_calibrate_torch_plan_names_fx_nodes_and_rejects_other_models():
     assert plan.framework == "torch" and set(plan.exponents) == {"conv2d", "relu", "add", "max_pool2d"}
     other = _overflowing(seed=1)
     with pytest.raises(PlanError, match="another model"):
-        apply_torch(other, plan, [(torch.from_numpy(_x(1)),)])
+        apply_plan(TorchFixTarget(other, [NamedInput("x", (_x(1),))]), plan)
     with pytest.raises(PlanError, match="onnx"):
         fix_model(m, [_x(1)], plan=plan, output="onnx")
     onnx_plan = calibrate(m, [_x(1)], graph="onnx")
@@ -224,7 +225,7 @@ def test_calibration_refuses_a_model_that_overflows_in_fp32():
     with torch.no_grad():
         m.conv1.weight.mul_(1e36)
     with pytest.raises(FixError, match="already produces inf/NaN"):
-        calibrate_torch(m, [NamedInput("x", (_x(1),))])
+        calibrate_target(TorchFixTarget(m, [NamedInput("x", (_x(1),))]), [NamedInput("x", (_x(1),))])
 
 
 def test_cli_fixes_a_pt2_program_and_writes_a_pt2(tmp_path):

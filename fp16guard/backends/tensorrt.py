@@ -8,7 +8,7 @@ TensorRT-RTX's ``tensorrt_rtx_bindings``, which has the same API, is accepted to
   builder flag; on TensorRT 10 the network is created with ``STRONGLY_TYPED``, so the FP16 flag
   is never set either.
 * **Caches.** The builder's timing cache is kept in ``<cache>/tensorrt/timing.cache`` and reused by
-  every build; serialized engines (plans) are kept in ``<cache>/tensorrt/engines``, keyed by the
+  every build; serialized engines are kept in ``<cache>/tensorrt/engines``, keyed by the
   ONNX content hash, the TensorRT version and the GPU, so a model is built once per machine
   (``<cache>`` is ``$FP16GUARD_CACHE`` or ``~/.cache/fp16guard``; ``cache_dir=False`` turns both off).
 * **I/O** by ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` on the current
@@ -76,13 +76,13 @@ class TensorRTEngine(Engine):
         debug_values: ``{tensor name: numpy array}`` of the debug tensors, filled by each run.
     """
 
-    def __init__(self, trt, plan: bytes, debug_tensors: Sequence[str] = ()):
+    def __init__(self, trt, serialized: bytes, debug_tensors: Sequence[str] = ()):
         import torch
 
         self._torch = torch
         self.trt = trt
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(plan)
+        self.engine = self.runtime.deserialize_cuda_engine(serialized)
         if self.engine is None:
             raise BackendError("TensorRT could not deserialize the engine on this GPU (see the TensorRT log above)")
         self.context = self.engine.create_execution_context()
@@ -164,7 +164,7 @@ class EngineLayer:
     fused: list[str] = field(default_factory=list)
 
 
-def describe_engine(plan: bytes, trt=None) -> list[EngineLayer]:
+def describe_engine(serialized: bytes, trt=None) -> list[EngineLayer]:
     """The layers of a serialized engine: type, precisions and the ONNX nodes fused into each.
 
     Needs the engine built with ``ProfilingVerbosity.DETAILED`` (the backend does this) and a GPU
@@ -174,7 +174,7 @@ def describe_engine(plan: bytes, trt=None) -> list[EngineLayer]:
         BackendError: the engine cannot be deserialized here.
     """
     trt = trt or import_tensorrt()
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(serialized)
     if engine is None:
         raise BackendError("TensorRT could not deserialize the engine on this GPU")
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
@@ -218,7 +218,7 @@ class TensorRTBackend(Backend):
             cache_dir = fp16guard_cache() / "tensorrt"
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.debug_tensors = list(debug_tensors)
-        self.plans_built = 0
+        self.engines_built = 0
 
     @property
     def version(self) -> str:
@@ -230,16 +230,16 @@ class TensorRTBackend(Backend):
         flag = getattr(self.trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         return builder.create_network(0 if flag is None else 1 << int(flag))
 
-    def _plan_path(self, fp16_model: onnx.ModelProto) -> Path | None:
+    def _engine_path(self, fp16_model: onnx.ModelProto) -> Path | None:
         if self.cache_dir is None:
             return None
         import torch
 
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu"
         tag = "".join(c if c.isalnum() else "-" for c in f"{self.version}-{gpu}-{','.join(self.debug_tensors)}")
-        return self.cache_dir / "engines" / f"{content_hash(fp16_model)[:32]}-{tag}.plan"
+        return self.cache_dir / "engines" / f"{content_hash(fp16_model)[:32]}-{tag}.engine"
 
-    def build_plan(self, fp16_model: onnx.ModelProto) -> bytes:
+    def build_serialized(self, fp16_model: onnx.ModelProto) -> bytes:
         """The serialized engine for ``fp16_model``: from the engine cache, or parsed and built
         (then cached). Input shapes must be static (the model's own).
 
@@ -247,7 +247,7 @@ class TensorRTBackend(Backend):
             BackendError: the parser rejects the model, an input shape is dynamic, or the build fails.
         """
         trt = self.trt
-        path = self._plan_path(fp16_model)
+        path = self._engine_path(fp16_model)
         if path is not None and path.is_file():
             logger.info("tensorrt: engine from the cache %s", path)
             return path.read_bytes()
@@ -275,17 +275,17 @@ class TensorRTBackend(Backend):
         cache_file = self.cache_dir / "timing.cache" if self.cache_dir is not None else None
         timing = config.create_timing_cache(cache_file.read_bytes() if cache_file and cache_file.is_file() else b"")
         config.set_timing_cache(timing, False)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
             raise BackendError("TensorRT failed to build the engine (see the TensorRT log above)")
-        self.plans_built += 1
-        plan = bytes(plan)
+        self.engines_built += 1
+        serialized = bytes(serialized)
         if self.cache_dir is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(plan)
-        return plan
+            path.write_bytes(serialized)
+        return serialized
 
     def _mark_debug(self, network) -> None:
         if not self.debug_tensors:
@@ -307,7 +307,7 @@ class TensorRTBackend(Backend):
                 network.mark_output(tensors[name])
 
     def _build(self, fp16_model: onnx.ModelProto) -> Engine:
-        return TensorRTEngine(self.trt, self.build_plan(fp16_model), self.debug_tensors)
+        return TensorRTEngine(self.trt, self.build_serialized(fp16_model), self.debug_tensors)
 
     def describe(self) -> str:
         """One line naming the TensorRT version."""

@@ -29,18 +29,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import onnx
 
 from fp16guard.backends import Backend
 from fp16guard.compare import Metric, Verification, VerifyRow
 from fp16guard.errors import FixError, PlanError, StillOverflowsError
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import ScaleSolution, complete, solve
-from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan, prepare_onnx
+from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL
 from fp16guard.fp16_onnx import Fp16Conversion
 from fp16guard.inputs import NamedInput, as_inputs
@@ -55,9 +53,8 @@ TaskMetric = Metric
 
 FIX_SCHEMA = "fp16guard.fix/1"
 
-__all__ = ["FixResult", "TaskMetric", "apply_onnx", "apply_plan", "apply_torch", "calibrate", "calibrate_onnx",
-           "calibrate_target", "calibrate_torch", "fallback_nodes", "fix", "fix_model", "fix_onnx", "fix_target",
-           "fix_torch", "prepare_onnx", "verify", "verify_onnx"]
+__all__ = ["Applied", "FixResult", "TaskMetric", "apply_plan", "calibrate", "calibrate_target", "fallback_nodes", "fix",
+           "fix_model", "fix_target", "make_target", "verify"]
 
 
 # ---------------------------------------------------------------- 1. calibrate
@@ -450,61 +447,3 @@ def fix(model, calib_inputs, **options):
     """
     result = fix_model(model, calib_inputs, **options)
     return result.fixed, result.plan
-
-
-# ------------------------------------------------- per-framework forms of the steps above
-
-
-def calibrate_onnx(model: str | Path | onnx.ModelProto, inputs: Sequence[NamedInput], *, target_log2: int = 13,
-                   raise_underflow: bool = False, source: str | None = None,
-                   memory_budget: int = 1 << 30) -> RewritePlan:
-    """:func:`calibrate_target` of an :class:`OnnxFixTarget` (``memory_budget``: bytes of
-    intermediate values held at once while measuring)."""
-    target = OnnxFixTarget(model, source=source, memory_budget=memory_budget)
-    return calibrate_target(target, as_inputs(inputs), target_log2=target_log2, raise_underflow=raise_underflow)
-
-
-def calibrate_torch(model, inputs: Sequence[NamedInput], *, target_log2: int = 13, raise_underflow: bool = False,
-                    source: str | None = None) -> RewritePlan:
-    """:func:`calibrate_target` of a :class:`TorchFixTarget` (the plan names fx nodes and hashes
-    the module's state_dict)."""
-    inputs = as_inputs(inputs)
-    if not inputs:
-        raise FixError("calibration needs at least one input")
-    return calibrate_target(TorchFixTarget(model, inputs, source=source), inputs, target_log2=target_log2,
-                            raise_underflow=raise_underflow)
-
-
-def apply_onnx(model: str | Path | onnx.ModelProto, plan: RewritePlan, *, fallback: str | None = None,
-               check_hash: bool = True) -> tuple[onnx.ModelProto, onnx.ModelProto, list[RewriteNote], Fp16Conversion]:
-    """:func:`apply_plan` to an ONNX model: ``(fp16_model, fp32_rewritten, notes, conversion)``."""
-    a = apply_plan(OnnxFixTarget(model), plan, fallback=fallback, check_hash=check_hash)
-    return a.fixed, a.rewritten, a.notes, a.conversion
-
-
-def apply_torch(model, plan: RewritePlan, examples, *, fallback: str | None = None, check_hash: bool = True):
-    """:func:`apply_plan` to a PyTorch module captured on ``examples`` (argument tuples of FP32
-    tensors): ``(program, rewritten, notes, conversion)``."""
-    a = apply_plan(TorchFixTarget(model, as_inputs(examples)), plan, fallback=fallback, check_hash=check_hash)
-    return a.fixed, a.rewritten, a.notes, a.conversion
-
-
-def verify_onnx(reference_model: onnx.ModelProto, fp16_model: onnx.ModelProto, inputs: Sequence[NamedInput],
-                splits: Sequence[str], **options) -> tuple[Verification, list[list[np.ndarray]]]:
-    """:func:`verify` of a typed FP16 ONNX model against its FP32 original (``options`` as :func:`verify`)."""
-    return verify(OnnxFixTarget(reference_model), fp16_model, inputs, splits, **options)
-
-
-def fix_onnx(model: str | Path | onnx.ModelProto, calibration: Sequence[NamedInput] = (), *,
-             source: str | None = None, **options) -> FixResult:
-    """:func:`fix_target` of an :class:`OnnxFixTarget`."""
-    return fix_target(OnnxFixTarget(model, source=source), as_inputs(calibration), **options)
-
-
-def fix_torch(model, calibration: Sequence[NamedInput] = (), *, validation: Sequence[NamedInput] = (),
-              source: str | None = None, **options) -> FixResult:
-    """:func:`fix_target` of a :class:`TorchFixTarget`; ``FixResult.fixed`` is the FP16 program
-    (save it with :func:`fp16guard.fix.torch_pass.save_program`, ``.pt2``)."""
-    calibration, validation = as_inputs(calibration), as_inputs(validation)
-    target = TorchFixTarget(model, [*calibration, *validation], source=source)
-    return fix_target(target, calibration, validation=validation, **options)

@@ -267,6 +267,7 @@ class InspectionReport:
         out: list[Finding] = []
 
         def add(rule: str, severity: Severity, rec: CallRecord, reason: str) -> None:
+            """Record a finding, once per layer and rule."""
             if (rec.name, rule) not in seen:
                 seen.add((rec.name, rule))
                 out.append(Finding(rule, severity, rec.display_name, rec.kind, rec.index, reason))

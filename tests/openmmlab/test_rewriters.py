@@ -179,14 +179,14 @@ def test_mmdeploy_own_onnx_export_applies_the_plan(setup, tmp_path):
     """Through mmdeploy.apis.onnx.export (patch_model + RewriterContext + torch.onnx.export), the
     path torch2onnx takes after building its inputs."""
     from fp16guard.inputs import NamedInput
-    from fp16guard.openmmlab import export_onnx
+    from fp16guard.openmmlab import mmdeploy_export
 
     net, _, path = setup
     x = image(2)
     cfg = dict(backend_config=dict(type="tensorrt"), onnx_config=dict(type="onnx"), fp16guard=dict(plan=str(path)))
-    fixed = export_onnx(cfg, net.detector, NamedInput("chelsea", (x,)), tmp_path / "fixed").read_bytes()
+    fixed = mmdeploy_export(cfg, net.detector, NamedInput("chelsea", (x,)), tmp_path / "fixed").read_bytes()
     plain_cfg = {k: v for k, v in cfg.items() if k != "fp16guard"}
-    plain = export_onnx(plain_cfg, net.detector, NamedInput("chelsea", (x,)), tmp_path / "plain").read_bytes()
+    plain = mmdeploy_export(plain_cfg, net.detector, NamedInput("chelsea", (x,)), tmp_path / "plain").read_bytes()
     assert not all(np.isfinite(y).all() for y in _run_fp16(plain, x))
     ref = _run_fp32(plain, x)
     for a, b in zip(_run_fp32(fixed, x), ref):
