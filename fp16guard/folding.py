@@ -99,6 +99,24 @@ def pow2(exponent: int) -> float:
     return math.ldexp(1.0, int(exponent))
 
 
+def fp16_exact_steps(exponent: int) -> list[int]:
+    """Split ``2**exponent`` into factors that are each a normal FP16 number: exponents in
+    [-14, 15] (2**15 = 32768 <= 65504; 2**-14 is FP16's smallest normal), their sum ``exponent``.
+
+    A rescale by ``2**20`` stored as one FP16 constant would be inf, by ``2**-25`` zero; as the
+    chain ``2**15 * 2**5`` every factor is exact in FP16 and the product is exact in any precision.
+
+    Returns:
+        The step exponents, largest magnitude first; ``[]`` for 0.
+    """
+    steps, left = [], int(exponent)
+    while left:
+        step = max(-14, min(15, left))
+        steps.append(step)
+        left -= step
+    return steps
+
+
 def keeps_fp16_precision(before: np.ndarray, after: np.ndarray) -> bool:
     """Whether a fold keeps FP16 weights out of the subnormal range.
 

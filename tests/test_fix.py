@@ -341,3 +341,66 @@ def test_crepe_full_fixed_pitch_and_probabilities():
     assert min(r.task["1-max_prob_error"] for r in result.naive.rows) < 0.7  # naive: off by > 0.3
     (region,) = result.plan.regions
     assert region.scopes == ["conv2"] and region.exponent == 2
+
+
+# ---------------------------------------------------------------- FP32 islands that are right
+
+
+def _fp16_constants_broken_by_conversion(fixed, rewritten):
+    """Initializers stored in FP16 that are inf or 0 where their FP32 value was finite and nonzero."""
+    fp32 = {i.name: numpy_helper.to_array(i) for i in rewritten.graph.initializer}
+    broken = []
+    for init in fixed.graph.initializer:
+        if init.data_type != TensorProto.FLOAT16 or init.name not in fp32:
+            continue
+        a16, a32 = numpy_helper.to_array(init).astype(np.float64), fp32[init.name].astype(np.float64)
+        if np.any((~np.isfinite(a16) | (a16 == 0)) & np.isfinite(a32) & (a32 != 0)):
+            broken.append(init.name)
+    return broken
+
+
+def test_a_graph_output_beyond_fp16_is_restored_in_fp32_after_the_output_cast():
+    """Logits of 1.8e5: the region before them is stored at 2^-5 and restored by one Mul that runs in
+    FP32, on the FP32 side of the boundary, so the typed model returns them finite and right."""
+    rng = np.random.default_rng(0)
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["h"], name="fc1"),
+                    helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                    helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+                   {"w": rng.normal(size=(8, 16)), "w2": rng.normal(size=(16, 4)) * 3e4}, [2, 8], "y", [2, 4])
+    x = [_x(s, (2, 8)) for s in (1, 2, 3)]
+    assert np.abs(_run(model, x[0])).max() > 65504
+    result = fix_model(model, x[:1], validation=x[1:])
+    assert result.verification.finite and not result.naive.finite
+    assert max(r.rel_l2 for r in result.verification.rows) < 2e-3
+    (rescale,) = [n for n in result.fixed.graph.node if "__rescale" in n.name]
+    assert result.conversion.fp32_nodes == [rescale.name] and rescale.output[0] == "y"
+    assert not _fp16_constants_broken_by_conversion(result.fixed, result.rewritten_fp32)
+
+
+def test_a_restore_for_an_fp32_island_runs_in_fp32_and_no_fp16_constant_is_inf_or_zero():
+    """x -> Conv (amax ~1e8, stored at 2^-14) -> Mul(c, c) (true amax ~1e16, stored at 2^-28) ->
+    Sigmoid: the sigmoid needs the true square, so it and the square's producer are an FP32 island,
+    and the 2^28 restore between them (inf as one FP16 constant) runs in FP32 too."""
+    rng = np.random.default_rng(0)
+    model = _model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                    helper.make_node("Mul", ["c", "c"], ["sq"], name="square"),
+                    helper.make_node("Sigmoid", ["sq"], ["y"], name="sig")],
+                   {"w": rng.normal(size=(2, 3, 1, 1)) * 1e8}, [1, 3, 4, 4], "y")
+    x = _x(1, (1, 3, 4, 4))
+    result = fix_model(model, [x], force=True)
+    fp32 = set(result.conversion.fp32_nodes)
+    assert {"square", "sig"} <= fp32 and any("__rescale" in n for n in fp32)
+    assert not _fp16_constants_broken_by_conversion(result.fixed, result.rewritten_fp32)
+    assert result.verification.finite and max(r.rel_l2 for r in result.verification.rows) < 1e-3
+
+
+@given(st.integers(-200, 200))
+def test_fp16_exact_steps_split_any_power_of_two_into_normal_fp16_factors(k):
+    from fp16guard.folding import fp16_exact_steps, pow2
+
+    steps = fp16_exact_steps(k)
+    assert sum(steps) == k and all(-14 <= s <= 15 for s in steps)
+    assert len(steps) == (0 if k == 0 else -(-abs(k) // (15 if k > 0 else 14)))
+    for s in steps:
+        f = np.float16(pow2(s))
+        assert np.isfinite(f) and f != 0 and float(f) == pow2(s)

@@ -248,3 +248,18 @@ def test_cli_fixes_a_pt2_program_and_writes_a_pt2(tmp_path):
     # an ONNX model cannot become a .pt2
     assert main(["fix", str(tmp_path / "m.pt2"), "--input", str(tmp_path / "x1.npy"), "-o",
                  str(tmp_path / "o.txt")]) == 2
+
+
+def test_logits_beyond_fp16_come_back_finite_from_the_fp16_program():
+    """A classifier whose logits reach 1.8e5: the restoring mul after the last linear runs in FP32
+    (on the FP32 side of the output cast), so the program's logits are finite and right."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        m[2].weight.mul_(3e5)
+    x = [np.random.default_rng(s).normal(size=(2, 8)).astype(np.float32) for s in (1, 2)]
+    assert float(m(torch.from_numpy(x[0])).abs().max()) > 65504
+    result = fix_model(m, x[:1], validation=x[1:])
+    assert result.verification.finite and not result.naive.finite
+    assert max(r.rel_l2 for r in result.verification.rows) < 2e-3
+    assert len(result.conversion.fp32_nodes) == 1  # the restoring mul, nothing else

@@ -35,7 +35,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fp16guard.errors import RewriteError
 from fp16guard.fix.solver import Rescale, Role, ScaleOp, ScaleSolution
-from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
+from fp16guard.folding import (
+    fold_affine_into_weights,
+    fold_batchnorm,
+    fp16_exact_steps,
+    keeps_fp16_precision,
+    pow2,
+    raise_small,
+)
 from fp16guard.fp16 import FP16_MAX
 from fp16guard.onnx_graph import consumers, node_scope, value_types
 
@@ -550,13 +557,52 @@ def _scale_op_constants(node: onnx.NodeProto, op: ScaleOp, solution: ScaleSoluti
     return None
 
 
-def _rescale_node(graph: onnx.GraphProto, src: str, exponent: int, dst: str,
-                  notes: list[RewriteNote]) -> onnx.NodeProto:
-    """``dst = src * 2**exponent`` (an FP32 scalar constant added to ``graph``), noted in ``notes``."""
-    c = f"{dst}__factor"
-    graph.initializer.append(numpy_helper.from_array(np.array(pow2(exponent), dtype=np.float32), c))
+#: Rescale ``Mul`` nodes the fix inserts are named ``<value>__rescale`` (``__rescale1``, ... for the
+#: further steps of a chain); :func:`restoring_rescales` finds them by this mark.
+RESCALE_MARK = "__rescale"
+
+
+def _rescale_nodes(graph: onnx.GraphProto, src: str, exponent: int, dst: str,
+                   notes: list[RewriteNote]) -> list[onnx.NodeProto]:
+    """``dst = src * 2**exponent`` as a chain of ``Mul`` nodes whose FP32 scalar factors are each a
+    normal FP16 number (:func:`~fp16guard.folding.fp16_exact_steps`), so no factor becomes inf or 0
+    when the chain runs in FP16; the constants are added to ``graph``, one note to ``notes``."""
+    steps = fp16_exact_steps(exponent)
+    nodes, cur = [], src
+    for i, step in enumerate(steps):
+        suffix = "" if i == 0 else str(i)
+        out = dst if i == len(steps) - 1 else f"{dst}__part{i}"
+        c = f"{dst}__factor{suffix}"
+        graph.initializer.append(numpy_helper.from_array(np.array(pow2(step), dtype=np.float32), c))
+        nodes.append(helper.make_node("Mul", [cur, c], [out], name=f"{dst}{RESCALE_MARK}{suffix}"))
+        cur = out
     notes.append(RewriteNote("rescale_op", dst, f"Mul by 2^{exponent} (no constant could absorb it)"))
-    return helper.make_node("Mul", [src, c], [dst], name=f"{dst}__rescale")
+    return nodes
+
+
+def restoring_rescales(model: onnx.ModelProto, fp32_nodes: Sequence[str]) -> list[str]:
+    """The rescale ``Mul`` s (:data:`RESCALE_MARK`) that restore values only for FP32: every reader
+    runs in FP32 (``fp32_nodes``, or another such rescale) or the value is a graph output.
+
+    Such a rescale must run in FP32 too: the value it restores may be beyond 65504 (that is why its
+    readers are FP32, and why a graph output needs restoring at all), so computed in FP16 it
+    would be inf. Its input is the stored, in-range value, cast up once.
+
+    Returns:
+        Node names, in graph order.
+    """
+    fp32 = set(fp32_nodes)
+    outputs = {o.name for o in model.graph.output}
+    readers = consumers(model.graph)
+    found = []
+    for node in reversed(model.graph.node):
+        if RESCALE_MARK not in node.name or node.op_type != "Mul":
+            continue
+        users = readers.get(node.output[0], [])
+        if (users or node.output[0] in outputs) and all(u.name in fp32 for u in users):
+            fp32.add(node.name)
+            found.append(node.name)
+    return found[::-1]
 
 
 def _insert_rescales(graph: onnx.GraphProto, solution: ScaleSolution, notes: list[RewriteNote]) -> None:
@@ -584,7 +630,7 @@ def _insert_rescales(graph: onnx.GraphProto, solution: ScaleSolution, notes: lis
             if r is not None:
                 if (x, r.exponent) not in made:
                     made[(x, r.exponent)] = f"{x}__x2^{r.exponent}"
-                    new_nodes.append(_rescale_node(graph, x, r.exponent, made[(x, r.exponent)], notes))
+                    new_nodes += _rescale_nodes(graph, x, r.exponent, made[(x, r.exponent)], notes)
                 node.input[k] = made[(x, r.exponent)]
         renamed = []
         for j, o in enumerate(node.output):
@@ -595,7 +641,7 @@ def _insert_rescales(graph: onnx.GraphProto, solution: ScaleSolution, notes: lis
         new_nodes.append(node)
         for o in renamed:
             raw, exponent = pending_out[o]
-            new_nodes.append(_rescale_node(graph, raw, exponent, o, notes))
+            new_nodes += _rescale_nodes(graph, raw, exponent, o, notes)
     e = solution.exponents
     for o in outputs:
         if o not in pending_out and e.get(o, 0):

@@ -180,8 +180,11 @@ class OnnxFixTarget:
         return scaled, notes
 
     def convert(self, graph: onnx.ModelProto, fp32_nodes: Sequence[str]) -> tuple[onnx.ModelProto, Fp16Conversion]:
-        """See :meth:`FixTarget.convert` (:func:`~fp16guard.fp16_onnx.to_typed_fp16`)."""
-        return to_typed_fp16(graph, node_block_list=list(fp32_nodes))
+        """See :meth:`FixTarget.convert` (:func:`~fp16guard.fp16_onnx.to_typed_fp16`); rescales that
+        restore values only for FP32 readers or graph outputs run in FP32 with them
+        (:func:`~fp16guard.fix.onnx_pass.restoring_rescales`)."""
+        nodes = [*fp32_nodes, *onnx_pass.restoring_rescales(graph, fp32_nodes)]
+        return to_typed_fp16(graph, node_block_list=nodes)
 
     def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
         """See :meth:`FixTarget.references` (ONNX Runtime, CPU, FP32)."""
@@ -273,13 +276,16 @@ class TorchFixTarget:
         return self._tp.annotate(scaled, self.examples[0]), notes
 
     def convert(self, graph, fp32_nodes: Sequence[str]) -> tuple[object, Fp16Conversion]:
-        """See :meth:`FixTarget.convert` (:func:`~fp16guard.fix.torch_pass.to_fp16_program`)."""
+        """See :meth:`FixTarget.convert` (:func:`~fp16guard.fix.torch_pass.to_fp16_program`); rescales
+        that restore values only for FP32 users or the output run in FP32 with them
+        (:func:`~fp16guard.fix.torch_pass.restoring_rescales`)."""
         import torch
 
-        program = self._tp.to_fp16_program(graph, list(fp32_nodes))
+        nodes = [*fp32_nodes, *self._tp.restoring_rescales(graph, fp32_nodes)]
+        program = self._tp.to_fp16_program(graph, nodes)
         casts = sum(1 for n in program.graph.nodes
                     if n.op == "call_function" and n.target is torch.ops.aten._to_copy.default)
-        return program, Fp16Conversion(fp32_nodes=list(fp32_nodes), casts=casts)
+        return program, Fp16Conversion(fp32_nodes=nodes, casts=casts)
 
     def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
         """See :meth:`FixTarget.references` (the module itself, FP32, CPU, eval mode)."""

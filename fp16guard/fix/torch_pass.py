@@ -580,9 +580,14 @@ def _scale_tied(consts: _Constants, node: fx.Node, op: ScaleOp, e_in: int) -> Re
     return None
 
 
+#: ``node.meta`` key marking the ``aten.mul`` rescales the fix inserts (:func:`restoring_rescales`).
+RESCALE_META = "fp16guard_rescale"
+
+
 def _insert_rescales(g: fx.Graph, solution: ScaleSolution) -> list[RewriteNote]:
     """Insert the solution's explicit rescales: an ``aten.mul`` by ``2**exponent`` after the tensor, read
-    by the one consumer named (one shared node per tensor and exponent) or else by all its readers."""
+    by the one consumer named (one shared node per tensor and exponent) or else by all its readers.
+    Each is marked in its ``meta`` (:data:`RESCALE_META`)."""
     by_name = {n.name: n for n in g.nodes}
     made: dict[tuple[str, int], fx.Node] = {}
     notes: list[RewriteNote] = []
@@ -593,13 +598,33 @@ def _insert_rescales(g: fx.Graph, solution: ScaleSolution) -> list[RewriteNote]:
             if (r.tensor, r.exponent) not in made:
                 with g.inserting_after(src):
                     made[(r.tensor, r.exponent)] = g.call_function(aten.mul.Tensor, (src, pow2(r.exponent)))
+                made[(r.tensor, r.exponent)].meta[RESCALE_META] = r.exponent
             user.replace_input_with(src, made[(r.tensor, r.exponent)])
         else:
             with g.inserting_after(src):
                 mul = g.call_function(aten.mul.Tensor, (src, pow2(r.exponent)))
+            mul.meta[RESCALE_META] = r.exponent
             src.replace_all_uses_with(mul, delete_user_cb=lambda u: u is not mul)
         notes.append(RewriteNote("rescale_op", r.tensor, f"mul by 2^{r.exponent} (no constant could absorb it)"))
     return notes
+
+
+def restoring_rescales(gm: fx.GraphModule, fp32_nodes: Iterable[str]) -> list[str]:
+    """The rescales (:data:`RESCALE_META`) that restore values only for FP32: every user runs in FP32
+    (``fp32_nodes``, or another such rescale) or is the graph output. They run in FP32 too: the
+    restored value may be beyond 65504, which is why its readers need FP32 (see
+    :func:`fp16guard.fix.onnx_pass.restoring_rescales`).
+
+    Returns:
+        Node names, in graph order.
+    """
+    fp32 = set(fp32_nodes)
+    found = []
+    for node in reversed(list(gm.graph.nodes)):
+        if RESCALE_META in node.meta and node.users and all(u.op == "output" or u.name in fp32 for u in node.users):
+            fp32.add(node.name)
+            found.append(node.name)
+    return found[::-1]
 
 
 def _scale_eps(node: fx.Node, index: int, e_in: int) -> None:
