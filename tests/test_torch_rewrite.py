@@ -263,3 +263,33 @@ def test_logits_beyond_fp16_come_back_finite_from_the_fp16_program():
     assert result.verification.finite and not result.naive.finite
     assert max(r.rel_l2 for r in result.verification.rows) < 2e-3
     assert len(result.conversion.fp32_nodes) == 1  # the restoring mul, nothing else
+
+
+class _RMSNorm(nn.Module):
+    """T5's layer norm: ``weight * h * rsqrt(mean(h**2) + eps)`` (no mean subtraction, no bias)."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, h):
+        var = h.pow(2).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(var + self.eps))
+
+
+def test_an_rms_norm_whose_variance_overflows_runs_in_pure_fp16():
+    """A linear writes ~4000 into an RMSNorm: h**2 is inf in FP16 and the naive program's norm
+    output collapses to 0. pow (2k), mean and + eps (tied), rsqrt (-k/2) and the product with h
+    carry one region through the norm: no FP32 op and no added multiply."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 64), _RMSNorm(64), nn.Linear(64, 4)).eval()
+    with torch.no_grad():
+        m[0].weight.mul_(300)
+    x = [np.random.default_rng(s).normal(size=(1, 8, 16)).astype(np.float32) for s in (1, 2, 3)]
+    result = fix_model(m, x[:1], validation=x[1:])
+    assert min(r.rel_l2 for r in result.naive.rows) > 0.5
+    assert max(r.rel_l2 for r in result.verification.rows) < 2e-3
+    assert not result.conversion.fp32_nodes and not result.plan.rescale_ops
+    e = result.plan.exponents
+    assert e["pow_1"] == 2 * e["linear"] and e["rsqrt"] == -e["pow_1"] // 2

@@ -26,7 +26,9 @@ Passes, in the order :func:`fp16guard.fix.pipeline.fix_target` runs them:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -76,7 +78,7 @@ TIED_OPS = frozenset({
     "Resize", "Upsample", "Concat", "Add", "Sub", "Max", "Min", "Sum", "Mean", "Neg", "Abs",
     "Identity", "Dropout", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice",
     "Split", "Pad", "Clip", "DepthToSpace", "SpaceToDepth", "Expand", "Tile", "Gather",
-    "ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum", "Where", "Cast", "MaxUnpool",
+    "ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum", "ReduceL1", "ReduceL2", "Where", "Cast", "MaxUnpool",
 })
 #: For TIED ops: float constant inputs that scale with the activations (``None``: all of them).
 TIED_CONSTANTS: dict[str, tuple[int, ...] | None] = {
@@ -415,14 +417,49 @@ def scale_ops(model: onnx.ModelProto) -> list[ScaleOp]:
     for node in g.node:
         if node.input and all(not t or t in consts for t in node.input):
             consts.update(node.output)
+    values = {i.name: i for i in g.initializer}
     ops = []
     for node in g.node:
         if all(o in consts for o in node.output) and node.output:
             continue
         acts = tuple(t for t in node.input if t and t not in consts and t in is_float)
         outs = tuple(o for o in node.output if o and o in is_float)
-        ops.append(ScaleOp(node.name, _role(node, acts, consts, types), acts, outs, node_scope(node)))
+        role, degree = _role(node, acts, consts, types), Fraction(1)
+        if role is Role.BARRIER:
+            power = _power_degree(node, acts, values)
+            if power is not None:
+                role, degree = Role.POWER, power
+        ops.append(ScaleOp(node.name, role, acts, outs, node_scope(node), degree))
     return ops
+
+
+#: Ops homogeneous of a fixed degree in their one activation input: ``f(x/F) = f(x)/F**c``.
+POWER_DEGREES = {"Sqrt": Fraction(1, 2), "Reciprocal": Fraction(-1), "ReduceSumSquare": Fraction(2)}
+
+
+def simple_fraction(c: float) -> Fraction | None:
+    """``c`` as a nonzero fraction with denominator at most 4 (2, 0.5, -1, 1.5), else None: the
+    exponents whose powers of two stay powers of two with an integer exponent after rounding."""
+    if not math.isfinite(c):
+        return None
+    f = Fraction(c).limit_denominator(4)
+    return f if f != 0 and abs(float(f) - c) <= 1e-12 * max(1.0, abs(c)) else None
+
+
+def _power_degree(node: onnx.NodeProto, acts: tuple[str, ...], values: Mapping[str, onnx.TensorProto]) -> Fraction | None:
+    """The degree ``c`` of a node that computes a power of its one activation input (``Pow`` by a
+    constant, ``Sqrt``, ``Reciprocal``, ``c / x``, ``ReduceSumSquare``), else None."""
+    if len(acts) != 1 or node.domain not in ("", "ai.onnx"):
+        return None
+    x, t = acts[0], node.op_type
+    if t in POWER_DEGREES and node.input[0] == x:
+        return POWER_DEGREES[t]
+    if t == "Pow" and node.input[0] == x and len(node.input) > 1 and node.input[1] in values:
+        c = numpy_helper.to_array(values[node.input[1]])
+        return simple_fraction(float(c.reshape(-1)[0])) if c.size == 1 else None
+    if t == "Div" and node.input[1] == x and node.input[0] in values:
+        return Fraction(-1)  # c / (x / F) = F * (c / x)
+    return None
 
 
 def _role(node: onnx.NodeProto, acts: tuple[str, ...], consts: set[str], types: Mapping[str, int]) -> Role:

@@ -20,8 +20,12 @@ How exponents propagate, by role:
   ``F > 0``, so every activation input and output shares one exponent (constants such as a Clip
   bound or an added constant are scaled with it). A residual Add ties its two branches, so the
   identity path carries the factor exactly once.
-* ``PRODUCT`` (Mul/MatMul of two activations; Div): the output exponent is the sum (difference)
-  of the input exponents; the inputs are free.
+* ``PRODUCT`` (Mul/MatMul of two activations; ``QUOTIENT``: Div): the output exponent is the sum
+  (difference) of the input exponents; the inputs are free.
+* ``POWER`` (``Pow`` by a constant ``c``, ``Sqrt`` (c = 1/2), ``Reciprocal`` (-1), ``rsqrt`` (-1/2),
+  ``ReduceSumSquare`` (2)): homogeneous of degree ``c``, ``f(x/F) = f(x)/F**c``, so the output
+  exponent is ``c`` times the input's. Decomposed LayerNorm and RMSNorm need nothing else: the
+  algebra carries a region through ``Pow -> ReduceMean -> Add eps -> Sqrt -> Div``.
 * ``BOUNDED`` (HardSigmoid: ``alpha`` absorbs the input exponent): input free, output at 0.
 * ``BARRIER`` (sigmoid, tanh, exp, log, pow, softmax, GELU, SiLU, anything unknown): not
   positively homogeneous, so it needs true values in and gives true values out.
@@ -35,6 +39,14 @@ only when its amax exceeds 65504 (then explicit rescale ops are unavoidable); wi
 stays unscaled and its lost margin is reported, because a rescale op costs time and the goal is an
 FP16 model as fast as the naive one. Wherever an edge's exponent differs from what its consumer
 expects, the solution lists a :class:`Rescale` (one multiply by a power of two).
+
+Products and powers overflow *inside* the op (``x * x`` of stored values beyond 256 is inf in
+FP16 before any rescale after it could act), so wherever a ``PRODUCT``, ``QUOTIENT`` or ``POWER``
+output needs a larger exponent than its inputs give, the solution shifts the op's first input
+instead (a :class:`Rescale` on that edge, ``ScaleSolution.shifts``): the op then writes its
+output already at the exponent its class needs. A class derived from such an op may take a
+negative exponent (stored larger than true: ``1/sqrt(var)`` of a scaled variance), as long as
+its stored amax fits FP16.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from fractions import Fraction
 from typing import Iterable, Mapping, Sequence
 
 from fp16guard.folding import exponent_for, pow2
@@ -55,6 +68,7 @@ class Role(str, Enum):
     TIED = "tied"
     PRODUCT = "product"
     QUOTIENT = "quotient"
+    POWER = "power"
     BOUNDED = "bounded"
     BARRIER = "barrier"
 
@@ -69,6 +83,7 @@ class ScaleOp:
         inputs: names of its *activation* inputs (constants left out), in order.
         outputs: names of its float outputs.
         scope: where it lives in the model (module path), for the plan; optional.
+        degree: for ``POWER``, the exponent ``c`` of ``x**c`` (a fraction: 2, 1/2, -1, -1/2).
     """
 
     name: str
@@ -76,6 +91,7 @@ class ScaleOp:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     scope: str = ""
+    degree: Fraction = Fraction(1)
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,8 @@ class ScaleSolution:
         unfixable: values beyond reach of any scale.
         tight: ``(tensor, amax)`` of pinned classes left unscaled above the headroom target
             but within FP16 (they keep less margin than asked).
+        shifts: ``op name -> s``: a ``PRODUCT``/``QUOTIENT``/``POWER`` op reads its first input at
+            exponent ``e + s`` (one :class:`Rescale` by ``2**-s`` on that edge).
     """
 
     exponents: dict[str, int] = field(default_factory=dict)
@@ -165,21 +183,51 @@ class ScaleSolution:
     rescales: list[Rescale] = field(default_factory=list)
     unfixable: list[Unfixable] = field(default_factory=list)
     tight: list[tuple[str, float]] = field(default_factory=list)
+    shifts: dict[str, int] = field(default_factory=dict)
 
     def produced(self, op: ScaleOp) -> int:
         """Exponent at which ``op`` writes its outputs before any :class:`Rescale` (for a
         ``LINEAR`` or ``TIED`` op: the exponent of its first output)."""
-        return _produced(op, self.exponents)
+        return _produced(op, self.exponents, self.shifts.get(op.name, 0))
 
 
-def _produced(op: ScaleOp, e: Mapping[str, int]) -> int:
+def _produced(op: ScaleOp, e: Mapping[str, int], shift: int = 0) -> int:
+    """The exponent ``op`` writes when its first input is read at ``e + shift``; for ``POWER`` the
+    floor of ``degree * e_in`` (exact when :func:`_shift_for` chose the shift)."""
     if op.role in (Role.BARRIER, Role.BOUNDED):
         return 0
+    # the shift applies to every read of the first input (Mul(x, x) reads it twice)
+    read = [e.get(t, 0) + (shift if t == op.inputs[0] else 0) for t in op.inputs]
     if op.role is Role.PRODUCT:
-        return sum(e.get(t, 0) for t in op.inputs)
+        return sum(read)
     if op.role is Role.QUOTIENT:
-        return e.get(op.inputs[0], 0) - sum(e.get(t, 0) for t in op.inputs[1:])
+        return read[0] - sum(read[1:])
+    if op.role is Role.POWER:
+        return math.floor(op.degree * read[0])
     return e.get(op.outputs[0], 0) if op.outputs else 0
+
+
+def _shift_for(op: ScaleOp, e: Mapping[str, int], want: int) -> int:
+    """The input shift ``s`` after which ``op`` writes exactly exponent ``want``; for a ``POWER``
+    whose degree cannot reach ``want`` exactly (``Sqrt`` of an odd exponent), the ``s`` that writes
+    the nearest exponent at or above it (stored values at most as large as its class expects)."""
+    base = _produced(op, e)
+    if op.role is not Role.POWER:
+        reads = op.inputs.count(op.inputs[0])
+        per = reads if op.role is Role.PRODUCT else (1 if reads == 1 else 0)  # x / x is always 0
+        return -((base - want) // per) if per else 0  # ceil: written at or above ``want``
+    e_in = e.get(op.inputs[0], 0) if op.inputs else 0
+    d = op.degree
+    if d == 0:
+        return 0
+    exact = Fraction(want) / d - e_in
+    if exact.denominator == 1:
+        return int(exact)
+    step = 1 if d > 0 else -1  # d > 0: a larger input exponent raises the output's; d < 0: lowers it
+    s = math.ceil(exact) if d > 0 else math.floor(exact)
+    while (d * (e_in + s)).denominator != 1:
+        s += step
+    return s
 
 
 class _UnionFind:
@@ -259,29 +307,69 @@ def solve(ops: Sequence[ScaleOp], amax: Mapping[str, float], *, graph_inputs: It
             members.setdefault(uf.find(t), []).insert(0, t)
             order.insert(0, t)
 
-    sol = ScaleSolution()
+    # Assign classes in execution order; then, where a product or power would need its input
+    # shifted (one extra Mul), raise the input's class instead when that class is free (its
+    # exponent was chosen for its own range, nothing pins or derives it): its producer's constants
+    # absorb the larger factor at no cost. Repeat until nothing moves (each round only raises).
+    floors: dict[str, int] = {}
+    for _ in range(8):
+        sol = ScaleSolution()
+        e, free = _assign(members, producer, pinned, amax, target_log2, floors, sol)
+        if not _raise_free_inputs(ops, e, free, uf, members, amax, floors):
+            break
+    return _complete(ops, e, graph_outputs, amax, producer, order, members, sol)
+
+
+def _raise_free_inputs(ops, e, free, uf, members, amax, floors) -> bool:
+    """Raise the floor of each free class whose value a product or power would otherwise read
+    through a shift (or, for ``Sqrt``, at an odd exponent); True when a floor moved."""
+    raised = False
+    for op in ops:
+        if op.role not in DERIVED_ROLES or not op.inputs or not op.outputs:
+            continue
+        shift = _shift_for(op, e, e[op.outputs[0]])
+        if op.role is Role.POWER and (op.degree * e[op.inputs[0]]).denominator != 1:
+            shift = 1  # Sqrt of an odd exponent: raise the input to the next even one
+            while (op.degree * (e[op.inputs[0]] + shift)).denominator != 1:
+                shift += 1
+        root = uf.find(op.inputs[0])
+        raised_to = e[op.inputs[0]] + shift
+        class_amax = max(amax.get(t, 0.0) for t in members[root])
+        if shift > 0 and root in free and class_amax * pow2(-raised_to) >= 1:  # not into FP16's tiny range
+            floors[root] = raised_to
+            raised = True
+    return raised
+
+
+def _assign(members, producer, pinned, amax, target_log2, floors, sol) -> tuple[dict[str, int], set[str]]:
+    """One pass of class exponents in execution order (see :func:`solve`): ``(exponents, free
+    classes)``; ``floors`` are lower bounds for free classes."""
     e: dict[str, int] = {}
+    free: set[str] = set()
     for root, tensors in members.items():
         class_amax = max((amax.get(t, 0.0) for t in tensors), default=0.0)
         need = exponent_for(class_amax, target_log2)
-        derived = None
+        derived, power = None, None
         for t in tensors:
             op = producer.get(t)
-            if op is not None and op.role in (Role.PRODUCT, Role.QUOTIENT) and all(x in e for x in op.inputs):
-                derived = _produced(op, e)
+            if op is not None and op.role in DERIVED_ROLES and all(x in e for x in op.inputs):
+                derived, power = _produced(op, e), op
                 break
         if root in pinned:
             exp = need if class_amax > FP16_MAX else 0
             if exp == 0 and need > 0:
                 sol.tight.append((max(tensors, key=lambda t: amax.get(t, 0.0)), class_amax))
-        elif derived is not None:
-            stored = class_amax * pow2(-derived)
-            exp = derived if stored <= FP16_MAX and derived >= 0 else need
+        elif derived is not None and class_amax * pow2(-derived) <= FP16_MAX:
+            exp = derived
+        elif derived is not None and power.role is Role.POWER and power.degree.denominator == 1 and power.degree > 0:
+            d = int(power.degree)
+            exp = -(-need // d) * d  # a multiple of the degree: reachable by shifting the input alone
         else:
-            exp = need
+            exp = max(need, floors.get(root, need))
+            free.add(root)
         for t in tensors:
             e[t] = exp
-    return _complete(ops, e, graph_outputs, amax, producer, order, members, sol)
+    return e, free
 
 
 def complete(ops: Sequence[ScaleOp], exponents: Mapping[str, int], *, graph_outputs: Iterable[str],
@@ -318,8 +406,17 @@ def complete(ops: Sequence[ScaleOp], exponents: Mapping[str, int], *, graph_outp
     return _complete(ops, e, set(graph_outputs), amax, producer, order, members, ScaleSolution(tight=[]))
 
 
+#: Roles whose output exponent follows from their inputs' (and whose first input can be shifted).
+DERIVED_ROLES = (Role.PRODUCT, Role.QUOTIENT, Role.POWER)
+
+
 def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleSolution) -> ScaleSolution:
     sol.exponents = e
+    for op in ops:  # a product or power writes its output at the exponent its class holds
+        if op.role in DERIVED_ROLES and op.inputs and op.outputs:
+            shift = _shift_for(op, e, e[op.outputs[0]])
+            if shift:
+                sol.shifts[op.name] = shift
     # explicit rescales where an edge cannot absorb the exponent
     seen: set[tuple[str, int, str]] = set()
 
@@ -331,8 +428,12 @@ def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleS
             sol.rescales.append(Rescale(tensor, exponent, consumer, reason))
 
     for op in ops:
-        produced = _produced(op, e)
-        if op.role in (Role.PRODUCT, Role.QUOTIENT, Role.BOUNDED, Role.BARRIER):
+        shift = sol.shifts.get(op.name, 0)
+        if shift:
+            add(op.inputs[0], -shift, op.name, f"{op.name} ({op.role.value}) reads it at exponent "
+                                               f"{e[op.inputs[0]] + shift}, so it writes the exponent of its output")
+        produced = _produced(op, e, shift)
+        if op.role in (*DERIVED_ROLES, Role.BOUNDED, Role.BARRIER):
             for t in op.outputs:
                 add(t, produced - e[t], "", f"{op.name} ({op.role.value}) writes exponent {produced}, "
                                             f"its readers expect {e[t]}")
@@ -350,12 +451,14 @@ def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleS
             op = producer.get(t)
             sol.unfixable.append(Unfixable(t, (op.name,) if op else (), a,
                                            f"stored amax {a * pow2(-e[t]):.4g} still exceeds 65504"))
-    for r in sol.rescales:
-        if r.consumer and amax.get(r.tensor, 0.0) > FP16_MAX:
+    for r in sol.rescales:  # the value as the consumer reads it: stored * 2**exponent
+        read = amax.get(r.tensor, 0.0) * pow2(r.exponent - e.get(r.tensor, 0))
+        if r.consumer and read > FP16_MAX:
             op = producer.get(r.tensor)
+            what = "the true value" if r.exponent == e.get(r.tensor, 0) else "it at a smaller scale"
             sol.unfixable.append(Unfixable(r.tensor, tuple(x for x in (op.name if op else "", r.consumer) if x),
-                                           amax[r.tensor], f"{r.consumer} needs the true value "
-                                           f"(amax {amax[r.tensor]:.4g}), beyond FP16"))
+                                           amax[r.tensor], f"{r.consumer} needs {what} (amax {read:.4g}), "
+                                           f"beyond FP16"))
 
     # regions, for the plan
     consumers: dict[str, list[ScaleOp]] = {}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import operator
+from fractions import Fraction
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -41,7 +42,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fp16guard.errors import ExportError, RewriteError
-from fp16guard.fix.onnx_pass import RewriteNote
+from fp16guard.fix.onnx_pass import RewriteNote, simple_fraction
 from fp16guard.fix.solver import Role, ScaleOp, ScaleSolution
 from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
 from fp16guard.fp16 import FP16_MAX
@@ -391,12 +392,39 @@ def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module") or node.name not in acts:
             continue
-        ins = tuple(dict.fromkeys(a.name for a in tree_flatten((node.args, node.kwargs))[0]
-                                  if isinstance(a, fx.Node) and a.name in acts))
+        reads = [a.name for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node) and a.name in acts]
         outs = (node.name,) if _is_float_value(node) or "val" not in node.meta and "tensor_meta" not in node.meta else ()
         role = _role(node, acts, consts) if node.op == "call_function" else Role.BARRIER
-        ops.append(ScaleOp(node.name, role, ins, outs, module_scope(node)))
+        degree = Fraction(1)
+        if role is Role.BARRIER and len(set(reads)) == 1:
+            power = _power_degree(node, reads[0])
+            if power is not None:
+                role, degree = Role.POWER, power
+        # a product reads x twice in x * x (exponent 2e); elsewhere each activation counts once
+        ins = tuple(reads) if role in (Role.PRODUCT, Role.QUOTIENT) else tuple(dict.fromkeys(reads))
+        ops.append(ScaleOp(node.name, role, ins, outs, module_scope(node), degree))
     return ops
+
+
+#: ATen ops homogeneous of a fixed degree in their one activation input: ``f(x/F) = f(x)/F**c``.
+POWER_DEGREES = {p: d for p, d in ((getattr(aten, "sqrt", None), Fraction(1, 2)),
+                                   (getattr(aten, "rsqrt", None), Fraction(-1, 2)),
+                                   (getattr(aten, "reciprocal", None), Fraction(-1)),
+                                   (getattr(aten, "square", None), Fraction(2))) if p is not None}
+
+
+def _power_degree(node: fx.Node, x: str) -> Fraction | None:
+    """The degree ``c`` of a node computing a power of activation ``x`` (``pow(x, c)`` with a
+    constant ``c``, ``sqrt``, ``rsqrt``, ``reciprocal``, ``square``), else None."""
+    p = _packet(node)
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node) or first.name != x:
+        return None
+    if p in POWER_DEGREES:
+        return POWER_DEGREES[p]
+    if p is aten.pow and len(node.args) > 1 and isinstance(node.args[1], (int, float)):
+        return simple_fraction(float(node.args[1]))
+    return None
 
 
 def graph_io(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
