@@ -128,7 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     fix.add_argument("--backend", default="emulate", help="FP16 backend for verification: emulate (default, CPU), "
                                                           "onnxruntime (CUDA) or tensorrt for .onnx, torch (CUDA) "
                                                           "for .pt2")
-    fix.add_argument("--force", action="store_true", help="write the model even if it still produces inf/NaN")
+    fix.add_argument("--tolerance", type=float, default=None, metavar="T",
+                     help="largest relative L2 error against FP32 accepted on any input (default 0.07)")
+    fix.add_argument("--force", action="store_true",
+                     help="write the model even if it still produces inf/NaN or is refused as inaccurate")
     fix.add_argument("--json", metavar="PATH", help="write the fix report as JSON (schema fp16guard.fix/1)")
     fix.add_argument("--save-plan", metavar="PLAN.json", help="also write the plan used")
 
@@ -334,9 +337,12 @@ def _calibrate(args, console: Console) -> int:
 
 
 def _fix(args, console: Console) -> int:
+    from fp16guard.compare import DEFAULT_TOLERANCE
     from fp16guard.fix import fix_model, print_fix
     from fp16guard.plan import RewritePlan
 
+    if args.tolerance is not None and not 0 < args.tolerance < float("inf"):
+        raise UsageError(f"--tolerance {args.tolerance}: give a positive relative L2 error, e.g. 0.07")
     model, calibration, validation, framework, name, metrics = _calibration_sets(args, console)
     plan = RewritePlan.load(args.plan) if args.plan else None
     if plan is None and not calibration:
@@ -357,7 +363,7 @@ def _fix(args, console: Console) -> int:
         result = fix_model(model, calibration, plan=plan, validation=validation, output=output,
                            target_log2=args.target_log2, raise_underflow=args.raise_underflow,
                            fallback=args.fallback, backend=args.backend, metrics=metrics, force=args.force,
-                           source=name)
+                           source=name, tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
     print_fix(result, console)
     if output == "torch":
         from fp16guard.fix.torch_pass import save_program

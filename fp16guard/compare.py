@@ -17,6 +17,23 @@ import numpy as np
 
 from fp16guard.errors import UsageError
 
+#: Default bound on the relative L2 error of an FP16 output against FP32 (bisect: a cut is bad above
+#: it; fix: a fixed model is refused above it). Calibrated on the bundled examples (the trial tables of
+#: ``fp16guard bisect --example NAME``): ordinary FP16 rounding gives up to 0.017 on ppocr-det
+#: (emulate; 0.024 with real FP16 kernels on ONNX Runtime's CUDA EP, H100) and 1.3e-4 on crepe-full,
+#: while the first broken cuts give 1.0 (ppocr-det) and 0.215 (crepe-full). 0.07 sits about 3x above
+#: the worst rounding and 3x below the smallest failure. Pass ``tolerance`` (``--tolerance``) or a
+#: task metric for your model.
+DEFAULT_TOLERANCE = 0.07
+
+#: How much worse than a comparison variant a fixed model may be before it is refused: its relative
+#: L2 error on an input may reach ``WORSE_FACTOR`` times the variant's plus a slack. Against the
+#: naive FP16 model (pure FP16 as well) the slack is two units of FP16 roundoff, 2**-10: below it
+#: two correct FP16 graphs differ by rounding alone. Against the FP32 fallback it is 0.01: FP32
+#: islands are more precise than pure FP16, and that much relative L2 error is the precision pure
+#: FP16 may cost (the fix report shows both numbers side by side).
+WORSE_FACTOR, NAIVE_SLACK, FALLBACK_SLACK = 1.5, 2.0**-10, 0.01
+
 #: A task metric or error measure: ``metric(outputs, reference) -> float`` on lists of numpy arrays
 #: in the model's output order. Bisect reads it as an error (lower is better, :func:`relative_l2`);
 #: the fix reports task metrics (higher is better, e.g. mask IoU).
@@ -131,3 +148,29 @@ class Verification:
         """Plain-JSON form (non-finite errors stay floats; :mod:`fp16guard.jsonio` writes them)."""
         return {"variant": self.variant, "backend": self.backend, "finite": self.finite,
                 "rows": [asdict(r) for r in self.rows]}
+
+
+def refusal(fixed: Verification, tolerance: float | None, naive: Verification | None = None,
+            fallback: Verification | None = None) -> str | None:
+    """Why a fixed model must not be accepted, or None.
+
+    Refused when any input's relative L2 error exceeds ``tolerance`` (None: not checked), or
+    exceeds ``WORSE_FACTOR`` times the naive model's error on that input plus ``NAIVE_SLACK``, or
+    the FP32 fallback's plus ``FALLBACK_SLACK``; a variant that is not finite on an input does not
+    count there.
+
+    Returns:
+        One sentence naming the input, the numbers and the variant, or None.
+    """
+    for i, row in enumerate(fixed.rows):
+        if tolerance is not None and row.rel_l2 > tolerance:
+            return (f"the {fixed.variant} model's relative L2 error on {row.label} is {row.rel_l2:.3g}, above the "
+                    f"tolerance {tolerance:g}")
+        for other, slack in ((naive, NAIVE_SLACK), (fallback, FALLBACK_SLACK)):
+            if other is None or i >= len(other.rows) or other.rows[i].nonfinite:
+                continue
+            ref = other.rows[i].rel_l2
+            if math.isfinite(ref) and row.rel_l2 > WORSE_FACTOR * ref + slack:
+                return (f"the {fixed.variant} model's relative L2 error on {row.label} is {row.rel_l2:.3g}, clearly "
+                        f"worse than the {other.variant} model's {ref:.3g}")
+    return None

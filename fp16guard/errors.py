@@ -17,6 +17,7 @@ The command line (:func:`fp16guard.cli.main`) prints any :class:`Fp16GuardError`
 * :class:`WtsError` (exit 2): a tensorrtx ``.wts`` weights file is missing or malformed
 * :class:`FixError` (exit 2): the model cannot be fixed as asked (no inputs, FP32 already inf)
 * :class:`StillOverflowsError` (exit 1): the fixed model still gives inf/NaN in FP16: an FP16 problem
+* :class:`InaccurateFixError` (exit 1): the fixed model is finite but worse than the tolerance, naive FP16 or the FP32 fallback
 
 Exit status 1 means only "an FP16 problem was found"; anything that is not an
 :class:`Fp16GuardError` is a bug and ends in a traceback, never disguised as either status.
@@ -98,3 +99,8 @@ class StillOverflowsError(FixError):
     """The fixed model still produces inf/NaN in FP16 (exit status 1: an FP16 problem was found)."""
 
     exit_code = EXIT_OVERFLOW
+
+
+class InaccurateFixError(StillOverflowsError):
+    """The fixed model is finite but not right enough: an input's error exceeds the tolerance, or
+    is clearly worse than the naive FP16 conversion or the FP32 fallback (exit status 1)."""

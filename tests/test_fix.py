@@ -461,3 +461,43 @@ def test_sqrt_reads_an_even_exponent(k, raised):
     sol = solve(ops, amax, graph_inputs=["x"], graph_outputs=["y"])
     assert sol.exponents["v"] % 2 == 0 and sol.exponents["s"] == sol.exponents["v"] // 2
     assert not sol.rescales and not sol.unfixable
+
+
+# ---------------------------------------------------------------- verification that cannot be fooled
+
+
+def test_a_fix_above_the_tolerance_is_refused_with_exit_1_and_nothing_written(tmp_path, capsys):
+    """The fixed residual block is right to 3.5e-4 (relative L2); asked for 1e-5 it is refused: the
+    API raises, the command exits 1 and writes nothing, and --force still writes it."""
+    from fp16guard.errors import InaccurateFixError
+
+    model = _overflowing()
+    x = [_x(1), _x(2)]
+    with pytest.raises(InaccurateFixError, match=r"error on calibration input 0 is 0.00035, above the tolerance 1e-05"):
+        fix_model(model, x[:1], validation=x[1:], tolerance=1e-5)
+    assert fix_model(model, x[:1], validation=x[1:], tolerance=1e-5, force=True).verification.finite
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", x[0])
+    out = tmp_path / "fixed.onnx"
+    argv = ["fix", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "x.npy"), "-o", str(out)]
+    assert main([*argv, "--tolerance", "1e-5"]) == 1
+    assert not out.exists() and "above the tolerance 1e-05" in capsys.readouterr().err
+    assert main([*argv, "--tolerance", "-1"]) == 2 and not out.exists()
+    assert main([*argv, "--tolerance", "1e-5", "--force"]) == 0 and out.exists()
+
+
+def test_refusal_compares_with_naive_fp16_and_the_fp32_fallback_beyond_rounding():
+    from fp16guard.compare import Verification, VerifyRow, refusal
+
+    def v(variant, *errors, nonfinite=0):
+        return Verification(variant, "emulate", [VerifyRow(f"x{i}", "validation", e, 0.0, nonfinite)
+                                                 for i, e in enumerate(errors)])
+
+    fixed = v("fixed", 4e-4, 3e-3)
+    assert refusal(fixed, 0.07) is None
+    assert "above the tolerance 0.002" in refusal(fixed, 0.002)
+    assert refusal(fixed, 0.07, naive=v("naive", 3e-4, 2e-3)) is None  # rounding noise between two FP16 graphs
+    assert "clearly worse than the naive model's 0.0001" in refusal(fixed, 0.07, naive=v("naive", 1e-4, 1e-4))
+    assert refusal(fixed, 0.07, naive=v("naive", 0.0, 0.0, nonfinite=3)) is None  # a naive model that overflows
+    assert refusal(fixed, 0.07, fallback=v("fallback", 1e-7, 1e-6)) is None  # FP32 islands: more precise, by design
+    assert "clearly worse than the fallback" in refusal(v("fixed", 0.05), 0.07, fallback=v("fallback", 1e-3))

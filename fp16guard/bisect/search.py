@@ -39,7 +39,7 @@ import onnx
 
 from fp16guard.backends import Backend, get_backend
 from fp16guard.bisect.targets import OnnxSplitTarget, TorchSplitTarget
-from fp16guard.compare import Metric, load_metric, relative_l2
+from fp16guard.compare import DEFAULT_TOLERANCE, Metric, load_metric, relative_l2
 from fp16guard.errors import BisectError
 from fp16guard.fp16_onnx import UnfitConstant
 from fp16guard.inputs import as_inputs
@@ -48,13 +48,6 @@ from fp16guard.onnx_graph import load_onnx
 
 SCHEMA = "fp16guard.bisect/1"
 
-#: Default bound on the relative L2 error of a hybrid output. Calibrated on the bundled examples
-#: (the trial tables of ``fp16guard bisect --example NAME``): ordinary FP16 rounding in the good
-#: cuts gives up to 0.017 on ppocr-det (emulate; 0.024 with real FP16 kernels on ONNX Runtime's
-#: CUDA EP, H100) and 1.3e-4 on crepe-full, while the first bad cuts give 1.0 (ppocr-det) and
-#: 0.215 (crepe-full). 0.07 sits about 3x above the worst rounding and 3x below the smallest
-#: failure. Pass ``tolerance`` (``--tolerance``) or a task metric for your model.
-DEFAULT_TOLERANCE = 0.07
 
 
 @dataclass(frozen=True)

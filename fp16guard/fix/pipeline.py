@@ -34,8 +34,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fp16guard.backends import Backend
-from fp16guard.compare import Metric, Verification, VerifyRow
-from fp16guard.errors import FixError, PlanError, StillOverflowsError
+from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow, refusal
+from fp16guard.errors import FixError, InaccurateFixError, PlanError, StillOverflowsError
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import ScaleSolution, complete, solve
 from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
@@ -257,8 +257,9 @@ class FixResult:
         plan: the plan applied.
         notes: every rewrite.
         conversion: what the FP16 conversion did (nodes left in FP32, Casts).
-        verification: the fixed model on the FP16 backend; ``naive`` the plain conversion for
-            comparison (None if not run).
+        verification: the fixed model on the FP16 backend; ``naive`` the plain conversion and
+            ``fallback`` the FP32 fallback (the offending nodes in FP32), for comparison (None if
+            not run).
     """
 
     fixed: object
@@ -268,6 +269,7 @@ class FixResult:
     conversion: Fp16Conversion
     verification: Verification
     naive: Verification | None = None
+    fallback: Verification | None = None
 
     def to_json(self) -> dict:
         """The fix report, schema ``fp16guard.fix/1`` (docs/fix-schema.md): strict JSON, non-finite
@@ -279,13 +281,15 @@ class FixResult:
                          "amax_after": r.amax_after, "tensors": len(r.tensors)} for r in self.plan.regions],
             "fp32_nodes": self.conversion.fp32_nodes, "casts": self.conversion.casts,
             "verification": self.verification.to_json(),
-            "naive": self.naive.to_json() if self.naive else None})
+            "naive": self.naive.to_json() if self.naive else None,
+            "fallback": self.fallback.to_json() if self.fallback else None})
 
 
 def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, plan: RewritePlan | None = None,
                validation: Sequence[NamedInput] = (), target_log2: int = 13, raise_underflow: bool = False,
                fallback: str | None = None, backend: str | Backend = "emulate",
                metrics: Mapping[str, Metric] | None = None, compare_naive: bool = True,
+               compare_fallback: bool = True, tolerance: float = DEFAULT_TOLERANCE,
                force: bool = False) -> FixResult:
     """Calibrate (unless ``plan`` is given), apply, convert and verify one target.
 
@@ -299,12 +303,18 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
         backend: FP16 backend for verification (default ``emulate``: strict FP16 emulation on CPU).
         metrics: task metrics reported per input (higher is better).
         compare_naive: also verify the plain FP16 conversion, for comparison.
-        force: skip the plan's model-hash check, and return the fixed model even if it still
-            produces inf/NaN.
+        compare_fallback: also verify the FP32 fallback (the plan's ``fallback_fp32`` nodes in
+            FP32), for comparison.
+        tolerance: the largest relative L2 error against FP32 accepted on any input (default
+            :data:`~fp16guard.compare.DEFAULT_TOLERANCE`; not applied when the plan raises flushed
+            constants, which changes the model's math by consent).
+        force: skip the plan's model-hash check, and return the fixed model even if it is refused.
 
     Raises:
-        FixError: nothing to verify on; StillOverflowsError: the fixed model still produces
-            inf/NaN (unless ``force``).
+        FixError: nothing to verify on. StillOverflowsError: the fixed model still produces inf/NaN;
+            InaccurateFixError: it is finite but an input's error exceeds ``tolerance`` or is
+            clearly worse than the naive conversion's or the fallback's
+            (:func:`~fp16guard.compare.refusal`); both unless ``force``.
         PlanError, RewriteError, BackendError: see :func:`apply_plan` and :func:`verify`.
     """
     if plan is None:
@@ -316,17 +326,32 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
     applied = apply_plan(target, plan, fallback=fallback, check_hash=not force)
     verification, refs = verify(target, applied.fixed, inputs, splits, backend=backend,
                                 variant="fallback" if fallback else "fixed", metrics=metrics)
-    naive = None
+    naive = fallback_run = None
     if compare_naive:
         naive_model, _ = target.convert(target.base, [])
         naive, _ = verify(target, naive_model, inputs, splits, backend=backend, variant="naive", metrics=metrics,
                           references=refs)
-    if not verification.finite and not force:
+    if compare_fallback and fallback is None:
+        fb = apply_plan(target, plan, fallback="fp32", check_hash=False)
+        fallback_run, _ = verify(target, fb.fixed, inputs, splits, backend=backend, variant="fallback",
+                                 metrics=metrics, references=refs)
+    result = FixResult(applied.fixed, applied.rewritten, plan, applied.notes, applied.conversion, verification, naive,
+                       fallback_run)
+    if force:
+        return result
+    if not verification.finite:
         worst = max(verification.rows, key=lambda r: r.nonfinite)
         raise StillOverflowsError(
             f"the fixed model still produces {worst.nonfinite} inf/NaN output value(s) on {worst.label} in FP16; "
             f"see the plan's unfixable entries, try --fallback fp32, or --force to write it anyway")
-    return FixResult(applied.fixed, applied.rewritten, plan, applied.notes, applied.conversion, verification, naive)
+    # raising a flushed constant (with consent) changes the model's math on purpose: its error against
+    # the original is not the fix's, so only the comparisons with the other FP16 variants apply
+    consented = any(u.consent for u in plan.underflow)
+    reason = refusal(verification, None if consented else tolerance, naive, fallback_run)
+    if reason:
+        raise InaccurateFixError(f"{reason}; the model is not written (--tolerance sets the bound, --force writes "
+                                 f"it anyway)")
+    return result
 
 
 # ---------------------------------------------------------------- the public entry points

@@ -44,7 +44,7 @@ def print_fix(result, console: Console) -> None:
     console.print("rewrites: " + ", ".join(f"{k} x{v}" for k, v in kinds.items()) if kinds else "rewrites: none")
     console.print(f"FP16 conversion: {len(result.conversion.fp32_nodes)} node(s) left in FP32, "
                   f"{result.conversion.casts} Cast(s)")
-    print_verification([result.verification, result.naive], console)
+    print_verification([result.verification, result.naive, result.fallback], console)
     verdict = "[green]finite[/]" if result.verification.finite else "[red]still produces inf/NaN[/]"
     console.print(f"fixed model in FP16: {verdict}")
 
