@@ -132,3 +132,8 @@ def residual_net():
 def residual_input(seed):
     """A ``float32 [1, 3, 16, 16]`` normal input for :class:`Net`."""
     return np.random.default_rng(seed).normal(size=(1, 3, 16, 16)).astype(np.float32)
+
+
+def residual_factory() -> nn.Module:
+    """:func:`residual_net` as a ``package.module:factory`` for the command line."""
+    return residual_net()

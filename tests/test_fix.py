@@ -320,7 +320,10 @@ def test_ppocr_det_on_unnormalized_pixels_stays_finite():
     ex = get_example("ppocr-det")
     calibration = ppocr_inputs(("text", "chelsea"), normalize=False)
     validation = ppocr_inputs(("page", "coffee", "logo"), normalize=False)
-    result = fix_model(ex.load(), calibration, validation=validation, metrics=ex.task_metrics)
+    # relative L2 of the logits at 0..255 pixels, measured (emulate): fixed 0.029-0.109, FP32 fallback
+    # 0.029-0.117: no FP16 deployment meets the default 0.07, so this test asks for 0.15 (the fix must
+    # still not be worse than the fallback, which the refusal checks)
+    result = fix_model(ex.load(), calibration, validation=validation, metrics=ex.task_metrics, tolerance=0.15)
     assert not result.naive.finite  # logo at 0..255 overflows to inf in plain FP16
     assert result.verification.finite
     # measured (emulate): text 1.0, page 0.972, logo 0.983, coffee 0.945, chelsea 0.936: range is
@@ -501,3 +504,17 @@ def test_refusal_compares_with_naive_fp16_and_the_fp32_fallback_beyond_rounding(
     assert refusal(fixed, 0.07, naive=v("naive", 0.0, 0.0, nonfinite=3)) is None  # a naive model that overflows
     assert refusal(fixed, 0.07, fallback=v("fallback", 1e-7, 1e-6)) is None  # FP32 islands: more precise, by design
     assert "clearly worse than the fallback" in refusal(v("fixed", 0.05), 0.07, fallback=v("fallback", 1e-3))
+
+
+def test_an_image_is_one_input_path_for_every_command_of_a_pytorch_model(tmp_path):
+    """``inspect``, ``bisect``, ``calibrate`` and ``fix`` feed a factory model the same tensor from an
+    image (float32 [1, 3, H, W] in [0, 1]); ``calibrate`` and ``fix`` used to refuse it."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    model, photo = "tests.models:residual_factory", str(tmp_path / "photo.png")
+    assert main(["calibrate", model, "--input", photo, "-o", str(tmp_path / "plan.json")]) == 0
+    assert RewritePlan.load(tmp_path / "plan.json").calibration == ["photo.png"]
+    assert main(["fix", model, "--input", photo, "-o", str(tmp_path / "fixed.pt2")]) == 0
+    assert main(["inspect", model, "--input", photo]) in (0, 1)
