@@ -518,3 +518,26 @@ def test_an_image_is_one_input_path_for_every_command_of_a_pytorch_model(tmp_pat
     assert RewritePlan.load(tmp_path / "plan.json").calibration == ["photo.png"]
     assert main(["fix", model, "--input", photo, "-o", str(tmp_path / "fixed.pt2")]) == 0
     assert main(["inspect", model, "--input", photo]) in (0, 1)
+
+
+def _big_input_model():
+    """A 1x1 conv whose input arrives at ~3e8 (an unnormalized sensor or audio power): ``x`` itself
+    is beyond FP16, so a typed model's input cast makes it inf before any layer runs."""
+    rng = np.random.default_rng(0)
+    return _model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                   helper.make_node("Relu", ["c"], ["y"], name="relu")],
+                  {"w": rng.normal(size=(2, 3, 1, 1)) * 1e-6}, [1, 3, 4, 4], "y")
+
+
+def test_a_graph_input_beyond_fp16_is_flagged_by_inspect_and_scaled_before_the_input_cast():
+    model = _big_input_model()
+    x = [_x(s, (1, 3, 4, 4)) * 1e8 for s in (1, 2)]
+    report = fp16guard.inspect_onnx(model, [{"x": a} for a in x])
+    (finding,) = [f for f in report.findings() if f.rule == "input_overflow"]
+    assert finding.severity == "error" and finding.name == "conv" and report.overflow_found
+    result = fix_model(model, x[:1], validation=x[1:])
+    assert not result.naive.finite and result.verification.finite
+    assert max(r.rel_l2 for r in result.verification.rows) < 1e-3
+    first = result.fixed.graph.node[0]  # the user's FP32 input, scaled in FP32, then cast
+    assert first.op_type == "Mul" and first.input[0] == "x" and first.name in result.conversion.fp32_nodes
+    assert result.fixed.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT

@@ -10,6 +10,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fp16guard
 from fp16guard.cli import main
 from fp16guard.errors import FixError, PlanError
 from fp16guard.fix import torch_pass as tr
@@ -293,3 +294,18 @@ def test_an_rms_norm_whose_variance_overflows_runs_in_pure_fp16():
     assert not result.conversion.fp32_nodes and not result.plan.rescale_ops
     e = result.plan.exponents
     assert e["pow_1"] == 2 * e["linear"] and e["rsqrt"] == -e["pow_1"] // 2
+
+
+def test_an_input_beyond_fp16_is_scaled_in_fp32_before_the_program_casts_it():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU()).eval()
+    with torch.no_grad():
+        m[0].weight.mul_(1e-6)
+    x = [np.random.default_rng(s).normal(size=(1, 3, 4, 4)).astype(np.float32) * 1e8 for s in (1, 2)]
+    with torch.no_grad(), fp16guard.FInspect(m) as probe:
+        m(torch.from_numpy(x[0]))
+    assert any(f.rule == "input_overflow" for f in probe.report().findings())
+    result = fix_model(m, x[:1], validation=x[1:])
+    assert not result.naive.finite and result.verification.finite
+    assert max(r.rel_l2 for r in result.verification.rows) < 1e-3
+    assert len(result.conversion.fp32_nodes) == 1  # the input's scaling, before the cast

@@ -618,21 +618,31 @@ def _rescale_nodes(graph: onnx.GraphProto, src: str, exponent: int, dst: str,
 
 
 def restoring_rescales(model: onnx.ModelProto, fp32_nodes: Sequence[str]) -> list[str]:
-    """The rescale ``Mul`` s (:data:`RESCALE_MARK`) that restore values only for FP32: every reader
-    runs in FP32 (``fp32_nodes``, or another such rescale) or the value is a graph output.
+    """The rescale ``Mul`` s (:data:`RESCALE_MARK`) that run in FP32: those that scale a graph input
+    (beyond FP16 by definition, so before the input cast), and those that restore values only for
+    FP32: every reader runs in FP32 (``fp32_nodes``, or another such rescale) or the value is a graph
+    output.
 
     Such a rescale must run in FP32 too: the value it restores may be beyond 65504 (that is why its
     readers are FP32, and why a graph output needs restoring at all), so computed in FP16 it
     would be inf. Its input is the stored, in-range value, cast up once.
 
     Returns:
-        Node names, in graph order.
+        Node names (input scalings first, then restores).
     """
     fp32 = set(fp32_nodes)
     outputs = {o.name for o in model.graph.output}
     readers = consumers(model.graph)
     found = []
+    fp32_values = {i.name for i in model.graph.input}  # a rescale of a graph input scales it before the cast
+    for node in model.graph.node:
+        if RESCALE_MARK in node.name and node.op_type == "Mul" and node.input[0] in fp32_values:
+            fp32_values.add(node.output[0])
+            fp32.add(node.name)
+            found.append(node.name)
     for node in reversed(model.graph.node):
+        if node.name in found:
+            continue
         if RESCALE_MARK not in node.name or node.op_type != "Mul":
             continue
         users = readers.get(node.output[0], [])
@@ -661,14 +671,21 @@ def _insert_rescales(graph: onnx.GraphProto, solution: ScaleSolution, notes: lis
     for r in solution.rescales:
         if r.consumer:
             by_consumer[(r.tensor, r.consumer)] = r
+    scaled_inputs: dict[str, str] = {}  # a graph input has no producer: its rescale comes first
+    for x in [i.name for i in graph.input if i.name in pending_out]:
+        _, exponent = pending_out.pop(x)
+        scaled_inputs[x] = f"{x}__scaled"
+        new_nodes += _rescale_nodes(graph, x, exponent, scaled_inputs[x], notes)
     for node in graph.node:
         for k, x in enumerate(node.input):
+            src = scaled_inputs.get(x, x)
             r = by_consumer.get((x, node.name))
             if r is not None:
-                if (x, r.exponent) not in made:
-                    made[(x, r.exponent)] = f"{x}__x2^{r.exponent}"
-                    new_nodes += _rescale_nodes(graph, x, r.exponent, made[(x, r.exponent)], notes)
-                node.input[k] = made[(x, r.exponent)]
+                if (src, r.exponent) not in made:
+                    made[(src, r.exponent)] = f"{src}__x2^{r.exponent}"
+                    new_nodes += _rescale_nodes(graph, src, r.exponent, made[(src, r.exponent)], notes)
+                src = made[(src, r.exponent)]
+            node.input[k] = src
         renamed = []
         for j, o in enumerate(node.output):
             if o in pending_out:

@@ -443,6 +443,9 @@ def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleS
     for t in graph_outputs:
         if e.get(t, 0):
             add(t, e[t], "", "graph outputs hold true values")
+    for t in order:  # a graph input beyond FP16: scaled once, in FP32, before the input cast
+        if t not in producer and e.get(t, 0):
+            add(t, -e[t], "", "graph inputs hold true values: scaled in FP32 before the cast to FP16")
 
     # range check: stored values, and true values wherever a consumer needs them unscaled
     for t in order:

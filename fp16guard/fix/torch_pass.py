@@ -638,7 +638,8 @@ def _insert_rescales(g: fx.Graph, solution: ScaleSolution) -> list[RewriteNote]:
 
 
 def restoring_rescales(gm: fx.GraphModule, fp32_nodes: Iterable[str]) -> list[str]:
-    """The rescales (:data:`RESCALE_META`) that restore values only for FP32: every user runs in FP32
+    """The rescales (:data:`RESCALE_META`) that run in FP32: those that scale a graph input (before the
+    cast to FP16), and those that restore values only for FP32: every user runs in FP32
     (``fp32_nodes``, or another such rescale) or is the graph output. They run in FP32 too: the
     restored value may be beyond 65504, which is why its readers need FP32 (see
     :func:`fp16guard.fix.onnx_pass.restoring_rescales`).
@@ -648,8 +649,15 @@ def restoring_rescales(gm: fx.GraphModule, fp32_nodes: Iterable[str]) -> list[st
     """
     fp32 = set(fp32_nodes)
     found = []
+    scales_input = set()  # a rescale of a graph input scales it in FP32, before the cast to FP16
+    for node in gm.graph.nodes:
+        first = node.args[0] if node.args else None
+        if RESCALE_META in node.meta and isinstance(first, fx.Node) and (first.op == "placeholder"
+                                                                         or first.name in scales_input):
+            scales_input.add(node.name)
     for node in reversed(list(gm.graph.nodes)):
-        if RESCALE_META in node.meta and node.users and all(u.op == "output" or u.name in fp32 for u in node.users):
+        if RESCALE_META in node.meta and (node.name in scales_input or node.users and all(
+                u.op == "output" or u.name in fp32 for u in node.users)):
             fp32.add(node.name)
             found.append(node.name)
     return found[::-1]

@@ -272,8 +272,14 @@ class InspectionReport:
                 seen.add((rec.name, rule))
                 out.append(Finding(rule, severity, rec.display_name, rec.kind, rec.index, reason))
 
+        produced_overflow = False  # has any layer so far written a value beyond 65504?
         for rec in self.calls:
             i, o = rec.inputs, rec.outputs
+            if i.overflows and not produced_overflow:
+                add("input_overflow", "error", rec,
+                    f"inputs reach amax {i.amax:.4g}, beyond 65504, and no layer before wrote such a value: the "
+                    f"model's input exceeds FP16 (normalize it, or `fp16guard fix` scales it before the input cast)")
+            produced_overflow |= o.overflows
             if rec.nonfinite_origin:
                 add("nonfinite_origin", "error", rec,
                     f"{o.nonfinite} inf/NaN values out of finite inputs (input amax {i.amax:.4g})")
