@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import fp16guard
 from fp16guard.cli import main
-from fp16guard.errors import FixError, PlanError
+from fp16guard.errors import FixError, ModelLoadError, PlanError
 from fp16guard.fix.onnx_pass import apply_exponents, scale_ops
 from fp16guard.fix.pipeline import apply_plan, calibrate_target, fix_model
 from fp16guard.fix.solver import Role, ScaleOp, complete, solve
@@ -541,3 +541,32 @@ def test_a_graph_input_beyond_fp16_is_flagged_by_inspect_and_scaled_before_the_i
     first = result.fixed.graph.node[0]  # the user's FP32 input, scaled in FP32, then cast
     assert first.op_type == "Mul" and first.input[0] == "x" and first.name in result.conversion.fp32_nodes
     assert result.fixed.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+
+
+def _if_model():
+    """``y = If(x.sum() > 0, x * 1e5, x)``: the overflow is inside the then-branch subgraph."""
+    big = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["t"], name="gain")], "then", [],
+                            [helper.make_tensor_value_info("t", TensorProto.FLOAT, [4])],
+                            [numpy_helper.from_array(np.array(1e5, np.float32), "k")])
+    same = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="same")], "else", [],
+                             [helper.make_tensor_value_info("e", TensorProto.FLOAT, [4])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"], name="positive"),
+             helper.make_node("If", ["c"], ["y"], name="branch", then_branch=big, else_branch=same)]
+    return _model(nodes, {"zero": np.array(0.0)}, [4], "y", [4])
+
+
+def test_control_flow_is_refused_with_one_line_naming_the_node(tmp_path, capsys):
+    """The inspector and the fix read the main graph only: an If whose branch overflows would be a
+    false 'no overflow' (inspect) or an unconverted branch (fix), so both refuse, naming the node."""
+    model = _if_model()
+    x = np.ones(4, np.float32)
+    with pytest.raises(ModelLoadError, match=r"node 'branch' \(If\) has a subgraph and the ONNX inspector"):
+        fp16guard.inspect_onnx(model, [{"x": x}])
+    with pytest.raises(ModelLoadError, match=r"node 'branch' \(If\) has a subgraph and the fix"):
+        fix_model(model, [x])
+    onnx.save(model, tmp_path / "if.onnx")
+    np.save(tmp_path / "x.npy", x)
+    assert main(["inspect", str(tmp_path / "if.onnx"), "--input", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "node 'branch' (If) has a subgraph" in err[0]

@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto
 
 from fp16guard.errors import OnnxSplitError
-from fp16guard.onnx_graph import node_name, node_scope
+from fp16guard.onnx_graph import node_name, node_scope, subgraph_nodes
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
@@ -50,12 +50,11 @@ class OnnxSplitter:
     """
 
     def __init__(self, model: onnx.ModelProto):
-        for node in model.graph.node:
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-                raise OnnxSplitError(
-                    f"node {node.name or node.op_type!r} ({node.op_type}) has a subgraph; fp16guard cuts flat "
-                    "graphs only. Export the model without control flow (e.g. fixed shapes), or bisect "
-                    "the PyTorch model instead.")
+        for node in subgraph_nodes(model):
+            raise OnnxSplitError(
+                f"node {node.name or node.op_type!r} ({node.op_type}) has a subgraph; fp16guard cuts flat "
+                "graphs only. Export the model without control flow (e.g. fixed shapes), or bisect "
+                "the PyTorch model instead.")
         self.model = model
         try:
             inferred = onnx.shape_inference.infer_shapes(model)

@@ -33,7 +33,7 @@ from fp16guard.fix.solver import ScaleOp, ScaleSolution
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
 from fp16guard.fp16_onnx import Fp16Conversion, to_typed_fp16, unfit_constants
 from fp16guard.inputs import NamedInput, onnx_feed, torch_args
-from fp16guard.onnx_graph import consumers, cpu_session, graph_constants, load_onnx, value_ranges
+from fp16guard.onnx_graph import consumers, cpu_session, graph_constants, load_onnx, refuse_control_flow, value_ranges
 from fp16guard.onnx_graph import model_sha256 as onnx_model_sha256
 
 #: ``(node name, input value names, output value names)``: a graph op as the FP32-fallback rule sees it.
@@ -118,7 +118,8 @@ class OnnxFixTarget:
         memory_budget: bytes of intermediate values held at once while measuring.
 
     Raises:
-        ModelLoadError: the file is missing or not a valid ONNX model.
+        ModelLoadError: the file is missing or not a valid ONNX model, or it has control flow
+            (``If``/``Loop``/``Scan``), which the passes do not enter.
     """
 
     framework = "onnx"
@@ -126,6 +127,7 @@ class OnnxFixTarget:
     def __init__(self, model: str | Path | onnx.ModelProto, *, source: str | None = None,
                  model_sha256: str | None = None, memory_budget: int = 1 << 30):
         self.original = load_onnx(model)
+        refuse_control_flow(self.original, "the fix")
         self.source = source or (Path(model).name if not isinstance(model, onnx.ModelProto)
                                  else self.original.graph.name or "model")
         self.model_sha256 = model_sha256 or onnx_model_sha256(self.original)

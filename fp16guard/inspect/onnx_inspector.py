@@ -15,7 +15,16 @@ import onnx
 
 from fp16guard.inspect.report import CallRecord, InspectionReport
 from fp16guard.inspect.static_check import check_onnx
-from fp16guard.onnx_graph import Feeds, feed_list, graph_constants, load_onnx, node_name, node_scope, value_ranges
+from fp16guard.onnx_graph import (
+    Feeds,
+    feed_list,
+    graph_constants,
+    load_onnx,
+    node_name,
+    node_scope,
+    refuse_control_flow,
+    value_ranges,
+)
 from fp16guard.stats import RangeStats
 
 
@@ -41,10 +50,12 @@ def inspect_onnx(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
         run index), nodes in graph (topological) order.
 
     Raises:
-        ModelLoadError: the model is missing or unreadable, or ONNX Runtime cannot load it.
+        ModelLoadError: the model is missing or unreadable, has control flow (``If``/``Loop``/``Scan``:
+            its inner values would go unmeasured), or ONNX Runtime cannot load it.
         InputError: a feed does not match the graph's inputs, or ONNX Runtime fails on it.
     """
     proto = load_onnx(model)
+    refuse_control_flow(proto, "the ONNX inspector")
     consts = graph_constants(proto)
     runs = feed_list(proto, feeds, set(consts))
     name = source or (Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name)
