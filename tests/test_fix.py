@@ -570,3 +570,61 @@ def test_control_flow_is_refused_with_one_line_naming_the_node(tmp_path, capsys)
     assert main(["inspect", str(tmp_path / "if.onnx"), "--input", str(tmp_path / "x.npy")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "node 'branch' (If) has a subgraph" in err[0]
+
+
+def _masked_attention(mask_value=-3.4028234663852886e38):
+    """One attention head with the mask of transformers 4.x: ``scores + (1 - float(mask)) * finfo.min``
+    before the softmax (inputs ``x`` float32 [2, 4, 8] and ``mask`` int64 [2, 4])."""
+    rng = np.random.default_rng(0)
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "wq"], ["q"], name="q"), n("MatMul", ["x", "wk"], ["k"], name="k"),
+             n("MatMul", ["x", "wv"], ["v"], name="v"), n("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+             n("MatMul", ["q", "kt"], ["s"], name="scores"), n("Div", ["s", "sqrt_d"], ["s2"], name="scale"),
+             n("Cast", ["mask"], ["mf"], name="mask_float", to=TensorProto.FLOAT),
+             n("Reshape", ["mf", "shape"], ["um"], name="mask_rows"), n("Sub", ["one", "um"], ["inv"], name="invert"),
+             n("Mul", ["inv", "neg"], ["bias"], name="mask_bias"), n("Add", ["s2", "bias"], ["masked"], name="add_mask"),
+             n("Softmax", ["masked"], ["p"], name="softmax", axis=-1), n("MatMul", ["p", "v"], ["y"], name="context")]
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), w) for w in ("wq", "wk", "wv")]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), k)
+              for k, v in (("sqrt_d", np.sqrt(8.0)), ("one", 1.0), ("neg", mask_value))]
+    inits.append(numpy_helper.from_array(np.array([2, 1, 4], np.int64), "shape"))
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8]),
+                                                   helper.make_tensor_value_info("mask", TensorProto.INT64, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+def test_an_additive_mask_of_finfo_min_is_saturated_and_the_output_is_unchanged():
+    """(1 - mask) * -3.4e38 is -inf in FP16 and 0 * -inf is NaN, so the naive model is NaN on every
+    unmasked position. The constant's every use ends in the softmax, so the fix saturates it to
+    -2^15 and selects masked positions (listed as a rewrite, with why): the error is exactly FP16's
+    rounding error of the same head with a mask FP16 can hold, and a fully padded row stays
+    uniform, as in FP32."""
+    x = [_x(s, (2, 4, 8)) for s in (1, 2, 3)]
+    padded = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int64)
+    result = fix_model(_masked_attention(), [NamedInput("b1", (x[0], padded))],
+                       validation=[NamedInput(f"b{s}", (x[s - 1], padded)) for s in (2, 3)])
+    assert not result.naive.finite and result.verification.finite and not result.conversion.fp32_nodes
+    (note,) = [n for n in result.notes if n.kind == "saturate_constant"]
+    assert note.target == "neg" and "ends in Softmax" in note.detail
+    rounding = fix_model(_masked_attention(-1e4), [NamedInput("b1", (x[0], padded))], force=True,
+                         validation=[NamedInput(f"b{s}", (x[s - 1], padded)) for s in (2, 3)]).naive
+    for fixed, fp16 in zip(result.verification.rows, rounding.rows):  # -1e4 fits FP16: plain rounding
+        assert fixed.rel_l2 <= 1.5 * fp16.rel_l2 + 1e-6
+    empty = np.array([[1, 1, 1, 0], [0, 0, 0, 0]], np.int64)  # the second sequence is all padding
+    (row,) = fix_model(_masked_attention(), [NamedInput("empty", (x[2], empty))]).verification.rows
+    assert row.rel_l2 < 5e-3  # uniform attention over the padded row, as FP32 gives it
+
+
+def test_a_huge_constant_that_does_not_end_in_a_softmax_is_never_clamped():
+    """The same constant added to the output instead of the scores has no proof: it stays, and FP16
+    cannot hold it (the model is refused, not silently changed)."""
+    from fp16guard.fix.onnx_pass import saturate_masks
+
+    model = _masked_attention()
+    model.graph.node[-1].input[0] = "masked"  # the context matmul now reads the masked scores
+    del model.graph.node[-2]  # no softmax: the mask's value reaches the output
+    _, notes = saturate_masks(model)
+    assert not notes

@@ -57,7 +57,8 @@ class RewriteNote:
 
     Attributes:
         kind: ``constant_to_initializer``, ``fold_affine``, ``fold_batchnorm``,
-            ``batchnorm_to_affine``, ``scale``, ``rescale_op``, ``raise_constant``, ``fallback_fp32``
+            ``batchnorm_to_affine``, ``scale``, ``rescale_op``, ``raise_constant``, ``saturate_constant``,
+            ``fallback_fp32``
             (docs/fix-schema.md).
         target: the node (or tensor) changed.
         detail: one sentence.
@@ -785,3 +786,137 @@ def raise_constants(model: onnx.ModelProto, raises: Sequence[tuple[str, float]])
         g.initializer[by_name[name]].CopyFrom(numpy_helper.from_array(new, name))
         notes.append(RewriteNote("raise_constant", name, f"{count} value(s) below {floor:.3g} raised to {floor:.3g}"))
     return m, notes
+
+
+#: What a saturated mask constant becomes: -2**15. Exact in FP16, far below any score that still
+#: counts after a softmax (``exp(-32768 - max)`` is 0 in every precision), and 2**15 away from FP16's
+#: limit, so a masked score ``s - 32768`` cannot overflow to -inf for any ``|s| < 32736``.
+SATURATED_MASK = -(2.0 ** 15)
+
+#: Element types whose values are whole numbers: a float cast of them is an indicator when it is 0/1.
+INDICATOR_TYPES = frozenset({TensorProto.BOOL, TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16,
+                             TensorProto.INT32, TensorProto.INT64})
+
+#: Ops that annihilate a very negative additive term: its position gets weight (or rank) zero.
+MASK_SINKS = frozenset({"Softmax", "LogSoftmax", "ReduceMax", "ArgMax", "TopK"})
+#: Ops that move or broadcast a mask without changing its values.
+MASK_MOVES = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Expand", "Transpose", "Slice", "Identity", "Flatten",
+                        "Tile", "Cast"})
+
+
+def _is_indicator(value: str, producer: Mapping[str, onnx.NodeProto], consts: set[str],
+                  types: Mapping[str, int]) -> bool:
+    """Whether ``value`` holds whole numbers >= 0 by construction: a bool/int tensor cast to float,
+    ``1 - m`` of such an ``m`` taking 0/1, or either moved or broadcast (an attention mask)."""
+    node = producer.get(value)
+    if node is None:
+        return False
+    if node.op_type == "Cast":  # of an integer or bool tensor (the mask input, a comparison)
+        return types.get(node.input[0]) in INDICATOR_TYPES
+    if node.op_type in MASK_MOVES:
+        return _is_indicator(node.input[0], producer, consts, types)
+    if node.op_type == "Sub" and node.input[0] in consts:  # 1 - m, m in {0, 1}
+        return _is_indicator(node.input[1], producer, consts, types)
+    return False
+
+
+def _annihilated(value: str, readers: Mapping[str, list[onnx.NodeProto]], producer, consts, types,
+                 adds: list[tuple[onnx.NodeProto, int]], pure: bool = True, depth: int = 0) -> str | None:
+    """How every use of ``value`` (a very negative additive term) ends at an op that gives its
+    positions weight zero, or None when one use does not: the proof behind :func:`saturate_masks`.
+
+    While ``value`` is the pure mask term, a use may scale it by an indicator (``(1 - m) * C``),
+    select it (``Where(cond, C, x)``), move or broadcast it, or add it to scores (that ``Add`` and
+    the mask side's input index are appended to ``adds``). From then on it may only be moved or
+    added to, and must end in Softmax, LogSoftmax, ReduceMax, ArgMax or TopK.
+    """
+    uses = readers.get(value, [])
+    if not uses or depth > 32:
+        return None
+    sinks = []
+    for node in uses:
+        t = node.op_type
+        if t in MASK_SINKS and node.input[0] == value and not pure:
+            sinks.append(t)
+            continue
+        if pure and t == "Mul" and len(node.input) == 2:
+            other = node.input[1] if node.input[0] == value else node.input[0]
+            if not _is_indicator(other, producer, consts, types):
+                return None
+        elif pure and t == "Where" and node.input[0] != value:
+            pass
+        elif t == "Add" and len(node.input) == 2 and node.input[0] != node.input[1]:
+            if pure:
+                adds.append((node, list(node.input).index(value)))
+        elif t not in MASK_MOVES or t == "Cast" and _attr(node, "to") not in (FLOAT, TensorProto.FLOAT16,
+                                                                               TensorProto.DOUBLE):
+            return None
+        found = _annihilated(node.output[0], readers, producer, consts, types, adds, pure and t != "Add", depth + 1)
+        if found is None:
+            return None
+        sinks.append(found)
+    return ", ".join(dict.fromkeys(sinks))
+
+
+def _select_unmasked(g: onnx.GraphProto, add: onnx.NodeProto, mask_index: int) -> list[onnx.NodeProto]:
+    """``Add(scores, mask)`` as ``Where(mask == 0, scores, mask)``: a masked position holds the mask
+    value itself, whatever its score, so a fully masked row is uniform after the softmax, as in
+    FP32 where ``score + finfo.min`` absorbs the score. Exact for a mask of 0 and one saturated value."""
+    scores, mask = add.input[1 - mask_index], add.input[mask_index]
+    zero, keep = f"{add.name}__zero", f"{add.name}__unmasked"
+    g.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), zero))
+    return [helper.make_node("Equal", [mask, zero], [keep], name=keep),
+            helper.make_node("Where", [keep, scores, mask], list(add.output), name=add.name)]
+
+
+def saturate_masks(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:
+    """Saturate additive-mask constants beyond FP16 (``finfo(float32).min``, -1e9) to
+    :data:`SATURATED_MASK`, where that provably leaves the outputs unchanged.
+
+    ``(1 - mask) * -3.4e38`` added to attention scores becomes ``-inf`` in FP16, and ``0 * -inf``
+    is NaN. A constant is saturated only when all its values beyond FP16 are negative and every
+    use is annihilated (:func:`_annihilated`): scaled by a 0/1 indicator, selected, moved or added
+    to scores, then a softmax (or max, argmax, top-k) along the masked positions. The ``Add`` of
+    scores and mask becomes ``Where(mask == 0, scores, mask)`` (:func:`_select_unmasked`). Then an
+    unmasked position's weight is unchanged (the masked terms' ``exp`` is 0 either way), a masked
+    one stays exactly 0, and a fully masked row holds one value everywhere, uniform after the
+    softmax as in FP32 (where ``score + finfo.min`` absorbs the score). Weights are never clamped:
+    only mask constants with this proof.
+
+    Returns:
+        ``(model', notes)``: one ``saturate_constant`` note per constant, with its reason.
+    """
+    model = _copy(model)
+    g = model.graph
+    readers = consumers(g)
+    producer = {o: n for n in g.node for o in n.output}
+    consts = {i.name for i in g.initializer}
+    types = value_types(model)
+    notes: list[RewriteNote] = []
+    selected: dict[str, int] = {}  # Add node -> index of its mask input
+    for init in list(g.initializer):
+        value = numpy_helper.to_array(init)
+        if value.dtype.kind != "f":
+            continue
+        beyond = np.isfinite(value) & (np.abs(value.astype(np.float64)) > FP16_MAX)
+        if not beyond.any() or (value[beyond] > 0).any():
+            continue
+        adds: list[tuple[onnx.NodeProto, int]] = []
+        sinks = _annihilated(init.name, readers, producer, consts, types, adds)
+        if sinks is None or len(value[~beyond]) and np.any(value[~beyond] != 0):
+            continue  # no proof, or other nonzero values: the mask == 0 test below would misread them
+        new = np.where(beyond, SATURATED_MASK, value).astype(value.dtype)
+        init.CopyFrom(numpy_helper.from_array(new, init.name))
+        selected.update({add.name: index for add, index in adds})
+        notes.append(RewriteNote("saturate_constant", init.name,
+                                 f"{int(beyond.sum())} value(s) down to {float(value[beyond].min()):.3g} set to "
+                                 f"-2^15, and {len(adds)} Add(scores, mask) made Where(mask == 0, scores, mask): an "
+                                 f"additive mask whose every use ends in {sinks}, where its positions get weight 0 "
+                                 f"either way and a fully masked row stays uniform"))
+    if selected:
+        nodes = []
+        for node in g.node:
+            nodes += _select_unmasked(g, node, selected[node.name]) if node.name in selected else [node]
+        del g.node[:]
+        g.node.extend(nodes)
+    return model, notes

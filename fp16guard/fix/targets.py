@@ -95,12 +95,13 @@ def _amax_of(runs: Sequence[Mapping]) -> dict[str, float]:
 
 
 def prepare_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:
-    """The structural passes: constants to initializers, bias Adds and BatchNorms folded.
+    """The structural passes: constants to initializers, additive masks beyond FP16 saturated
+    (:func:`~fp16guard.fix.onnx_pass.saturate_masks`), bias Adds and BatchNorms folded.
 
     Returns ``(model', notes)``; ``model`` is not modified.
     """
     notes: list[RewriteNote] = []
-    for rewrite in (onnx_pass.constants_to_initializers, onnx_pass.fold_affine_constants,
+    for rewrite in (onnx_pass.constants_to_initializers, onnx_pass.saturate_masks, onnx_pass.fold_affine_constants,
                     onnx_pass.fold_batchnorms, onnx_pass.fold_affine_constants):
         model, n = rewrite(model)
         notes += n
