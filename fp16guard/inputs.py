@@ -14,6 +14,7 @@ same inputs for the same model.
 
 from __future__ import annotations
 
+import re
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +38,15 @@ class NamedInput:
             (``uint8 [H, W, 3]`` RGB image; ``float32 [T]`` waveform in [-1, 1]).
         sample_rate: samples per second for audio, else None.
         kind: ``arrays``, ``image`` or ``audio``.
+        names: the arrays' names where the file gave them (``.npz`` keys), else empty; an ONNX
+            model is fed by these names when they are its input names (:func:`onnx_feed`).
     """
 
     label: str
     arrays: tuple[np.ndarray, ...]
     sample_rate: int | None = None
     kind: str = "arrays"
+    names: tuple[str, ...] = ()
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
@@ -83,8 +87,8 @@ def load_input(path: str | Path) -> NamedInput:
     """Load one ``--input`` file.
 
     * ``.npy``: one array, the model's single input.
-    * ``.npz``: several arrays, fed in the order of their names in the archive (``arr_0``, ...)
-      or by name for ONNX models whose inputs carry those names.
+    * ``.npz``: several arrays; an ONNX model gets them by key (``np.savez(f, x=..., mask=...)``),
+      positional archives (``arr_0``, ``arr_1``, ...) in order.
     * an image (``.png``, ``.jpg``, ...): ``uint8 [H, W, 3]`` RGB, ``kind="image"``.
     * ``.wav``: mono float32 waveform, ``kind="audio"``.
 
@@ -100,7 +104,7 @@ def load_input(path: str | Path) -> NamedInput:
             return NamedInput(p.name, (np.load(p, allow_pickle=False),))
         if suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
-                return NamedInput(p.name, tuple(z[k] for k in z.files))
+                return NamedInput(p.name, tuple(z[k] for k in z.files), names=tuple(z.files))
     except (ValueError, OSError) as e:
         raise InputError(f"{p}: not a readable numpy file ({e})") from None
     if suffix in IMAGE_SUFFIXES:
@@ -163,18 +167,28 @@ def onnx_feed(input_names: Sequence[str], item: NamedInput) -> dict[str, np.ndar
     Arrays are matched to ``input_names`` by position; floating arrays become float32 (the FP32
     model's input type), others are kept.
 
+    Arrays named by their file (``.npz`` keys other than ``arr_N``) are matched to ``input_names``
+    by name.
+
     Raises:
-        InputError: a raw image or waveform (an ONNX model needs its own preprocessing), or the
-            wrong number of arrays.
+        InputError: a raw image or waveform (an ONNX model needs its own preprocessing), the
+            wrong number of arrays, or names that are not the model's input names.
     """
     if item.kind != "arrays":
         raise InputError(f"{item.label}: an ONNX model takes .npy/.npz arrays, not a raw {item.kind}; "
                          "convert it with the model's preprocessing first")
-    if len(item.arrays) != len(input_names):
+    arrays = item.arrays
+    if item.names and not all(re.fullmatch(r"arr_\d+", n) for n in item.names):
+        if set(item.names) != set(input_names):
+            raise InputError(f"{item.label}: its arrays are named {', '.join(item.names)}, the model's inputs "
+                             f"{', '.join(input_names)}; name them alike or save them in order with np.savez(f, a, b)")
+        arrays = tuple(item.arrays[item.names.index(n)] for n in input_names)
+    if len(arrays) != len(input_names):
         raise InputError(f"{item.label}: the model takes {len(input_names)} input(s) "
-                         f"({', '.join(input_names)}), got {len(item.arrays)}")
-    return {n: np.ascontiguousarray(a.astype(np.float32) if a.dtype.kind == "f" else a)
-            for n, a in zip(input_names, item.arrays)}
+                         f"({', '.join(input_names)}), got {len(arrays)}")
+    # np.require, not np.ascontiguousarray: the latter turns a scalar input of shape () into [1]
+    return {n: np.require(a.astype(np.float32) if a.dtype.kind == "f" else a, requirements="C")
+            for n, a in zip(input_names, arrays)}
 
 
 def torch_args(item: NamedInput):
@@ -194,6 +208,6 @@ def torch_args(item: NamedInput):
         return (torch.from_numpy(item.arrays[0].astype(np.float32))[None],)
     out = []
     for a in item.arrays:
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = torch.from_numpy(np.require(a, requirements="C"))  # keeps shape () (ascontiguousarray does not)
         out.append(t.float() if t.dtype == torch.float64 else t)
     return tuple(out)

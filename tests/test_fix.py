@@ -628,3 +628,25 @@ def test_a_huge_constant_that_does_not_end_in_a_softmax_is_never_clamped():
     del model.graph.node[-2]  # no softmax: the mask's value reaches the output
     _, notes = saturate_masks(model)
     assert not notes
+
+
+def test_npz_arrays_are_fed_by_key_and_a_scalar_input_keeps_shape_empty(tmp_path):
+    """``np.savez(f, mask=..., x=...)`` stores mask first: fed by position, x would get the mask.
+    And a model input of shape () stays () (np.ascontiguousarray would make it [1])."""
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int64)
+    onnx.save(_masked_attention(), tmp_path / "attention.onnx")
+    np.savez(tmp_path / "batch.npz", mask=mask, x=_x(1, (2, 4, 8)))
+    assert main(["fix", str(tmp_path / "attention.onnx"), "--input", str(tmp_path / "batch.npz"),
+                 "-o", str(tmp_path / "fixed.onnx")]) == 0
+    np.savez(tmp_path / "wrong.npz", mask=mask, inputs=_x(1, (2, 4, 8)))
+    assert main(["calibrate", str(tmp_path / "attention.onnx"), "--input", str(tmp_path / "wrong.npz"),
+                 "-o", str(tmp_path / "p.json")]) == 2
+
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "gain"], ["y"], name="gain")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+                               helper.make_tensor_value_info("gain", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    scalar = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    scalar.ir_version = 9
+    result = fix_model(scalar, [NamedInput("x, gain", (np.ones(4, np.float32), np.array(3.0, np.float32)))])
+    assert result.verification.finite and result.verification.rows[0].rel_l2 == 0

@@ -125,7 +125,7 @@ class TensorRTEngine(Engine):
         torch, trt = self._torch, self.trt
         keep = []
         for name in self.input_names:
-            t = torch.as_tensor(np.ascontiguousarray(feeds[name])).cuda()
+            t = torch.as_tensor(np.require(feeds[name], requirements="C")).cuda()
             keep.append(t)
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())

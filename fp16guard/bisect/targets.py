@@ -264,7 +264,7 @@ class TorchSplitTarget:
             for args, ref in zip(self.inputs, self.reference):
                 mid = engine.run({name: t.numpy() for name, t in zip(engine.input_names, args)})
                 with torch.no_grad():
-                    out = suffix(*(torch.from_numpy(np.ascontiguousarray(a)) for a in mid), *args)
+                    out = suffix(*(torch.from_numpy(np.require(a, requirements="C")) for a in mid), *args)
                 yield metric([t.numpy() for t in out if isinstance(t, torch.Tensor)], ref)
 
         worst, runs = _worst(errors())

@@ -119,7 +119,7 @@ class _Constants:
             self.count += 1
         name = f"_fp16guard_c{self.count}"
         dtype = like.dtype if like is not None else torch.float32
-        self.gm.register_buffer(name, torch.from_numpy(np.ascontiguousarray(value)).to(dtype))
+        self.gm.register_buffer(name, torch.from_numpy(np.require(value, requirements="C")).to(dtype))
         with self.gm.graph.inserting_before(before):
             return self.gm.graph.get_attr(name)
 
