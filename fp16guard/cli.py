@@ -164,12 +164,13 @@ def _inspect(args, console: Console) -> int:
         if args.ops or args.half or args.device != "cpu":
             raise UsageError("--ops, --half and --device apply to PyTorch models only")
         from fp16guard.inputs import onnx_feed
-        from fp16guard.onnx_graph import graph_constants
+        from fp16guard.onnx_graph import graph_constants, load_onnx
 
-        consts = graph_constants(model)
-        names = [i.name for i in model.graph.input if i.name not in consts]
+        proto = load_onnx(model)  # an example names its file; a MODEL argument is loaded already
+        consts = graph_constants(proto)
+        names = [i.name for i in proto.graph.input if i.name not in consts]
         feeds = [onnx_feed(names, i) for i in inputs]  # by .npz key where the arrays are named
-        report = inspect_onnx(model, feeds, labels=[i.label for i in inputs],
+        report = inspect_onnx(proto, feeds, labels=[i.label for i in inputs],
                               memory_budget=int(args.memory_budget * (1 << 30)),
                               source=Path(args.model or model).name)
     else:
