@@ -164,11 +164,10 @@ def _inspect(args, console: Console) -> int:
         if args.ops or args.half or args.device != "cpu":
             raise UsageError("--ops, --half and --device apply to PyTorch models only")
         from fp16guard.inputs import onnx_feed
-        from fp16guard.onnx_graph import graph_constants, load_onnx
+        from fp16guard.onnx_graph import fed_inputs, load_onnx
 
         proto = load_onnx(model)  # an example names its file; a MODEL argument is loaded already
-        consts = graph_constants(proto)
-        names = [i.name for i in proto.graph.input if i.name not in consts]
+        names = fed_inputs(proto)
         feeds = [onnx_feed(names, i) for i in inputs]  # by .npz key where the arrays are named
         report = inspect_onnx(proto, feeds, labels=[i.label for i in inputs],
                               memory_budget=int(args.memory_budget * (1 << 30)),
@@ -347,8 +346,6 @@ def _fix(args, console: Console) -> int:
     from fp16guard.fix import fix_model, print_fix
     from fp16guard.plan import RewritePlan
 
-    if args.tolerance is not None and not 0 < args.tolerance < float("inf"):
-        raise UsageError(f"--tolerance {args.tolerance}: give a positive relative L2 error, e.g. 0.07")
     model, calibration, validation, framework, name, metrics = _calibration_sets(args, console)
     plan = RewritePlan.load(args.plan) if args.plan else None
     if plan is None and not calibration:
@@ -407,6 +404,30 @@ def _fetch(args, console: Console) -> int:
     return EXIT_CLEAN
 
 
+#: Options that name a file the command writes, by argparse destination.
+OUTPUT_OPTIONS = {"output": "-o", "json": "--json", "plot": "--plot", "save_plan": "--save-plan"}
+
+
+def _check_options(args) -> None:
+    """Refuse, before any work, a file to write whose folder does not exist and a plan option out
+    of range (a headroom target beyond FP16's normal range, a tolerance that is not positive).
+
+    Raises:
+        UsageError: naming the option, the value, and what to give instead.
+    """
+    for dest, flag in OUTPUT_OPTIONS.items():
+        path = getattr(args, dest, None)
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it first")
+    target = getattr(args, "target_log2", None)
+    if target is not None and not 1 <= target <= 15:
+        raise UsageError(f"--target-log2 {target}: give 1 to 15 (stored activations at most 2^K; 2^15 = 32768 is "
+                         f"the largest power of two below 65504)")
+    tolerance = getattr(args, "tolerance", None)
+    if args.command == "fix" and tolerance is not None and not 0 < tolerance < float("inf"):
+        raise UsageError(f"--tolerance {tolerance}: give a positive relative L2 error, e.g. 0.07")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fp16guard`` console script; returns the exit status.
 
@@ -421,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"inspect": _inspect, "bisect": _bisect, "calibrate": _calibrate, "fix": _fix, "export": _export,
                 "fetch-examples": _fetch}
     try:
+        _check_options(args)  # before any work: a missing folder is known now, not after calibration
         return commands[args.command](args, console)
     except Fp16GuardError as e:
         print(f"fp16guard: error: {e}", file=sys.stderr)

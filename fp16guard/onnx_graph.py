@@ -140,6 +140,13 @@ def graph_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
+def fed_inputs(model: onnx.ModelProto) -> list[str]:
+    """Names of the graph inputs a caller feeds, in order: graph inputs that are not also
+    initializers or ``Constant`` outputs (older exporters list weights as inputs too)."""
+    constants = graph_constants(model)
+    return [i.name for i in model.graph.input if i.name not in constants]
+
+
 def node_name(node: onnx.NodeProto, index: int) -> str:
     """A node's name, or ``<op_type>_<index>`` for an unnamed node (``index``: its graph position)."""
     return node.name or f"{node.op_type}_{index}"

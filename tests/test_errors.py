@@ -50,3 +50,24 @@ def test_classes_keep_the_builtin_they_replaced():
     assert issubclass(InputError, ValueError) and issubclass(BackendError, RuntimeError)
     assert issubclass(UsageError, Fp16GuardError) and StillOverflowsError.exit_code == 1
     assert InputError.exit_code == 2 and UsageError.exit_code == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fix", "{m}", "--input", "{x}", "-o", "{missing}/fixed.onnx"], "does not exist; create it first"),
+    (["fix", "{m}", "--input", "{x}", "-o", "{tmp}/f.onnx", "--json", "{missing}/r.json"], "does not exist"),
+    (["calibrate", "{m}", "--input", "{x}", "-o", "{missing}/plan.json"], "does not exist"),
+    (["inspect", "{m}", "--input", "{x}", "--plot", "{missing}/r.png"], "does not exist"),
+    (["bisect", "{m}", "--input", "{x}", "--json", "{missing}/b.json"], "does not exist"),
+    (["calibrate", "{m}", "--input", "{x}", "-o", "{tmp}/p.json", "--target-log2", "40"], "give 1 to 15"),
+    (["fix", "{m}", "--input", "{x}", "-o", "{tmp}/f.onnx", "--tolerance", "nan"], "give a positive relative L2"),
+])
+def test_bad_options_are_refused_in_one_line_before_any_work(tmp_path, capsys, argv, message):
+    """A missing output folder, a headroom target or tolerance out of range: exit 2 at once (not
+    after the calibration), one line on stderr, nothing on stdout."""
+    _log_eps(tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.array([0.0, 1.0, 2.0, 3.0], np.float32))
+    names = {"m": tmp_path / "m.onnx", "x": tmp_path / "x.npy", "tmp": tmp_path, "missing": tmp_path / "nope"}
+    assert main([a.format(**names) for a in argv]) == 2
+    out = capsys.readouterr()
+    assert len(out.err.strip().splitlines()) == 1 and message in out.err and not out.out
+    assert not (tmp_path / "f.onnx").exists() and not (tmp_path / "p.json").exists()

@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto
 
 from fp16guard.errors import OnnxSplitError
-from fp16guard.onnx_graph import node_name, node_scope, subgraph_nodes
+from fp16guard.onnx_graph import fed_inputs, node_name, node_scope, subgraph_nodes
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
@@ -66,8 +66,7 @@ class OnnxSplitter:
         self.types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
         self.types.update({i.name: i.data_type for i in g.initializer})
         self.nodes = list(model.graph.node)
-        self.graph_inputs = [i.name for i in model.graph.input
-                             if i.name not in {init.name for init in model.graph.initializer}]
+        self.graph_inputs = fed_inputs(model)
         self.graph_outputs = [o.name for o in model.graph.output]
         self.candidates = [
             Candidate(i, node_name(n, i), n.op_type, node_scope(n))

@@ -641,8 +641,9 @@ def restoring_rescales(model: onnx.ModelProto, fp32_nodes: Sequence[str]) -> lis
             fp32_values.add(node.output[0])
             fp32.add(node.name)
             found.append(node.name)
+    scaling_inputs = set(found)
     for node in reversed(model.graph.node):
-        if node.name in found:
+        if node.name in scaling_inputs:
             continue
         if RESCALE_MARK not in node.name or node.op_type != "Mul":
             continue
@@ -804,10 +805,11 @@ MASK_MOVES = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Expand", "Transpose"
                         "Tile", "Cast"})
 
 
-def _is_indicator(value: str, producer: Mapping[str, onnx.NodeProto], consts: set[str],
+def _is_indicator(value: str, producer: Mapping[str, onnx.NodeProto], consts: Mapping[str, np.ndarray],
                   types: Mapping[str, int]) -> bool:
-    """Whether ``value`` holds whole numbers >= 0 by construction: a bool/int tensor cast to float,
-    ``1 - m`` of such an ``m`` taking 0/1, or either moved or broadcast (an attention mask)."""
+    """Whether ``value`` is a 0/1 indicator: a bool or integer tensor cast to float (an attention
+    mask, whose integers are taken to be 0/1 as tokenizers write them), ``1 - m`` of such an ``m``,
+    or either moved or broadcast. ``consts``: the graph's initializer values by name."""
     node = producer.get(value)
     if node is None:
         return False
@@ -815,7 +817,7 @@ def _is_indicator(value: str, producer: Mapping[str, onnx.NodeProto], consts: se
         return types.get(node.input[0]) in INDICATOR_TYPES
     if node.op_type in MASK_MOVES:
         return _is_indicator(node.input[0], producer, consts, types)
-    if node.op_type == "Sub" and node.input[0] in consts:  # 1 - m, m in {0, 1}
+    if node.op_type == "Sub" and node.input[0] in consts and np.all(consts[node.input[0]] == 1):  # 1 - m
         return _is_indicator(node.input[1], producer, consts, types)
     return False
 
@@ -890,7 +892,7 @@ def saturate_masks(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Rewrit
     g = model.graph
     readers = consumers(g)
     producer = {o: n for n in g.node for o in n.output}
-    consts = {i.name for i in g.initializer}
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     types = value_types(model)
     notes: list[RewriteNote] = []
     selected: dict[str, int] = {}  # Add node -> index of its mask input

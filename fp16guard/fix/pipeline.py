@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from fp16guard.backends import Backend
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow, refusal
@@ -41,9 +42,10 @@ from fp16guard.fix.solver import ScaleSolution, complete, solve
 from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL
 from fp16guard.fp16_onnx import Fp16Conversion
-from fp16guard.inputs import NamedInput, as_inputs
+from fp16guard.inputs import NamedInput, as_inputs, torch_args
 from fp16guard.jsonio import strict
 from fp16guard.plan import PlanRegion, PlanUnderflow, RewritePlan
+from fp16guard.torch_graph import dynamic_dims, export_onnx, state_dict_sha256
 
 logger = logging.getLogger("fp16guard")
 
@@ -358,8 +360,6 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
 
 
 def _is_torch(model) -> bool:
-    import torch
-
     return isinstance(model, torch.nn.Module)
 
 
@@ -388,9 +388,6 @@ def make_target(model, inputs: Sequence[NamedInput], *, graph: str | None = None
         raise FixError("a PyTorch model needs inputs to be captured")
     if graph != "onnx":
         return TorchFixTarget(model, inputs, source=source)
-    from fp16guard.inputs import torch_args
-    from fp16guard.torch_graph import dynamic_dims, export_onnx, state_dict_sha256
-
     examples = [torch_args(i) for i in inputs]
     proto = export_onnx(model, examples[0], dynamic_shapes=dynamic_dims(examples), what=type(model).__name__)
     return OnnxFixTarget(proto, source=source or type(model).__name__, model_sha256=state_dict_sha256(model))

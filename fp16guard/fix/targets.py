@@ -24,17 +24,21 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import onnx
+import torch
+from torch import fx
+from torch.utils._pytree import tree_flatten
 
 from fp16guard.backends import Backend, get_backend
 from fp16guard.errors import BackendError, PlanError
-from fp16guard.fix import onnx_pass
+from fp16guard.fix import onnx_pass, torch_pass
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import ScaleOp, ScaleSolution
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
 from fp16guard.fp16_onnx import Fp16Conversion, to_typed_fp16, unfit_constants
 from fp16guard.inputs import NamedInput, onnx_feed, torch_args
-from fp16guard.onnx_graph import consumers, cpu_session, graph_constants, load_onnx, refuse_control_flow, value_ranges
+from fp16guard.onnx_graph import consumers, cpu_session, fed_inputs, load_onnx, refuse_control_flow, value_ranges
 from fp16guard.onnx_graph import model_sha256 as onnx_model_sha256
+from fp16guard.torch_graph import capture, eval_mode, get_attr, state_dict_sha256
 
 #: ``(node name, input value names, output value names)``: a graph op as the FP32-fallback rule sees it.
 NodeIO = tuple[str, Sequence[str], Sequence[str]]
@@ -94,15 +98,25 @@ def _amax_of(runs: Sequence[Mapping]) -> dict[str, float]:
     return out
 
 
+#: The structural passes after ``constants_to_initializers``: additive masks beyond FP16 saturated
+#: (:func:`~fp16guard.fix.onnx_pass.saturate_masks`), bias Adds and BatchNorms folded.
+STRUCTURAL_PASSES = (onnx_pass.saturate_masks, onnx_pass.fold_affine_constants, onnx_pass.fold_batchnorms,
+                     onnx_pass.fold_affine_constants)
+
+
 def prepare_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:
-    """The structural passes: constants to initializers, additive masks beyond FP16 saturated
-    (:func:`~fp16guard.fix.onnx_pass.saturate_masks`), bias Adds and BatchNorms folded.
+    """Constants to initializers, then the :data:`STRUCTURAL_PASSES`.
 
     Returns ``(model', notes)``; ``model`` is not modified.
     """
-    notes: list[RewriteNote] = []
-    for rewrite in (onnx_pass.constants_to_initializers, onnx_pass.saturate_masks, onnx_pass.fold_affine_constants,
-                    onnx_pass.fold_batchnorms, onnx_pass.fold_affine_constants):
+    model, notes = onnx_pass.constants_to_initializers(model)
+    return _structural(model, notes)
+
+
+def _structural(model: onnx.ModelProto, notes: list[RewriteNote]) -> tuple[onnx.ModelProto, list[RewriteNote]]:
+    """The :data:`STRUCTURAL_PASSES` on a model whose constants are initializers; notes appended."""
+    notes = list(notes)
+    for rewrite in STRUCTURAL_PASSES:
         model, n = rewrite(model)
         notes += n
     return model, notes
@@ -133,15 +147,13 @@ class OnnxFixTarget:
                                  else self.original.graph.name or "model")
         self.model_sha256 = model_sha256 or onnx_model_sha256(self.original)
         self.memory_budget = memory_budget
-        self.base, _ = onnx_pass.constants_to_initializers(self.original)
-        self.prepared, self.prepared_notes = prepare_onnx(self.original)
-        self._feeds: dict[int, dict[str, np.ndarray]] = {}
+        self.input_names = fed_inputs(self.original)
+        self.base, notes = onnx_pass.constants_to_initializers(self.original)
+        self.prepared, self.prepared_notes = _structural(self.base, notes)
 
     def feed(self, item: NamedInput) -> dict[str, np.ndarray]:
         """``item`` as a feed of the model's graph inputs (one inputs-to-feeds path: :func:`onnx_feed`)."""
-        consts = set(graph_constants(self.original))
-        names = [i.name for i in self.original.graph.input if i.name not in consts]
-        return onnx_feed(names, item)
+        return onnx_feed(self.input_names, item)
 
     def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
         """See :meth:`FixTarget.activation_amax`."""
@@ -218,34 +230,30 @@ class TorchFixTarget:
     framework = "torch"
 
     def __init__(self, model, inputs: Sequence[NamedInput], *, source: str | None = None):
-        from fp16guard.fix import torch_pass as tp
-        from fp16guard.torch_graph import capture, state_dict_sha256
-
-        self._tp = tp
         self.model = model
         self.source = source or type(model).__name__
         self.model_sha256 = state_dict_sha256(model)
         self.examples = [torch_args(i) for i in inputs]
-        self.base = tp.annotate(capture(model, self.examples), self.examples[0])
-        self.prepared, self.prepared_notes = tp.fold_batchnorms(self.base)
-        tp.annotate(self.prepared, self.examples[0])
+        self.base = torch_pass.annotate(capture(model, self.examples), self.examples[0])
+        self.prepared, self.prepared_notes = torch_pass.fold_batchnorms(self.base)
+        torch_pass.annotate(self.prepared, self.examples[0])
 
     def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
         """See :meth:`FixTarget.activation_amax`."""
-        return self._tp.activation_amax(self.prepared if prepared else self.base, [torch_args(i) for i in inputs])
+        return torch_pass.activation_amax(self.prepared if prepared else self.base, [torch_args(i) for i in inputs])
 
     def scale_ops(self) -> list[ScaleOp]:
         """See :meth:`FixTarget.scale_ops`."""
-        return self._tp.scale_ops(self.prepared)
+        return torch_pass.scale_ops(self.prepared)
 
     def graph_io(self) -> tuple[list[str], list[str]]:
         """See :meth:`FixTarget.graph_io`."""
-        return self._tp.graph_io(self.prepared)
+        return torch_pass.graph_io(self.prepared)
 
     def flushed_constants(self) -> list[tuple[str, list[str], float, int]]:
         """See :meth:`FixTarget.flushed_constants`."""
         out = []
-        for target, (value, readers) in self._tp.constants(self.prepared).items():
+        for target, (value, readers) in torch_pass.constants(self.prepared).items():
             nonzero = int(np.count_nonzero(value))
             flushed = int(np.count_nonzero((value != 0) & (np.abs(value) <= FP16_MIN_SUBNORMAL / 2)))
             if flushed and flushed == nonzero:
@@ -254,12 +262,6 @@ class TorchFixTarget:
 
     def fallback_graph(self) -> tuple[list[NodeIO], set[str]]:
         """See :meth:`FixTarget.fallback_graph`."""
-        import torch
-        from torch import fx
-        from torch.utils._pytree import tree_flatten
-
-        from fp16guard.torch_graph import get_attr
-
         gm = self.base
         nodes = [(n.name, [a.name for a in tree_flatten((n.args, n.kwargs))[0] if isinstance(a, fx.Node)], [n.name])
                  for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
@@ -272,31 +274,24 @@ class TorchFixTarget:
 
     def rewrite(self, solution: ScaleSolution, raises: Sequence[tuple[str, float]]):
         """See :meth:`FixTarget.rewrite`."""
-        scaled, notes = self._tp.apply_exponents(self.prepared, solution)
+        scaled, notes = torch_pass.apply_exponents(self.prepared, solution)
         if raises:
-            scaled, n = self._tp.raise_constants(scaled, raises)
+            scaled, n = torch_pass.raise_constants(scaled, raises)
             notes += n
-        return self._tp.annotate(scaled, self.examples[0]), notes
+        return torch_pass.annotate(scaled, self.examples[0]), notes
 
     def convert(self, graph, fp32_nodes: Sequence[str]) -> tuple[object, Fp16Conversion]:
         """See :meth:`FixTarget.convert` (:func:`~fp16guard.fix.torch_pass.to_fp16_program`); rescales
         that restore values only for FP32 users or the output run in FP32 with them
         (:func:`~fp16guard.fix.torch_pass.restoring_rescales`)."""
-        import torch
-
-        nodes = [*fp32_nodes, *self._tp.restoring_rescales(graph, fp32_nodes)]
-        program = self._tp.to_fp16_program(graph, nodes)
+        nodes = [*fp32_nodes, *torch_pass.restoring_rescales(graph, fp32_nodes)]
+        program = torch_pass.to_fp16_program(graph, nodes)
         casts = sum(1 for n in program.graph.nodes
                     if n.op == "call_function" and n.target is torch.ops.aten._to_copy.default)
         return program, Fp16Conversion(fp32_nodes=nodes, casts=casts)
 
     def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
         """See :meth:`FixTarget.references` (the module itself, FP32, CPU, eval mode)."""
-        import torch
-        from torch.utils._pytree import tree_flatten
-
-        from fp16guard.torch_graph import eval_mode
-
         with eval_mode(self.model), torch.no_grad():
             return [[t.float().numpy() for t in tree_flatten(self.model(*torch_args(i)))[0] if isinstance(t, torch.Tensor)]
                     for i in inputs]
@@ -308,12 +303,9 @@ class TorchFixTarget:
         Raises:
             BackendError: ``torch`` without a CUDA device, or another backend.
         """
-        import torch
-        from torch.utils._pytree import tree_flatten
-
         if backend == "emulate":
             return (f"strict FP16 emulation (PyTorch {torch.__version__}, CPU)",
-                    lambda item: [t.float().numpy() for t in self._tp.run_emulated(fixed, *torch_args(item))])
+                    lambda item: [t.float().numpy() for t in torch_pass.run_emulated(fixed, *torch_args(item))])
         if backend != "torch":
             raise BackendError(f"a PyTorch model is verified on emulate or torch, not {backend!r}")
         if not torch.cuda.is_available():
