@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -125,13 +125,7 @@ def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_
                  for name, readers, value, flushed in target.flushed_constants()]
     nodes, overflowing = target.fallback_graph()
     fallback = fallback_nodes(nodes, target.activation_amax(inputs, prepared=False), overflowing, target_log2)
-    plan = _plan(target, target_log2, [i.label for i in inputs], sol, underflow, fallback)
-    if isinstance(target, TorchFixTarget):
-        from fp16guard.fix.module_scales import module_scales
-
-        scales = module_scales(target.model, plan, target.examples, captured=target.base)
-        plan = replace(plan, modules=[m.to_json() for m in scales])
-    return plan
+    return target.complete_plan(_plan(target, target_log2, [i.label for i in inputs], sol, underflow, fallback))
 
 
 def _plan(target: FixTarget, target_log2: int, labels: list[str], sol: ScaleSolution,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
 
@@ -31,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 from fp16guard.backends import Backend, get_backend
 from fp16guard.errors import BackendError, PlanError
 from fp16guard.fix import onnx_pass, torch_pass
+from fp16guard.fix.module_scales import module_scales
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import ScaleOp, ScaleSolution
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
@@ -38,6 +40,7 @@ from fp16guard.fp16_onnx import Fp16Conversion, to_typed_fp16, unfit_constants
 from fp16guard.inputs import NamedInput, onnx_feed, torch_args
 from fp16guard.onnx_graph import consumers, cpu_session, fed_inputs, load_onnx, refuse_control_flow, value_ranges
 from fp16guard.onnx_graph import model_sha256 as onnx_model_sha256
+from fp16guard.plan import RewritePlan
 from fp16guard.torch_graph import capture, eval_mode, get_attr, state_dict_sha256
 
 #: ``(node name, input value names, output value names)``: a graph op as the FP32-fallback rule sees it.
@@ -84,6 +87,10 @@ class FixTarget(Protocol):
 
     def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
         """The FP32 model's outputs on each input."""
+
+    def complete_plan(self, plan: RewritePlan) -> RewritePlan:
+        """The calibrated plan with what only this framework's rewriters need (PyTorch: per-module
+        scales for the mmdeploy rewriters)."""
 
     def runner(self, fixed: object, backend: str | Backend) -> tuple[str, Runner]:
         """``(backend description, run)`` for an FP16 model made by :meth:`convert`."""
@@ -206,6 +213,10 @@ class OnnxFixTarget:
         session = cpu_session(self.original)
         return [session.run(None, self.feed(i)) for i in inputs]
 
+    def complete_plan(self, plan: RewritePlan) -> RewritePlan:
+        """See :meth:`FixTarget.complete_plan`: an ONNX plan needs nothing more."""
+        return plan
+
     def runner(self, fixed: onnx.ModelProto, backend: str | Backend) -> tuple[str, Runner]:
         """See :meth:`FixTarget.runner`: ``backend`` builds an engine of ``fixed``."""
         be = get_backend(backend) if isinstance(backend, str) else backend
@@ -295,6 +306,12 @@ class TorchFixTarget:
         with eval_mode(self.model), torch.no_grad():
             return [[t.float().numpy() for t in tree_flatten(self.model(*torch_args(i)))[0] if isinstance(t, torch.Tensor)]
                     for i in inputs]
+
+    def complete_plan(self, plan: RewritePlan) -> RewritePlan:
+        """See :meth:`FixTarget.complete_plan`: the exponents at each module's boundary
+        (:func:`~fp16guard.fix.module_scales.module_scales`), from the graph captured here."""
+        scales = module_scales(self.model, plan, self.examples, captured=self.base)
+        return replace(plan, modules=[m.to_json() for m in scales])
 
     def runner(self, fixed, backend: str | Backend) -> tuple[str, Runner]:
         """See :meth:`FixTarget.runner`: ``emulate`` (strict FP16 emulation on the CPU) or ``torch``
