@@ -17,6 +17,7 @@ fp16guard only uses factors ``F = 2**k``.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -97,6 +98,15 @@ def exponent_for(amax: float, target_log2: int) -> int:
 def pow2(exponent: int) -> float:
     """``2.0 ** exponent`` as a Python float (exact)."""
     return math.ldexp(1.0, int(exponent))
+
+
+def simple_fraction(c: float) -> Fraction | None:
+    """``c`` as a nonzero fraction with denominator at most 4 (2, 0.5, -1, 1.5), else None: the
+    exponents whose powers of two stay powers of two with an integer exponent after rounding."""
+    if not math.isfinite(c):
+        return None
+    f = Fraction(c).limit_denominator(4)
+    return f if f != 0 and abs(float(f) - c) <= 1e-12 * max(1.0, abs(c)) else None
 
 
 def fp16_exact_steps(exponent: int) -> list[int]:

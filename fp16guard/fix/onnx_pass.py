@@ -26,7 +26,6 @@ Passes, in the order :func:`fp16guard.fix.pipeline.fix_target` runs them:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Mapping, Sequence
@@ -44,6 +43,7 @@ from fp16guard.folding import (
     keeps_fp16_precision,
     pow2,
     raise_small,
+    simple_fraction,
 )
 from fp16guard.fp16 import FP16_MAX
 from fp16guard.onnx_graph import consumers, node_scope, value_types
@@ -436,15 +436,6 @@ def scale_ops(model: onnx.ModelProto) -> list[ScaleOp]:
 
 #: Ops homogeneous of a fixed degree in their one activation input: ``f(x/F) = f(x)/F**c``.
 POWER_DEGREES = {"Sqrt": Fraction(1, 2), "Reciprocal": Fraction(-1), "ReduceSumSquare": Fraction(2)}
-
-
-def simple_fraction(c: float) -> Fraction | None:
-    """``c`` as a nonzero fraction with denominator at most 4 (2, 0.5, -1, 1.5), else None: the
-    exponents whose powers of two stay powers of two with an integer exponent after rounding."""
-    if not math.isfinite(c):
-        return None
-    f = Fraction(c).limit_denominator(4)
-    return f if f != 0 and abs(float(f) - c) <= 1e-12 * max(1.0, abs(c)) else None
 
 
 def _power_degree(node: onnx.NodeProto, acts: tuple[str, ...], values: Mapping[str, onnx.TensorProto]) -> Fraction | None:

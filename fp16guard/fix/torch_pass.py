@@ -42,9 +42,16 @@ from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fp16guard.errors import ExportError, RewriteError
-from fp16guard.fix.onnx_pass import RewriteNote, simple_fraction
+from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import Role, ScaleOp, ScaleSolution
-from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2, raise_small
+from fp16guard.folding import (
+    fold_affine_into_weights,
+    fold_batchnorm,
+    keeps_fp16_precision,
+    pow2,
+    raise_small,
+    simple_fraction,
+)
 from fp16guard.fp16 import FP16_MAX
 from fp16guard.torch_graph import dynamic_dims, get_attr, module_scope
 
