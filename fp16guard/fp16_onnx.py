@@ -190,7 +190,8 @@ def _tensor_precisions(g: onnx.GraphProto, types: dict[str, int], constants: dic
         if node.op_type == "Constant":
             continue
         p = 32 if runs_fp32(node) else 16
-        report.fp32_nodes += [node.name] if p == 32 else []
+        computes_float = any(x in is_float for x in (*node.input, *node.output))
+        report.fp32_nodes += [node.name] if p == 32 and computes_float else []  # not an integer Range
         for o in node.output:
             if o in is_float:
                 precision[o] = p

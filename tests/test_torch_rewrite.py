@@ -225,7 +225,7 @@ def test_calibration_refuses_a_model_that_overflows_in_fp32():
     m = _overflowing()
     with torch.no_grad():
         m.conv1.weight.mul_(1e36)
-    with pytest.raises(FixError, match="already produces inf/NaN"):
+    with pytest.raises(FixError, match="already outputs inf/NaN"):
         calibrate_target(TorchFixTarget(m, [NamedInput("x", (_x(1),))]), [NamedInput("x", (_x(1),))])
 
 

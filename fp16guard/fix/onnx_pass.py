@@ -85,6 +85,10 @@ TIED_OPS = frozenset({
 TIED_CONSTANTS: dict[str, tuple[int, ...] | None] = {
     "Add": None, "Sub": None, "Max": None, "Min": None, "Sum": None, "Mean": None, "Concat": None,
     "Clip": (1, 2), "Pad": (2,), "Where": (1, 2),
+    # data movement whose data is a constant read at activation-dependent indices or shapes
+    # (an embedding table's Gather, a broadcast Expand): the data scales with the output
+    **{t: (0,) for t in ("Gather", "Expand", "Tile", "Reshape", "Slice", "Transpose", "Squeeze", "Unsqueeze",
+                         "Flatten", "Identity", "Split", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth")},
 }
 #: Ops with constant weights that absorb any input and output exponent: op -> (weight input,
 #: bias input or None).
@@ -205,9 +209,62 @@ def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
         moved += 1
     del g.node[:]
     g.node.extend(kept)
+    folded = _fold_constant_nodes(m)
     _name_nodes(g)
     notes = [RewriteNote("constant_to_initializer", "graph", f"{moved} Constant nodes became initializers")] if moved else []
+    if folded:
+        notes.append(RewriteNote("constant_to_initializer", "graph",
+                                 f"{folded} nodes computed from constants alone (Identity, Cast, Transpose, ...) "
+                                 "evaluated into initializers"))
     return m, notes
+
+
+#: Ops never evaluated ahead of time: random, or with subgraphs.
+_NOT_FOLDED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+               "Bernoulli", "If", "Loop", "Scan", "SequenceMap"}
+#: Largest constant (elements) a folded node may write.
+_FOLD_LIMIT = 1 << 24
+
+
+def _fold_constant_nodes(m: onnx.ModelProto) -> int:
+    """Evaluate, in place, the nodes of ``m``'s main graph whose inputs are all initializers
+    (``onnx.reference``), turning their outputs into initializers; the number folded.
+
+    Exporters write shared or tied weights as ``Identity(weight)`` (``torch.onnx`` deduplicates
+    equal parameters that way) and transposed or cast weights as ``Transpose``/``Cast`` of an
+    initializer; the rewrites below expect a weight to be an initializer.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    g = m.graph
+    values = {i.name: i for i in g.initializer}
+    opsets = list(m.opset_import)
+    kept, folded = [], 0
+    for node in g.node:
+        ins = [x for x in node.input if x]
+        if (not ins or node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED
+                or not all(x in values for x in ins)):
+            kept.append(node)
+            continue
+        sub = helper.make_model(helper.make_graph([node], "fold", [], [helper.make_tensor_value_info(o, 0, None)
+                                                                        for o in node.output if o],
+                                                  [values[x] for x in dict.fromkeys(ins)]),
+                                opset_imports=opsets, ir_version=m.ir_version)
+        try:
+            outs = ReferenceEvaluator(sub).run(None, {})
+        except Exception:  # an op the reference runtime lacks: leave the node to the runtime
+            kept.append(node)
+            continue
+        if any(np.asarray(o).size > _FOLD_LIMIT for o in outs):
+            kept.append(node)
+            continue
+        for name, value in zip([o for o in node.output if o], outs):
+            values[name] = numpy_helper.from_array(np.asarray(value), name)
+            g.initializer.append(values[name])
+        folded += 1
+    del g.node[:]
+    g.node.extend(kept)
+    return folded
 
 
 def _channel_constant(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
@@ -423,7 +480,8 @@ def scale_ops(model: onnx.ModelProto) -> list[ScaleOp]:
     for node in g.node:
         if all(o in consts for o in node.output) and node.output:
             continue
-        acts = tuple(t for t in node.input if t and t not in consts and t in is_float)
+        acts = tuple(t for t in node.input if t and t not in consts and t in is_float
+                     and node.op_type not in SCALE_BLIND_OPS)
         outs = tuple(o for o in node.output if o and o in is_float)
         role, degree = _role(node, acts, consts, types), Fraction(1)
         if role is Role.BARRIER:
@@ -433,6 +491,10 @@ def scale_ops(model: onnx.ModelProto) -> list[ScaleOp]:
         ops.append(ScaleOp(node.name, role, acts, outs, node_scope(node), degree))
     return ops
 
+
+#: Ops whose outputs do not depend on their inputs' values, only on their shapes: they read a
+#: scaled tensor as well as the true one.
+SCALE_BLIND_OPS = {"Shape", "Size", "EyeLike"}
 
 #: Ops homogeneous of a fixed degree in their one activation input: ``f(x/F) = f(x)/F**c``.
 POWER_DEGREES = {"Sqrt": Fraction(1, 2), "Reciprocal": Fraction(-1), "ReduceSumSquare": Fraction(2)}
@@ -580,9 +642,10 @@ def _scale_op_constants(node: onnx.NodeProto, op: ScaleOp, solution: ScaleSoluti
     elif op.role is Role.BOUNDED and e_in:
         _set_attr(node, "alpha", float(_attr(node, "alpha", 0.2)) * pow2(e_in))
         return RewriteNote("scale", node.name, f"HardSigmoid alpha x 2^{e_in}")
-    elif op.role is Role.TIED and e_in and t in TIED_CONSTANTS:
-        if _scale_tied_constants(node, consts, e_in):
-            return RewriteNote("scale", node.name, f"{t}: constants x 2^{-e_in}")
+    elif op.role is Role.TIED and t in TIED_CONSTANTS:
+        e_tied = e_in if op.inputs else e_out  # an embedding Gather reads no activation
+        if e_tied and _scale_tied_constants(node, consts, e_tied):
+            return RewriteNote("scale", node.name, f"{t}: constants x 2^{-e_tied}")
     return None
 
 
@@ -851,15 +914,61 @@ def _annihilated(value: str, readers: Mapping[str, list[onnx.NodeProto]], produc
     return ", ".join(dict.fromkeys(sinks))
 
 
-def _select_unmasked(g: onnx.GraphProto, add: onnx.NodeProto, mask_index: int) -> list[onnx.NodeProto]:
-    """``Add(scores, mask)`` as ``Where(mask == 0, scores, mask)``: a masked position holds the mask
-    value itself, whatever its score, so a fully masked row is uniform after the softmax, as in
-    FP32 where ``score + finfo.min`` absorbs the score. Exact for a mask of 0 and one saturated value."""
-    scores, mask = add.input[1 - mask_index], add.input[mask_index]
-    zero, keep = f"{add.name}__zero", f"{add.name}__unmasked"
-    g.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), zero))
-    return [helper.make_node("Equal", [mask, zero], [keep], name=keep),
-            helper.make_node("Where", [keep, scores, mask], list(add.output), name=add.name)]
+def _paths_to_sinks(value: str, readers: Mapping[str, list[onnx.NodeProto]], depth: int = 0
+                    ) -> list[tuple[onnx.NodeProto, bool, bool]] | None:
+    """Every path from ``value`` (the sum of scores and a mask) to a mask sink, as ``(sink, moved,
+    added)``: whether the path moves the value (reshape, slice, ...) and whether it adds further
+    terms (T5 adds the masked position bias to the scores of every layer); None if a path
+    ends elsewhere (:func:`_annihilated` has proved it does not)."""
+    out = []
+    for node in readers.get(value, []):
+        if node.op_type in MASK_SINKS and node.input[0] == value:
+            out.append((node, False, False))
+            continue
+        rest = _paths_to_sinks(node.output[0], readers, depth + 1) if depth < 32 else None
+        if rest is None:
+            return None
+        moved, added = node.op_type != "Add", node.op_type == "Add"
+        out += [(sink, m or moved, a or added) for sink, m, a in rest]
+    return out
+
+
+def _mask_guard(g: onnx.GraphProto, name: str, value: str, mask: str, out: str) -> list[onnx.NodeProto]:
+    """``out = Where(mask < SATURATED_MASK / 2, SATURATED_MASK, value)``: a masked position holds
+    the saturated mask value, whatever its score, so a fully masked row is uniform after the
+    softmax, as in FP32 where ``score + finfo.min`` absorbs the score; every other position keeps
+    ``value``. ``mask`` is the mask term as it was added (0 or a position bias where unmasked, the
+    saturated constant where masked)."""
+    low, fill, keep = f"{name}__masked_below", f"{name}__masked_value", f"{name}__is_masked"
+    g.initializer.append(numpy_helper.from_array(np.array(SATURATED_MASK / 2, np.float32), low))
+    g.initializer.append(numpy_helper.from_array(np.array(SATURATED_MASK, np.float32), fill))
+    return [helper.make_node("Less", [mask, low], [keep], name=keep),
+            helper.make_node("Where", [keep, fill, value], [out], name=name)]
+
+
+def _guard_sites(adds: Sequence[tuple[onnx.NodeProto, int]], readers: Mapping[str, list[onnx.NodeProto]]
+                 ) -> tuple[dict[str, int], dict[str, list[str]]] | None:
+    """Where the ``mask == 0`` selections go, for each ``Add(scores, mask)`` of ``adds``:
+    ``({Add node: mask index}, {sink node: [masks]})``. An ``Add`` whose sum reaches its sinks
+    only moved becomes the selection itself; one whose sum reaches them only through further
+    ``Add``s (no move, so the mask still broadcasts) gets the selection at each sink's input;
+    None for a mix (no proof that the mask lines up with the sink's input)."""
+    at_add: dict[str, int] = {}
+    at_sink: dict[str, list[str]] = {}
+    for add, index in adds:
+        paths = _paths_to_sinks(add.output[0], readers)
+        if paths is None:
+            return None
+        if not any(added for _, _, added in paths):
+            at_add[add.name] = index
+        elif not any(moved for _, moved, _ in paths):
+            for sink, _, _ in paths:
+                masks = at_sink.setdefault(sink.name, [])
+                if add.input[index] not in masks:
+                    masks.append(add.input[index])
+        else:
+            return None
+    return at_add, at_sink
 
 
 def saturate_masks(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:
@@ -887,6 +996,7 @@ def saturate_masks(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Rewrit
     types = value_types(model)
     notes: list[RewriteNote] = []
     selected: dict[str, int] = {}  # Add node -> index of its mask input
+    guarded: dict[str, list[str]] = {}  # sink node -> masks selected at its input
     for init in list(g.initializer):
         value = numpy_helper.to_array(init)
         if value.dtype.kind != "f":
@@ -898,18 +1008,30 @@ def saturate_masks(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Rewrit
         sinks = _annihilated(init.name, readers, producer, consts, types, adds)
         if sinks is None or len(value[~beyond]) and np.any(value[~beyond] != 0):
             continue  # no proof, or other nonzero values: the mask == 0 test below would misread them
+        sites = _guard_sites(adds, readers)
+        if sites is None:
+            continue
         new = np.where(beyond, SATURATED_MASK, value).astype(value.dtype)
         init.CopyFrom(numpy_helper.from_array(new, init.name))
-        selected.update({add.name: index for add, index in adds})
+        selected.update(sites[0])
+        for sink, masks in sites[1].items():
+            guarded.setdefault(sink, [m for m in masks if m not in guarded.get(sink, [])])
         notes.append(RewriteNote("saturate_constant", init.name,
                                  f"{int(beyond.sum())} value(s) down to {float(value[beyond].min()):.3g} set to "
-                                 f"-2^15, and {len(adds)} Add(scores, mask) made Where(mask == 0, scores, mask): an "
+                                 f"-2^15, and the sums of {len(adds)} Add(scores, mask) read through Where(mask < -2^14, -2^15, sum): an "
                                  f"additive mask whose every use ends in {sinks}, where its positions get weight 0 "
                                  f"either way and a fully masked row stays uniform"))
-    if selected:
-        nodes = []
-        for node in g.node:
-            nodes += _select_unmasked(g, node, selected[node.name]) if node.name in selected else [node]
-        del g.node[:]
-        g.node.extend(nodes)
+    nodes = []
+    for node in g.node:
+        if node.name in selected:
+            out, node.output[0] = node.output[0], f"{node.output[0]}__unguarded"
+            nodes += [node, *_mask_guard(g, f"{node.name}__masked", node.output[0], node.input[selected[node.name]], out)]
+            continue
+        for k, mask in enumerate(guarded.get(node.name, [])):
+            name = f"{node.name}__masked{k}"
+            nodes += _mask_guard(g, name, node.input[0], mask, name)
+            node.input[0] = name
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
     return model, notes

@@ -109,16 +109,20 @@ def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_
         for a PyTorch target also its per-module scales, ``modules``).
 
     Raises:
-        FixError: no inputs, or the FP32 model itself produces inf/NaN on them.
+        FixError: no inputs, or the FP32 model itself outputs inf/NaN on them (inf/NaN inside the
+            graph, such as a masked ``log(0)``, is allowed: FP16 computes the same).
     """
     if not inputs:
         raise FixError("calibration needs at least one input")
     amax = target.activation_amax(inputs)
-    bad = [t for t, a in amax.items() if not math.isfinite(a)]
-    if bad:
-        raise FixError(f"the FP32 model already produces inf/NaN at {bad[0]} on the calibration inputs; "
-                       f"no rewrite can fix that")
     graph_inputs, graph_outputs = target.graph_io()
+    bad = [t for t in graph_outputs if not math.isfinite(amax.get(t, 0.0))]
+    if bad:
+        raise FixError(f"the FP32 model already outputs inf/NaN at {bad[0]} on the calibration inputs; "
+                       f"no rewrite can fix that")
+    # Intermediate values that are inf/NaN in FP32 too (T5's relative-position buckets take log(0)
+    # and then mask it): FP16 gives the same inf, scaled or not, so only finite values size a region.
+    amax = {t: (a if math.isfinite(a) else 0.0) for t, a in amax.items()}
     sol = solve(target.scale_ops(), amax, graph_inputs=graph_inputs, graph_outputs=graph_outputs,
                 target_log2=target_log2)
     underflow = [PlanUnderflow(name, readers, value, flushed, FP16_MIN_NORMAL, raise_underflow)

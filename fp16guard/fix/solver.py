@@ -359,7 +359,7 @@ def _assign(members, producer, pinned, amax, target_log2, floors, sol) -> tuple[
             exp = need if class_amax > FP16_MAX else 0
             if exp == 0 and need > 0:
                 sol.tight.append((max(tensors, key=lambda t: amax.get(t, 0.0)), class_amax))
-        elif derived is not None and class_amax * pow2(-derived) <= FP16_MAX:
+        elif derived is not None and _fits(class_amax, derived, need, target_log2):
             exp = derived
         elif derived is not None and power.role is Role.POWER and power.degree.denominator == 1 and power.degree > 0:
             d = int(power.degree)
@@ -370,6 +370,21 @@ def _assign(members, producer, pinned, amax, target_log2, floors, sol) -> tuple[
         for t in tensors:
             e[t] = exp
     return e, free
+
+
+#: A derived class keeps its stored amax at or above ``2**(target_log2 - FP16_SPAN)``: FP16 holds
+#: about 30 binades (2**-24 .. 2**15), and a class stored far below its headroom target loses its
+#: small values to subnormals (T5's RMSNorm variance in early layers, ~1, read at the exponent the
+#: last layers' ~1e8 needs).
+FP16_SPAN = 14
+
+
+def _fits(class_amax: float, exp: int, need: int, target_log2: int) -> bool:
+    """Whether a class of ``class_amax`` may be stored at exponent ``exp`` that its producer
+    derives: within FP16, and no lower than ``2**(target_log2 - FP16_SPAN)`` unless ``exp`` is at
+    most the class's own exponent ``need`` (stored no smaller than unscaled would be)."""
+    stored = class_amax * pow2(-exp)
+    return stored <= FP16_MAX and (exp <= need or stored >= pow2(target_log2 - FP16_SPAN))
 
 
 def complete(ops: Sequence[ScaleOp], exponents: Mapping[str, int], *, graph_outputs: Iterable[str],

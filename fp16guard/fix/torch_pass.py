@@ -879,6 +879,9 @@ def run_emulated(program: fx.GraphModule, *args: torch.Tensor) -> list[torch.Ten
 
         def call_function(self, target, args, kwargs):
             """The op in FP32, rounded to the dtype it has in FP16."""
+            if target is getattr(aten, "_assert_tensor_metadata", None) or \
+                    target is getattr(getattr(aten, "_assert_tensor_metadata", None), "default", None):
+                return None  # checks the FP16 dtype, which this emulation holds in FP32
             out = target(*tree_map(up, args), **tree_map(up, kwargs))
             try:
                 want = target(*tree_map(meta, args), **tree_map(meta, kwargs))

@@ -1,0 +1,62 @@
+"""Transformer encoders built by ``transformers`` from configs, with the overflows users report,
+fixed end to end (ONNX and PyTorch), on the strict CPU emulation.
+
+Metric: the cosine similarity of every token embedding to FP32's (>= 0.999, issue 14), and the
+relative L2 error against the FP32 fallback's (the same offending ops kept in FP32).
+"""
+
+import numpy as np
+import pytest
+from transformer_cases import bert, t5, to_onnx, token_batch
+
+from fp16guard.fix import fix_model
+
+pytestmark = pytest.mark.slow
+
+CALIBRATION = [token_batch(seed) for seed in range(4)]
+VALIDATION = [token_batch(seed) for seed in range(10, 13)]
+
+
+def min_token_cosine(outputs, reference) -> float:
+    """Smallest cosine similarity between a token's embedding and FP32's ([batch, seq, hidden])."""
+    y, r = (np.asarray(a[0], np.float64).reshape(-1, a[0].shape[-1]) for a in (outputs, reference))
+    cos = (y * r).sum(-1) / (np.linalg.norm(y, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-30)
+    return float(np.nan_to_num(cos, nan=-1.0).min())
+
+
+def _fix(model):
+    return fix_model(model, CALIBRATION, validation=VALIDATION, metrics={"cosine": min_token_cosine})
+
+
+def _assert_fixed_like_fp32(result) -> None:
+    """Naive FP16 breaks; the fix runs in pure FP16 at FP32 level, as close as the FP32 fallback."""
+    assert all(not np.isfinite(r.rel_l2) or r.rel_l2 > 0.5 for r in result.naive.rows)
+    assert result.conversion.fp32_nodes == []
+    for fixed, fallback in zip(result.verification.rows, result.fallback.rows):
+        assert fixed.task["cosine"] >= 0.999
+        assert fixed.rel_l2 <= 1.5 * fallback.rel_l2 + 1e-3
+
+
+@pytest.mark.parametrize("opset", [14, 17])
+@pytest.mark.parametrize("growth", [2e4, 1e6])
+def test_bert_layernorm_variance_and_finfo_min_mask_run_in_pure_fp16(tmp_path, opset, growth):
+    # opset 14: LayerNorm decomposed (Pow(x - mean, 2) overflows from |x - mean| > 256); opset 17:
+    # LayerNormalization. 2e4: a few thousand before the norm; 1e6: beyond 65504 (a region).
+    path = to_onnx(bert(growth), tmp_path / "bert.onnx", opset)
+    result = _fix(path)
+    _assert_fixed_like_fp32(result)
+    kinds = {n.kind for n in result.notes}
+    assert "saturate_constant" in kinds  # finfo(float32).min -> -2^15, fully padded row included
+    if growth > 1e5:
+        assert any(r.amax > 65504 for r in result.plan.regions)
+
+
+@pytest.mark.parametrize("feed_forward", ["relu", "gated-gelu"])
+def test_t5_residual_growth_past_fp16_runs_in_pure_fp16(tmp_path, feed_forward):
+    # transformers #5651: the FFN output passes 65504 and the residual stream carries it; the
+    # RMSNorm variance reaches ~1e10; the relative position buckets take log(0) (-inf in FP32 too).
+    path = to_onnx(t5(1e5, feed_forward), tmp_path / "t5.onnx", 14)
+    result = _fix(path)
+    _assert_fixed_like_fp32(result)
+    # the residual region starts at the embedding table, scaled in place (no op added for it)
+    assert any("embed_tokens" in s for r in result.plan.regions for s in r.scopes)

@@ -1,0 +1,80 @@
+"""Transformer encoders from ``transformers`` configs (random weights, no hub), with the overflow
+patterns users report, for ``tests/test_transformers.py`` and ``benchmarks/fix_patterns.py``.
+
+Each case is an FP32 ``torch.nn.Module`` taking ``(input_ids int64 [batch, seq], attention_mask
+int64 [batch, seq])`` and returning the last hidden state (float32 [batch, seq, hidden]).
+Batches are padded as tokenizers pad: row 1 ends in padding, row 2 is padding only.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+
+VOCAB = 1000
+
+
+class LastHidden(torch.nn.Module):
+    """``model(input_ids, attention_mask).last_hidden_state`` as a plain function of two tensors."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def token_batch(seed: int, batch: int = 3, seq: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask)``: random tokens; row 1 padded after 10 tokens, row 2 fully padded."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, (batch, seq)).astype(np.int64)
+    mask = np.ones((batch, seq), np.int64)
+    mask[1, 10:] = 0
+    mask[2, :] = 0
+    return ids, mask
+
+
+def bert(growth: float) -> torch.nn.Module:
+    """A 2-layer BERT whose first attention output projection is ``growth`` times larger: the
+    residual sum before that layer's LayerNorm reaches ``~0.1 * growth`` (about 2000 at 2e4:
+    ``Pow(x - mean, 2)`` overflows; 1.2e5 at 1e6). The 5.x mask is ``finfo(float32).min``."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=256, max_position_embeddings=64, attn_implementation="eager")
+    model = BertModel(cfg).eval()
+    with torch.no_grad():
+        dense = model.encoder.layer[0].attention.output.dense
+        dense.weight *= growth
+        dense.bias *= growth
+    return LastHidden(model).eval()
+
+
+def t5(growth: float, feed_forward: str = "relu") -> torch.nn.Module:
+    """A 3-layer T5 encoder whose second FFN ``wo`` is ``growth`` times larger, as in
+    transformers #5651 (the residual stream passes 65504 from that layer on; ~3 * growth). The
+    position bias is masked with ``finfo(float32).min`` and its buckets take ``log(0)``."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=3, num_heads=4,
+                   feed_forward_proj=feed_forward)
+    model = T5EncoderModel(cfg).eval()
+    with torch.no_grad():
+        model.encoder.block[1].layer[1].DenseReluDense.wo.weight *= growth
+    return LastHidden(model).eval()
+
+
+def to_onnx(model: torch.nn.Module, path, opset: int) -> str:
+    """Export with ``torch.onnx`` (TorchScript exporter: opset < 17 decomposes LayerNorm) and
+    dynamic batch and sequence axes; the path as a string."""
+    ids, mask = token_batch(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.from_numpy(ids), torch.from_numpy(mask)), str(path),
+                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                          opset_version=opset, dynamo=False,
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask")})
+    return str(path)
