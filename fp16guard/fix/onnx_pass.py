@@ -892,7 +892,7 @@ def _annihilated(value: str, readers: Mapping[str, list[onnx.NodeProto]], produc
     sinks = []
     for node in uses:
         t = node.op_type
-        if t in MASK_SINKS and node.input[0] == value and not pure:
+        if t in MASK_SINKS and node.input[0] == value:  # also the pure term: masked_fill's Where(m, C, scores)
             sinks.append(t)
             continue
         if pure and t == "Mul" and len(node.input) == 2:
@@ -978,12 +978,15 @@ def saturate_masks(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Rewrit
     ``(1 - mask) * -3.4e38`` added to attention scores becomes ``-inf`` in FP16, and ``0 * -inf``
     is NaN. A constant is saturated only when all its values beyond FP16 are negative and every
     use is annihilated (:func:`_annihilated`): scaled by a 0/1 indicator, selected, moved or added
-    to scores, then a softmax (or max, argmax, top-k) along the masked positions. The ``Add`` of
-    scores and mask becomes ``Where(mask == 0, scores, mask)`` (:func:`_select_unmasked`). Then an
-    unmasked position's weight is unchanged (the masked terms' ``exp`` is 0 either way), a masked
-    one stays exactly 0, and a fully masked row holds one value everywhere, uniform after the
-    softmax as in FP32 (where ``score + finfo.min`` absorbs the score). Weights are never clamped:
-    only mask constants with this proof.
+    to scores, then a softmax (or max, argmax, top-k) along the masked positions. Each sum of
+    scores and mask is read through ``Where(mask < -2^14, -2^15, sum)`` (:func:`_mask_guard`): at
+    the ``Add`` itself when the sum only moves on to the softmax, at the softmax input when further
+    terms are added (T5 adds the masked position bias to every layer's scores); a mask that
+    reaches the softmax by selection alone (``masked_fill``'s ``Where(m, C, scores)``) needs no
+    guard. Then an unmasked position's weight is unchanged (the masked terms' ``exp`` is 0 either
+    way), a masked one stays exactly 0, and a fully masked row holds one value everywhere, uniform
+    after the softmax as in FP32 (where ``score + finfo.min`` absorbs the score). Weights are never
+    clamped: only mask constants with this proof.
 
     Returns:
         ``(model', notes)``: one ``saturate_constant`` note per constant, with its reason.

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from fp16guard.backends import Backend, get_backend
 from fp16guard.errors import BackendError, PlanError
-from fp16guard.fix import onnx_pass, torch_pass
+from fp16guard.fix import onnx_pass, torch_masks, torch_pass
 from fp16guard.fix.module_scales import module_scales
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import ScaleOp, ScaleSolution
@@ -246,7 +246,9 @@ class TorchFixTarget:
         self.model_sha256 = state_dict_sha256(model)
         self.examples = [torch_args(i) for i in inputs]
         self.base = torch_pass.annotate(capture(model, self.examples), self.examples[0])
-        self.prepared, self.prepared_notes = torch_pass.fold_batchnorms(self.base)
+        masked, self.prepared_notes = torch_masks.saturate_masks(self.base)
+        self.prepared, notes = torch_pass.fold_batchnorms(masked)
+        self.prepared_notes += notes
         torch_pass.annotate(self.prepared, self.examples[0])
 
     def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:

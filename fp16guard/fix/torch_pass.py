@@ -141,11 +141,15 @@ class _Constants:
         user.args = tuple(args)
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new ``GraphModule`` with a copied graph; constants are shared until replaced (copy-on-write)."""
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new ``GraphModule`` with a copied graph (node metadata kept); constants are shared until
+    replaced (copy-on-write), so a pass may edit the copy's graph freely."""
     new = fx.GraphModule(gm, _copy_graph(gm.graph))
     new.meta = dict(getattr(gm, "meta", {}))
     return new
+
+
+_copy = copy_module
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
