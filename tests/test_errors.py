@@ -1,5 +1,7 @@
 """One exception hierarchy, one line on stderr, one exit status per class; bugs are not disguised."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -24,8 +26,16 @@ def _log_eps(path):
 def test_a_fixed_model_that_still_overflows_exits_1_with_one_error_line_and_writes_nothing(tmp_path, capsys):
     _log_eps(tmp_path / "m.onnx")
     np.save(tmp_path / "x.npy", np.array([0.0, 1.0, 2.0, 3.0], np.float32))
+    plan = tmp_path / "plan.json"
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "x.npy"), "-o", str(plan)]) == 0
+    doc = json.loads(plan.read_text())
+    assert [u["nodes"] for u in doc["unfixable"]] == [["add_eps", "log"]]
+    doc["unfixable"] = []  # a hand edit that drops the FP32 island: log(0) = -inf in FP16 again
+    plan.write_text(json.dumps(doc))
     out = tmp_path / "fixed.onnx"
-    code = main(["fix", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "x.npy"), "-o", str(out)])
+    capsys.readouterr()
+    code = main(["fix", str(tmp_path / "m.onnx"), "--plan", str(plan), "--input", str(tmp_path / "x.npy"),
+                 "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and not out.exists()
     assert len(err) == 1 and err[0].startswith("fp16guard: error: the fixed model still produces 1 inf/NaN")

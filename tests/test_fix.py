@@ -197,16 +197,23 @@ def _log_eps_model():
                    helper.make_node("Log", ["s"], ["y"], name="log")], {"eps": np.array(1e-10)}, [4], "y")
 
 
-def test_an_epsilon_that_flushes_to_zero_is_raised_only_with_consent():
+def test_an_epsilon_that_flushes_to_zero_runs_in_an_fp32_island_or_is_raised_with_consent():
+    # log(0 + 1e-10) is -23 in FP32 and -inf in FP16, where 1e-10 is 0: calibration saw x = 0
     x = np.array([0.0, 1.0, 2.0, 3.0], np.float32)
     plan = calibrate_target(OnnxFixTarget(_log_eps_model()), [NamedInput("x", (x,))])
     (u,) = plan.underflow
     assert u.tensor == "eps" and u.readers == ["add_eps"] and not u.consent and u.raise_to == 2.0**-14
-    with pytest.raises(FixError, match="inf/NaN"):
-        fix_model(_log_eps_model(), [x])
+    assert plan.unfixable_nodes == ["add_eps", "log"]  # the Add writes 1e-10, the Log reads it
+    result = fix_model(_log_eps_model(), [x])
+    assert result.conversion.fp32_nodes == ["add_eps", "log"] and result.verification.finite
+    assert result.verification.rows[0].rel_l2 < 1e-3  # log(1e-10) = -23.03 kept, not -inf
+    # where x stays far from the epsilon it changes nothing: no island, pure FP16
+    far = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    assert fix_model(_log_eps_model(), [far]).conversion.fp32_nodes == []
     result = fix_model(_log_eps_model(), [x], raise_underflow=True)
     y = _run(result.rewritten_fp32, x)
     assert y[0] == pytest.approx(np.log(2.0**-14)) and result.verification.finite
+    assert result.conversion.fp32_nodes == []
 
 
 def test_plan_round_trip_and_errors(tmp_path):

@@ -57,7 +57,7 @@ class RewriteNote:
 
     Attributes:
         kind: ``constant_to_initializer``, ``fold_affine``, ``fold_batchnorm``,
-            ``batchnorm_to_affine``, ``scale``, ``rescale_op``, ``raise_constant``, ``saturate_constant``,
+            ``batchnorm_to_affine``, ``scale``, ``rescale_op``, ``raise_constant``, ``saturate_constant``, ``mask_guard``,
             ``fallback_fp32``
             (docs/fix-schema.md).
         target: the node (or tensor) changed.
@@ -93,7 +93,11 @@ TIED_CONSTANTS: dict[str, tuple[int, ...] | None] = {
 #: Ops with constant weights that absorb any input and output exponent: op -> (weight input,
 #: bias input or None).
 LINEAR_OPS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1, None)}
-NORM_OPS = {"LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "GroupNormalization": (1, 2)}
+NORM_OPS = {"LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "GroupNormalization": (1, 2),
+            "RMSNormalization": (1, None)}
+#: Ops whose output does not depend on their input's scale and that have no constant to adjust:
+#: ``LpNormalization`` (``x / ||x||``).
+SCALE_FREE_OPS = {"LpNormalization"}
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -530,7 +534,7 @@ def _role(node: onnx.NodeProto, acts: tuple[str, ...], consts: set[str], types: 
             return Role.LINEAR if acts == (node.input[0],) and node.input[1] in consts else Role.BARRIER
         return Role.LINEAR if len(node.input) > w and node.input[w] in consts and len(acts) == 1 else Role.BARRIER
     if op in NORM_OPS:
-        idx = NORM_OPS[op]
+        idx = [i for i in NORM_OPS[op] if i is not None]
         ok = len(acts) == 1 and all(len(node.input) > i and node.input[i] in consts for i in idx)
         return Role.LINEAR if ok else Role.BARRIER
     if op in ("Mul", "Div"):
@@ -541,8 +545,10 @@ def _role(node: onnx.NodeProto, acts: tuple[str, ...], consts: set[str], types: 
                 return Role.LINEAR  # x * c
             return Role.BARRIER  # c / x
         return Role.PRODUCT if op == "Mul" else Role.QUOTIENT
-    if op == "HardSigmoid":
+    if op == "HardSigmoid" or op in SCALE_FREE_OPS and len(acts) == 1:
         return Role.BOUNDED
+    if op == "Log" and len(acts) == 1:
+        return Role.LOG
     if op == "Cast":
         return Role.TIED if _attr(node, "to") in (FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE) else Role.BARRIER
     if op in ("Resize", "Upsample"):
@@ -639,7 +645,7 @@ def _scale_op_constants(node: onnx.NodeProto, op: ScaleOp, solution: ScaleSoluti
             _scale_mul_div_constant(node, op, consts, e_in, e_out)
         if e_in or e_out:
             return RewriteNote("scale", node.name, f"{t}: input exponent {e_in}, output exponent {e_out}")
-    elif op.role is Role.BOUNDED and e_in:
+    elif op.role is Role.BOUNDED and e_in and t == "HardSigmoid":
         _set_attr(node, "alpha", float(_attr(node, "alpha", 0.2)) * pow2(e_in))
         return RewriteNote("scale", node.name, f"HardSigmoid alpha x 2^{e_in}")
     elif op.role is Role.TIED and t in TIED_CONSTANTS:
@@ -813,9 +819,29 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
         if note is not None:
             notes.append(note)
     _insert_rescales(g, solution, notes)
+    _close_logs(g, solution, notes)
     _remove_unused_initializers(g)
     _check_rescaled_range(g, ops, solution.exponents)
     return m, notes
+
+
+def _close_logs(g: onnx.GraphProto, solution: ScaleSolution, notes: list[RewriteNote]) -> None:
+    """``Log(x * 2**-e) + e ln 2`` for each ``LOG`` op reading its input at exponent ``e != 0``
+    (an ``Add`` after the ``Log``, writing its output's name)."""
+    nodes = []
+    for node in g.node:
+        nodes.append(node)
+        e = solution.log_offsets.get(node.name)
+        if not e:
+            continue
+        out = node.output[0]
+        node.output[0] = f"{out}__log_scaled"
+        offset = f"{node.name}__log_offset"
+        g.initializer.append(numpy_helper.from_array(np.array(e * np.log(2.0), np.float32), offset))
+        nodes.append(helper.make_node("Add", [node.output[0], offset], [out], name=f"{node.name}__close"))
+        notes.append(RewriteNote("scale", node.name, f"Log of a value stored x 2^{-e}: {e} ln 2 added after it"))
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def raise_constants(model: onnx.ModelProto, raises: Sequence[tuple[str, float]]) -> tuple[onnx.ModelProto, list[RewriteNote]]:

@@ -38,7 +38,7 @@ from fp16guard.backends import Backend
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow, refusal
 from fp16guard.errors import FixError, InaccurateFixError, PlanError, StillOverflowsError
 from fp16guard.fix.onnx_pass import RewriteNote
-from fp16guard.fix.solver import ScaleSolution, complete, solve
+from fp16guard.fix.solver import ScaleOp, ScaleSolution, Unfixable, complete, solve
 from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL
 from fp16guard.fp16_onnx import Fp16Conversion
@@ -92,6 +92,46 @@ def fallback_nodes(nodes: Sequence[NodeIO], amax: Mapping[str, float], overflowi
     return out
 
 
+def underflow_islands(ops: Sequence[ScaleOp], underflow: Sequence[PlanUnderflow], flushed: set[str]) -> list[Unfixable]:
+    """FP32 islands for constants FP16 flushes to zero where the values beside them flush too.
+
+    ``log(p + 1e-10)`` on a silent frame (``p = 0``) is -23 in FP32 and ``log(0) = -inf`` in FP16,
+    where 1e-10 is 0. Where the constant's reader writes values FP16 flushes (calibration saw
+    them), the reader runs in FP32, and so does every op reading a value that still holds flushed
+    values (the ``Log``), until the values are back in FP16's range. A reader whose outputs never
+    come near the constant (BERT's ``var + 1e-12``, ``var`` ~1) stays in FP16: the constant then
+    changes nothing.
+
+    Args:
+        ops: the graph (the solver's view), in execution order.
+        underflow: flushed constants the plan may not raise (no consent).
+        flushed: values with nonzero elements below FP16's smallest subnormal in calibration.
+
+    Returns:
+        One :class:`~fp16guard.fix.solver.Unfixable` per constant that needs an island.
+    """
+    readers: dict[str, list[ScaleOp]] = {}
+    for op in ops:
+        for t in dict.fromkeys(op.inputs):
+            readers.setdefault(t, []).append(op)
+    by_name = {op.name: op for op in ops}
+    out = []
+    for u in underflow:
+        island: list[str] = []
+        todo = [by_name[r] for r in u.readers if r in by_name and any(t in flushed for t in by_name[r].outputs)]
+        while todo:
+            op = todo.pop(0)
+            if op.name in island:
+                continue
+            island.append(op.name)
+            todo += [r for t in op.outputs if t in flushed for r in readers.get(t, [])]
+        if island:
+            out.append(Unfixable(u.tensor, tuple(island), u.amax,
+                                 f"{u.tensor} ({u.amax:.3g}) is 0 in FP16 and {island[0]} writes values that small "
+                                 f"(calibration): the island keeps them in FP32"))
+    return out
+
+
 def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_log2: int = 13,
                      raise_underflow: bool = False) -> RewritePlan:
     """Measure a target on calibration inputs and decide its rewrite plan.
@@ -127,8 +167,13 @@ def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_
                 target_log2=target_log2)
     underflow = [PlanUnderflow(name, readers, value, flushed, FP16_MIN_NORMAL, raise_underflow)
                  for name, readers, value, flushed in target.flushed_constants()]
+    ops = target.scale_ops()
+    islands = underflow_islands(ops, [u for u in underflow if not u.consent], target.flushed_values(inputs))
+    sol.unfixable += islands
     nodes, overflowing = target.fallback_graph()
     fallback = fallback_nodes(nodes, target.activation_amax(inputs, prepared=False), overflowing, target_log2)
+    known = {name for name, _, _ in nodes}
+    fallback += [{"node": n, "reason": u.reason} for u in islands for n in u.ops if n in known]
     return target.complete_plan(_plan(target, target_log2, [i.label for i in inputs], sol, underflow, fallback))
 
 
@@ -243,7 +288,15 @@ def verify(target: FixTarget, fixed, inputs: Sequence[NamedInput], splits: Seque
     what, run = target.runner(fixed, backend)
     out = Verification(variant, what)
     for item, split, ref in zip(inputs, splits, references):
-        out.rows.append(VerifyRow.measure(item.label, split, run(item), ref, metrics))
+        try:
+            outputs = run(item)
+        except RuntimeError:
+            if variant == "fixed":
+                raise
+            # the naive model's finfo.min in a CUDA kernel: "cannot be converted to Half without
+            # overflow"; every output counts as non-finite
+            outputs = [np.full(np.shape(r), np.nan, np.float32) for r in ref]
+        out.rows.append(VerifyRow.measure(item.label, split, outputs, ref, metrics))
     return out, references
 
 

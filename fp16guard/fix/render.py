@@ -30,10 +30,19 @@ def print_plan(plan, console: Console) -> None:
     for t in plan.tight:
         console.print(f"  [yellow]tight[/]: {t['tensor']} amax {t['amax']:.4g} is above the target but within "
                       f"65504; left unscaled (scaling it would add ops)")
+    islands = {u["tensor"] for u in plan.unfixable}
+    quiet = [u for u in plan.underflow if not u.consent and u.tensor not in islands]
     for u in plan.underflow:
-        state = "will be raised" if u.consent else "not raised (pass --raise-underflow or set consent)"
+        if u in quiet:
+            continue
+        state = (f"will be raised to {u.raise_to:.3g}" if u.consent else
+                 "its readers run in FP32 (unfixable above; --raise-underflow raises it instead)")
         console.print(f"  [yellow]underflow[/]: constant {u.tensor} (amax {u.amax:.3g}, read by "
-                      f"{', '.join(u.readers[:3])}) flushes to 0 in FP16; {state} to {u.raise_to:.3g}")
+                      f"{', '.join(u.readers[:3])}) flushes to 0 in FP16; {state}")
+    if quiet:
+        console.print(f"  underflow: {len(quiet)} constant(s) flush to 0 in FP16 ({quiet[0].tensor}, amax "
+                      f"{quiet[0].amax:.3g}, ...), but no value beside them came near them in calibration: "
+                      f"left as they are")
 
 
 def print_fix(result, console: Console) -> None:

@@ -27,6 +27,10 @@ How exponents propagate, by role:
   exponent is ``c`` times the input's. Decomposed LayerNorm and RMSNorm need nothing else: the
   algebra carries a region through ``Pow -> ReduceMean -> Add eps -> Sqrt -> Div``.
 * ``BOUNDED`` (HardSigmoid: ``alpha`` absorbs the input exponent): input free, output at 0.
+* ``LOG`` (``Log``): ``log(x/F) = log(x) - log F``, so it reads its input at any exponent ``e``
+  and its output is closed exactly by adding ``e ln 2`` (``ScaleSolution.log_offsets``): the
+  input is free, the output true. A power spectrum of int16-scale audio (~1e13) reaches its
+  ``log`` scaled, with no FP32 island.
 * ``BARRIER`` (sigmoid, tanh, exp, log, pow, softmax, GELU, SiLU, anything unknown): not
   positively homogeneous, so it needs true values in and gives true values out.
 
@@ -70,6 +74,7 @@ class Role(str, Enum):
     QUOTIENT = "quotient"
     POWER = "power"
     BOUNDED = "bounded"
+    LOG = "log"
     BARRIER = "barrier"
 
 
@@ -176,6 +181,8 @@ class ScaleSolution:
             but within FP16 (they keep less margin than asked).
         shifts: ``op name -> s``: a ``PRODUCT``/``QUOTIENT``/``POWER`` op reads its first input at
             exponent ``e + s`` (one :class:`Rescale` by ``2**-s`` on that edge).
+        log_offsets: ``op name -> e``: a ``LOG`` op reads its input at exponent ``e``; its output
+            is closed by adding ``e * ln 2``.
     """
 
     exponents: dict[str, int] = field(default_factory=dict)
@@ -184,6 +191,7 @@ class ScaleSolution:
     unfixable: list[Unfixable] = field(default_factory=list)
     tight: list[tuple[str, float]] = field(default_factory=list)
     shifts: dict[str, int] = field(default_factory=dict)
+    log_offsets: dict[str, int] = field(default_factory=dict)
 
     def produced(self, op: ScaleOp) -> int:
         """Exponent at which ``op`` writes its outputs before any :class:`Rescale` (for a
@@ -194,7 +202,7 @@ class ScaleSolution:
 def _produced(op: ScaleOp, e: Mapping[str, int], shift: int = 0) -> int:
     """The exponent ``op`` writes when its first input is read at ``e + shift``; for ``POWER`` the
     floor of ``degree * e_in`` (exact when :func:`_shift_for` chose the shift)."""
-    if op.role in (Role.BARRIER, Role.BOUNDED):
+    if op.role in (Role.BARRIER, Role.BOUNDED, Role.LOG):
         return 0
     # the shift applies to every read of the first input (Mul(x, x) reads it twice)
     read = [e.get(t, 0) + (shift if t == op.inputs[0] else 0) for t in op.inputs]
@@ -296,7 +304,7 @@ def solve(ops: Sequence[ScaleOp], amax: Mapping[str, float], *, graph_inputs: It
     for op in ops:
         if op.role is Role.BARRIER:
             pinned.update(uf.find(t) for t in (*op.inputs, *op.outputs))
-        elif op.role is Role.BOUNDED:
+        elif op.role in (Role.BOUNDED, Role.LOG):
             pinned.update(uf.find(t) for t in op.outputs)
 
     members: dict[str, list[str]] = {}
@@ -448,7 +456,9 @@ def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleS
             add(op.inputs[0], -shift, op.name, f"{op.name} ({op.role.value}) reads it at exponent "
                                                f"{e[op.inputs[0]] + shift}, so it writes the exponent of its output")
         produced = _produced(op, e, shift)
-        if op.role in (*DERIVED_ROLES, Role.BOUNDED, Role.BARRIER):
+        if op.role is Role.LOG and op.inputs and e.get(op.inputs[0], 0):
+            sol.log_offsets[op.name] = e[op.inputs[0]]
+        if op.role in (*DERIVED_ROLES, Role.BOUNDED, Role.LOG, Role.BARRIER):
             for t in op.outputs:
                 add(t, produced - e[t], "", f"{op.name} ({op.role.value}) writes exponent {produced}, "
                                             f"its readers expect {e[t]}")

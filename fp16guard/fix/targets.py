@@ -17,7 +17,6 @@ structural passes: BatchNorms and bias constants folded; the graph a plan names)
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -66,6 +65,10 @@ class FixTarget(Protocol):
     def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
         """Max |x| of every activation of the prepared (or base) graph over ``inputs``; inf where
         a value is ever non-finite."""
+
+    def flushed_values(self, inputs: Sequence[NamedInput]) -> set[str]:
+        """Activations of the prepared graph holding a nonzero value FP16 flushes to zero
+        (``|x| < 2**-24``, unscaled) on ``inputs``."""
 
     def scale_ops(self) -> list[ScaleOp]:
         """The prepared graph as the solver sees it."""
@@ -157,6 +160,7 @@ class OnnxFixTarget:
         self.input_names = fed_inputs(self.original)
         self.base, notes = onnx_pass.constants_to_initializers(self.original)
         self.prepared, self.prepared_notes = _structural(self.base, notes)
+        self._last_ranges: tuple = (None, [])
 
     def feed(self, item: NamedInput) -> dict[str, np.ndarray]:
         """``item`` as a feed of the model's graph inputs (one inputs-to-feeds path: :func:`onnx_feed`)."""
@@ -164,9 +168,21 @@ class OnnxFixTarget:
 
     def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
         """See :meth:`FixTarget.activation_amax`."""
-        graph = self.prepared if prepared else self.base
-        feeds = [self.feed(i) for i in inputs]
-        return _amax_of(value_ranges(graph, feeds, labels=[i.label for i in inputs], memory_budget=self.memory_budget))
+        return _amax_of(self._ranges(inputs, prepared))
+
+    def flushed_values(self, inputs: Sequence[NamedInput]) -> set[str]:
+        """See :meth:`FixTarget.flushed_values`."""
+        return {name for run in self._ranges(inputs, True) for name, s in run.items() if s.flush_to_zero}
+
+    def _ranges(self, inputs: Sequence[NamedInput], prepared: bool) -> list:
+        """:func:`value_ranges` of the prepared (or base) graph, kept for the last inputs asked."""
+        key = (prepared, tuple(id(i) for i in inputs))
+        if self._last_ranges[0] != key:
+            graph = self.prepared if prepared else self.base
+            feeds = [self.feed(i) for i in inputs]
+            runs = value_ranges(graph, feeds, labels=[i.label for i in inputs], memory_budget=self.memory_budget)
+            self._last_ranges = (key, runs)
+        return self._last_ranges[1]
 
     def scale_ops(self) -> list[ScaleOp]:
         """See :meth:`FixTarget.scale_ops`."""
@@ -247,13 +263,26 @@ class TorchFixTarget:
         self.examples = [torch_args(i) for i in inputs]
         self.base = torch_pass.annotate(capture(model, self.examples), self.examples[0])
         masked, self.prepared_notes = torch_masks.saturate_masks(self.base)
-        self.prepared, notes = torch_pass.fold_batchnorms(masked)
-        self.prepared_notes += notes
+        masked, notes = torch_masks.guard_bool_masks(masked)
+        self.prepared, more = torch_pass.fold_batchnorms(masked)
+        self.prepared_notes += notes + more
         torch_pass.annotate(self.prepared, self.examples[0])
+        self._flushed: tuple = (None, set())
 
     def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
         """See :meth:`FixTarget.activation_amax`."""
-        return torch_pass.activation_amax(self.prepared if prepared else self.base, [torch_args(i) for i in inputs])
+        flushed: set[str] = set()
+        amax = torch_pass.activation_amax(self.prepared if prepared else self.base, [torch_args(i) for i in inputs],
+                                          flushed)
+        if prepared:
+            self._flushed = (tuple(id(i) for i in inputs), flushed)
+        return amax
+
+    def flushed_values(self, inputs: Sequence[NamedInput]) -> set[str]:
+        """See :meth:`FixTarget.flushed_values`."""
+        if self._flushed[0] != tuple(id(i) for i in inputs):
+            self.activation_amax(inputs)
+        return self._flushed[1]
 
     def scale_ops(self) -> list[ScaleOp]:
         """See :meth:`FixTarget.scale_ops`."""
@@ -331,7 +360,7 @@ class TorchFixTarget:
             raise BackendError("backend torch runs PyTorch's FP16 kernels on CUDA, and no CUDA device is visible; "
                                "use --backend emulate")
         device = torch.device("cuda")
-        on_gpu = copy.deepcopy(fixed).to(device)  # Module.to moves in place: the program stays on the CPU
+        on_gpu = torch_pass.program_on(fixed, device)
 
         def run(item: NamedInput) -> list[np.ndarray]:
             """The program on CUDA."""

@@ -134,6 +134,40 @@ def _guard_attention(g: fx.Graph, attention: fx.Node, mask: fx.Node) -> None:
         u.replace_input_with(attention, out)
 
 
+def _guard_bool_attention(g: fx.Graph, attention: fx.Node, mask: fx.Node) -> None:
+    """After ``attention`` with a bool ``mask`` (True: attend): a query row with no key to attend
+    gets 0, as PyTorch's math and CPU kernels give it (their safe softmax); FP16 CUDA kernels
+    (cuDNN, memory-efficient) leave such a row undefined, while FP32 gives 0 there too."""
+    users = list(attention.users)
+    with g.inserting_after(attention):
+        attended = g.call_function(aten.any.dim, (mask, -1, True))
+    with g.inserting_after(attended):
+        out = g.call_function(aten.where.ScalarOther, (attended, attention, 0.0))
+    for u in users:
+        u.replace_input_with(attention, out)
+
+
+def guard_bool_masks(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[RewriteNote]]:
+    """Every ``scaled_dot_product_attention`` with a bool ``attn_mask`` followed by the guard of
+    :func:`_guard_bool_attention` (``transformers``' SDPA path passes padding masks as bool).
+
+    Returns:
+        ``(gm', notes)``: one ``mask_guard`` note per attention op (the input is not modified).
+    """
+    new = copy_module(gm)
+    g = new.graph
+    notes = []
+    for node in list(g.nodes):
+        mask = _attn_mask(node) if _packet(node) is ATTENTION else None
+        if isinstance(mask, fx.Node) and _dtype(mask) is torch.bool:
+            _guard_bool_attention(g, node, mask)
+            notes.append(RewriteNote("mask_guard", node.name, "query rows with no key to attend set to 0 after the "
+                                     "attention, as FP32 gives (FP16 CUDA kernels leave them undefined)"))
+    g.lint()
+    new.recompile()
+    return new, notes
+
+
 def _guard(g: fx.Graph, before: fx.Node, value: fx.Node, mask: fx.Node) -> fx.Node:
     """``where(mask < -2**14, -2**15, value)``, inserted before ``before``."""
     with g.inserting_before(before):

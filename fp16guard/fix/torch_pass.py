@@ -31,6 +31,7 @@ deterministic, so calibration and application see the same names.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from fractions import Fraction
@@ -69,7 +70,8 @@ LINEAR_OPS = _packets("conv1d", "conv2d", "conv3d", "convolution", "conv_transpo
                       "conv_transpose3d", "linear")
 #: Normalizations invariant to their input's scale: ``(weight index, bias index, eps index)``.
 NORM_OPS = {p: idx for p, idx in ((getattr(aten, "layer_norm", None), (2, 3, 4)),
-                                  (getattr(aten, "group_norm", None), (2, 3, 4))) if p is not None}
+                                  (getattr(aten, "group_norm", None), (2, 3, 4)),
+                                  (getattr(aten, "rms_norm", None), (2, None, 3))) if p is not None}
 #: Positively homogeneous ops of degree one: ``f(x / F) = f(x) / F`` for ``F > 0``.
 TIED_OPS = _packets(
     "relu", "relu_", "leaky_relu", "prelu", "_prelu_kernel", "hardtanh", "clamp", "clip", "max_pool1d",
@@ -82,12 +84,14 @@ TIED_OPS = _packets(
     "slice", "select", "narrow", "split", "split_with_sizes", "chunk", "unbind", "dropout",
     "feature_dropout", "mean", "sum", "neg", "abs", "amax", "flip", "roll", "pixel_shuffle",
     "pixel_unshuffle", "alias", "detach", "repeat", "tile", "movedim", "index_select", "_to_copy", "to",
+    "linalg_vector_norm", "norm", "clamp_min", "embedding",
 )
 #: Tied ops whose scalar arguments are values of the activation (scaled with it): arg indices.
 TIED_SCALARS = {p: idx for p, idx in ((getattr(aten, "clamp", None), (1, 2)), (getattr(aten, "clip", None), (1, 2)),
                                       (getattr(aten, "hardtanh", None), (1, 2)), (getattr(aten, "add", None), (1,)),
                                       (getattr(aten, "sub", None), (1,)), (getattr(aten, "pad", None), (3,)),
-                                      (getattr(aten, "constant_pad_nd", None), (2,))) if p is not None}
+                                      (getattr(aten, "constant_pad_nd", None), (2,)),
+                                      (getattr(aten, "clamp_min", None), (1,))) if p is not None}
 MATMUL_OPS = _packets("matmul", "mm", "bmm")
 
 
@@ -355,7 +359,7 @@ def _role(node: fx.Node, acts: set[str], consts: _Constants) -> Role:
     if p in NORM_OPS:
         w_idx, b_idx, _ = NORM_OPS[p]
         w = node.args[w_idx] if len(node.args) > w_idx else None
-        b = node.args[b_idx] if len(node.args) > b_idx else None
+        b = node.args[b_idx] if b_idx is not None and len(node.args) > b_idx else None
         if len(ins) != 1 or any(a is not None and consts.get(a) is None for a in (w, b)):
             return Role.BARRIER
         return Role.LINEAR if w is not None else Role.BOUNDED
@@ -373,6 +377,8 @@ def _role(node: fx.Node, acts: set[str], consts: _Constants) -> Role:
         return Role.BARRIER
     if p is getattr(aten, "hardsigmoid", None):
         return Role.BOUNDED
+    if p is aten.log and len(ins) == 1 and node.args[0] is ins[0]:
+        return Role.LOG
     if p in (aten._to_copy, getattr(aten, "to", None)):
         dtype = node.kwargs.get("dtype")
         return Role.TIED if dtype is None or dtype.is_floating_point else Role.BARRIER
@@ -382,6 +388,11 @@ def _role(node: fx.Node, acts: set[str], consts: _Constants) -> Role:
             return Role.TIED if consts.get(other) is not None and node.args[0] is ins[0] else Role.BARRIER
         return Role.TIED
     return Role.BARRIER
+
+
+#: Ops whose result does not depend on their inputs' values (shapes, dtype checks): they read a
+#: scaled tensor as well as the true one.
+SCALE_BLIND_OPS = _packets("sym_size", "size", "sym_numel", "sym_stride", "_assert_tensor_metadata")
 
 
 def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
@@ -404,6 +415,10 @@ def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
         if node.op not in ("call_function", "call_method", "call_module") or node.name not in acts:
             continue
         reads = [a.name for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node) and a.name in acts]
+        if _packet(node) in SCALE_BLIND_OPS:
+            reads = []  # reads a shape or dtype, not values
+        if _packet(node) is aten.embedding:
+            reads = []  # the table is a constant, the indices integers
         outs = (node.name,) if _is_float_value(node) or "val" not in node.meta and "tensor_meta" not in node.meta else ()
         role = _role(node, acts, consts) if node.op == "call_function" else Role.BARRIER
         degree = Fraction(1)
@@ -446,7 +461,8 @@ def graph_io(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def activation_amax(gm: fx.GraphModule, examples: Iterable[Sequence[torch.Tensor]]) -> dict[str, float]:
+def activation_amax(gm: fx.GraphModule, examples: Iterable[Sequence[torch.Tensor]],
+                    flushed: set[str] | None = None) -> dict[str, float]:
     """Max |x| of every node's value over ``examples`` (``inf`` where a value is ever non-finite).
 
     The per-node maxima stay on the device as 0-d tensors and are read back once per forward.
@@ -454,6 +470,8 @@ def activation_amax(gm: fx.GraphModule, examples: Iterable[Sequence[torch.Tensor
     Args:
         gm: the graph; run as is (FP32).
         examples: argument tuples.
+        flushed: if given, the names of nodes with a nonzero value FP16 flushes to zero
+            (``|x| < 2**-24``, unscaled) are added to it.
     """
     amax: dict[str, float] = {}
 
@@ -469,6 +487,9 @@ def activation_amax(gm: fx.GraphModule, examples: Iterable[Sequence[torch.Tensor
                                  for t in tensors]).amax()
                 finite = torch.stack([t.isfinite().all() for t in tensors]).all()
                 found[n.name] = torch.where(finite, m, torch.full_like(m, math.inf))
+                if flushed is not None:
+                    tiny = torch.stack([((t != 0) & (t.abs() < FP16_FLUSH)).any() for t in tensors]).any()
+                    found[n.name] = torch.where(tiny, -found[n.name] - 1, found[n.name])  # sign carries it
             return out
 
     with torch.no_grad():
@@ -478,8 +499,16 @@ def activation_amax(gm: fx.GraphModule, examples: Iterable[Sequence[torch.Tensor
             if found:
                 values = torch.stack(list(found.values())).cpu().tolist()  # one host sync per forward
                 for name, v in zip(found, values):
+                    if v < 0:
+                        flushed.add(name)
+                        v = -v - 1
                     amax[name] = max(amax.get(name, 0.0), v)
     return amax
+
+
+#: Magnitudes below FP16's smallest subnormal (2**-24; below 2**-25 they round to zero): the
+#: threshold of :attr:`fp16guard.stats.RangeStats.flush_to_zero`.
+FP16_FLUSH = 2.0 ** -24
 
 
 def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.GraphModule, list[RewriteNote]]:
@@ -530,13 +559,32 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
             note = _scale_hardsigmoid(g, node, e_in)
         elif op.role is Role.TIED and e_in and p in TIED_SCALARS:
             note = _scale_tied(consts, node, op, e_in)
+        elif op.role is Role.TIED and not op.inputs and e_out and p is aten.embedding:
+            _scale_arg(consts, node, 0, -e_out)  # the table, read at integer indices
+            note = RewriteNote("scale", node.name, f"embedding table x 2^{-e_out}")
         if note is not None:
             notes.append(note)
     notes.extend(_insert_rescales(g, solution))
+    notes.extend(_close_logs(g, solution))
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()
     return gm, notes
+
+
+def _close_logs(g: fx.Graph, solution: ScaleSolution) -> list[RewriteNote]:
+    """``log(x * 2**-e) + e ln 2`` for each ``LOG`` op reading its input at exponent ``e != 0``."""
+    nodes = {n.name: n for n in g.nodes}
+    notes = []
+    for name, e in solution.log_offsets.items():
+        log = nodes[name]
+        users = list(log.users)
+        with g.inserting_after(log):
+            closed = g.call_function(aten.add.Tensor, (log, e * math.log(2.0)))
+        for u in users:
+            u.replace_input_with(log, closed)
+        notes.append(RewriteNote("scale", name, f"log of a value stored x 2^{-e}: {e} ln 2 added after it"))
+    return notes
 
 
 def _scale_arg(consts: _Constants, node: fx.Node, index: int, exponent: int) -> None:
@@ -572,7 +620,8 @@ def _scale_linear(consts: _Constants, node: fx.Node, op: ScaleOp, e_in: int, e_o
     elif p in NORM_OPS:
         w_idx, b_idx, eps_idx = NORM_OPS[p]
         _scale_arg(consts, node, w_idx, -e_out)
-        _scale_arg(consts, node, b_idx, -e_out)
+        if b_idx is not None:
+            _scale_arg(consts, node, b_idx, -e_out)
         _scale_eps(node, eps_idx, e_in)
     elif p in MATMUL_OPS or p is aten.mul:
         k = 1 if consts.get(node.args[1]) is not None and node.args[0] is not None and \
@@ -680,6 +729,8 @@ def _scale_eps(node: fx.Node, index: int, e_in: int) -> None:
     args = list(node.args)
     while len(args) <= index:
         args.append(1e-5)  # ATen's default for layer_norm and group_norm
+    if args[index] is None:  # rms_norm's default: the input dtype's machine epsilon (FP32's here)
+        args[index] = torch.finfo(torch.float32).eps
     args[index] = float(args[index]) * pow2(-2 * e_in)
     node.args = tuple(args)
 
@@ -697,7 +748,14 @@ def raise_constants(gm: fx.GraphModule, raises: Sequence[tuple[str, float]]) -> 
     gm = _copy(gm)
     consts = _Constants(gm)
     notes = []
+    nodes = {n.name: n for n in gm.graph.nodes}
     for target, floor in raises:
+        name, _, index = target.partition(SCALAR_MARK)
+        if index and name in nodes and int(index) < len(nodes[name].args):
+            node, i = nodes[name], int(index)
+            node.args = (*node.args[:i], math.copysign(floor, node.args[i]), *node.args[i + 1:])
+            notes.append(RewriteNote("raise_constant", target, f"scalar {node.args[i]:.3g} raised to {floor:.3g}"))
+            continue
         readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
         if not readers:
             raise RewriteError(f"plan raises constant {target!r}, which the model does not have")
@@ -711,10 +769,20 @@ def raise_constants(gm: fx.GraphModule, raises: Sequence[tuple[str, float]]) -> 
     return gm, notes
 
 
+#: Names a scalar argument as a constant: ``<node>#<argument index>`` (``add_3#1`` for the ``1e-10``
+#: of ``add(x, 1e-10)``).
+SCALAR_MARK = "#"
+
+
 def constants(gm: fx.GraphModule) -> dict[str, tuple[np.ndarray, list[str]]]:
-    """Float constants of the graph: ``{get_attr target: (value as float64, reader node names)}``."""
+    """Float constants of the graph: ``{get_attr target: (value as float64, reader node names)}``,
+    and the float scalar arguments of ops as ``{"<node>#<index>": (value, [node])}``."""
     out: dict[str, tuple[np.ndarray, list[str]]] = {}
     for node in gm.graph.nodes:
+        if node.op == "call_function":
+            for i, a in enumerate(node.args):
+                if isinstance(a, float):
+                    out[f"{node.name}{SCALAR_MARK}{i}"] = (np.array(a, dtype=np.float64), [node.name])
         if node.op != "get_attr":
             continue
         t = get_attr(gm, node.target)
@@ -725,6 +793,26 @@ def constants(gm: fx.GraphModule) -> dict[str, tuple[np.ndarray, list[str]]]:
             else:
                 out[node.target] = (t.detach().cpu().double().numpy(), readers)
     return out
+
+
+def program_on(program: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """A copy of ``program`` on ``device``: its constants moved, and the devices ``torch.export``
+    recorded when it captured on another one (``arange(..., device=cpu)``, ``to(x, cpu)``)
+    rewritten (``program`` itself is not changed)."""
+    moved = copy.deepcopy(program).to(device)  # Module.to moves in place: hence the copy
+    for module in moved.modules():  # tensor constants that are plain attributes (not buffers)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.device != device:
+                setattr(module, name, value.to(device))
+    def placed(a):
+        """``device`` for a recorded device, else ``a``."""
+        return device if isinstance(a, torch.device) else a
+
+    for node in moved.graph.nodes:
+        node.args = tuple(placed(a) for a in node.args)
+        node.kwargs = {k: placed(v) for k, v in node.kwargs.items()}
+    moved.recompile()
+    return moved
 
 
 def to_fp16_program(gm: fx.GraphModule, fp32_nodes: Iterable[str] = ()) -> fx.GraphModule:
@@ -750,6 +838,8 @@ def to_fp16_program(gm: fx.GraphModule, fp32_nodes: Iterable[str] = ()) -> fx.Gr
             continue  # read() makes the constant in the precision its reader needs
         elif node.op == "output":
             program.add_output(node)
+        elif _packet(node) is getattr(aten, "_assert_tensor_metadata", None):
+            continue  # checks the capture's FP32 dtype and device, which the program changes
         else:
             program.add_op(node, want16=node.name not in fp32)
     return program.module()
@@ -823,6 +913,8 @@ class _Fp16Program:
         kwargs = dict(kwargs)
         if want16 and kwargs.get("dtype") is torch.float32:
             kwargs["dtype"] = torch.float16  # an explicit FP32 cast inside the model stays in the FP16 program
+        if want16:  # ... also when the dtype is positional (T5's ``hidden.to(torch.float32)``: aten.to.dtype)
+            args = tuple(torch.float16 if a is torch.float32 else a for a in args)
         out = self.g.create_node(node.op, node.target, tuple(args), kwargs, name=node.name)
         if _is_float_value(node):
             (self.env16 if want16 else self.env32)[node] = out
@@ -883,13 +975,12 @@ def run_emulated(program: fx.GraphModule, *args: torch.Tensor) -> list[torch.Ten
 
         def call_function(self, target, args, kwargs):
             """The op in FP32, rounded to the dtype it has in FP16."""
-            if target is getattr(aten, "_assert_tensor_metadata", None) or \
-                    target is getattr(getattr(aten, "_assert_tensor_metadata", None), "default", None):
-                return None  # checks the FP16 dtype, which this emulation holds in FP32
             out = target(*tree_map(up, args), **tree_map(up, kwargs))
             try:
                 want = target(*tree_map(meta, args), **tree_map(meta, kwargs))
-            except Exception:  # noqa: BLE001 - an op with no meta kernel keeps its FP32 dtype
+            except Exception as e:  # noqa: BLE001 - an op with no meta kernel keeps its FP32 dtype
+                if "dtype" in str(e):  # FP16 and FP32 mixed where a kernel needs one: CUDA refuses it too
+                    raise
                 return out
             return tree_map(lambda o, w: o.to(w.dtype) if isinstance(o, torch.Tensor) and isinstance(w, torch.Tensor)
                             and o.is_floating_point() else o, out, _match(want, out))
