@@ -88,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="task metric f(outputs, reference) -> float on lists of numpy arrays (default: "
                           "worst relative L2 error)")
     bis.add_argument("--tolerance", type=float, default=None,
-                     help="a cut is bad when the metric exceeds this (default 0.07, calibrated on the bundled examples)")
+                     help="a cut is bad when the metric exceeds this (default: from the data, 4 x the FP16 "
+                          "rounding noise of the longest prefix whose values fit FP16, at least 0.07 and at "
+                          "most 0.5)")
     bis.add_argument("--all", action="store_true", dest="all_offenders",
                      help="after each offender, keep it in FP32 and search again")
     bis.add_argument("--max-offenders", type=int, default=8, help="stop --all after this many")
@@ -214,7 +216,7 @@ def _model_and_inputs(args, console: Console, *, require_inputs: bool = True):
 def _bisect(args, console: Console) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from fp16guard.bisect import DEFAULT_TOLERANCE, bisect, plot_bisect, print_bisect
+    from fp16guard.bisect import bisect, plot_bisect, print_bisect
 
     if args.deploy_cfg or args.model_cfg or args.img:
         model, inputs, framework, name = _openmmlab_sets(args, console)
@@ -233,7 +235,6 @@ def _bisect(args, console: Console) -> int:
         backend = get_backend(args.backend, **options)
     except ValueError as e:  # unknown name
         raise UsageError(str(e)) from None
-    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task(f"bisect {name}: building and running the all-FP16 prefix", total=None)
@@ -248,7 +249,7 @@ def _bisect(args, console: Console) -> int:
                                    f"{'bad' if t.bad else 'good'}, error {t.error:.3g}, {t.seconds:.1f} s")
             progress.update(task, description=f"bisect {name}: {tried} cuts tried")
 
-        result = bisect(model, inputs, backend=backend, metric=args.metric, tolerance=tolerance,
+        result = bisect(model, inputs, backend=backend, metric=args.metric, tolerance=args.tolerance,
                         all_offenders=args.all_offenders, max_offenders=args.max_offenders,
                         refine=not args.no_refine, on_trial=on_trial, source=name)
     print_bisect(result, console)

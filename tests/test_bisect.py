@@ -1,5 +1,6 @@
 """bisect on models whose offender is known by construction, and on the bundled real examples."""
 
+import io
 import json
 import math
 
@@ -11,8 +12,9 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
 
-from fp16guard.bisect import DEFAULT_TOLERANCE, bisect
+from fp16guard.bisect import DEFAULT_TOLERANCE, NOISE_CAP, NOISE_FACTOR, bisect, noise_tolerance, print_bisect
 from fp16guard.bisect.search import CutSearch
 from fp16guard.bisect.torch_split import TorchSplitter
 from fp16guard.compare import relative_l2
@@ -268,6 +270,115 @@ def test_split_prefix_and_suffix_recompose_the_model_exactly():
             prefix, suffix, live = sp.split(sp.end_of(seg))
             out = suffix(*prefix(x), x)
             assert torch.equal(out[0], ref), seg
+
+
+# -- the tolerance from the data: rounding noise is not an overflow -----------------------------------
+#
+# A random Linear+ReLU stack stays near 1e-3 relative L2 in FP16 even 40 layers deep; what makes the
+# rounding of the first layers exceed 0.07 at the output is a *sensitive* model. A tanh stack with
+# weight gain sigma ~ 2 is one (the chaotic phase: a perturbation grows ~1.15x per layer while every
+# activation stays in [-1, 1]), so FP16 rounding alone gives 0.1 - 0.16 there. After layer 36,
+# ``up`` and ``over`` multiply by 1e3 each and two Muls by 1e-3 undo it: every constant fits FP16,
+# and ``over`` is the first op whose output does not (1e6 |tanh| > 65504 where |tanh| > 0.066).
+
+DEPTH, WIDTH, OVERFLOW_AFTER = 40, 32, 36
+GAINS = (("up", 1e3), ("over", 1e3), ("down", 1e-3), ("back", 1e-3))
+
+
+def _deep_tanh_onnx(sigma=1.9, seed=3):
+    """40 x (MatMul [16, 32] x [32, 32] -> Tanh), weights N(0, sigma^2 / 32); after layer 36, the
+    Muls of :data:`GAINS` (``over``'s output is out of FP16 range)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i in range(DEPTH):
+        w = rng.standard_normal((WIDTH, WIDTH)) * sigma / WIDTH**0.5
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"fc{i}"))
+        nodes.append(helper.make_node("Tanh", [f"h{i}"], [f"a{i}"], name=f"tanh{i}"))
+        prev = f"a{i}"
+        if i == OVERFLOW_AFTER:
+            for name, gain in GAINS:
+                inits.append(numpy_helper.from_array(np.array(gain, np.float32), f"{name}_gain"))
+                nodes.append(helper.make_node("Mul", [prev, f"{name}_gain"], [name], name=name))
+                prev = name
+    io = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [16, WIDTH]) for v in ("x", prev)]
+    m = helper.make_model(helper.make_graph(nodes, "deep_tanh", io[:1], io[1:], inits),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+def _deep_tanh_torch(sigma=2.0, seed=0):
+    """The same stack as PyTorch modules (``nn.Sequential``: Linear, Tanh, ...; zero biases), with
+    the Gains of :data:`GAINS` after layer 36 (modules ``"74"`` to ``"77"``: ``"75"`` overflows)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(DEPTH):
+        fc = nn.Linear(WIDTH, WIDTH)
+        with torch.no_grad():
+            fc.weight.copy_(torch.randn(WIDTH, WIDTH, generator=g) * sigma / WIDTH**0.5)
+            fc.bias.zero_()
+        layers += [fc, nn.Tanh()]
+        if i == OVERFLOW_AFTER:
+            layers += [Gain(gain) for _, gain in GAINS]
+    return _stack(*layers)
+
+
+def test_noise_tolerance_is_floor_then_k_times_noise_then_cap():
+    assert noise_tolerance(None) == (DEFAULT_TOLERANCE, "floor")
+    assert noise_tolerance(math.inf) == (DEFAULT_TOLERANCE, "floor")  # a broken prefix is not noise
+    assert noise_tolerance(1e-3) == (DEFAULT_TOLERANCE, "floor")
+    assert noise_tolerance(0.1) == (pytest.approx(NOISE_FACTOR * 0.1), "noise")
+    assert noise_tolerance(0.2) == (NOISE_CAP, "cap")
+    assert noise_tolerance(0.2, floor=0.9) == (0.9, "floor")
+    grid = np.linspace(0, 1, 201)
+    tolerances = [noise_tolerance(float(v))[0] for v in grid]
+    assert all(a <= b for a, b in zip(tolerances, tolerances[1:]))  # monotone in the noise
+    assert min(tolerances) == DEFAULT_TOLERANCE and max(tolerances) == NOISE_CAP
+
+
+def test_rounding_noise_above_the_fixed_tolerance_is_not_blamed_onnx():
+    """ONNX nodes: the old fixed 0.07 blames a node long before the overflow (its error is finite:
+    rounding); the tolerance from the data blames ``over``, the Mul whose output exceeds 65504."""
+    model = _deep_tanh_onnx()
+    x = np.random.default_rng(100).standard_normal((16, WIDTH)).astype(np.float32)
+    result = bisect(model, [x], backend="emulate")
+    over = result.candidates.index("over")
+    assert result.noise_cut == over  # the longest in-range prefix ends right before the overflow
+    noise_trial = next(t for t in result.trials if t.cut == over)
+    assert result.noise == noise_trial.error and not noise_trial.bad
+    assert result.noise > DEFAULT_TOLERANCE  # FP16 rounding alone exceeds the fixed tolerance
+    assert (result.tolerance, result.tolerance_source) == noise_tolerance(result.noise)
+    assert result.tolerance > DEFAULT_TOLERANCE
+    assert [o.name for o in result.offenders] == ["over"] and math.isinf(result.offenders[0].error)
+    assert not result.unfit  # every constant fits FP16: the activation overflows
+    assert result.builds <= result.build_bound  # measuring the noise cost no build beyond the bound
+    data = result.to_json()
+    assert data["noise"] == result.noise and data["noise_cut"] == over and data["tolerance"] == result.tolerance
+    out = io.StringIO()
+    print_bisect(result, Console(file=out, width=300))
+    assert f"FP16 rounding noise {result.noise:.3g} measured at cut {over}" in out.getvalue()
+
+    fixed = bisect(model, [x], backend="emulate", tolerance=DEFAULT_TOLERANCE)
+    assert fixed.tolerance == DEFAULT_TOLERANCE and fixed.tolerance_source == "explicit" and fixed.noise is None
+    blamed = fixed.offenders[0]
+    assert blamed.cut <= over and DEFAULT_TOLERANCE < blamed.error < result.tolerance  # precision, not range
+    assert blamed.kind in ("MatMul", "Tanh")
+
+
+@pytest.mark.slow
+def test_rounding_noise_above_the_fixed_tolerance_is_not_blamed_torch():
+    """PyTorch modules (the filed report: the old tolerance blamed the first layer)."""
+    model = _deep_tanh_torch()
+    x = _x(WIDTH)
+    result = bisect(model, [x], backend="emulate")
+    assert [(o.name, o.kind) for o in result.offenders] == [("75", "Scale")]  # the second Gain(1e3)
+    assert result.noise_cut == 75 and result.noise > DEFAULT_TOLERANCE
+    assert result.tolerance == noise_tolerance(result.noise)[0] > result.noise
+    assert all(t.bad == (t.cut > 75) for t in result.trials if t.stage == "module") and result.monotonic
+    fixed = bisect(model, [x], backend="emulate", tolerance=DEFAULT_TOLERANCE)
+    assert [(o.name, o.kind) for o in fixed.offenders] == [("0", "Linear")]  # the old verdict: the first layer
+    assert DEFAULT_TOLERANCE < fixed.offenders[0].error < result.tolerance
 
 
 # -- the bundled real examples ---------------------------------------------------------------------

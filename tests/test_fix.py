@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import fp16guard
 from fp16guard.cli import main
-from fp16guard.errors import FixError, ModelLoadError, PlanError
+from fp16guard.errors import ModelLoadError, PlanError
 from fp16guard.fix.onnx_pass import apply_exponents, scale_ops
 from fp16guard.fix.pipeline import apply_plan, calibrate_target, fix_model
 from fp16guard.fix.solver import Role, ScaleOp, complete, solve

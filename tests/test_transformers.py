@@ -7,7 +7,7 @@ relative L2 error against the FP32 fallback's (the same offending ops kept in FP
 
 import numpy as np
 import pytest
-from transformer_cases import bert, t5, to_onnx, token_batch
+from transformer_cases import bert, image_batch, t5, to_onnx, to_onnx_image, token_batch, vit
 
 from fp16guard.fix import fix_model
 
@@ -72,3 +72,17 @@ def test_pytorch_bert_and_t5_with_finfo_min_masks_run_in_pure_fp16(attention):
         result = _fix(model)
         _assert_fixed_like_fp32(result)
         assert any(n.kind == "saturate_constant" for n in result.notes) == float_mask
+
+
+@pytest.mark.parametrize("graph", ["onnx", "torch"])
+def test_vit_residual_stream_past_fp16_with_a_class_token_runs_in_pure_fp16(tmp_path, graph):
+    # the residual stream (3.7e5) is tied to the embeddings (~1): the class token and the position
+    # embedding scale with it, and each LayerNorm's input is shifted rather than the whole stream
+    # raised (which would store the embeddings subnormal)
+    model = vit(1e7)
+    src = to_onnx_image(model, tmp_path / "vit.onnx") if graph == "onnx" else model
+    result = fix_model(src, [image_batch(s) for s in range(3)], validation=[image_batch(s) for s in range(3, 6)])
+    assert all(not np.isfinite(r.rel_l2) for r in result.naive.rows)
+    assert result.conversion.fp32_nodes == []
+    for fixed, fallback in zip(result.verification.rows, result.fallback.rows):
+        assert fixed.rel_l2 <= 1.5 * fallback.rel_l2 + 1e-3

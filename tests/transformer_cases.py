@@ -78,3 +78,47 @@ def to_onnx(model: torch.nn.Module, path, opset: int) -> str:
                           opset_version=opset, dynamo=False,
                           dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask")})
     return str(path)
+
+
+class LastHiddenImage(torch.nn.Module):
+    """``model(pixel_values).last_hidden_state`` as a plain function of one tensor."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).last_hidden_state
+
+
+def vit(growth: float) -> torch.nn.Module:
+    """A 2-layer ViT (32x32 images, 8x8 patches, a class token concatenated to the patches)
+    whose first attention output projection is ``growth`` times larger (the residual stream
+    reaches ~0.04 * growth: 3.7e5 at 1e7, tied to embeddings of ~1). Input float32 [batch, 3, 32, 32]."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=192, attn_implementation="eager")
+    model = ViTModel(cfg, add_pooling_layer=False).eval()
+    layer = model.layers[0] if hasattr(model, "layers") else model.encoder.layer[0]
+    dense = layer.attention.o_proj if hasattr(layer.attention, "o_proj") else layer.attention.output.dense
+    with torch.no_grad():
+        dense.weight *= growth
+        dense.bias *= growth
+    return LastHiddenImage(model).eval()
+
+
+def image_batch(seed: int) -> np.ndarray:
+    """float32 [2, 3, 32, 32], normalized pixels."""
+    return np.random.default_rng(seed).normal(size=(2, 3, 32, 32)).astype(np.float32)
+
+
+def to_onnx_image(model: torch.nn.Module, path, opset: int = 14) -> str:
+    """Export an image model (input ``pixel_values``, dynamic batch) with ``torch.onnx``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.from_numpy(image_batch(0)),), str(path), input_names=["pixel_values"],
+                          output_names=["last_hidden_state"], opset_version=opset, dynamo=False,
+                          dynamic_axes={"pixel_values": {0: "batch"}})
+    return str(path)

@@ -13,7 +13,8 @@ def plot_bisect(result, path: str | Path) -> Path:
     """Write a PNG of the metric at every tried cut against the cut's position (log scale).
 
     Good cuts are blue dots, bad ones red crosses (non-finite errors are drawn at the top edge);
-    the tolerance is a dashed line and each offender a vertical line. Returns ``path``.
+    the tolerance is a dashed line, the rounding noise it was set from (if measured) a dotted one,
+    and each offender a vertical line. Returns ``path``.
     """
     from matplotlib.figure import Figure
 
@@ -28,6 +29,9 @@ def plot_bisect(result, path: str | Path) -> Path:
         if pts:
             ax.semilogy(*zip(*pts), style, color=color, label=label)
     ax.axhline(result.tolerance, color="gray", ls="--", lw=1, label=f"tolerance {result.tolerance:g}")
+    if result.noise is not None and math.isfinite(result.noise) and result.noise > 0:
+        ax.axhline(result.noise, color="gray", ls=":", lw=1,
+                   label=f"rounding noise {result.noise:.3g} (cut {result.noise_cut})")
     for o in result.offenders:
         ax.axvline(o.cut, color="tab:red", lw=0.8, alpha=0.6)
         ax.annotate(o.name, (o.cut, top), rotation=90, va="top", ha="right", fontsize=8, color="tab:red")
@@ -35,7 +39,7 @@ def plot_bisect(result, path: str | Path) -> Path:
     ax.set_xlabel(f"cut: candidates run in FP16 (of {n}, execution order)")
     ax.set_ylabel(f"{result.metric} of the hybrid output")
     ax.set_title(f"fp16guard bisect: {result.source}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)

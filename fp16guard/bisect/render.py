@@ -7,10 +7,24 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from fp16guard.bisect.search import NOISE_CAP, NOISE_FACTOR
+
 
 def _err(e: float, tolerance: float) -> str:
     text = "inf" if math.isinf(e) else f"{e:.3g}"
     return f"[bold red]{text}[/]" if not e <= tolerance else text
+
+
+def _source(result) -> str:
+    """Where the tolerance came from, in words."""
+    if result.tolerance_source == "explicit":
+        return "tolerance given"
+    if result.noise is None:
+        return "default tolerance: no prefix stays in FP16 range to measure rounding noise on"
+    measured = (f"FP16 rounding noise {_err(result.noise, math.inf)} measured at cut {result.noise_cut}, "
+                f"the longest prefix whose FP32 values fit FP16")
+    rule = {"floor": "the default floor", "noise": f"{NOISE_FACTOR:g} x noise", "cap": f"capped at {NOISE_CAP:g}"}
+    return f"{measured}; tolerance = {rule[result.tolerance_source]}"
 
 
 def print_bisect(result, console: Console | None = None) -> None:
@@ -22,8 +36,8 @@ def print_bisect(result, console: Console | None = None) -> None:
     """
     console = console or Console()
     console.print(f"backend: {result.backend}")
-    console.print(f"metric: {result.metric}, bad when > {result.tolerance:g} or non-finite; "
-                  f"{len(result.candidates)} candidate cuts")
+    console.print(f"metric: {result.metric}, bad when > {result.tolerance:g} or non-finite "
+                  f"({_source(result)}); {len(result.candidates)} candidate cuts")
     table = Table(title="tried cuts (FP16 prefix up to and including 'last')", title_justify="left")
     for col, kw in (("round", {"justify": "right"}), ("stage", {}), ("cut", {"justify": "right"}),
                     ("last in FP16", {}), ("error", {"justify": "right"}), ("verdict", {}),

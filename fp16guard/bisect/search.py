@@ -19,9 +19,36 @@ x * 1e5 * 1e-5 inside one forward) is listed alone.
 
 A cut is **bad** when a hybrid output has a non-finite value where the reference is finite, or
 the metric exceeds the tolerance. The default metric is the relative L2 error of each output,
-``||y - y_ref||_2 / ||y_ref||_2``, worst over outputs and inputs; :data:`DEFAULT_TOLERANCE` and
-how it was calibrated are documented there. A task metric ``metric(outputs, reference) -> float``
-(lists of numpy arrays, in the model's output order) replaces it.
+``||y - y_ref||_2 / ||y_ref||_2``, worst over outputs and inputs. A task metric
+``metric(outputs, reference) -> float`` (lists of numpy arrays, in the model's output order)
+replaces it.
+
+Tolerance from the data. Bisect blames overflow, not precision, so unless the caller passes
+``tolerance`` the threshold is set from the model's own FP16 rounding noise before the search:
+
+1. ``L``, the longest cut whose FP16 prefix is entirely in FP16 range, is found from FP32 runs
+   (every value each prefix op reads or writes, activations and weights, is finite with
+   ``|x| <= 65504`` on every input; ``in_range_limit`` of the targets). Such a prefix cannot
+   overflow: its error is rounding (or an underflow, which shows up as a non-finite output).
+2. The **noise** is the metric at cut ``L`` (the largest in-range prefix: the most rounding an
+   in-range cut carries).
+3. ``tolerance = max(DEFAULT_TOLERANCE, min(NOISE_CAP, NOISE_FACTOR * noise))``
+   (:func:`noise_tolerance`): at least the calibrated floor, ``NOISE_FACTOR`` = 4 times the noise
+   (shorter in-range prefixes can show more error than cut ``L``: rounding amplified by a
+   sensitive suffix differs from cut to cut, by up to 2.5x on the chaotic 40-layer stack of the
+   tests), and never above ``NOISE_CAP`` = 0.5, half the output's norm, which no amount of rounding
+   excuses. A non-finite noise (cut ``L`` already breaks, e.g. an epsilon that flushes to zero) is
+   breakage, not noise: the floor is used. ``L = 0`` (the first candidate is out of range): floor.
+
+The rule is deterministic and monotone: the tolerance never decreases as the noise grows, and
+never drops below the floor, so it only ever turns verdicts of the fixed default from bad to good
+where the error is within ``NOISE_FACTOR`` times measured rounding; non-finite outputs stay bad.
+Cost: the FP32 runs of step 1 (one per input; ONNX: one per input and per 1 GiB chunk of
+activations) and one cut, ``L``, evaluated like any other (one build, one prefix run per input).
+When the first offender is candidate ``L + 1``, as it is for an overflow, the search verifies cut
+``L`` anyway, and when ``L = N`` the cut is the all-FP16 cut the search starts with: then it costs
+no extra build. ``BisectResult`` reports ``noise``, ``noise_cut`` (``L``) and
+``tolerance_source``.
 
 Monotonicity. Binary search assumes that once a prefix is bad, longer prefixes stay bad. The
 result says whether every evaluated cut agreed with that (``BisectResult.monotonic``).
@@ -48,6 +75,12 @@ from fp16guard.onnx_graph import load_onnx
 
 SCHEMA = "fp16guard.bisect/1"
 
+#: k of the tolerance from the data: a cut is bad when its error exceeds ``NOISE_FACTOR`` times the
+#: rounding noise of the longest in-range prefix (and the floor :data:`DEFAULT_TOLERANCE`).
+NOISE_FACTOR = 4.0
+#: The most the tolerance from the data may reach (relative L2: half the output's norm is broken,
+#: whatever the rounding).
+NOISE_CAP = 0.5
 
 
 @dataclass(frozen=True)
@@ -122,6 +155,13 @@ class BisectResult:
             from it on".
         unfit: constants of the model that FP16 cannot hold (from the all-FP16 prefix).
         notes: anything the user should know (unexportable tail, non-monotonic search ...).
+        noise: the metric at :attr:`noise_cut`, the FP16 rounding noise the tolerance was set from;
+            None when not measured (an explicit tolerance, or no in-range cut).
+        noise_cut: the longest cut whose prefix stays in FP16 range in FP32 (0: none); None when
+            the tolerance was explicit.
+        tolerance_source: ``explicit`` (the caller's), ``floor`` (:data:`DEFAULT_TOLERANCE`: the
+            noise is small, not finite, or not measured), ``noise`` (``NOISE_FACTOR * noise``) or
+            ``cap`` (:data:`NOISE_CAP`).
     """
 
     source: str
@@ -137,6 +177,9 @@ class BisectResult:
     monotonic: bool = True
     unfit: list[UnfitConstant] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    noise: float | None = None
+    noise_cut: int | None = None
+    tolerance_source: str = "explicit"
 
     @property
     def found(self) -> bool:
@@ -153,7 +196,8 @@ class BisectResult:
         floats as the strings of :mod:`fp16guard.jsonio`)."""
         return strict(dict(
             schema=SCHEMA, source=self.source, backend=self.backend, metric=self.metric,
-            tolerance=self.tolerance, found=self.found, candidates=self.candidates,
+            tolerance=self.tolerance, tolerance_source=self.tolerance_source, noise=self.noise,
+            noise_cut=self.noise_cut, found=self.found, candidates=self.candidates,
             offenders=[asdict(o) for o in self.offenders], trials=[asdict(t) for t in self.trials],
             builds=self.builds, runs=self.runs, seconds=self.seconds, monotonic=self.monotonic,
             build_bound=self.build_bound, unfit=[u.to_json() for u in self.unfit], notes=self.notes))
@@ -226,22 +270,69 @@ class CutSearch:
         return self.first_bad
 
 
+def noise_tolerance(noise: float | None, floor: float = DEFAULT_TOLERANCE) -> tuple[float, str]:
+    """The tolerance the data gives: ``max(floor, min(NOISE_CAP, NOISE_FACTOR * noise))``.
+
+    Args:
+        noise: the metric of the longest in-range prefix (dimensionless, relative L2 by default);
+            None (not measured) or non-finite (that prefix already breaks) give the floor.
+        floor: the least tolerance (default :data:`DEFAULT_TOLERANCE`).
+
+    Returns:
+        ``(tolerance, source)``, ``source`` naming the term that decided: ``floor``, ``noise`` or
+        ``cap``. Non-decreasing in ``noise`` over the finite values.
+    """
+    if noise is None or not math.isfinite(noise):
+        return floor, "floor"
+    tolerance, source = (NOISE_CAP, "cap") if NOISE_FACTOR * noise >= NOISE_CAP else (NOISE_FACTOR * noise, "noise")
+    return (floor, "floor") if tolerance <= floor else (tolerance, source)
+
+
 class _Session:
     """One bisect run: evaluates cuts of a target (each at most once per stage, round and position),
-    records them as :class:`Trial` s in the result, and turns a bad cut into an :class:`Offender`."""
+    records them as :class:`Trial` s in the result, and turns a bad cut into an :class:`Offender`.
+    ``tolerance`` None: :meth:`calibrate` sets it from the data before the search."""
 
-    def __init__(self, target, metric: Metric, tolerance: float, result: BisectResult,
+    def __init__(self, target, metric: Metric, tolerance: float | None, result: BisectResult,
                  on_trial: Callable[[Trial], None] | None):
         self.target, self.metric, self.tolerance = target, metric, tolerance
         self.result, self.on_trial = result, on_trial
         self.cache: dict[tuple, Trial] = {}
 
+    def set_tolerance(self, noise: float | None) -> None:
+        """Set the tolerance from the measured rounding ``noise`` (:func:`noise_tolerance`) and
+        report both in the result."""
+        self.tolerance, self.result.tolerance_source = noise_tolerance(noise)
+        self.result.tolerance, self.result.noise = self.tolerance, noise
+        if noise is not None and not math.isfinite(noise):
+            self.result.notes.append(
+                f"the longest prefix whose FP32 values fit FP16 (cut {self.result.noise_cut}) already gives a "
+                f"non-finite output in FP16: not rounding noise; tolerance left at the floor {self.tolerance:g}")
+        elif self.result.tolerance_source == "cap":
+            self.result.notes.append(
+                f"the FP16 rounding noise {noise:.3g} of the in-range prefix is so large that the tolerance "
+                f"{NOISE_FACTOR:g} x noise was capped at {NOISE_CAP:g}; pass --tolerance or a task metric")
+
+    def calibrate(self, n: int) -> None:
+        """Measure the rounding noise at the longest in-range cut ``L <= n`` and set the tolerance
+        from it (round 0's trial of cut ``L`` is kept for the search). ``L = 0``: the floor."""
+        target = self.target
+        last = target.in_range_limit(n)
+        self.result.noise_cut = last
+        if last == 0:
+            self.set_tolerance(None)
+            return
+        self.is_bad(target.stage, 0, last, target.cut_position(last), target.names[last - 1], last == n)
+
     def is_bad(self, stage: str, rnd: int, cut: int, position: int, label: str, full: bool = False) -> bool:
-        """Evaluate (once per stage, round and position) and record a cut; True when it is bad."""
+        """Evaluate (once per stage, round and position) and record a cut; True when it is bad. The
+        first cut evaluated without a tolerance (:meth:`calibrate`'s) sets it from its error."""
         key = (stage, rnd, position)
         if key not in self.cache:
             t = time.perf_counter()
             err, built, runs = self.target.evaluate(position, self.metric, full)
+            if self.tolerance is None:
+                self.set_tolerance(err)
             trial = Trial(stage, rnd, cut, label, err, not (err <= self.tolerance), time.perf_counter() - t, built)
             self.cache[key] = trial
             self.result.trials.append(trial)
@@ -306,7 +397,7 @@ def _metric(metric: Metric | str | None) -> tuple[str, Metric]:
 
 
 def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | str | None = None,
-           tolerance: float = DEFAULT_TOLERANCE, all_offenders: bool = False, max_offenders: int = 8,
+           tolerance: float | None = None, all_offenders: bool = False, max_offenders: int = 8,
            refine: bool = True, on_trial: Callable[[Trial], None] | None = None,
            source: str | None = None) -> BisectResult:
     """Find the first module (PyTorch) or node (ONNX) whose FP16 execution breaks the output.
@@ -321,7 +412,10 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
             :class:`~fp16guard.backends.Backend`.
         metric: ``metric(outputs, reference) -> float`` on lists of numpy arrays, or
             ``"module:function"``; default :func:`~fp16guard.compare.relative_l2`.
-        tolerance: a cut is bad when the metric exceeds this (default :data:`DEFAULT_TOLERANCE`).
+        tolerance: a cut is bad when the metric exceeds this. None (default): set from the data,
+            ``max(DEFAULT_TOLERANCE, min(NOISE_CAP, NOISE_FACTOR * noise))`` with ``noise`` the
+            metric of the longest prefix whose FP32 values fit FP16 (module docstring); costs FP32
+            runs (one per input) and at most one more build and prefix run per input.
         all_offenders: after each offender, keep it in FP32 and search again.
         max_offenders: stop after this many offenders (``all_offenders``).
         refine: for PyTorch models, refine the offending module to the op inside it.
@@ -353,9 +447,12 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
         src = source or type(model).__name__
     if not target.names:
         raise BisectError(f"{src} has no operation to cut")
-    result = BisectResult(src, engine_backend.describe(), metric_name, tolerance, list(target.names))
+    result = BisectResult(src, engine_backend.describe(), metric_name,
+                          DEFAULT_TOLERANCE if tolerance is None else tolerance, list(target.names))
     session = _Session(target, metric_fn, tolerance, result, on_trial)
     n = session.searchable(len(target.names))
+    if tolerance is None:
+        session.calibrate(n)
     start = 0
     for rnd in range(max_offenders if all_offenders else 1):
         offender = session.offender(rnd, n, start, refine)

@@ -2,8 +2,9 @@
 
 Both answer the same questions for :func:`fp16guard.bisect.bisect`: the candidate cuts
 (``names``, ``kinds``), the error of the hybrid whose FP16 prefix ends at a cut
-(``evaluate``), what to report about an offender (``describe``), and how to keep an offender in
-FP32 for the next round (``block``).
+(``evaluate``), the longest prefix whose FP32 values all fit FP16 (``in_range_limit``: where the
+rounding noise is measured), what to report about an offender (``describe``), and how to keep an
+offender in FP32 for the next round (``block``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,19 @@ from fp16guard.bisect.onnx_split import OnnxSplitter
 from fp16guard.bisect.torch_split import TorchSplitter
 from fp16guard.compare import Metric
 from fp16guard.errors import BisectError, ExportError, InputError
+from fp16guard.fp16 import fits_fp16
 from fp16guard.fp16_onnx import UnfitConstant, to_typed_fp16
 from fp16guard.inputs import NamedInput, onnx_feed, torch_args
-from fp16guard.onnx_graph import consumers, cpu_session, node_scope
+from fp16guard.onnx_graph import (
+    activation_values,
+    consumers,
+    cpu_session,
+    expose,
+    graph_constants,
+    node_scope,
+    plan_chunks,
+    value_bytes,
+)
 from fp16guard.stats import array_stats
 from fp16guard.torch_graph import export_onnx
 
@@ -30,6 +41,12 @@ def _amax(arrays: Sequence[np.ndarray]) -> float:
     """Largest finite |x| over the floating arrays (integer outputs are shapes and indices)."""
     return max((array_stats(a).amax for a in arrays if np.issubdtype(np.asarray(a).dtype, np.floating)),
                default=0.0)
+
+
+def _fits(a: np.ndarray) -> bool:
+    """Whether a floating array is finite with ``|x| <= FP16_MAX`` (other arrays always fit)."""
+    a = np.asarray(a)
+    return not np.issubdtype(a.dtype, np.floating) or a.size == 0 or fits_fp16(float(np.abs(a).max()))
 
 
 def _worst(errors) -> tuple[float, int]:
@@ -127,6 +144,33 @@ class OnnxSplitTarget:
 
         worst, runs = _worst(errors())
         return worst, built, runs
+
+    def in_range_limit(self, n: int) -> int:
+        """The longest cut ``<= n`` whose FP16 prefix stays in FP16 range in FP32: every node up to
+        it (``Constant`` nodes aside) reads and writes floating values, activations and constants,
+        that are finite with ``|x| <= FP16_MAX`` on every input. Costs FP32 ONNX Runtime runs, one
+        per input and per 1 GiB chunk of the activations before the first out-of-range constant,
+        stopping at the first chunk with an out-of-range value; no engine is built."""
+        nodes = self.splitter.nodes
+        constants = graph_constants(self.model)
+        first_out = self._first_reader({name for name, a in constants.items() if not _fits(a)}, len(nodes))
+        measured, _ = activation_values(self.model, self.splitter.types, constants)
+        producer = {o: i for i, node in enumerate(nodes) for o in node.output if o}
+        measured = [v for v in measured if producer.get(v, -1) < first_out]
+        largest = max(self.feeds, key=lambda f: sum(a.nbytes for a in f.values()))
+        for chunk in plan_chunks(measured, value_bytes(self.model, largest), 1 << 30):
+            session = cpu_session(expose(self.model, chunk, self.splitter.types))
+            out = {name for feed in self.feeds for name, v in zip(chunk, session.run(None, feed)) if not _fits(v)}
+            if out:  # chunks follow execution order: later ones cannot hold an earlier offender
+                produced = [producer[v] for v in out if v in producer]
+                first_out = min(first_out, *produced, self._first_reader(out - set(producer), first_out))
+                break
+        return sum(1 for c in self.splitter.candidates[:n] if c.position < first_out)
+
+    def _first_reader(self, values: set[str], default: int) -> int:
+        """Position of the first node (``Constant`` nodes aside) that reads one of ``values``."""
+        return next((i for i, node in enumerate(self.splitter.nodes)
+                     if node.op_type != "Constant" and values.intersection(node.input)), default)
 
     def describe(self, cut: int) -> tuple[tuple[str, ...], float]:
         """``(ONNX nodes, amax)`` of the offender at ``cut``: the node itself, and the largest
@@ -269,6 +313,17 @@ class TorchSplitTarget:
 
         worst, runs = _worst(errors())
         return worst, built, runs
+
+    def in_range_limit(self, n: int) -> int:
+        """The longest cut ``<= n`` whose FP16 prefix stays in FP16 range in FP32: every op of its
+        segments reads and writes floating tensors (activations, parameters, buffers) that are
+        finite with ``|x| <= FP16_MAX`` on every input. Costs one FP32 run of the captured graph per
+        input (:meth:`TorchSplitter.op_amax`); nothing is exported or built."""
+        amax = [max(per_op) for per_op in zip(*(self.splitter.op_amax(args) for args in self.inputs))]
+        for cut in range(n):
+            if not all(fits_fp16(amax[p]) for p in self.splitter.op_positions(cut)):
+                return cut
+        return n
 
     def describe(self, cut: int) -> tuple[tuple[str, ...], float]:
         """``(ONNX nodes, amax)`` of the offending segment at ``cut``: its nodes in the exported

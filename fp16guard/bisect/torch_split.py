@@ -19,6 +19,7 @@ named ``"<parent>.forward:<op>"`` so every candidate cut has a qualified name.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -57,6 +58,19 @@ def _innermost(node: fx.Node) -> tuple[str, str]:
     if node.op == "call_module":
         return str(node.target), "module"
     return "", "function"
+
+
+def _largest(*values: Any) -> float:
+    """Largest |x| over the floating tensors among ``values`` (nested containers too); inf when
+    one holds inf or NaN, 0.0 when there is none."""
+    worst = 0.0
+    for t in torch.utils._pytree.tree_leaves(values):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            a = t.detach().abs().max()
+            if not torch.isfinite(a):
+                return math.inf
+            worst = max(worst, float(a))
+    return worst
 
 
 class TorchSplitter:
@@ -119,6 +133,34 @@ class TorchSplitter:
     def op_positions(self, segment: int) -> list[int]:
         """Op positions of every op in ``segment``: the candidate cuts when refining inside it."""
         return [self._position[name] for name in self.segments[segment].nodes]
+
+    def op_amax(self, args: Sequence[Any]) -> list[float]:
+        """Per op, in execution order: the largest |x| over the floating tensors the op reads
+        (activations, parameters, buffers; a whole module's for a ``call_module`` op of a traced
+        graph) and writes, in one FP32 run of the captured graph.
+
+        Args:
+            args: the model's inputs (FP32 tensors), flattened as :meth:`split`'s prefix takes them.
+
+        Returns:
+            one float per op (same unit as the values; ``inf`` when one of them holds inf or NaN).
+        """
+        position, amax = self._position, [0.0] * len(self._nodes)
+
+        class Probe(fx.Interpreter):
+            """Runs the graph and records each op's largest magnitude."""
+
+            def run_node(self, n: fx.Node) -> Any:
+                out = super().run_node(n)
+                if n.name in position:
+                    args_, kwargs = self.fetch_args_kwargs_from_env(n)
+                    state = self.module.get_submodule(n.target).state_dict() if n.op == "call_module" else {}
+                    amax[position[n.name]] = _largest(args_, kwargs, out, list(state.values()))
+                return out
+
+        with torch.no_grad():
+            Probe(self.gm).run(*args)
+        return amax
 
     def op_name(self, position: int) -> str:
         """FX node name and op of the op at ``position`` (``"batch_norm_1 (aten.batch_norm.default)"``)."""

@@ -38,7 +38,7 @@ from fp16guard.backends import Backend
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow, refusal
 from fp16guard.errors import FixError, InaccurateFixError, PlanError, StillOverflowsError
 from fp16guard.fix.onnx_pass import RewriteNote
-from fp16guard.fix.solver import ScaleOp, ScaleSolution, Unfixable, complete, solve
+from fp16guard.fix.solver import DERIVED_ROLES, ScaleOp, ScaleSolution, Unfixable, complete, solve
 from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL
 from fp16guard.fp16_onnx import Fp16Conversion
@@ -216,6 +216,15 @@ class Applied:
     conversion: Fp16Conversion
 
 
+def plan_shifts(ops: Sequence[ScaleOp], plan: RewritePlan) -> dict[str, int]:
+    """The input shift of every product and power as the plan's rescale ops give it (``{op: s}``,
+    0 where the plan rescales nothing before it): the solver chose it with calibration ranges the
+    plan does not keep (``sqrt`` of a value beyond FP16 reads it scaled and is rescaled after)."""
+    given = {(r["tensor"], r["consumer"]): r["exponent"] for r in plan.rescale_ops if r["consumer"]}
+    return {op.name: -given.get((op.inputs[0], op.name), 0) for op in ops
+            if op.role in DERIVED_ROLES and op.inputs and op.outputs}
+
+
 def apply_plan(target: FixTarget, plan: RewritePlan, *, fallback: str | None = None,
                check_hash: bool = True) -> Applied:
     """Apply a plan to a target and convert it to typed FP16.
@@ -249,7 +258,7 @@ def apply_plan(target: FixTarget, plan: RewritePlan, *, fallback: str | None = N
     if missing:
         raise PlanError(f"the plan scales {missing[0]!r} (and {len(missing) - 1} more), which the model does not have")
     try:
-        sol = complete(ops, plan.exponents, graph_outputs=target.graph_io()[1])
+        sol = complete(ops, plan.exponents, graph_outputs=target.graph_io()[1], shifts=plan_shifts(ops, plan))
     except ValueError as e:
         raise PlanError(str(e)) from None
     raises = [(u.tensor, u.raise_to) for u in plan.underflow if u.consent]

@@ -238,6 +238,23 @@ def _shift_for(op: ScaleOp, e: Mapping[str, int], want: int) -> int:
     return s
 
 
+def _read_in_range(op: ScaleOp, e: Mapping[str, int], amax: Mapping[str, float], shift: int) -> int:
+    """``shift``, or a larger one when reading ``op``'s first input at ``e + shift`` would overflow
+    FP16 (``sqrt`` of a sum of squares whose result is a graph output): the op then reads its input
+    in range, writes a smaller exponent, and one rescale after it restores its class's (a
+    ``POWER`` of degree below 1 shrinks the value, so the rescale after it fits where the read
+    before it did not)."""
+    x = op.inputs[0]
+    read = amax.get(x, 0.0) * pow2(-(e.get(x, 0) + shift))
+    if read <= FP16_MAX or op.role is not Role.POWER or not 0 < op.degree < 1:
+        return shift
+    s = shift
+    while amax.get(x, 0.0) * pow2(-(e.get(x, 0) + s)) > FP16_MAX or (op.degree * (e.get(x, 0) + s)).denominator != 1:
+        s += 1
+    out = op.outputs[0]
+    return s if amax.get(out, 0.0) * pow2(-_produced(op, e, s)) <= FP16_MAX else shift
+
+
 class _UnionFind:
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
@@ -342,8 +359,10 @@ def _raise_free_inputs(ops, e, free, uf, members, amax, floors) -> bool:
                 shift += 1
         root = uf.find(op.inputs[0])
         raised_to = e[op.inputs[0]] + shift
-        class_amax = max(amax.get(t, 0.0) for t in members[root])
-        if shift > 0 and root in free and class_amax * pow2(-raised_to) >= 1:  # not into FP16's tiny range
+        # not into FP16's tiny range, for any member: a residual stream ties the embeddings (~1) to
+        # the layers that grew (~1e5), and raising it for the latter would store the former subnormal
+        smallest = min((a for a in (amax.get(t, 0.0) for t in members[root]) if a > 0), default=0.0)
+        if shift > 0 and root in free and smallest * pow2(-raised_to) >= pow2(-FP16_SPAN // 2):
             floors[root] = raised_to
             raised = True
     return raised
@@ -396,7 +415,7 @@ def _fits(class_amax: float, exp: int, need: int, target_log2: int) -> bool:
 
 
 def complete(ops: Sequence[ScaleOp], exponents: Mapping[str, int], *, graph_outputs: Iterable[str],
-             amax: Mapping[str, float] | None = None) -> ScaleSolution:
+             amax: Mapping[str, float] | None = None, shifts: Mapping[str, int] | None = None) -> ScaleSolution:
     """The :class:`ScaleSolution` for exponents chosen elsewhere (a plan): rescales, regions and,
     given ``amax``, the range check.
 
@@ -405,6 +424,8 @@ def complete(ops: Sequence[ScaleOp], exponents: Mapping[str, int], *, graph_outp
         exponents: tensor -> exponent; tensors not listed get 0.
         graph_outputs: float graph outputs.
         amax: calibration amax per tensor (optional; without it nothing is range-checked).
+        shifts: ``op name -> s`` for the products and powers whose input shift is given (a plan's
+            rescale ops); the others get the shift that writes their class's exponent.
 
     Raises:
         ValueError: two values tied by a scale-equivariant op have different exponents.
@@ -426,7 +447,8 @@ def complete(ops: Sequence[ScaleOp], exponents: Mapping[str, int], *, graph_outp
     members: dict[str, list[str]] = {}
     for t in order:
         members.setdefault(uf.find(t), []).append(t)
-    return _complete(ops, e, set(graph_outputs), amax, producer, order, members, ScaleSolution(tight=[]))
+    sol = ScaleSolution(tight=[], shifts=dict(shifts or {}))
+    return _complete(ops, e, set(graph_outputs), amax, producer, order, members, sol)
 
 
 #: Roles whose output exponent follows from their inputs' (and whose first input can be shifted).
@@ -436,8 +458,8 @@ DERIVED_ROLES = (Role.PRODUCT, Role.QUOTIENT, Role.POWER)
 def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleSolution) -> ScaleSolution:
     sol.exponents = e
     for op in ops:  # a product or power writes its output at the exponent its class holds
-        if op.role in DERIVED_ROLES and op.inputs and op.outputs:
-            shift = _shift_for(op, e, e[op.outputs[0]])
+        if op.role in DERIVED_ROLES and op.inputs and op.outputs and op.name not in sol.shifts:
+            shift = _read_in_range(op, e, amax, _shift_for(op, e, e[op.outputs[0]]))
             if shift:
                 sol.shifts[op.name] = shift
     # explicit rescales where an edge cannot absorb the exponent

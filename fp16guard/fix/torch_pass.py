@@ -541,6 +541,7 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
     consts = _Constants(gm)
     e = solution.exponents
     ops = {op.name: op for op in scale_ops(gm)}
+    acts = _activations(gm)
     notes: list[RewriteNote] = []
     for node in list(g.nodes):
         op = ops.get(node.name)
@@ -559,6 +560,8 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
             note = _scale_hardsigmoid(g, node, e_in)
         elif op.role is Role.TIED and e_in and p in TIED_SCALARS:
             note = _scale_tied(consts, node, op, e_in)
+        if op.role is Role.TIED and e_in:
+            note = _scale_constant_operands(g, node, op, e_in, acts) or note
         elif op.role is Role.TIED and not op.inputs and e_out and p is aten.embedding:
             _scale_arg(consts, node, 0, -e_out)  # the table, read at integer indices
             note = RewriteNote("scale", node.name, f"embedding table x 2^{-e_out}")
@@ -665,6 +668,29 @@ def _scale_tied(consts: _Constants, node: fx.Node, op: ScaleOp, e_in: int) -> Re
             changed = True
     if changed:
         return RewriteNote("scale", node.name, f"{p.__name__}: constants x 2^{-e_in}")
+    return None
+
+
+def _scale_constant_operands(g: fx.Graph, node: fx.Node, op: ScaleOp, e_in: int, acts: set[str]) -> RewriteNote | None:
+    """A tied op's float tensor operands that are not activations (a ViT's class token,
+    ``expand(cls_token)``, concatenated with the patches) read through ``mul(c, 2**-e_in)``;
+    the scalar positions :func:`_scale_tied` rescales in place are left to it."""
+    skip = set(TIED_SCALARS.get(_packet(node), ()))
+    scaled = []
+
+    def scale(a, k):
+        """``a`` (argument ``k``) multiplied by ``2**-e_in`` if it is a constant float tensor node."""
+        if (isinstance(a, fx.Node) and a.name not in acts and a.op != "get_attr" and k not in skip
+                and _is_float_value(a)):
+            with g.inserting_before(node):
+                scaled.append(g.call_function(aten.mul.Tensor, (a, pow2(-e_in))))
+            return scaled[-1]
+        return a
+
+    node.args = tuple([scale(x, k) for x in a] if isinstance(a, (list, tuple)) else scale(a, k)
+                      for k, a in enumerate(node.args))
+    if scaled:
+        return RewriteNote("scale", node.name, f"{len(scaled)} constant operand(s) x 2^{-e_in}")
     return None
 
 
