@@ -178,3 +178,43 @@ def pcm(seed: int, scale: float, silence: bool = True) -> np.ndarray:
     if silence:
         x[4000:6000] = 0
     return (x[None] * scale).astype(np.float32)
+
+
+class PreNormEncoder(nn.Module):
+    """An input projection, two pre-norm transformer layers (``x + attn(norm1(x))``, ``x + ffn(norm2(x))``, as in DETR's
+    decoder and most ViTs) of ``nn.MultiheadAttention``, ``nn.LayerNorm`` and ``nn.Linear``, and a
+    final LayerNorm. The first layer's FFN output is 1e5x larger (the residual stream passes
+    65504) and the second layer's first norm 1e5x (its attention reads values beyond 65504; its
+    query and key projections 1e-5x, so the scores stay ~1 and the values ~1e5).
+    Input/output float32 [batch, tokens, 32]."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(width, width)
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(
+            norm1=nn.LayerNorm(width), attn=nn.MultiheadAttention(width, 4, batch_first=True),
+            norm2=nn.LayerNorm(width), ffn1=nn.Linear(width, 2 * width), ffn2=nn.Linear(2 * width, width)))
+            for _ in range(2))
+        self.norm = nn.LayerNorm(width)
+        with torch.no_grad():
+            for m in self.modules():  # trained norms differ from each other (and from ones)
+                if isinstance(m, nn.LayerNorm):
+                    m.weight.normal_(1.0, 0.05)
+            self.layers[0]["ffn2"].weight.mul_(1e5)
+            self.layers[0]["ffn2"].bias.mul_(1e5)
+            self.layers[1]["norm1"].weight.mul_(1e5)
+            self.layers[1]["attn"].in_proj_weight[:2 * width].mul_(1e-5)  # queries and keys ~1, values ~1e5
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            h = layer["norm1"](x)
+            x = x + layer["attn"](h, h, h, need_weights=False)[0]
+            x = x + layer["ffn2"](torch.relu(layer["ffn1"](layer["norm2"](x))))
+        return self.norm(x)
+
+
+def tokens(seed: int) -> np.ndarray:
+    """float32 [2, 6, 32], standard normal."""
+    return np.random.default_rng(seed).normal(size=(2, 6, 32)).astype(np.float32)

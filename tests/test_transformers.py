@@ -7,7 +7,7 @@ relative L2 error against the FP32 fallback's (the same offending ops kept in FP
 
 import numpy as np
 import pytest
-from transformer_cases import bert, image_batch, t5, to_onnx, to_onnx_image, token_batch, vit
+from transformer_cases import bert, decoder_or_encoder, image_batch, t5, to_onnx, to_onnx_image, token_batch, vit
 
 from fp16guard.fix import fix_model
 
@@ -86,3 +86,29 @@ def test_vit_residual_stream_past_fp16_with_a_class_token_runs_in_pure_fp16(tmp_
     assert result.conversion.fp32_nodes == []
     for fixed, fallback in zip(result.verification.rows, result.fallback.rows):
         assert fixed.rel_l2 <= 1.5 * fallback.rel_l2 + 1e-3
+
+
+@pytest.mark.parametrize("graph", ["onnx", "torch"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "distilbert"])
+def test_decoders_and_encoders_with_residual_growth_past_fp16_run_as_fp16_as_fp32_allows(tmp_path, arch, graph):
+    # GPT-2's Conv1D is addmm(bias, x, W); Llama's rotary embedding divides integers (shape math)
+    model = decoder_or_encoder(arch, 3e6)
+    result = _fix(to_onnx(model, tmp_path / "m.onnx", 14) if graph == "onnx" else model)
+    assert all(not np.isfinite(r.rel_l2) for r in result.naive.rows)
+    assert result.conversion.fp32_nodes == []
+    for fixed, fallback in zip(result.verification.rows, result.fallback.rows):
+        assert fixed.task["cosine"] >= 0.999 and fixed.rel_l2 <= 1.5 * fallback.rel_l2 + 1e-3
+
+
+def test_scaled_dot_product_attention_reads_scaled_queries_keys_and_values():
+    # torch.export keeps nn.MultiheadAttention's attention as one scaled_dot_product_attention: its
+    # output is linear in v (tied), and q, k may hold any exponents once its scale takes 2^(a + b);
+    # the second layer's values (~1e5) pass 65504 (tests/models.py)
+    from models import PreNormEncoder, tokens
+
+    result = fix_model(PreNormEncoder().eval(), [tokens(1), tokens(2)], validation=[tokens(3), tokens(4)])
+    assert all(not np.isfinite(r.rel_l2) for r in result.naive.rows)
+    assert result.conversion.fp32_nodes == [] and result.plan.unfixable == []
+    assert any("attention scale x 2^" in n.detail for n in result.notes)
+    # FP16 rounding through values of 1e5 (the fallback keeps the attention in FP32: 4e-4)
+    assert max(r.rel_l2 for r in result.verification.rows) < 3e-3

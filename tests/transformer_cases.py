@@ -122,3 +122,32 @@ def to_onnx_image(model: torch.nn.Module, path, opset: int = 14) -> str:
                           output_names=["last_hidden_state"], opset_version=opset, dynamo=False,
                           dynamic_axes={"pixel_values": {0: "batch"}})
     return str(path)
+
+
+def decoder_or_encoder(arch: str, growth: float) -> torch.nn.Module:
+    """A 2-layer ``gpt2`` (Conv1D: ``addmm``; causal mask), ``llama`` (RMSNorm, rotary embedding,
+    gated MLP) or ``distilbert`` (``masked_fill`` mask) from a config, eager attention, whose
+    middle linear layer (GPT-2: the first MLP projection, Llama: the first ``down_proj``,
+    DistilBERT: the first ``lin2``) is ``growth`` times larger. Same inputs and output as :func:`bert`."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    configs = {
+        "gpt2": (tf.GPT2Config, tf.GPT2Model, dict(n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                   bos_token_id=0, eos_token_id=0)),
+        "llama": (tf.LlamaConfig, tf.LlamaModel, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=4,
+                                                      max_position_embeddings=64)),
+        "distilbert": (tf.DistilBertConfig, tf.DistilBertModel, dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                                                     max_position_embeddings=64)),
+    }
+    config, model_class, sizes = configs[arch]
+    model = model_class(config(vocab_size=VOCAB, **sizes)).eval()
+    model.set_attn_implementation("eager")
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    with torch.no_grad():
+        grown = layers[len(layers) // 2 - 1]
+        grown.weight.mul_(growth)
+        if grown.bias is not None:
+            grown.bias.mul_(growth)
+    return LastHidden(model).eval()

@@ -15,8 +15,9 @@ finds its entry without any global state, and a plan made for other weights neve
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -35,6 +36,11 @@ class ModuleScale:
         fingerprint: :func:`module_fingerprint` of the module.
         input_exponent: its (first) input arrives stored as ``true * 2**-input_exponent``.
         output_exponent: it must return ``true * 2**-output_exponent``.
+        inner_exponent: an attention module's queries, keys and values are stored with it (the
+            exponent of its ``scaled_dot_product_attention``'s ``v``); 0 elsewhere.
+        input_amax: the calibration amax of its (first) input, true values (0: not measured);
+            a LayerNorm rewriter reads it to keep ``(x - mean)**2`` in range when an exporter
+            decomposes the norm.
     """
 
     module: str
@@ -42,6 +48,8 @@ class ModuleScale:
     fingerprint: str
     input_exponent: int
     output_exponent: int
+    inner_exponent: int = 0
+    input_amax: float = 0.0
 
     def to_json(self) -> dict:
         """As a JSON object."""
@@ -54,7 +62,8 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 
 def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[Sequence[torch.Tensor]], *,
-                  types: Iterable[str] | None = None, captured=None) -> list[ModuleScale]:
+                  types: Iterable[str] | None = None, captured=None,
+                  amax: Mapping[str, float] | None = None) -> list[ModuleScale]:
     """Modules of ``model`` whose input or output the plan stores scaled.
 
     Args:
@@ -64,6 +73,8 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
         examples: argument tuples, as for calibration (capture only).
         types: only modules of these class names (default: every module).
         captured: ``capture(model, examples)`` if the caller has it (an export saved).
+        amax: calibration amax per plan value (fills ``input_amax``; a LayerNorm whose stored
+            input exceeds ``2**7`` is listed even with both exponents 0).
 
     Returns:
         :class:`ModuleScale` entries for modules with a nonzero input or output exponent, in
@@ -98,8 +109,13 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
                         if a.name not in names and a.op != "get_attr"]
         e_in = exponents.get(first_inputs[0].name, 0) if first_inputs else 0
         e_out = exponents.get(members[-1].name, 0)
-        if e_in or e_out:
-            out.append(ModuleScale(path, type(mod).__name__, module_fingerprint(mod), int(e_in), int(e_out)))
+        a_in = float((amax or {}).get(first_inputs[0].name, 0.0)) if first_inputs else 0.0
+        inner = [exponents.get(n.args[2].name, 0) for n in members
+                 if "scaled_dot_product_attention" in str(n.target) and isinstance(n.args[2], torch.fx.Node)]
+        wide_norm = isinstance(mod, torch.nn.LayerNorm) and a_in * 2.0 ** -e_in > 2.0 ** 7
+        if e_in or e_out or any(inner) or wide_norm:
+            out.append(ModuleScale(path, type(mod).__name__, module_fingerprint(mod), int(e_in), int(e_out),
+                                   int(inner[0]) if inner else 0, a_in))
     # a BatchNorm folded into the conv before it has no node in the plan's graph: unfolded, it
     # runs on the conv's output, so it reads and writes the exponent of the folded conv
     kept = {n.name for n in gm.graph.nodes}
@@ -112,7 +128,32 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
         mod = modules.get(paths[-1]) if paths else None
         if e and mod is not None and (wanted is None or type(mod).__name__ in wanted):
             out.append(ModuleScale(paths[-1], type(mod).__name__, module_fingerprint(mod), int(e), int(e)))
+    return out + _unscaled_twins(out, modules, inside)
+
+
+def _unscaled_twins(scaled: list[ModuleScale], modules: Mapping[str, torch.nn.Module],
+                    inside: Mapping[str, list]) -> list[ModuleScale]:
+    """Entries ``(0, 0)`` for the modules the plan leaves unscaled whose weights equal a scaled
+    one's (LayerNorms still at ones and zeros): a rewriter that matches by fingerprint must not give
+    them their twin's exponents, so the table sees the twins disagree and tells them apart by name."""
+    listed = {m.module for m in scaled}
+    prints = {m.fingerprint for m in scaled}
+    out = []
+    for path in inside:
+        mod = modules.get(path)
+        if path in listed or mod is None or not mod.state_dict():
+            continue
+        fingerprint = module_fingerprint(mod)
+        if fingerprint in prints:
+            out.append(ModuleScale(path, type(mod).__name__, fingerprint, 0, 0))
     return out
+
+
+def _decision(entry: ModuleScale) -> tuple:
+    """What a rewriter does with an entry: its exponents, and the power of two of its stored input."""
+    stored = entry.input_amax * 2.0 ** -entry.input_exponent
+    return (entry.input_exponent, entry.output_exponent, entry.inner_exponent,
+            math.ceil(math.log2(stored)) if stored > 2.0 ** 7 else 0)
 
 
 class ScaleTable:
@@ -170,7 +211,7 @@ class ScaleTable:
 
     def _pick(self, module: torch.nn.Module, candidates: list[ModuleScale]) -> ModuleScale | None:
         """The candidate of ``module``: the only one, one of several that agree, or the one named like it."""
-        if len({(c.input_exponent, c.output_exponent) for c in candidates}) <= 1:
+        if len({_decision(c) for c in candidates}) <= 1:
             return candidates[0] if candidates else None
         name = self._names.get(id(module))
         named = [c for c in candidates if c.module == name]

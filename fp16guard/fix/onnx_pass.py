@@ -538,6 +538,8 @@ def _role(node: onnx.NodeProto, acts: tuple[str, ...], consts: set[str], types: 
         ok = len(acts) == 1 and all(len(node.input) > i and node.input[i] in consts for i in idx)
         return Role.LINEAR if ok else Role.BARRIER
     if op in ("Mul", "Div"):
+        if not acts:
+            return Role.BARRIER  # integer arithmetic, or constants only
         if len(acts) == 1:
             if op == "Div" and node.input[1] != acts[0]:
                 return Role.LINEAR  # x / c
@@ -680,7 +682,8 @@ def _rescale_nodes(graph: onnx.GraphProto, src: str, exponent: int, dst: str,
 
 def restoring_rescales(model: onnx.ModelProto, fp32_nodes: Sequence[str]) -> list[str]:
     """The rescale ``Mul`` s (:data:`RESCALE_MARK`) that run in FP32: those that scale a graph input
-    (beyond FP16 by definition, so before the input cast), and those that restore values only for
+    (beyond FP16 by definition, so before the input cast), those that scale down the output of a
+    node kept in FP32 (it may be beyond FP16 before them), and those that restore values only for
     FP32: every reader runs in FP32 (``fp32_nodes``, or another such rescale) or the value is a graph
     output.
 
@@ -702,13 +705,15 @@ def restoring_rescales(model: onnx.ModelProto, fp32_nodes: Sequence[str]) -> lis
             fp32.add(node.name)
             found.append(node.name)
     scaling_inputs = set(found)
+    producer = {o: n.name for n in model.graph.node for o in n.output}
     for node in reversed(model.graph.node):
         if node.name in scaling_inputs:
             continue
         if RESCALE_MARK not in node.name or node.op_type != "Mul":
             continue
         users = readers.get(node.output[0], [])
-        if (users or node.output[0] in outputs) and all(u.name in fp32 for u in users):
+        after_fp32 = producer.get(node.input[0]) in fp32_nodes  # it scales an FP32 island's output down
+        if after_fp32 or (users or node.output[0] in outputs) and all(u.name in fp32 for u in users):
             fp32.add(node.name)
             found.append(node.name)
     return found[::-1]

@@ -174,7 +174,7 @@ def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_
     fallback = fallback_nodes(nodes, target.activation_amax(inputs, prepared=False), overflowing, target_log2)
     known = {name for name, _, _ in nodes}
     fallback += [{"node": n, "reason": u.reason} for u in islands for n in u.ops if n in known]
-    return target.complete_plan(_plan(target, target_log2, [i.label for i in inputs], sol, underflow, fallback))
+    return target.complete_plan(_plan(target, target_log2, [i.label for i in inputs], sol, underflow, fallback), amax)
 
 
 def _plan(target: FixTarget, target_log2: int, labels: list[str], sol: ScaleSolution,

@@ -206,6 +206,8 @@ def _produced(op: ScaleOp, e: Mapping[str, int], shift: int = 0) -> int:
         return 0
     # the shift applies to every read of the first input (Mul(x, x) reads it twice)
     read = [e.get(t, 0) + (shift if t == op.inputs[0] else 0) for t in op.inputs]
+    if not read and op.role in DERIVED_ROLES:  # integer arithmetic (shape math): no float input
+        return 0
     if op.role is Role.PRODUCT:
         return sum(read)
     if op.role is Role.QUOTIENT:
@@ -484,6 +486,11 @@ def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleS
             for t in op.outputs:
                 add(t, produced - e[t], "", f"{op.name} ({op.role.value}) writes exponent {produced}, "
                                             f"its readers expect {e[t]}")
+                written = amax.get(t, 0.0) * pow2(-produced)
+                if produced != e[t] and written > FP16_MAX:  # beyond FP16 before the rescale after it
+                    sol.unfixable.append(Unfixable(t, (op.name,), amax[t], f"{op.name} writes it at exponent "
+                                                   f"{produced} (amax {written:.4g}), beyond FP16, before "
+                                                   f"it is rescaled"))
         if op.role is Role.BARRIER:
             for t in op.inputs:
                 add(t, e[t], op.name, f"{op.name} is not scale-equivariant: it needs the true value")

@@ -91,7 +91,7 @@ class FixTarget(Protocol):
     def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
         """The FP32 model's outputs on each input."""
 
-    def complete_plan(self, plan: RewritePlan) -> RewritePlan:
+    def complete_plan(self, plan: RewritePlan, amax: Mapping[str, float] | None = None) -> RewritePlan:
         """The calibrated plan with what only this framework's rewriters need (PyTorch: per-module
         scales for the mmdeploy rewriters)."""
 
@@ -229,7 +229,7 @@ class OnnxFixTarget:
         session = cpu_session(self.original)
         return [session.run(None, self.feed(i)) for i in inputs]
 
-    def complete_plan(self, plan: RewritePlan) -> RewritePlan:
+    def complete_plan(self, plan: RewritePlan, amax: Mapping[str, float] | None = None) -> RewritePlan:
         """See :meth:`FixTarget.complete_plan`: an ONNX plan needs nothing more."""
         return plan
 
@@ -338,10 +338,10 @@ class TorchFixTarget:
             return [[t.float().numpy() for t in tree_flatten(self.model(*torch_args(i)))[0] if isinstance(t, torch.Tensor)]
                     for i in inputs]
 
-    def complete_plan(self, plan: RewritePlan) -> RewritePlan:
+    def complete_plan(self, plan: RewritePlan, amax: Mapping[str, float] | None = None) -> RewritePlan:
         """See :meth:`FixTarget.complete_plan`: the exponents at each module's boundary
         (:func:`~fp16guard.fix.module_scales.module_scales`), from the graph captured here."""
-        scales = module_scales(self.model, plan, self.examples, captured=self.base)
+        scales = module_scales(self.model, plan, self.examples, captured=self.base, amax=amax)
         return replace(plan, modules=[m.to_json() for m in scales])
 
     def runner(self, fixed, backend: str | Backend) -> tuple[str, Runner]:

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from fp16guard.fix.onnx_pass import SATURATED_MASK, RewriteNote
-from fp16guard.fix.torch_pass import copy_module
+from fp16guard.fix.torch_pass import ATTENTION, copy_module
 from fp16guard.fp16 import FP16_MAX
 
 aten = torch.ops.aten
@@ -106,9 +106,6 @@ def _annihilated(node: fx.Node, pure: bool, adds: list, paths: list, attention: 
         if not _annihilated(user, next_pure, adds, paths, attention, next_added, next_moved, depth + 1):
             return False
     return True
-
-
-ATTENTION = getattr(aten, "scaled_dot_product_attention", None)
 
 
 def _attn_mask(node: fx.Node):

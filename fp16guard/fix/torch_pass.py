@@ -68,6 +68,8 @@ def _packets(*names: str) -> frozenset:
 #: axis 1 for a transposed convolution).
 LINEAR_OPS = _packets("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
                       "conv_transpose3d", "linear")
+#: ``addmm(bias, x, W)``: a linear op whose weight is argument 2 and bias argument 0.
+ADDMM = getattr(aten, "addmm", None)
 #: Normalizations invariant to their input's scale: ``(weight index, bias index, eps index)``.
 NORM_OPS = {p: idx for p, idx in ((getattr(aten, "layer_norm", None), (2, 3, 4)),
                                   (getattr(aten, "group_norm", None), (2, 3, 4)),
@@ -352,6 +354,9 @@ def _role(node: fx.Node, acts: set[str], consts: _Constants) -> Role:
     ins = [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node) and a.name in acts]
     if p is operator.getitem:
         return Role.TIED
+    if p is ADDMM:  # addmm(bias, x, W) = x @ W + bias (alpha, beta: constant factors, linear too)
+        const_wb = len(node.args) > 2 and all(consts.get(node.args[i]) is not None for i in (0, 2))
+        return Role.LINEAR if const_wb and len(ins) == 1 and node.args[1] is ins[0] else Role.BARRIER
     if p in LINEAR_OPS:
         const_w = len(node.args) > 1 and consts.get(node.args[1]) is not None
         const_b = len(node.args) < 3 or node.args[2] is None or consts.get(node.args[2]) is not None
@@ -420,6 +425,9 @@ def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
         if _packet(node) is aten.embedding:
             reads = []  # the table is a constant, the indices integers
         outs = (node.name,) if _is_float_value(node) or "val" not in node.meta and "tensor_meta" not in node.meta else ()
+        if _packet(node) is ATTENTION and len(node.args) >= 3 and node.kwargs.get("dropout_p", 0.0) == 0.0:
+            ops += _attention_ops(node, acts)
+            continue
         role = _role(node, acts, consts) if node.op == "call_function" else Role.BARRIER
         degree = Fraction(1)
         if role is Role.BARRIER and len(set(reads)) == 1:
@@ -430,6 +438,44 @@ def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
         ins = tuple(reads) if role in (Role.PRODUCT, Role.QUOTIENT) else tuple(dict.fromkeys(reads))
         ops.append(ScaleOp(node.name, role, ins, outs, module_scope(node), degree))
     return ops
+
+
+ATTENTION = getattr(aten, "scaled_dot_product_attention", None)
+
+
+def _attention_ops(node: fx.Node, acts: set[str]) -> list[ScaleOp]:
+    """``scaled_dot_product_attention(q, k, v, mask, scale=c)`` as the solver sees it:
+    ``softmax(q k^T c + mask) v`` is linear in ``v`` (the output shares its exponent: tied), and
+    ``q`` and ``k`` may hold any exponents ``a``, ``b`` once ``c`` becomes ``c 2**(a + b)``
+    (:func:`apply_exponents`), so they are read by no op here (free). An activation mask is added
+    to true scores: a barrier op of the same name pins it."""
+    q, k, v = node.args[:3]
+    ops = []
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node) and mask.name in acts and _is_float_value(mask):
+        ops.append(ScaleOp(node.name, Role.BARRIER, (mask.name,), (), module_scope(node)))
+    reads = tuple(a.name for a in (v,) if isinstance(a, fx.Node) and a.name in acts)
+    ops.append(ScaleOp(node.name, Role.TIED if reads else Role.BARRIER, reads, (node.name,), module_scope(node)))
+    return ops
+
+
+def _scale_attention(node: fx.Node, e: dict) -> RewriteNote | None:
+    """``scale *= 2**(a + b)`` for the exponents ``a``, ``b`` of an attention's ``q`` and ``k``
+    (the default scale is ``1/sqrt(head dim)``, PyTorch's)."""
+    q, k = node.args[:2]
+    shift = sum(e.get(t.name, 0) for t in (q, k) if isinstance(t, fx.Node))
+    if not shift:
+        return None
+    args = list(node.args)
+    scale = args[6] if len(args) > 6 else node.kwargs.get("scale")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.meta.get("val", q.meta.get("tensor_meta")).shape[-1])
+    if len(args) > 6:
+        args[6] = scale * pow2(shift)
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, "scale": scale * pow2(shift)}
+    return RewriteNote("scale", node.name, f"attention scale x 2^{shift} (q and k stored scaled)")
 
 
 #: ATen ops homogeneous of a fixed degree in their one activation input: ``f(x/F) = f(x)/F**c``.
@@ -560,8 +606,10 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
             note = _scale_hardsigmoid(g, node, e_in)
         elif op.role is Role.TIED and e_in and p in TIED_SCALARS:
             note = _scale_tied(consts, node, op, e_in)
-        if op.role is Role.TIED and e_in:
+        if op.role is Role.TIED and e_in and p is not ATTENTION:
             note = _scale_constant_operands(g, node, op, e_in, acts) or note
+        if p is ATTENTION:
+            note = _scale_attention(node, e) or note
         elif op.role is Role.TIED and not op.inputs and e_out and p is aten.embedding:
             _scale_arg(consts, node, 0, -e_out)  # the table, read at integer indices
             note = RewriteNote("scale", node.name, f"embedding table x 2^{-e_out}")
@@ -617,7 +665,10 @@ def _scale_linear(consts: _Constants, node: fx.Node, op: ScaleOp, e_in: int, e_o
         A note if either exponent is nonzero, else None.
     """
     p = _packet(node)
-    if p in LINEAR_OPS:
+    if p is ADDMM:  # addmm(bias, x, W): GPT-2's Conv1D
+        _scale_arg(consts, node, 2, e_in - e_out)
+        _scale_arg(consts, node, 0, -e_out)
+    elif p in LINEAR_OPS:
         _scale_arg(consts, node, 1, e_in - e_out)
         _scale_arg(consts, node, 2, -e_out)
     elif p in NORM_OPS:
@@ -742,7 +793,9 @@ def restoring_rescales(gm: fx.GraphModule, fp32_nodes: Iterable[str]) -> list[st
                                                                          or first.name in scales_input):
             scales_input.add(node.name)
     for node in reversed(list(gm.graph.nodes)):
-        if RESCALE_META in node.meta and (node.name in scales_input or node.users and all(
+        first = node.args[0] if node.args else None
+        after_fp32 = isinstance(first, fx.Node) and first.name in fp32  # it scales an FP32 island's output down
+        if RESCALE_META in node.meta and (node.name in scales_input or after_fp32 or node.users and all(
                 u.op == "output" or u.name in fp32 for u in node.users)):
             fp32.add(node.name)
             found.append(node.name)

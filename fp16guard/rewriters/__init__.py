@@ -5,6 +5,8 @@ TensorRT backend (:mod:`fp16guard.rewriters.mmdeploy_rewriters`):
 
 * ``mmdet.models.backbones.resnet.BasicBlock.forward``
 * ``mmocr.models.textdet.necks.fpem_ffm.FPEM_FFM.forward``
+* generic: ``torch.nn.Conv1d/2d/3d``, ``Linear``, ``_BatchNorm``, ``LayerNorm`` and
+  ``MultiheadAttention`` ``.forward`` (any codebase; DETR-style transformer layers)
 
 They read the plan named in the deploy config (``fp16guard = dict(plan='plan.json')``) through
 the rewriter context and apply it to the modules the plan lists (matched by parameter

@@ -12,6 +12,7 @@ keeps a global flag, or uses a channel-count threshold: the exponents come from 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Sequence
 
@@ -191,3 +192,96 @@ def batchnorm_forward(bn: nn.Module, x: torch.Tensor, e_in: int, e_out: int) -> 
 
     return F.batch_norm(x, const(bn.running_mean, -e_in), const(bn.running_var, 0), const(bn.weight, e_in - e_out),
                         const(bn.bias, -e_out), False, 0.0, bn.eps)
+
+
+def layernorm_forward(norm: nn.LayerNorm, x: torch.Tensor, e_in: int, e_out: int,
+                      input_amax: float = 0.0) -> torch.Tensor:
+    """``norm(x)`` for ``x`` stored with ``e_in``, returning ``e_out``.
+
+    A LayerNorm is invariant to its input's scale once ``eps`` is scaled by ``2**(-2 e)``
+    (``var(x 2**-e) = var(x) 2**-2e``); ``weight`` and ``bias`` take ``2**-e_out`` (without an
+    affine part the output is multiplied). mmdeploy exports LayerNorm for TensorRT decomposed, as
+    ``Pow(x - mean, 2)``, which overflows FP16 once ``|x - mean|`` passes 256: where the stored
+    input's amax (``input_amax * 2**-e_in``, from calibration) exceeds ``2**7``, ``x`` is first
+    multiplied by the power of two that brings it to ``2**7``, and ``eps`` follows.
+    """
+    shift = max(0, math.ceil(math.log2(input_amax * pow2(-e_in))) - 7) if input_amax > 0 else 0
+    if shift:
+        x = x * pow2(-shift)
+    eps = norm.eps * pow2(-2 * (e_in + shift))
+    if norm.weight is None:
+        y = F.layer_norm(x, norm.normalized_shape, None, None, eps)
+        return y * pow2(-e_out) if e_out else y
+    b = None if norm.bias is None else _constant(_numpy(norm.bias) * pow2(-e_out), x)
+    return F.layer_norm(x, norm.normalized_shape, _constant(_numpy(norm.weight) * pow2(-e_out), x), b, eps)
+
+
+def multihead_attention_forward(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,
+                                value: torch.Tensor, e_in: int, e_out: int, key_padding_mask=None,
+                                need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True,
+                                is_causal: bool = False, inner_exponent: int = 0) -> tuple[torch.Tensor, None]:
+    """``mha(query, key, value, ...)`` (inference) for inputs stored with ``e_in``, returning the
+    attention output with ``e_out``, and None for the weights (DETR-style callers read ``[0]``).
+
+    ``q``, ``k`` and ``v`` are stored with ``inner_exponent`` (the plan's, ``e_q``): the input
+    projections take ``2**(e_in - e_q)`` and their biases ``2**-e_q``; the attention scale becomes
+    ``2**(2 e_q) / sqrt(head dim)``, so the scores and the softmax are true; the output, linear in
+    ``v``, carries ``e_q`` into the output projection, whose weight takes ``2**(e_q - e_out)``
+    and bias ``2**-e_out``. Exact in real arithmetic. ``query``, ``key`` and ``value`` share
+    ``e_in`` (self-attention, or a memory stored like the queries).
+
+    Raises:
+        ValueError: ``bias_k``/``bias_v``, ``add_zero_attn`` or separate key/value widths (not
+            in DETR's layers), or attention weights asked for.
+    """
+    if mha.bias_k is not None or mha.add_zero_attn or not mha._qkv_same_embed_dim:
+        raise ValueError("the scaled MultiheadAttention supports neither bias_k/bias_v, add_zero_attn nor "
+                         "kdim/vdim different from embed_dim")
+    if mha.batch_first:
+        query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+    tgt, batch = query.shape[:2]
+    width, heads = mha.embed_dim, mha.num_heads
+    e_q = inner_exponent
+    w = _numpy(mha.in_proj_weight) * pow2(e_in - e_q)
+    b = _numpy(mha.in_proj_bias) * pow2(-e_q) if mha.in_proj_bias is not None else np.zeros(3 * width)
+    q, k, v = (F.linear(x, _constant(w[i * width:(i + 1) * width], x), _constant(b[i * width:(i + 1) * width], x))
+               for i, x in enumerate((query, key, value)))
+
+    def heads_first(t):
+        """[length, batch, width] -> [batch, heads, length, head dim]."""
+        return t.reshape(t.shape[0], batch, heads, width // heads).permute(1, 2, 0, 3)
+
+    # written out, not F.scaled_dot_product_attention: mmdeploy 1.3.1 rewrites that function inside
+    # its RewriterContext and divides by ``scale`` where PyTorch multiplies
+    mask = _attention_mask(attn_mask, key_padding_mask, batch, heads, query)
+    if is_causal and mask is None:
+        mask = torch.ones(tgt, key.shape[0], dtype=torch.bool, device=query.device).tril()
+    scores = heads_first(q) @ heads_first(k).transpose(-2, -1) * (pow2(2 * e_q) / math.sqrt(width // heads))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    out = torch.softmax(scores, dim=-1) @ heads_first(v)
+    out = out.permute(2, 0, 1, 3).reshape(tgt, batch, width)
+    ob = None if mha.out_proj.bias is None else _constant(_numpy(mha.out_proj.bias) * pow2(-e_out), out)
+    out = F.linear(out, _constant(_numpy(mha.out_proj.weight) * pow2(e_q - e_out), out), ob)
+    return (out.transpose(1, 0) if mha.batch_first else out), None
+
+
+def _attention_mask(attn_mask, key_padding_mask, batch: int, heads: int, like: torch.Tensor):
+    """``nn.MultiheadAttention``'s masks (bool True = masked, or float added) as one
+    ``scaled_dot_product_attention`` mask (bool True = attend, or float added), or None."""
+    masks = []
+    if attn_mask is not None:
+        m = attn_mask if attn_mask.dim() == 2 else attn_mask.reshape(batch, heads, *attn_mask.shape[-2:])
+        masks.append(~m if m.dtype == torch.bool else m.to(like.dtype))
+    if key_padding_mask is not None:
+        kp = key_padding_mask[:, None, None, :]
+        masks.append(~kp if kp.dtype == torch.bool else kp.to(like.dtype))
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        return masks[0] if len(masks) == 1 else masks[0] & masks[1]
+    total = 0.0
+    for m in masks:
+        total = total + (torch.zeros((), dtype=like.dtype).masked_fill(~m, float("-inf"))
+                         if m.dtype == torch.bool else m)
+    return total

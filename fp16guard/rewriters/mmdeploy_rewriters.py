@@ -27,7 +27,9 @@ from fp16guard.rewriters.blocks import (
     batchnorm_forward,
     conv_forward,
     fpem_ffm_forward,
+    layernorm_forward,
     linear_forward,
+    multihead_attention_forward,
 )
 
 #: The deploy-config key that names the plan: ``fp16guard = dict(plan='plan.json')``.
@@ -44,9 +46,14 @@ def _table(ctx) -> ScaleTable | None:
 
 def _exponents(ctx, module) -> tuple[int, int] | None:
     """``(e_in, e_out)`` of ``module`` in the context's plan, or None."""
-    table = _table(ctx)
-    entry = table.find(module) if table is not None else None
+    entry = _entry(ctx, module)
     return (entry.input_exponent, entry.output_exponent) if entry else None
+
+
+def _entry(ctx, module):
+    """``module``'s :class:`~fp16guard.fix.module_scales.ModuleScale` in the context's plan, or None."""
+    table = _table(ctx)
+    return table.find(module) if table is not None else None
 
 
 def plan_table(cfg) -> ScaleTable | None:
@@ -122,6 +129,29 @@ def batchnorm__forward__tensorrt(self, input):
     ctx = FUNCTION_REWRITER.get_context()
     e = _exponents(ctx, self)
     return ctx.origin_func(self, input) if e is None else batchnorm_forward(self, input, *e)
+
+
+@FUNCTION_REWRITER.register_rewriter(func_name="torch.nn.LayerNorm.forward", backend="tensorrt")
+def layernorm__forward__tensorrt(self, input):
+    """``LayerNorm.forward`` with the plan's exponents (:func:`~fp16guard.rewriters.blocks.layernorm_forward`)."""
+    ctx = FUNCTION_REWRITER.get_context()
+    entry = _entry(ctx, self)
+    if entry is None:
+        return ctx.origin_func(self, input)
+    return layernorm_forward(self, input, entry.input_exponent, entry.output_exponent, entry.input_amax)
+
+
+@FUNCTION_REWRITER.register_rewriter(func_name="torch.nn.MultiheadAttention.forward", backend="tensorrt")
+def multihead_attention__forward__tensorrt(self, query, key, value, *args, **kwargs):
+    """``MultiheadAttention.forward`` with the plan's exponents
+    (:func:`~fp16guard.rewriters.blocks.multihead_attention_forward`): the transformer layers of
+    mmdet's DETR family (``mmcv.cnn.bricks.transformer.MultiheadAttention`` wraps this module)."""
+    ctx = FUNCTION_REWRITER.get_context()
+    entry = _entry(ctx, self)
+    if entry is None:
+        return ctx.origin_func(self, query, key, value, *args, **kwargs)
+    return multihead_attention_forward(self, query, key, value, entry.input_exponent, entry.output_exponent,
+                                       *args, inner_exponent=entry.inner_exponent, **kwargs)
 
 
 @FUNCTION_REWRITER.register_rewriter(func_name="torch.onnx.export", backend="tensorrt")

@@ -237,3 +237,26 @@ def test_dbnet_whole_model_through_the_generic_rewriters(tmp_path):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
     for a, b in zip(_run_fp16(fixed, xv), ref):
         assert np.isfinite(a).all() and np.abs(a - b).max() < 1e-2  # probabilities
+
+
+def test_generic_rewriters_apply_a_plan_to_layernorm_and_multihead_attention(tmp_path):
+    """A DETR-style pre-norm transformer of plain ``nn.MultiheadAttention``, ``nn.LayerNorm`` and
+    ``nn.Linear`` (``tests/models.py``): its residual stream (1.3e5) and one attention's input
+    (1e5) pass 65504; the plan scales them and the LayerNorm/MultiheadAttention rewriters apply it."""
+    from tests.models import PreNormEncoder, tokens
+
+    net = PreNormEncoder().eval()
+    plan = calibrate(net, [tokens(1), tokens(2)])
+    types = {m["type"] for m in plan.modules}
+    assert {"LayerNorm", "MultiheadAttention", "Linear"} <= types and not plan.rescale_ops and not plan.unfixable
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    x = tokens(3)
+    plain, fixed = _export(net, x, opset=17), _export(net, x, dict(fp16guard=dict(plan=str(path))), opset=17)
+    assert not all(np.isfinite(y).all() for y in _run_fp16(plain, x))
+    ref = _run_fp32(plain, x)
+    for a, b in zip(_run_fp32(fixed, x), ref):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    for a, b in zip(_run_fp16(fixed, x), ref):
+        assert np.isfinite(a).all() and np.linalg.norm(a - b) <= 5e-3 * np.linalg.norm(b)
+    assert torch.nn.MultiheadAttention.forward is torch.nn.modules.activation.MultiheadAttention.forward  # restored
