@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore")
 
 from models import LogMelFrontEnd, pcm  # noqa: E402
 from test_fix import _big_input_model, _decomposed_layernorm, _masked_attention, _x  # noqa: E402
-from test_torch_rewrite import _RMSNorm  # noqa: E402
+from test_torch_rewrite import rms_norm_net  # noqa: E402
 from transformer_cases import bert, t5, to_onnx, token_batch  # noqa: E402
 
 from fp16guard.fix import fix_model  # noqa: E402
@@ -84,11 +84,7 @@ def main() -> None:
     x = [_x(s, (1, 8, 16)) for s in (1, 2, 3)]
     r = fix_model(_decomposed_layernorm(300.0), x[:1], validation=x[1:])
     _row("decomposed LN", r)
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(16, 64), _RMSNorm(64), nn.Linear(64, 4)).eval()
-    with torch.no_grad():
-        m[0].weight.mul_(300)
-    xt = [np.random.default_rng(s).normal(size=(1, 8, 16)).astype(np.float32) for s in (1, 2, 3)]
+    m, xt = rms_norm_net()
     r = fix_model(m, xt[:1], validation=xt[1:])
     _row("RMSNorm .pt2", r)
     r = fix_model(m, xt[:1], validation=xt[1:], output="onnx")

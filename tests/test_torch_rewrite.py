@@ -279,15 +279,21 @@ class _RMSNorm(nn.Module):
         return self.weight * (h * torch.rsqrt(var + self.eps))
 
 
-def test_an_rms_norm_whose_variance_overflows_runs_in_pure_fp16():
-    """A linear writes ~4000 into an RMSNorm: h**2 is inf in FP16 and the naive program's norm
-    output collapses to 0. pow (2k), mean and + eps (tied), rsqrt (-k/2) and the product with h
-    carry one region through the norm: no FP32 op and no added multiply."""
+def rms_norm_net() -> tuple[nn.Module, list[np.ndarray]]:
+    """``(model, inputs)``: a linear that writes ~4000 into T5's RMSNorm, then a head; three
+    inputs float32 [1, 8, 16]."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 64), _RMSNorm(64), nn.Linear(64, 4)).eval()
     with torch.no_grad():
         m[0].weight.mul_(300)
-    x = [np.random.default_rng(s).normal(size=(1, 8, 16)).astype(np.float32) for s in (1, 2, 3)]
+    return m, [np.random.default_rng(s).normal(size=(1, 8, 16)).astype(np.float32) for s in (1, 2, 3)]
+
+
+def test_an_rms_norm_whose_variance_overflows_runs_in_pure_fp16():
+    """A linear writes ~4000 into an RMSNorm: h**2 is inf in FP16 and the naive program's norm
+    output collapses to 0. pow (2k), mean and + eps (tied), rsqrt (-k/2) and the product with h
+    carry one region through the norm: no FP32 op and no added multiply."""
+    m, x = rms_norm_net()
     result = fix_model(m, x[:1], validation=x[1:])
     assert min(r.rel_l2 for r in result.naive.rows) > 0.5
     assert max(r.rel_l2 for r in result.verification.rows) < 2e-3

@@ -151,6 +151,8 @@ class TorchSplitter:
             """Runs the graph and records each op's largest magnitude."""
 
             def run_node(self, n: fx.Node) -> Any:
+                """Run ``n``; for a candidate op, record the largest |x| it reads or writes
+                (``inf`` if any is inf/NaN; same unit as the values)."""
                 out = super().run_node(n)
                 if n.name in position:
                     args_, kwargs = self.fetch_args_kwargs_from_env(n)

@@ -112,7 +112,7 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
         a_in = float((amax or {}).get(first_inputs[0].name, 0.0)) if first_inputs else 0.0
         inner = [exponents.get(n.args[2].name, 0) for n in members
                  if "scaled_dot_product_attention" in str(n.target) and isinstance(n.args[2], torch.fx.Node)]
-        wide_norm = isinstance(mod, torch.nn.LayerNorm) and a_in * 2.0 ** -e_in > 2.0 ** 7
+        wide_norm = isinstance(mod, torch.nn.LayerNorm) and norm_input_shift(a_in, e_in) > 0
         if e_in or e_out or any(inner) or wide_norm:
             out.append(ModuleScale(path, type(mod).__name__, module_fingerprint(mod), int(e_in), int(e_out),
                                    int(inner[0]) if inner else 0, a_in))
@@ -149,11 +149,23 @@ def _unscaled_twins(scaled: list[ModuleScale], modules: Mapping[str, torch.nn.Mo
     return out
 
 
+#: A decomposed LayerNorm squares ``x - mean``: stored inputs above ``2**NORM_INPUT_LOG2`` are
+#: shifted down to it first (``256**2`` is already inf in FP16).
+NORM_INPUT_LOG2 = 7
+
+
+def norm_input_shift(input_amax: float, input_exponent: int) -> int:
+    """The power of two a LayerNorm rewriter divides its stored input by, so that ``(x - mean)**2``
+    fits FP16 when an exporter decomposes the norm: 0 unless the stored amax (``input_amax *
+    2**-input_exponent``) exceeds ``2**NORM_INPUT_LOG2``."""
+    stored = input_amax * 2.0 ** -input_exponent
+    return max(0, math.ceil(math.log2(stored)) - NORM_INPUT_LOG2) if stored > 0 else 0
+
+
 def _decision(entry: ModuleScale) -> tuple:
-    """What a rewriter does with an entry: its exponents, and the power of two of its stored input."""
-    stored = entry.input_amax * 2.0 ** -entry.input_exponent
+    """What a rewriter does with an entry: its exponents, and the shift of a norm's input."""
     return (entry.input_exponent, entry.output_exponent, entry.inner_exponent,
-            math.ceil(math.log2(stored)) if stored > 2.0 ** 7 else 0)
+            norm_input_shift(entry.input_amax, entry.input_exponent))
 
 
 class ScaleTable:

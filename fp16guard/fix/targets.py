@@ -99,6 +99,11 @@ class FixTarget(Protocol):
         """``(backend description, run)`` for an FP16 model made by :meth:`convert`."""
 
 
+def _same_inputs(a, b) -> bool:
+    """Whether two ``(prepared, inputs)`` keys name the same graph and the very same input objects."""
+    return a is not None and a[0] == b[0] and len(a[1]) == len(b[1]) and all(x is y for x, y in zip(a[1], b[1]))
+
+
 def _amax_of(runs: Sequence[Mapping]) -> dict[str, float]:
     """Max amax per value over runs of :func:`~fp16guard.onnx_graph.value_ranges`; inf if ever non-finite."""
     out: dict[str, float] = {}
@@ -176,8 +181,8 @@ class OnnxFixTarget:
 
     def _ranges(self, inputs: Sequence[NamedInput], prepared: bool) -> list:
         """:func:`value_ranges` of the prepared (or base) graph, kept for the last inputs asked."""
-        key = (prepared, tuple(id(i) for i in inputs))
-        if self._last_ranges[0] != key:
+        key = (prepared, list(inputs))  # the inputs themselves: held, so their ids cannot be reused
+        if not _same_inputs(self._last_ranges[0], key):
             graph = self.prepared if prepared else self.base
             feeds = [self.feed(i) for i in inputs]
             runs = value_ranges(graph, feeds, labels=[i.label for i in inputs], memory_budget=self.memory_budget)
@@ -275,12 +280,12 @@ class TorchFixTarget:
         amax = torch_pass.activation_amax(self.prepared if prepared else self.base, [torch_args(i) for i in inputs],
                                           flushed)
         if prepared:
-            self._flushed = (tuple(id(i) for i in inputs), flushed)
+            self._flushed = ((True, list(inputs)), flushed)
         return amax
 
     def flushed_values(self, inputs: Sequence[NamedInput]) -> set[str]:
         """See :meth:`FixTarget.flushed_values`."""
-        if self._flushed[0] != tuple(id(i) for i in inputs):
+        if not _same_inputs(self._flushed[0], (True, list(inputs))):
             self.activation_amax(inputs)
         return self._flushed[1]
 

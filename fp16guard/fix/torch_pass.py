@@ -155,8 +155,6 @@ def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-_copy = copy_module
-
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
     g = fx.Graph()
@@ -210,7 +208,7 @@ def fold_batchnorms(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[RewriteNot
     Raises:
         RewriteError: a BatchNorm in training mode, or whose statistics are not constants.
     """
-    gm = _copy(gm)
+    gm = copy_module(gm)
     g = gm.graph
     consts = _Constants(gm)
     notes: list[RewriteNote] = []
@@ -532,10 +530,9 @@ def activation_amax(gm: fx.GraphModule, examples: Iterable[Sequence[torch.Tensor
                 m = torch.stack([t.detach().abs().amax().double() if t.numel() else t.new_zeros((), dtype=torch.float64)
                                  for t in tensors]).amax()
                 finite = torch.stack([t.isfinite().all() for t in tensors]).all()
-                found[n.name] = torch.where(finite, m, torch.full_like(m, math.inf))
-                if flushed is not None:
-                    tiny = torch.stack([((t != 0) & (t.abs() < FP16_FLUSH)).any() for t in tensors]).any()
-                    found[n.name] = torch.where(tiny, -found[n.name] - 1, found[n.name])  # sign carries it
+                tiny = (torch.stack([((t != 0) & (t.abs() < FP16_FLUSH)).any() for t in tensors]).any()
+                        if flushed is not None else torch.zeros((), dtype=torch.bool, device=m.device))
+                found[n.name] = torch.stack([torch.where(finite, m, torch.full_like(m, math.inf)), tiny.double()])
             return out
 
     with torch.no_grad():
@@ -544,11 +541,10 @@ def activation_amax(gm: fx.GraphModule, examples: Iterable[Sequence[torch.Tensor
             Recorder(gm).run(*example)
             if found:
                 values = torch.stack(list(found.values())).cpu().tolist()  # one host sync per forward
-                for name, v in zip(found, values):
-                    if v < 0:
-                        flushed.add(name)
-                        v = -v - 1
+                for name, (v, tiny) in zip(found, values):
                     amax[name] = max(amax.get(name, 0.0), v)
+                    if tiny and flushed is not None:
+                        flushed.add(name)
     return amax
 
 
@@ -582,7 +578,7 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
     Raises:
         RewriteError: a rescaled constant exceeds 65504.
     """
-    gm = _copy(gm)
+    gm = copy_module(gm)
     g = gm.graph
     consts = _Constants(gm)
     e = solution.exponents
@@ -824,7 +820,7 @@ def raise_constants(gm: fx.GraphModule, raises: Sequence[tuple[str, float]]) -> 
     Raises:
         RewriteError: no ``get_attr`` node reads that target.
     """
-    gm = _copy(gm)
+    gm = copy_module(gm)
     consts = _Constants(gm)
     notes = []
     nodes = {n.name: n for n in gm.graph.nodes}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp16guard.fix.module_scales import ScaleTable
+from fp16guard.fix.module_scales import ScaleTable, norm_input_shift
 from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2
 
 
@@ -205,7 +205,7 @@ def layernorm_forward(norm: nn.LayerNorm, x: torch.Tensor, e_in: int, e_out: int
     input's amax (``input_amax * 2**-e_in``, from calibration) exceeds ``2**7``, ``x`` is first
     multiplied by the power of two that brings it to ``2**7``, and ``eps`` follows.
     """
-    shift = max(0, math.ceil(math.log2(input_amax * pow2(-e_in))) - 7) if input_amax > 0 else 0
+    shift = norm_input_shift(input_amax, e_in)
     if shift:
         x = x * pow2(-shift)
     eps = norm.eps * pow2(-2 * (e_in + shift))
