@@ -59,6 +59,11 @@ def build(arch: str, growth: float) -> tuple[torch.nn.Module, str]:
 def main() -> None:
     """One line per architecture, growth and graph."""
     archs = sys.argv[1].split(",") if len(sys.argv) > 1 else list(ARCHS)
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        print(f"transformers_sweep.py: unknown architecture {unknown[0]!r}; give some of {','.join(ARCHS)}",
+              file=sys.stderr)
+        sys.exit(2)
     calib, val = [token_batch(s) for s in range(3)], [token_batch(s) for s in range(10, 12)]
     print(f"# python benchmarks/transformers_sweep.py, torch {torch.__version__}, transformers {tf.__version__}, CPU")
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -425,8 +426,11 @@ def _check_options(args) -> None:
         raise UsageError(f"--target-log2 {target}: give 1 to 15 (stored activations at most 2^K; 2^15 = 32768 is "
                          f"the largest power of two below 65504)")
     tolerance = getattr(args, "tolerance", None)
-    if args.command == "fix" and tolerance is not None and not 0 < tolerance < float("inf"):
+    relative_l2 = args.command == "fix" or args.command == "bisect" and getattr(args, "metric", None) is None
+    if relative_l2 and tolerance is not None and not 0 < tolerance < float("inf"):
         raise UsageError(f"--tolerance {tolerance}: give a positive relative L2 error, e.g. 0.07")
+    if tolerance is not None and math.isnan(tolerance):  # a task metric's threshold: any number but NaN
+        raise UsageError(f"--tolerance {tolerance}: give a number")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,6 +70,7 @@ def test_classes_keep_the_builtin_they_replaced():
     (["bisect", "{m}", "--input", "{x}", "--json", "{missing}/b.json"], "does not exist"),
     (["calibrate", "{m}", "--input", "{x}", "-o", "{tmp}/p.json", "--target-log2", "40"], "give 1 to 15"),
     (["fix", "{m}", "--input", "{x}", "-o", "{tmp}/f.onnx", "--tolerance", "nan"], "give a positive relative L2"),
+    (["bisect", "{m}", "--input", "{x}", "--tolerance", "-1"], "give a positive relative L2"),
 ])
 def test_bad_options_are_refused_in_one_line_before_any_work(tmp_path, capsys, argv, message):
     """A missing output folder, a headroom target or tolerance out of range: exit 2 at once (not
