@@ -20,22 +20,66 @@ Errors: every error raised on purpose derives from :class:`Fp16GuardError`
 (:mod:`fp16guard.errors`).
 """
 
-from fp16guard.bisect import BisectResult
-from fp16guard.bisect import bisect as _bisect
-from fp16guard.errors import Fp16GuardError
-from fp16guard.fix import calibrate as _calibrate
-from fp16guard.fix import fix as _fix
-from fp16guard.fix import warp_bn, warp_conv, warp_linear
-from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, headroom_bits
-from fp16guard.inspect import FInspect, InspectionReport, check_module, fold_batchnorm, inspect_onnx
-from fp16guard.plan import RewritePlan
-from fp16guard.stats import RangeStats
+import importlib
+import sys
+import types
 
-bisect = _bisect
-fix = _fix
-calibrate = _calibrate
+from fp16guard.errors import Fp16GuardError
 
 __version__ = "0.1.0"
+
+#: Public names, imported on first use (PEP 562) so ``import fp16guard.cli`` (``fp16guard --help``)
+#: does not import torch, onnx and onnxruntime: name -> (module, attribute).
+_LAZY = {
+    "BisectResult": ("fp16guard.bisect", "BisectResult"),
+    "bisect": ("fp16guard.bisect", "bisect"),
+    "calibrate": ("fp16guard.fix", "calibrate"),
+    "fix": ("fp16guard.fix", "fix"),
+    "warp_bn": ("fp16guard.fix", "warp_bn"),
+    "warp_conv": ("fp16guard.fix", "warp_conv"),
+    "warp_linear": ("fp16guard.fix", "warp_linear"),
+    "FP16_MAX": ("fp16guard.fp16", "FP16_MAX"),
+    "FP16_MIN_NORMAL": ("fp16guard.fp16", "FP16_MIN_NORMAL"),
+    "FP16_MIN_SUBNORMAL": ("fp16guard.fp16", "FP16_MIN_SUBNORMAL"),
+    "headroom_bits": ("fp16guard.fp16", "headroom_bits"),
+    "FInspect": ("fp16guard.inspect", "FInspect"),
+    "InspectionReport": ("fp16guard.inspect", "InspectionReport"),
+    "check_module": ("fp16guard.inspect", "check_module"),
+    "fold_batchnorm": ("fp16guard.inspect", "fold_batchnorm"),
+    "inspect_onnx": ("fp16guard.inspect", "inspect_onnx"),
+    "RewritePlan": ("fp16guard.plan", "RewritePlan"),
+    "RangeStats": ("fp16guard.stats", "RangeStats"),
+}
+#: Functions named like the subpackage that defines them: ``fp16guard.bisect`` is the function.
+_SHADOWED = {"bisect", "fix"}
+
+
+def __getattr__(name: str):
+    """Import a public name on first use (module ``__getattr__``, PEP 562)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fp16guard' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """The package module: importing the subpackage ``fp16guard.bisect`` (or ``.fix``) does not
+    replace the attribute ``fp16guard.bisect``, the function, with the subpackage (the import
+    system sets a parent's attribute to each submodule it loads)."""
+
+    def __setattr__(self, name, value):
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "BisectResult",

@@ -12,28 +12,55 @@ status. Anything else is a bug and ends in a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Sequence
 
 from fp16guard import __version__
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
 from fp16guard.errors import EXIT_CLEAN, EXIT_OVERFLOW, Fp16GuardError, InputError, UsageError
+
+#: The bundled examples (``fp16guard.examples.EXAMPLES``), named here so ``--help`` imports nothing heavy.
+EXAMPLE_NAMES = ("crepe-full", "ppocr-det")
+#: Backends by command: bisect runs prefixes, fix verifies the fixed model.
+BISECT_BACKENDS = ("auto", "emulate", "onnxruntime", "torch", "tensorrt")
+FIX_BACKENDS = ("emulate", "onnxruntime", "tensorrt", "torch")
+#: Exit status of an internal error (a bug: fp16guard's or a library's), printed with its traceback.
+EXIT_INTERNAL = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (a :class:`UsageError`), not the usage text and exit 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _common() -> argparse.ArgumentParser:
+    """``-v``/``-q``, accepted before or after the command (SUPPRESS: a subcommand's absent flag
+    does not reset the top level's)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log each step and third-party warnings to stderr")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress display; only the report and errors")
+    return common
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL, --checkpoint, --input and --example: how every command names a model and its inputs."""
-    from fp16guard.examples import EXAMPLES
-
     p.add_argument("model", nargs="?", help="an .onnx file, a .pt2 ExportedProgram, or package.module:factory")
     p.add_argument("--checkpoint", help="state_dict file for a package.module:factory model")
     p.add_argument("--input", action="append", default=[], metavar="FILE",
                    help=".npy, .npz, an image or a .wav; repeat for several inputs")
-    p.add_argument("--example", choices=sorted(EXAMPLES), help="a bundled real model with real inputs")
+    p.add_argument("--example", choices=EXAMPLE_NAMES, help="a bundled real model with real inputs")
 
 
 def _add_openmmlab_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,10 +81,17 @@ def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fp16guard", description="Find and fix FP16 overflow in neural networks.")
+    common = _common()
+    p = _Parser(prog="fp16guard", description="Find and fix FP16 overflow in neural networks.", parents=[common])
     p.add_argument("--version", action="version", version=f"fp16guard {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = p.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+
+    def add_parser(name, **kw):
+        """A subcommand that takes -v/-q too."""
+        return add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     ins = sub.add_parser("inspect", help="measure every layer's activations against the FP16 range",
                          description="Run a model in FP32 (or FP16 with --half) and report where activations "
@@ -80,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "1 found, 2 bad usage.")
     _add_model_arguments(bis)
     _add_openmmlab_arguments(bis)
-    bis.add_argument("--backend", default="auto",
+    bis.add_argument("--backend", default="auto", metavar="NAME",
                      help="auto (tensorrt, else onnxruntime with CUDA, else emulate), emulate, onnxruntime, "
                           "torch, tensorrt")
     bis.add_argument("--allow-cpu", action="store_true",
@@ -128,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(torch.export.save; load with torch.export.load(path).module())")
     fix.add_argument("--fallback", choices=["fp32"], help="instead of scaling, keep the offending nodes in FP32 "
                                                           "(what other tools do; for comparison)")
-    fix.add_argument("--backend", default="emulate", help="FP16 backend for verification: emulate (default, CPU), "
+    fix.add_argument("--backend", default="emulate", metavar="NAME", help="FP16 backend for verification: emulate (default, CPU), "
                                                           "onnxruntime (CUDA) or tensorrt for .onnx, torch (CUDA) "
                                                           "for .pt2")
     fix.add_argument("--tolerance", type=float, default=None, metavar="T",
@@ -211,22 +245,45 @@ def _model_and_inputs(args, console: Console, *, require_inputs: bool = True):
     inputs = load_inputs(args.input)
     if not inputs and require_inputs:
         raise UsageError(f"{args.model} needs at least one --input")
-    return model, inputs, framework, Path(args.model).name if framework == "onnx" else args.model
+    return model, _fit(model, inputs, framework), framework, Path(args.model).name if framework == "onnx" else args.model
+
+
+def _fit(model, inputs, framework: str, what: str = "input"):
+    """Inputs checked against the model before any run: arrays a model can take
+    (:func:`~fp16guard.inputs.check_inputs`, inf/NaN aside: each command decides about those),
+    an ONNX model's declared shapes and types, a PyTorch model's ``forward`` names for ``.npz`` keys.
+
+    Raises:
+        InputError: naming the file and what the model declares.
+    """
+    from fp16guard.inputs import by_forward_names, check_inputs
+
+    check_inputs(inputs, finite=False, what=what)
+    if framework == "onnx":
+        from fp16guard.inputs import onnx_feed
+        from fp16guard.onnx_graph import check_feed, fed_inputs
+
+        names = fed_inputs(model)
+        declared = [i for i in model.graph.input if i.name in names]
+        for item in inputs:
+            if item.kind != "arrays":
+                _no_raw(item)
+            feed = onnx_feed(names, item)  # its errors name the item already
+            try:
+                check_feed(declared, feed)
+            except InputError as e:
+                raise InputError(f"{what} {item.label}: {e}") from None
+        return inputs
+    return [by_forward_names(model, item) for item in inputs]
 
 
 def _bisect(args, console: Console) -> int:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from fp16guard.bisect import bisect, plot_bisect, print_bisect
 
     if args.deploy_cfg or args.model_cfg or args.img:
         model, inputs, framework, name = _openmmlab_sets(args, console)
     else:
         model, inputs, framework, name = _model_and_inputs(args, console)
-    if framework == "onnx":
-        for item in inputs:
-            if item.kind != "arrays":
-                _no_raw(item)
     if args.backend == "torch" and framework == "onnx":
         raise UsageError("--backend torch runs PyTorch models; for an .onnx file use emulate, onnxruntime or tensorrt")
     from fp16guard.backends import get_backend
@@ -236,19 +293,14 @@ def _bisect(args, console: Console) -> int:
         backend = get_backend(args.backend, **options)
     except ValueError as e:  # unknown name
         raise UsageError(str(e)) from None
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task(f"bisect {name}: building and running the all-FP16 prefix", total=None)
+    from fp16guard.progress import step
 
-        tried = 0
-
+    with step(f"bisect {name}: FP32 reference, then FP16 prefixes on {backend.describe()}") as advance:
         def on_trial(t):
-            """One line per evaluated cut, and the spinner's count."""
-            nonlocal tried
-            tried += 1
-            progress.console.print(f"  {t.stage} cut {t.cut} (last in FP16: {t.last}): "
-                                   f"{'bad' if t.bad else 'good'}, error {t.error:.3g}, {t.seconds:.1f} s")
-            progress.update(task, description=f"bisect {name}: {tried} cuts tried")
+            """One line per evaluated cut (the trial table, on stdout); the step counts them."""
+            console.print(f"  {t.stage} cut {t.cut} (last in FP16: {t.last}): "
+                          f"{'bad' if t.bad else 'good'}, error {t.error:.3g}, {t.seconds:.1f} s")
+            advance()
 
         result = bisect(model, inputs, backend=backend, metric=args.metric, tolerance=args.tolerance,
                         all_offenders=args.all_offenders, max_offenders=args.max_offenders,
@@ -275,11 +327,8 @@ def _calibration_sets(args, console: Console):
         return ex.load(), calibration, validation, ex.framework, ex.name, ex.task_metrics
     model, calibration, framework, name = _model_and_inputs(args, console,
                                                             require_inputs=not getattr(args, "plan", None))
-    validation = load_inputs(getattr(args, "validate", []))
-    if framework == "onnx":  # a PyTorch model takes images and waveforms as inspect and bisect give them
-        for item in [*calibration, *validation]:
-            if item.kind != "arrays":
-                _no_raw(item)
+    # a PyTorch model takes images and waveforms as inspect and bisect give them; an ONNX model arrays
+    validation = _fit(model, load_inputs(getattr(args, "validate", [])), framework, what="validation input")
     return model, calibration, validation, framework, name, {}
 
 
@@ -310,7 +359,9 @@ def _export(args, console: Console) -> int:
     if len(args.img) != 1:
         raise UsageError("export takes exactly one --img (mmdeploy builds the export's input from it)")
     deploy_cfg = load_deploy_cfg(args.deploy_cfg)
-    with console.status(f"mmdeploy torch2onnx: {args.checkpoint}"):
+    from fp16guard.progress import step
+
+    with step(f"mmdeploy torch2onnx: {args.checkpoint}"):
         path = torch2onnx(args.img[0], args.work_dir, args.save_file, deploy_cfg, args.model_cfg, args.checkpoint,
                           device=args.device, plan=args.plan)
     plan = args.plan or (deploy_cfg.get("fp16guard") or {}).get("plan")
@@ -318,7 +369,7 @@ def _export(args, console: Console) -> int:
     if args.no_verify:
         return EXIT_CLEAN
     inputs = model_inputs(load_model(args.model_cfg, args.checkpoint), args.img, deploy_cfg)
-    with console.status("strict FP16 emulation against FP32"):
+    with step("strict FP16 emulation against FP32"):
         verification = verify_export(path, inputs)
     print_verification([verification], console)
     verdict = "[green]finite[/]" if verification.finite else "[red]produces inf/NaN[/]"
@@ -335,9 +386,8 @@ def _calibrate(args, console: Console) -> int:
         model, calibration, _, framework, name, _ = _calibration_sets(args, console)
     if args.graph and framework == "onnx":
         raise UsageError("--graph applies to PyTorch models; an ONNX model's plan always names its own graph")
-    with console.status(f"calibrating {name} on {len(calibration)} input(s)"):
-        plan = calibrate(model, calibration, target_log2=args.target_log2, raise_underflow=args.raise_underflow,
-                         source=name, graph=args.graph)
+    plan = calibrate(model, calibration, target_log2=args.target_log2, raise_underflow=args.raise_underflow,
+                     source=name, graph=args.graph)
     print_plan(plan, console)
     console.print(f"plan: {plan.save(args.output)}")
     return EXIT_CLEAN
@@ -364,11 +414,10 @@ def _fix(args, console: Console) -> int:
         raise UsageError(f"--backend {args.backend} runs ONNX models; a .pt2 is verified on emulate or torch")
     if output == "onnx" and args.backend == "torch":
         raise UsageError("--backend torch runs .pt2 programs; an .onnx is verified on emulate, onnxruntime or tensorrt")
-    with console.status(f"fixing {name}: calibrate, rewrite, verify on {args.backend}"):
-        result = fix_model(model, calibration, plan=plan, validation=validation, output=output,
-                           target_log2=args.target_log2, raise_underflow=args.raise_underflow,
-                           fallback=args.fallback, backend=args.backend, metrics=metrics, force=args.force,
-                           source=name, tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
+    result = fix_model(model, calibration, plan=plan, validation=validation, output=output,
+                       target_log2=args.target_log2, raise_underflow=args.raise_underflow,
+                       fallback=args.fallback, backend=args.backend, metrics=metrics, force=args.force,
+                       source=name, tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
     print_fix(result, console)
     if output == "torch":
         from fp16guard.fix.torch_pass import save_program
@@ -408,19 +457,72 @@ def _fetch(args, console: Console) -> int:
 
 #: Options that name a file the command writes, by argparse destination.
 OUTPUT_OPTIONS = {"output": "-o", "json": "--json", "plot": "--plot", "save_plan": "--save-plan"}
+#: Options that name a file the command reads, by argparse destination.
+READ_OPTIONS = {"model": "model", "checkpoint": "checkpoint", "plan": "plan", "input": "input",
+                "validate": "validation input"}
+
+
+def _check_outputs(args) -> None:
+    """Refuse an output path that cannot be written or would destroy something, before any work.
+
+    Raises:
+        UsageError: the path is a folder, its folder is missing, not a folder or not writable; it
+            is a file the command reads (the model, an input, the plan); two outputs name one file;
+            ``--plot`` has a format matplotlib cannot write.
+    """
+    import tempfile
+
+    written: dict[Path, str] = {}
+    read = {}
+    for dest, flag in READ_OPTIONS.items():
+        value = getattr(args, dest, None)
+        for v in (value if isinstance(value, list) else [value] if value else []):
+            read[Path(v).resolve()] = flag
+    for dest, flag in OUTPUT_OPTIONS.items():
+        path = getattr(args, dest, None)
+        if not path:
+            continue
+        p = Path(path).resolve()
+        if p.is_dir():
+            raise UsageError(f"{flag} {path} is a folder; give a file name inside it")
+        if not p.parent.exists():
+            raise UsageError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it first")
+        if not p.parent.is_dir():
+            raise UsageError(f"{flag} {path}: {Path(path).parent} is not a folder")
+        if p in read:
+            raise UsageError(f"{flag} {path} would overwrite the {read[p]} the command reads; write elsewhere")
+        if p in written:
+            raise UsageError(f"{flag} and {written[p]} name the same file {path}; give each its own")
+        written[p] = flag
+        try:
+            with tempfile.TemporaryFile(dir=p.parent):
+                pass
+        except OSError as e:
+            raise UsageError(f"{flag} {path}: cannot write in {Path(path).parent} ({e.strerror}); pick a "
+                             f"writable folder") from None
+    plot = getattr(args, "plot", None)
+    if plot:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        suffix = Path(plot).suffix.lower().lstrip(".")
+        if suffix not in formats:
+            raise UsageError(f"--plot {plot}: matplotlib cannot write {suffix or 'a file without a suffix'!r}; "
+                             f"end it in .png, .svg or .pdf")
 
 
 def _check_options(args) -> None:
-    """Refuse, before any work, a file to write whose folder does not exist and a plan option out
-    of range (a headroom target beyond FP16's normal range, a tolerance that is not positive).
+    """Refuse, before any work, what the command line alone shows is wrong: output paths
+    (:func:`_check_outputs`), option values out of range (a headroom target beyond FP16's normal
+    range, a tolerance that is not positive and finite, counts below 1, an unknown backend or
+    device), options that do not apply (``--checkpoint`` with an ONNX model), and a ``--metric``
+    that cannot be imported.
 
     Raises:
         UsageError: naming the option, the value, and what to give instead.
+        BackendError: ``--device cuda`` on a machine without CUDA.
     """
-    for dest, flag in OUTPUT_OPTIONS.items():
-        path = getattr(args, dest, None)
-        if path and not Path(path).resolve().parent.is_dir():
-            raise UsageError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it first")
+    _check_outputs(args)
     target = getattr(args, "target_log2", None)
     if target is not None and not 1 <= target <= 15:
         raise UsageError(f"--target-log2 {target}: give 1 to 15 (stored activations at most 2^K; 2^15 = 32768 is "
@@ -431,28 +533,121 @@ def _check_options(args) -> None:
         raise UsageError(f"--tolerance {tolerance}: give a positive relative L2 error, e.g. 0.07")
     if tolerance is not None and math.isnan(tolerance):  # a task metric's threshold: any number but NaN
         raise UsageError(f"--tolerance {tolerance}: give a number")
+    for dest, flag in (("max_offenders", "--max-offenders"), ("top", "--top")):
+        count = getattr(args, dest, None)
+        if count is not None and count < 1:
+            raise UsageError(f"{flag} {count}: give 1 or more")
+    budget = getattr(args, "memory_budget", None)
+    if budget is not None and not 0 < budget < float("inf"):
+        raise UsageError(f"--memory-budget {budget}: give a positive size in GiB, e.g. 1")
+    backend = getattr(args, "backend", None)
+    known = BISECT_BACKENDS if args.command == "bisect" else FIX_BACKENDS
+    if backend is not None and backend not in known:
+        raise UsageError(f"--backend {backend}: unknown backend; choose one of {', '.join(known)}")
+    if getattr(args, "checkpoint", None) and args.command != "export":  # export's CHECKPOINT is its model
+        model = getattr(args, "model", None)
+        if getattr(args, "example", None) or not model or model.endswith((".onnx", ".pt2")) or ":" not in model:
+            raise UsageError("--checkpoint applies to package.module:factory models (an .onnx or .pt2 file, or an "
+                             "example, holds its weights); drop it")
+    device = getattr(args, "device", None)
+    if device is not None and args.command == "inspect" and device != "cpu" and not str(args.model).endswith(".onnx"):
+        _check_device(device)
+    if getattr(args, "metric", None):
+        from fp16guard.compare import load_metric
+
+        load_metric(args.metric)
+
+
+def _check_device(device: str) -> None:
+    """``--device`` must parse as a torch device, and a CUDA one must exist.
+
+    Raises:
+        UsageError: not a device string. BackendError: a CUDA device this machine does not have.
+    """
+    import torch
+
+    from fp16guard.errors import BackendError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device}: not a device; give cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"--device {device}: no CUDA device is visible on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BackendError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: fp16guard runs on cpu or cuda")
+
+
+#: Loggers of libraries whose warnings say nothing to a user of fp16guard (the ONNX exporter's
+#: "torchvision is not installed", torch.export's deserialization traceback): quiet unless -v.
+QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "onnxscript")
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Route Python warnings through logging and silence third-party loggers unless ``verbose``."""
+    import warnings
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(torch|onnx|onnxscript|onnxruntime)(\.|$)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fp16guard`` console script; returns the exit status.
+    """Entry point of the command line; returns the exit status.
 
-    An :class:`~fp16guard.errors.Fp16GuardError` is printed as one line on stderr and exits with its
-    ``exit_code`` (2 for usage and input errors, 1 for a fixed model that still overflows); any
-    other exception propagates with its traceback.
+    An :class:`~fp16guard.errors.Fp16GuardError` (bad usage or input, a command-line error from
+    argparse too) is printed as one line on stderr and exits with its ``exit_code`` (2 for usage
+    and input errors, 1 for a fixed model that still overflows); any other exception propagates
+    with its traceback (:func:`console_main` turns it into exit status 3).
     """
-    args = _parser().parse_args(argv)
-    if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 150)
-    commands = {"inspect": _inspect, "bisect": _bisect, "calibrate": _calibrate, "fix": _fix, "export": _export,
-                "fetch-examples": _fetch}
     try:
+        args = _parser().parse_args(argv)
+        verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+        if verbose and quiet:
+            raise UsageError("-v and -q contradict each other; give one")
+        _quiet_libraries(verbose)
+        from rich.console import Console
+
+        console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 150)
+        args.progress = Console(stderr=True) if not quiet else None  # steps drawn on stderr, on a terminal
+        commands = {"inspect": _inspect, "bisect": _bisect, "calibrate": _calibrate, "fix": _fix,
+                    "export": _export, "fetch-examples": _fetch}
         _check_options(args)  # before any work: a missing folder is known now, not after calibration
-        return commands[args.command](args, console)
+        from fp16guard.progress import RichProgress, reporting
+
+        with contextlib.ExitStack() as stack:
+            reporter = stack.enter_context(RichProgress(args.progress)) if args.progress is not None else None
+            stack.enter_context(reporting(reporter))
+            return commands[args.command](args, console)
     except Fp16GuardError as e:
         print(f"fp16guard: error: {e}", file=sys.stderr)
         return e.exit_code
 
 
+def console_main() -> None:
+    """The ``fp16guard`` console script: :func:`main`, with an internal error (anything that is not
+    an :class:`~fp16guard.errors.Fp16GuardError`) printed with its traceback and exit status
+    :data:`EXIT_INTERNAL` (3), so a crash never reads as "overflow found" (1) or "bad usage" (2)."""
+    import traceback
+
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("fp16guard: interrupted", file=sys.stderr)
+        code = 130
+    except Exception:  # noqa: BLE001 - a bug: show everything, then a distinct status
+        traceback.print_exc()
+        print(f"fp16guard: internal error (exit {EXIT_INTERNAL}): the traceback above is a bug of fp16guard or of a "
+              f"library it called; please report it with the command line", file=sys.stderr)
+        code = EXIT_INTERNAL
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -84,6 +84,35 @@ def load_metric(spec: str) -> Metric:
     return fn
 
 
+def checked_metric(name: str, fn: Metric) -> Metric:
+    """``fn`` wrapped so that a task metric's own failure reads as one line naming it.
+
+    The wrapper returns ``float(fn(outputs, reference))``; a NaN score counts as the worst (inf), so
+    a metric that cannot score FP16 garbage calls it bad.
+
+    Raises:
+        UsageError: ``fn`` raised, or returned something that is not a real number (a string, None,
+            an array of several values).
+    """
+    def call(outputs, reference):
+        try:
+            value = fn(outputs, reference)
+        except Exception as e:  # the user's metric failed: say so, in its own words
+            first = next((line for line in str(e).splitlines() if line.strip()), "")
+            raise UsageError(f"--metric {name} raised {type(e).__name__}: {first}; fix the metric") from None
+        try:
+            score = float(np.asarray(value).item()) if not isinstance(value, (str, bytes, bool)) else None
+        except (TypeError, ValueError):
+            score = None
+        if score is None:
+            raise UsageError(f"--metric {name} returned {type(value).__name__} ({str(value)[:40]!r}); it must "
+                             f"return one float, larger = worse")
+        return math.inf if math.isnan(score) else score
+
+    call.__name__ = getattr(fn, "__name__", name)
+    return call
+
+
 def compare_outputs(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> tuple[float, float, int]:
     """``(worst relative L2, max |error|, non-finite count)`` of outputs against an FP32 reference
     (non-finite elements excluded from the two errors; relative L2 is inf when any exists)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import wave
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -73,11 +74,27 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as ``uint8 [H, W, 3]`` RGB (grayscale and alpha are converted)."""
+    """Read an image file as ``uint8 [H, W, 3]`` RGB (grayscale and alpha are converted).
+
+    16-bit images (PNG/TIFF modes ``I;16`` and ``I``) are scaled to 8 bits by their full range
+    (``round(v / 257)``), not clipped: Pillow's own ``convert("RGB")`` clips them at 255.
+
+    Raises:
+        InputError: not a readable image, or a float image (mode ``F``) with no defined 8-bit range.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                wide = np.asarray(im, dtype=np.float64)
+                if wide.max(initial=0) > 65535 or wide.min(initial=0) < 0:
+                    raise InputError(f"{path}: a 32-bit integer image (values {wide.min():.0f} to {wide.max():.0f}) "
+                                     f"has no 8-bit reading; save it as .npy with the model's own scaling")
+                gray = np.rint(wide / 257.0).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=-1)
+            if im.mode == "F":
+                raise InputError(f"{path}: a floating-point image has no 8-bit reading; save it as .npy instead")
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"{path}: not a readable image ({e})") from None
@@ -105,8 +122,8 @@ def load_input(path: str | Path) -> NamedInput:
         if suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
                 return NamedInput(p.name, tuple(z[k] for k in z.files), names=tuple(z.files))
-    except (ValueError, OSError) as e:
-        raise InputError(f"{p}: not a readable numpy file ({e})") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"{p}: not a readable numpy file ({e}); write it with np.save / np.savez") from None
     if suffix in IMAGE_SUFFIXES:
         return NamedInput(p.name, (read_image(p),), kind="image")
     if suffix in AUDIO_SUFFIXES:
@@ -211,3 +228,79 @@ def torch_args(item: NamedInput):
         t = torch.from_numpy(np.require(a, requirements="C"))  # keeps shape () (ascontiguousarray does not)
         out.append(t.float() if t.dtype == torch.float64 else t)
     return tuple(out)
+
+
+def _count(item: NamedInput) -> tuple[int, int]:
+    """(NaN count, inf count) over an item's floating arrays."""
+    nan = inf = 0
+    for a in item.arrays:
+        if a.dtype.kind == "f":
+            nan += int(np.isnan(a).sum())
+            inf += int(np.isinf(a).sum())
+    return nan, inf
+
+
+def nonfinite_inputs(items: Sequence[NamedInput]) -> list[tuple[str, int, int]]:
+    """``(label, NaN count, inf count)`` of every item whose floating arrays hold inf/NaN."""
+    return [(item.label, *c) for item in items if any(c := _count(item))]
+
+
+def check_inputs(items: Sequence[NamedInput], *, finite: bool = True, what: str = "input") -> None:
+    """Refuse inputs no FP16 question can be asked of, before any model runs.
+
+    Args:
+        items: the inputs.
+        finite: also refuse inf/NaN in floating arrays (calibration, bisect and verification
+            compare against FP32 on them, and inf/NaN in FP32 already says nothing). ``inspect``
+            passes False: there a non-finite input is a finding of the report.
+        what: how the message names the items (``input``, ``validation input``).
+
+    Raises:
+        InputError: an array with no elements; of a dtype no model computes with (strings,
+            objects, complex numbers, dates); or, with ``finite``, holding inf/NaN. The message
+            names the item and says what to do.
+    """
+    for item in items:
+        if item.kind != "arrays":
+            continue
+        for k, a in enumerate(item.arrays):
+            at = f"{what} {item.label}" + (f" (array {k})" if len(item.arrays) > 1 else "")
+            if a.dtype.kind not in "biuf":
+                raise InputError(f"{at} holds {a.dtype} values; a model takes float, integer or bool arrays "
+                                 f"(convert it with .astype(np.float32))")
+            if a.size == 0:
+                raise InputError(f"{at} has no elements (shape {list(a.shape)}); give at least one sample")
+        if finite and any(counts := _count(item)):
+            nan, inf = counts
+            raise InputError(f"{what} {item.label} holds {nan} NaN and {inf} inf values; FP16 cannot be judged on "
+                             f"inputs FP32 cannot compute either: clean them (np.nan_to_num) or leave the file out")
+
+
+def by_forward_names(model, item: NamedInput) -> NamedInput:
+    """``item`` with its named arrays (``.npz`` keys other than ``arr_N``) in the order of
+    ``model.forward``'s parameters, so a PyTorch model is fed by name as an ONNX model is.
+
+    Items without names, raw images and waveforms are returned as they are.
+
+    Raises:
+        InputError: the names are not parameters of ``forward``, or a parameter without a default is missing.
+    """
+    import inspect
+
+    if item.kind != "arrays" or not item.names or all(re.fullmatch(r"arr_\d+", n) for n in item.names):
+        return item
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # no signature to read: keep the file's order
+        return item
+    names = [p.name for p in params]
+    required = [p.name for p in params if p.default is p.empty]
+    if not set(item.names) <= set(names) or not set(required) <= set(item.names):
+        raise InputError(f"{item.label}: its arrays are named {', '.join(item.names)}, forward takes "
+                         f"{', '.join(names)}; name them alike or save them in order with np.savez(f, a, b)")
+    order = [n for n in names if n in item.names]
+    if order[-1] != names[len(order) - 1]:
+        raise InputError(f"{item.label}: forward's parameters before {order[-1]} need arrays too "
+                         f"(forward takes {', '.join(names)})")
+    return NamedInput(item.label, tuple(item.arrays[item.names.index(n)] for n in order), names=tuple(order))

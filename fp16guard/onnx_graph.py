@@ -54,12 +54,17 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     path = Path(model)
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a folder, not an ONNX file")
     if not path.is_file():
         raise ModelLoadError(f"ONNX model not found: {path}")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: the file is empty; export the model again")
     try:
         proto = onnx.load(str(path))
     except Exception as e:  # onnx raises DecodeError, ValueError, OSError depending on the damage
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__}: {first[:200]})") from None
     if not proto.graph.node:
         raise ModelLoadError(f"{path}: the ONNX graph has no nodes")
     return proto
@@ -76,6 +81,25 @@ def subgraph_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     inner values the flat-graph passes neither measure nor convert."""
     return [n for n in model.graph.node
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)]
+
+
+def refuse_fp16_model(model: onnx.ModelProto, what: str) -> None:
+    """Raise when ``model`` already computes in FP16: all its floating weights are float16 (a
+    model converted before, such as fp16guard's own output), or a graph input is float16.
+
+    Args:
+        what: what needs the FP32 model, completing "<what> works on the FP32 model".
+
+    Raises:
+        ModelLoadError: one line saying so and what to give instead.
+    """
+    floats = [t.data_type for t in model.graph.initializer
+              if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)]
+    halves = sum(d == TensorProto.FLOAT16 for d in floats)
+    fp16_inputs = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT16]
+    if fp16_inputs or (floats and halves == len(floats)):
+        why = f"its input {fp16_inputs[0]!r} is float16" if fp16_inputs else f"all {halves} of its floating weights are float16"
+        raise ModelLoadError(f"the model is already converted to FP16 ({why}); {what} works on the FP32 model it came from")
 
 
 def refuse_control_flow(model: onnx.ModelProto, what: str) -> None:

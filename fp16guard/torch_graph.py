@@ -1,5 +1,7 @@
 """The PyTorch graph layer: one capture, module paths, one state-dict hash, and the ONNX export.
 
+* :func:`inference_copy`: the eval-mode deep copy of the caller's module that bisect, calibrate
+  and fix measure (the caller's model is never changed).
 * :func:`capture`: a module as one flat ``torch.fx.GraphModule`` of ATen ops (``torch.export``,
   optionally falling back to ``torch.fx.symbolic_trace``), in eval mode; bisect cuts it, the fix
   rewrites it.
@@ -15,20 +17,22 @@ TorchScript exporter is used, whose node names carry the scopes instead (``/conv
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 from typing import Sequence
 
 import onnx
 
-from fp16guard.errors import ExportError
+from fp16guard.errors import ExportError, ModelLoadError
 
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """Put ``model`` in eval mode for the block and restore its training flag after (a module
-    unflattened from an ``ExportedProgram`` has no train mode and is left as it is)."""
-    was_training = model.training
+    """Put ``model`` in eval mode for the block and restore every submodule's training flag after,
+    each to its own value (a model in mixed modes stays mixed); a module unflattened from an
+    ``ExportedProgram`` has no train mode and is left as it is."""
+    flags = [(m, m.training) for m in model.modules()]
     try:
         model.train(False)
     except NotImplementedError:  # torch.export's unflattened module: already an inference graph
@@ -37,7 +41,40 @@ def eval_mode(model):
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, training in flags:
+            m.training = training
+
+
+def inference_copy(model):
+    """The model as bisect, calibrate and fix measure it: a deep copy in eval mode.
+
+    Deployment is inference, so the stages run what TensorRT would: BatchNorm on its running
+    statistics, dropout off, whatever mode the caller's model is in (train, eval, or mixed: a model
+    in train mode gives the eval-mode result). The caller's model is never touched: its parameters,
+    buffers (running statistics, ``num_batches_tracked``), training flags and hooks stay as they were.
+
+    Args:
+        model: a ``torch.nn.Module``; anything else (a ``torch.export.ExportedProgram``, already an
+            inference graph that nothing here changes) is returned as it is.
+
+    Raises:
+        ModelLoadError: ``copy.deepcopy`` cannot copy the module.
+    """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return model
+    try:
+        copied = copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - a module's __deepcopy__ may raise anything
+        raise ModelLoadError(f"cannot copy {type(model).__name__} to measure it in eval mode ({type(e).__name__}: "
+                             f"{_first_line(e)}); fp16guard never changes the caller's model, so the model must "
+                             f"support copy.deepcopy") from None
+    try:
+        copied.eval()
+    except NotImplementedError:  # torch.export's unflattened module: already an inference graph
+        pass
+    return copied
 
 
 def dynamic_dims(examples: Sequence[Sequence]) -> tuple[dict[int, object], ...] | None:

@@ -1,6 +1,9 @@
 """One exception hierarchy, one line on stderr, one exit status per class; bugs are not disguised."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -41,19 +44,34 @@ def test_a_fixed_model_that_still_overflows_exits_1_with_one_error_line_and_writ
     assert len(err) == 1 and err[0].startswith("fp16guard: error: the fixed model still produces 1 inf/NaN")
 
 
-def test_an_internal_error_is_a_traceback_not_a_usage_error(tmp_path, monkeypatch):
-    """A KeyError inside the model is a bug (of the model or of fp16guard): it propagates."""
-    (tmp_path / "keyerror_model.py").write_text(
+def _keyerror_model(folder):
+    """``keyerror_model:build``, a model whose forward raises KeyError, and ``x.npy`` for it."""
+    (folder / "keyerror_model.py").write_text(
         "import torch\n"
         "class M(torch.nn.Module):\n"
         "    def forward(self, x):\n"
         "        return {'a': x}['b']\n"
         "def build():\n"
         "    return M()\n")
+    np.save(folder / "x.npy", np.ones((1, 4), np.float32))
+
+
+def test_an_internal_error_is_a_traceback_not_a_usage_error(tmp_path, monkeypatch):
+    """A KeyError inside the model is a bug (of the model or of fp16guard): ``main`` lets it propagate."""
+    _keyerror_model(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    np.save(tmp_path / "x.npy", np.ones((1, 4), np.float32))
     with pytest.raises(KeyError, match="'b'"):
         main(["inspect", "keyerror_model:build", "--input", str(tmp_path / "x.npy")])
+
+
+def test_the_console_script_exits_3_on_an_internal_error(tmp_path):
+    """The console script keeps the bug's traceback and exits 3: never 1 (overflow found) or 2 (bad usage)."""
+    _keyerror_model(tmp_path)
+    done = subprocess.run([sys.executable, "-c", "from fp16guard.cli import console_main; console_main()",
+                           "inspect", "keyerror_model:build", "--input", "x.npy"], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 3
+    assert "Traceback" in done.stderr and "KeyError: 'b'" in done.stderr and "internal error" in done.stderr
 
 
 def test_classes_keep_the_builtin_they_replaced():

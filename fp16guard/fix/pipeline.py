@@ -21,7 +21,9 @@ Every step runs through a :class:`~fp16guard.fix.targets.FixTarget`, so an ONNX 
 The public entry points (:func:`fix`, :func:`fix_model`, :func:`calibrate`) pick the target from
 the model: an ``.onnx`` path or ``ModelProto`` is an ONNX target; a ``torch.nn.Module`` a PyTorch
 target, or (``output="onnx"``) its ONNX export as an ONNX target whose plans carry the module's
-state_dict hash.
+state_dict hash. A module is always measured in eval mode, as deployed, on a deep copy
+(:func:`fp16guard.torch_graph.inference_copy`): one in train or mixed mode gets the eval-mode plan
+and fix, and the caller's module is never changed.
 """
 
 from __future__ import annotations
@@ -36,16 +38,17 @@ import torch
 
 from fp16guard.backends import Backend
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow, refusal
-from fp16guard.errors import FixError, InaccurateFixError, PlanError, StillOverflowsError
+from fp16guard.errors import FixError, InaccurateFixError, InputError, PlanError, StillOverflowsError
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import DERIVED_ROLES, ScaleOp, ScaleSolution, Unfixable, complete, solve
 from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL
 from fp16guard.fp16_onnx import Fp16Conversion
-from fp16guard.inputs import NamedInput, as_inputs, torch_args
+from fp16guard.inputs import NamedInput, as_inputs, check_inputs, torch_args
 from fp16guard.jsonio import strict
 from fp16guard.plan import PlanRegion, PlanUnderflow, RewritePlan
-from fp16guard.torch_graph import dynamic_dims, export_onnx, state_dict_sha256
+from fp16guard.progress import step
+from fp16guard.torch_graph import dynamic_dims, export_onnx, inference_copy, state_dict_sha256
 
 logger = logging.getLogger("fp16guard")
 
@@ -154,7 +157,8 @@ def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_
     """
     if not inputs:
         raise FixError("calibration needs at least one input")
-    amax = target.activation_amax(inputs)
+    with step(f"calibration: FP32 activation ranges on {len(inputs)} input(s)"):
+        amax = target.activation_amax(inputs)
     graph_inputs, graph_outputs = target.graph_io()
     bad = [t for t in graph_outputs if not math.isfinite(amax.get(t, 0.0))]
     if bad:
@@ -163,15 +167,18 @@ def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_
     # Intermediate values that are inf/NaN in FP32 too (T5's relative-position buckets take log(0)
     # and then mask it): FP16 gives the same inf, scaled or not, so only finite values size a region.
     amax = {t: (a if math.isfinite(a) else 0.0) for t, a in amax.items()}
-    sol = solve(target.scale_ops(), amax, graph_inputs=graph_inputs, graph_outputs=graph_outputs,
-                target_log2=target_log2)
+    with step("calibration: scale regions (solver)"):
+        sol = solve(target.scale_ops(), amax, graph_inputs=graph_inputs, graph_outputs=graph_outputs,
+                    target_log2=target_log2)
     underflow = [PlanUnderflow(name, readers, value, flushed, FP16_MIN_NORMAL, raise_underflow)
                  for name, readers, value, flushed in target.flushed_constants()]
     ops = target.scale_ops()
-    islands = underflow_islands(ops, [u for u in underflow if not u.consent], target.flushed_values(inputs))
+    with step("calibration: values FP16 flushes to zero"):
+        islands = underflow_islands(ops, [u for u in underflow if not u.consent], target.flushed_values(inputs))
     sol.unfixable += islands
     nodes, overflowing = target.fallback_graph()
-    fallback = fallback_nodes(nodes, target.activation_amax(inputs, prepared=False), overflowing, target_log2)
+    with step("calibration: the FP32 fallback's ranges"):
+        fallback = fallback_nodes(nodes, target.activation_amax(inputs, prepared=False), overflowing, target_log2)
     known = {name for name, _, _ in nodes}
     fallback += [{"node": n, "reason": u.reason} for u in islands for n in u.ops if n in known]
     return target.complete_plan(_plan(target, target_log2, [i.label for i in inputs], sol, underflow, fallback), amax)
@@ -293,19 +300,23 @@ def verify(target: FixTarget, fixed, inputs: Sequence[NamedInput], splits: Seque
         BackendError: the backend cannot run here, or cannot run this kind of model.
     """
     if references is None:
-        references = target.references(inputs)
-    what, run = target.runner(fixed, backend)
+        with step(f"verify: FP32 reference outputs on {len(inputs)} input(s)"):
+            references = target.references(inputs)
+    with step(f"verify: the {variant} model, building on {getattr(backend, 'name', backend)}"):
+        what, run = target.runner(fixed, backend)
     out = Verification(variant, what)
-    for item, split, ref in zip(inputs, splits, references):
-        try:
-            outputs = run(item)
-        except RuntimeError:
-            if variant == "fixed":
-                raise
-            # the naive model's finfo.min in a CUDA kernel: "cannot be converted to Half without
-            # overflow"; every output counts as non-finite
-            outputs = [np.full(np.shape(r), np.nan, np.float32) for r in ref]
-        out.rows.append(VerifyRow.measure(item.label, split, outputs, ref, metrics))
+    with step(f"verify: the {variant} model on {what}", total=len(inputs)) as advance:
+        for item, split, ref in zip(inputs, splits, references):
+            try:
+                outputs = run(item)
+            except RuntimeError:
+                if variant == "fixed":
+                    raise
+                # the naive model's finfo.min in a CUDA kernel: "cannot be converted to Half without
+                # overflow"; every output counts as non-finite
+                outputs = [np.full(np.shape(r), np.nan, np.float32) for r in ref]
+            out.rows.append(VerifyRow.measure(item.label, split, outputs, ref, metrics))
+            advance()
     return out, references
 
 
@@ -385,16 +396,19 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
     if not inputs:
         raise FixError("verification needs inputs: give calibration or validation inputs")
     splits = ["calibration"] * len(calibration) + ["validation"] * len(validation)
-    applied = apply_plan(target, plan, fallback=fallback, check_hash=not force)
+    with step("rewrite: fold BatchNorms and scale regions, convert to typed FP16"):
+        applied = apply_plan(target, plan, fallback=fallback, check_hash=not force)
     verification, refs = verify(target, applied.fixed, inputs, splits, backend=backend,
                                 variant="fallback" if fallback else "fixed", metrics=metrics)
     naive = fallback_run = None
     if compare_naive:
-        naive_model, _ = target.convert(target.base, [])
+        with step("rewrite: the naive FP16 conversion, for comparison"):
+            naive_model, _ = target.convert(target.base, [])
         naive, _ = verify(target, naive_model, inputs, splits, backend=backend, variant="naive", metrics=metrics,
                           references=refs)
     if compare_fallback and fallback is None:
-        fb = apply_plan(target, plan, fallback="fp32", check_hash=False)
+        with step("rewrite: the FP32 fallback, for comparison"):
+            fb = apply_plan(target, plan, fallback="fp32", check_hash=False)
         fallback_run, _ = verify(target, fb.fixed, inputs, splits, backend=backend, variant="fallback",
                                  metrics=metrics, references=refs)
     result = FixResult(applied.fixed, applied.rewritten, plan, applied.notes, applied.conversion, verification, naive,
@@ -427,7 +441,8 @@ def make_target(model, inputs: Sequence[NamedInput], *, graph: str | None = None
     """The :class:`FixTarget` of a model.
 
     Args:
-        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (never modified).
+        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (never modified: a module
+            is captured, or exported, from an eval-mode deep copy, whatever mode it is in).
         inputs: every input the command runs (a module is captured, or exported, once for them).
         graph: for a module, ``"torch"`` (default: its ``torch.export`` graph) or ``"onnx"`` (its ONNX
             export, input dimensions that differ between ``inputs`` dynamic; plans still carry the
@@ -449,8 +464,33 @@ def make_target(model, inputs: Sequence[NamedInput], *, graph: str | None = None
     if graph != "onnx":
         return TorchFixTarget(model, inputs, source=source)
     examples = [torch_args(i) for i in inputs]
-    proto = export_onnx(model, examples[0], dynamic_shapes=dynamic_dims(examples), what=type(model).__name__)
+    proto = export_onnx(inference_copy(model), examples[0], dynamic_shapes=dynamic_dims(examples),
+                        what=type(model).__name__)
     return OnnxFixTarget(proto, source=source or type(model).__name__, model_sha256=state_dict_sha256(model))
+
+
+def _check_feeds(target: FixTarget, items: Sequence[NamedInput], what: str) -> None:
+    """Refuse an item the model does not take, before any long run, naming it as ``what``: an ONNX
+    target checks the graph's declared inputs; a PyTorch target runs its eval-mode copy once in
+    FP32 on each item (one plain forward each).
+
+    Raises:
+        InputError: ``<what> <label>: ...`` with the model's first error line.
+    """
+    if isinstance(target, OnnxFixTarget):
+        target.check_feeds(items, what)
+    elif isinstance(target, TorchFixTarget):
+        import torch
+
+        with torch.no_grad():
+            for item in items:
+                args = torch_args(item)
+                try:
+                    target.model(*args)
+                except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                    shapes = ", ".join(str(list(t.shape)) for t in args)
+                    first = next((line for line in str(e).splitlines() if line.strip()), "")
+                    raise InputError(f"{what} {item.label} of shape {shapes}: the model rejects it: {first}") from None
 
 
 def calibrate(model, calib_inputs, *, target_log2: int = 13, raise_underflow: bool = False,
@@ -458,7 +498,10 @@ def calibrate(model, calib_inputs, *, target_log2: int = 13, raise_underflow: bo
     """Calibrate a rewrite plan for an ONNX model or a PyTorch module.
 
     Args:
-        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (not modified).
+        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module``. A module is calibrated
+            in eval mode, as deployed, on a deep copy (:func:`~fp16guard.torch_graph.inference_copy`):
+            a module in train or mixed mode gets the eval-mode plan, and the caller's module
+            (state_dict, BatchNorm statistics, training flags, hooks) is never changed.
         calib_inputs: :class:`~fp16guard.inputs.NamedInput` items, arrays, or tuples of arrays.
         target_log2, raise_underflow: see :func:`calibrate_target`.
         source: the model's name in the plan.
@@ -466,11 +509,15 @@ def calibrate(model, calib_inputs, *, target_log2: int = 13, raise_underflow: bo
             (see :func:`make_target`). Either way ``model_sha256`` hashes the module's state_dict.
 
     Raises:
-        FixError, ExportError, ModelLoadError, InputError; ValueError for an unknown ``graph``
+        FixError, ExportError, ModelLoadError; InputError for an input with inf/NaN, no elements,
+            or a shape the model does not take; ValueError for an unknown ``graph``
         or ``graph="torch"`` with an ONNX model.
     """
     inputs = as_inputs(calib_inputs, what="calibration input")
-    target = make_target(model, inputs, graph=graph, source=source)
+    check_inputs(inputs, what="calibration input")
+    with step("capture: the model's graph"):
+        target = make_target(model, inputs, graph=graph, source=source)
+    _check_feeds(target, inputs, "calibration input")
     return calibrate_target(target, inputs, target_log2=target_log2, raise_underflow=raise_underflow)
 
 
@@ -480,7 +527,11 @@ def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, valida
     ``options`` are).
 
     Args:
-        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (never modified).
+        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module``. A module is calibrated,
+            rewritten and verified in eval mode, as deployed, on a deep copy
+            (:func:`~fp16guard.torch_graph.inference_copy`): a module in train or mixed mode gets the
+            eval-mode result, and the caller's module (state_dict, BatchNorm statistics, training
+            flags, hooks) is never changed.
         calib_inputs, validation: arrays, tuples of arrays or ``NamedInput`` items.
         plan: apply this plan instead of calibrating; its ``framework`` picks the graph.
         output: for a PyTorch module, ``"torch"`` (an FP16 program; default) or ``"onnx"`` (a
@@ -501,7 +552,12 @@ def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, valida
     if plan is not None and plan.framework != graph:
         raise PlanError(f"the plan names the values of a {plan.framework} graph, but the output asked for is "
                         f"{graph}; calibrate again for {graph}")
-    target = make_target(model, [*calibration, *validation], graph=graph, source=source)
+    check_inputs(calibration, what="calibration input")
+    check_inputs(validation, what="validation input")
+    with step("capture: the model's graph"):
+        target = make_target(model, [*calibration, *validation], graph=graph, source=source)
+    _check_feeds(target, calibration, "calibration input")
+    _check_feeds(target, validation, "validation input")
     return fix_target(target, calibration, plan=plan, validation=validation, **options)
 
 
@@ -515,7 +571,8 @@ def fix(model, calib_inputs, **options):
     ``target_log2``, ``backend``, ``fallback``, ``metrics``, ``force``, ``output``, ...).
 
     Args:
-        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (never modified).
+        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (never modified; a module
+            is fixed in eval mode, on a deep copy, whatever mode it is in: see :func:`fix_model`).
         calib_inputs: calibration inputs (arrays, tuples of arrays, or ``NamedInput``).
 
     Returns:

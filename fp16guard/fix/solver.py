@@ -496,7 +496,11 @@ def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleS
                 add(t, e[t], op.name, f"{op.name} is not scale-equivariant: it needs the true value")
     for t in graph_outputs:
         if e.get(t, 0):
-            add(t, e[t], "", "graph outputs hold true values")
+            true = amax.get(t, 0.0)
+            add(t, e[t], "", "graph outputs hold true values" + (
+                f"; {t} reaches {true:.4g}, beyond FP16: it is computed at 2^-{e[t]} in FP16 and restored after "
+                f"the cast to the FP32 graph output (an engine whose outputs are FP16 cannot hold it)"
+                if true > FP16_MAX else ""))
     for t in order:  # a graph input beyond FP16: scaled once, in FP32, before the input cast
         if t not in producer and e.get(t, 0):
             add(t, -e[t], "", "graph inputs hold true values: scaled in FP32 before the cast to FP16")

@@ -29,7 +29,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from fp16guard.backends import Backend, get_backend
-from fp16guard.errors import BackendError, PlanError
+from fp16guard.errors import BackendError, InputError, PlanError
 from fp16guard.fix import onnx_pass, torch_masks, torch_pass
 from fp16guard.fix.module_scales import module_scales
 from fp16guard.fix.onnx_pass import RewriteNote
@@ -37,10 +37,19 @@ from fp16guard.fix.solver import ScaleOp, ScaleSolution
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
 from fp16guard.fp16_onnx import Fp16Conversion, to_typed_fp16, unfit_constants
 from fp16guard.inputs import NamedInput, onnx_feed, torch_args
-from fp16guard.onnx_graph import consumers, cpu_session, fed_inputs, load_onnx, refuse_control_flow, value_ranges
+from fp16guard.onnx_graph import (
+    check_feed,
+    consumers,
+    cpu_session,
+    fed_inputs,
+    load_onnx,
+    refuse_control_flow,
+    refuse_fp16_model,
+    value_ranges,
+)
 from fp16guard.onnx_graph import model_sha256 as onnx_model_sha256
 from fp16guard.plan import RewritePlan
-from fp16guard.torch_graph import capture, eval_mode, get_attr, state_dict_sha256
+from fp16guard.torch_graph import capture, get_attr, inference_copy, state_dict_sha256
 
 #: ``(node name, input value names, output value names)``: a graph op as the FP32-fallback rule sees it.
 NodeIO = tuple[str, Sequence[str], Sequence[str]]
@@ -158,6 +167,7 @@ class OnnxFixTarget:
                  model_sha256: str | None = None, memory_budget: int = 1 << 30):
         self.original = load_onnx(model)
         refuse_control_flow(self.original, "the fix")
+        refuse_fp16_model(self.original, "calibration and the fix")
         self.source = source or (Path(model).name if not isinstance(model, onnx.ModelProto)
                                  else self.original.graph.name or "model")
         self.model_sha256 = model_sha256 or onnx_model_sha256(self.original)
@@ -170,6 +180,20 @@ class OnnxFixTarget:
     def feed(self, item: NamedInput) -> dict[str, np.ndarray]:
         """``item`` as a feed of the model's graph inputs (one inputs-to-feeds path: :func:`onnx_feed`)."""
         return onnx_feed(self.input_names, item)
+
+    def check_feeds(self, items: Sequence[NamedInput], what: str) -> None:
+        """Refuse, before any run, an item the graph's declared inputs do not take.
+
+        Raises:
+            InputError: naming the item (``what`` and its label), the input, and the shape or
+                type the graph declares.
+        """
+        declared = [i for i in self.original.graph.input if i.name in self.input_names]
+        for item in items:
+            try:
+                check_feed(declared, self.feed(item))
+            except InputError as e:
+                raise InputError(f"{what} {item.label}: {e}") from None
 
     def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
         """See :meth:`FixTarget.activation_amax`."""
@@ -248,25 +272,31 @@ class OnnxFixTarget:
 class TorchFixTarget:
     """A PyTorch module to fix, captured once with ``torch.export``.
 
+    The module is calibrated, rewritten and verified as deployed, in eval mode, on a copy
+    (:func:`~fp16guard.torch_graph.inference_copy`; ``model`` is that copy): a module in train or
+    mixed mode gets the eval-mode plan, and the caller's module (parameters, BatchNorm statistics,
+    training flags) is never changed.
+
     Args:
-        model: ``torch.nn.Module`` (never modified; captured in eval mode).
+        model: ``torch.nn.Module``.
         inputs: every input the command will run (calibration and validation): input dimensions
             that differ between them are captured as dynamic.
         source: display name (default: the class name).
 
     Raises:
         ExportError: ``torch.export`` cannot capture the module.
-        RewriteError: a BatchNorm in training mode.
+        ModelLoadError: the module cannot be deep-copied.
+        RewriteError: a BatchNorm in training mode inside a graph ``torch.export`` made in train mode.
     """
 
     framework = "torch"
 
     def __init__(self, model, inputs: Sequence[NamedInput], *, source: str | None = None):
-        self.model = model
+        self.model = inference_copy(model)
         self.source = source or type(model).__name__
-        self.model_sha256 = state_dict_sha256(model)
+        self.model_sha256 = state_dict_sha256(self.model)
         self.examples = [torch_args(i) for i in inputs]
-        self.base = torch_pass.annotate(capture(model, self.examples), self.examples[0])
+        self.base = torch_pass.annotate(capture(self.model, self.examples), self.examples[0])
         masked, self.prepared_notes = torch_masks.saturate_masks(self.base)
         masked, notes = torch_masks.guard_bool_masks(masked)
         self.prepared, more = torch_pass.fold_batchnorms(masked)
@@ -339,7 +369,7 @@ class TorchFixTarget:
 
     def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
         """See :meth:`FixTarget.references` (the module itself, FP32, CPU, eval mode)."""
-        with eval_mode(self.model), torch.no_grad():
+        with torch.no_grad():
             return [[t.float().numpy() for t in tree_flatten(self.model(*torch_args(i)))[0] if isinstance(t, torch.Tensor)]
                     for i in inputs]
 

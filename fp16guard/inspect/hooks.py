@@ -30,7 +30,6 @@ Instances nest (two probes on one model) and re-enter (the same probe entered tw
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import weakref
@@ -45,7 +44,9 @@ from fp16guard.inputs import NamedInput, torch_args
 from fp16guard.inspect import triton_stats
 from fp16guard.inspect.report import CallRecord, InspectionReport
 from fp16guard.inspect.static_check import check_module
+from fp16guard.progress import step
 from fp16guard.stats import RangeStats, tensor_stats
+from fp16guard.torch_graph import inference_copy
 
 logger = logging.getLogger("fp16guard")
 
@@ -374,18 +375,22 @@ def run_torch(model: torch.nn.Module, inputs: Sequence[NamedInput], *, ops: bool
               device: str = "cpu", half: bool = False):
     """Run ``model`` on every input under :class:`~fp16guard.FInspect` and return the report.
 
-    The model is deep-copied before it is moved to ``device`` or cast to FP16, so the caller's
-    model is untouched.
+    The model runs in eval mode, as deployed. It is deep-copied
+    (:func:`~fp16guard.torch_graph.inference_copy`) before it is moved to ``device``, cast to FP16,
+    or put in eval mode (a module in train or mixed mode), so the caller's model is untouched: its
+    state_dict (BatchNorm statistics included), training flags and hooks.
 
     Raises:
         InputError: the model rejects an input (wrong shape or dtype); the message gives the
             input's shapes and the model's first error line.
     """
-    if device != "cpu" or half:
-        model = copy.deepcopy(model).to(device)
+    if device != "cpu" or half or any(m.training for m in model.modules()):
+        model = inference_copy(model).to(device)
         if half:
             model = model.half()
-    with torch.no_grad(), FInspect(model, ops=ops) as probe:
+    with torch.no_grad(), FInspect(model, ops=ops) as probe, \
+            step(f"inspect: FP{16 if half else 32} forward on {len(inputs)} input(s), {device}",
+                 total=len(inputs)) as advance:
         for item in inputs:
             tensors = [t.to(device) for t in torch_args(item)]
             if half:
@@ -396,5 +401,6 @@ def run_torch(model: torch.nn.Module, inputs: Sequence[NamedInput], *, ops: bool
                 shapes = ", ".join(str(list(t.shape)) for t in tensors)
                 raise InputError(f"the model rejected input {item.label} of shape {shapes}: "
                                  f"{str(e).strip().splitlines()[0]}") from None
+            advance()
     report = probe.report()
     return dataclasses.replace(report, inputs=tuple(i.label for i in inputs))

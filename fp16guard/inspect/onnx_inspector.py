@@ -25,6 +25,7 @@ from fp16guard.onnx_graph import (
     refuse_control_flow,
     value_ranges,
 )
+from fp16guard.progress import step
 from fp16guard.stats import RangeStats
 
 
@@ -59,7 +60,8 @@ def inspect_onnx(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     consts = graph_constants(proto)
     runs = feed_list(proto, feeds, set(consts))
     name = source or (Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name)
-    stats = value_ranges(proto, runs, providers=providers, labels=labels, memory_budget=memory_budget)
+    with step(f"inspect: FP32 ONNX Runtime run of every value on {len(runs)} input(s)"):
+        stats = value_ranges(proto, runs, providers=providers, labels=labels, memory_budget=memory_budget)
 
     records: list[CallRecord] = []
     for run in range(len(runs)):

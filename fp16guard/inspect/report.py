@@ -184,7 +184,8 @@ class Finding:
 
     Attributes:
         rule: ``overflow_from``, ``overflow_to``, ``nonfinite_origin``, ``near_limit``,
-            ``underflow``.
+            ``underflow``, ``input_overflow`` (the model's input beyond 65504), ``input_nonfinite``
+            (its input holds inf/NaN).
         severity: ``error`` for an overflow or inf/NaN origin, ``warning`` otherwise.
         name, kind, index: the layer (see :class:`CallRecord`).
         reason: one sentence with the numbers behind the finding.
@@ -273,8 +274,14 @@ class InspectionReport:
                 out.append(Finding(rule, severity, rec.display_name, rec.kind, rec.index, reason))
 
         produced_overflow = False  # has any layer so far written a value beyond 65504?
+        produced_nonfinite = False  # ... or an inf/NaN?
         for rec in self.calls:
             i, o = rec.inputs, rec.outputs
+            if i.nonfinite and not produced_nonfinite:
+                add("input_nonfinite", "error", rec,
+                    f"inputs hold {i.nonfinite} inf/NaN values and no layer before wrote one: the model's input is "
+                    f"not finite, so neither FP32 nor FP16 results on it mean anything (clean the input)")
+            produced_nonfinite |= bool(o.nonfinite)
             if i.overflows and not produced_overflow:
                 add("input_overflow", "error", rec,
                     f"inputs reach amax {i.amax:.4g}, beyond 65504, and no layer before wrote such a value: the "

@@ -1,0 +1,497 @@
+"""Every kind of bad input, table-driven: one line on stderr naming what is wrong and what to do,
+exit status 2, before any long work; real FP16 findings exit 1; nothing is written.
+
+Each row of :data:`CASES` is ``(kind, argv, exit status, text the stderr line must hold)``; the
+argv's ``{name}`` fields name the files of the :func:`ws` workspace. ``python tests/test_bad_inputs.py``
+prints the table with each outcome (the closing note of issue 15 quotes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from fp16guard.cli import main
+
+MODELS = '''
+import torch
+
+
+class Net(torch.nn.Module):
+    """Linear + BatchNorm1d: float32 [batch, 4] -> [batch, 4]."""
+
+    def __init__(self, gain=1.0):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.gain = gain
+
+    def forward(self, x):
+        return self.bn(self.lin(x)) * self.gain
+
+
+def ok():
+    torch.manual_seed(0)
+    return Net()
+
+
+def big_output():
+    """Its graph output reaches ~1e6: beyond FP16, and no rescale after it can bring it back."""
+    torch.manual_seed(0)
+    return Net(gain=1e6)
+
+
+def raises():
+    raise RuntimeError("weights not found")
+
+
+def needs_args(width):
+    return Net()
+
+
+not_callable = 3
+
+
+def not_module():
+    return "a string"
+
+
+class Image(torch.nn.Module):
+    """A conv over float32 [batch, 3, H, W] images."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def image():
+    torch.manual_seed(0)
+    return Image()
+
+
+class Two(torch.nn.Module):
+    """forward(x, scale): x [batch, 4] times scale [batch, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale):
+        return self.lin(x) * scale
+
+
+def two():
+    torch.manual_seed(0)
+    return Two()
+'''
+
+METRICS = '''
+import math
+
+def ok(outputs, reference):
+    return 0.0
+
+def raises(outputs, reference):
+    raise ValueError("metric bug")
+
+def string(outputs, reference):
+    return "good"
+
+def nan(outputs, reference):
+    return math.nan
+
+not_callable = 1
+'''
+
+
+def _onnx(path: Path, *, gain: float = 1.0) -> None:
+    """``y = |x @ W| * gain`` with ``x, y`` float32 [1, 4]."""
+    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+         helper.make_node("Abs", ["h"], ["r"], name="abs"),
+         helper.make_node("Mul", ["r", "gain"], ["y"], name="gain")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(gain, np.float32), "gain")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, path)
+
+
+def make_workspace(d: Path) -> Path:
+    """Write the models, inputs, plans and modules that the rows name into ``d``; put ``d`` on sys.path."""
+    rng = np.random.default_rng(0)
+    (d / "fgbad_models.py").write_text(MODELS)
+    (d / "fgbad_metrics.py").write_text(METRICS)
+    (d / "fgbad_syntax.py").write_text("def broken(:\n    pass\n")
+    sys.path.insert(0, str(d))
+    _onnx(d / "m.onnx")
+    _onnx(d / "big.onnx", gain=1e6)
+    (d / "corrupt.onnx").write_bytes(b"\x00garbage" * 50)
+    (d / "empty.onnx").write_bytes(b"")
+    (d / "corrupt.pt2").write_bytes(b"PK garbage")
+    (d / "model_dir.onnx").mkdir()
+    x = rng.standard_normal((1, 4)).astype(np.float32)
+    np.save(d / "x.npy", x)
+    np.save(d / "x2.npy", rng.standard_normal((1, 4)).astype(np.float32))
+    np.save(d / "batch.npy", rng.standard_normal((8, 4)).astype(np.float32))
+    np.save(d / "nan.npy", np.array([[1.0, np.nan, 0.0, 2.0]], np.float32))
+    np.save(d / "inf.npy", np.array([[1.0, np.inf, 0.0, 2.0]], np.float32))
+    np.save(d / "nan_batch.npy", np.where(np.arange(8)[:, None] == 3, np.nan, 1.0).repeat(4, 1).astype(np.float32))
+    np.save(d / "empty_batch.npy", np.zeros((0, 4), np.float32))
+    np.save(d / "wrong_shape.npy", np.zeros((1, 7), np.float32))
+    np.save(d / "wrong_rank.npy", np.zeros((4,), np.float32))
+    np.save(d / "scalar.npy", np.float32(1.0))
+    np.save(d / "strings.npy", np.array(["a", "b"]))
+    np.save(d / "complex.npy", np.ones((1, 4), np.complex64))
+    np.save(d / "bools.npy", np.ones((1, 4), bool))
+    np.save(d / "ints.npy", np.ones((8, 4), np.int64))
+    np.save(d / "big_input.npy", np.full((8, 4), 1e6, np.float32))
+    np.savez(d / "named.npz", x=x)
+    np.savez(d / "misnamed.npz", y=x)
+    np.savez(d / "two.npz", x, x)
+    np.savez(d / "two_named.npz", scale=np.ones((8, 1), np.float32), x=rng.standard_normal((8, 4)).astype(np.float32))
+    (d / "corrupt.npy").write_bytes(b"\x93NUMPY garbage")
+    (d / "corrupt.npz").write_bytes(b"PK\x03\x04 garbage")
+    (d / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    (d / "corrupt.wav").write_bytes(b"RIFF garbage")
+    (d / "x.txt").write_text("1 2 3 4")
+    (d / "empty_dir").mkdir()
+    (d / "other_files").mkdir()
+    (d / "other_files" / "notes.txt").write_text("no inputs here")
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / "img.png")
+    torch.save({"lin.weight": torch.zeros(4, 4)}, d / "partial.pt")
+    torch.save(torch.nn.Linear(4, 4).state_dict(), d / "other.pt")
+    (d / "corrupt.pt").write_bytes(b"garbage")
+    (d / "plan_corrupt.json").write_text("{not json")
+    (d / "plan_other.json").write_text(json.dumps({"schema": "fp16guard.inspect/1"}))
+    # a plan for m.onnx, for the --plan rows
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["calibrate", str(d / "m.onnx"), "--input", str(d / "x.npy"), "-o", str(d / "plan_m.json")]) == 0
+        assert main(["fix", str(d / "m.onnx"), "--input", str(d / "x.npy"), "-o", str(d / "m_fp16.onnx")]) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """The workspace of :func:`make_workspace`, in a temporary folder."""
+    d = make_workspace(tmp_path_factory.mktemp("bad"))
+    yield d
+    sys.path.remove(str(d))
+
+
+M, PT = "{d}/m.onnx", "fgbad_models:ok"
+X = ["--input", "{d}/x.npy"]
+BATCH = ["--input", "{d}/batch.npy"]
+
+#: (kind, argv, exit status, text in the one stderr line)
+CASES = [
+    # -- the command line itself
+    ("no command", [], 2, "the following arguments are required: command"),
+    ("unknown command", ["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    ("unknown option", ["inspect", M, *X, "--frobnicate"], 2, "unrecognized arguments: --frobnicate"),
+    ("option missing its value", ["inspect", M, "--input"], 2, "expected one argument"),
+    ("unknown example", ["inspect", "--example", "nope"], 2, "invalid choice: 'nope'"),
+    ("no model and no example", ["inspect"], 2, "give a MODEL or --example NAME"),
+    ("a model and an example", ["inspect", M, "--example", "ppocr-det"], 2, "not both"),
+    ("no input for a model", ["inspect", M], 2, "needs at least one --input"),
+    ("no input for fix", ["fix", M, "-o", "{d}/out.onnx"], 2, "needs at least one --input"),
+    # -- the model
+    ("missing .onnx", ["inspect", "{d}/none.onnx", *X], 2, "ONNX model not found"),
+    ("corrupt .onnx", ["inspect", "{d}/corrupt.onnx", *X], 2, "not a readable ONNX model"),
+    ("empty .onnx", ["inspect", "{d}/empty.onnx", *X], 2, "empty.onnx"),
+    ("folder named .onnx", ["inspect", "{d}/model_dir.onnx", *X], 2, "is a folder"),
+    ("missing .pt2", ["inspect", "{d}/none.pt2", *X], 2, "ExportedProgram not found"),
+    ("corrupt .pt2", ["inspect", "{d}/corrupt.pt2", *X], 2, "not a readable ExportedProgram"),
+    ("unknown model kind", ["inspect", "{d}/x.txt", *X], 2, "cannot tell what"),
+    ("factory module missing", ["inspect", "fgbad_nothing:ok", *X], 2, "cannot import fgbad_nothing:ok"),
+    ("factory name missing", ["inspect", "fgbad_models:nothing", *X], 2, "cannot import fgbad_models:nothing"),
+    ("factory module has a syntax error", ["inspect", "fgbad_syntax:broken", *X], 2, "SyntaxError"),
+    ("factory raises", ["inspect", "fgbad_models:raises", *X], 2, "fgbad_models:raises() raised RuntimeError"),
+    ("factory needs arguments", ["inspect", "fgbad_models:needs_args", *X], 2, "takes no arguments"),
+    ("factory not callable", ["inspect", "fgbad_models:not_callable", *X], 2, "is int, not a callable"),
+    ("factory returns no module", ["inspect", "fgbad_models:not_module", *X], 2, "returned str"),
+    ("checkpoint missing", ["inspect", PT, "--checkpoint", "{d}/none.pt", *X], 2, "checkpoint not found"),
+    ("checkpoint corrupt", ["inspect", PT, "--checkpoint", "{d}/corrupt.pt", *X], 2, "not a readable state_dict"),
+    ("checkpoint of another model", ["inspect", PT, "--checkpoint", "{d}/other.pt", *X], 2, "does not fit"),
+    ("checkpoint missing keys", ["inspect", PT, "--checkpoint", "{d}/partial.pt", *X], 2, "does not fit"),
+    ("checkpoint with an ONNX model", ["inspect", M, "--checkpoint", "{d}/other.pt", *X], 2,
+     "--checkpoint applies to package.module:factory models"),
+    ("checkpoint with a .pt2", ["fix", "{d}/none.pt2", "--checkpoint", "{d}/other.pt", *X, "-o", "{d}/o.pt2"], 2,
+     "--checkpoint applies to package.module:factory models"),
+    # -- input files
+    ("input missing", ["inspect", M, "--input", "{d}/none.npy"], 2, "input file not found"),
+    ("input of unknown type", ["inspect", M, "--input", "{d}/x.txt"], 2, "unknown input type '.txt'"),
+    ("input .npy corrupt", ["inspect", M, "--input", "{d}/corrupt.npy"], 2, "not a readable numpy file"),
+    ("input .npz corrupt", ["inspect", M, "--input", "{d}/corrupt.npz"], 2, "not a readable numpy file"),
+    ("input image corrupt", ["inspect", "fgbad_models:image", "--input", "{d}/corrupt.png"], 2, "not a readable image"),
+    ("input .wav corrupt", ["inspect", PT, "--input", "{d}/corrupt.wav"], 2, "not a PCM WAV file"),
+    ("input folder empty", ["inspect", M, "--input", "{d}/empty_dir"], 2, "no .npy, .npz, image or .wav file"),
+    ("input folder of other files", ["inspect", M, "--input", "{d}/other_files"], 2, "no .npy, .npz"),
+    ("input of the wrong shape (ONNX)", ["inspect", M, "--input", "{d}/wrong_shape.npy"], 2, "must have shape [1, 4]"),
+    ("input of the wrong rank (ONNX)", ["inspect", M, "--input", "{d}/wrong_rank.npy"], 2, "must have shape [1, 4]"),
+    ("input of the wrong shape (PyTorch)", ["inspect", PT, "--input", "{d}/wrong_shape.npy"], 2,
+     "rejected input wrong_shape.npy of shape [1, 7]"),
+    ("scalar input (PyTorch)", ["inspect", PT, "--input", "{d}/scalar.npy"], 2, "rejected input scalar.npy"),
+    ("string array", ["inspect", M, "--input", "{d}/strings.npy"], 2, "holds <U1 values"),
+    ("complex array", ["inspect", PT, "--input", "{d}/complex.npy"], 2, "holds complex64 values"),
+    ("bool array for a float model", ["inspect", M, "--input", "{d}/bools.npy"], 2, "must be float"),
+    ("integer array for a float model (PyTorch)", ["inspect", PT, "--input", "{d}/ints.npy"], 2,
+     "rejected input ints.npy"),
+    ("empty batch", ["inspect", PT, "--input", "{d}/empty_batch.npy"], 2, "has no elements"),
+    ("NaN in a calibration input", ["calibrate", M, "--input", "{d}/nan.npy", "-o", "{d}/p.json"], 2,
+     "nan.npy holds 1 NaN and 0 inf"),
+    ("inf in a calibration input", ["calibrate", M, "--input", "{d}/inf.npy", "-o", "{d}/p.json"], 2,
+     "inf.npy holds 0 NaN and 1 inf"),
+    ("NaN in a bisect input", ["bisect", PT, "--input", "{d}/nan_batch.npy", "--backend", "emulate"], 2,
+     "nan_batch.npy holds 4 NaN"),
+    ("NaN in a fix input", ["fix", M, "--input", "{d}/nan.npy", "-o", "{d}/o.onnx"], 2, "holds 1 NaN"),
+    ("NaN in a validation input", ["fix", M, *X, "--validate", "{d}/nan.npy", "-o", "{d}/o.onnx"], 2,
+     "validation input nan.npy holds 1 NaN"),
+    ("validation input of the wrong shape", ["fix", M, *X, "--validate", "{d}/wrong_shape.npy", "-o",
+                                             "{d}/o.onnx"], 2, "validation input wrong_shape.npy"),
+    ("validation input missing", ["fix", M, *X, "--validate", "{d}/none.npy", "-o", "{d}/o.onnx"], 2,
+     "input file not found"),
+    ("validation input of the wrong shape (PyTorch)", ["fix", PT, *BATCH, "--validate", "{d}/wrong_shape.npy", "-o",
+                                                       "{d}/o.pt2"], 2, "validation input wrong_shape.npy of shape [1, 7]"),
+    ("an FP16 model to fix", ["fix", "{d}/m_fp16.onnx", *X, "-o", "{d}/o.onnx"], 2, "already converted to FP16"),
+    ("an FP16 model to calibrate", ["calibrate", "{d}/m_fp16.onnx", *X, "-o", "{d}/p.json"], 2,
+     "already converted to FP16"),
+    ("an FP16 model to bisect", ["bisect", "{d}/m_fp16.onnx", *X], 2, "already converted to FP16"),
+    ("a plan but no input to verify on", ["fix", M, "--plan", "{d}/plan_m.json", "-o", "{d}/o.onnx"], 2,
+     "verification needs inputs"),
+    ("an example and a checkpoint", ["inspect", "--example", "crepe-full", "--checkpoint", "{d}/other.pt"], 2,
+     "--checkpoint applies to package.module:factory models"),
+    ("a raw image for an audio example", ["inspect", "--example", "crepe-full", "--input", "{d}/img.png"], 2,
+     "crepe-full takes"),
+    (".npz of other names (ONNX)", ["inspect", M, "--input", "{d}/misnamed.npz"], 2, "its arrays are named y"),
+    (".npz of too many arrays (ONNX)", ["inspect", M, "--input", "{d}/two.npz"], 2, "takes 1 input(s)"),
+    ("image for an ONNX model", ["inspect", M, "--input", "{d}/img.png"], 2, "not a raw image"),
+    ("image for an ONNX model (fix)", ["fix", M, "--input", "{d}/img.png", "-o", "{d}/o.onnx"], 2, "not a raw image"),
+    (".npz of other names (PyTorch)", ["inspect", "fgbad_models:two", "--input", "{d}/misnamed.npz"], 2,
+     "its arrays are named y, forward takes x, scale"),
+    # -- option values
+    ("--tolerance -1 (fix)", ["fix", M, *X, "-o", "{d}/o.onnx", "--tolerance", "-1"], 2, "give a positive"),
+    ("--tolerance 0 (fix)", ["fix", M, *X, "-o", "{d}/o.onnx", "--tolerance", "0"], 2, "give a positive"),
+    ("--tolerance nan (fix)", ["fix", M, *X, "-o", "{d}/o.onnx", "--tolerance", "nan"], 2, "give a positive"),
+    ("--tolerance inf (fix)", ["fix", M, *X, "-o", "{d}/o.onnx", "--tolerance", "inf"], 2, "give a positive"),
+    ("--tolerance abc", ["fix", M, *X, "-o", "{d}/o.onnx", "--tolerance", "abc"], 2, "invalid float value: 'abc'"),
+    ("--tolerance 0 (bisect)", ["bisect", M, *X, "--tolerance", "0"], 2, "give a positive"),
+    ("--tolerance nan with a metric", ["bisect", M, *X, "--metric", "fgbad_metrics:ok", "--tolerance", "nan"], 2,
+     "give a number"),
+    ("--max-offenders 0", ["bisect", M, *X, "--all", "--max-offenders", "0"], 2, "--max-offenders 0: give 1 or more"),
+    ("--max-offenders -3", ["bisect", M, *X, "--max-offenders", "-3"], 2, "give 1 or more"),
+    ("--target-log2 24", ["calibrate", M, *X, "-o", "{d}/p.json", "--target-log2", "24"], 2, "give 1 to 15"),
+    ("--target-log2 -100", ["fix", M, *X, "-o", "{d}/o.onnx", "--target-log2", "-100"], 2, "give 1 to 15"),
+    ("--target-log2 0", ["calibrate", M, *X, "-o", "{d}/p.json", "--target-log2", "0"], 2, "give 1 to 15"),
+    ("--top 0", ["inspect", M, *X, "--top", "0"], 2, "--top 0: give 1 or more"),
+    ("--memory-budget 0", ["inspect", M, *X, "--memory-budget", "0"], 2, "--memory-budget 0.0: give a positive"),
+    ("--memory-budget nan", ["inspect", M, *X, "--memory-budget", "nan"], 2, "give a positive"),
+    ("--backend foo (bisect)", ["bisect", M, *X, "--backend", "foo"], 2, "--backend foo"),
+    ("--backend foo (fix)", ["fix", M, *X, "-o", "{d}/o.onnx", "--backend", "foo"], 2, "--backend foo"),
+    ("--backend torch for ONNX (bisect)", ["bisect", M, *X, "--backend", "torch"], 2, "--backend torch runs PyTorch"),
+    ("--backend torch for ONNX (fix)", ["fix", M, *X, "-o", "{d}/o.onnx", "--backend", "torch"], 2,
+     "--backend torch runs .pt2"),
+    ("--backend onnxruntime for .pt2", ["fix", PT, *BATCH, "-o", "{d}/o.pt2", "--backend", "onnxruntime"], 2,
+     "runs ONNX models"),
+    ("--fallback bf17", ["fix", M, *X, "-o", "{d}/o.onnx", "--fallback", "bf17"], 2, "invalid choice: 'bf17'"),
+    ("--graph with ONNX", ["calibrate", M, *X, "-o", "{d}/p.json", "--graph", "torch"], 2, "--graph applies"),
+    ("--ops with ONNX", ["inspect", M, *X, "--ops"], 2, "apply to PyTorch models only"),
+    ("--half with ONNX", ["inspect", M, *X, "--half"], 2, "apply to PyTorch models only"),
+    ("--device nonsense", ["inspect", PT, *BATCH, "--device", "gpu7"], 2, "--device gpu7"),
+    ("--device with ONNX", ["inspect", M, *X, "--device", "cuda"], 2, "apply to PyTorch models only"),
+    # -- task metrics
+    ("--metric without a colon", ["bisect", M, *X, "--metric", "fgbad_metrics"], 2, "give package.module:function"),
+    ("--metric module missing", ["bisect", M, *X, "--metric", "fgbad_none:ok"], 2, "cannot import it (No module named 'fgbad_none')"),
+    ("--metric not callable", ["bisect", M, *X, "--metric", "fgbad_metrics:not_callable"], 2, "is not callable"),
+    ("--metric raises", ["bisect", M, *X, "--metric", "fgbad_metrics:raises", "--backend", "emulate"], 2,
+     "fgbad_metrics:raises raised ValueError: metric bug"),
+    ("--metric returns a string", ["bisect", M, *X, "--metric", "fgbad_metrics:string", "--backend", "emulate"], 2,
+     "returned str"),
+    ("--metric returns NaN", ["bisect", M, *X, "--metric", "fgbad_metrics:nan", "--backend", "emulate"], 2,
+     "a NaN or inf score"),
+    # -- output paths
+    ("-o into a missing folder (fix)", ["fix", M, *X, "-o", "{d}/nope/o.onnx"], 2, "does not exist; create it first"),
+    ("-o into a missing folder (calibrate)", ["calibrate", M, *X, "-o", "{d}/nope/p.json"], 2, "does not exist"),
+    ("--json into a missing folder", ["inspect", M, *X, "--json", "{d}/nope/r.json"], 2, "does not exist"),
+    ("--plot into a missing folder", ["bisect", M, *X, "--plot", "{d}/nope/r.png"], 2, "does not exist"),
+    ("--save-plan into a missing folder", ["fix", M, *X, "-o", "{d}/o.onnx", "--save-plan", "{d}/nope/p.json"], 2,
+     "does not exist"),
+    ("-o into a folder that cannot be written", ["fix", M, *X, "-o", "/proc/fp16guard-o.onnx"], 2, "cannot write in /proc"),
+    ("-o under a file", ["fix", M, *X, "-o", "{d}/x.npy/o.onnx"], 2, "is not a folder"),
+    ("-o is a folder", ["calibrate", M, *X, "-o", "{d}/empty_dir"], 2, "is a folder"),
+    ("-o is the input model", ["fix", M, *X, "-o", M], 2, "would overwrite the model the command reads"),
+    ("-o of another type", ["fix", M, *X, "-o", "{d}/o.txt"], 2, "give an .onnx or"),
+    ("-o .pt2 for an ONNX model", ["fix", M, *X, "-o", "{d}/o.pt2"], 2, "a .pt2 program comes from a PyTorch model"),
+    ("--plot of an unknown format", ["inspect", M, *X, "--plot", "{d}/r.xyz"], 2, "--plot"),
+    ("--json and -o the same file", ["fix", M, *X, "-o", "{d}/o.onnx", "--json", "{d}/o.onnx"], 2, "the same file"),
+    # -- plans
+    ("--plan missing", ["fix", M, *X, "-o", "{d}/o.onnx", "--plan", "{d}/none.json"], 2, "plan not found"),
+    ("--plan corrupt", ["fix", M, *X, "-o", "{d}/o.onnx", "--plan", "{d}/plan_corrupt.json"], 2, "not JSON"),
+    ("--plan of another schema", ["fix", M, *X, "-o", "{d}/o.onnx", "--plan", "{d}/plan_other.json"], 2,
+     "fp16guard.inspect/1"),
+    ("--plan of another model", ["fix", "{d}/big.onnx", *X, "-o", "{d}/o.onnx", "--plan", "{d}/plan_m.json"], 2,
+     "plan"),
+    # -- backends and devices this machine lacks (CI has no GPU and no TensorRT)
+    ("--backend tensorrt without TensorRT", ["bisect", M, *X, "--backend", "tensorrt"], 2, "tensorrt is needed for the tensorrt backend"),
+    ("--backend onnxruntime without CUDA", ["bisect", M, *X, "--backend", "onnxruntime"], 2, "CUDA"),
+    ("--device cuda without CUDA", ["inspect", PT, *BATCH, "--device", "cuda"], 2, "CUDA"),
+    ("--backend torch without CUDA", ["fix", PT, *BATCH, "-o", "{d}/o.pt2", "--backend", "torch"], 2, "CUDA"),
+    # -- OpenMMLab arguments
+    ("--model-cfg without --deploy-cfg", ["calibrate", "c.pth", "--model-cfg", "m.py", "--img", "{d}/img.png", "-o",
+                                          "{d}/p.json"], 2, "need --deploy-cfg D --model-cfg M"),
+    ("--img and --input together", ["bisect", "c.pth", "--deploy-cfg", "d.py", "--model-cfg", "m.py", "--img",
+                                    "{d}/img.png", *X], 2, "not --input"),
+    ("export without configs", ["export", "c.pth", "--img", "{d}/img.png"], 2, "export needs --deploy-cfg"),
+    ("export with two images", ["export", "c.pth", "--deploy-cfg", "d.py", "--model-cfg", "m.py", "--img", "a.png",
+                                "--img", "b.png"], 2, "exactly one --img"),
+    # -- real FP16 findings: exit 1 (a report, not an error line)
+    ("NaN in an inspect input (a finding)", ["inspect", M, "--input", "{d}/nan.npy"], 1, None),
+    ("graph input beyond FP16 (a finding)", ["inspect", PT, "--input", "{d}/big_input.npy"], 1, None),
+    ("graph output beyond FP16 (a finding)", ["inspect", "{d}/big.onnx", *X], 1, None),
+]
+
+
+def _argv(argv, d):
+    return [a.format(d=d) for a in argv]
+
+
+def run_case(argv, d):
+    """(exit status, stdout, stderr) of ``fp16guard ARGV`` in this process; SystemExit is a status."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(_argv(argv, d))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 2
+        except Exception as e:  # a traceback: shown as such in the table
+            code, err = "traceback", io.StringIO(f"{type(e).__name__}: {e}")
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("kind, argv, status, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(ws, kind, argv, status, message, capsys):
+    before = sorted(p.name for p in ws.iterdir())
+    code = main(_argv(argv, ws)) if argv else _main_exit(argv)
+    captured = capsys.readouterr()
+    assert code == status, captured.err
+    if status == 2:
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fp16guard: error: "), captured.err
+        assert message in lines[0]
+    assert sorted(p.name for p in ws.iterdir()) == before  # nothing written
+
+
+def _main_exit(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+if __name__ == "__main__":  # the table with each outcome: python tests/test_bad_inputs.py
+    import tempfile
+
+    d = make_workspace(Path(tempfile.mkdtemp(prefix="fp16guard-bad-")))
+    print("| # | kind | exit | stderr |\n|---|---|---|---|")
+    for i, (kind, argv, status, message) in enumerate(CASES, 1):
+        code, out, err = run_case(argv, d)
+        lines = err.strip().splitlines()
+        shown = lines[0] if len(lines) == 1 else f"{len(lines)} lines: {lines[-1][:100] if lines else ''}"
+        mark = "" if code == status and (status != 2 or (len(lines) == 1 and message in err)) else " **(!)**"
+        print(f"| {i} | {kind} | {code}{mark} | {shown.replace('|', '/')[:160]} |")
+
+
+# -- beside the table: what must work, and what only a subprocess shows
+
+
+def test_inputs_that_must_work(ws, capsys):
+    """An image for a PyTorch factory model works in calibrate as in inspect; ``.npz`` arrays reach
+    ``forward`` by name (saved in the other order); ``-v``/``-q`` work after the command."""
+    d = str(ws)
+    assert main(["inspect", "fgbad_models:image", "--input", f"{d}/img.png", "-q"]) == 0
+    assert main(["calibrate", "fgbad_models:image", "--input", f"{d}/img.png", "-o", f"{d}/p_img.json", "-v"]) == 0
+    assert main(["inspect", "fgbad_models:two", "--input", f"{d}/two_named.npz"]) == 0
+    assert json.loads((ws / "p_img.json").read_text())["calibration"] == ["img.png"]
+    (ws / "p_img.json").unlink()
+
+
+def test_a_graph_output_beyond_fp16_is_stated_and_restored_in_fp32(ws, capsys):
+    """``big.onnx`` writes ~1e6 at its graph output: the plan says so, computes it at 2^-7 in FP16
+    and restores it after the cast to the FP32 output; the fixed model is finite and accurate."""
+    d = str(ws)
+    assert main(["calibrate", f"{d}/big.onnx", *_argv(X, ws), "-o", f"{d}/p_big.json"]) == 0
+    out = capsys.readouterr().out
+    assert "y reaches" in out and "beyond FP16: it is computed at 2^-" in " ".join(out.split())
+    assert main(["fix", f"{d}/big.onnx", *_argv(X, ws), "-o", f"{d}/big_fixed.onnx", "--json", f"{d}/big.json"]) == 0
+    rows = json.loads((ws / "big.json").read_text())["verification"]["rows"]
+    assert rows[0]["nonfinite"] == 0 and rows[0]["rel_l2"] < 1e-3
+    for name in ("p_big.json", "big_fixed.onnx", "big.json"):
+        (ws / name).unlink()
+
+
+def test_a_16_bit_png_keeps_its_range(tmp_path):
+    """Pillow's ``convert("RGB")`` clips 16-bit values at 255; read_image scales them by 257."""
+    from PIL import Image
+
+    from fp16guard.inputs import read_image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    img = read_image(tmp_path / "wide.png")
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    assert img[0, 0, 0] == 0 and img[-1, -1, 0] == 255 and abs(float(img.mean()) - 127.5) < 1.0
+
+
+def test_a_damaged_cached_example_is_not_used(tmp_path, monkeypatch):
+    """A cached weight file whose SHA-256 is wrong is deleted (and fetched again when allowed); a
+    cache folder that cannot be created is one clear error before any download."""
+    from fp16guard.errors import AssetError
+    from fp16guard.examples import assets
+
+    monkeypatch.setenv("FP16GUARD_CACHE", str(tmp_path))
+    asset = assets.ASSETS["ppocr-det"]
+    monkeypatch.setattr(assets, "_installed", lambda a: None)  # as on a machine without the wheel installed
+    dest = tmp_path / f"{asset.package}-{asset.version}" / asset.member
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"truncated")
+    with pytest.raises(AssetError, match="is not cached"):
+        assets.asset_path("ppocr-det", fetch=False)
+    assert not dest.exists()
+    monkeypatch.setenv("FP16GUARD_CACHE", "/proc/fp16guard-cache")
+    with pytest.raises(AssetError, match="cannot create the cache folder"):
+        assets.asset_path("ppocr-det")
+
+
+def test_the_example_names_are_the_examples():
+    from fp16guard.cli import EXAMPLE_NAMES
+    from fp16guard.examples import EXAMPLES
+
+    assert sorted(EXAMPLE_NAMES) == sorted(EXAMPLES)
+
+
+def test_help_imports_no_framework():
+    """``fp16guard --help`` parses arguments without torch, onnx or onnxruntime (start-up time:
+    benchmarks/cli_startup.py)."""
+    import subprocess
+
+    code = ("import sys\nfrom fp16guard.cli import main\n"
+            "try:\n    main(['fix', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
