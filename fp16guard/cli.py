@@ -162,15 +162,24 @@ def _parser() -> argparse.ArgumentParser:
                           "(torch.export.save; load with torch.export.load(path).module())")
     fix.add_argument("--fallback", choices=["fp32"], help="instead of scaling, keep the offending nodes in FP32 "
                                                           "(what other tools do; for comparison)")
-    fix.add_argument("--backend", default="emulate", metavar="NAME", help="FP16 backend for verification: emulate (default, CPU), "
-                                                          "onnxruntime (CUDA) or tensorrt for .onnx, torch (CUDA) "
-                                                          "for .pt2")
+    fix.add_argument("--backend", default="emulate", metavar="NAME",
+                     help="FP16 backend for verification: emulate (default, CPU), onnxruntime (CUDA) or "
+                          "tensorrt for .onnx, torch (CUDA) for .pt2")
     fix.add_argument("--tolerance", type=float, default=None, metavar="T",
                      help="largest relative L2 error against FP32 accepted on any input (default 0.07)")
     fix.add_argument("--force", action="store_true",
                      help="write the model even if it still produces inf/NaN or is refused as inaccurate")
     fix.add_argument("--json", metavar="PATH", help="write the fix report as JSON (schema fp16guard.fix/1)")
     fix.add_argument("--save-plan", metavar="PLAN.json", help="also write the plan used")
+    fix.add_argument("--layer-precisions", metavar="PATH",
+                     help="also write the FP32 islands as TensorRT 10 precision constraints: trtexec's "
+                          "--layerPrecisions/--layerOutputTypes and Polygraphy's --layer-precisions (JSON for .json)")
+    fix.add_argument("--save-fp32", metavar="PATH.onnx",
+                     help="also write the rewritten FP32 ONNX, the graph --layer-precisions names for a weakly "
+                          "typed TensorRT 10 build")
+    fix.add_argument("--save-outputs", metavar="PATH.json",
+                     help="also write the FP32 and fixed FP16 outputs as Polygraphy run results (polygraphy "
+                          "inspect data, polygraphy run --load-outputs); needs polygraphy")
 
     exp = sub.add_parser("export", help="OpenMMLab: export to ONNX with mmdeploy's torch2onnx and fp16guard's "
                                          "rewriters, then check the ONNX in FP16",
@@ -239,13 +248,15 @@ def _model_and_inputs(args, console: Console, *, require_inputs: bool = True):
         ex = get_example(args.example)
         console.print(f"example [bold]{ex.name}[/]: {ex.description}")
         raw = load_inputs(args.input)
-        return ex.load(), ([ex.prepare(r) for r in raw] if raw else ex.inputs()), ex.framework, ex.name
+        inputs = [ex.prepare(r) for r in raw] if raw else ex.inputs()  # a wrong file is known before the weights load
+        return ex.load(), inputs, ex.framework, ex.name
     framework = "onnx" if model_kind(args.model) == "onnx" else "torch"
     model = load_onnx(args.model) if framework == "onnx" else load_torch_model(args.model, args.checkpoint)
     inputs = load_inputs(args.input)
     if not inputs and require_inputs:
         raise UsageError(f"{args.model} needs at least one --input")
-    return model, _fit(model, inputs, framework), framework, Path(args.model).name if framework == "onnx" else args.model
+    name = Path(args.model).name if framework == "onnx" else args.model
+    return model, _fit(model, inputs, framework), framework, name
 
 
 def _fit(model, inputs, framework: str, what: str = "input"):
@@ -414,10 +425,15 @@ def _fix(args, console: Console) -> int:
         raise UsageError(f"--backend {args.backend} runs ONNX models; a .pt2 is verified on emulate or torch")
     if output == "onnx" and args.backend == "torch":
         raise UsageError("--backend torch runs .pt2 programs; an .onnx is verified on emulate, onnxruntime or tensorrt")
+    from fp16guard.interop import check_interop_options, write_interop
+
+    check_interop_options(output, layer_precisions=args.layer_precisions, save_fp32=args.save_fp32,
+                          save_outputs=args.save_outputs)
     result = fix_model(model, calibration, plan=plan, validation=validation, output=output,
                        target_log2=args.target_log2, raise_underflow=args.raise_underflow,
                        fallback=args.fallback, backend=args.backend, metrics=metrics, force=args.force,
-                       source=name, tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
+                       source=name, tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+                       keep_outputs=bool(args.save_outputs))
     print_fix(result, console)
     if output == "torch":
         from fp16guard.fix.torch_pass import save_program
@@ -432,6 +448,9 @@ def _fix(args, console: Console) -> int:
         console.print(f"fixed typed FP16 model: {args.output}")
     if args.save_plan:
         console.print(f"plan: {result.plan.save(args.save_plan)}")
+    for line in write_interop(result, source=name, layer_precisions=args.layer_precisions, save_fp32=args.save_fp32,
+                              save_outputs=args.save_outputs):
+        console.print(line, markup=False, soft_wrap=True)
     if args.json:
         from fp16guard.jsonio import write
 
@@ -456,7 +475,8 @@ def _fetch(args, console: Console) -> int:
 
 
 #: Options that name a file the command writes, by argparse destination.
-OUTPUT_OPTIONS = {"output": "-o", "json": "--json", "plot": "--plot", "save_plan": "--save-plan"}
+OUTPUT_OPTIONS = {"output": "-o", "json": "--json", "plot": "--plot", "save_plan": "--save-plan",
+                  "layer_precisions": "--layer-precisions", "save_fp32": "--save-fp32", "save_outputs": "--save-outputs"}
 #: Options that name a file the command reads, by argparse destination.
 READ_OPTIONS = {"model": "model", "checkpoint": "checkpoint", "plan": "plan", "input": "input",
                 "validate": "validation input"}
@@ -592,10 +612,14 @@ def _quiet_libraries(verbose: bool) -> None:
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return
+    import torch  # every command but fetch-examples imports it anyway; its import resets its loggers' levels
+
+    torch._logging.set_logs(onnx=logging.ERROR, export=logging.ERROR)  # documented: torch._logging.set_logs
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(torch|onnx|onnxscript|onnxruntime)(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes, not the user's
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|onnx|onnxscript|onnxruntime)(\.|$)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -611,7 +635,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
         if verbose and quiet:
             raise UsageError("-v and -q contradict each other; give one")
-        _quiet_libraries(verbose)
+        if args.command != "fetch-examples":
+            _quiet_libraries(verbose)
         from rich.console import Console
 
         console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 150)

@@ -39,3 +39,17 @@ def import_tensorrt(purpose: str = "building TensorRT networks") -> ModuleType:
             continue
     raise MissingDependencyError(f"tensorrt is needed for {purpose} but is not installed: "
                                  "pip install 'fp16guard[tensorrt]' (NVIDIA's index), or tensorrt-rtx")
+
+
+def import_polygraphy(purpose: str) -> ModuleType:
+    """The ``polygraphy`` package (NVIDIA's, pure Python from PyPI; its JSON encoding needs no
+    TensorRT), else one clear error.
+
+    Raises:
+        MissingDependencyError: polygraphy is not installed; names ``pip install polygraphy``.
+    """
+    try:
+        return importlib.import_module("polygraphy")
+    except ImportError:
+        raise MissingDependencyError(f"polygraphy is needed for {purpose} but is not installed: pip install polygraphy "
+                                     "(or pip install 'fp16guard[polygraphy]')") from None

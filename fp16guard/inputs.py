@@ -1,5 +1,5 @@
-"""Model inputs: files (``.npy``, ``.npz``, images, ``.wav``) to :class:`NamedInput`, and the one
-path from a :class:`NamedInput` to what a model is fed.
+"""Model inputs: files (``.npy``, ``.npz``, images, ``.wav``, Polygraphy's ``.json``) to
+:class:`NamedInput`, and the one path from a :class:`NamedInput` to what a model is fed.
 
 Every loader returns a :class:`NamedInput`: the arrays to feed, by position, and a label for the
 report. What an image or a waveform becomes depends on the model; :func:`load_input` returns the
@@ -27,6 +27,8 @@ from fp16guard.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 AUDIO_SUFFIXES = {".wav"}
+#: Polygraphy's input files (``polygraphy run --save-inputs``), read by :mod:`fp16guard.polygraphy_io`.
+POLYGRAPHY_SUFFIXES = {".json"}
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ def load_input(path: str | Path) -> NamedInput:
       positional archives (``arr_0``, ``arr_1``, ...) in order.
     * an image (``.png``, ``.jpg``, ...): ``uint8 [H, W, 3]`` RGB, ``kind="image"``.
     * ``.wav``: mono float32 waveform, ``kind="audio"``.
+    * ``.json``: Polygraphy's inputs (``polygraphy run --save-inputs``) holding one feed dict, fed by
+      name; a file of several feed dicts gives one input each through :func:`load_inputs`
+      (:func:`~fp16guard.polygraphy_io.read_polygraphy_inputs`).
 
     Raises:
         InputError: the file does not exist, or its type is not one of the above, or it is corrupt.
@@ -129,13 +134,29 @@ def load_input(path: str | Path) -> NamedInput:
     if suffix in AUDIO_SUFFIXES:
         x, rate = read_wav(p)
         return NamedInput(p.name, (x,), sample_rate=rate, kind="audio")
+    if suffix in POLYGRAPHY_SUFFIXES:
+        items = load_file(p)
+        if len(items) != 1:
+            raise InputError(f"{p}: holds {len(items)} feed dicts; load_inputs gives one input per feed dict")
+        return items[0]
     raise InputError(f"{p}: unknown input type {suffix!r}; use .npy, .npz, an image "
-                     f"({', '.join(sorted(IMAGE_SUFFIXES))}) or .wav")
+                     f"({', '.join(sorted(IMAGE_SUFFIXES))}), .wav or Polygraphy's .json")
+
+
+def load_file(path: str | Path) -> list[NamedInput]:
+    """The inputs one file holds: several for a Polygraphy ``.json`` of several feed dicts, else
+    :func:`load_input`'s one."""
+    if Path(path).suffix.lower() in POLYGRAPHY_SUFFIXES:
+        from fp16guard.polygraphy_io import read_polygraphy_inputs
+
+        return read_polygraphy_inputs(path)
+    return [load_input(path)]
 
 
 def load_inputs(paths) -> list[NamedInput]:
-    """Load ``--input`` arguments: files as :func:`load_input`, folders as every supported file in
-    them (sorted by name; other files skipped).
+    """Load ``--input`` arguments: files as :func:`load_file`, folders as every supported file in
+    them (sorted by name; other files skipped). A Polygraphy ``.json`` gives one input per feed dict,
+    and a folder of ``.json`` files is Polygraphy's per-iteration form (``--save-inputs DIR``).
 
     Raises:
         InputError: a path does not exist, a folder holds no supported file, or a file is unreadable.
@@ -145,12 +166,12 @@ def load_inputs(paths) -> list[NamedInput]:
         p = Path(path)
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in
-                           {".npy", ".npz", *IMAGE_SUFFIXES, *AUDIO_SUFFIXES})
+                           {".npy", ".npz", *IMAGE_SUFFIXES, *AUDIO_SUFFIXES, *POLYGRAPHY_SUFFIXES})
             if not files:
-                raise InputError(f"{p}: no .npy, .npz, image or .wav file in this folder")
-            out += [load_input(f) for f in files]
+                raise InputError(f"{p}: no .npy, .npz, image or .wav file (nor Polygraphy .json) in this folder")
+            out += [item for f in files for item in load_file(f)]
         else:
-            out.append(load_input(p))
+            out += load_file(p)
     return out
 
 

@@ -98,8 +98,10 @@ def refuse_fp16_model(model: onnx.ModelProto, what: str) -> None:
     halves = sum(d == TensorProto.FLOAT16 for d in floats)
     fp16_inputs = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT16]
     if fp16_inputs or (floats and halves == len(floats)):
-        why = f"its input {fp16_inputs[0]!r} is float16" if fp16_inputs else f"all {halves} of its floating weights are float16"
-        raise ModelLoadError(f"the model is already converted to FP16 ({why}); {what} works on the FP32 model it came from")
+        why = (f"its input {fp16_inputs[0]!r} is float16" if fp16_inputs
+               else f"all {halves} of its floating weights are float16")
+        raise ModelLoadError(f"the model is already converted to FP16 ({why}); {what} works on the FP32 model it "
+                             f"came from")
 
 
 def refuse_control_flow(model: onnx.ModelProto, what: str) -> None:

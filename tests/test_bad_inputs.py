@@ -420,6 +420,17 @@ if __name__ == "__main__":  # the table with each outcome: python tests/test_bad
 # -- beside the table: what must work, and what only a subprocess shows
 
 
+def test_an_input_with_nan_is_a_finding_of_inspect(ws, capsys):
+    """inspect reports a NaN input as what it is (exit 1), not as "no FP16 overflow found"."""
+    assert main(["inspect", f"{ws}/m.onnx", "--input", f"{ws}/nan.npy", "--json", f"{ws}/nan.json"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "input_nonfinite at matmul (MatMul): inputs hold 1 inf/NaN values" in out
+    assert "the input holds inf/NaN" in out and "no FP16 overflow found" not in out
+    rules = [f["rule"] for f in json.loads((ws / "nan.json").read_text())["findings"]]
+    assert rules[0] == "input_nonfinite"
+    (ws / "nan.json").unlink()
+
+
 def test_inputs_that_must_work(ws, capsys):
     """An image for a PyTorch factory model works in calibrate as in inspect; ``.npz`` arrays reach
     ``forward`` by name (saved in the other order); ``-v``/``-q`` work after the command."""
@@ -495,3 +506,20 @@ def test_help_imports_no_framework():
             "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_a_pytorch_bisect_is_quiet_on_stderr_unless_verbose(ws):
+    """The ONNX exporter's "torchvision is not installed" lines and libraries' FutureWarnings stay
+    out of stderr; -v (after the command) shows fp16guard's steps there."""
+    import os
+    import subprocess
+
+    argv = ["bisect", "fgbad_models:big_output", "--input", "batch.npy", "--backend", "emulate"]
+    env = {**os.environ, "PYTHONPATH": str(ws)}
+    code = "from fp16guard.cli import console_main; console_main()"
+    quiet = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ws, env=env)
+    assert quiet.returncode == 1 and "offender 1" in quiet.stdout
+    assert quiet.stderr == ""
+    loud = subprocess.run([sys.executable, "-c", code, *argv, "-v"], capture_output=True, text=True, cwd=ws, env=env)
+    assert loud.returncode == 1 and "INFO fp16guard: bisect fgbad_models:big_output" in loud.stderr

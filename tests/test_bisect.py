@@ -107,6 +107,7 @@ class Underflow(nn.Module):
         return self.head(self.log(self.act(self.proj(x))))
 
 
+@pytest.mark.slow
 def test_single_offender_is_named_and_refined_to_its_op():
     model = _stack(_lin(seed=0), Gain(1e5), nn.ReLU(), Gain(1e-5), _lin(seed=1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -125,6 +126,7 @@ def _image(seed=1):
     return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 def test_all_offenders_lists_both_in_order():
     model = TwoOffenders().eval()
     first = bisect(model, [_image()], backend="emulate")
@@ -146,6 +148,7 @@ def test_overflow_absorbed_downstream_is_not_blamed():
     assert [t.bad for t in result.trials] == [False]  # one build: the all-FP16 model is fine
 
 
+@pytest.mark.slow
 def test_underflow_of_an_epsilon_is_blamed_on_the_log():
     result = bisect(Underflow().eval(), [_x()], backend="emulate")
     assert [o.name for o in result.offenders] == ["log"]
@@ -215,6 +218,7 @@ def test_builds_stay_within_the_bound_on_a_long_chain():
     assert result.builds <= result.build_bound  # ceil(log2 200) + 2 = 10
 
 
+@pytest.mark.slow
 def test_task_metric_replaces_relative_l2():
     model = _stack(_lin(seed=0), Gain(1e5), Gain(1e-5), _lin(seed=1))
     calls = []
@@ -437,6 +441,7 @@ def _page_png(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_cli_bisect_bad_usage_is_one_line(tmp_path, capsys):
     from fp16guard.cli import main
 
@@ -445,7 +450,7 @@ def test_cli_bisect_bad_usage_is_one_line(tmp_path, capsys):
     assert main(["bisect", "--example", "ppocr-det", "--backend", "torch"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("fp16guard: error: ") for line in err)
-    assert "unknown backend 'fp8'" in err[1] and "PyTorch models" in err[2]
+    assert "--backend fp8: unknown backend" in err[1] and "PyTorch models" in err[2]
 
 
 class WithPostprocessing(nn.Module):
@@ -462,6 +467,7 @@ class WithPostprocessing(nn.Module):
         return torch.cummax(self.head(self.bad(self.body(x))), dim=0)[0]
 
 
+@pytest.mark.slow
 def test_post_processing_that_cannot_be_exported_stays_in_the_suffix():
     result = bisect(WithPostprocessing().eval(), [_x()], backend="emulate")
     assert [o.name for o in result.offenders] == ["bad"]

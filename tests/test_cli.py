@@ -13,6 +13,7 @@ from fp16guard.examples import speech_wav
 from fp16guard.examples.assets import asset_path
 
 
+@pytest.mark.slow
 def test_ppocr_example_report_json_and_plot(tmp_path, capsys):
     js, png = tmp_path / "r.json", tmp_path / "r.png"
     code = main(["inspect", "--example", "ppocr-det", "--json", str(js), "--plot", str(png)])
@@ -28,6 +29,7 @@ def test_ppocr_example_report_json_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
+@pytest.mark.slow
 def test_factory_with_checkpoint_and_npy_frames(tmp_path, capsys):
     from fp16guard.examples.crepe import frames_from_audio
     from fp16guard.inputs import read_wav
@@ -51,6 +53,7 @@ def test_pt2_exported_program_clean_exit(tmp_path, capsys):
     assert "no FP16 overflow found" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_wrong_input_shape_exit_2(tmp_path, capsys):
     np.save(tmp_path / "bad.npy", np.zeros((1, 3, 64), np.float32))
     assert main(["inspect", "--example", "ppocr-det", "--input", str(tmp_path / "bad.npy")]) == 2

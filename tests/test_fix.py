@@ -131,6 +131,7 @@ def test_power_of_two_regions_are_bitwise_exact_in_fp32(seed, k, c, cin):
 
 @settings(max_examples=500, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), c=st.integers(1, 6), var_log10=st.floats(-2, 9))
+@pytest.mark.slow
 def test_batchnorm_folding_is_exact_within_fp32_rounding(seed, c, var_log10):
     rng = np.random.default_rng(seed)
     gamma = rng.normal(size=c) * 10 ** (var_log10 / 2)

@@ -10,11 +10,10 @@ from torch import nn
 
 from fp16guard import FInspect
 from fp16guard.bisect import BisectResult, Offender, Trial, plot_bisect
-from fp16guard.bisect.plot import _figure as _bisect_figure
+from fp16guard.bisect.plot import bisect_figure
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
 from fp16guard.inspect import plot_report
-from fp16guard.inspect.plot import STATIC_LINES
-from fp16guard.inspect.plot import _figure as _inspect_figure
+from fp16guard.inspect.plot import STATIC_LINES, report_figure
 from fp16guard.inspect.report import CallRecord, InspectionReport, StaticFinding
 from fp16guard.stats import RangeStats
 from tests.models import Overflowing
@@ -88,7 +87,7 @@ def _bisect_result(offenders=True):
 
 
 def test_bisect_plot_names_the_offender_and_keeps_the_legend_off_the_data():
-    fig = _drawn(_bisect_figure(_bisect_result()))
+    fig = _drawn(bisect_figure(_bisect_result()))
     ax = fig.axes[0]
     legend = ax.get_legend()
     assert _apart(legend.get_window_extent(), ax.get_window_extent())
@@ -103,7 +102,7 @@ def test_bisect_plot_names_the_offender_and_keeps_the_legend_off_the_data():
 
 
 def test_bisect_plot_without_offender_says_so():
-    fig = _drawn(_bisect_figure(_bisect_result(offenders=False)))
+    fig = _drawn(bisect_figure(_bisect_result(offenders=False)))
     ax = fig.axes[0]
     assert ax.get_title(loc="left") == "no offender: every cut within tolerance 0.07"
     assert not any(s.startswith("offender") for s in _texts(fig))
@@ -121,7 +120,7 @@ def _report(peak, static=()):
 
 @pytest.mark.parametrize("peak", [1.66e4, 6.0e4, FP16_MAX, 7.0e4, 2.0e5, 2.0e6, 1e-7, 6e-8])
 def test_inspect_peak_label_stays_off_the_fp16_lines(peak):
-    fig = _drawn(_inspect_figure(_report(peak)))
+    fig = _drawn(report_figure(_report(peak)))
     ax = fig.axes[0]
     label = next(t for t in ax.texts if t.get_text().startswith("peak: layer7 (Conv2d)"))
     boxes = [label.get_bbox_patch().get_window_extent(), Text.get_window_extent(label)]
@@ -143,7 +142,7 @@ def test_inspect_plot_marks_a_static_finding_on_its_layer(tmp_path):
             model(torch.ones(2, 4))
     report = probe.report()
     assert any(f.tensor == "1.running_var" for f in report.static)
-    fig = _drawn(_inspect_figure(report))
+    fig = _drawn(report_figure(report))
     ax = fig.axes[0]
     box = next(t for t in ax.texts if t.get_text().startswith("static findings"))
     assert "1.running_var" in box.get_text()
@@ -162,7 +161,7 @@ def test_inspect_plot_lists_static_findings_without_a_layer_and_caps_the_list():
     static = [StaticFinding(f"const_{i}", "overflow", "error", 4, stats, "too big", layer="") for i in range(8)]
     static.append(StaticFinding("layer3.weight", "flush_to_zero", "warning", 2, RangeStats(1.0, 4, 0, 4, 2),
                                 "tiny", layer="layer3"))
-    fig = _drawn(_inspect_figure(_report(100.0, static)))
+    fig = _drawn(report_figure(_report(100.0, static)))
     ax = fig.axes[0]
     text = next(t for t in ax.texts if t.get_text().startswith("static findings")).get_text()
     assert "error overflow: const_0, amax 1e+06 (no plotted layer)" in text

@@ -14,7 +14,7 @@ TESTS = Path(__file__).parent
 STAGES = {"inspect", "bisect", "fix"}
 #: The shared layer every stage may use (besides backends/).
 SHARED = {"cache", "compare", "deps", "errors", "folding", "fp16", "fp16_onnx", "inputs", "jsonio", "loading",
-          "onnx_graph", "plan", "stats", "torch_graph", "backends"}
+          "onnx_graph", "plan", "polygraphy_io", "progress", "stats", "torch_graph", "backends"}
 
 
 def _modules(root: Path):

@@ -76,6 +76,7 @@ _CONVBN = _captured(ConvBN())
 
 @settings(max_examples=500, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 12))
+@pytest.mark.slow
 def test_power_of_two_region_is_bitwise_exact_in_fp32(seed, k):
     rng = np.random.default_rng(seed)
     params = {"conv1.weight": rng.normal(size=(4, 3, 3, 3)), "conv1.bias": rng.normal(size=4),
@@ -96,6 +97,7 @@ def test_power_of_two_region_is_bitwise_exact_in_fp32(seed, k):
 
 @settings(max_examples=500, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), var_log10=st.floats(-2, 9))
+@pytest.mark.slow
 def test_batchnorm_folding_is_exact_within_fp32_rounding(seed, var_log10):
     rng = np.random.default_rng(seed)
     c = 4

@@ -39,6 +39,7 @@ def _assert_fixed_like_fp32(result) -> None:
 
 @pytest.mark.parametrize("opset", [14, 17])
 @pytest.mark.parametrize("growth", [2e4, 1e6])
+@pytest.mark.slow
 def test_bert_layernorm_variance_and_finfo_min_mask_run_in_pure_fp16(tmp_path, opset, growth):
     # opset 14: LayerNorm decomposed (Pow(x - mean, 2) overflows from |x - mean| > 256); opset 17:
     # LayerNormalization. 2e4: a few thousand before the norm; 1e6: beyond 65504 (a region).
@@ -63,6 +64,7 @@ def test_t5_residual_growth_past_fp16_runs_in_pure_fp16(tmp_path, feed_forward):
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.slow
 def test_pytorch_bert_and_t5_with_finfo_min_masks_run_in_pure_fp16(attention):
     # the same patterns on torch.export graphs: eager attention adds the mask to the scores; SDPA
     # reads it as attn_mask (a fully masked row is given mean(v) after the fused op, as FP32 gives)

@@ -132,10 +132,12 @@ def warp_conv_ratio(c: dict) -> float:
 
 @many
 @given(conv_cases(dims=(1, 2)))
+@pytest.mark.slow
 def test_warp_conv_equals_conv(c):
     assert warp_conv_ratio(c) <= 1.0
 
 
+@pytest.mark.slow
 @many
 @given(conv_cases(dims=(2,), transposed=(True,), max_spatial=5))
 def test_warp_conv_transpose2d_equals_conv(c):
@@ -144,6 +146,7 @@ def test_warp_conv_transpose2d_equals_conv(c):
 
 @many
 @given(conv_cases(dims=(3, 1), transposed=(False, True), max_spatial=4))
+@pytest.mark.slow
 def test_warp_conv_3d_and_transpose1d(c):
     assert warp_conv_ratio(c) <= 1.0
 
@@ -152,6 +155,7 @@ def test_warp_conv_3d_and_transpose1d(c):
 @given(st.integers(1, 32), st.integers(1, 8), st.lists(st.integers(1, 3), max_size=2), st.booleans(),
        st.integers(0, 10), st.integers(0, 2**32 - 1), st.integers(-3, 3), st.integers(-3, 3),
        st.integers(-3, 3))
+@pytest.mark.slow
 def test_warp_linear_equals_linear(n_in, n_out, lead, bias, k2, seed, ew, ex, eb):
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(n_in, n_out, bias=bias)
@@ -169,6 +173,7 @@ def test_warp_linear_equals_linear(n_in, n_out, lead, bias, k2, seed, ew, ex, eb
        st.booleans(), st.sampled_from([1e-5, 1e-3]), st.integers(0, 10), st.integers(0, 2**32 - 1),
        st.integers(-2, 3), st.integers(-2, 4), st.integers(-2, 2), st.integers(-2, 2))
 @torch.no_grad()
+@pytest.mark.slow
 def test_warp_bn_equals_bn(kind, c, batch, affine, eps, k2, seed, em, ex, eg, eb):
     dims, n_spatial = kind
     gen = torch.Generator().manual_seed(seed)
@@ -209,6 +214,7 @@ def test_warp_bn_equals_bn(kind, c, batch, affine, eps, k2, seed, em, ex, eg, eb
 @many
 @given(conv_cases(dims=(1, 2, 3), transposed=(False, True), max_spatial=5),
        st.integers(-6, 6), st.integers(-6, 6), st.tuples(*[st.integers(-2, 2)] * 3))
+@pytest.mark.slow
 def test_scaled_conv_is_bitwise_exact(c, a, b, mags):
     conv, x = build_conv(c, mags)
     xs = x * 2.0 ** -a

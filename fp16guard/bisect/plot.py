@@ -45,7 +45,7 @@ def _tolerance_label(result) -> str:
     return f"tolerance {result.tolerance:g} ({source}); bad above"
 
 
-def _figure(result):
+def bisect_figure(result):
     """Draw the bisect plot of ``result`` on a new ``Figure`` and return it (see :func:`plot_bisect`)."""
     from matplotlib.figure import Figure
 
@@ -103,5 +103,5 @@ def plot_bisect(result, path: str | Path) -> Path:
     vertical line, named with its kind in the legend and on the top edge. The legend sits to the
     right of the axes, off the data. Returns ``path``.
     """
-    _figure(result).savefig(path)
+    bisect_figure(result).savefig(path)
     return Path(path)

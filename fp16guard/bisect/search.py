@@ -409,8 +409,19 @@ def _check_metric(name: str, metric: Metric, reference: list) -> None:
     """
     score = metric(list(reference), list(reference))
     if not math.isfinite(score):
-        raise UsageError(f"--metric {name} returned a NaN or inf score on the FP32 outputs compared with themselves; it must "
-                         f"return a finite float (0 for identical outputs, larger = worse)")
+        raise UsageError(f"--metric {name} returned a NaN or inf score on the FP32 outputs compared with "
+                         f"themselves; it must return a finite float (0 for identical outputs, larger = worse)")
+
+
+def _split_target(model, items, backend: Backend, source: str | None) -> tuple[Any, str]:
+    """``(split target, display name)`` of bisect's model: an ONNX target for a path or
+    ``ModelProto`` (refused when already FP16), else a PyTorch one."""
+    if isinstance(model, (str, Path, onnx.ModelProto)):
+        proto = load_onnx(model)
+        refuse_fp16_model(proto, "bisect")
+        name = Path(model).name if isinstance(model, (str, Path)) else proto.graph.name or "model.onnx"
+        return OnnxSplitTarget(proto, items, backend), source or name
+    return TorchSplitTarget(model, items, backend), source or type(model).__name__
 
 
 def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | str | None = None,
@@ -464,14 +475,7 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
     check_inputs(items)  # no inf/NaN: FP16 cannot be judged where FP32 says nothing
     metric_name, metric_fn = _metric(metric)
     engine_backend = get_backend(backend) if isinstance(backend, str) else backend
-    if isinstance(model, (str, Path, onnx.ModelProto)):
-        proto = load_onnx(model)
-        refuse_fp16_model(proto, "bisect")
-        target: Any = OnnxSplitTarget(proto, items, engine_backend)
-        src = source or (Path(model).name if isinstance(model, (str, Path)) else proto.graph.name or "model.onnx")
-    else:
-        target = TorchSplitTarget(model, items, engine_backend)
-        src = source or type(model).__name__
+    target, src = _split_target(model, items, engine_backend, source)
     if not target.names:
         raise BisectError(f"{src} has no operation to cut")
     if metric is not None:

@@ -279,7 +279,8 @@ def apply_plan(target: FixTarget, plan: RewritePlan, *, fallback: str | None = N
 
 def verify(target: FixTarget, fixed, inputs: Sequence[NamedInput], splits: Sequence[str], *,
            backend: str | Backend = "emulate", variant: str = "fixed", metrics: Mapping[str, Metric] | None = None,
-           references: list[list[np.ndarray]] | None = None) -> tuple[Verification, list[list[np.ndarray]]]:
+           references: list[list[np.ndarray]] | None = None,
+           outputs_into: list[list[np.ndarray]] | None = None) -> tuple[Verification, list[list[np.ndarray]]]:
     """Run an FP16 model on an FP16 backend and compare it with the FP32 original on every input.
 
     Args:
@@ -292,6 +293,7 @@ def verify(target: FixTarget, fixed, inputs: Sequence[NamedInput], splits: Seque
         variant: the row label (``fixed``, ``naive``, ``fallback``).
         metrics: task metrics (higher is better) by name.
         references: FP32 outputs already computed (as returned by an earlier call).
+        outputs_into: a list that receives the FP16 model's outputs on each input (None: not kept).
 
     Returns:
         ``(verification, references)``.
@@ -316,8 +318,26 @@ def verify(target: FixTarget, fixed, inputs: Sequence[NamedInput], splits: Seque
                 # overflow"; every output counts as non-finite
                 outputs = [np.full(np.shape(r), np.nan, np.float32) for r in ref]
             out.rows.append(VerifyRow.measure(item.label, split, outputs, ref, metrics))
+            if outputs_into is not None:
+                outputs_into.append(list(outputs))
             advance()
     return out, references
+
+
+@dataclass(frozen=True)
+class KeptOutputs:
+    """The arrays verification compared, kept on request (``fix_target(..., keep_outputs=True)``).
+
+    Attributes:
+        labels: the inputs, calibration then validation; ``names`` the model's output names.
+        fp32: the FP32 original's outputs, one list per input; ``fixed`` the fixed model's on the
+            FP16 backend.
+    """
+
+    labels: list[str]
+    names: list[str]
+    fp32: list[list[np.ndarray]]
+    fixed: list[list[np.ndarray]]
 
 
 @dataclass
@@ -333,6 +353,7 @@ class FixResult:
         verification: the fixed model on the FP16 backend; ``naive`` the plain conversion and
             ``fallback`` the FP32 fallback (the offending nodes in FP32), for comparison (None if
             not run).
+        outputs: the FP32 and fixed outputs verification compared (``keep_outputs``), else None.
     """
 
     fixed: object
@@ -343,6 +364,7 @@ class FixResult:
     verification: Verification
     naive: Verification | None = None
     fallback: Verification | None = None
+    outputs: KeptOutputs | None = None
 
     def to_json(self) -> dict:
         """The fix report, schema ``fp16guard.fix/1`` (docs/fix-schema.md): strict JSON, non-finite
@@ -363,7 +385,7 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
                fallback: str | None = None, backend: str | Backend = "emulate",
                metrics: Mapping[str, Metric] | None = None, compare_naive: bool = True,
                compare_fallback: bool = True, tolerance: float = DEFAULT_TOLERANCE,
-               force: bool = False) -> FixResult:
+               force: bool = False, keep_outputs: bool = False) -> FixResult:
     """Calibrate (unless ``plan`` is given), apply, convert and verify one target.
 
     Args:
@@ -382,6 +404,7 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
             :data:`~fp16guard.compare.DEFAULT_TOLERANCE`; not applied when the plan raises flushed
             constants, which changes the model's math by consent).
         force: skip the plan's model-hash check, and return the fixed model even if it is refused.
+        keep_outputs: keep the FP32 and fixed outputs in ``FixResult.outputs`` (``fix --save-outputs``).
 
     Raises:
         FixError: nothing to verify on. StillOverflowsError: the fixed model still produces inf/NaN;
@@ -398,8 +421,9 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
     splits = ["calibration"] * len(calibration) + ["validation"] * len(validation)
     with step("rewrite: fold BatchNorms and scale regions, convert to typed FP16"):
         applied = apply_plan(target, plan, fallback=fallback, check_hash=not force)
+    kept: list[list[np.ndarray]] | None = [] if keep_outputs else None
     verification, refs = verify(target, applied.fixed, inputs, splits, backend=backend,
-                                variant="fallback" if fallback else "fixed", metrics=metrics)
+                                variant="fallback" if fallback else "fixed", metrics=metrics, outputs_into=kept)
     naive = fallback_run = None
     if compare_naive:
         with step("rewrite: the naive FP16 conversion, for comparison"):
@@ -413,6 +437,11 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
                                  metrics=metrics, references=refs)
     result = FixResult(applied.fixed, applied.rewritten, plan, applied.notes, applied.conversion, verification, naive,
                        fallback_run)
+    if kept is not None:
+        names = target.graph_io()[1]
+        width = len(refs[0]) if refs else 0
+        result.outputs = KeptOutputs([i.label for i in inputs],
+                                     names if len(names) == width else [f"output_{k}" for k in range(width)], refs, kept)
     if force:
         return result
     if not verification.finite:

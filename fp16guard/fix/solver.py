@@ -457,6 +457,15 @@ def complete(ops: Sequence[ScaleOp], exponents: Mapping[str, int], *, graph_outp
 DERIVED_ROLES = (Role.PRODUCT, Role.QUOTIENT, Role.POWER)
 
 
+def _output_reason(t: str, exponent: int, true_amax: float) -> str:
+    """Why a graph output gets an explicit rescale; said plainly when its true values exceed FP16."""
+    if true_amax <= FP16_MAX:
+        return "graph outputs hold true values"
+    return (f"graph outputs hold true values; {t} reaches {true_amax:.4g}, beyond FP16: it is computed at "
+            f"2^-{exponent} in FP16 and restored after the cast to the FP32 graph output (an engine whose outputs "
+            f"are FP16 cannot hold it)")
+
+
 def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleSolution) -> ScaleSolution:
     sol.exponents = e
     for op in ops:  # a product or power writes its output at the exponent its class holds
@@ -496,11 +505,7 @@ def _complete(ops, e, graph_outputs, amax, producer, order, members, sol: ScaleS
                 add(t, e[t], op.name, f"{op.name} is not scale-equivariant: it needs the true value")
     for t in graph_outputs:
         if e.get(t, 0):
-            true = amax.get(t, 0.0)
-            add(t, e[t], "", "graph outputs hold true values" + (
-                f"; {t} reaches {true:.4g}, beyond FP16: it is computed at 2^-{e[t]} in FP16 and restored after "
-                f"the cast to the FP32 graph output (an engine whose outputs are FP16 cannot hold it)"
-                if true > FP16_MAX else ""))
+            add(t, e[t], "", _output_reason(t, e[t], amax.get(t, 0.0)))
     for t in order:  # a graph input beyond FP16: scaled once, in FP32, before the input cast
         if t not in producer and e.get(t, 0):
             add(t, -e[t], "", "graph inputs hold true values: scaled in FP32 before the cast to FP16")

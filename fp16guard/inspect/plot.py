@@ -105,7 +105,7 @@ def _place_peak_label(fig, ax, label, lines: list[float]) -> None:
         label.set_position((label.get_position()[0], (bottom + pad - y_point) * 72 / fig.dpi))
 
 
-def _figure(report: InspectionReport, title: str | None = None):
+def report_figure(report: InspectionReport, title: str | None = None):
     """Draw the inspect plot of ``report`` on a new ``Figure`` and return it (see :func:`plot_report`)."""
     from matplotlib.figure import Figure
 
@@ -178,5 +178,5 @@ def plot_report(report: InspectionReport, path: str | Path, *, title: str | None
     data. The line under the title is the verdict. Returns ``path``.
     """
     path = Path(path)
-    _figure(report, title).savefig(path)
+    report_figure(report, title).savefig(path)
     return path

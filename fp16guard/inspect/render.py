@@ -74,6 +74,9 @@ def print_report(report: InspectionReport, console: Console | None = None, *, to
         if first is not None:
             console.print(f"[bold red]first inf/NaN from finite inputs ({level}):[/] {first.display_name} "
                           f"({first.kind}), call {first.call}")
+    for f in report.findings():  # the model's input itself: said plainly, before any verdict on layers
+        if f.rule in ("input_overflow", "input_nonfinite"):
+            console.print(f"[bold red]{f.rule}[/] at {f.name} ({f.kind}): {f.reason}")
     if not report.transitions():
         console.print("[green]no activation crosses 65504[/]")
 
@@ -94,4 +97,6 @@ def print_report(report: InspectionReport, console: Console | None = None, *, to
             t.add_row(f"[{_STYLE[s.severity]}]{s.severity}[/]", s.tensor, s.rule, str(s.count), s.layer, s.reason)
         console.print(t)
     verdict = "[bold red]FP16 overflow found[/]" if report.overflow_found else "[green]no FP16 overflow found[/]"
+    if any(f.rule == "input_nonfinite" for f in report.findings()):
+        verdict = "[bold red]the input holds inf/NaN[/]: FP16 cannot be judged on it (clean the input)"
     console.print(verdict)
