@@ -93,3 +93,32 @@ def test_typed_fp16_ppocr_naive_and_fixed_parse_and_build(tmp_path):
             d.dim_value = size
         assert len(be.build_serialized(model)) > 0
     assert be.engines_built == 2
+
+
+def test_the_engine_check_flags_fp16_nodes_that_run_in_fp32():
+    """check_engine_precisions on the layers an engine inspector reports (written out here: no
+    engine runs on CI): a layer of FP16 nodes with only Float tensors is the "0 % Half" failure;
+    the model's FP32 island, casts and Myelin's foreign nodes are not judged."""
+    from fp16guard.backends.tensorrt import EngineLayer, check_engine_precisions
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Add", ["r", "eps"], ["s"], name="add_eps"), helper.make_node("Log", ["s"], ["y"], name="log")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array(1e-10, np.float32), "eps")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    typed, _ = to_typed_fp16(model, node_block_list=["add_eps", "log"])
+    good = [EngineLayer("mm + relu", "CaskGemm", ["Half"], ["mm", "relu"]),
+            EngineLayer("add_eps + log", "PointWiseV2", ["Float"], ["add_eps", "log"]),
+            EngineLayer("{ForeignNode[mm...relu]}", "Myelin", ["Half"], ["{ForeignNode[mm...relu]}"])]
+    check = check_engine_precisions(good, typed)
+    assert [layer.name for layer in check.fp16_layers] == ["mm + relu"] and not check.mismatches
+    assert [layer.name for layer in check.unmapped] == ["{ForeignNode[mm...relu]}"] and check.half_layers == 2
+    bad = [EngineLayer("mm + relu", "CaskGemm", ["Float"], ["mm", "relu"]), good[1]]
+    check = check_engine_precisions(bad, typed)
+    assert [layer.name for layer in check.mismatches] == ["mm + relu"] and check.half_layers == 0
+    assert check.summary().startswith("1 of 1 engine layers of FP16 nodes run in FP32: mm + relu")

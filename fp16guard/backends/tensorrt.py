@@ -11,9 +11,15 @@ TensorRT-RTX's ``tensorrt_rtx_bindings``, which has the same API, is accepted to
   every build; serialized engines are kept in ``<cache>/tensorrt/engines``, keyed by the
   ONNX content hash, the TensorRT version and the GPU, so a model is built once per machine
   (``<cache>`` is ``$FP16GUARD_CACHE`` or ``~/.cache/fp16guard``; ``cache_dir=False`` turns both off).
-* **I/O** by ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` on the current
-  torch CUDA stream, with torch CUDA tensors as buffers: torch is already a dependency and owns
-  the CUDA context; cuda-python (seed 004's choice) would add a second allocator for no gain.
+* **I/O** by ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``, with buffers,
+  copies and the stream from :mod:`fp16guard.backends.cuda_memory`: torch CUDA tensors on torch's
+  current stream where torch sees a GPU (torch then owns the CUDA context), else cuda-python's
+  runtime API (seed 004's ``cudart`` flow on ``cuda.bindings``), so a machine with TensorRT and a
+  CPU-only torch runs the backend too (``memory="cuda-python"`` forces it).
+* **Engine check**: after each build, :func:`check_engine_precisions` compares the engine's
+  layers (``IEngineInspector``) with the typed model's FP16 nodes and logs a warning for any
+  layer that runs in FP32 where the model asked for FP16 (the "0 % Half" failure of a build that
+  silently ignored the types); the result is kept as ``engine.precision_check``.
 * **Intermediate tensors** (``debug_tensors=``): marked as debug tensors
   (``INetworkDefinition.mark_debug``, TensorRT >= 10), which TensorRT computes inside its fused
   kernels and hands to an ``IDebugListener`` at run time without changing fusions; where
@@ -43,7 +49,9 @@ import onnx
 
 from fp16guard import deps
 from fp16guard.backends.base import Backend, Engine, content_hash
+from fp16guard.backends.cuda_memory import DeviceMemory, device_memory, gpu_name
 from fp16guard.errors import BackendError
+from fp16guard.onnx_graph import value_types
 
 logger = logging.getLogger("fp16guard")
 
@@ -62,25 +70,23 @@ def _capsule_pointer(capsule) -> int:
     return int(get_pointer(capsule, get_name(capsule)))
 
 
-class _DeviceArray:
-    """A view of raw device memory for ``torch.as_tensor`` (``__cuda_array_interface__`` v3)."""
-
-    def __init__(self, ptr: int, shape: tuple[int, ...], typestr: str):
-        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (ptr, True), "version": 3}
-
-
 class TensorRTEngine(Engine):
     """A deserialized TensorRT engine with one execution context.
 
+    Args:
+        trt: the ``tensorrt`` module.
+        serialized: the engine.
+        debug_tensors: intermediate tensors to expose (see the module docstring).
+        memory: device buffers and the stream (:func:`~fp16guard.backends.cuda_memory.device_memory`).
+
     Attributes:
         debug_values: ``{tensor name: numpy array}`` of the debug tensors, filled by each run.
+        precision_check: the :class:`PrecisionCheck` of this engine, when the backend made one.
     """
 
-    def __init__(self, trt, serialized: bytes, debug_tensors: Sequence[str] = ()):
-        import torch
-
-        self._torch = torch
+    def __init__(self, trt, serialized: bytes, debug_tensors: Sequence[str] = (), memory: DeviceMemory | None = None):
         self.trt = trt
+        self.memory = memory if memory is not None else device_memory()
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(serialized)
         if self.engine is None:
@@ -91,19 +97,20 @@ class TensorRTEngine(Engine):
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) != mode]
         self.debug_values: dict[str, np.ndarray] = {}
+        self.precision_check: PrecisionCheck | None = None
         self._listener = None
         # debug tensors marked as outputs (no mark_debug in this TensorRT) are read as outputs
         self._extra_outputs = [n for n in debug_tensors if n in self.output_names]
         listened = [n for n in debug_tensors if n not in self._extra_outputs]
         if listened:
-            self._listener = self._make_listener(trt, torch)
+            self._listener = self._make_listener(trt)
             self.context.set_debug_listener(self._listener)
             for name in listened:
                 if not self.engine.is_debug_tensor(name):
                     raise BackendError(f"{name} is not a debug tensor of this engine")
                 self.context.set_tensor_debug_state(name, True)
 
-    def _make_listener(self, trt, torch):
+    def _make_listener(self, trt):
         engine = self
 
         class Listener(trt.IDebugListener):
@@ -112,36 +119,35 @@ class TensorRTEngine(Engine):
             def process_debug_tensor(self, addr, location, type, shape, name, stream):
                 """Copy the debug tensor to the host while its buffer is valid (this call only)."""
                 dtype = np.dtype(trt.nptype(type))
-                view = _DeviceArray(_capsule_pointer(addr), tuple(shape), dtype.str)
-                with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-                    engine.debug_values[name] = torch.as_tensor(view, device="cuda").cpu().numpy()
+                engine.debug_values[name] = engine.memory.download(_capsule_pointer(addr), tuple(shape), dtype,
+                                                                   stream=int(stream))
                 return True
 
         return Listener()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run once on the current CUDA stream; outputs come back as numpy arrays (network
-        outputs added for ``debug_tensors`` are moved to :attr:`debug_values`)."""
-        torch, trt = self._torch, self.trt
-        keep = []
-        for name in self.input_names:
-            t = torch.as_tensor(np.require(feeds[name], requirements="C")).cuda()
-            keep.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-        outs = []
-        for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
-            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
-            t = torch.empty(shape, dtype=dtype, device="cuda")
-            outs.append(t)
-            self.context.set_tensor_address(name, t.data_ptr())
-        self.debug_values = {}
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
-        stream.synchronize()
-        values = {name: o.cpu().numpy() for name, o in zip(self.output_names, outs)}
+        """Run once on the memory's stream; outputs come back as numpy arrays (network outputs
+        added for ``debug_tensors`` are moved to :attr:`debug_values`)."""
+        trt, memory = self.trt, self.memory
+        try:
+            for name in self.input_names:
+                host = np.require(feeds[name], requirements="C")
+                self.context.set_input_shape(name, tuple(host.shape))
+                self.context.set_tensor_address(name, memory.upload(host))
+            outs = []
+            for name in self.output_names:
+                shape = tuple(self.context.get_tensor_shape(name))
+                dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+                address = memory.empty(int(np.prod(shape)) * dtype.itemsize)
+                outs.append((address, shape, dtype))
+                self.context.set_tensor_address(name, address)
+            self.debug_values = {}
+            if not self.context.execute_async_v3(memory.stream):
+                raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+            memory.synchronize()
+            values = {name: memory.download(*o) for name, o in zip(self.output_names, outs)}
+        finally:
+            memory.release()
         for name in self._extra_outputs:
             self.debug_values[name] = values.pop(name)
         return list(values.values())
@@ -190,6 +196,72 @@ def describe_engine(serialized: bytes, trt=None) -> list[EngineLayer]:
     return layers
 
 
+@dataclass
+class PrecisionCheck:
+    """The engine's layer precisions against what the typed model asked.
+
+    Attributes:
+        fp16_layers: engine layers made only of the model's FP16 nodes.
+        mismatches: those of them that run in FP32 (``Float`` and no ``Half`` among their types).
+        unmapped: engine layers named by no node of the model (Myelin's ``{ForeignNode[...]}``,
+            reformats), not judged.
+        half_layers: engine layers with any ``Half`` tensor; 0 with FP16 nodes in the model is
+            the "0 % Half" failure (the build ignored the types).
+    """
+
+    fp16_layers: list[EngineLayer] = field(default_factory=list)
+    mismatches: list[EngineLayer] = field(default_factory=list)
+    unmapped: list[EngineLayer] = field(default_factory=list)
+    half_layers: int = 0
+
+    def summary(self) -> str:
+        """One line: how many FP16 layers run in FP32, naming the first few."""
+        if not self.mismatches:
+            return (f"all {len(self.fp16_layers)} engine layers of FP16 nodes run in FP16 "
+                    f"({len(self.unmapped)} layers not mapped to nodes)")
+        names = ", ".join(layer.name for layer in self.mismatches[:3])
+        more = f" and {len(self.mismatches) - 3} more" if len(self.mismatches) > 3 else ""
+        return (f"{len(self.mismatches)} of {len(self.fp16_layers)} engine layers of FP16 nodes run in FP32: "
+                f"{names}{more}; the engine does not follow the typed model (is the network strongly typed?)")
+
+
+def check_engine_precisions(layers: Sequence[EngineLayer], typed_model: onnx.ModelProto) -> PrecisionCheck:
+    """Compare a built engine's layers (:func:`describe_engine`) with the typed FP16 model.
+
+    A layer is judged when every ONNX node fused into it (by name) is in the model and computes
+    in FP16 (its floating outputs are ``float16``); it is a mismatch when its tensors' types hold
+    ``Float`` and no ``Half``. Casts and the model's FP32 islands are not judged.
+
+    Args:
+        layers: the engine's layers, as :func:`describe_engine` reads them.
+        typed_model: the typed FP16 ONNX the engine was built from.
+
+    Returns:
+        a :class:`PrecisionCheck`.
+    """
+    types = value_types(typed_model)
+    fp16_nodes = set()
+    known = set()
+    for node in typed_model.graph.node:
+        known.add(node.name)
+        floats = [types.get(o) for o in node.output if types.get(o) in (onnx.TensorProto.FLOAT,
+                                                                          onnx.TensorProto.FLOAT16)]
+        if node.op_type != "Cast" and floats and all(t == onnx.TensorProto.FLOAT16 for t in floats):
+            fp16_nodes.add(node.name)
+    check = PrecisionCheck()
+    for layer in layers:
+        check.half_layers += "Half" in layer.precisions
+        fused = [n.strip() for n in layer.fused if n.strip()]
+        if not fused or not all(n in known for n in fused):
+            check.unmapped.append(layer)
+            continue
+        if all(n in fp16_nodes for n in fused):
+            check.fp16_layers.append(layer)
+            if "Float" in layer.precisions and "Half" not in layer.precisions:
+                check.mismatches.append(layer)
+    return check
+
+
 class TensorRTBackend(Backend):
     """Typed FP16 ONNX -> strongly typed TensorRT engine (see the module docstring).
 
@@ -199,6 +271,11 @@ class TensorRTBackend(Backend):
             ``False`` keeps nothing on disk.
         debug_tensors: names of intermediate tensors to expose at run time
             (``engine.debug_values``).
+        memory: device memory for running engines: ``auto`` (torch CUDA tensors where torch
+            sees a GPU, else cuda-python), ``torch`` or ``cuda-python``
+            (:func:`~fp16guard.backends.cuda_memory.device_memory`).
+        check_precisions: after each build, compare the engine's layer precisions with the typed
+            model (:func:`check_engine_precisions`) and warn on a layer in FP32 where FP16 was asked.
 
     Raises:
         fp16guard.deps.MissingDependencyError: TensorRT is not installed.
@@ -208,9 +285,12 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, workspace_bytes: int = 4 << 30, cache_dir: str | Path | bool | None = None,
-                 debug_tensors: Sequence[str] = ()):
+                 debug_tensors: Sequence[str] = (), memory: str = "auto", check_precisions: bool = True):
         super().__init__()
         self.trt = import_tensorrt()
+        self.memory_kind = memory
+        self.check_precisions = check_precisions
+        self._memory: DeviceMemory | None = None
         self.workspace_bytes = workspace_bytes
         if cache_dir is None or cache_dir is True:
             from fp16guard.cache import cache_dir as fp16guard_cache
@@ -219,6 +299,13 @@ class TensorRTBackend(Backend):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.debug_tensors = list(debug_tensors)
         self.engines_built = 0
+
+    @property
+    def memory(self) -> DeviceMemory:
+        """Device memory for the engines (made on first use: building needs none)."""
+        if self._memory is None:
+            self._memory = device_memory(self.memory_kind)
+        return self._memory
 
     @property
     def version(self) -> str:
@@ -233,9 +320,7 @@ class TensorRTBackend(Backend):
     def _engine_path(self, fp16_model: onnx.ModelProto) -> Path | None:
         if self.cache_dir is None:
             return None
-        import torch
-
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu"
+        gpu = gpu_name()
         tag = "".join(c if c.isalnum() else "-" for c in f"{self.version}-{gpu}-{','.join(self.debug_tensors)}")
         return self.cache_dir / "engines" / f"{content_hash(fp16_model)[:32]}-{tag}.engine"
 
@@ -307,7 +392,13 @@ class TensorRTBackend(Backend):
                 network.mark_output(tensors[name])
 
     def _build(self, fp16_model: onnx.ModelProto) -> Engine:
-        return TensorRTEngine(self.trt, self.build_serialized(fp16_model), self.debug_tensors)
+        serialized = self.build_serialized(fp16_model)
+        engine = TensorRTEngine(self.trt, serialized, self.debug_tensors, memory=self.memory)
+        if self.check_precisions:
+            engine.precision_check = check_engine_precisions(describe_engine(serialized, self.trt), fp16_model)
+            if engine.precision_check.mismatches:
+                logger.warning("tensorrt: %s", engine.precision_check.summary())
+        return engine
 
     def describe(self) -> str:
         """One line naming the TensorRT version."""
