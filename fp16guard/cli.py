@@ -160,8 +160,14 @@ def _parser() -> argparse.ArgumentParser:
     fix.add_argument("-o", "--output", required=True, metavar="OUT.onnx|OUT.pt2",
                      help="where to write the fixed typed FP16 model: .onnx, or .pt2 for a PyTorch model "
                           "(torch.export.save; load with torch.export.load(path).module())")
-    fix.add_argument("--fallback", choices=["fp32"], help="instead of scaling, keep the offending nodes in FP32 "
-                                                          "(what other tools do; for comparison)")
+    fix.add_argument("--fallback", choices=["fp32", "bf16"],
+                     help="instead of scaling, keep the offending nodes in FP32 (what other tools do; for "
+                          "comparison) or in BF16 (FP32's range with 8 significant bits, on tensor cores on "
+                          "Ampere and later; an op whose ONNX schema has no bfloat16 stays FP32)")
+    fix.add_argument("--islands", choices=["fp32", "bf16"], default="fp32",
+                     help="precision of the fixed model's unfixable islands, the ops that need values beyond "
+                          "FP16 after scaling: fp32 (default) or bf16 (as --fallback bf16). The verification "
+                          "table shows the fixed model with both, the naive FP16 model and both fallbacks")
     fix.add_argument("--backend", default="emulate", metavar="NAME",
                      help="FP16 backend for verification: emulate (default, CPU), onnxruntime (CUDA) or "
                           "tensorrt for .onnx, torch (CUDA) for .pt2")
@@ -428,10 +434,10 @@ def _fix(args, console: Console) -> int:
     from fp16guard.interop import check_interop_options, write_interop
 
     check_interop_options(output, layer_precisions=args.layer_precisions, save_fp32=args.save_fp32,
-                          save_outputs=args.save_outputs)
+                          save_outputs=args.save_outputs, bf16="bf16" in (args.fallback, args.islands))
     result = fix_model(model, calibration, plan=plan, validation=validation, output=output,
                        target_log2=args.target_log2, raise_underflow=args.raise_underflow,
-                       fallback=args.fallback, backend=args.backend, metrics=metrics, force=args.force,
+                       fallback=args.fallback, islands=args.islands, backend=args.backend, metrics=metrics, force=args.force,
                        source=name, tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
                        keep_outputs=bool(args.save_outputs))
     print_fix(result, console)

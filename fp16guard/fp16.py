@@ -21,6 +21,14 @@ FP16_MIN_NORMAL = 2.0**-14
 #: [2**-25, 2**-24) round up to 2**-24; counting the whole interval is the conservative choice).
 FP16_MIN_SUBNORMAL = 2.0**-24
 
+#: Largest finite BF16 magnitude, (2 - 2**-7) * 2**127 (about 3.39e38): bfloat16 is the upper half
+#: of an IEEE binary32 (8 exponent bits, 7 fraction bits stored), so it has FP32's range at 8
+#: significant bits. FP32's largest values (``finfo(float32).min`` masks, 3.4028e38) round to inf.
+BF16_MAX = (2.0 - 2.0**-7) * 2.0**127
+
+#: Smallest positive subnormal BF16 magnitude, 2**-133 (about 9.2e-41); half of it rounds to zero.
+BF16_MIN_SUBNORMAL = 2.0**-133
+
 
 def headroom_bits(amax: float) -> float:
     """Headroom of a tensor in bits: ``log2(FP16_MAX / amax)``.

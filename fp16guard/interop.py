@@ -8,21 +8,26 @@ from fp16guard.errors import UsageError
 
 
 def check_interop_options(output: str, *, layer_precisions: str | None = None, save_fp32: str | None = None,
-                          save_outputs: str | None = None) -> None:
+                          save_outputs: str | None = None, bf16: bool = False) -> None:
     """Refuse, before any work, what cannot be written for this output.
 
     Args:
         output: ``"onnx"`` or ``"torch"`` (a ``.pt2`` program).
+        bf16: islands (or the fallback's nodes) run in BF16.
 
     Raises:
         UsageError: ``--layer-precisions`` or ``--save-fp32`` with a ``.pt2`` (TensorRT layers are
-            named after ONNX nodes).
+            named after ONNX nodes); ``--layer-precisions`` with BF16 islands (the constraints pin
+            FP32 layers of a weakly typed build; BF16 islands need the typed ONNX).
         MissingDependencyError: ``--save-outputs`` without polygraphy.
     """
     if output == "torch":
         for flag, given in (("--layer-precisions", layer_precisions), ("--save-fp32", save_fp32)):
             if given:
                 raise UsageError(f"{flag} names ONNX nodes, which a .pt2 program has not; write an .onnx (-o OUT.onnx)")
+    if bf16 and layer_precisions:
+        raise UsageError("--layer-precisions pins FP32 islands for a weakly typed TensorRT 10 build; BF16 islands "
+                         "run from the typed ONNX itself (a strongly typed network): drop one of them")
     if save_outputs:
         from fp16guard.deps import import_polygraphy
 

@@ -1,6 +1,7 @@
 """``emulate``: strict FP16 on the CPU, the backend CI uses.
 
-Every op output and every weight is rounded through IEEE FP16; arithmetic runs in FP32. Built on
+Every op output and every weight is rounded through IEEE FP16 (through BF16 in BF16 islands, round to
+nearest even, inf beyond 3.39e38); arithmetic runs in FP32. Built on
 :func:`fp16guard.fp16_onnx.emulation_model` (a ``Cast(FLOAT16) -> Cast(FLOAT)`` pair after every
 FP16 tensor) run by ONNX Runtime's CPU EP with every graph optimization off, so neither ORT's cast
 elimination nor its FP32 fallback for ops without FP16 kernels can hide an overflow.
@@ -48,5 +49,5 @@ class EmulateBackend(Backend):
         """One line naming the method."""
         import onnxruntime as ort
 
-        return (f"emulate: FP16 storage emulated on the CPU (every tensor rounded through IEEE FP16, "
-                f"FP32 arithmetic), ONNX Runtime {ort.__version__}, graph optimizations off")
+        return (f"emulate: FP16 storage emulated on the CPU (every tensor rounded through IEEE FP16, BF16 "
+                f"islands through BF16, FP32 arithmetic), ONNX Runtime {ort.__version__}, graph optimizations off")

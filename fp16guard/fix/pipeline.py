@@ -10,9 +10,10 @@ Every step runs through a :class:`~fp16guard.fix.targets.FixTarget`, so an ONNX 
    the FP32 fallback would keep (measured on the unfolded graph): a
    :class:`~fp16guard.plan.RewritePlan`.
 2. **Apply** (:func:`apply_plan`): the plan's exponents folded into the constants, its consented
-   constant raises, then the typed FP16 conversion with only the plan's unfixable nodes in FP32.
-   ``fallback="fp32"`` instead converts the unrewritten graph with the offending nodes in FP32
-   (what other tools do), for comparison.
+   constant raises, then the typed FP16 conversion with only the plan's unfixable nodes in FP32
+   (``islands="bf16"``: in BF16, FP32's range at 8 significant bits). ``fallback="fp32"`` (or
+   ``"bf16"``) instead converts the unrewritten graph with the offending nodes in FP32 (BF16), what
+   other tools do, for comparison.
 3. **Verify** (:func:`verify`), always: the FP16 model on an FP16 backend against the FP32
    original on the calibration inputs and on validation inputs not used for calibration. A fixed
    model that still produces inf/NaN is refused (:class:`~fp16guard.errors.StillOverflowsError`)
@@ -232,32 +233,37 @@ def plan_shifts(ops: Sequence[ScaleOp], plan: RewritePlan) -> dict[str, int]:
             if op.role in DERIVED_ROLES and op.inputs and op.outputs}
 
 
-def apply_plan(target: FixTarget, plan: RewritePlan, *, fallback: str | None = None,
+def apply_plan(target: FixTarget, plan: RewritePlan, *, fallback: str | None = None, islands: str = "fp32",
                check_hash: bool = True) -> Applied:
     """Apply a plan to a target and convert it to typed FP16.
 
     Args:
         target: the model the plan was calibrated on.
         plan: from :func:`calibrate_target` (or a file, edited or not).
-        fallback: ``None`` (scale rewrites, pure FP16 except the plan's unfixable nodes) or
-            ``"fp32"`` (no rewrite: the unrewritten graph with the plan's ``fallback_fp32`` nodes
-            in FP32, as Polygraphy / AutoCast / onnxconverter-common would).
+        fallback: ``None`` (scale rewrites, pure FP16 except the plan's unfixable nodes), ``"fp32"``
+            (no rewrite: the unrewritten graph with the plan's ``fallback_fp32`` nodes in FP32, as
+            Polygraphy / AutoCast / onnxconverter-common would) or ``"bf16"`` (the same nodes in BF16).
+        islands: precision of the plan's unfixable nodes in the fixed model, ``"fp32"`` (default)
+            or ``"bf16"`` (an op with no BF16 form stays FP32: ``conversion.bf16_refused``).
         check_hash: refuse a plan calibrated on another model.
 
     Raises:
         PlanError: the plan is for another model or framework, names a value the model does not
             have, or breaks a tie (two values of one scale-equivariant op with different exponents).
         RewriteError: a rescaled constant does not fit FP16.
-        ValueError: an unknown ``fallback``.
+        ValueError: an unknown ``fallback`` or ``islands``.
     """
     check_plan(target, plan, check_hash=check_hash)
-    if fallback not in (None, "fp32"):
-        raise ValueError(f"fallback must be None or 'fp32', got {fallback!r}")
-    if fallback == "fp32":
+    if fallback not in (None, "fp32", "bf16") or islands not in ("fp32", "bf16"):
+        raise ValueError(f"fallback must be None, 'fp32' or 'bf16' and islands 'fp32' or 'bf16', "
+                         f"got {fallback!r} and {islands!r}")
+    if fallback is not None:
         nodes = [entry["node"] for entry in plan.fallback_fp32]
-        fixed, conversion = target.convert(target.base, nodes)
-        note = RewriteNote("fallback_fp32", ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else ""),
-                           f"{len(nodes)} node(s) kept in FP32 with casts around them")
+        fixed, conversion = target.convert(target.base, nodes, islands=fallback)
+        note = RewriteNote(f"fallback_{fallback}", ", ".join(nodes[:5]) + (" ..." if len(nodes) > 5 else ""),
+                           f"{len(nodes)} node(s) kept in {fallback.upper()} with casts around them"
+                           + (f" ({len(conversion.bf16_refused)} without a BF16 form stay FP32)"
+                              if conversion.bf16_refused else ""))
         return Applied(fixed, target.base, [note], conversion)
     ops = target.scale_ops()
     known = {t for op in ops for t in (*op.inputs, *op.outputs)}
@@ -270,7 +276,7 @@ def apply_plan(target: FixTarget, plan: RewritePlan, *, fallback: str | None = N
         raise PlanError(str(e)) from None
     raises = [(u.tensor, u.raise_to) for u in plan.underflow if u.consent]
     rewritten, notes = target.rewrite(sol, raises)
-    fixed, conversion = target.convert(rewritten, plan.unfixable_nodes)
+    fixed, conversion = target.convert(rewritten, plan.unfixable_nodes, islands=islands)
     return Applied(fixed, rewritten, list(target.prepared_notes) + notes, conversion)
 
 
@@ -290,7 +296,7 @@ def verify(target: FixTarget, fixed, inputs: Sequence[NamedInput], splits: Seque
             ``validation`` input.
         backend: FP16 backend name or instance (``emulate`` on CPU; ``onnxruntime``,
             ``tensorrt`` (ONNX) or ``torch`` (PyTorch) on a GPU).
-        variant: the row label (``fixed``, ``naive``, ``fallback``).
+        variant: the row label (``fixed``, ``fixed_bf16``, ``naive``, ``fallback``, ``fallback_bf16``).
         metrics: task metrics (higher is better) by name.
         references: FP32 outputs already computed (as returned by an earlier call).
         outputs_into: a list that receives the FP16 model's outputs on each input (None: not kept).
@@ -312,7 +318,7 @@ def verify(target: FixTarget, fixed, inputs: Sequence[NamedInput], splits: Seque
             try:
                 outputs = run(item)
             except RuntimeError:
-                if variant == "fixed":
+                if variant.startswith("fixed"):
                     raise
                 # the naive model's finfo.min in a CUDA kernel: "cannot be converted to Half without
                 # overflow"; every output counts as non-finite
@@ -349,10 +355,13 @@ class FixResult:
         rewritten_fp32: the rewritten FP32 graph (equal to the original in real arithmetic).
         plan: the plan applied.
         notes: every rewrite.
-        conversion: what the FP16 conversion did (nodes left in FP32, Casts).
-        verification: the fixed model on the FP16 backend; ``naive`` the plain conversion and
-            ``fallback`` the FP32 fallback (the offending nodes in FP32), for comparison (None if
-            not run).
+        conversion: what the FP16 conversion did (nodes left in FP32 or run in BF16, Casts).
+        verification: the fixed model on the FP16 backend; ``naive`` the plain conversion,
+            ``fallback`` the FP32 fallback (the offending nodes in FP32) and ``fallback_bf16`` the
+            BF16 fallback (the same nodes in BF16), for comparison (None if not run).
+        other_islands: when the plan has unfixable islands, the fixed model with its islands in the
+            other precision (BF16 when the written model's are FP32, and the reverse), else None.
+        islands: the precision of the written model's islands, ``"fp32"`` or ``"bf16"``.
         outputs: the FP32 and fixed outputs verification compared (``keep_outputs``), else None.
     """
 
@@ -365,6 +374,9 @@ class FixResult:
     naive: Verification | None = None
     fallback: Verification | None = None
     outputs: KeptOutputs | None = None
+    fallback_bf16: Verification | None = None
+    other_islands: Verification | None = None
+    islands: str = "fp32"
 
     def to_json(self) -> dict:
         """The fix report, schema ``fp16guard.fix/1`` (docs/fix-schema.md): strict JSON, non-finite
@@ -375,14 +387,64 @@ class FixResult:
             "regions": [{"exponent": r.exponent, "scopes": r.scopes, "amax_before": r.amax,
                          "amax_after": r.amax_after, "tensors": len(r.tensors)} for r in self.plan.regions],
             "fp32_nodes": self.conversion.fp32_nodes, "casts": self.conversion.casts,
+            "islands": self.islands, "bf16_nodes": self.conversion.bf16_nodes,
+            "bf16_refused": [{"node": n, "reason": r} for n, r in self.conversion.bf16_refused.items()],
             "verification": self.verification.to_json(),
+            "other_islands": self.other_islands.to_json() if self.other_islands else None,
             "naive": self.naive.to_json() if self.naive else None,
-            "fallback": self.fallback.to_json() if self.fallback else None})
+            "fallback": self.fallback.to_json() if self.fallback else None,
+            "fallback_bf16": self.fallback_bf16.to_json() if self.fallback_bf16 else None})
+
+
+def _variant(fallback: str | None, islands: str) -> str:
+    """The verification row label of a fixed (``fallback=None``) or fallback model with islands in
+    ``islands`` (or the fallback's precision): ``fixed``, ``fixed_bf16``, ``fallback``, ``fallback_bf16``."""
+    precision = fallback or islands
+    return ("fallback" if fallback else "fixed") + ("_bf16" if precision == "bf16" else "")
+
+
+def _comparisons(target: FixTarget, plan: RewritePlan, inputs: Sequence[NamedInput], splits: Sequence[str],
+                 refs: list[list[np.ndarray]], *, fallback: str | None, islands: str, backend: str | Backend,
+                 metrics: Mapping[str, Metric] | None, compare_naive: bool,
+                 compare_fallback: bool) -> dict[str, Verification | None]:
+    """The variants verified beside the written model, on the same inputs and backend: ``naive``
+    (the plain FP16 conversion), ``fallback`` and ``fallback_bf16`` (the offending nodes in FP32 or
+    BF16, the one not written), and ``other_islands`` (the fixed model with its islands in the other
+    precision, when the plan has islands). A BF16 variant the backend cannot build or run (a GPU
+    before Ampere, an ONNX Runtime EP without BF16 kernels) is left out with a warning; on
+    ``emulate`` every failure is raised."""
+    out: dict[str, Verification | None] = dict.fromkeys(("naive", "fallback", "fallback_bf16", "other_islands"))
+
+    def run(variant: str, what: str, make) -> Verification | None:
+        """Verify one comparison model, softly for BF16 on a real backend."""
+        try:
+            with step(f"rewrite: {what}, for comparison"):
+                model = make()
+            return verify(target, model, inputs, splits, backend=backend, variant=variant, metrics=metrics,
+                          references=refs)[0]
+        except Exception as e:  # noqa: BLE001 - a comparison row must not stop the fix on a real backend
+            if "bf16" not in variant or getattr(backend, "name", backend) == "emulate":
+                raise
+            logger.warning("%s not verified on %s: %s", variant, getattr(backend, "name", backend),
+                           next(iter(str(e).splitlines()), type(e).__name__))
+            return None
+    if compare_naive:
+        out["naive"] = run("naive", "the naive FP16 conversion", lambda: target.convert(target.base, [])[0])
+    for precision in ("fp32", "bf16") if compare_fallback else ():
+        if precision != fallback:
+            variant = _variant(precision, precision)  # fallback, fallback_bf16: the keys of ``out``
+            out[variant] = run(variant, f"the {precision.upper()} fallback",
+                               lambda p=precision: apply_plan(target, plan, fallback=p, check_hash=False).fixed)
+    other = "bf16" if islands == "fp32" else "fp32"
+    if compare_fallback and fallback is None and plan.unfixable_nodes:
+        out["other_islands"] = run(_variant(None, other), f"the fixed model with {other.upper()} islands",
+                                   lambda: apply_plan(target, plan, islands=other, check_hash=False).fixed)
+    return out
 
 
 def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, plan: RewritePlan | None = None,
                validation: Sequence[NamedInput] = (), target_log2: int = 13, raise_underflow: bool = False,
-               fallback: str | None = None, backend: str | Backend = "emulate",
+               fallback: str | None = None, islands: str = "fp32", backend: str | Backend = "emulate",
                metrics: Mapping[str, Metric] | None = None, compare_naive: bool = True,
                compare_fallback: bool = True, tolerance: float = DEFAULT_TOLERANCE,
                force: bool = False, keep_outputs: bool = False) -> FixResult:
@@ -394,12 +456,13 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
         plan: a plan to apply instead of calibrating.
         validation: inputs not used for calibration, verified too.
         target_log2, raise_underflow: see :func:`calibrate_target`.
-        fallback: see :func:`apply_plan`.
+        fallback, islands: see :func:`apply_plan`.
         backend: FP16 backend for verification (default ``emulate``: strict FP16 emulation on CPU).
         metrics: task metrics reported per input (higher is better).
         compare_naive: also verify the plain FP16 conversion, for comparison.
-        compare_fallback: also verify the FP32 fallback (the plan's ``fallback_fp32`` nodes in
-            FP32), for comparison.
+        compare_fallback: also verify the FP32 and BF16 fallbacks (the plan's ``fallback_fp32``
+            nodes in FP32, in BF16) and, when the plan has islands, the fixed model with its islands
+            in the other precision, for comparison (:func:`_comparisons`).
         tolerance: the largest relative L2 error against FP32 accepted on any input (default
             :data:`~fp16guard.compare.DEFAULT_TOLERANCE`; not applied when the plan raises flushed
             constants, which changes the model's math by consent).
@@ -409,8 +472,8 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
     Raises:
         FixError: nothing to verify on. StillOverflowsError: the fixed model still produces inf/NaN;
             InaccurateFixError: it is finite but an input's error exceeds ``tolerance`` or is
-            clearly worse than the naive conversion's or the fallback's
-            (:func:`~fp16guard.compare.refusal`); both unless ``force``.
+            clearly worse than the naive conversion's or the fallback's with islands in the same
+            precision (:func:`~fp16guard.compare.refusal`); both unless ``force``.
         PlanError, RewriteError, BackendError: see :func:`apply_plan` and :func:`verify`.
     """
     if plan is None:
@@ -420,23 +483,15 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
         raise FixError("verification needs inputs: give calibration or validation inputs")
     splits = ["calibration"] * len(calibration) + ["validation"] * len(validation)
     with step("rewrite: fold BatchNorms and scale regions, convert to typed FP16"):
-        applied = apply_plan(target, plan, fallback=fallback, check_hash=not force)
+        applied = apply_plan(target, plan, fallback=fallback, islands=islands, check_hash=not force)
     kept: list[list[np.ndarray]] | None = [] if keep_outputs else None
     verification, refs = verify(target, applied.fixed, inputs, splits, backend=backend,
-                                variant="fallback" if fallback else "fixed", metrics=metrics, outputs_into=kept)
-    naive = fallback_run = None
-    if compare_naive:
-        with step("rewrite: the naive FP16 conversion, for comparison"):
-            naive_model, _ = target.convert(target.base, [])
-        naive, _ = verify(target, naive_model, inputs, splits, backend=backend, variant="naive", metrics=metrics,
-                          references=refs)
-    if compare_fallback and fallback is None:
-        with step("rewrite: the FP32 fallback, for comparison"):
-            fb = apply_plan(target, plan, fallback="fp32", check_hash=False)
-        fallback_run, _ = verify(target, fb.fixed, inputs, splits, backend=backend, variant="fallback",
-                                 metrics=metrics, references=refs)
-    result = FixResult(applied.fixed, applied.rewritten, plan, applied.notes, applied.conversion, verification, naive,
-                       fallback_run)
+                                variant=_variant(fallback, islands), metrics=metrics, outputs_into=kept)
+    others = _comparisons(target, plan, inputs, splits, refs, fallback=fallback, islands=islands, backend=backend,
+                          metrics=metrics, compare_naive=compare_naive, compare_fallback=compare_fallback)
+    result = FixResult(applied.fixed, applied.rewritten, plan, applied.notes, applied.conversion, verification,
+                       others["naive"], others["fallback"], fallback_bf16=others["fallback_bf16"],
+                       other_islands=others["other_islands"], islands=fallback or islands)
     if kept is not None:
         names = target.graph_io()[1]
         width = len(refs[0]) if refs else 0
@@ -448,11 +503,12 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
         worst = max(verification.rows, key=lambda r: r.nonfinite)
         raise StillOverflowsError(
             f"the fixed model still produces {worst.nonfinite} inf/NaN output value(s) on {worst.label} in FP16; "
-            f"see the plan's unfixable entries, try --fallback fp32, or --force to write it anyway")
+            f"see the plan's unfixable entries, try --fallback fp32 (or bf16), or --force to write it anyway")
     # raising a flushed constant (with consent) changes the model's math on purpose: its error against
     # the original is not the fix's, so only the comparisons with the other FP16 variants apply
     consented = any(u.consent for u in plan.underflow)
-    reason = refusal(verification, None if consented else tolerance, naive, fallback_run)
+    same = None if fallback else others["fallback" if islands == "fp32" else "fallback_bf16"]
+    reason = refusal(verification, None if consented else tolerance, others["naive"], same)
     if reason:
         raise InaccurateFixError(f"{reason}; the model is not written (--tolerance sets the bound, --force writes "
                                  f"it anyway)")

@@ -51,9 +51,13 @@ def print_fix(result, console: Console) -> None:
     print_plan(result.plan, console)
     kinds = Counter(n.kind for n in result.notes)
     console.print("rewrites: " + ", ".join(f"{k} x{v}" for k, v in kinds.items()) if kinds else "rewrites: none")
-    console.print(f"FP16 conversion: {len(result.conversion.fp32_nodes)} node(s) left in FP32, "
+    bf16 = f"{len(result.conversion.bf16_nodes)} in BF16, " if result.conversion.bf16_nodes else ""
+    console.print(f"FP16 conversion: {len(result.conversion.fp32_nodes)} node(s) left in FP32, {bf16}"
                   f"{result.conversion.casts} Cast(s)")
-    print_verification([result.verification, result.naive, result.fallback], console)
+    for node, reason in result.conversion.bf16_refused.items():
+        console.print(f"  [yellow]not BF16[/]: {node} stays FP32: {reason}")
+    print_verification([result.verification, result.other_islands, result.naive,
+                        result.fallback, result.fallback_bf16], console)
     verdict = "[green]finite[/]" if result.verification.finite else "[red]still produces inf/NaN[/]"
     console.print(f"fixed model in FP16: {verdict}")
 

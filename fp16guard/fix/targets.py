@@ -35,7 +35,7 @@ from fp16guard.fix.module_scales import module_scales
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import ScaleOp, ScaleSolution
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
-from fp16guard.fp16_onnx import Fp16Conversion, to_typed_fp16, unfit_constants
+from fp16guard.fp16_onnx import ISLAND_DTYPES, Fp16Conversion, to_typed_fp16, unfit_constants
 from fp16guard.inputs import NamedInput, onnx_feed, torch_args
 from fp16guard.onnx_graph import (
     check_feed,
@@ -94,8 +94,9 @@ class FixTarget(Protocol):
     def rewrite(self, solution: ScaleSolution, raises: Sequence[tuple[str, float]]) -> tuple[object, list[RewriteNote]]:
         """The prepared graph with the solution's exponents folded in and the consented constant raises."""
 
-    def convert(self, graph: object, fp32_nodes: Sequence[str]) -> tuple[object, Fp16Conversion]:
-        """The typed FP16 model of an FP32 graph, ``fp32_nodes`` kept in FP32."""
+    def convert(self, graph: object, fp32_nodes: Sequence[str], *, islands: str = "fp32") -> tuple[object, Fp16Conversion]:
+        """The typed FP16 model of an FP32 graph, ``fp32_nodes`` kept in FP32 (``islands="bf16"``: run in
+        BF16 where the op has a BF16 form)."""
 
     def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
         """The FP32 model's outputs on each input."""
@@ -246,12 +247,13 @@ class OnnxFixTarget:
             notes += n
         return scaled, notes
 
-    def convert(self, graph: onnx.ModelProto, fp32_nodes: Sequence[str]) -> tuple[onnx.ModelProto, Fp16Conversion]:
+    def convert(self, graph: onnx.ModelProto, fp32_nodes: Sequence[str], *,
+                islands: str = "fp32") -> tuple[onnx.ModelProto, Fp16Conversion]:
         """See :meth:`FixTarget.convert` (:func:`~fp16guard.fp16_onnx.to_typed_fp16`); rescales that
         restore values only for FP32 readers or graph outputs run in FP32 with them
-        (:func:`~fp16guard.fix.onnx_pass.restoring_rescales`)."""
+        (:func:`~fp16guard.fix.onnx_pass.restoring_rescales`), or in BF16 with BF16 islands."""
         nodes = [*fp32_nodes, *onnx_pass.restoring_rescales(graph, fp32_nodes)]
-        return to_typed_fp16(graph, node_block_list=nodes)
+        return to_typed_fp16(graph, node_block_list=nodes, island_dtype=ISLAND_DTYPES[islands])
 
     def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
         """See :meth:`FixTarget.references` (ONNX Runtime, CPU, FP32)."""
@@ -357,15 +359,21 @@ class TorchFixTarget:
             notes += n
         return torch_pass.annotate(scaled, self.examples[0]), notes
 
-    def convert(self, graph, fp32_nodes: Sequence[str]) -> tuple[object, Fp16Conversion]:
+    def convert(self, graph, fp32_nodes: Sequence[str], *, islands: str = "fp32") -> tuple[object, Fp16Conversion]:
         """See :meth:`FixTarget.convert` (:func:`~fp16guard.fix.torch_pass.to_fp16_program`); rescales
         that restore values only for FP32 users or the output run in FP32 with them
-        (:func:`~fp16guard.fix.torch_pass.restoring_rescales`)."""
+        (:func:`~fp16guard.fix.torch_pass.restoring_rescales`), or in BF16 with BF16 islands."""
         nodes = [*fp32_nodes, *torch_pass.restoring_rescales(graph, fp32_nodes)]
-        program = torch_pass.to_fp16_program(graph, nodes)
+        bf16 = islands == "bf16"
+        program = torch_pass.to_fp16_program(graph, nodes, torch.bfloat16 if bf16 else torch.float32)
         casts = sum(1 for n in program.graph.nodes
                     if n.op == "call_function" and n.target is torch.ops.aten._to_copy.default)
-        return program, Fp16Conversion(fp32_nodes=nodes, casts=casts)
+        refused = torch_pass.bf16_unfit_readers(graph) & set(nodes) if bf16 else set()
+        reasons = {n: "reads a constant beyond BF16's range" for n in nodes if n in refused}
+        if not bf16:
+            return program, Fp16Conversion(fp32_nodes=nodes, casts=casts)
+        return program, Fp16Conversion(fp32_nodes=[n for n in nodes if n in refused], casts=casts,
+                                       bf16_nodes=[n for n in nodes if n not in refused], bf16_refused=reasons)
 
     def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
         """See :meth:`FixTarget.references` (the module itself, FP32, CPU, eval mode)."""

@@ -53,7 +53,7 @@ from fp16guard.folding import (
     raise_small,
     simple_fraction,
 )
-from fp16guard.fp16 import FP16_MAX
+from fp16guard.fp16 import BF16_MAX, BF16_MIN_SUBNORMAL, FP16_MAX
 from fp16guard.torch_graph import dynamic_dims, get_attr, module_scope
 
 aten = torch.ops.aten
@@ -169,6 +169,14 @@ def _is_float_value(node: fx.Node) -> bool:
     val = node.meta.get("val", node.meta.get("tensor_meta"))
     vals, _ = tree_flatten(val)
     return any(getattr(v, "dtype", None) is not None and v.dtype.is_floating_point for v in vals)
+
+
+def _writes_float(node: fx.Node) -> bool:
+    """Whether ``node`` writes a float value, read from ``meta["val"]`` or, for nodes a pass added,
+    ``meta["tensor_meta"]`` (a ``TensorMetadata`` tuple, whose own ``dtype`` field is the answer)."""
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    vals, _ = tree_flatten(val, is_leaf=lambda v: isinstance(getattr(v, "dtype", None), torch.dtype))
+    return any(isinstance(getattr(v, "dtype", None), torch.dtype) and v.dtype.is_floating_point for v in vals)
 
 
 def _activations(gm: fx.GraphModule) -> set[str]:
@@ -890,22 +898,27 @@ def program_on(program: fx.GraphModule, device: torch.device) -> fx.GraphModule:
     return moved
 
 
-def to_fp16_program(gm: fx.GraphModule, fp32_nodes: Iterable[str] = ()) -> fx.GraphModule:
+def to_fp16_program(gm: fx.GraphModule, fp32_nodes: Iterable[str] = (),
+                    island_dtype: torch.dtype = torch.float32) -> fx.GraphModule:
     """The typed FP16 program: FP16 constants and activations, FP32 graph inputs and outputs.
 
     Float placeholders are cast to FP16 on the way in and float outputs back to FP32 on the way
-    out (the ONNX path's typed-graph boundary). Nodes named in ``fp32_nodes`` run in FP32: their
-    float inputs are cast up, their constants stay FP32, and their FP16 readers get a cast down.
+    out (the ONNX path's typed-graph boundary). Nodes named in ``fp32_nodes`` run in
+    ``island_dtype`` (FP32, or BF16: FP32's range at 8 significant bits): their float inputs are
+    cast to it, their constants are stored in it, and their FP16 readers get a cast down. With BF16,
+    a node reading a float constant beyond BF16's range (``finfo(float32).min``) stays FP32.
 
     Args:
         gm: an FP32 graph (not modified).
-        fp32_nodes: node names to keep in FP32 (the plan's unfixable or fallback nodes).
+        fp32_nodes: node names to keep out of FP16 (the plan's unfixable or fallback nodes).
+        island_dtype: their precision, ``torch.float32`` (default) or ``torch.bfloat16``.
 
     Returns:
         A new ``GraphModule``; save it with ``torch.export`` (:func:`save_program`).
     """
     fp32 = set(fp32_nodes)
     program = _Fp16Program(gm)
+    unfit = bf16_unfit_readers(gm) if island_dtype == torch.bfloat16 else set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             program.add_input(node)
@@ -916,22 +929,35 @@ def to_fp16_program(gm: fx.GraphModule, fp32_nodes: Iterable[str] = ()) -> fx.Gr
         elif _packet(node) is getattr(aten, "_assert_tensor_metadata", None):
             continue  # checks the capture's FP32 dtype and device, which the program changes
         else:
-            program.add_op(node, want16=node.name not in fp32)
+            program.add_op(node, torch.float16 if node.name not in fp32 else
+                           torch.float32 if node.name in unfit else island_dtype)
     return program.module()
+
+
+def bf16_unfit_readers(gm: fx.GraphModule) -> set[str]:
+    """Names of the nodes of ``gm`` that read a float constant BF16 cannot hold: a finite value
+    beyond :data:`~fp16guard.fp16.BF16_MAX` (inf in BF16) or a nonzero one that flushes to 0."""
+    out = set()
+    for n in gm.graph.nodes:
+        t = get_attr(gm, n.target) if n.op == "get_attr" else None
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            a = t.detach().double().abs()
+            if bool(((a > BF16_MAX) & a.isfinite()).any() | ((a > 0) & (a <= BF16_MIN_SUBNORMAL / 2)).any()):
+                out.update(u.name for u in n.users)
+    return out
 
 
 class _Fp16Program:
     """The typed program :func:`to_fp16_program` builds, one source node at a time: each float value is
-    kept in the precision its producer ran in and cast (once) for consumers that need the other one."""
+    kept in the precision its producer ran in and cast (once) for consumers that need another one."""
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.g = fx.Graph()
         self.g._codegen = gm.graph._codegen
         self.new = torch.nn.Module()
-        self.env16: dict[fx.Node, Any] = {}  # value as FP16 consumers read it
-        self.env32: dict[fx.Node, Any] = {}  # value as FP32 consumers read it
-        self.is16: dict[fx.Node, bool] = {}
+        self.env: dict[torch.dtype, dict[fx.Node, Any]] = {}  # value as consumers of each dtype read it
+        self.made: dict[fx.Node, torch.dtype] = {}  # the dtype a float value's producer wrote
         self.buffers: dict[tuple[str, torch.dtype], fx.Node] = {}
         self.count = 0
 
@@ -950,52 +976,49 @@ class _Fp16Program:
             self.buffers[key] = self.g.get_attr(name)
         return self.buffers[key]
 
-    def read(self, node: fx.Node, want16: bool):
-        """The value of ``node`` for a consumer running in FP16 (``want16``) or FP32."""
+    def read(self, node: fx.Node, dtype: torch.dtype):
+        """The value of ``node`` for a consumer running in ``dtype`` (FP16, FP32 or BF16)."""
         if node.op == "get_attr":
             t = get_attr(self.gm, node.target)
             if not isinstance(t, torch.Tensor):
                 return None
-            return self.const(node.target, (torch.float16 if want16 else torch.float32) if t.is_floating_point()
-                              else t.dtype)
-        env = self.env16 if want16 else self.env32
+            return self.const(node.target, dtype if t.is_floating_point() else t.dtype)
+        env = self.env.setdefault(dtype, {})
         if node not in env:
-            have = self.env16.get(node, self.env32.get(node))
-            dtype = torch.float16 if want16 else torch.float32
-            env[node] = self.cast(have, dtype) if self.is16.get(node) is not None else have
+            made = self.made.get(node)  # None: not a float value, the same for every reader
+            env[node] = self.cast(self.env[made][node], dtype) if made is not None else self.env[None][node]
         return env[node]
 
     def add_input(self, node: fx.Node) -> None:
         """A graph input: a float one is FP32 (cast to FP16 when an FP16 op first reads it)."""
         p = self.g.placeholder(node.name)
         p.meta.update(node.meta)
-        if _is_float_value(node):
-            self.env32[node], self.is16[node] = p, False
-        else:
-            self.env32[node] = self.env16[node] = p
+        self.store(node, p, torch.float32 if _writes_float(node) else None)
+
+    def store(self, node: fx.Node, value, dtype: torch.dtype | None) -> None:
+        """Record ``value`` as ``node``'s, written in ``dtype`` (None: not a float value, read as it is)."""
+        self.env.setdefault(dtype, {})[node] = value
+        if dtype is not None:
+            self.made[node] = dtype
 
     def add_output(self, node: fx.Node) -> None:
         """The graph's output node: every output read as FP32."""
-        outs = tree_map(lambda a: self.read(a, False) if isinstance(a, fx.Node) else a, node.args[0])
+        outs = tree_map(lambda a: self.read(a, torch.float32) if isinstance(a, fx.Node) else a, node.args[0])
         self.g.output(outs)
 
-    def add_op(self, node: fx.Node, want16: bool) -> None:
-        """A copy of the op ``node`` running in FP16 (``want16``) or kept in FP32: its float inputs are
-        read (cast if need be) in that precision, and an explicit ``dtype=float32`` of an FP16 op
-        becomes float16."""
-        args, kwargs = tree_map(lambda a: self.read(a, want16) if isinstance(a, fx.Node) else a,
+    def add_op(self, node: fx.Node, dtype: torch.dtype) -> None:
+        """A copy of the op ``node`` running in ``dtype`` (FP16, or FP32 / BF16 in an island): its float
+        inputs are read (cast if need be) in that precision, and an explicit ``dtype=float32`` of an op
+        running in FP16 or BF16 becomes that dtype."""
+        args, kwargs = tree_map(lambda a: self.read(a, dtype) if isinstance(a, fx.Node) else a,
                                 (node.args, node.kwargs))
         kwargs = dict(kwargs)
-        if want16 and kwargs.get("dtype") is torch.float32:
-            kwargs["dtype"] = torch.float16  # an explicit FP32 cast inside the model stays in the FP16 program
-        if want16:  # ... also when the dtype is positional (T5's ``hidden.to(torch.float32)``: aten.to.dtype)
-            args = tuple(torch.float16 if a is torch.float32 else a for a in args)
+        if kwargs.get("dtype") is torch.float32:
+            kwargs["dtype"] = dtype  # an explicit FP32 cast inside the model stays in the FP16 program
+        # ... also when the dtype is positional (T5's ``hidden.to(torch.float32)``: aten.to.dtype)
+        args = tuple(dtype if a is torch.float32 else a for a in args)
         out = self.g.create_node(node.op, node.target, tuple(args), kwargs, name=node.name)
-        if _is_float_value(node):
-            (self.env16 if want16 else self.env32)[node] = out
-            self.is16[node] = want16
-        else:
-            self.env16[node] = self.env32[node] = out
+        self.store(node, out, dtype if _writes_float(node) else None)
 
     def module(self) -> fx.GraphModule:
         """The finished program as a ``GraphModule`` (its constants are the new buffers)."""
@@ -1024,11 +1047,12 @@ def save_program(program: fx.GraphModule, examples: Sequence[Sequence[torch.Tens
 def run_emulated(program: fx.GraphModule, *args: torch.Tensor) -> list[torch.Tensor]:
     """Run an FP16 program with strict FP16 storage and FP32 arithmetic, on the CPU.
 
-    Each op gets its FP16 inputs converted to FP32, runs in FP32, and its result is rounded to the
-    dtype the op would produce on the FP16 inputs (found on the ``meta`` device), so every FP16
-    value is exactly what an FP16 kernel with FP32 accumulation stores: values beyond 65504 become
-    inf, tiny ones subnormal or zero. This is what the ``emulate`` ONNX backend does
-    (:func:`fp16guard.fp16_onnx.emulation_model`).
+    Each op gets its FP16 (and BF16) inputs converted to FP32, runs in FP32, and its result is
+    rounded to the dtype the op would produce on the FP16 inputs (found on the ``meta`` device), so
+    every FP16 value is exactly what an FP16 kernel with FP32 accumulation stores: values beyond
+    65504 become inf, tiny ones subnormal or zero. A BF16 island's values are rounded to BF16 the
+    same way (round to nearest even, inf beyond :data:`~fp16guard.fp16.BF16_MAX`). This is what the
+    ``emulate`` ONNX backend does (:func:`fp16guard.fp16_onnx.emulation_model`).
 
     Args:
         program: from :func:`to_fp16_program`.
@@ -1038,8 +1062,8 @@ def run_emulated(program: fx.GraphModule, *args: torch.Tensor) -> list[torch.Ten
         The outputs, flattened, as given by the program (FP32 at the boundary).
     """
     def up(a):
-        """FP16 tensors to FP32."""
-        return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a
+        """FP16 and BF16 tensors to FP32."""
+        return a.float() if isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a
 
     def meta(a):
         """A tensor's stand-in on the meta device."""
