@@ -25,7 +25,7 @@ from fp16guard import __version__
 if TYPE_CHECKING:
     from rich.console import Console
 
-from fp16guard.errors import EXIT_CLEAN, EXIT_OVERFLOW, Fp16GuardError, InputError, UsageError
+from fp16guard.errors import EXIT_CLEAN, EXIT_OVERFLOW, Fp16GuardError, UsageError
 
 #: The bundled examples (``fp16guard.examples.EXAMPLES``), named here so ``--help`` imports nothing heavy.
 EXAMPLE_NAMES = ("crepe-full", "ppocr-det")
@@ -39,7 +39,8 @@ EXIT_INTERNAL = 3
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (a :class:`UsageError`), not the usage text and exit 2."""
 
-    def error(self, message: str):  # noqa: D102 - argparse's hook
+    def error(self, message: str):
+        """argparse's hook for a command-line error: raise :class:`UsageError` (one line, exit 2)."""
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -277,19 +278,9 @@ def _fit(model, inputs, framework: str, what: str = "input"):
 
     check_inputs(inputs, finite=False, what=what)
     if framework == "onnx":
-        from fp16guard.inputs import onnx_feed
-        from fp16guard.onnx_graph import check_feed, fed_inputs
+        from fp16guard.inputs import check_onnx_feeds
 
-        names = fed_inputs(model)
-        declared = [i for i in model.graph.input if i.name in names]
-        for item in inputs:
-            if item.kind != "arrays":
-                _no_raw(item)
-            feed = onnx_feed(names, item)  # its errors name the item already
-            try:
-                check_feed(declared, feed)
-            except InputError as e:
-                raise InputError(f"{what} {item.label}: {e}") from None
+        check_onnx_feeds(model, inputs, what=what)
         return inputs
     return [by_forward_names(model, item) for item in inputs]
 
@@ -463,12 +454,6 @@ def _fix(args, console: Console) -> int:
         write(result.to_json(), args.json)
         console.print(f"JSON report: {args.json}")
     return EXIT_CLEAN if result.verification.finite else EXIT_OVERFLOW
-
-
-def _no_raw(item):
-    """Refuse a raw image or waveform for an ONNX model (it needs the model's own preprocessing)."""
-    raise InputError(f"{item.label}: an ONNX model takes .npy/.npz arrays, not a raw {item.kind}; "
-                     "convert it with the model's preprocessing first")
 
 
 def _fetch(args, console: Console) -> int:

@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from fp16guard.errors import UsageError
+from fp16guard.errors import UsageError, first_line
 
 #: Default bound on the relative L2 error of an FP16 output against FP32 (bisect: a cut is bad above
 #: it; fix: a fixed model is refused above it). Calibrated on the bundled examples (the trial tables of
@@ -95,11 +95,11 @@ def checked_metric(name: str, fn: Metric) -> Metric:
             an array of several values).
     """
     def call(outputs, reference):
+        """``fn(outputs, reference)`` as a float (NaN -> inf); its failures as :class:`UsageError`."""
         try:
             value = fn(outputs, reference)
         except Exception as e:  # the user's metric failed: say so, in its own words
-            first = next((line for line in str(e).splitlines() if line.strip()), "")
-            raise UsageError(f"--metric {name} raised {type(e).__name__}: {first}; fix the metric") from None
+            raise UsageError(f"--metric {name} raised {type(e).__name__}: {first_line(e)}; fix the metric") from None
         try:
             score = float(np.asarray(value).item()) if not isinstance(value, (str, bytes, bool)) else None
         except (TypeError, ValueError):

@@ -104,3 +104,9 @@ class StillOverflowsError(FixError):
 class InaccurateFixError(StillOverflowsError):
     """The fixed model is finite but not right enough: an input's error exceeds the tolerance, or
     is clearly worse than the naive FP16 conversion or the FP32 fallback (exit status 1)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, stripped (library errors run to many
+    lines; a one-line error quotes only this)."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")

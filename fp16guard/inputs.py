@@ -229,6 +229,30 @@ def onnx_feed(input_names: Sequence[str], item: NamedInput) -> dict[str, np.ndar
             for n, a in zip(input_names, arrays)}
 
 
+def check_onnx_feeds(model, items: Sequence[NamedInput], *, what: str = "input") -> None:
+    """Refuse, before any run, an item an ONNX model's declared inputs do not take.
+
+    Args:
+        model: the ``onnx.ModelProto``.
+        items: the inputs, fed as :func:`onnx_feed` feeds them.
+        what: how the message names the items (``input``, ``validation input``).
+
+    Raises:
+        InputError: a raw image or waveform, the wrong number or names of arrays (:func:`onnx_feed`),
+            or a shape or type the graph does not declare (``<what> <label>: input 'x' must have ...``).
+    """
+    from fp16guard.onnx_graph import check_feed, fed_inputs
+
+    names = fed_inputs(model)
+    declared = [i for i in model.graph.input if i.name in names]
+    for item in items:
+        feed = onnx_feed(names, item)  # its own errors name the item
+        try:
+            check_feed(declared, feed)
+        except InputError as e:
+            raise InputError(f"{what} {item.label}: {e}") from None
+
+
 def torch_args(item: NamedInput):
     """One input as the argument tuple of a PyTorch model's ``forward``.
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fp16guard.errors import ModelLoadError
+from fp16guard.errors import ModelLoadError, first_line
 
 
 def model_kind(spec: str) -> str:
@@ -55,7 +55,7 @@ def load_torch_model(spec: str, checkpoint: str | None = None) -> torch.nn.Modul
         try:
             return torch.export.load(str(path)).module()
         except Exception as e:
-            raise ModelLoadError(f"{path}: not a readable ExportedProgram ({type(e).__name__}: {_first_line(e)}); "
+            raise ModelLoadError(f"{path}: not a readable ExportedProgram ({type(e).__name__}: {first_line(e)}); "
                                  f"write it with torch.export.save") from None
         finally:
             quiet.setLevel(level)
@@ -71,7 +71,7 @@ def load_torch_model(spec: str, checkpoint: str | None = None) -> torch.nn.Modul
                              f"{e.msg}") from None
     except Exception as e:  # the user's module raised while importing
         raise ModelLoadError(f"cannot import {spec}: importing {module_name} raised {type(e).__name__}: "
-                             f"{_first_line(e)}") from None
+                             f"{first_line(e)}") from None
     if not callable(factory):
         raise ModelLoadError(f"{spec} is {type(factory).__name__}, not a callable that returns a torch.nn.Module")
     try:
@@ -85,7 +85,7 @@ def load_torch_model(spec: str, checkpoint: str | None = None) -> torch.nn.Modul
     try:
         model = factory()
     except Exception as e:  # the user's factory failed: its own error, in one line
-        raise ModelLoadError(f"{spec}() raised {type(e).__name__}: {_first_line(e)}") from None
+        raise ModelLoadError(f"{spec}() raised {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise ModelLoadError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
@@ -95,7 +95,7 @@ def load_torch_model(spec: str, checkpoint: str | None = None) -> torch.nn.Modul
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ModelLoadError(f"{path}: not a readable state_dict ({type(e).__name__}: {_first_line(e)}); "
+            raise ModelLoadError(f"{path}: not a readable state_dict ({type(e).__name__}: {first_line(e)}); "
                                  f"write it with torch.save(model.state_dict(), path)") from None
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -106,8 +106,3 @@ def load_torch_model(spec: str, checkpoint: str | None = None) -> torch.nn.Modul
             detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
             raise ModelLoadError(f"{path} does not fit {spec}: {detail[:300]}") from None
     return model.eval()
-
-
-def _first_line(e: BaseException) -> str:
-    """The first non-empty line of an exception's message (library errors run to many lines)."""
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")

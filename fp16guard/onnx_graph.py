@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fp16guard.errors import InputError, ModelLoadError
+from fp16guard.errors import InputError, ModelLoadError, first_line
 from fp16guard.stats import RangeStats
 
 logger = logging.getLogger("fp16guard")
@@ -63,8 +63,7 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path))
     except Exception as e:  # onnx raises DecodeError, ValueError, OSError depending on the damage
-        first = next((line for line in str(e).splitlines() if line.strip()), "")
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__}: {first[:200]})") from None
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__}: {first_line(e)[:200]})") from None
     if not proto.graph.node:
         raise ModelLoadError(f"{path}: the ONNX graph has no nodes")
     return proto
@@ -226,8 +225,7 @@ def cpu_session(model: onnx.ModelProto, *, optimize: bool = True, options=None):
     try:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-        first = next((line for line in str(e).splitlines() if line.strip()), "")
-        raise ModelLoadError(f"ONNX Runtime cannot load {model.graph.name or 'the model'}: {first}") from None
+        raise ModelLoadError(f"ONNX Runtime cannot load {model.graph.name or 'the model'}: {first_line(e)}") from None
 
 
 def activation_values(model: onnx.ModelProto, types: Mapping[str, int] | None = None,

@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fp16guard.deps import import_polygraphy
-from fp16guard.errors import InputError
+from fp16guard.errors import InputError, first_line
 from fp16guard.inputs import NamedInput
 
 #: Runner names of :func:`save_run_results` as ``fix --save-outputs`` uses them.
@@ -79,8 +79,8 @@ def read_polygraphy_inputs(path: str | Path) -> list[NamedInput]:
         with _quiet():
             data = load_json(str(p))
     except (ValueError, OSError, PolygraphyException) as e:  # JSONDecodeError is a ValueError
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise InputError(f"{p}: not a readable Polygraphy JSON file ({first}); write it with "
+        why = first_line(e) or type(e).__name__
+        raise InputError(f"{p}: not a readable Polygraphy JSON file ({why}); write it with "
                          "polygraphy run --save-inputs or polygraphy.json.save_json") from None
     single = isinstance(data, Mapping)
     feeds = [data] if single else data

@@ -28,11 +28,14 @@ log = logging.getLogger("fp16guard")
 class Reporter(Protocol):
     """Who shows steps: :meth:`start` returns a handle that :meth:`advance` and :meth:`finish` take."""
 
-    def start(self, description: str, total: int | None) -> object: ...
+    def start(self, description: str, total: int | None) -> object:
+        """Show a step (``total`` units, or None for a spinner); return its handle."""
 
-    def advance(self, handle: object, n: int) -> None: ...
+    def advance(self, handle: object, n: int) -> None:
+        """Count ``n`` more units of the step ``handle``."""
 
-    def finish(self, handle: object, seconds: float) -> None: ...
+    def finish(self, handle: object, seconds: float) -> None:
+        """The step ``handle`` ended after ``seconds`` (wall time)."""
 
 
 _reporter: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar("fp16guard_progress", default=None)
@@ -52,6 +55,7 @@ def step(description: str, total: int | None = None) -> Iterator[Callable[[int],
     handle = reporter.start(description, total) if reporter is not None else None
 
     def advance(n: int = 1) -> None:
+        """Count ``n`` units of this step."""
         if reporter is not None:
             reporter.advance(handle, n)
 
@@ -98,12 +102,15 @@ class RichProgress:
         self.progress.__exit__(*exc)
 
     def start(self, description: str, total: int | None) -> object:
+        """A rich task for the step (see :class:`Reporter`)."""
         return self.progress.add_task(description, total=total)
 
     def advance(self, handle: object, n: int) -> None:
+        """Advance the step's task (see :class:`Reporter`)."""
         self.progress.advance(handle, n)  # type: ignore[arg-type]
 
     def finish(self, handle: object, seconds: float) -> None:
+        """Remove the step's task; on a terminal, leave ``done <description> <seconds>``."""
         task = next(t for t in self.progress.tasks if t.id == handle)
         self.progress.remove_task(handle)  # type: ignore[arg-type]
         if self.live:

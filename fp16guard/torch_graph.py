@@ -24,7 +24,7 @@ from typing import Sequence
 
 import onnx
 
-from fp16guard.errors import ExportError, ModelLoadError
+from fp16guard.errors import ExportError, ModelLoadError, first_line
 
 
 @contextlib.contextmanager
@@ -68,7 +68,7 @@ def inference_copy(model):
         copied = copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001 - a module's __deepcopy__ may raise anything
         raise ModelLoadError(f"cannot copy {type(model).__name__} to measure it in eval mode ({type(e).__name__}: "
-                             f"{_first_line(e)}); fp16guard never changes the caller's model, so the model must "
+                             f"{first_line(e)[:200]}); fp16guard never changes the caller's model, so the model must "
                              f"support copy.deepcopy") from None
     try:
         copied.eval()
@@ -119,12 +119,7 @@ def export_onnx(module, args: tuple, *, dynamic_shapes=None, what: str = "the mo
             torch.onnx.export(module, tuple(args), buf, dynamo=False)
             return onnx.load_from_string(buf.getvalue())
     except Exception as e:  # noqa: BLE001 - exporters raise many types
-        first = next((line for line in str(e).strip().splitlines() if line.strip()), "")
-        raise ExportError(f"cannot export {what} to ONNX ({type(e).__name__}: {first[:200]})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return next((line for line in str(e).strip().splitlines() if line.strip()), "")[:200]
+        raise ExportError(f"cannot export {what} to ONNX ({type(e).__name__}: {first_line(e)[:200]})") from None
 
 
 def capture(model, examples: Sequence[Sequence], *, trace_fallback: bool = False):
@@ -159,12 +154,12 @@ def capture(model, examples: Sequence[Sequence], *, trace_fallback: bool = False
                 gm = torch.export.export(model, tuple(examples[0]), dynamic_shapes=dynamic_dims(examples),
                                          strict=False).module()
             except Exception as e:  # noqa: BLE001 - export raises many types
-                errors.append(f"torch.export: {type(e).__name__}: {_first_line(e)}")
+                errors.append(f"torch.export: {type(e).__name__}: {first_line(e)[:200]}")
             if gm is None and trace_fallback:
                 try:
                     gm = fx.symbolic_trace(model)
                 except Exception as e:  # noqa: BLE001
-                    errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {_first_line(e)}")
+                    errors.append(f"torch.fx.symbolic_trace: {type(e).__name__}: {first_line(e)[:200]}")
         if gm is None:
             raise ExportError(f"cannot capture {type(model).__name__} as a graph ({'; '.join(errors)}); make "
                               f"forward() traceable (no data-dependent Python control flow), or export it to "

@@ -65,16 +65,19 @@ class TorchMemory:
         self.stream = torch.cuda.current_stream().cuda_stream
 
     def upload(self, array: np.ndarray) -> int:
+        """Copy ``array`` (any shape and dtype) to a new device buffer; its address."""
         t = self._torch.as_tensor(np.require(array, requirements="C")).cuda()
         self._keep.append(t)
         return t.data_ptr()
 
     def empty(self, nbytes: int) -> int:
+        """A new device buffer of ``nbytes`` bytes, uninitialized; its address (see :class:`DeviceMemory`)."""
         t = self._torch.empty(max(nbytes, 1), dtype=self._torch.uint8, device="cuda")
         self._keep.append(t)
         return t.data_ptr()
 
     def download(self, address: int, shape: tuple[int, ...], dtype: np.dtype, stream: int | None = None) -> np.ndarray:
+        """``prod(shape)`` elements of ``dtype`` at ``address`` as a new host array (stream synced)."""
         torch = self._torch
         out = np.empty(shape, dtype=dtype)
         view = _DeviceArray(address, (out.nbytes,), "|u1")
@@ -84,9 +87,11 @@ class TorchMemory:
         return out
 
     def synchronize(self) -> None:
+        """Wait for :attr:`stream` (see :class:`DeviceMemory`)."""
         self._torch.cuda.current_stream().synchronize()
 
     def release(self) -> None:
+        """Free every buffer made since the last release (see :class:`DeviceMemory`)."""
         self._keep.clear()
 
 
@@ -137,6 +142,7 @@ class CudaPythonMemory:
         return values[0] if len(values) == 1 else tuple(values) or None
 
     def upload(self, array: np.ndarray) -> int:
+        """Copy ``array`` (any shape and dtype) to a new device buffer; its address."""
         host = np.require(array, requirements="C")
         address = self.empty(host.nbytes)
         self._check("cudaMemcpyAsync", self.cudart.cudaMemcpyAsync(
@@ -145,11 +151,13 @@ class CudaPythonMemory:
         return address
 
     def empty(self, nbytes: int) -> int:
+        """A new device buffer of ``nbytes`` bytes, uninitialized; its address (see :class:`DeviceMemory`)."""
         address = int(self._check("cudaMalloc", self.cudart.cudaMalloc(max(nbytes, 1))))
         self._buffers.append(address)
         return address
 
     def download(self, address: int, shape: tuple[int, ...], dtype: np.dtype, stream: int | None = None) -> np.ndarray:
+        """``prod(shape)`` elements of ``dtype`` at ``address`` as a new host array (stream synced)."""
         out = np.empty(shape, dtype=dtype)
         on = self._stream if stream is None else stream
         self._check("cudaMemcpyAsync", self.cudart.cudaMemcpyAsync(
@@ -158,9 +166,11 @@ class CudaPythonMemory:
         return out
 
     def synchronize(self) -> None:
+        """Wait for :attr:`stream` (see :class:`DeviceMemory`)."""
         self._check("cudaStreamSynchronize", self.cudart.cudaStreamSynchronize(self._stream))
 
     def release(self) -> None:
+        """Free every buffer made since the last release (see :class:`DeviceMemory`)."""
         self.synchronize()
         for address in self._buffers:
             self._check("cudaFree", self.cudart.cudaFree(address))

@@ -39,7 +39,7 @@ import torch
 
 from fp16guard.backends import Backend
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow, refusal
-from fp16guard.errors import FixError, InaccurateFixError, InputError, PlanError, StillOverflowsError
+from fp16guard.errors import FixError, InaccurateFixError, InputError, PlanError, StillOverflowsError, first_line
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import DERIVED_ROLES, ScaleOp, ScaleSolution, Unfixable, complete, solve
 from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
@@ -574,8 +574,8 @@ def _check_feeds(target: FixTarget, items: Sequence[NamedInput], what: str) -> N
                     target.model(*args)
                 except (RuntimeError, ValueError, TypeError, IndexError) as e:
                     shapes = ", ".join(str(list(t.shape)) for t in args)
-                    first = next((line for line in str(e).splitlines() if line.strip()), "")
-                    raise InputError(f"{what} {item.label} of shape {shapes}: the model rejects it: {first}") from None
+                    raise InputError(f"{what} {item.label} of shape {shapes}: the model rejects it: "
+                                     f"{first_line(e)}") from None
 
 
 def calibrate(model, calib_inputs, *, target_log2: int = 13, raise_underflow: bool = False,

@@ -29,16 +29,15 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from fp16guard.backends import Backend, get_backend
-from fp16guard.errors import BackendError, InputError, PlanError
+from fp16guard.errors import BackendError, PlanError
 from fp16guard.fix import onnx_pass, torch_masks, torch_pass
 from fp16guard.fix.module_scales import module_scales
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import ScaleOp, ScaleSolution
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
 from fp16guard.fp16_onnx import ISLAND_DTYPES, Fp16Conversion, to_typed_fp16, unfit_constants
-from fp16guard.inputs import NamedInput, onnx_feed, torch_args
+from fp16guard.inputs import NamedInput, check_onnx_feeds, onnx_feed, torch_args
 from fp16guard.onnx_graph import (
-    check_feed,
     consumers,
     cpu_session,
     fed_inputs,
@@ -189,12 +188,7 @@ class OnnxFixTarget:
             InputError: naming the item (``what`` and its label), the input, and the shape or
                 type the graph declares.
         """
-        declared = [i for i in self.original.graph.input if i.name in self.input_names]
-        for item in items:
-            try:
-                check_feed(declared, self.feed(item))
-            except InputError as e:
-                raise InputError(f"{what} {item.label}: {e}") from None
+        check_onnx_feeds(self.original, items, what=what)
 
     def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
         """See :meth:`FixTarget.activation_amax`."""

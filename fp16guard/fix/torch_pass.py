@@ -42,7 +42,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fp16guard.errors import ExportError, RewriteError
+from fp16guard.errors import ExportError, RewriteError, first_line
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import Role, ScaleOp, ScaleSolution
 from fp16guard.folding import (
@@ -1037,8 +1037,7 @@ def save_program(program: fx.GraphModule, examples: Sequence[Sequence[torch.Tens
     try:
         ep = torch.export.export(program, tuple(examples[0]), dynamic_shapes=dynamic_dims(examples), strict=False)
     except Exception as e:  # noqa: BLE001
-        first = next((line for line in str(e).strip().splitlines() if line.strip()), "")
-        raise ExportError(f"cannot export the fixed program ({type(e).__name__}: {first[:200]}); "
+        raise ExportError(f"cannot export the fixed program ({type(e).__name__}: {first_line(e)[:200]}); "
                           f"write an .onnx instead") from None
     torch.export.save(ep, str(path))
     return str(path)
