@@ -626,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
         if verbose and quiet:
             raise UsageError("-v and -q contradict each other; give one")
+        _check_options(args)  # before any work, and before torch loads: a wrong option is known at once
         if args.command != "fetch-examples":
             _quiet_libraries(verbose)
         from rich.console import Console
@@ -634,7 +635,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.progress = Console(stderr=True) if not quiet else None  # steps drawn on stderr, on a terminal
         commands = {"inspect": _inspect, "bisect": _bisect, "calibrate": _calibrate, "fix": _fix,
                     "export": _export, "fetch-examples": _fetch}
-        _check_options(args)  # before any work: a missing folder is known now, not after calibration
         from fp16guard.progress import RichProgress, reporting
 
         with contextlib.ExitStack() as stack:
