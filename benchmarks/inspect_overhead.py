@@ -2,6 +2,15 @@
 
     python benchmarks/inspect_overhead.py --device cuda --batch 32
     python benchmarks/inspect_overhead.py --device cpu --batch 32 --iters 3
+    python benchmarks/inspect_overhead.py --graph --iters 20     # results_inspect_graph_h200.txt
+
+``--graph``: ResNet-50 and ViT-B/16 (torchvision) and BERT-base (transformers' default config, seq
+128), random weights, FP32 and FP16: plain eager, FInspect eager, the plain forward as a CUDA
+graph, and ``FInspect.run`` (the hooked forward captured once, then replayed), in interleaved
+rounds; then the GPU time the statistics add inside the graph (FInspect graph replay - plain graph
+replay) against the read floor: the bytes of every tensor measured over the read bandwidth measured
+here. The statistics kernel runs in each of its variants (``triton_stats.REDUCTION`` and
+``TILE_BYTES_PER_THREAD``); the first listed is the default.
 
 ResNet-50 (torchvision's when it imports, else benchmarks/_resnet50.py), random weights, eval
 mode, under torch.no_grad(), FP32 and FP16. For each dtype, four variants run in interleaved
@@ -94,13 +103,13 @@ class _Breakdown:
 
     @staticmethod
     def no_reduction(probe):
-        probe._store._reduce = lambda t, row: None  # hooks and bookkeeping, no kernel at all
+        probe._main.store._reduce = lambda t, row: None  # hooks and bookkeeping, no kernel at all
         return probe
 
     @staticmethod
     def generic_launcher(probe):
         """After the first (warm-up) forward created the arena: Triton's kernel[grid](...) launch."""
-        for arena in probe._store._arenas.values():
+        for arena in probe._main.store._arenas.values():
             arena._launch.direct = False
 
 
@@ -184,6 +193,130 @@ def bench(dtype, device, batch, iters, warmup, breakdown=False):
     return source, med, t_report, len(probe.report().calls), gpu_ms
 
 
+# -- graph mode: FInspect.run replaying one CUDA graph, three models ------------------------------
+def make_model(name: str, batch: int, device, dtype):
+    """(model, args, kwargs): ResNet-50 / ViT-B/16 from torchvision, BERT-base from transformers'
+    default config (random weights: activations of the right sizes, no download)."""
+    if name == "bert-base":
+        from transformers import BertConfig, BertModel
+
+        model = BertModel(BertConfig())
+        ids = torch.randint(0, 30522, (batch, 128), device=device)
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return model.eval().to(device=device, dtype=dtype), (), kwargs
+    if name == "vit_b_16":
+        from torchvision.models import vit_b_16
+
+        model = vit_b_16()
+    else:
+        model, _ = make_resnet50()
+    x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+    return model.eval().to(device=device, dtype=dtype), (x,), {}
+
+
+def read_bandwidth(device) -> float:
+    """The device's read bandwidth in bytes/s: the best of torch.amax and torch.sum over 4 GiB
+    (float16 and float32), each a plain streaming read, timed as CUDA-graph replays."""
+    best = 0.0
+    for dtype in (torch.float16, torch.float32):
+        x = torch.ones(2**32 // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
+        for op in (torch.amax, lambda t: torch.sum(t, dtype=torch.float32)):
+            ms = graph_replay_ms(lambda: op(x), 10)
+            best = max(best, 2**32 / (ms / 1e3))
+        del x
+    return best
+
+
+def _graph_of(probe):
+    """The CUDA graph FInspect.run captured (benchmark-only access to private state)."""
+    (record,) = probe._signatures.values()
+    return record.captured._graph
+
+
+def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: float, kernels: list[tuple]):
+    """Rows: plain eager, FInspect eager, plain CUDA graph, FInspect graph (probe.run); then the
+    GPU-only time the statistics add inside the graph against the read floor of what they read."""
+    import fp16guard.inspect.triton_stats as T
+
+    model, args, kwargs = make_model(name, batch, device, dtype)
+    with torch.no_grad():
+        plain_graph = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                model(*args, **kwargs)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(plain_graph):
+            model(*args, **kwargs)
+    eager_probe = FInspect(model, static=False, cuda_graph=False)
+    probes = {}
+    for reduction, tile in kernels:
+        T.REDUCTION, T.TILE_BYTES_PER_THREAD = reduction, tile
+        probes[(reduction, tile)] = FInspect(model, static=False)
+    T.REDUCTION, T.TILE_BYTES_PER_THREAD = kernels[0]
+    first = probes[kernels[0]]
+    variants = {
+        "plain eager": lambda: model(*args, **kwargs),
+        "FInspect eager": lambda: (eager_probe.__enter__(), model(*args, **kwargs), eager_probe.__exit__()),
+        "plain graph": plain_graph.replay,
+        "FInspect graph": lambda: first.run(*args, **kwargs),
+    }
+    times = {k: [] for k in variants}
+    with torch.no_grad():
+        with contextlib.ExitStack() as stack:
+            for p in probes.values():
+                stack.enter_context(p)
+            for key, p in probes.items():  # eager, then warm-up + capture: later runs replay
+                T.REDUCTION, T.TILE_BYTES_PER_THREAD = key
+                p.run(*args, **kwargs)
+                p.run(*args, **kwargs)
+            T.REDUCTION, T.TILE_BYTES_PER_THREAD = kernels[0]
+            for r in range(3 + iters):
+                for k, fn in variants.items():
+                    dt = timed(fn, device)
+                    if r >= 3:
+                        times[k].append(dt)
+            gpu = {key: graph_ms(_graph_of(p), iters) for key, p in probes.items()}
+        plain_gpu = graph_ms(plain_graph, iters)
+        numel = sum(first._signatures[next(iter(first._signatures))].numel)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    floor = nbytes / bandwidth * 1e3
+    dt_name = str(dtype).replace("torch.", "")
+    for k, v in med.items():
+        print(f"{name:10} {dt_name:8} {k:16} {v:8.2f} ms {v / med['plain eager']:6.2f}x plain eager")
+    print(f"{name:10} {dt_name:8} {'mode':16} {first.mode}")
+    for (reduction, tile), ms in gpu.items():
+        extra = ms - plain_gpu
+        print(f"{name:10} {dt_name:8} GPU-only: plain graph {plain_gpu:.3f} ms, FInspect graph {ms:.3f} ms "
+              f"({ms / plain_gpu:.2f}x); statistics {extra:.3f} ms for {nbytes / 1e9:.3f} GB = "
+              f"{extra / floor:.2f}x the read floor {floor:.3f} ms [{reduction}, tile {tile}]")
+
+
+def graph_ms(graph, iters) -> float:
+    """Median milliseconds of replaying a captured graph (GPU time: no Python per kernel)."""
+    device = torch.device("cuda")
+    for _ in range(3):
+        graph.replay()
+    return statistics.median(timed(graph.replay, device) for _ in range(iters)) * 1e3
+
+
+def main_graph(args):
+    device = torch.device("cuda")
+    bandwidth = read_bandwidth(device)
+    import triton
+
+    print(f"fp16guard inspect, CUDA graph mode: batch {args.batch}, {torch.cuda.get_device_name(device)}, "
+          f"torch {torch.__version__}, triton {triton.__version__}; medians of {args.iters} interleaved rounds")
+    print(f"measured read bandwidth: {bandwidth / 1e12:.2f} TB/s (best of torch.amax / torch.sum over 4 GiB)")
+    kernels = [("partials", 16), ("partials", None), ("atomic", None)]
+    for name in args.models.split(","):
+        for dt_name in args.dtypes.split(","):
+            bench_graph(name, getattr(torch, dt_name), device, args.batch, args.iters, bandwidth, kernels)
+            torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -194,7 +327,13 @@ def main():
     ap.add_argument("--breakdown", action="store_true",
                     help="add variants that split fp16guard's cost: no-op hooks, hooks without "
                          "reductions, Triton's generic launcher, and the plain forward's GPU-only time")
+    ap.add_argument("--graph", action="store_true",
+                    help="CUDA graph mode instead: plain and FInspect, eager and graph, on --models, with the "
+                         "statistics' GPU time against the measured read floor")
+    ap.add_argument("--models", default="resnet50,vit_b_16,bert-base")
     args = ap.parse_args()
+    if args.graph:
+        return main_graph(args)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     print(f"fp16guard inspect overhead: ResNet-50, batch {args.batch}, {name}, torch {torch.__version__}, "

@@ -11,11 +11,24 @@ from fp16guard.stats import RangeStats, tensor_stats
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(params=["partials", "atomic"])
+def reduction(request, monkeypatch):
+    """Both ways a program's numbers reach its row (fp16guard.inspect.triton_stats.REDUCTION)."""
+    import fp16guard.inspect.triton_stats as T
+
+    monkeypatch.setattr(T, "REDUCTION", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("tile", [16, None], ids=["16B-per-thread", "fixed-block"])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-launch", "triton-launch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 4095, 4096, 100_003, 3_000_000])
-def test_triton_stats_equal_eager_stats(dtype, n, direct):
+def test_triton_stats_equal_eager_stats(dtype, n, direct, tile, reduction, monkeypatch):
+    import fp16guard.inspect.triton_stats as T
     from fp16guard.inspect.triton_stats import StatsArena
+
+    monkeypatch.setattr(T, "TILE_BYTES_PER_THREAD", tile)
 
     g = torch.Generator(device="cuda").manual_seed(n)
     x = torch.randn(n, device="cuda", generator=g) * torch.logspace(-12, 6, n, device="cuda")
@@ -37,7 +50,7 @@ def test_triton_stats_equal_eager_stats(dtype, n, direct):
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-launch", "triton-launch"])
-def test_triton_stats_past_2_30_elements_use_wide_offsets(direct):
+def test_triton_stats_past_2_30_elements_use_wide_offsets(direct, reduction):
     """A 2 GB FP16 tensor of 2**30 + 3 elements (64-bit offsets), with the values that matter
     planted past element 2**30, before and after a small tensor (32-bit offsets) of the same dtype."""
     from fp16guard.inspect.triton_stats import WIDE_ABOVE, StatsArena
@@ -134,3 +147,25 @@ def test_fixed_crepe_program_on_real_fp16_cuda_kernels_matches_the_emulation():
         assert cuda_row.task["1-max_prob_error"] >= 0.99
         assert cuda_row.rel_l2 < 3 * emu_row.rel_l2 + 1e-4
     assert min(r.task["1-max_prob_error"] for r in runs["torch"].naive.rows) < 0.9
+
+
+def test_arena_slots_accumulate_and_compact(reduction):
+    """Reducing twice into one slot adds (what a graph replay does); compaction keeps the rows."""
+    from fp16guard.inspect.triton_stats import StatsArena
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    xs = [torch.randn(n, device="cuda", generator=g).half() * s for n, s in ((5000, 1e3), (77, 1e-6), (10**6, 3))]
+    arena = StatsArena(torch.device("cuda"), rows=2)
+    first = [arena.reduce(x) for x in xs[:2]]
+    arena.compact()
+    third = arena.reduce(xs[2])
+    rows = arena.read()
+    want = [RangeStats.from_row(tensor_stats(x).tolist(), x.numel()) for x in xs]
+    assert [RangeStats.from_row(rows[s], x.numel()) for s, x in zip(first + [third], xs)] == want
+    arena.clear()
+    arena.reserve(1)
+    arena.reduce(xs[0])
+    arena.used = 0  # reduce into slot 0 again: the numbers add up
+    arena.reduce(xs[0])
+    twice = RangeStats.from_row(arena.read()[0], 2 * xs[0].numel())
+    assert twice == RangeStats.merge([want[0], want[0]])

@@ -167,7 +167,7 @@ def test_stats_stay_on_device_until_report():
     model = Overflowing().eval()
     with FInspect(model) as probe:
         model(torch.randn(4, 8))
-    blocks = probe._store._blocks
+    blocks = probe._main.store._blocks
     assert blocks and all(isinstance(b, torch.Tensor) and b.shape[1] == 5 for _, b, _ in blocks)
 
 

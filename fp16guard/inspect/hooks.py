@@ -30,22 +30,24 @@ Instances nest (two probes on one model) and re-enter (the same probe entered tw
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
 
-from fp16guard.errors import InputError
+from fp16guard.errors import InputError, first_line
 from fp16guard.inputs import NamedInput, torch_args
 from fp16guard.inspect import triton_stats
+from fp16guard.inspect.replay import MAX_GRAPHS, SignatureRecord, capture, describe_signature, input_signature
 from fp16guard.inspect.report import CallRecord, InspectionReport
 from fp16guard.inspect.static_check import check_module
+from fp16guard.inspect.store import PendingCall, Recording, StatsStore, stats_of
 from fp16guard.progress import step
-from fp16guard.stats import RangeStats, tensor_stats
 from fp16guard.torch_graph import inference_copy
 
 logger = logging.getLogger("fp16guard")
@@ -79,106 +81,6 @@ def iter_tensors(obj: Any, _seen: set[int] | None = None) -> Iterator[torch.Tens
             yield from iter_tensors(getattr(obj, f.name, None), seen)
 
 
-class _StatsStore:
-    """Device-side rows of statistics, one per measured tensor, read back in one go.
-
-    ``measure`` returns a row number; rows are stacked into blocks at the end of every root
-    forward (one small kernel, no sync) so a long calibration loop keeps a few tensors, not
-    thousands.
-    """
-
-    def __init__(self, fused: bool | None):
-        self._fused = fused is not False
-        self._pending: list[torch.Tensor] = []
-        self._blocks: list[tuple[torch.device, torch.Tensor, list[int]]] = []
-        self._pending_rows: list[int] = []
-        self._arenas: dict[int, triton_stats.StatsArena] = {}  # by CUDA device index
-        self._arena_rows: list[tuple[int, int, int]] = []  # (row, device index, arena slot)
-        self._numel: list[int] = []
-        # id(tensor) -> (weakref to it, its version counter, row)
-        self._cache: dict[int, tuple[weakref.ref, int, int]] = {}
-        self._host: list[tuple[float, ...]] | None = None
-
-    def _reduce(self, t: torch.Tensor, row: int) -> None:
-        # No torch.no_grad() here: tensor_stats detaches first and the Triton kernel is invisible
-        # to autograd, and entering the context costs more than the kernel launch on a slow CPU.
-        if self._fused and triton_stats.available(t):
-            index = t.get_device()
-            arena = self._arenas.get(index)
-            if arena is None:
-                arena = self._arenas[index] = triton_stats.StatsArena(t.device)
-            self._arena_rows.append((row, index, arena.reduce(t)))
-        else:
-            self._pending.append(tensor_stats(t))
-            self._pending_rows.append(row)
-
-    def measure(self, t: torch.Tensor, *, fresh: bool = False) -> int:
-        """Row of ``t``'s statistics, computed now unless ``t`` is unchanged since last measured.
-
-        Inference-mode tensors have no version counter, so they are always measured afresh, as is
-        everything with ``fresh=True`` (outputs of in-place ops seen below autograd, where the
-        version counter has not been bumped yet).
-        """
-        version = None if t.is_inference() else t._version
-        hit = None if fresh else self._cache.get(id(t))
-        if hit is not None and version is not None and hit[0]() is t and hit[1] == version:
-            return hit[2]
-        row = len(self._numel)
-        self._numel.append(t.numel())
-        self._reduce(t, row)
-        self._host = None
-        if version is not None:
-            self._cache[id(t)] = (weakref.ref(t), version, row)
-        return row
-
-    def flush(self) -> None:
-        """Stack pending rows per device (no host sync), forget the tensor cache, and re-read the
-        Triton launch settings (once per forward, not per launch)."""
-        by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
-        for stat, row in zip(self._pending, self._pending_rows):
-            rows = by_device.setdefault(stat.device, ([], []))
-            rows[0].append(stat)
-            rows[1].append(row)
-        for device, (stats, rows) in by_device.items():
-            self._blocks.append((device, torch.stack(stats), rows))
-        self._pending.clear()
-        self._pending_rows.clear()
-        self._cache.clear()
-        for arena in self._arenas.values():
-            arena.refresh()
-
-    def read(self) -> list[tuple[float, ...]]:
-        """Every row as host floats, in row order: one device-to-host copy per block."""
-        self.flush()
-        if self._host is None:
-            host: list[tuple[float, ...]] = [()] * len(self._numel)
-            for _, block, rows in self._blocks:
-                for row, values in zip(rows, block.cpu().tolist()):
-                    host[row] = tuple(values)
-            arena_values = {device: arena.read() for device, arena in self._arenas.items()}
-            for row, device, slot in self._arena_rows:
-                host[row] = arena_values[device][slot]
-            self._host = host
-        return self._host
-
-    def stats(self, rows: list[int]) -> RangeStats:
-        """Merged :class:`RangeStats` of ``rows`` (call :meth:`read` first)."""
-        host = self.read()
-        return RangeStats.merge(RangeStats.from_row(host[r], self._numel[r]) for r in rows)
-
-
-@dataclasses.dataclass(slots=True)
-class _PendingCall:
-    name: str
-    kind: str
-    scope: str
-    call: int
-    leaf: bool
-    inputs: list[int]
-    outputs: list[int] = dataclasses.field(default_factory=list)
-    index: int = -1
-
-
 class _OpView(TorchDispatchMode):
     """Attributes every aten op's output to the innermost module running it (the op-level view)."""
 
@@ -192,17 +94,18 @@ class _OpView(TorchDispatchMode):
         if probe._paused or getattr(func, "is_view", False):
             return func(*args, **kwargs)
         skip = probe._weight_ids
-        ins = [probe._store.measure(t) for t in iter_tensors((args, kwargs)) if id(t) not in skip]
+        rec = probe._rec
+        ins = [rec.store.measure(t) for t in iter_tensors((args, kwargs)) if id(t) not in skip]
         out = func(*args, **kwargs)
         mutates = func._schema.is_mutable
-        outs = [probe._store.measure(t, fresh=mutates) for t in iter_tensors(out)]
+        outs = [rec.store.measure(t, fresh=mutates) for t in iter_tensors(out)]
         if outs:
             scope = probe._stack[-1] if probe._stack else ""
             kind = func.overloadpacket.__name__
             key = f"{scope or '(model)'}::{kind}"
-            n = probe._op_counts.get(key, 0)
-            probe._op_counts[key] = n + 1
-            probe._ops.append(_PendingCall(key, kind, scope, n, True, ins, outs, len(probe._ops)))
+            n = rec.op_counts.get(key, 0)
+            rec.op_counts[key] = n + 1
+            rec.ops.append(PendingCall(key, kind, scope, n, True, ins, outs, len(rec.ops)))
         return out
 
 
@@ -219,42 +122,56 @@ class FInspect:
             everywhere (the CPU always uses them).
         static: include the static weight check (:func:`fp16guard.static_check.check_module`) in
             the report.
+        cuda_graph: for batches given to :meth:`run`: None (default) captures the hooked forward
+            as a CUDA graph on the second batch of an input signature and replays it for every
+            later one, where that is possible (CUDA model, Triton, no autograd, ``ops=False``);
+            True does the same and logs a warning when it is not possible; False never captures.
+            Calls of ``model(x)`` inside the block always run eagerly.
 
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module``.
-        RuntimeError: :meth:`report` is called before anything ran.
+        RuntimeError: :meth:`report` is called before anything ran; :meth:`run` outside the block.
 
     Example::
 
         with FInspect(model) as probe:
-            model(x)                      # any number of forwards
+            model(x)                      # any number of forwards, one record set each
         print(probe.report().transitions())
+
+        with torch.no_grad(), FInspect(model.cuda().half()) as probe:
+            for x in loader:              # batches of one shape: captured once, then replayed
+                probe.run(x.cuda().half())
+        print(probe.report().mode)        # 'CUDA graph: 1 capture, 98 replays; eager: 2 forwards'
     """
 
     def __init__(self, model: torch.nn.Module, *, ops: bool = False, fused: bool | None = None,
-                 static: bool = True):
+                 static: bool = True, cuda_graph: bool | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"FInspect needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.ops = ops
         self.static = static
+        self.cuda_graph = cuda_graph
         self._fused = fused
         self._depth = 0
         self._handles: list[Any] = []
         self._mode: _OpView | None = None
         self._paused = False
         self._weight_ids: set[int] = set()
+        self._graph_pool: Any = None
+        self._streams: dict[int, Any] = {}
         self.reset()
 
     def reset(self) -> None:
         """Forget everything recorded so far (hooks stay installed if active)."""
-        self._store = _StatsStore(self._fused)
-        self._calls: list[_PendingCall] = []
-        self._ops: list[_PendingCall] = []
-        self._open: list[_PendingCall] = []
+        self._main = Recording(StatsStore(self._fused))  # what model(x) calls write into
+        self._rec = self._main  # what the hooks write into now
+        self._sources: list[Recording | SignatureRecord] = [self._main]  # in the order they began
+        self._signatures: dict[tuple, SignatureRecord] = {}
+        self._scratch: Recording | None = None  # reused by the eager forwards of run()
+        self._open: list[PendingCall] = []
         self._stack: list[str] = []
-        self._call_counts: dict[str, int] = {}
-        self._op_counts: dict[str, int] = {}
+        self._noted: set[str] = set()
 
     # -- context manager -----------------------------------------------------------------------
     def __enter__(self) -> "FInspect":
@@ -297,14 +214,18 @@ class FInspect:
             mode.__exit__(None, None, None)
         self._open.clear()
         self._stack.clear()
-        self._store.flush()
+        self._rec = self._main
+        self._main.store.flush()
+        for record in self._signatures.values():  # graphs replay hooks; without hooks they must go
+            if record.captured is not None:
+                record.captured, record.eager_reason = None, None
 
     # -- hooks ---------------------------------------------------------------------------------
     def _measure_all(self, obj: Any) -> list[int]:
         self._paused = True
         try:
             skip = self._weight_ids
-            measure = self._store.measure
+            measure = self._rec.store.measure
             if type(obj) is torch.Tensor:  # the common case, without the generic walk
                 return [] if id(obj) in skip or not obj.is_floating_point() else [measure(obj)]
             rows = [measure(t) for t in iter_tensors(obj) if id(t) not in skip]
@@ -315,10 +236,11 @@ class FInspect:
     def _make_pre_hook(self, name: str, kind: str, leaf: bool) -> Callable:
         def pre_hook(module, args, kwargs):
             """Measure the inputs before the module runs (an in-place op would overwrite them)."""
-            n = self._call_counts.get(name, 0)
-            self._call_counts[name] = n + 1
+            counts = self._rec.call_counts
+            n = counts.get(name, 0)
+            counts[name] = n + 1
             inputs = args[0] if len(args) == 1 and not kwargs else (args, kwargs)
-            self._open.append(_PendingCall(name, kind, name, n, leaf, self._measure_all(inputs)))
+            self._open.append(PendingCall(name, kind, name, n, leaf, self._measure_all(inputs)))
             self._stack.append(name)
 
         return pre_hook
@@ -331,51 +253,217 @@ class FInspect:
             pending = self._open.pop()
             self._stack.pop()
             pending.outputs = self._measure_all(output)
-            pending.index = len(self._calls)
-            self._calls.append(pending)
+            calls = self._rec.calls
+            pending.index = len(calls)
+            calls.append(pending)
             if root:
                 self._paused = True
                 try:
-                    self._store.flush()
+                    self._rec.store.flush()
                 finally:
                     self._paused = False
 
         return post_hook
 
+    # -- batches: merged per input signature, replayed as a CUDA graph -------------------------
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model on one batch, merging its statistics with earlier batches of the same
+        input signature (:mod:`fp16guard.inspect.replay`); on CUDA, replay a captured graph.
+
+        The report then holds one record per call site and signature, merged over batches
+        (amax: max; counts: sums), and memory does not grow with the number of batches. A batch
+        whose forward takes another path than its signature's first one is kept as its own
+        records. Returns what the model returns (a copy, when a graph was replayed).
+
+        Raises:
+            RuntimeError: the probe is not active (call it inside ``with FInspect(model) as probe``).
+            Whatever the model raises on the batch.
+        """
+        if self._depth == 0:
+            raise RuntimeError("FInspect.run needs the probe active: call it inside `with FInspect(model) as probe:`")
+        signature = input_signature(args, kwargs)
+        if signature is None or self._rec is not self._main:
+            return self.model(*args, **kwargs)
+        record = self._signatures.get(signature)
+        if record is None:
+            return self._first_forward(signature, args, kwargs)
+        if record.captured is not None:
+            with self._bookkeeping():
+                return record.replay(args, kwargs)
+        if record.eager_reason is None:
+            record.eager_reason = self._graph_refusal(record)
+            if record.eager_reason is None:
+                return self._capture(record, args, kwargs)
+        return self._merged_forward(record, args, kwargs)[0]
+
+    @contextlib.contextmanager
+    def _bookkeeping(self) -> Iterator[None]:
+        """Torch ops of the probe's own (merging rows, copying inputs): unseen by the op view."""
+        paused, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = paused
+
+    @contextlib.contextmanager
+    def _writing_into(self, recording: Recording) -> Iterator[None]:
+        previous, self._rec = self._rec, recording
+        try:
+            yield
+        finally:
+            self._rec = previous
+
+    def _eager_forward(self, args: tuple, kwargs: dict) -> tuple[Any, Recording]:
+        scratch, self._scratch = self._scratch or Recording(StatsStore(self._fused)), None
+        scratch.clear()
+        with self._writing_into(scratch):
+            out = self.model(*args, **kwargs)
+        return out, scratch
+
+    def _first_forward(self, signature: tuple, args: tuple, kwargs: dict) -> Any:
+        out, scratch = self._eager_forward(args, kwargs)
+        with self._bookkeeping():
+            rows = scratch.store.device_rows()
+            if rows is None:  # no rows, or rows on several devices: keep this forward as it is
+                self._sources.append(scratch)
+                return out
+            record = SignatureRecord.first(describe_signature(args, kwargs), scratch, rows)
+        self._signatures[signature] = record
+        self._sources.append(record)
+        self._scratch = scratch
+        return out
+
+    def _merged_forward(self, record: SignatureRecord, args: tuple, kwargs: dict) -> tuple[Any, bool]:
+        out, scratch = self._eager_forward(args, kwargs)
+        with self._bookkeeping():
+            merged = record.merge(scratch)
+        if merged:
+            self._scratch = scratch
+            return out, True
+        self._sources.append(scratch)  # another path through the model: its own records
+        return out, False
+
+    def _graph_refusal(self, record: SignatureRecord) -> str | None:
+        """Why this signature cannot be captured, or None; logged once per reason."""
+        captured = sum(r.graph_store is not None for r in self._signatures.values())
+        if self.cuda_graph is False:
+            reason = "cuda_graph=False"
+        elif record.rows.device.type != "cuda":
+            reason = f"the model runs on {record.rows.device.type}, and CUDA graphs need CUDA"
+        elif self._fused is False or triton_stats.triton is None or not record.in_arena:
+            reason = ("the statistics are not all Triton reductions on one CUDA device (only those accumulate "
+                      "across replays)")
+        elif self.ops:
+            reason = "the op view (ops=True) records in Python per aten op"
+        elif torch.is_grad_enabled():
+            reason = "autograd is on; run under torch.no_grad() or torch.inference_mode()"
+        elif captured >= MAX_GRAPHS:
+            reason = f"{MAX_GRAPHS} input signatures are captured already (memory stays bounded)"
+        else:
+            return None
+        self._note(reason, warn=self.cuda_graph is True)
+        return reason
+
+    def _note(self, reason: str, *, warn: bool) -> None:
+        if reason not in self._noted:
+            self._noted.add(reason)
+            logger.log(logging.WARNING if warn else logging.INFO, "FInspect runs eagerly: %s", reason)
+
+    def _capture(self, record: SignatureRecord, args: tuple, kwargs: dict) -> Any:
+        """This batch's forward as the warm-up on a side stream, then the capture of the next."""
+        device = record.rows.device
+        stream = self._streams.get(device.index)
+        if stream is None:
+            stream = self._streams[device.index] = torch.cuda.Stream(device)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with self._bookkeeping():
+            static_args, static_kwargs = tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            out, merged = self._merged_forward(record, static_args, static_kwargs)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        if not merged:
+            record.eager_reason = "the second batch took another path than the first (control flow)"
+            self._note(record.eager_reason, warn=True)
+            return out
+        graph_rec = Recording(StatsStore(self._fused, compact=False))
+        graph_rec.store.reserve(device, len(record.numel))
+        try:
+            with self._writing_into(graph_rec):
+                captured = capture(self.model, static_args, static_kwargs, pool=self._graph_pool, stream=stream)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager
+            self._open.clear()
+            self._stack.clear()
+            record.eager_reason = f"CUDA graph capture failed: {first_line(e)}"
+            self._note(record.eager_reason, warn=True)
+            return out
+        record.eager_reason = record.adopt(captured, graph_rec)
+        if record.eager_reason is not None:
+            self._note(record.eager_reason, warn=True)
+        return out
+
     # -- results -------------------------------------------------------------------------------
-    def _records(self, pending: list[_PendingCall]) -> tuple[CallRecord, ...]:
-        store = self._store
-        return tuple(
-            CallRecord(p.index, p.name, p.kind, p.scope, p.call, store.stats(p.inputs),
-                       store.stats(p.outputs), p.leaf)
-            for p in pending
-        )
+    @property
+    def mode(self) -> str:
+        """How the forwards ran, e.g. ``CUDA graph: 1 capture, 30 replays; eager: 2 forwards``,
+        with the reason when :meth:`run`'s batches ran eagerly."""
+        eager = sum(r.forwards for r in self._signatures.values()) + sum(
+            sum(c.name == "" for c in s.calls) for s in self._sources if isinstance(s, Recording))
+        captures = sum(r.graph_store is not None for r in self._signatures.values())
+        replays = sum(r.replays for r in self._signatures.values())
+        text = f"eager: {eager} forward{'s' * (eager != 1)}"
+        if captures:
+            text = f"CUDA graph: {captures} capture{'s' * (captures != 1)}, {replays} replays; {text}"
+        reasons = sorted({r.eager_reason for r in self._signatures.values()
+                          if r.eager_reason and r.eager_reason != "cuda_graph=False"})
+        return text + "".join(f" (no CUDA graph: {reason})" for reason in reasons)
 
     def report(self) -> InspectionReport:
         """Read the recorded statistics (one host sync per device) into an :class:`InspectionReport`.
 
+        Records of every source (``model(x)`` calls, then :meth:`run`'s signatures and kept
+        forwards, in the order they began) are numbered together: ``index`` in that order and
+        ``call`` per layer.
+
         Raises:
             RuntimeError: no forward ran under this probe.
         """
-        if not self._calls and not self._ops:
+        if not any(source.calls or source.ops for source in self._sources):
             raise RuntimeError(
                 "FInspect recorded nothing: run the model inside the `with FInspect(model) as probe:` "
                 "block before calling probe.report()")
-        self._store.read()
+        calls: list[CallRecord] = []
+        ops: list[CallRecord] = []
+        for source in self._sources:
+            with self._bookkeeping():
+                host, numel = source.host_rows()
+            for pending, out in ((source.calls, calls), (source.ops, ops)):
+                out += [CallRecord(p.index, p.name, p.kind, p.scope, p.call, stats_of(p.inputs, host, numel),
+                                   stats_of(p.outputs, host, numel), p.leaf) for p in pending]
         static = tuple(check_module(self.model)) if self.static else ()
-        return InspectionReport(
-            source=type(self.model).__name__,
-            calls=self._records(self._calls),
-            ops=self._records(self._ops),
-            static=static,
-        )
+        return InspectionReport(source=type(self.model).__name__, calls=_numbered(calls), ops=_numbered(ops),
+                                static=static, mode=self.mode)
+
+
+def _numbered(records: list[CallRecord]) -> tuple[CallRecord, ...]:
+    """``index`` in list order and ``call`` counted per layer name, across sources."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, rec in enumerate(records):
+        n = seen.get(rec.name, 0)
+        seen[rec.name] = n + 1
+        out.append(dataclasses.replace(rec, index=i, call=n))
+    return tuple(out)
 
 
 def run_torch(model: torch.nn.Module, inputs: Sequence[NamedInput], *, ops: bool = False,
               device: str = "cpu", half: bool = False):
     """Run ``model`` on every input under :class:`~fp16guard.FInspect` and return the report.
 
-    The model runs in eval mode, as deployed. It is deep-copied
+    The model runs in eval mode, as deployed, through :meth:`FInspect.run`: inputs of one shape
+    are merged call by call, and on CUDA every batch after the second of a shape replays one CUDA
+    graph of the hooked forward (the report's ``mode`` says what ran). It is deep-copied
     (:func:`~fp16guard.torch_graph.inference_copy`) before it is moved to ``device``, cast to FP16,
     or put in eval mode (a module in train or mixed mode), so the caller's model is untouched: its
     state_dict (BatchNorm statistics included), training flags and hooks.
@@ -396,7 +484,7 @@ def run_torch(model: torch.nn.Module, inputs: Sequence[NamedInput], *, ops: bool
             if half:
                 tensors = [t.half() if t.is_floating_point() else t for t in tensors]
             try:
-                model(*tensors)
+                probe.run(*tensors)
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 shapes = ", ".join(str(list(t.shape)) for t in tensors)
                 raise InputError(f"the model rejected input {item.label} of shape {shapes}: "

@@ -41,6 +41,8 @@ def print_report(report: InspectionReport, console: Console | None = None, *, to
     console.rule(f"[bold]fp16guard inspect[/]: {report.source}")
     if report.inputs:
         console.print(f"inputs: {', '.join(report.inputs)}")
+    if report.mode:
+        console.print(f"ran: {report.mode}")
     peak = report.peak
     if peak is not None:
         console.print(f"{len(layers)} layers, {len(report.calls)} calls; peak activation "

@@ -213,6 +213,8 @@ class InspectionReport:
         ops: aten-op-level records (empty unless the op view was on).
         static: findings of the static weight check.
         inputs: a short description of each input the model ran on.
+        mode: how the forwards ran (PyTorch: eager, or CUDA-graph replays, see
+            :attr:`fp16guard.FInspect.mode`; ONNX: the inspector's runtime); empty if unknown.
     """
 
     source: str
@@ -220,6 +222,7 @@ class InspectionReport:
     ops: tuple[CallRecord, ...] = ()
     static: tuple[StaticFinding, ...] = ()
     inputs: tuple[str, ...] = ()
+    mode: str = ""
 
     # -- derived views -------------------------------------------------------------------------
     def layers(self, *, leaves_only: bool = False) -> list[LayerSummary]:
@@ -323,6 +326,7 @@ class InspectionReport:
             "schema": SCHEMA,
             "source": self.source,
             "inputs": list(self.inputs),
+            "mode": self.mode,
             "fp16_max": FP16_MAX,
             "overflow_found": self.overflow_found,
             "summary": {

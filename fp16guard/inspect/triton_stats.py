@@ -45,15 +45,22 @@ NUM_WARPS = 8
 PROGRAMS_PER_SM = 4
 #: Tensors with more elements than this use 64-bit offsets (32-bit ones could overflow near 2**31).
 WIDE_ABOVE = 2**30
+#: How a program's five partial results reach its row: ``"partials"`` (default) stores them in the
+#: program's own slot of the row (``[rows, programs]``; read-modify-write, so CUDA-graph replays
+#: accumulate; no atomics, nothing contended) and the slots are reduced when the rows are read;
+#: ``"atomic"`` folds them into the row with five atomics per program (every program of a launch
+#: hits the same five addresses). Read when an arena is created.
+REDUCTION = "partials"
+#: Bytes each thread loads per tile: BLOCK is this times 32 * NUM_WARPS / element size (1024
+#: float32 or 2048 float16 elements at 16 bytes and 8 warps). None: BLOCK for every dtype.
+TILE_BYTES_PER_THREAD: int | None = 16
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["n", "row"])
-    def _stats_kernel(x_ptr, amax_ptr, count_ptr, n, row, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-                      WIDE: tl.constexpr):
+    @triton.jit
+    def _partials(x_ptr, n, BLOCK: tl.constexpr, UNROLL: tl.constexpr, WIDE: tl.constexpr):
         # Each program strides over the tensor, UNROLL independent tiles per step (loads in
-        # flight), keeping per-lane partials; its five atomics come at the end. (One atomic per
-        # tile serialized on the five addresses of the row and cost more than the reads.)
+        # flight), keeping per-lane partials, and returns its five numbers.
         # Offsets are 32-bit unless WIDE (tensors of more than 2**30 elements): 64-bit index
         # arithmetic cost 4-7% of the kernel's time on the H100 (benchmarks/triton_stats_sweep.py).
         pid = tl.program_id(0)
@@ -81,12 +88,34 @@ if triton is not None:
                 nonzero += (inside & finite & ~zero).to(tl.int32)
                 flushed += (inside & tiny & ~zero).to(tl.int32)
                 subnormal += (inside & small & ~tiny).to(tl.int32)
+        return (tl.max(amax, axis=0), tl.sum(nonfinite.to(tl.int64), axis=0), tl.sum(nonzero.to(tl.int64), axis=0),
+                tl.sum(flushed.to(tl.int64), axis=0), tl.sum(subnormal.to(tl.int64), axis=0))
+
+    @triton.jit(do_not_specialize=["n", "row"])
+    def _stats_kernel(x_ptr, amax_ptr, count_ptr, n, row, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+                      WIDE: tl.constexpr):
+        """REDUCTION = "atomic": five atomics per program into row ``row``."""
+        amax, nonfinite, nonzero, flushed, subnormal = _partials(x_ptr, n, BLOCK, UNROLL, WIDE)
         counts = count_ptr + row * 4
-        tl.atomic_max(amax_ptr + row, tl.max(amax, axis=0))
-        tl.atomic_add(counts + 0, tl.sum(nonfinite.to(tl.int64), axis=0))
-        tl.atomic_add(counts + 1, tl.sum(nonzero.to(tl.int64), axis=0))
-        tl.atomic_add(counts + 2, tl.sum(flushed.to(tl.int64), axis=0))
-        tl.atomic_add(counts + 3, tl.sum(subnormal.to(tl.int64), axis=0))
+        tl.atomic_max(amax_ptr + row, amax)
+        tl.atomic_add(counts + 0, nonfinite)
+        tl.atomic_add(counts + 1, nonzero)
+        tl.atomic_add(counts + 2, flushed)
+        tl.atomic_add(counts + 3, subnormal)
+
+    @triton.jit(do_not_specialize=["n", "row"])
+    def _stats_partials_kernel(x_ptr, amax_ptr, count_ptr, n, row, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
+                               UNROLL: tl.constexpr, WIDE: tl.constexpr):
+        """REDUCTION = "partials": program p adds into slot ``[row, p]``, which no other program of
+        the launch touches (launches of one stream run in order, so plain loads and stores do)."""
+        amax, nonfinite, nonzero, flushed, subnormal = _partials(x_ptr, n, BLOCK, UNROLL, WIDE)
+        slot = row * PROGRAMS + tl.program_id(0)
+        tl.store(amax_ptr + slot, tl.maximum(tl.load(amax_ptr + slot), amax))
+        counts = count_ptr + slot * 4
+        tl.store(counts + 0, tl.load(counts + 0) + nonfinite)
+        tl.store(counts + 1, tl.load(counts + 1) + nonzero)
+        tl.store(counts + 2, tl.load(counts + 2) + flushed)
+        tl.store(counts + 3, tl.load(counts + 3) + subnormal)
 
 
 def available(t: torch.Tensor) -> bool:
@@ -111,8 +140,15 @@ def _launch_hooks_active() -> bool:
     return bool(getattr(hook, "calls", hook))  # a HookChain (3.4+) is never None, maybe empty
 
 
+def block_for(dtype: torch.dtype) -> int:
+    """Elements per tile for tensors of ``dtype`` (see :data:`TILE_BYTES_PER_THREAD`)."""
+    if TILE_BYTES_PER_THREAD is None:
+        return BLOCK
+    return TILE_BYTES_PER_THREAD * 32 * NUM_WARPS // torch.empty((), dtype=dtype).element_size()
+
+
 class _Launcher:
-    """Launches ``_stats_kernel`` on one device, bypassing Triton's per-call argument binding
+    """Launches the statistics kernel on one device, bypassing Triton's per-call argument binding
     where it can.
 
     The first launch of each specialization goes through ``kernel[grid](...)``, which compiles
@@ -124,14 +160,21 @@ class _Launcher:
     a profiler hooks launches) is looked up once, or once per forward in :meth:`refresh`: on a
     slow host CPU each Python attribute chain in this path costs microseconds, and a forward
     launches hundreds of these kernels.
+
+    Args:
+        device: the CUDA device.
+        direct: force (True) or forbid (False) the direct launch; None decides by Triton version.
+        reduction: ``"partials"`` or ``"atomic"`` (:data:`REDUCTION`).
     """
 
-    def __init__(self, device: torch.device, direct: bool | None = None):
+    def __init__(self, device: torch.device, direct: bool | None = None, reduction: str = "partials"):
         self.direct = _direct_launch_supported() if direct is None else direct
+        self.partials = reduction == "partials"
         self._compiled: dict[tuple, object] = {}
         self._index = device.index if device.index is not None else torch.cuda.current_device()
         sms = torch.cuda.get_device_properties(self._index).multi_processor_count
-        self._max_programs = PROGRAMS_PER_SM * sms
+        self.max_programs = PROGRAMS_PER_SM * sms
+        self._blocks = {dtype: block_for(dtype) for dtype in DTYPES}
         try:
             self._stream = torch._C._cuda_getCurrentRawStream  # what Triton's own driver calls
         except AttributeError:  # pragma: no cover - very old torch
@@ -145,38 +188,48 @@ class _Launcher:
     def __call__(self, x: torch.Tensor, amax: torch.Tensor, counts: torch.Tensor, row: int,
                  amax_ptr: int, counts_ptr: int) -> None:
         n = x.numel()
-        grid = min((n + BLOCK * UNROLL - 1) // (BLOCK * UNROLL), self._max_programs)
+        block = self._blocks[x.dtype]
+        grid = min((n + block * UNROLL - 1) // (block * UNROLL), self.max_programs)
         ptr = x.data_ptr()
         wide = n > WIDE_ABOVE
         key = (x.dtype, ptr % 16 == 0, wide)
         compiled = None if self._generic or not self.direct else self._compiled.get(key)
+        programs = (self.max_programs,) if self.partials else ()
         if compiled is None:
-            self._compiled[key] = _stats_kernel[(grid,)](x, amax, counts, n, row, BLOCK=BLOCK, UNROLL=UNROLL,
-                                                         WIDE=wide, num_warps=NUM_WARPS)
+            kernel = _stats_partials_kernel if self.partials else _stats_kernel
+            self._compiled[key] = kernel[(grid,)](x, amax, counts, n, row, *programs, BLOCK=block, UNROLL=UNROLL,
+                                                  WIDE=wide, num_warps=NUM_WARPS)
             return
         compiled.run(grid, 1, 1, self._stream(self._index), compiled.function,
-                     compiled.packed_metadata, None, None, None, ptr, amax_ptr, counts_ptr, n, row, BLOCK, UNROLL,
-                     wide)
+                     compiled.packed_metadata, None, None, None, ptr, amax_ptr, counts_ptr, n, row, *programs,
+                     block, UNROLL, wide)
 
 
 class StatsArena:
     """Preallocated device rows that Triton reductions write into; grows by blocks of ``rows``.
 
     ``reduce(t)`` returns a slot number; ``read()`` returns all slots as host rows of five floats
-    in :data:`~fp16guard.stats.STAT_FIELDS` order, one device-to-host copy per block.
+    in :data:`~fp16guard.stats.STAT_FIELDS` order, one device-to-host copy per block. Reducing
+    into a slot that already holds numbers adds to them (max for amax, sums for the counts): that
+    is how CUDA-graph replays accumulate.
 
     Args:
         device: the CUDA device of the tensors to reduce.
-        rows: slots per preallocated block (float32 amax [rows] and int64 counts [rows, 4]).
+        rows: slots per preallocated block: float32 amax ``[rows, P]`` and int64 counts
+            ``[rows, P, 4]``, P the launch's program cap with :data:`REDUCTION` ``"partials"``
+            (528 on a 132-SM GPU: about 19 MB per block of 1024), P = 1 with ``"atomic"``.
         direct: force (True) or forbid (False) the direct launch; None decides by Triton version.
     """
 
     def __init__(self, device: torch.device, rows: int = 1024, direct: bool | None = None):
         self.device = device
         self.rows = rows
-        # (amax [rows] float32, counts [rows, 4] int64, and their device pointers)
+        self._launch = _Launcher(device, direct, REDUCTION)
+        self._programs = self._launch.max_programs if self._launch.partials else 1
+        # (amax [rows, P] float32, counts [rows, P, 4] int64, and their device pointers)
         self._blocks: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
-        self._launch = _Launcher(device, direct)
+        self._compacted: list[torch.Tensor] = []  # float64 [k, 5] rows moved out of the blocks
+        self._first = 0  # slot held by row 0 of the first block
         self.used = 0
 
     @property
@@ -197,11 +250,9 @@ class StatsArena:
         """
         slot = self.used
         self.used = slot + 1
-        block, row = divmod(slot, self.rows)
+        block, row = divmod(slot - self._first, self.rows)
         if block == len(self._blocks):
-            amax = torch.zeros(self.rows, dtype=torch.float32, device=self.device)
-            counts = torch.zeros(self.rows, 4, dtype=torch.int64, device=self.device)
-            self._blocks.append((amax, counts, amax.data_ptr(), counts.data_ptr()))
+            self._new_block()
         if t.numel():
             # Statistics ignore element order: any dense layout is read in place.
             if not (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
@@ -210,10 +261,51 @@ class StatsArena:
             self._launch(t, amax, counts, row, amax_ptr, counts_ptr)
         return slot
 
+    def reserve(self, rows: int) -> None:
+        """Allocate blocks until ``rows`` more slots fit (reducing into them allocates nothing)."""
+        while len(self._blocks) * self.rows < self.used - self._first + rows:
+            self._new_block()
+
+    def _new_block(self) -> None:
+        amax = torch.zeros(self.rows, self._programs, dtype=torch.float32, device=self.device)
+        counts = torch.zeros(self.rows, self._programs, 4, dtype=torch.int64, device=self.device)
+        self._blocks.append((amax, counts, amax.data_ptr(), counts.data_ptr()))
+
+    def _zero_blocks(self) -> None:
+        for amax, counts, _, _ in self._blocks[: (self.used - self._first + self.rows - 1) // self.rows]:
+            amax.zero_()
+            counts.zero_()
+
+    def clear(self) -> None:
+        """Zero the used slots (on the current stream, no sync) and start again at slot 0."""
+        self._zero_blocks()
+        self._compacted.clear()
+        self._first = self.used = 0
+
+    def compact(self) -> None:
+        """Move the filled slots out of the blocks as reduced rows (a few kernels, no sync) and
+        zero the blocks for the next slots: eager forwards then keep 40 bytes per slot, not the
+        blocks' 36 per program. Not while a CUDA graph is captured (replays must accumulate in
+        the blocks)."""
+        if self.used > self._first:
+            self._compacted.append(self._reduced()[: self.used - self._first])
+            self._zero_blocks()
+            self._first = self.used
+
+    def _reduced(self) -> torch.Tensor:
+        return torch.cat([torch.cat([amax.amax(1)[:, None].double(), counts.sum(1).double()], 1)
+                          for amax, counts, _, _ in self._blocks])
+
+    def device_rows(self) -> torch.Tensor:
+        """Every used slot as float64 ``[used, 5]`` on the device (no sync), the programs'
+        partials reduced."""
+        parts = list(self._compacted)
+        if self.used > self._first:
+            parts.append(self._reduced()[: self.used - self._first])
+        if not parts:
+            return torch.zeros(0, 5, dtype=torch.float64, device=self.device)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
     def read(self) -> list[tuple[float, ...]]:
         """Every used slot as ``(amax, nonfinite, nonzero, flush_to_zero, subnormal)``."""
-        out: list[tuple[float, ...]] = []
-        for amax, counts, _, _ in self._blocks:
-            a, c = amax.cpu().tolist(), counts.cpu().tolist()
-            out += [(a[i], *map(float, c[i])) for i in range(len(a))]
-        return out[: self.used]
+        return [tuple(r) for r in self.device_rows().cpu().tolist()]

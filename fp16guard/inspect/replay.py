@@ -1,0 +1,172 @@
+"""Batches of one input signature: statistics merged call by call, and on CUDA one CUDA graph.
+
+:meth:`fp16guard.FInspect.run` keys every batch by its *input signature* (the shapes, dtypes and
+devices of its tensors and the values of everything else). The first batch of a signature runs
+eagerly and fixes the calls and rows (a :class:`SignatureRecord`); later batches that take the
+same path merge into those rows on the device (amax by max, counts by sum), so a calibration
+loop of a thousand batches keeps one row per measured tensor, not a thousand.
+
+On CUDA the second batch of a signature also captures the hooked forward as one CUDA graph
+(:func:`capture`): the hooks run once more in Python while the capture records their Triton
+launches, each writing into a fixed arena slot. Every later batch is copied into the captured
+input buffers and replayed; the kernels' atomics (``atomic_max``, ``atomic_add``) accumulate into
+the same slots, so no Python runs per batch at all. See ``docs/cuda-graphs.md`` for what is and is
+not captured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only
+
+from fp16guard.inspect.store import PendingCall, Recording, StatsStore
+
+#: At most this many input signatures are captured per probe; they share one memory pool, so the
+#: memory held is about one forward's activations plus the static inputs and outputs.
+MAX_GRAPHS = 8
+
+
+def input_signature(args: tuple, kwargs: dict) -> tuple | None:
+    """A hashable key of everything a CUDA graph freezes about a call's arguments.
+
+    Tensors count by shape, dtype, device, ``requires_grad`` and dense layout; other leaves by
+    type and value. Returns None when a leaf is not hashable (the batch then runs eagerly).
+    """
+    leaves, spec = tree_flatten((args, kwargs))
+    key: list[tuple] = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            key.append(("tensor", tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype, leaf.device,
+                        leaf.requires_grad))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            key.append(("value", type(leaf), leaf))
+    return str(spec), tuple(key)
+
+
+def describe_signature(args: tuple, kwargs: dict) -> str:
+    """Short text of a call's tensor arguments, e.g. ``[32, 3, 224, 224] float16``."""
+    parts = [f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"
+             for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return ", ".join(parts) or "no tensors"
+
+
+class CapturedForward:
+    """One CUDA graph of the hooked forward, with its static input and output buffers.
+
+    Args:
+        graph: the captured ``torch.cuda.CUDAGraph``.
+        static_leaves: the flattened ``(args, kwargs)`` the graph reads (tensors are its buffers).
+        static_output: what the captured forward returned (overwritten by every replay).
+    """
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, static_leaves: list, static_output: Any):
+        self._graph = graph
+        self._static_leaves = static_leaves
+        self._static_output = static_output
+
+    def replay(self, args: tuple, kwargs: dict) -> Any:
+        """Copy the batch into the input buffers, replay, and return a copy of the outputs (the
+        next replay overwrites the buffers)."""
+        for static, leaf in zip(self._static_leaves, tree_leaves((args, kwargs))):
+            if isinstance(static, torch.Tensor):
+                static.copy_(leaf)
+        self._graph.replay()
+        return tree_map_only(torch.Tensor, torch.clone, self._static_output)
+
+
+def capture(forward: Callable[..., Any], args: tuple, kwargs: dict, *, pool: Any,
+            stream: torch.cuda.Stream) -> CapturedForward:
+    """Capture ``forward(*args, **kwargs)`` as one CUDA graph on ``stream`` (warm it up first).
+
+    Raises:
+        RuntimeError: the forward cannot be captured (a host sync such as ``.item()`` or
+            ``.cpu()``, a CPU tensor created per call, an allocation outside the pool).
+    """
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        output = forward(*args, **kwargs)
+    return CapturedForward(graph, tree_leaves((args, kwargs)), output)
+
+
+@dataclasses.dataclass(eq=False)
+class SignatureRecord:
+    """The merged statistics of every batch of one input signature.
+
+    Attributes:
+        label: the signature in words (:func:`describe_signature`).
+        calls, ops: the calls of the first forward; their row numbers index :attr:`rows`.
+        numel: elements of each row's tensor in one forward.
+        structure: what a later forward must repeat to merge (:attr:`Recording.structure`).
+        rows: float64 ``[rows, 5]`` on the model's device, eager forwards merged.
+        in_arena: every row of the first forward was a Triton reduction (a graph can accumulate).
+        forwards: eager forwards merged into :attr:`rows`.
+        replays: CUDA-graph replays accumulated in :attr:`graph_store`.
+        graph_store: the arena the captured kernels write into (None until captured).
+        captured: the live graph (dropped when the probe exits; ``graph_store`` stays).
+        eager_reason: why this signature runs eagerly (None: not decided yet, or captured).
+    """
+
+    label: str
+    calls: list[PendingCall]
+    ops: list[PendingCall]
+    numel: list[int]
+    structure: tuple
+    rows: torch.Tensor
+    in_arena: bool
+    forwards: int = 1
+    replays: int = 0
+    graph_store: StatsStore | None = None
+    captured: CapturedForward | None = None
+    eager_reason: str | None = None
+
+    @classmethod
+    def first(cls, label: str, recording: Recording, rows: torch.Tensor) -> "SignatureRecord":
+        """The record of a signature's first forward (copied out of ``recording``)."""
+        return cls(label, list(recording.calls), list(recording.ops), list(recording.store.numel),
+                   recording.structure, rows.clone(), recording.store.all_in_arena)
+
+    def merge(self, recording: Recording) -> bool:
+        """Merge one more eager forward into :attr:`rows` on the device (no sync); False, and
+        nothing merged, when it took another path or its rows live elsewhere."""
+        if recording.structure != self.structure:
+            return False
+        new = recording.store.device_rows()
+        if new is None or new.device != self.rows.device:
+            return False
+        self.rows[:, 0] = torch.maximum(self.rows[:, 0], new[:, 0])
+        self.rows[:, 1:] += new[:, 1:]
+        self.forwards += 1
+        return True
+
+    def adopt(self, captured: CapturedForward, recording: Recording) -> str | None:
+        """Keep a graph captured into ``recording`` if it measured what the first forward did, row
+        for row in arena slots; otherwise say why not."""
+        if recording.structure != self.structure:
+            return "the captured forward took another path than the first one (control flow in Python)"
+        if not recording.store.all_in_arena:
+            return "a measured tensor is not float16/bfloat16/float32 on one CUDA device"
+        self.captured, self.graph_store = captured, recording.store
+        return None
+
+    def replay(self, args: tuple, kwargs: dict) -> Any:
+        """Run one batch through the captured graph; its statistics accumulate in the arena."""
+        assert self.captured is not None
+        output = self.captured.replay(args, kwargs)
+        self.replays += 1
+        return output
+
+    def host_rows(self) -> tuple[list[tuple[float, ...]], list[int]]:
+        """Host rows (eager forwards and replays merged) and the elements behind each row."""
+        host = [tuple(r) for r in self.rows.cpu().tolist()]
+        if self.graph_store is not None and self.replays:
+            graph = self.graph_store.read()
+            host = [(max(a[0], b[0]), *(x + y for x, y in zip(a[1:], b[1:]))) for a, b in zip(host, graph)]
+        runs = self.forwards + self.replays
+        return host, [n * runs for n in self.numel]

@@ -1,0 +1,222 @@
+"""Where FInspect's hooks write: device-side rows of statistics and the calls that own them.
+
+* :class:`StatsStore`: one row of the five statistics (:data:`fp16guard.stats.STAT_FIELDS`) per
+  measured tensor, kept on the tensor's device until :meth:`StatsStore.read` (one transfer per
+  device). On CUDA each row is one Triton reduction into a preallocated arena
+  (:mod:`fp16guard.inspect.triton_stats`); elsewhere it is :func:`fp16guard.stats.tensor_stats`.
+* :class:`PendingCall`: one module (or aten op) call and the rows of its inputs and outputs.
+* :class:`Recording`: a store with its calls; FInspect's hooks write into one recording at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+
+from fp16guard.inspect import triton_stats
+from fp16guard.stats import RangeStats, tensor_stats
+
+#: Columns of a device-side row table: amax, then the four counts (float64, exact up to 2**53).
+ROW_WIDTH = 5
+
+
+class StatsStore:
+    """Device-side rows of statistics, one per measured tensor, read back in one go.
+
+    ``measure`` returns a row number; rows are stacked into blocks at the end of every root
+    forward (one small kernel, no sync) so a long calibration loop keeps a few tensors, not
+    thousands.
+
+    Args:
+        fused: False forces the eager torch reduction everywhere; None or True use the Triton
+            kernel where it is available (CUDA, float16/bfloat16/float32).
+        compact: reduce the arenas' per-program slots at every :meth:`flush` (False for a store a
+            CUDA graph is captured into: its replays accumulate in those slots).
+    """
+
+    def __init__(self, fused: bool | None, *, compact: bool = True):
+        self._fused = fused is not False
+        self._compact = compact
+        self._arenas: dict[int, triton_stats.StatsArena] = {}  # by CUDA device index
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every row; the arenas keep their memory (zeroed, on their stream, no sync)."""
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows: list[int] = []
+        self._blocks: list[tuple[torch.device, torch.Tensor, list[int]]] = []
+        self._arena_rows: list[tuple[int, int, int]] = []  # (row, device index, arena slot)
+        self.numel: list[int] = []
+        # id(tensor) -> (weakref to it, its version counter, row)
+        self._cache: dict[int, tuple[weakref.ref, int, int]] = {}
+        self._host: list[tuple[float, ...]] | None = None
+        for arena in self._arenas.values():
+            arena.clear()
+
+    def reserve(self, device: torch.device, rows: int) -> None:
+        """Allocate arena memory for ``rows`` rows on ``device`` now, so that measuring them later
+        allocates nothing (needed while a CUDA graph is captured: the capture would record the
+        zeroing and every replay would redo it)."""
+        if self._fused and triton_stats.triton is not None and device.type == "cuda":
+            self._arena(device).reserve(rows)
+
+    def _arena(self, device: torch.device) -> triton_stats.StatsArena:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        arena = self._arenas.get(index)
+        if arena is None:
+            arena = self._arenas[index] = triton_stats.StatsArena(torch.device("cuda", index))
+        return arena
+
+    def _reduce(self, t: torch.Tensor, row: int) -> None:
+        # No torch.no_grad() here: tensor_stats detaches first and the Triton kernel is invisible
+        # to autograd, and entering the context costs more than the kernel launch on a slow CPU.
+        if self._fused and triton_stats.available(t):
+            index = t.get_device()
+            arena = self._arenas.get(index)
+            if arena is None:
+                arena = self._arena(t.device)
+            self._arena_rows.append((row, index, arena.reduce(t)))
+        else:
+            self._pending.append(tensor_stats(t))
+            self._pending_rows.append(row)
+
+    def measure(self, t: torch.Tensor, *, fresh: bool = False) -> int:
+        """Row of ``t``'s statistics, computed now unless ``t`` is unchanged since last measured.
+
+        Inference-mode tensors have no version counter, so they are always measured afresh, as is
+        everything with ``fresh=True`` (outputs of in-place ops seen below autograd, where the
+        version counter has not been bumped yet).
+        """
+        version = None if t.is_inference() else t._version
+        hit = None if fresh else self._cache.get(id(t))
+        if hit is not None and version is not None and hit[0]() is t and hit[1] == version:
+            return hit[2]
+        row = len(self.numel)
+        self.numel.append(t.numel())
+        self._reduce(t, row)
+        self._host = None
+        if version is not None:
+            self._cache[id(t)] = (weakref.ref(t), version, row)
+        return row
+
+    @property
+    def all_in_arena(self) -> bool:
+        """True when every row so far is a Triton reduction on one device, row ``i`` in slot ``i``
+        (what a CUDA-graph replay can accumulate into)."""
+        return (not self._pending_rows and not self._blocks and len(self._arenas) == 1
+                and all(row == slot for row, _, slot in self._arena_rows))
+
+    def flush(self) -> None:
+        """Stack pending rows per device (no host sync), forget the tensor cache, and re-read the
+        Triton launch settings (once per forward, not per launch)."""
+        by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
+        for stat, row in zip(self._pending, self._pending_rows):
+            rows = by_device.setdefault(stat.device, ([], []))
+            rows[0].append(stat)
+            rows[1].append(row)
+        for device, (stats, rows) in by_device.items():
+            self._blocks.append((device, torch.stack(stats), rows))
+        self._pending.clear()
+        self._pending_rows.clear()
+        self._cache.clear()
+        for arena in self._arenas.values():
+            arena.refresh()
+            if self._compact:
+                arena.compact()
+
+    def device_rows(self) -> torch.Tensor | None:
+        """Every row as one float64 tensor ``[rows, 5]`` on the device the rows live on, without a
+        host sync; None when there are no rows or they live on several devices."""
+        self.flush()
+        used = [(index, arena) for index, arena in self._arenas.items() if arena.used]
+        devices = {device for device, _, _ in self._blocks} | {arena.device for _, arena in used}
+        if len(devices) != 1 or not self.numel:
+            return None
+        device = devices.pop()
+        n = len(self.numel)
+        if len(self._blocks) == 1 and not used and self._blocks[0][2] == list(range(n)):
+            return self._blocks[0][1].double()
+        if not self._blocks and self.all_in_arena:
+            return used[0][1].device_rows()[:n]
+        out = torch.zeros(n, ROW_WIDTH, dtype=torch.float64, device=device)
+        for _, block, rows in self._blocks:
+            out[torch.tensor(rows, device=device)] = block.double()
+        if used:
+            table = used[0][1].device_rows()
+            rows = torch.tensor([r for r, _, _ in self._arena_rows], device=device)
+            out[rows] = table[torch.tensor([s for _, _, s in self._arena_rows], device=device)]
+        return out
+
+    def read(self) -> list[tuple[float, ...]]:
+        """Every row as host floats, in row order: one device-to-host copy per block."""
+        self.flush()
+        if self._host is None:
+            host: list[tuple[float, ...]] = [()] * len(self.numel)
+            for _, block, rows in self._blocks:
+                for row, values in zip(rows, block.cpu().tolist()):
+                    host[row] = tuple(values)
+            arena_values = {device: arena.read() for device, arena in self._arenas.items()}
+            for row, device, slot in self._arena_rows:
+                host[row] = arena_values[device][slot]
+            self._host = host
+        return self._host
+
+
+@dataclasses.dataclass(slots=True)
+class PendingCall:
+    """One call of a module (or aten op) as the hooks saw it: its rows, not yet read.
+
+    Attributes:
+        name, kind, scope, call, leaf: as in :class:`~fp16guard.inspect.report.CallRecord`.
+        inputs, outputs: row numbers in the recording's store.
+        index: position among the recording's finished calls.
+    """
+
+    name: str
+    kind: str
+    scope: str
+    call: int
+    leaf: bool
+    inputs: list[int]
+    outputs: list[int] = dataclasses.field(default_factory=list)
+    index: int = -1
+
+    @property
+    def shape(self) -> tuple:
+        """What must repeat for two forwards to be merged call by call."""
+        return self.name, self.kind, tuple(self.inputs), tuple(self.outputs)
+
+
+@dataclasses.dataclass
+class Recording:
+    """A store and the calls whose rows it holds: what the hooks write into during a forward."""
+
+    store: StatsStore
+    calls: list[PendingCall] = dataclasses.field(default_factory=list)
+    ops: list[PendingCall] = dataclasses.field(default_factory=list)
+    call_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    op_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def structure(self) -> tuple:
+        """Calls, ops and tensor sizes: equal for two forwards that took the same path."""
+        return (tuple(c.shape for c in self.calls), tuple(c.shape for c in self.ops), tuple(self.store.numel))
+
+    def host_rows(self) -> tuple[list[tuple[float, ...]], list[int]]:
+        """Host rows and the element count behind each (one device-to-host copy per block)."""
+        return self.store.read(), self.store.numel
+
+    def clear(self) -> None:
+        """Forget all calls and rows (the store keeps its device memory)."""
+        self.store.clear()
+        self.calls.clear()
+        self.ops.clear()
+        self.call_counts.clear()
+        self.op_counts.clear()
+
+
+def stats_of(rows: list[int], host: list[tuple[float, ...]], numel: list[int]) -> RangeStats:
+    """Merged :class:`RangeStats` of ``rows`` given the host rows and element counts."""
+    return RangeStats.merge(RangeStats.from_row(host[r], numel[r]) for r in rows)

@@ -1,0 +1,222 @@
+"""FInspect.run: batches of one input signature merged call by call (CPU; the CUDA-graph replay of
+the same logic is checked value for value in tests/test_gpu.py)."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fp16guard import FInspect
+from fp16guard.inspect.replay import describe_signature, input_signature
+from fp16guard.inspect.store import StatsStore
+from fp16guard.stats import RangeStats
+from tests.models import Overflowing, Scale, residual_net
+
+
+def _batches(shape, scales, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) * s for s in scales]
+
+
+def _eager_reports(model, batches, **kw):
+    """One report per batch, each from its own probe and plain ``model(x)``."""
+    reports = []
+    for x in batches:
+        with torch.no_grad(), FInspect(model, **kw) as probe:
+            model(x)
+        reports.append(probe.report())
+    return reports
+
+
+def _merged(reports, level="calls"):
+    """Record i of every report merged: what run() must give for batches of one signature."""
+    rows = list(zip(*(getattr(r, level) for r in reports)))
+    return [(recs[0].name, recs[0].kind, RangeStats.merge(r.inputs for r in recs),
+             RangeStats.merge(r.outputs for r in recs)) for recs in rows]
+
+
+def _as_rows(records):
+    return [(r.name, r.kind, r.inputs, r.outputs) for r in records]
+
+
+def test_batches_of_one_shape_merge_into_one_record_per_call_equal_to_the_eager_records_merged():
+    model = residual_net()
+    batches = _batches((2, 3, 16, 16), [1.0, 30.0, 0.01, 3.0])  # amax and underflow differ per batch
+    with torch.no_grad(), FInspect(model) as probe:
+        outs = [probe.run(x) for x in batches]
+    report = probe.report()
+    expected = _merged(_eager_reports(model, batches))
+    assert _as_rows(report.calls) == expected
+    assert len(report.calls) == len(expected) == len(_eager_reports(model, batches[:1])[0].calls)  # not 4x
+    # merged numbers are real merges: the largest batch sets amax, counts add up over 4 batches
+    stem = next(r for r in report.calls if r.name == "stem")
+    assert stem.inputs.numel == 4 * 2 * 3 * 16 * 16
+    assert stem.inputs.amax == pytest.approx(max(float(x.abs().max()) for x in batches))
+    assert report.mode == "eager: 4 forwards (no CUDA graph: the model runs on cpu, and CUDA graphs need CUDA)"
+    with torch.no_grad():
+        for x, out in zip(batches, outs):
+            torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
+def test_each_input_shape_gets_its_own_records_in_the_order_first_seen():
+    model = residual_net()
+    small, big = _batches((1, 3, 16, 16), [1, 2]), _batches((2, 3, 8, 8), [5, 0.5], seed=1)
+    with torch.no_grad(), FInspect(model) as probe:
+        for x in (small[0], big[0], small[1], big[1]):
+            probe.run(x)
+    report = probe.report()
+    expected = _merged(_eager_reports(model, small)) + _merged(_eager_reports(model, big))
+    assert _as_rows(report.calls) == expected
+    assert [r.call for r in report.calls if r.name == "stem"] == [0, 1]
+    assert [r.index for r in report.calls] == list(range(len(report.calls)))
+    assert probe.mode.startswith("eager: 4 forwards")
+
+
+class Branchy(nn.Module):
+    """Takes ``big`` when the batch's mean is positive: the path depends on the data."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(4, 4)
+        self.big = Scale(1e5)
+        self.small = Scale(0.5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.big(y) if x.mean() > 0 else self.small(y)
+
+
+def test_a_batch_that_takes_another_path_keeps_its_own_records_and_nothing_is_lost():
+    model = Branchy().eval()
+    batches = [torch.full((2, 4), 1.0), torch.full((2, 4), -1.0), torch.full((2, 4), 2.0)]
+    with torch.no_grad(), FInspect(model) as probe:
+        for x in batches:
+            probe.run(x)
+    report = probe.report()
+    # batch 0 and 2 merged (same path), batch 1 on its own after them
+    assert [r.name for r in report.calls] == ["stem", "big", "", "stem", "small", ""]
+    eager = _eager_reports(model, batches)
+    assert _as_rows(report.calls[:3]) == _merged([eager[0], eager[2]])
+    assert _as_rows(report.calls[3:]) == _as_rows(eager[1].calls)
+    assert report.first_nonfinite() is None and {r.name for r in report.transitions()} == {"big", ""}
+    assert probe.mode.startswith("eager: 3 forwards")
+
+
+def test_ops_view_records_merge_too():
+    model = Overflowing().eval()
+    batches = _batches((3, 8), [1, 4, 0.5])
+    with torch.no_grad(), FInspect(model, ops=True) as probe:
+        for x in batches:
+            probe.run(x)
+    report = probe.report()
+    eager = _eager_reports(model, batches, ops=True)
+    assert _as_rows(report.ops) == _merged(eager, "ops") and len(report.ops) == len(eager[0].ops)
+    assert _as_rows(report.calls) == _merged(eager)
+
+
+def test_model_calls_and_run_batches_share_one_report():
+    model = Overflowing().eval()
+    a, b, c = _batches((3, 8), [1, 2, 3])
+    with torch.no_grad(), FInspect(model) as probe:
+        model(a)
+        probe.run(b)
+        probe.run(c)
+    report = probe.report()
+    eager = _eager_reports(model, [a, b, c])
+    assert _as_rows(report.calls) == _as_rows(eager[0].calls) + _merged(eager[1:])
+    assert [r.call for r in report.calls if r.name == "up"] == [0, 1]
+    assert report.mode.startswith("eager: 3 forwards")
+
+
+def test_explicit_cuda_graph_on_the_cpu_runs_eagerly_with_one_warning(caplog):
+    model = Overflowing().eval()
+    with caplog.at_level(logging.INFO, logger="fp16guard"), torch.no_grad(), \
+            FInspect(model, cuda_graph=True) as probe:
+        for x in _batches((3, 8), [1, 2, 3, 4]):
+            probe.run(x)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "CUDA graphs need CUDA" in warnings[0].getMessage()
+    assert probe.report().mode.startswith("eager: 4 forwards (no CUDA graph: the model runs on cpu")
+
+
+def test_cuda_graph_false_says_nothing_about_graphs():
+    model = Overflowing().eval()
+    with torch.no_grad(), FInspect(model, cuda_graph=False) as probe:
+        for x in _batches((3, 8), [1, 2]):
+            probe.run(x)
+    assert probe.mode == "eager: 2 forwards"
+
+
+def test_run_outside_the_block_is_refused():
+    probe = FInspect(Overflowing())
+    with pytest.raises(RuntimeError, match="inside `with FInspect"):
+        probe.run(torch.zeros(1, 8))
+
+
+def test_run_leaves_the_model_as_it_was():
+    model = residual_net().train()
+    before = copy.deepcopy(model.state_dict())
+    with FInspect(model) as probe:
+        for x in _batches((2, 3, 16, 16), [1, 2, 3]):
+            probe.run(x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) is False  # train mode updates BN
+    model = residual_net()
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad(), FInspect(model) as probe:
+        for x in _batches((2, 3, 16, 16), [1, 2, 3]):
+            probe.run(x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_input_signature_keys_shapes_dtypes_and_values():
+    x = torch.zeros(2, 3)
+    assert input_signature((x,), {}) == input_signature((torch.ones(2, 3),), {})
+    assert input_signature((x,), {}) != input_signature((torch.zeros(3, 2),), {})
+    assert input_signature((x,), {}) != input_signature((x.half(),), {})
+    assert input_signature((x,), {"scale": 2}) != input_signature((x,), {"scale": 3})
+    assert input_signature((x.t(),), {}) != input_signature((torch.zeros(3, 2),), {})  # strides
+    assert input_signature((x, [1, 2]), {}) is not None
+    assert input_signature((x, {"a": [1]}), {}) == input_signature((x, {"a": [1]}), {})
+    assert describe_signature((x,), {"m": torch.zeros(2, dtype=torch.int64)}) == "[2, 3] float32, [2] int64"
+
+
+def test_unhashable_arguments_run_as_plain_forwards():
+    class TakesConfig(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x, config):
+            return self.lin(x) * config.scale
+
+    class Config:
+        __hash__ = None
+
+        def __init__(self, scale):
+            self.scale = scale
+
+    model = TakesConfig().eval()
+    with torch.no_grad(), FInspect(model) as probe:
+        for s in (1.0, 2.0):
+            probe.run(torch.ones(1, 2), Config(s))
+    assert [r.name for r in probe.report().calls] == ["lin", "", "lin", ""]
+
+
+def test_store_device_rows_follow_row_order_across_blocks():
+    store = StatsStore(fused=False)
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(5, generator=g) * 10 ** k for k in range(-6, 6)]
+    for t in tensors[:5]:
+        store.measure(t)
+    store.flush()  # a first block
+    for t in tensors[5:]:
+        store.measure(t)
+    rows = store.device_rows()
+    assert rows.shape == (12, 5) and rows.dtype == torch.float64
+    assert [tuple(r) for r in rows.tolist()] == store.read()
+    store.clear()
+    assert store.device_rows() is None and store.read() == []
