@@ -221,9 +221,9 @@ def read_bandwidth(device) -> float:
     for dtype in (torch.float16, torch.float32):
         x = torch.ones(2**32 // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
         for op in (torch.amax, lambda t: torch.sum(t, dtype=torch.float32)):
-            ms = graph_replay_ms(lambda: op(x), 10)
+            ms = graph_replay_ms(lambda: op(x), 10)  # noqa: B023 - run here, in this iteration
             best = max(best, 2**32 / (ms / 1e3))
-        del x
+        x = None  # noqa: F841 - free the 4 GiB before the next dtype
     return best
 
 
@@ -249,23 +249,24 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
         torch.cuda.current_stream().wait_stream(s)
         with torch.cuda.graph(plain_graph):
             model(*args, **kwargs)
-    eager_probe = FInspect(model, static=False, cuda_graph=False)
+    eager_model = copy.deepcopy(model)  # each probe hooks its own copy: model() stays plain
+    eager_probe = FInspect(eager_model, static=False, cuda_graph=False)
     probes = {}
     for reduction, tile in kernels:
         T.REDUCTION, T.TILE_BYTES_PER_THREAD = reduction, tile
-        probes[(reduction, tile)] = FInspect(model, static=False)
+        probes[(reduction, tile)] = FInspect(copy.deepcopy(model), static=False)
     T.REDUCTION, T.TILE_BYTES_PER_THREAD = kernels[0]
     first = probes[kernels[0]]
     variants = {
         "plain eager": lambda: model(*args, **kwargs),
-        "FInspect eager": lambda: (eager_probe.__enter__(), model(*args, **kwargs), eager_probe.__exit__()),
+        "FInspect eager": lambda: eager_model(*args, **kwargs),
         "plain graph": plain_graph.replay,
         "FInspect graph": lambda: first.run(*args, **kwargs),
     }
     times = {k: [] for k in variants}
     with torch.no_grad():
         with contextlib.ExitStack() as stack:
-            for p in probes.values():
+            for p in [eager_probe, *probes.values()]:
                 stack.enter_context(p)
             for key, p in probes.items():  # eager, then warm-up + capture: later runs replay
                 T.REDUCTION, T.TILE_BYTES_PER_THREAD = key

@@ -313,11 +313,21 @@ class FInspect:
         finally:
             self._rec = previous
 
-    def _eager_forward(self, args: tuple, kwargs: dict) -> tuple[Any, Recording]:
+    def _eager_forward(self, args: tuple, kwargs: dict, *, no_sync: bool = False) -> tuple[Any, Recording]:
+        """One hooked forward into the reusable scratch recording; ``no_sync``: a host sync in
+        the model raises (``torch.cuda.set_sync_debug_mode("error")``) instead of happening."""
         scratch, self._scratch = self._scratch or Recording(StatsStore(self._fused)), None
         scratch.clear()
-        with self._writing_into(scratch):
-            out = self.model(*args, **kwargs)
+        previous = torch.cuda.get_sync_debug_mode() if no_sync else 0
+        try:
+            if no_sync:
+                torch.cuda.set_sync_debug_mode("error")
+            with self._writing_into(scratch):
+                out = self.model(*args, **kwargs)
+        finally:
+            if no_sync:
+                torch.cuda.set_sync_debug_mode(previous)
+                self._scratch = self._scratch or scratch
         return out, scratch
 
     def _first_forward(self, signature: tuple, args: tuple, kwargs: dict) -> Any:
@@ -333,15 +343,19 @@ class FInspect:
         self._scratch = scratch
         return out
 
-    def _merged_forward(self, record: SignatureRecord, args: tuple, kwargs: dict) -> tuple[Any, bool]:
-        out, scratch = self._eager_forward(args, kwargs)
+    def _merged_forward(self, record: SignatureRecord, args: tuple, kwargs: dict, *,
+                        no_sync: bool = False) -> tuple[Any, str | None]:
+        """One eager forward merged into ``record``; returns its output and, when it took another
+        path (then it is kept as its own records), how it differed."""
+        out, scratch = self._eager_forward(args, kwargs, no_sync=no_sync)
+        self._scratch = None
         with self._bookkeeping():
             merged = record.merge(scratch)
-        if merged:
-            self._scratch = scratch
-            return out, True
-        self._sources.append(scratch)  # another path through the model: its own records
-        return out, False
+            if merged:
+                self._scratch = scratch
+                return out, None
+            self._sources.append(scratch)  # another path through the model: its own records
+            return out, record.difference(scratch)
 
     def _graph_refusal(self, record: SignatureRecord) -> str | None:
         """Why this signature cannot be captured, or None; logged once per reason."""
@@ -380,11 +394,19 @@ class FInspect:
         with self._bookkeeping():
             static_args, static_kwargs = tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            out, merged = self._merged_forward(record, static_args, static_kwargs)
+        try:
+            with torch.cuda.stream(stream):  # the warm-up: this batch, where a host sync raises
+                out, difference = self._merged_forward(record, static_args, static_kwargs, no_sync=True)
+        except RuntimeError as e:
+            torch.cuda.current_stream(device).wait_stream(stream)
+            if "synchronizing" not in str(e):
+                raise
+            record.eager_reason = f"the forward synchronizes with the host ({first_line(e)})"
+            self._note(record.eager_reason, warn=True)
+            return self._merged_forward(record, args, kwargs)[0]  # this batch again, as is
         torch.cuda.current_stream(device).wait_stream(stream)
-        if not merged:
-            record.eager_reason = "the second batch took another path than the first (control flow)"
+        if difference is not None:
+            record.eager_reason = f"the second batch took another path than the first ({difference})"
             self._note(record.eager_reason, warn=True)
             return out
         graph_rec = Recording(StatsStore(self._fused, compact=False))

@@ -132,6 +132,19 @@ class SignatureRecord:
         return cls(label, list(recording.calls), list(recording.ops), list(recording.store.numel),
                    recording.structure, rows.clone(), recording.store.all_in_arena)
 
+    def difference(self, recording: Recording) -> str:
+        """What in ``recording`` differs from this signature's first forward, in words."""
+        calls, ops, numel = recording.structure
+        for what, mine, theirs in (("call", self.structure[0], calls), ("op", self.structure[1], ops)):
+            for i, (a, b) in enumerate(zip(mine, theirs)):
+                if a != b:
+                    return f"{what} {i} is {b[:2]} with rows {b[2:]}, was {a[:2]} with rows {a[2:]}"
+            if len(mine) != len(theirs):
+                return f"{len(theirs)} {what}s, was {len(mine)}"
+        if numel != self.structure[2]:
+            return "the measured tensors have other sizes"
+        return "its statistics live on another device"
+
     def merge(self, recording: Recording) -> bool:
         """Merge one more eager forward into :attr:`rows` on the device (no sync); False, and
         nothing merged, when it took another path or its rows live elsewhere."""

@@ -52,8 +52,9 @@ WIDE_ABOVE = 2**30
 #: hits the same five addresses). Read when an arena is created.
 REDUCTION = "partials"
 #: Bytes each thread loads per tile: BLOCK is this times 32 * NUM_WARPS / element size (1024
-#: float32 or 2048 float16 elements at 16 bytes and 8 warps). None: BLOCK for every dtype.
-TILE_BYTES_PER_THREAD: int | None = 16
+#: float32 or 2048 float16 elements at 16 bytes and 8 warps). None (default): BLOCK for every
+#: dtype; 16 made FP16 statistics 1.5x slower on an H200 (results_inspect_graph_h200.txt).
+TILE_BYTES_PER_THREAD: int | None = None
 
 if triton is not None:
 
@@ -63,6 +64,12 @@ if triton is not None:
         # flight), keeping per-lane partials, and returns its five numbers.
         # Offsets are 32-bit unless WIDE (tensors of more than 2**30 elements): 64-bit index
         # arithmetic cost 4-7% of the kernel's time on the H100 (benchmarks/triton_stats_sweep.py).
+        # Four threshold counts per element and no per-lane bounds test: lanes past the end load
+        # 0.0, which is finite and zero, so it adds 1 to `finite` and `zero` and cancels in
+        # `finite - zero`, `tiny - zero`, `small - tiny`; `finite` itself is turned into the
+        # non-finite count with the number of lanes the program visited (`visited - finite`).
+        # The kernel is bound by instructions per element, not bytes (benchmarks/inspect_overhead.py
+        # --graph): this form does about half the work of counting each statistic with its masks.
         pid = tl.program_id(0)
         step = tl.num_programs(0) * (BLOCK * UNROLL)
         if WIDE:
@@ -70,26 +77,27 @@ if triton is not None:
             step = step.to(tl.int64)
         lanes = tl.arange(0, BLOCK)
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        nonfinite = tl.zeros((BLOCK,), dtype=tl.int32)
-        nonzero = tl.zeros((BLOCK,), dtype=tl.int32)
-        flushed = tl.zeros((BLOCK,), dtype=tl.int32)
-        subnormal = tl.zeros((BLOCK,), dtype=tl.int32)
+        finite = tl.zeros((BLOCK,), dtype=tl.int32)
+        zero = tl.zeros((BLOCK,), dtype=tl.int32)
+        tiny = tl.zeros((BLOCK,), dtype=tl.int32)
+        small = tl.zeros((BLOCK,), dtype=tl.int32)
+        visited = 0
         for start in range(pid * (BLOCK * UNROLL), n, step):
+            visited += BLOCK * UNROLL
             for u in tl.static_range(UNROLL):
                 offs = start + u * BLOCK + lanes
-                inside = offs < n
-                a = tl.abs(tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32))
-                finite = a <= 3.4028234663852886e38  # float32 max: NaN and inf fail
-                zero = a == 0.0
-                tiny = a < 5.960464477539063e-08  # 2**-24, fp16guard.fp16.FP16_MIN_SUBNORMAL
-                small = a < 6.103515625e-05  # 2**-14, fp16guard.fp16.FP16_MIN_NORMAL
-                amax = tl.maximum(amax, tl.where(finite & inside, a, 0.0))
-                nonfinite += (inside & ~finite).to(tl.int32)
-                nonzero += (inside & finite & ~zero).to(tl.int32)
-                flushed += (inside & tiny & ~zero).to(tl.int32)
-                subnormal += (inside & small & ~tiny).to(tl.int32)
-        return (tl.max(amax, axis=0), tl.sum(nonfinite.to(tl.int64), axis=0), tl.sum(nonzero.to(tl.int64), axis=0),
-                tl.sum(flushed.to(tl.int64), axis=0), tl.sum(subnormal.to(tl.int64), axis=0))
+                a = tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
+                ok = a <= 3.4028234663852886e38  # float32 max: NaN and inf fail
+                amax = tl.maximum(amax, tl.where(ok, a, 0.0))
+                finite += ok.to(tl.int32)
+                zero += (a == 0.0).to(tl.int32)
+                tiny += (a < 5.960464477539063e-08).to(tl.int32)  # 2**-24, fp16.FP16_MIN_SUBNORMAL
+                small += (a < 6.103515625e-05).to(tl.int32)  # 2**-14, fp16.FP16_MIN_NORMAL
+        finite_n = tl.sum(finite.to(tl.int64), axis=0)
+        zero_n = tl.sum(zero.to(tl.int64), axis=0)
+        tiny_n = tl.sum(tiny.to(tl.int64), axis=0)
+        return (tl.max(amax, axis=0), visited - finite_n, finite_n - zero_n, tiny_n - zero_n,
+                tl.sum(small.to(tl.int64), axis=0) - tiny_n)
 
     @triton.jit(do_not_specialize=["n", "row"])
     def _stats_kernel(x_ptr, amax_ptr, count_ptr, n, row, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
