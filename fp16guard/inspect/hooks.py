@@ -218,7 +218,9 @@ class FInspect:
         self._main.store.flush()
         for record in self._signatures.values():  # graphs replay hooks; without hooks they must go
             if record.captured is not None:
-                record.captured, record.eager_reason = None, None
+                with self._bookkeeping():
+                    record.release()
+                record.eager_reason = None  # captured again if the probe is entered again
 
     # -- hooks ---------------------------------------------------------------------------------
     def _measure_all(self, obj: Any) -> list[int]:
@@ -359,7 +361,7 @@ class FInspect:
 
     def _graph_refusal(self, record: SignatureRecord) -> str | None:
         """Why this signature cannot be captured, or None; logged once per reason."""
-        captured = sum(r.graph_store is not None for r in self._signatures.values())
+        captured = sum(r.captured is not None for r in self._signatures.values())
         if self.cuda_graph is False:
             reason = "cuda_graph=False"
         elif record.rows.device.type != "cuda":
@@ -432,7 +434,7 @@ class FInspect:
         with the reason when :meth:`run`'s batches ran eagerly."""
         eager = sum(r.forwards for r in self._signatures.values()) + sum(
             sum(c.name == "" for c in s.calls) for s in self._sources if isinstance(s, Recording))
-        captures = sum(r.graph_store is not None for r in self._signatures.values())
+        captures = sum(r.captures for r in self._signatures.values())
         replays = sum(r.replays for r in self._signatures.values())
         text = f"eager: {eager} forward{'s' * (eager != 1)}"
         if captures:

@@ -107,9 +107,11 @@ class SignatureRecord:
         rows: float64 ``[rows, 5]`` on the model's device, eager forwards merged.
         in_arena: every row of the first forward was a Triton reduction (a graph can accumulate).
         forwards: eager forwards merged into :attr:`rows`.
-        replays: CUDA-graph replays accumulated in :attr:`graph_store`.
-        graph_store: the arena the captured kernels write into (None until captured).
-        captured: the live graph (dropped when the probe exits; ``graph_store`` stays).
+        replays: CUDA-graph replays, in :attr:`graph_store` or folded into :attr:`rows`.
+        captures: CUDA graphs captured for this signature (one per entry of the probe).
+        graph_store: the arena the live graph's kernels write into (None when there is none).
+        captured: the live graph (released, its numbers folded into :attr:`rows`, when the probe
+            exits).
         eager_reason: why this signature runs eagerly (None: not decided yet, or captured).
     """
 
@@ -122,6 +124,7 @@ class SignatureRecord:
     in_arena: bool
     forwards: int = 1
     replays: int = 0
+    captures: int = 0
     graph_store: StatsStore | None = None
     captured: CapturedForward | None = None
     eager_reason: str | None = None
@@ -166,7 +169,17 @@ class SignatureRecord:
         if not recording.store.all_in_arena:
             return "a measured tensor is not float16/bfloat16/float32 on one CUDA device"
         self.captured, self.graph_store = captured, recording.store
+        self.captures += 1
         return None
+
+    def release(self) -> None:
+        """Drop the graph (and its memory) and fold what its replays measured into :attr:`rows`."""
+        if self.graph_store is not None:
+            graph = self.graph_store.device_rows()
+            if graph is not None:
+                self.rows[:, 0] = torch.maximum(self.rows[:, 0], graph[:, 0])
+                self.rows[:, 1:] += graph[:, 1:]
+        self.captured = self.graph_store = None
 
     def replay(self, args: tuple, kwargs: dict) -> Any:
         """Run one batch through the captured graph; its statistics accumulate in the arena."""
@@ -178,7 +191,7 @@ class SignatureRecord:
     def host_rows(self) -> tuple[list[tuple[float, ...]], list[int]]:
         """Host rows (eager forwards and replays merged) and the elements behind each row."""
         host = [tuple(r) for r in self.rows.cpu().tolist()]
-        if self.graph_store is not None and self.replays:
+        if self.graph_store is not None:
             graph = self.graph_store.read()
             host = [(max(a[0], b[0]), *(x + y for x, y in zip(a[1:], b[1:]))) for a, b in zip(host, graph)]
         runs = self.forwards + self.replays
