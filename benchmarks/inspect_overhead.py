@@ -278,6 +278,9 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
                     dt = timed(fn, device)
                     if r >= 3:
                         times[k].append(dt)
+            if any(r.captured is None for p in probes.values() for r in p._signatures.values()):
+                print(f"{name:10} {str(dtype):8} not captured: {first.mode}")
+                return
             gpu = {key: graph_ms(_graph_of(p), iters) for key, p in probes.items()}
         plain_gpu = graph_ms(plain_graph, iters)
         numel = sum(first._signatures[next(iter(first._signatures))].numel)

@@ -43,7 +43,14 @@ from torch.utils._pytree import tree_map_only
 from fp16guard.errors import InputError, first_line
 from fp16guard.inputs import NamedInput, torch_args
 from fp16guard.inspect import triton_stats
-from fp16guard.inspect.replay import MAX_GRAPHS, SignatureRecord, capture, describe_signature, input_signature
+from fp16guard.inspect.replay import (
+    MAX_GRAPHS,
+    SignatureRecord,
+    capture,
+    describe_signature,
+    input_signature,
+    static_copy,
+)
 from fp16guard.inspect.report import CallRecord, InspectionReport
 from fp16guard.inspect.static_check import check_module
 from fp16guard.inspect.store import PendingCall, Recording, StatsStore, stats_of
@@ -394,7 +401,7 @@ class FInspect:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with self._bookkeeping():
-            static_args, static_kwargs = tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
+            static_args, static_kwargs = tree_map_only(torch.Tensor, static_copy, (args, kwargs))
         stream.wait_stream(torch.cuda.current_stream(device))
         try:
             with torch.cuda.stream(stream):  # the warm-up: this batch, where a host sync raises

@@ -40,7 +40,7 @@ def input_signature(args: tuple, kwargs: dict) -> tuple | None:
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             key.append(("tensor", tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype, leaf.device,
-                        leaf.requires_grad))
+                        leaf.requires_grad, leaf.is_inference()))
         else:
             try:
                 hash(leaf)
@@ -76,9 +76,18 @@ class CapturedForward:
         next replay overwrites the buffers)."""
         for static, leaf in zip(self._static_leaves, tree_leaves((args, kwargs))):
             if isinstance(static, torch.Tensor):
-                static.copy_(leaf)
+                with torch.inference_mode(static.is_inference()):  # where an in-place copy is allowed
+                    static.copy_(leaf)
         self._graph.replay()
         return tree_map_only(torch.Tensor, torch.clone, self._static_output)
+
+
+def static_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` to capture a graph on, an inference tensor exactly when ``t`` is one (the
+    hooks measure inference tensors afresh where they reuse a normal tensor's row, so the copy
+    must take the path ``t`` took)."""
+    with torch.inference_mode(t.is_inference()):
+        return t.clone()
 
 
 def capture(forward: Callable[..., Any], args: tuple, kwargs: dict, *, pool: Any,

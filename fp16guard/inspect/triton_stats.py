@@ -40,6 +40,9 @@ DIRECT_LAUNCH_VERSIONS = ((3, 6),)  # read in its source and tested on the H100;
 #: activations replayed as a CUDA graph: ``benchmarks/triton_stats_sweep.py``).
 BLOCK = 1024
 UNROLL = 1
+#: Software-pipelining stages of the strided loop (``tl.range(..., num_stages=STAGES)``): loads of
+#: later iterations are issued before the current one is reduced.
+STAGES = 1
 NUM_WARPS = 8
 #: Programs per streaming multiprocessor: enough loads in flight to saturate HBM, few atomics.
 PROGRAMS_PER_SM = 4
@@ -59,7 +62,7 @@ TILE_BYTES_PER_THREAD: int | None = None
 if triton is not None:
 
     @triton.jit
-    def _partials(x_ptr, n, BLOCK: tl.constexpr, UNROLL: tl.constexpr, WIDE: tl.constexpr):
+    def _partials(x_ptr, n, BLOCK: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr, WIDE: tl.constexpr):
         # Each program strides over the tensor, UNROLL independent tiles per step (loads in
         # flight), keeping per-lane partials, and returns its five numbers.
         # Offsets are 32-bit unless WIDE (tensors of more than 2**30 elements): 64-bit index
@@ -82,7 +85,7 @@ if triton is not None:
         tiny = tl.zeros((BLOCK,), dtype=tl.int32)
         small = tl.zeros((BLOCK,), dtype=tl.int32)
         visited = 0
-        for start in range(pid * (BLOCK * UNROLL), n, step):
+        for start in tl.range(pid * (BLOCK * UNROLL), n, step, num_stages=STAGES):
             visited += BLOCK * UNROLL
             for u in tl.static_range(UNROLL):
                 offs = start + u * BLOCK + lanes
@@ -101,9 +104,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n", "row"])
     def _stats_kernel(x_ptr, amax_ptr, count_ptr, n, row, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-                      WIDE: tl.constexpr):
+                      STAGES: tl.constexpr, WIDE: tl.constexpr):
         """REDUCTION = "atomic": five atomics per program into row ``row``."""
-        amax, nonfinite, nonzero, flushed, subnormal = _partials(x_ptr, n, BLOCK, UNROLL, WIDE)
+        amax, nonfinite, nonzero, flushed, subnormal = _partials(x_ptr, n, BLOCK, UNROLL, STAGES, WIDE)
         counts = count_ptr + row * 4
         tl.atomic_max(amax_ptr + row, amax)
         tl.atomic_add(counts + 0, nonfinite)
@@ -113,10 +116,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n", "row"])
     def _stats_partials_kernel(x_ptr, amax_ptr, count_ptr, n, row, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
-                               UNROLL: tl.constexpr, WIDE: tl.constexpr):
+                               UNROLL: tl.constexpr, STAGES: tl.constexpr, WIDE: tl.constexpr):
         """REDUCTION = "partials": program p adds into slot ``[row, p]``, which no other program of
         the launch touches (launches of one stream run in order, so plain loads and stores do)."""
-        amax, nonfinite, nonzero, flushed, subnormal = _partials(x_ptr, n, BLOCK, UNROLL, WIDE)
+        amax, nonfinite, nonzero, flushed, subnormal = _partials(x_ptr, n, BLOCK, UNROLL, STAGES, WIDE)
         slot = row * PROGRAMS + tl.program_id(0)
         tl.store(amax_ptr + slot, tl.maximum(tl.load(amax_ptr + slot), amax))
         counts = count_ptr + slot * 4
@@ -206,11 +209,11 @@ class _Launcher:
         if compiled is None:
             kernel = _stats_partials_kernel if self.partials else _stats_kernel
             self._compiled[key] = kernel[(grid,)](x, amax, counts, n, row, *programs, BLOCK=block, UNROLL=UNROLL,
-                                                  WIDE=wide, num_warps=NUM_WARPS)
+                                                  STAGES=STAGES, WIDE=wide, num_warps=NUM_WARPS)
             return
         compiled.run(grid, 1, 1, self._stream(self._index), compiled.function,
                      compiled.packed_metadata, None, None, None, ptr, amax_ptr, counts_ptr, n, row, *programs,
-                     block, UNROLL, wide)
+                     block, UNROLL, STAGES, wide)
 
 
 class StatsArena:
