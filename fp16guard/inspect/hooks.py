@@ -322,21 +322,12 @@ class FInspect:
         finally:
             self._rec = previous
 
-    def _eager_forward(self, args: tuple, kwargs: dict, *, no_sync: bool = False) -> tuple[Any, Recording]:
-        """One hooked forward into the reusable scratch recording; ``no_sync``: a host sync in
-        the model raises (``torch.cuda.set_sync_debug_mode("error")``) instead of happening."""
+    def _eager_forward(self, args: tuple, kwargs: dict) -> tuple[Any, Recording]:
+        """One hooked forward into the reusable scratch recording."""
         scratch, self._scratch = self._scratch or Recording(StatsStore(self._fused)), None
         scratch.clear()
-        previous = torch.cuda.get_sync_debug_mode() if no_sync else 0
-        try:
-            if no_sync:
-                torch.cuda.set_sync_debug_mode("error")
-            with self._writing_into(scratch):
-                out = self.model(*args, **kwargs)
-        finally:
-            if no_sync:
-                torch.cuda.set_sync_debug_mode(previous)
-                self._scratch = self._scratch or scratch
+        with self._writing_into(scratch):
+            out = self.model(*args, **kwargs)
         return out, scratch
 
     def _first_forward(self, signature: tuple, args: tuple, kwargs: dict) -> Any:
@@ -352,12 +343,10 @@ class FInspect:
         self._scratch = scratch
         return out
 
-    def _merged_forward(self, record: SignatureRecord, args: tuple, kwargs: dict, *,
-                        no_sync: bool = False) -> tuple[Any, str | None]:
+    def _merged_forward(self, record: SignatureRecord, args: tuple, kwargs: dict) -> tuple[Any, str | None]:
         """One eager forward merged into ``record``; returns its output and, when it took another
         path (then it is kept as its own records), how it differed."""
-        out, scratch = self._eager_forward(args, kwargs, no_sync=no_sync)
-        self._scratch = None
+        out, scratch = self._eager_forward(args, kwargs)
         with self._bookkeeping():
             merged = record.merge(scratch)
             if merged:
@@ -403,16 +392,8 @@ class FInspect:
         with self._bookkeeping():
             static_args, static_kwargs = tree_map_only(torch.Tensor, static_copy, (args, kwargs))
         stream.wait_stream(torch.cuda.current_stream(device))
-        try:
-            with torch.cuda.stream(stream):  # the warm-up: this batch, where a host sync raises
-                out, difference = self._merged_forward(record, static_args, static_kwargs, no_sync=True)
-        except RuntimeError as e:
-            torch.cuda.current_stream(device).wait_stream(stream)
-            if "synchronizing" not in str(e):
-                raise
-            record.eager_reason = f"the forward synchronizes with the host ({first_line(e)})"
-            self._note(record.eager_reason, warn=True)
-            return self._merged_forward(record, args, kwargs)[0]  # this batch again, as is
+        with torch.cuda.stream(stream):  # the warm-up: this batch, on the stream of the capture
+            out, difference = self._merged_forward(record, static_args, static_kwargs)
         torch.cuda.current_stream(device).wait_stream(stream)
         if difference is not None:
             record.eager_reason = f"the second batch took another path than the first ({difference})"
@@ -445,7 +426,7 @@ class FInspect:
         replays = sum(r.replays for r in self._signatures.values())
         text = f"eager: {eager} forward{'s' * (eager != 1)}"
         if captures:
-            text = f"CUDA graph: {captures} capture{'s' * (captures != 1)}, {replays} replays; {text}"
+            text = f"CUDA graph: {captures} capture{'s' * (captures != 1)}, {replays} replay{'s' * (replays != 1)}; {text}"
         reasons = sorted({r.eager_reason for r in self._signatures.values()
                           if r.eager_reason and r.eager_reason != "cuda_graph=False"})
         return text + "".join(f" (no CUDA graph: {reason})" for reason in reasons)

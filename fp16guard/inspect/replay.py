@@ -92,16 +92,46 @@ def static_copy(t: torch.Tensor) -> torch.Tensor:
 
 def capture(forward: Callable[..., Any], args: tuple, kwargs: dict, *, pool: Any,
             stream: torch.cuda.Stream) -> CapturedForward:
-    """Capture ``forward(*args, **kwargs)`` as one CUDA graph on ``stream`` (warm it up first).
+    """Capture ``forward(*args, **kwargs)`` as one CUDA graph on ``stream`` (warm it up there
+    first). A failed capture leaves the current stream, the allocator and the CUDA random
+    generator as they were.
 
     Raises:
         RuntimeError: the forward cannot be captured (a host sync such as ``.item()`` or
             ``.cpu()``, a CPU tensor created per call, an allocation outside the pool).
     """
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=stream):
-        output = forward(*args, **kwargs)
+    torch.cuda.synchronize(stream.device)
+    with torch.cuda.stream(stream):  # restored on the way out, also when the capture fails
+        graph.capture_begin(pool=pool)
+        try:
+            output = forward(*args, **kwargs)
+        except BaseException:
+            _abandon(graph, stream.device)
+            raise
+        try:
+            graph.capture_end()
+        except BaseException:
+            _reset_generators(stream.device)
+            raise
     return CapturedForward(graph, tree_leaves((args, kwargs)), output)
+
+
+def _abandon(graph: torch.cuda.CUDAGraph, device: torch.device) -> None:
+    try:
+        graph.capture_end()  # ends the stream's capture; fails after an error inside it
+    except RuntimeError:
+        pass
+    _reset_generators(device)
+
+
+def _reset_generators(device: torch.device) -> None:
+    """After a failed capture the CUDA random generator still counts offsets for it, and its next
+    draw (``torch.randn`` on the device) raises "Offset increment outside graph capture"; one
+    successful capture resets it (measured on an H200 with torch 2.11)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.zeros(1, device=device).add_(1)
 
 
 @dataclasses.dataclass(eq=False)
