@@ -156,6 +156,10 @@ def bench(dtype, device, batch, iters, warmup, breakdown=False):
             tl_probe = FInspect(tl_model, static=False)
             variants["triton-launch"] = (tl_model, tl_probe)
 
+    if BASELINE is not None:  # an earlier fp16guard, side by side (--baseline)
+        old_model = copy.deepcopy(base)
+        variants["fp16guard@baseline"] = (old_model, BASELINE(old_model, static=False))
+
     seed_model = copy.deepcopy(base)
     seed_handles = seed_style_hooks(seed_model)
     variants["seed-style"] = (seed_model, None)
@@ -321,7 +325,12 @@ def main_graph(args):
             torch.cuda.empty_cache()
 
 
+#: FInspect of an earlier fp16guard for side-by-side rows (see --baseline), or None.
+BASELINE = None
+
+
 def main():
+    global BASELINE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=32)
@@ -335,7 +344,13 @@ def main():
                     help="CUDA graph mode instead: plain and FInspect, eager and graph, on --models, with the "
                          "statistics' GPU time against the measured read floor")
     ap.add_argument("--models", default="resnet50,vit_b_16,bert-base")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="a folder holding an earlier fp16guard renamed to the package fp16guard_base (e.g. "
+                         "`git archive REV fp16guard` with its imports renamed): adds its FInspect as a row")
     args = ap.parse_args()
+    if args.baseline:
+        sys.path.append(args.baseline)
+        from fp16guard_base import FInspect as BASELINE  # noqa: N811
     if args.graph:
         return main_graph(args)
     device = torch.device(args.device)

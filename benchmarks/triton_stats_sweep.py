@@ -58,15 +58,19 @@ def _read_max_kernel(x_ptr, out_ptr, n, BLOCK: T.tl.constexpr):
 
 
 def references_ms(ts) -> dict[str, float]:
-    """Per-tensor launches that bound any hook-driven reduction: an empty kernel (the launch and
-    stream-order cost alone) and a read-and-max kernel, with fp16guard's grid; and torch.amax."""
+    """What bounds a reduction launched per tensor, as hooks must: the same read-and-max kernel
+    over all the bytes in one launch (the floor a single pass reaches) and once per tensor, an
+    empty kernel per tensor (launch and stream-order cost alone), and torch.amax per tensor."""
     sms = torch.cuda.get_device_properties(ts[0].device).multi_processor_count
     out = torch.zeros(1, device=ts[0].device)
 
     def grid(t):
         return (min((t.numel() + 4095) // 4096, T.PROGRAMS_PER_SM * sms),)
 
+    whole = torch.cat([t.reshape(-1) for t in ts])  # every byte in one buffer: one launch reads all
     return {
+        "read+max kernel, one launch over all": graph_replay_ms(
+            lambda: _read_max_kernel[grid(whole)](whole, out, whole.numel(), BLOCK=4096, num_warps=8), 20),
         "empty kernel per tensor": graph_replay_ms(lambda: [_empty_kernel[grid(t)](t, t.numel()) for t in ts], 20),
         "read+max kernel per tensor": graph_replay_ms(
             lambda: [_read_max_kernel[grid(t)](t, out, t.numel(), BLOCK=4096, num_warps=8) for t in ts], 20),

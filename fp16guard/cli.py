@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--ops", action="store_true", help="PyTorch: also record every aten op (slower)")
     ins.add_argument("--half", action="store_true", help="PyTorch: run the model in FP16 to find where inf/NaN is born")
     ins.add_argument("--device", default="cpu", help="PyTorch: device to run on (cpu, cuda)")
+    ins.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                     help="PyTorch on CUDA: run every input eagerly (by default the hooked forward is captured "
+                          "once per input shape as a CUDA graph and replayed)")
     ins.add_argument("--top", type=int, default=10, help="rows in the worst-offenders table")
     ins.add_argument("--memory-budget", type=float, default=1.0, metavar="GiB",
                      help="ONNX: intermediate values held at once (default 1 GiB)")
@@ -214,8 +217,8 @@ def _inspect(args, console: Console) -> int:
 
     model, inputs, framework, _ = _model_and_inputs(args, console)
     if framework == "onnx":
-        if args.ops or args.half or args.device != "cpu":
-            raise UsageError("--ops, --half and --device apply to PyTorch models only")
+        if args.ops or args.half or args.device != "cpu" or not args.cuda_graph:
+            raise UsageError("--ops, --half, --device and --no-cuda-graph apply to PyTorch models only")
         from fp16guard.inputs import onnx_feed
         from fp16guard.onnx_graph import fed_inputs, load_onnx
 
@@ -226,7 +229,8 @@ def _inspect(args, console: Console) -> int:
                               memory_budget=int(args.memory_budget * (1 << 30)),
                               source=Path(args.model or model).name)
     else:
-        report = run_torch(model, inputs, ops=args.ops, device=args.device, half=args.half)
+        report = run_torch(model, inputs, ops=args.ops, device=args.device, half=args.half,
+                           cuda_graph=None if args.cuda_graph else False)
         if args.example:
             from dataclasses import replace
 

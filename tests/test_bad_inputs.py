@@ -313,6 +313,7 @@ CASES = [
     ("--graph with ONNX", ["calibrate", M, *X, "-o", "{d}/p.json", "--graph", "torch"], 2, "--graph applies"),
     ("--ops with ONNX", ["inspect", M, *X, "--ops"], 2, "apply to PyTorch models only"),
     ("--half with ONNX", ["inspect", M, *X, "--half"], 2, "apply to PyTorch models only"),
+    ("--no-cuda-graph with ONNX", ["inspect", M, *X, "--no-cuda-graph"], 2, "apply to PyTorch models only"),
     ("--device nonsense", ["inspect", PT, *BATCH, "--device", "gpu7"], 2, "--device gpu7"),
     ("--device with ONNX", ["inspect", M, *X, "--device", "cuda"], 2, "apply to PyTorch models only"),
     # -- task metrics

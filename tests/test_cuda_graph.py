@@ -9,13 +9,13 @@ import torch.nn as nn
 
 from fp16guard import FInspect
 from tests.models import Overflowing, residual_net
-from tests.test_replay import _as_rows, _batches, _eager_reports, _merged
+from tests.replay_cases import as_rows, batches, eager_reports, merged
 
 pytestmark = pytest.mark.gpu
 
 
 def _cuda_batches(shape, scales, dtype, seed=0):
-    return [x.to("cuda", dtype) for x in _batches(shape, scales, seed)]
+    return [x.to("cuda", dtype) for x in batches(shape, scales, seed)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -27,8 +27,8 @@ def test_graph_replays_give_the_eager_numbers_value_for_value(dtype):
         outs = [probe.run(x) for x in a[:3] + b + a[3:]]
     report = probe.report()
     assert report.mode == "CUDA graph: 2 captures, 4 replays; eager: 4 forwards"
-    want = _merged(_eager_reports(model, a, cuda_graph=False)) + _merged(_eager_reports(model, b, cuda_graph=False))
-    assert _as_rows(report.calls) == want
+    want = merged(eager_reports(model, a, cuda_graph=False)) + merged(eager_reports(model, b, cuda_graph=False))
+    assert as_rows(report.calls) == want
     with torch.no_grad():
         for x, out in zip(a[:3] + b + a[3:], outs):
             torch.testing.assert_close(out, model(x), rtol=0, atol=0, equal_nan=True)
@@ -79,7 +79,7 @@ def test_a_forward_that_cannot_be_captured_runs_eagerly_with_one_warning(caplog)
     assert len(warnings) == 1 and "CUDA graph capture failed" in warnings[0]
     report = probe.report()
     assert report.mode.startswith("eager: 5 forwards (no CUDA graph: CUDA graph capture failed")
-    assert _as_rows(report.calls) == _merged(_eager_reports(model, xs, cuda_graph=False))
+    assert as_rows(report.calls) == merged(eager_reports(model, xs, cuda_graph=False))
     # the process is as it was: the current stream, the random generator, a later capture
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     torch.randn(3, device="cuda")
@@ -100,7 +100,7 @@ def test_autograd_and_the_op_view_run_eagerly():
         for x in xs:
             probe.run(x)
     assert "op view" in probe.mode
-    assert _as_rows(probe.report().ops) == _merged(_eager_reports(model, xs, ops=True), "ops")
+    assert as_rows(probe.report().ops) == merged(eager_reports(model, xs, ops=True), "ops")
 
 
 def test_inference_mode_and_a_second_entry_recapture():
@@ -114,5 +114,5 @@ def test_inference_mode_and_a_second_entry_recapture():
         with probe:  # graphs are dropped on exit and captured again
             probe.run(xs[3])
     assert probe.mode == "CUDA graph: 2 captures, 1 replay; eager: 3 forwards"
-    assert _as_rows(probe.report().calls) == _merged(_eager_reports(model, xs, cuda_graph=False))
+    assert as_rows(probe.report().calls) == merged(eager_reports(model, xs, cuda_graph=False))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -11,64 +11,38 @@ import torch.nn as nn
 from fp16guard import FInspect
 from fp16guard.inspect.replay import describe_signature, input_signature
 from fp16guard.inspect.store import StatsStore
-from fp16guard.stats import RangeStats
 from tests.models import Overflowing, Scale, residual_net
-
-
-def _batches(shape, scales, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g) * s for s in scales]
-
-
-def _eager_reports(model, batches, **kw):
-    """One report per batch, each from its own probe and plain ``model(x)``."""
-    reports = []
-    for x in batches:
-        with torch.no_grad(), FInspect(model, **kw) as probe:
-            model(x)
-        reports.append(probe.report())
-    return reports
-
-
-def _merged(reports, level="calls"):
-    """Record i of every report merged: what run() must give for batches of one signature."""
-    rows = list(zip(*(getattr(r, level) for r in reports)))
-    return [(recs[0].name, recs[0].kind, RangeStats.merge(r.inputs for r in recs),
-             RangeStats.merge(r.outputs for r in recs)) for recs in rows]
-
-
-def _as_rows(records):
-    return [(r.name, r.kind, r.inputs, r.outputs) for r in records]
+from tests.replay_cases import as_rows, batches, eager_reports, merged
 
 
 def test_batches_of_one_shape_merge_into_one_record_per_call_equal_to_the_eager_records_merged():
     model = residual_net()
-    batches = _batches((2, 3, 16, 16), [1.0, 30.0, 0.01, 3.0])  # amax and underflow differ per batch
+    xs = batches((2, 3, 16, 16), [1.0, 30.0, 0.01, 3.0])  # amax and underflow differ per batch
     with torch.no_grad(), FInspect(model) as probe:
-        outs = [probe.run(x) for x in batches]
+        outs = [probe.run(x) for x in xs]
     report = probe.report()
-    expected = _merged(_eager_reports(model, batches))
-    assert _as_rows(report.calls) == expected
-    assert len(report.calls) == len(expected) == len(_eager_reports(model, batches[:1])[0].calls)  # not 4x
+    expected = merged(eager_reports(model, xs))
+    assert as_rows(report.calls) == expected
+    assert len(report.calls) == len(expected) == len(eager_reports(model, xs[:1])[0].calls)  # not 4x
     # merged numbers are real merges: the largest batch sets amax, counts add up over 4 batches
     stem = next(r for r in report.calls if r.name == "stem")
     assert stem.inputs.numel == 4 * 2 * 3 * 16 * 16
-    assert stem.inputs.amax == pytest.approx(max(float(x.abs().max()) for x in batches))
+    assert stem.inputs.amax == pytest.approx(max(float(x.abs().max()) for x in xs))
     assert report.mode == "eager: 4 forwards (no CUDA graph: the model runs on cpu, and CUDA graphs need CUDA)"
     with torch.no_grad():
-        for x, out in zip(batches, outs):
+        for x, out in zip(xs, outs):
             torch.testing.assert_close(out, model(x), rtol=0, atol=0)
 
 
 def test_each_input_shape_gets_its_own_records_in_the_order_first_seen():
     model = residual_net()
-    small, big = _batches((1, 3, 16, 16), [1, 2]), _batches((2, 3, 8, 8), [5, 0.5], seed=1)
+    small, big = batches((1, 3, 16, 16), [1, 2]), batches((2, 3, 8, 8), [5, 0.5], seed=1)
     with torch.no_grad(), FInspect(model) as probe:
         for x in (small[0], big[0], small[1], big[1]):
             probe.run(x)
     report = probe.report()
-    expected = _merged(_eager_reports(model, small)) + _merged(_eager_reports(model, big))
-    assert _as_rows(report.calls) == expected
+    expected = merged(eager_reports(model, small)) + merged(eager_reports(model, big))
+    assert as_rows(report.calls) == expected
     assert [r.call for r in report.calls if r.name == "stem"] == [0, 1]
     assert [r.index for r in report.calls] == list(range(len(report.calls)))
     assert probe.mode.startswith("eager: 4 forwards")
@@ -91,42 +65,42 @@ class Branchy(nn.Module):
 
 def test_a_batch_that_takes_another_path_keeps_its_own_records_and_nothing_is_lost():
     model = Branchy().eval()
-    batches = [torch.full((2, 4), 1.0), torch.full((2, 4), -1.0), torch.full((2, 4), 2.0)]
+    xs = [torch.full((2, 4), 1.0), torch.full((2, 4), -1.0), torch.full((2, 4), 2.0)]
     with torch.no_grad(), FInspect(model) as probe:
-        for x in batches:
+        for x in xs:
             probe.run(x)
     report = probe.report()
     # batch 0 and 2 merged (same path), batch 1 on its own after them
     assert [r.name for r in report.calls] == ["stem", "big", "", "stem", "small", ""]
-    eager = _eager_reports(model, batches)
-    assert _as_rows(report.calls[:3]) == _merged([eager[0], eager[2]])
-    assert _as_rows(report.calls[3:]) == _as_rows(eager[1].calls)
+    eager = eager_reports(model, xs)
+    assert as_rows(report.calls[:3]) == merged([eager[0], eager[2]])
+    assert as_rows(report.calls[3:]) == as_rows(eager[1].calls)
     assert report.first_nonfinite() is None and {r.name for r in report.transitions()} == {"big", ""}
     assert probe.mode.startswith("eager: 3 forwards")
 
 
 def test_ops_view_records_merge_too():
     model = Overflowing().eval()
-    batches = _batches((3, 8), [1, 4, 0.5])
+    xs = batches((3, 8), [1, 4, 0.5])
     with torch.no_grad(), FInspect(model, ops=True) as probe:
-        for x in batches:
+        for x in xs:
             probe.run(x)
     report = probe.report()
-    eager = _eager_reports(model, batches, ops=True)
-    assert _as_rows(report.ops) == _merged(eager, "ops") and len(report.ops) == len(eager[0].ops)
-    assert _as_rows(report.calls) == _merged(eager)
+    eager = eager_reports(model, xs, ops=True)
+    assert as_rows(report.ops) == merged(eager, "ops") and len(report.ops) == len(eager[0].ops)
+    assert as_rows(report.calls) == merged(eager)
 
 
 def test_model_calls_and_run_batches_share_one_report():
     model = Overflowing().eval()
-    a, b, c = _batches((3, 8), [1, 2, 3])
+    a, b, c = batches((3, 8), [1, 2, 3])
     with torch.no_grad(), FInspect(model) as probe:
         model(a)
         probe.run(b)
         probe.run(c)
     report = probe.report()
-    eager = _eager_reports(model, [a, b, c])
-    assert _as_rows(report.calls) == _as_rows(eager[0].calls) + _merged(eager[1:])
+    eager = eager_reports(model, [a, b, c])
+    assert as_rows(report.calls) == as_rows(eager[0].calls) + merged(eager[1:])
     assert [r.call for r in report.calls if r.name == "up"] == [0, 1]
     assert report.mode.startswith("eager: 3 forwards")
 
@@ -135,7 +109,7 @@ def test_explicit_cuda_graph_on_the_cpu_runs_eagerly_with_one_warning(caplog):
     model = Overflowing().eval()
     with caplog.at_level(logging.INFO, logger="fp16guard"), torch.no_grad(), \
             FInspect(model, cuda_graph=True) as probe:
-        for x in _batches((3, 8), [1, 2, 3, 4]):
+        for x in batches((3, 8), [1, 2, 3, 4]):
             probe.run(x)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "CUDA graphs need CUDA" in warnings[0].getMessage()
@@ -145,7 +119,7 @@ def test_explicit_cuda_graph_on_the_cpu_runs_eagerly_with_one_warning(caplog):
 def test_cuda_graph_false_says_nothing_about_graphs():
     model = Overflowing().eval()
     with torch.no_grad(), FInspect(model, cuda_graph=False) as probe:
-        for x in _batches((3, 8), [1, 2]):
+        for x in batches((3, 8), [1, 2]):
             probe.run(x)
     assert probe.mode == "eager: 2 forwards"
 
@@ -160,13 +134,13 @@ def test_run_leaves_the_model_as_it_was():
     model = residual_net().train()
     before = copy.deepcopy(model.state_dict())
     with FInspect(model) as probe:
-        for x in _batches((2, 3, 16, 16), [1, 2, 3]):
+        for x in batches((2, 3, 16, 16), [1, 2, 3]):
             probe.run(x)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) is False  # train mode updates BN
     model = residual_net()
     before = copy.deepcopy(model.state_dict())
     with torch.no_grad(), FInspect(model) as probe:
-        for x in _batches((2, 3, 16, 16), [1, 2, 3]):
+        for x in batches((2, 3, 16, 16), [1, 2, 3]):
             probe.run(x)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
@@ -220,3 +194,19 @@ def test_store_device_rows_follow_row_order_across_blocks():
     assert [tuple(r) for r in rows.tolist()] == store.read()
     store.clear()
     assert store.device_rows() is None and store.read() == []
+
+
+def test_run_torch_merges_inputs_of_one_shape_and_the_report_says_how_it_ran(tmp_path):
+    from fp16guard.inputs import NamedInput
+    from fp16guard.inspect import run_torch
+
+    model = residual_net()
+    xs = batches((1, 3, 16, 16), [1, 2, 3])
+    inputs = [NamedInput(f"x{i}.npy", (x.numpy(),)) for i, x in enumerate(xs)]
+    report = run_torch(model, inputs)
+    assert as_rows(report.calls) == merged(eager_reports(model, xs))
+    assert report.inputs == ("x0.npy", "x1.npy", "x2.npy")
+    doc = report.to_json()
+    assert doc["mode"] == report.mode == (
+        "eager: 3 forwards (no CUDA graph: the model runs on cpu, and CUDA graphs need CUDA)")
+    assert doc["summary"]["calls"] == len(eager_reports(model, xs[:1])[0].calls)

@@ -228,6 +228,7 @@ class FInspect:
                 with self._bookkeeping():
                     record.release()
                 record.eager_reason = None  # captured again if the probe is entered again
+        self._graph_pool = None  # its graphs are gone; a new capture takes a new pool
 
     # -- hooks ---------------------------------------------------------------------------------
     def _measure_all(self, obj: Any) -> list[int]:
@@ -470,12 +471,13 @@ def _numbered(records: list[CallRecord]) -> tuple[CallRecord, ...]:
 
 
 def run_torch(model: torch.nn.Module, inputs: Sequence[NamedInput], *, ops: bool = False,
-              device: str = "cpu", half: bool = False):
+              device: str = "cpu", half: bool = False, cuda_graph: bool | None = None):
     """Run ``model`` on every input under :class:`~fp16guard.FInspect` and return the report.
 
     The model runs in eval mode, as deployed, through :meth:`FInspect.run`: inputs of one shape
     are merged call by call, and on CUDA every batch after the second of a shape replays one CUDA
-    graph of the hooked forward (the report's ``mode`` says what ran). It is deep-copied
+    graph of the hooked forward (the report's ``mode`` says what ran; ``cuda_graph`` as in
+    :class:`FInspect`). It is deep-copied
     (:func:`~fp16guard.torch_graph.inference_copy`) before it is moved to ``device``, cast to FP16,
     or put in eval mode (a module in train or mixed mode), so the caller's model is untouched: its
     state_dict (BatchNorm statistics included), training flags and hooks.
@@ -488,7 +490,7 @@ def run_torch(model: torch.nn.Module, inputs: Sequence[NamedInput], *, ops: bool
         model = inference_copy(model).to(device)
         if half:
             model = model.half()
-    with torch.no_grad(), FInspect(model, ops=ops) as probe, \
+    with torch.no_grad(), FInspect(model, ops=ops, cuda_graph=cuda_graph) as probe, \
             step(f"inspect: FP{16 if half else 32} forward on {len(inputs)} input(s), {device}",
                  total=len(inputs)) as advance:
         for item in inputs:

@@ -103,8 +103,8 @@ def capture(forward: Callable[..., Any], args: tuple, kwargs: dict, *, pool: Any
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize(stream.device)
     with torch.cuda.stream(stream):  # restored on the way out, also when the capture fails
-        graph.capture_begin(pool=pool)
         try:
+            graph.capture_begin(pool=pool)
             output = forward(*args, **kwargs)
         except BaseException:
             _abandon(graph, stream.device)
