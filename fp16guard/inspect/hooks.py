@@ -21,7 +21,10 @@ Cost. Each floating tensor a module takes or returns is reduced to five numbers 
 :mod:`fp16guard.stats`) on its own device; the results stay there until :meth:`FInspect.report`,
 which reads all of them with one transfer per device. A tensor handed from one module to the next
 is measured once (an identity/version cache), and on CUDA the reduction is one Triton kernel
-writing into a preallocated device buffer. ``benchmarks/inspect_overhead.py`` measures the overhead.
+writing into a preallocated device buffer. :meth:`FInspect.run` takes batches instead of
+``model(x)`` calls. It merges the batches of one input signature, and on CUDA it captures the hooked
+forward as one CUDA graph and replays it, with no Python per module (:mod:`fp16guard.inspect.replay`,
+``docs/cuda-graphs.md``). ``benchmarks/inspect_overhead.py`` measures the overhead of both modes.
 
 Hygiene. The inspector keeps all its state on the instance; nothing is stored on modules. On exit,
 also when the forward raised, every hook is removed and the model's ``state_dict`` is untouched.
