@@ -9,8 +9,9 @@
 graph, and ``FInspect.run`` (the hooked forward captured once, then replayed), in interleaved
 rounds; then the GPU time the statistics add inside the graph (FInspect graph replay - plain graph
 replay) against the read floor: the bytes of every tensor measured over the read bandwidth measured
-here. The statistics kernel runs in each of its variants (``triton_stats.REDUCTION`` and
-``TILE_BYTES_PER_THREAD``); the first listed is the default.
+here. The statistics run in several variants (``triton_stats.REDUCTION``,
+``triton_stats.TILE_BYTES_PER_THREAD``, ``replay.OVERLAP_STATISTICS``); the first listed is the
+default.
 
 ResNet-50 (torchvision's when it imports, else benchmarks/_resnet50.py), random weights, eval
 mode, under torch.no_grad(), FP32 and FP16. For each dtype, four variants run in interleaved
@@ -241,6 +242,7 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
     """Rows: plain eager, FInspect eager, plain CUDA graph, FInspect graph (probe.run); then the
     GPU-only time the statistics add inside the graph against the read floor of what they read."""
     import fp16guard.inspect.triton_stats as T
+    from fp16guard.inspect import replay
 
     model, args, kwargs = make_model(name, batch, device, dtype)
     with torch.no_grad():
@@ -256,10 +258,8 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
     eager_model = copy.deepcopy(model)  # each probe hooks its own copy: model() stays plain
     eager_probe = FInspect(eager_model, static=False, cuda_graph=False)
     probes = {}
-    for reduction, tile in kernels:
-        T.REDUCTION, T.TILE_BYTES_PER_THREAD = reduction, tile
-        probes[(reduction, tile)] = FInspect(copy.deepcopy(model), static=False)
-    T.REDUCTION, T.TILE_BYTES_PER_THREAD = kernels[0]
+    for key in kernels:
+        probes[key] = FInspect(copy.deepcopy(model), static=False)
     first = probes[kernels[0]]
     variants = {
         "plain eager": lambda: model(*args, **kwargs),
@@ -273,10 +273,10 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
             for p in [eager_probe, *probes.values()]:
                 stack.enter_context(p)
             for key, p in probes.items():  # eager, then warm-up + capture: later runs replay
-                T.REDUCTION, T.TILE_BYTES_PER_THREAD = key
+                T.REDUCTION, T.TILE_BYTES_PER_THREAD, replay.OVERLAP_STATISTICS = key
                 p.run(*args, **kwargs)
                 p.run(*args, **kwargs)
-            T.REDUCTION, T.TILE_BYTES_PER_THREAD = kernels[0]
+            T.REDUCTION, T.TILE_BYTES_PER_THREAD, replay.OVERLAP_STATISTICS = kernels[0]
             for r in range(3 + iters):
                 for k, fn in variants.items():
                     dt = timed(fn, device)
@@ -295,11 +295,12 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
     for k, v in med.items():
         print(f"{name:10} {dt_name:8} {k:16} {v:8.2f} ms {v / med['plain eager']:6.2f}x plain eager")
     print(f"{name:10} {dt_name:8} {'mode':16} {first.mode}")
-    for (reduction, tile), ms in gpu.items():
+    for (reduction, tile, overlap), ms in gpu.items():
         extra = ms - plain_gpu
         print(f"{name:10} {dt_name:8} GPU-only: plain graph {plain_gpu:.3f} ms, FInspect graph {ms:.3f} ms "
               f"({ms / plain_gpu:.2f}x); statistics {extra:.3f} ms for {nbytes / 1e9:.3f} GB = "
-              f"{extra / floor:.2f}x the read floor {floor:.3f} ms [{reduction}, tile {tile}]")
+              f"{extra / floor:.2f}x the read floor {floor:.3f} ms [{reduction}, tile {tile}, "
+              f"{'side stream' if overlap else 'inline'}]")
 
 
 def graph_ms(graph, iters) -> float:
@@ -318,7 +319,7 @@ def main_graph(args):
     print(f"fp16guard inspect, CUDA graph mode: batch {args.batch}, {torch.cuda.get_device_name(device)}, "
           f"torch {torch.__version__}, triton {triton.__version__}; medians of {args.iters} interleaved rounds")
     print(f"measured read bandwidth: {bandwidth / 1e12:.2f} TB/s (best of torch.amax / torch.sum over 4 GiB)")
-    kernels = [("partials", None), ("atomic", None), ("partials", 16)]
+    kernels = [("partials", None, True), ("partials", None, False), ("atomic", None, False)]
     for name in args.models.split(","):
         for dt_name in args.dtypes.split(","):
             bench_graph(name, getattr(torch, dt_name), device, args.batch, args.iters, bandwidth, kernels)

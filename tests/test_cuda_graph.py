@@ -18,8 +18,16 @@ def _cuda_batches(shape, scales, dtype, seed=0):
     return [x.to("cuda", dtype) for x in batches(shape, scales, seed)]
 
 
+@pytest.fixture(params=[True, False], ids=["statistics-on-a-side-stream", "statistics-inline"])
+def overlap(request, monkeypatch):
+    from fp16guard.inspect import replay
+
+    monkeypatch.setattr(replay, "OVERLAP_STATISTICS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_graph_replays_give_the_eager_numbers_value_for_value(dtype):
+def test_graph_replays_give_the_eager_numbers_value_for_value(dtype, overlap):
     model = residual_net().to("cuda", dtype)
     a = _cuda_batches((4, 3, 16, 16), [1, 30, 0.01, 3, 100, 0.5], dtype)  # 1 eager, 1 warm-up + capture, 4 replays
     b = _cuda_batches((2, 3, 8, 8), [2, 7], dtype, seed=1)  # another signature: captured, never replayed
@@ -55,6 +63,35 @@ def test_replays_make_no_host_sync_and_hold_no_more_memory():
     assert report.mode == "CUDA graph: 1 capture, 38 replays; eager: 2 forwards"
     up = next(r for r in report.calls if r.name == "up")
     assert up.outputs.numel == 40 * 64 * 8 and up.transition == "from"
+
+
+class InPlace(nn.Module):
+    """Overwrites measured tensors in place: an in-place ReLU after a BatchNorm, ``out += x`` in
+    forward (torchvision's Bottleneck), and ``relu_()`` on a conv output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3).eval()
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        out = self.relu(self.bn(self.conv(x)))
+        out += x
+        return self.conv2(out).relu_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tensors_overwritten_in_place_are_measured_before_they_change(dtype, overlap):
+    model = InPlace().to("cuda", dtype).eval()
+    xs = _cuda_batches((8, 3, 32, 32), [1, 5, 0.1, 2, 40], dtype)
+    with torch.no_grad(), FInspect(model) as probe:
+        for x in xs:
+            probe.run(x)
+    assert probe.mode == "CUDA graph: 1 capture, 3 replays; eager: 2 forwards"
+    assert as_rows(probe.report().calls) == merged(eager_reports(model, xs, cuda_graph=False))
 
 
 class Syncs(nn.Module):

@@ -45,9 +45,10 @@ from torch.utils._pytree import tree_map_only
 
 from fp16guard.errors import InputError, first_line
 from fp16guard.inputs import NamedInput, torch_args
-from fp16guard.inspect import triton_stats
+from fp16guard.inspect import replay, triton_stats
 from fp16guard.inspect.replay import (
     MAX_GRAPHS,
+    CapturedForward,
     SignatureRecord,
     capture,
     describe_signature,
@@ -169,7 +170,8 @@ class FInspect:
         self._paused = False
         self._weight_ids: set[int] = set()
         self._graph_pool: Any = None
-        self._streams: dict[int, Any] = {}
+        self._streams: dict[int, Any] = {}  # per CUDA device: the stream graphs are captured on
+        self._stats_streams: dict[int, Any] = {}  # ... and the one their statistics run on
         self.reset()
 
     def reset(self) -> None:
@@ -403,11 +405,8 @@ class FInspect:
             record.eager_reason = f"the second batch took another path than the first ({difference})"
             self._note(record.eager_reason, warn=True)
             return out
-        graph_rec = Recording(StatsStore(self._fused, compact=False))
-        graph_rec.store.reserve(device, len(record.numel))
         try:
-            with self._writing_into(graph_rec):
-                captured = capture(self.model, static_args, static_kwargs, pool=self._graph_pool, stream=stream)
+            captured, graph_rec = self._capture_graph(record, static_args, static_kwargs, stream)
         except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager
             self._open.clear()
             self._stack.clear()
@@ -418,6 +417,31 @@ class FInspect:
         if record.eager_reason is not None:
             self._note(record.eager_reason, warn=True)
         return out
+
+    def _capture_graph(self, record: SignatureRecord, args: tuple, kwargs: dict,
+                       stream: torch.cuda.Stream) -> tuple[CapturedForward, Recording]:
+        """Capture the hooked forward, the statistics on a second stream beside the model's
+        (:data:`~fp16guard.inspect.replay.OVERLAP_STATISTICS`). A tensor overwritten in place
+        while that stream could still read it (an in-place ReLU after the BatchNorm it measures)
+        gets its row reduced on the model's stream in a second capture."""
+        device = record.rows.device
+        side = None
+        if replay.OVERLAP_STATISTICS:
+            side = self._stats_streams.get(device.index)
+            if side is None:
+                side = self._stats_streams[device.index] = torch.cuda.Stream(device)
+        inline: frozenset[int] = frozenset()
+        discarded = []  # kept until the next capture holds the pool (a pool no graph holds is freed)
+        for _ in range(3):
+            graph_rec = Recording(StatsStore(self._fused, compact=False, side=side, inline=inline))
+            graph_rec.store.reserve(device, len(record.numel))
+            with self._writing_into(graph_rec):
+                captured = capture(self.model, args, kwargs, pool=self._graph_pool, stream=stream)
+            if not graph_rec.store.overwritten:
+                return captured, graph_rec
+            inline = inline | frozenset(graph_rec.store.overwritten)
+            discarded.append(captured)
+        raise RuntimeError("tensors kept changing in place while their statistics were read")
 
     # -- results -------------------------------------------------------------------------------
     @property

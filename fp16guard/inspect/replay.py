@@ -24,6 +24,11 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map_only
 
 from fp16guard.inspect.store import PendingCall, Recording, StatsStore
 
+#: Reduce on a second stream while a graph is captured, so that the statistics run beside the
+#: model's next kernels instead of between them (rows overwritten in place stay on the model's
+#: stream: :class:`~fp16guard.inspect.store.StatsStore`).
+OVERLAP_STATISTICS = True
+
 #: At most this many input signatures are captured per probe; they share one memory pool, so the
 #: memory held is about one forward's activations plus the static inputs and outputs.
 MAX_GRAPHS = 8

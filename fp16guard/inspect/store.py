@@ -34,11 +34,22 @@ class StatsStore:
             kernel where it is available (CUDA, float16/bfloat16/float32).
         compact: reduce the arenas' per-program slots at every :meth:`flush` (False for a store a
             CUDA graph is captured into: its replays accumulate in those slots).
+        side: a CUDA stream to reduce on, beside the model's stream, so the statistics overlap
+            the model's next kernels (used while a CUDA graph is captured). Each tensor reduced
+            there is held until :meth:`flush` joins the streams, so its memory is not reused
+            meanwhile, and rows whose tensor was overwritten in place before the join are listed in
+            :attr:`overwritten` (their numbers may be wrong: capture again with them ``inline``).
+        inline: rows reduced on the model's stream even with ``side``.
     """
 
-    def __init__(self, fused: bool | None, *, compact: bool = True):
+    def __init__(self, fused: bool | None, *, compact: bool = True, side: torch.cuda.Stream | None = None,
+                 inline: frozenset[int] = frozenset()):
         self._fused = fused is not False
         self._compact = compact
+        self._side = side
+        self._inline = inline
+        self._held: list[tuple[torch.Tensor, int, int]] = []  # (tensor, its version, row) read on `side`
+        self.overwritten: list[int] = []  # rows whose tensor changed while `side` could still read it
         self._arenas: dict[int, triton_stats.StatsArena] = {}  # by CUDA device index
         self.clear()
 
@@ -77,6 +88,12 @@ class StatsStore:
             arena = self._arenas.get(index)
             if arena is None:
                 arena = self._arena(t.device)
+            if self._side is not None and row not in self._inline and not t.is_inference():
+                self._side.wait_stream(torch.cuda.current_stream(t.device))
+                with torch.cuda.stream(self._side):
+                    self._arena_rows.append((row, index, arena.reduce(t)))
+                self._held.append((t, t._version, row))
+                return
             self._arena_rows.append((row, index, arena.reduce(t)))
         else:
             self._pending.append(tensor_stats(t))
@@ -121,6 +138,10 @@ class StatsStore:
         self._pending.clear()
         self._pending_rows.clear()
         self._cache.clear()
+        if self._held:  # join the side stream; only then may the held tensors' memory be reused
+            torch.cuda.current_stream(self._held[0][0].device).wait_stream(self._side)
+            self.overwritten += [row for t, version, row in self._held if t._version != version]
+            self._held.clear()
         for arena in self._arenas.values():
             arena.refresh()
             if self._compact:
