@@ -388,7 +388,8 @@ class FInspect:
             logger.log(logging.WARNING if warn else logging.INFO, "FInspect runs eagerly: %s", reason)
 
     def _capture(self, record: SignatureRecord, args: tuple, kwargs: dict) -> Any:
-        """This batch's forward as the warm-up on a side stream, then the capture of the next."""
+        """Run this batch eagerly on the capture stream (the warm-up; merged like any batch), then
+        capture the hooked forward for the batches after it. Returns this batch's output."""
         device = record.rows.device
         stream = self._streams.get(device.index)
         if stream is None:
@@ -410,6 +411,8 @@ class FInspect:
         except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager
             self._open.clear()
             self._stack.clear()
+            if not any(r.captured is not None for r in self._signatures.values()):
+                self._graph_pool = None  # a pool no graph holds is freed; the next capture takes a new one
             record.eager_reason = f"CUDA graph capture failed: {first_line(e)}"
             self._note(record.eager_reason, warn=True)
             return out
