@@ -13,6 +13,12 @@ here. The statistics run in several variants (``triton_stats.REDUCTION``,
 ``triton_stats.TILE_BYTES_PER_THREAD``, ``replay.OVERLAP_STATISTICS``); the first listed is the
 default.
 
+``--baseline DIR`` adds an earlier fp16guard as one more eager row, side by side. Make DIR with::
+
+    git archive d7ada3f fp16guard | tar -x -C DIR && mv DIR/fp16guard DIR/fp16guard_base
+    grep -rl fp16guard DIR/fp16guard_base | xargs sed -i \
+        's/\bfp16guard\./fp16guard_base./g; s/from fp16guard import/from fp16guard_base import/g'
+
 ResNet-50 (torchvision's when it imports, else benchmarks/_resnet50.py), random weights, eval
 mode, under torch.no_grad(), FP32 and FP16. For each dtype, four variants run in interleaved
 rounds (plain, fp16guard, seed-style, Hugging Face) so drift hits all alike; each variant's time is
