@@ -10,8 +10,7 @@ graph, and ``FInspect.run`` (the hooked forward captured once, then replayed), i
 rounds; then the GPU time the statistics add inside the graph (FInspect graph replay - plain graph
 replay) against the read floor: the bytes of every tensor measured over the read bandwidth measured
 here. The statistics run in several variants (``triton_stats.REDUCTION``,
-``triton_stats.TILE_BYTES_PER_THREAD``, ``replay.OVERLAP_STATISTICS``); the first listed is the
-default.
+``replay.OVERLAP_STATISTICS``); the first listed is the default.
 
 ``--baseline DIR`` adds an earlier fp16guard as one more eager row, side by side. Make DIR with::
 
@@ -279,10 +278,10 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
             for p in [eager_probe, *probes.values()]:
                 stack.enter_context(p)
             for key, p in probes.items():  # eager, then warm-up + capture: later runs replay
-                T.REDUCTION, T.TILE_BYTES_PER_THREAD, replay.OVERLAP_STATISTICS = key
+                T.REDUCTION, replay.OVERLAP_STATISTICS = key
                 p.run(*args, **kwargs)
                 p.run(*args, **kwargs)
-            T.REDUCTION, T.TILE_BYTES_PER_THREAD, replay.OVERLAP_STATISTICS = kernels[0]
+            T.REDUCTION, replay.OVERLAP_STATISTICS = kernels[0]
             for r in range(3 + iters):
                 for k, fn in variants.items():
                     dt = timed(fn, device)
@@ -301,11 +300,11 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
     for k, v in med.items():
         print(f"{name:10} {dt_name:8} {k:16} {v:8.2f} ms {v / med['plain eager']:6.2f}x plain eager")
     print(f"{name:10} {dt_name:8} {'mode':16} {first.mode}")
-    for (reduction, tile, overlap), ms in gpu.items():
+    for (reduction, overlap), ms in gpu.items():
         extra = ms - plain_gpu
         print(f"{name:10} {dt_name:8} GPU-only: plain graph {plain_gpu:.3f} ms, FInspect graph {ms:.3f} ms "
               f"({ms / plain_gpu:.2f}x); statistics {extra:.3f} ms for {nbytes / 1e9:.3f} GB = "
-              f"{extra / floor:.2f}x the read floor {floor:.3f} ms [{reduction}, tile {tile}, "
+              f"{extra / floor:.2f}x the read floor {floor:.3f} ms [{reduction}, "
               f"{'side stream' if overlap else 'inline'}]")
 
 
@@ -325,7 +324,7 @@ def main_graph(args):
     print(f"fp16guard inspect, CUDA graph mode: batch {args.batch}, {torch.cuda.get_device_name(device)}, "
           f"torch {torch.__version__}, triton {triton.__version__}; medians of {args.iters} interleaved rounds")
     print(f"measured read bandwidth: {bandwidth / 1e12:.2f} TB/s (best of torch.amax / torch.sum over 4 GiB)")
-    kernels = [("partials", None, True), ("partials", None, False), ("atomic", None, False)]
+    kernels = [("partials", True), ("partials", False), ("atomic", False)]
     for name in args.models.split(","):
         for dt_name in args.dtypes.split(","):
             bench_graph(name, getattr(torch, dt_name), device, args.batch, args.iters, bandwidth, kernels)

@@ -5,7 +5,7 @@
 Captures the conv/BN/ReLU outputs of one batch-32 ResNet-50 forward (FP32 and FP16) and prints
 their total size and the read floor (bytes over the read bandwidth measured here, as in
 ``inspect_overhead.py --graph``). Then, for every launch configuration of fp16guard's kernel
-(unroll, pipelining stages, warps, programs per SM; ``triton_stats.REDUCTION`` as configured), it
+(unroll, warps, programs per SM; ``triton_stats.REDUCTION`` as configured), it
 times the reductions of all of them replayed as one CUDA graph (median of 20 replays): GPU time
 only, with no Python launch cost. The configuration in fp16guard/inspect/triton_stats.py comes from
 here. Each configuration runs through a fresh ``StatsArena``, the launcher FInspect uses.
@@ -106,10 +106,10 @@ def main():
     for dt, ts in acts.items():
         for what, ms in references_ms(ts).items():
             print(f"{str(dt).replace('torch.', '')} {what}: {ms:.3f} ms ({ms / floors[dt]:.2f}x floor)")
-    default = {k: getattr(T, k) for k in ("UNROLL", "STAGES", "NUM_WARPS", "PROGRAMS_PER_SM")}
+    default = {k: getattr(T, k) for k in ("UNROLL", "NUM_WARPS", "PROGRAMS_PER_SM")}
     results = []
-    for unroll, stages, warps, pps in itertools.product([1, 2, 4, 8], [1], [4, 8], [4, 8]):
-        config = {"UNROLL": unroll, "STAGES": stages, "NUM_WARPS": warps, "PROGRAMS_PER_SM": pps}
+    for unroll, warps, pps in itertools.product([1, 2, 4, 8], [4, 8], [4, 8]):
+        config = {"UNROLL": unroll, "NUM_WARPS": warps, "PROGRAMS_PER_SM": pps}
         try:
             ms = {dt: reduce_all_ms(ts, config) for dt, ts in acts.items()}
         except Exception as e:  # a configuration that does not compile or fit

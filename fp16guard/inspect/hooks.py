@@ -379,13 +379,15 @@ class FInspect:
             reason = f"{MAX_GRAPHS} input signatures are captured already (memory stays bounded)"
         else:
             return None
-        self._note(reason, warn=self.cuda_graph is True)
+        self._note(record, reason, warn=self.cuda_graph is True)
         return reason
 
-    def _note(self, reason: str, *, warn: bool) -> None:
+    def _note(self, record: SignatureRecord, reason: str, *, warn: bool) -> None:
+        """Log, once per reason, why batches run eagerly (naming the first signature it hit)."""
         if reason not in self._noted:
             self._noted.add(reason)
-            logger.log(logging.WARNING if warn else logging.INFO, "FInspect runs eagerly: %s", reason)
+            logger.log(logging.WARNING if warn else logging.INFO, "FInspect runs eagerly: %s (inputs %s)",
+                       reason, record.label)
 
     def _capture(self, record: SignatureRecord, args: tuple, kwargs: dict) -> Any:
         """Run this batch eagerly on the capture stream (the warm-up; merged like any batch), then
@@ -404,7 +406,7 @@ class FInspect:
         torch.cuda.current_stream(device).wait_stream(stream)
         if difference is not None:
             record.eager_reason = f"the second batch took another path than the first ({difference})"
-            self._note(record.eager_reason, warn=True)
+            self._note(record, record.eager_reason, warn=True)
             return out
         try:
             captured, graph_rec = self._capture_graph(record, static_args, static_kwargs, stream)
@@ -414,11 +416,11 @@ class FInspect:
             if not any(r.captured is not None for r in self._signatures.values()):
                 self._graph_pool = None  # a pool no graph holds is freed; the next capture takes a new one
             record.eager_reason = f"CUDA graph capture failed: {first_line(e)}"
-            self._note(record.eager_reason, warn=True)
+            self._note(record, record.eager_reason, warn=True)
             return out
         record.eager_reason = record.adopt(captured, graph_rec)
         if record.eager_reason is not None:
-            self._note(record.eager_reason, warn=True)
+            self._note(record, record.eager_reason, warn=True)
         return out
 
     def _capture_graph(self, record: SignatureRecord, args: tuple, kwargs: dict,

@@ -9,8 +9,8 @@ loop of a thousand batches keeps one row per measured tensor, not a thousand.
 On CUDA the second batch of a signature also captures the hooked forward as one CUDA graph
 (:func:`capture`): the hooks run once more in Python while the capture records their Triton
 launches, each writing into a fixed arena slot. Every later batch is copied into the captured
-input buffers and replayed; the kernels' atomics (``atomic_max``, ``atomic_add``) accumulate into
-the same slots, so no Python runs per batch at all. See ``docs/cuda-graphs.md`` for what is and is
+input buffers and replayed; each kernel adds into its slots (max for amax, sums for the counts),
+so the replays accumulate and no Python runs per batch at all. See ``docs/cuda-graphs.md`` for what is and is
 not captured.
 """
 
@@ -139,6 +139,12 @@ def _reset_generators(device: torch.device) -> None:
         torch.zeros(1, device=device).add_(1)
 
 
+def _fold(rows: torch.Tensor, more: torch.Tensor) -> None:
+    """Merge ``more`` into ``rows`` in place (float64 ``[rows, 5]``): amax by max, counts by sum."""
+    rows[:, 0] = torch.maximum(rows[:, 0], more[:, 0])
+    rows[:, 1:] += more[:, 1:]
+
+
 @dataclasses.dataclass(eq=False)
 class SignatureRecord:
     """The merged statistics of every batch of one input signature.
@@ -146,8 +152,8 @@ class SignatureRecord:
     Attributes:
         label: the signature in words (:func:`describe_signature`).
         calls, ops: the calls of the first forward; their row numbers index :attr:`rows`.
-        numel: elements of each row's tensor in one forward.
-        structure: what a later forward must repeat to merge (:attr:`Recording.structure`).
+        structure: what a later forward must repeat to merge (:attr:`Recording.structure`); its
+            last part is :attr:`numel`.
         rows: float64 ``[rows, 5]`` on the model's device, eager forwards merged.
         in_arena: every row of the first forward was a Triton reduction (a graph can accumulate).
         forwards: eager forwards merged into :attr:`rows`.
@@ -162,7 +168,6 @@ class SignatureRecord:
     label: str
     calls: list[PendingCall]
     ops: list[PendingCall]
-    numel: list[int]
     structure: tuple
     rows: torch.Tensor
     in_arena: bool
@@ -176,8 +181,13 @@ class SignatureRecord:
     @classmethod
     def first(cls, label: str, recording: Recording, rows: torch.Tensor) -> "SignatureRecord":
         """The record of a signature's first forward (copied out of ``recording``)."""
-        return cls(label, list(recording.calls), list(recording.ops), list(recording.store.numel),
-                   recording.structure, rows.clone(), recording.store.all_in_arena)
+        return cls(label, list(recording.calls), list(recording.ops), recording.structure, rows.clone(),
+                   recording.store.all_in_arena)
+
+    @property
+    def numel(self) -> tuple[int, ...]:
+        """Elements of each row's tensor in one forward."""
+        return self.structure[2]
 
     def difference(self, recording: Recording) -> str:
         """What in ``recording`` differs from this signature's first forward, in words."""
@@ -188,7 +198,7 @@ class SignatureRecord:
                     return f"{what} {i} is {b[:2]} with rows {b[2:]}, was {a[:2]} with rows {a[2:]}"
             if len(mine) != len(theirs):
                 return f"{len(theirs)} {what}s, was {len(mine)}"
-        if numel != self.structure[2]:
+        if numel != self.numel:
             return "the measured tensors have other sizes"
         return "its statistics live on another device"
 
@@ -200,8 +210,7 @@ class SignatureRecord:
         new = recording.store.device_rows()
         if new is None or new.device != self.rows.device:
             return False
-        self.rows[:, 0] = torch.maximum(self.rows[:, 0], new[:, 0])
-        self.rows[:, 1:] += new[:, 1:]
+        _fold(self.rows, new)
         self.forwards += 1
         return True
 
@@ -219,10 +228,7 @@ class SignatureRecord:
     def release(self) -> None:
         """Drop the graph (and its memory) and fold what its replays measured into :attr:`rows`."""
         if self.graph_store is not None:
-            graph = self.graph_store.device_rows()
-            if graph is not None:
-                self.rows[:, 0] = torch.maximum(self.rows[:, 0], graph[:, 0])
-                self.rows[:, 1:] += graph[:, 1:]
+            _fold(self.rows, self.graph_store.device_rows())
         self.captured = self.graph_store = None
 
     def replay(self, args: tuple, kwargs: dict) -> Any:
@@ -234,9 +240,10 @@ class SignatureRecord:
 
     def host_rows(self) -> tuple[list[tuple[float, ...]], list[int]]:
         """Host rows (eager forwards and replays merged) and the elements behind each row."""
-        host = [tuple(r) for r in self.rows.cpu().tolist()]
-        if self.graph_store is not None:
-            graph = self.graph_store.read()
-            host = [(max(a[0], b[0]), *(x + y for x, y in zip(a[1:], b[1:]))) for a, b in zip(host, graph)]
+        rows = self.rows
+        if self.graph_store is not None:  # the live graph's numbers, beside the folded ones
+            rows = rows.clone()
+            _fold(rows, self.graph_store.device_rows())
+        host = [tuple(r) for r in rows.cpu().tolist()]
         runs = self.forwards + self.replays
         return host, [n * runs for n in self.numel]

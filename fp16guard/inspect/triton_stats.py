@@ -49,9 +49,6 @@ DIRECT_LAUNCH_VERSIONS = ((3, 6),)  # read in its source and tested on the H100;
 #: H200 four tiles per step took FP16 from 3.8x to 3.1x the read floor, FP32 from 2.0x to 1.8x).
 BLOCK = 1024
 UNROLL = 4
-#: Software-pipelining stages of the strided loop (``tl.range(..., num_stages=STAGES)``): loads of
-#: later iterations are issued before the current one is reduced.
-STAGES = 1
 NUM_WARPS = 8
 #: Programs per streaming multiprocessor: enough loads in flight to saturate HBM, few atomics.
 PROGRAMS_PER_SM = 4
@@ -63,15 +60,11 @@ WIDE_ABOVE = 2**30
 #: ``"atomic"`` folds them into the row with five atomics per program (every program of a launch
 #: hits the same five addresses). Read when an arena is created.
 REDUCTION = "partials"
-#: Bytes each thread loads per tile: BLOCK is this times 32 * NUM_WARPS / element size (1024
-#: float32 or 2048 float16 elements at 16 bytes and 8 warps). None (default): BLOCK for every
-#: dtype; 16 made FP16 statistics 1.5x slower on an H200 (results_inspect_graph_h200.txt).
-TILE_BYTES_PER_THREAD: int | None = None
 
 if triton is not None:
 
     @triton.jit
-    def _partials(x_ptr, n, BLOCK: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr, WIDE: tl.constexpr):
+    def _partials(x_ptr, n, BLOCK: tl.constexpr, UNROLL: tl.constexpr, WIDE: tl.constexpr):
         # Each program strides over the tensor, UNROLL independent tiles per step (loads in
         # flight), keeping per-lane partials, and returns its five numbers.
         # Offsets are 32-bit unless WIDE (tensors of more than 2**30 elements): 64-bit index
@@ -95,7 +88,7 @@ if triton is not None:
         tiny = tl.zeros((BLOCK,), dtype=tl.int32)
         small = tl.zeros((BLOCK,), dtype=tl.int32)
         visited = 0
-        for start in tl.range(pid * (BLOCK * UNROLL), n, step, num_stages=STAGES):
+        for start in range(pid * (BLOCK * UNROLL), n, step):
             visited += BLOCK * UNROLL
             for u in tl.static_range(UNROLL):
                 offs = start + u * BLOCK + lanes
@@ -114,9 +107,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n", "row"])
     def _stats_kernel(x_ptr, amax_ptr, count_ptr, n, row, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-                      STAGES: tl.constexpr, WIDE: tl.constexpr):
+                      WIDE: tl.constexpr):
         """REDUCTION = "atomic": five atomics per program into row ``row``."""
-        amax, nonfinite, nonzero, flushed, subnormal = _partials(x_ptr, n, BLOCK, UNROLL, STAGES, WIDE)
+        amax, nonfinite, nonzero, flushed, subnormal = _partials(x_ptr, n, BLOCK, UNROLL, WIDE)
         counts = count_ptr + row * 4
         tl.atomic_max(amax_ptr + row, amax)
         tl.atomic_add(counts + 0, nonfinite)
@@ -126,10 +119,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n", "row"])
     def _stats_partials_kernel(x_ptr, amax_ptr, count_ptr, n, row, PROGRAMS: tl.constexpr, BLOCK: tl.constexpr,
-                               UNROLL: tl.constexpr, STAGES: tl.constexpr, WIDE: tl.constexpr):
+                               UNROLL: tl.constexpr, WIDE: tl.constexpr):
         """REDUCTION = "partials": program p adds into slot ``[row, p]``, which no other program of
         the launch touches (launches of one stream run in order, so plain loads and stores do)."""
-        amax, nonfinite, nonzero, flushed, subnormal = _partials(x_ptr, n, BLOCK, UNROLL, STAGES, WIDE)
+        amax, nonfinite, nonzero, flushed, subnormal = _partials(x_ptr, n, BLOCK, UNROLL, WIDE)
         slot = row * PROGRAMS + tl.program_id(0)
         tl.store(amax_ptr + slot, tl.maximum(tl.load(amax_ptr + slot), amax))
         counts = count_ptr + slot * 4
@@ -161,13 +154,6 @@ def _launch_hooks_active() -> bool:
     return bool(getattr(hook, "calls", hook))  # a HookChain (3.4+) is never None, maybe empty
 
 
-def block_for(dtype: torch.dtype) -> int:
-    """Elements per tile for tensors of ``dtype`` (see :data:`TILE_BYTES_PER_THREAD`)."""
-    if TILE_BYTES_PER_THREAD is None:
-        return BLOCK
-    return TILE_BYTES_PER_THREAD * 32 * NUM_WARPS // torch.empty((), dtype=dtype).element_size()
-
-
 class _Launcher:
     """Launches the statistics kernel on one device, bypassing Triton's per-call argument binding
     where it can.
@@ -195,7 +181,6 @@ class _Launcher:
         self._index = device.index if device.index is not None else torch.cuda.current_device()
         sms = torch.cuda.get_device_properties(self._index).multi_processor_count
         self.max_programs = PROGRAMS_PER_SM * sms
-        self._blocks = {dtype: block_for(dtype) for dtype in DTYPES}
         try:
             self._stream = torch._C._cuda_getCurrentRawStream  # what Triton's own driver calls
         except AttributeError:  # pragma: no cover - very old torch
@@ -209,8 +194,7 @@ class _Launcher:
     def __call__(self, x: torch.Tensor, amax: torch.Tensor, counts: torch.Tensor, row: int,
                  amax_ptr: int, counts_ptr: int) -> None:
         n = x.numel()
-        block = self._blocks[x.dtype]
-        grid = min((n + block * UNROLL - 1) // (block * UNROLL), self.max_programs)
+        grid = min((n + BLOCK * UNROLL - 1) // (BLOCK * UNROLL), self.max_programs)
         ptr = x.data_ptr()
         wide = n > WIDE_ABOVE
         key = (x.dtype, ptr % 16 == 0, wide)
@@ -218,12 +202,12 @@ class _Launcher:
         programs = (self.max_programs,) if self.partials else ()
         if compiled is None:
             kernel = _stats_partials_kernel if self.partials else _stats_kernel
-            self._compiled[key] = kernel[(grid,)](x, amax, counts, n, row, *programs, BLOCK=block, UNROLL=UNROLL,
-                                                  STAGES=STAGES, WIDE=wide, num_warps=NUM_WARPS)
+            self._compiled[key] = kernel[(grid,)](x, amax, counts, n, row, *programs, BLOCK=BLOCK, UNROLL=UNROLL,
+                                                  WIDE=wide, num_warps=NUM_WARPS)
             return
         compiled.run(grid, 1, 1, self._stream(self._index), compiled.function,
                      compiled.packed_metadata, None, None, None, ptr, amax_ptr, counts_ptr, n, row, *programs,
-                     block, UNROLL, STAGES, wide)
+                     BLOCK, UNROLL, wide)
 
 
 class StatsArena:
@@ -309,20 +293,27 @@ class StatsArena:
         blocks' 36 per program. Not while a CUDA graph is captured (replays must accumulate in
         the blocks)."""
         if self.used > self._first:
-            self._compacted.append(self._reduced()[: self.used - self._first])
+            self._compacted.append(self._reduced())
             self._zero_blocks()
             self._first = self.used
 
     def _reduced(self) -> torch.Tensor:
-        return torch.cat([torch.cat([amax.amax(1)[:, None].double(), counts.sum(1).double()], 1)
-                          for amax, counts, _, _ in self._blocks])
+        """The filled slots of the blocks, each program's partials reduced: float64 ``[k, 5]``."""
+        left, parts = self.used - self._first, []
+        for amax, counts, _, _ in self._blocks:
+            if left <= 0:
+                break
+            amax, counts = amax[:left], counts[:left]
+            parts.append(torch.cat([amax.amax(1)[:, None].double(), counts.sum(1).double()], 1))
+            left -= len(amax)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def device_rows(self) -> torch.Tensor:
         """Every used slot as float64 ``[used, 5]`` on the device (no sync), the programs'
         partials reduced."""
         parts = list(self._compacted)
         if self.used > self._first:
-            parts.append(self._reduced()[: self.used - self._first])
+            parts.append(self._reduced())
         if not parts:
             return torch.zeros(0, 5, dtype=torch.float64, device=self.device)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
