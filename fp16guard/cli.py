@@ -236,12 +236,29 @@ def _inspect(args, console: Console) -> int:
 
             report = replace(report, source=args.example)
 
-    print_report(report, console, top=args.top)
+    print_report(report, console, top=args.top, model=_model_words(args))
     if args.json:
-        console.print(f"JSON report: {report.save_json(args.json)}")
+        report.save_json(args.outputs.path(args.json))
+        console.print(f"JSON report: {args.json}")
     if args.plot:
-        console.print(f"plot: {plot_report(report, args.plot)}")
+        plot_report(report, args.outputs.path(args.plot))
+        console.print(f"plot: {args.plot}")
     return EXIT_OVERFLOW if report.overflow_found else EXIT_CLEAN
+
+
+def _model_words(args) -> str | None:
+    """How this command line named the model and its inputs (``--example ppocr-det``,
+    ``m.onnx --input x.npy``), for the next command a report suggests; None for OpenMMLab models."""
+    if getattr(args, "deploy_cfg", None) or getattr(args, "model_cfg", None):
+        return None
+    import shlex
+
+    words = ["--example", args.example] if args.example else [args.model]
+    if args.checkpoint:
+        words += ["--checkpoint", args.checkpoint]
+    for item in args.input:
+        words += ["--input", item]
+    return shlex.join(words)
 
 
 def _model_and_inputs(args, console: Console, *, require_inputs: bool = True):
@@ -286,7 +303,12 @@ def _fit(model, inputs, framework: str, what: str = "input"):
 
         check_onnx_feeds(model, inputs, what=what)
         return inputs
-    return [by_forward_names(model, item) for item in inputs]
+    from fp16guard.inputs import torch_args
+    from fp16guard.loading import check_program_inputs
+
+    fitted = [by_forward_names(model, item) for item in inputs]
+    check_program_inputs(model, [torch_args(item) for item in fitted], what=what, labels=[i.label for i in fitted])
+    return fitted
 
 
 def _bisect(args, console: Console) -> int:
@@ -305,23 +327,26 @@ def _bisect(args, console: Console) -> int:
         backend = get_backend(args.backend, **options)
     except ValueError as e:  # unknown name
         raise UsageError(str(e)) from None
-    from fp16guard.progress import step
+    from fp16guard.progress import echo, step
 
     with step(f"bisect {name}: FP32 reference, then FP16 prefixes on {backend.describe()}") as advance:
         def on_trial(t):
-            """One line per evaluated cut (the trial table, on stdout); the step counts them."""
-            console.print(f"  {t.stage} cut {t.cut} (last in FP16: {t.last}): "
+            """One line per evaluated cut (the trial table, on stdout, above the progress display); the
+            step counts them, of the search's bound."""
+            echo(console, f"  {t.stage} cut {t.cut} (last in FP16: {t.last}): "
                           f"{'bad' if t.bad else 'good'}, error {t.error:.3g}, {t.seconds:.1f} s")
             advance()
 
         result = bisect(model, inputs, backend=backend, metric=args.metric, tolerance=args.tolerance,
                         all_offenders=args.all_offenders, max_offenders=args.max_offenders,
                         refine=not args.no_refine, on_trial=on_trial, source=name)
-    print_bisect(result, console)
+    print_bisect(result, console, model=_model_words(args))
     if args.json:
-        console.print(f"JSON result: {result.save_json(args.json)}")
+        result.save_json(args.outputs.path(args.json))
+        console.print(f"JSON result: {args.json}")
     if args.plot:
-        console.print(f"plot: {plot_bisect(result, args.plot)}")
+        plot_bisect(result, args.outputs.path(args.plot))
+        console.print(f"plot: {args.plot}")
     return EXIT_OVERFLOW if result.found else EXIT_CLEAN
 
 
@@ -401,7 +426,8 @@ def _calibrate(args, console: Console) -> int:
     plan = calibrate(model, calibration, target_log2=args.target_log2, raise_underflow=args.raise_underflow,
                      source=name, graph=args.graph)
     print_plan(plan, console)
-    console.print(f"plan: {plan.save(args.output)}")
+    plan.save(args.outputs.path(args.output))
+    console.print(f"plan: {args.output}")
     return EXIT_CLEAN
 
 
@@ -430,6 +456,15 @@ def _fix(args, console: Console) -> int:
 
     check_interop_options(output, layer_precisions=args.layer_precisions, save_fp32=args.save_fp32,
                           save_outputs=args.save_outputs, bf16="bf16" in (args.fallback, args.islands))
+    if args.layer_precisions and framework == "onnx":  # a name the flags cannot carry: known before the work
+        from fp16guard.trt.precisions import check_layer_name
+
+        for node in model.graph.node:
+            if node.op_type != "Constant":
+                try:
+                    check_layer_name(node.name)
+                except Fp16GuardError as e:
+                    raise UsageError(f"--layer-precisions: {e}; or drop --layer-precisions") from None
     result = fix_model(model, calibration, plan=plan, validation=validation, output=output,
                        target_log2=args.target_log2, raise_underflow=args.raise_underflow,
                        fallback=args.fallback, islands=args.islands, backend=args.backend, metrics=metrics, force=args.force,
@@ -440,22 +475,28 @@ def _fix(args, console: Console) -> int:
         from fp16guard.fix.torch_pass import save_program
         from fp16guard.inputs import torch_args
 
-        save_program(result.fixed, [torch_args(i) for i in [*calibration, *validation]], args.output)
+        save_program(result.fixed, [torch_args(i) for i in [*calibration, *validation]], args.outputs.path(args.output))
         console.print(f"fixed typed FP16 program: {args.output} (torch.export.load(path).module())")
     else:
         import onnx
 
-        onnx.save(result.fixed, args.output)
+        onnx.save(result.fixed, args.outputs.path(args.output))
         console.print(f"fixed typed FP16 model: {args.output}")
     if args.save_plan:
-        console.print(f"plan: {result.plan.save(args.save_plan)}")
-    for line in write_interop(result, source=name, layer_precisions=args.layer_precisions, save_fp32=args.save_fp32,
-                              save_outputs=args.save_outputs):
+        result.plan.save(args.outputs.path(args.save_plan))
+        console.print(f"plan: {args.save_plan}")
+    paths = {dest: (args.outputs.path(given) if given else None) for dest, given in
+             (("layer_precisions", args.layer_precisions), ("save_fp32", args.save_fp32),
+              ("save_outputs", args.save_outputs))}
+    for line in write_interop(result, source=name, **paths):
+        for dest, tmp in paths.items():  # the lines name the files as the user gave them
+            if tmp is not None:
+                line = line.replace(str(tmp), getattr(args, dest))
         console.print(line, markup=False, soft_wrap=True)
     if args.json:
         from fp16guard.jsonio import write
 
-        write(result.to_json(), args.json)
+        write(result.to_json(), args.outputs.path(args.json))
         console.print(f"JSON report: {args.json}")
     return EXIT_CLEAN if result.verification.finite else EXIT_OVERFLOW
 
@@ -481,40 +522,37 @@ def _check_outputs(args) -> None:
     """Refuse an output path that cannot be written or would destroy something, before any work.
 
     Raises:
-        UsageError: the path is a folder, its folder is missing, not a folder or not writable; it
-            is a file the command reads (the model, an input, the plan); two outputs name one file;
-            ``--plot`` has a format matplotlib cannot write.
+        UsageError: the path is a folder, a FIFO or device, a symlink loop, a name too long for its
+            filesystem; its folder is missing, not a folder or not writable
+            (:func:`~fp16guard.files.check_writable`); it is a file the command reads (the model, an
+            input, the plan: by path, or by inode for a hard link); two outputs name one file;
+            ``--plot`` has a format matplotlib cannot write, or one that needs a program this
+            machine lacks (``.pgf`` needs LaTeX).
     """
-    import tempfile
+    from fp16guard.files import check_writable, file_identity
 
     written: dict[Path, str] = {}
-    read = {}
+    read: dict[Path, str] = {}
+    identities: dict[tuple[int, int], str] = {}
     for dest, flag in READ_OPTIONS.items():
         value = getattr(args, dest, None)
         for v in (value if isinstance(value, list) else [value] if value else []):
-            read[Path(v).resolve()] = flag
+            with contextlib.suppress(OSError, RuntimeError):  # a loop or a bad name: the read check says so
+                read[Path(v).resolve()] = flag
+            for f in _files_of(v):
+                ident = file_identity(f)
+                if ident is not None:
+                    identities.setdefault(ident, flag)
     for dest, flag in OUTPUT_OPTIONS.items():
         path = getattr(args, dest, None)
         if not path:
             continue
-        p = Path(path).resolve()
-        if p.is_dir():
-            raise UsageError(f"{flag} {path} is a folder; give a file name inside it")
-        if not p.parent.exists():
-            raise UsageError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it first")
-        if not p.parent.is_dir():
-            raise UsageError(f"{flag} {path}: {Path(path).parent} is not a folder")
+        p = check_writable(path, flag, reads=identities)
         if p in read:
             raise UsageError(f"{flag} {path} would overwrite the {read[p]} the command reads; write elsewhere")
         if p in written:
             raise UsageError(f"{flag} and {written[p]} name the same file {path}; give each its own")
         written[p] = flag
-        try:
-            with tempfile.TemporaryFile(dir=p.parent):
-                pass
-        except OSError as e:
-            raise UsageError(f"{flag} {path}: cannot write in {Path(path).parent} ({e.strerror}); pick a "
-                             f"writable folder") from None
     plot = getattr(args, "plot", None)
     if plot:
         from matplotlib.backend_bases import FigureCanvasBase
@@ -524,6 +562,25 @@ def _check_outputs(args) -> None:
         if suffix not in formats:
             raise UsageError(f"--plot {plot}: matplotlib cannot write {suffix or 'a file without a suffix'!r}; "
                              f"end it in .png, .svg or .pdf")
+        if suffix == "pgf":
+            import shutil
+
+            import matplotlib
+
+            tex = matplotlib.rcParams["pgf.texsystem"]
+            if shutil.which(tex) is None:
+                raise UsageError(f"--plot {plot}: matplotlib writes .pgf through {tex}, which is not installed; "
+                                 f"end it in .png, .svg or .pdf")
+
+
+def _files_of(value: str) -> list[str]:
+    """``value`` and, for a folder (an ``--input`` folder), the files directly inside it."""
+    try:
+        if os.path.isdir(value):
+            return [os.path.join(value, n) for n in os.listdir(value)]
+    except OSError:
+        return []
+    return [value]
 
 
 def _check_options(args) -> None:
@@ -601,9 +658,8 @@ QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experi
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    """Route Python warnings through logging and silence third-party loggers unless ``verbose``."""
-    import warnings
-
+    """Log fp16guard's steps with ``verbose``; otherwise silence third-party loggers (warnings are
+    routed in :func:`main`)."""
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return
@@ -612,9 +668,10 @@ def _quiet_libraries(verbose: bool) -> None:
     torch._logging.set_logs(onnx=logging.ERROR, export=logging.ERROR)  # documented: torch._logging.set_logs
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes, not the user's
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|onnx|onnxscript|onnxruntime)(\.|$)")
+
+
+#: errno values of a disk that cannot take an output: no space, over quota, too large, read-only.
+DISK_ERRORS = {28, 122, 27, 30}  # ENOSPC, EDQUOT, EFBIG, EROFS (Linux numbers; see errno)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -630,7 +687,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
         if verbose and quiet:
             raise UsageError("-v and -q contradict each other; give one")
-        _check_options(args)  # before any work, and before torch loads: a wrong option is known at once
+        import warnings
+
+        if verbose:
+            logging.captureWarnings(True)  # libraries' warnings through the log, with -v only
+        else:
+                _check_options(args)  # before any work, and before torch loads: a wrong option is known at once
         if args.command != "fetch-examples":
             _quiet_libraries(verbose)
         from rich.console import Console
@@ -641,10 +703,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "export": _export, "fetch-examples": _fetch}
         from fp16guard.progress import RichProgress, reporting
 
+        from fp16guard.files import OutputSet, terminate_as_interrupt
+
         with contextlib.ExitStack() as stack:
+            stack.enter_context(terminate_as_interrupt())  # SIGTERM unwinds like Ctrl-C: no partial output
+            args.outputs = stack.enter_context(OutputSet())  # every output renamed into place at the end, or none
             reporter = stack.enter_context(RichProgress(args.progress)) if args.progress is not None else None
             stack.enter_context(reporting(reporter))
-            return commands[args.command](args, console)
+            try:
+                return commands[args.command](args, console)
+            except OSError as e:
+                if e.errno not in DISK_ERRORS:
+                    raise
+                from fp16guard.errors import OutputError
+
+                raise OutputError(f"cannot write the output: {e.strerror}"
+                                  f"{f' ({Path(e.filename).name})' if e.filename else ''}; free space or write "
+                                  f"elsewhere (nothing was written)") from None
     except Fp16GuardError as e:
         print(f"fp16guard: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -658,9 +733,10 @@ def console_main() -> None:
 
     try:
         code = main()
-    except KeyboardInterrupt:
-        print("fp16guard: interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (fp16guard.files.Terminated): outputs removed
+        signum = getattr(e, "signum", 2)
+        print(f"fp16guard: {'interrupted' if signum == 2 else 'terminated'}; nothing was written", file=sys.stderr)
+        code = 128 + signum
     except Exception:  # noqa: BLE001 - a bug: show everything, then a distinct status
         traceback.print_exc()
         print(f"fp16guard: internal error (exit {EXIT_INTERNAL}): the traceback above is a bug of fp16guard or of a "

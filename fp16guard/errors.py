@@ -16,6 +16,7 @@ The command line (:func:`fp16guard.cli.main`) prints any :class:`Fp16GuardError`
 * :class:`MissingDependencyError` (exit 2): an optional package is not installed
 * :class:`WtsError` (exit 2): a tensorrtx ``.wts`` weights file is missing or malformed
 * :class:`FixError` (exit 2): the model cannot be fixed as asked (no inputs, FP32 already inf)
+* :class:`OutputError` (exit 2): an output cannot be written (a full disk); nothing was left
 * :class:`StillOverflowsError` (exit 1): the fixed model still gives inf/NaN in FP16: an FP16 problem
 * :class:`InaccurateFixError` (exit 1): the fixed model is finite but worse than the tolerance, naive FP16 or the FP32 fallback
 
@@ -93,6 +94,11 @@ class WtsError(Fp16GuardError, ValueError):
 
 class FixError(Fp16GuardError, RuntimeError):
     """The model cannot be fixed as asked: no inputs, or the FP32 model itself gives inf/NaN."""
+
+
+class OutputError(Fp16GuardError, OSError):
+    """An output file cannot be written (no space left, a quota, a read-only filesystem); the
+    command's outputs are removed (:class:`fp16guard.files.OutputSet`)."""
 
 
 class StillOverflowsError(FixError):

@@ -37,11 +37,12 @@ def dumps(obj: Any, *, indent: int | None = 1) -> str:
 
 
 def write(obj: Any, path: str | Path) -> Path:
-    """Write :func:`dumps` of ``obj`` and a newline to ``path``; returns the path.
+    """Write :func:`dumps` of ``obj`` and a newline to ``path``, atomically
+    (:func:`fp16guard.files.write_text`: a temporary file renamed into place); returns the path.
 
     Raises:
-        OSError: the file cannot be written (for example its folder does not exist).
+        OSError: the file cannot be written (for example its folder does not exist); nothing is left.
     """
-    path = Path(path)
-    path.write_text(dumps(obj) + "\n", encoding="utf-8")
-    return path
+    from fp16guard.files import write_text
+
+    return write_text(path, dumps(obj) + "\n")

@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fp16guard import progress
 from fp16guard.errors import InputError, ModelLoadError, first_line
 from fp16guard.stats import RangeStats
 
@@ -54,10 +55,9 @@ def load_onnx(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     path = Path(model)
-    if path.is_dir():
-        raise ModelLoadError(f"{path} is a folder, not an ONNX file")
-    if not path.is_file():
-        raise ModelLoadError(f"ONNX model not found: {path}")
+    from fp16guard.files import check_readable
+
+    check_readable(path, "ONNX model", ModelLoadError)  # missing, a folder, a symlink loop, a FIFO
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: the file is empty; export the model again")
     try:
@@ -83,23 +83,42 @@ def subgraph_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def refuse_fp16_model(model: onnx.ModelProto, what: str) -> None:
-    """Raise when ``model`` already computes in FP16: all its floating weights are float16 (a
-    model converted before, such as fp16guard's own output), or a graph input is float16.
+    """Raise when ``model`` already computes in FP16 (or BF16): a graph input or output is float16,
+    a node casts a value computed from the inputs to float16 (onnxconverter-common's
+    ``keep_io_types=True`` Casts, fp16guard's own typed FP16 output), or all its floating weights
+    are float16. Float16 weights that only a ``Cast(to=FLOAT)`` reads (weight compression of an FP32
+    model) are no reason.
 
     Args:
-        what: what needs the FP32 model, completing "<what> works on the FP32 model".
+        what: what needs the FP32 model, completing "give <what> the FP32 model it came from".
 
     Raises:
         ModelLoadError: one line saying so and what to give instead.
     """
-    floats = [t.data_type for t in model.graph.initializer
-              if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)]
-    halves = sum(d == TensorProto.FLOAT16 for d in floats)
-    fp16_inputs = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT16]
-    if fp16_inputs or (floats and halves == len(floats)):
-        why = (f"its input {fp16_inputs[0]!r} is float16" if fp16_inputs
-               else f"all {halves} of its floating weights are float16")
-        raise ModelLoadError(f"the model is already converted to FP16 ({why}); {what} works on the FP32 model it "
+    narrow = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+    why = ""
+    for v in [*model.graph.input, *model.graph.output]:
+        if v.type.tensor_type.elem_type in narrow:
+            kind = "input" if any(v is i for i in model.graph.input) else "output"
+            why = f"its {kind} {v.name!r} is {narrow[v.type.tensor_type.elem_type]}"
+            break
+    constant = set(graph_constants(model))
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    for node in model.graph.node if not why else ():
+        if node.input and all(not t or t in constant for t in node.input):
+            constant.update(node.output)  # computed from constants alone
+            continue
+        to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else \
+            inits.get(node.input[1]) if node.op_type == "CastLike" and len(node.input) > 1 else None
+        if to in narrow and node.input[0] not in constant:
+            why = f"node {node.name or node.op_type!r} casts {node.input[0]!r} to {narrow[to]}"
+            break
+    floats = [d for d in inits.values() if d in (TensorProto.FLOAT, TensorProto.DOUBLE, *narrow)]
+    if not why and floats and all(d in narrow for d in floats):
+        why = f"all {len(floats)} of its floating weights are {narrow[floats[0]]}"
+    if why:
+        fmt = "BF16" if "bfloat16" in why else "FP16"
+        raise ModelLoadError(f"the model is already converted to {fmt} ({why}); give {what} the FP32 model it "
                              f"came from")
 
 
@@ -167,9 +186,10 @@ def graph_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def fed_inputs(model: onnx.ModelProto) -> list[str]:
     """Names of the graph inputs a caller feeds, in order: graph inputs that are not also
-    initializers or ``Constant`` outputs (older exporters list weights as inputs too)."""
+    initializers or ``Constant`` outputs (older exporters list weights as inputs too), nor of
+    ``optional`` type (left out: the model runs without them)."""
     constants = graph_constants(model)
-    return [i.name for i in model.graph.input if i.name not in constants]
+    return [i.name for i in model.graph.input if i.name not in constants and not i.type.HasField("optional_type")]
 
 
 def node_name(node: onnx.NodeProto, index: int) -> str:
@@ -311,7 +331,7 @@ def feed_list(model: onnx.ModelProto, feeds, constants: set[str]) -> list[dict[s
     Raises:
         InputError: the wrong number of arrays, or a feed :func:`check_feed` refuses.
     """
-    inputs = [i for i in model.graph.input if i.name not in constants]
+    inputs = [i for i in model.graph.input if i.name not in constants and not i.type.HasField("optional_type")]
     if isinstance(feeds, (np.ndarray, Mapping)):
         feeds = [feeds]
     elif isinstance(feeds, Sequence) and feeds and all(isinstance(f, np.ndarray) for f in feeds) \
@@ -341,6 +361,9 @@ def check_feed(inputs: Sequence[onnx.ValueInfoProto], feed: Mapping[str, np.ndar
     for i in inputs:
         if i.name not in feed:
             raise InputError(f"missing model input {i.name!r} (the model takes: {', '.join(x.name for x in inputs)})")
+        if not i.type.HasField("tensor_type"):
+            raise InputError(f"input {i.name!r} is a {i.type.WhichOneof('value')}, not a tensor; fp16guard feeds "
+                             "tensors only")
         a = feed[i.name]
         tt = i.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
@@ -391,6 +414,7 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     chunks = plan_chunks(measured, value_bytes(proto, largest), memory_budget)
     name = Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name
     logger.info("measuring %d values of %s in %d chunk(s) per run", len(measured), name, len(chunks))
+    progress.set_total(len(chunks) * len(runs))  # the enclosing step counts ONNX Runtime runs
 
     stats: list[dict[str, RangeStats]] = [{} for _ in runs]
     for chunk in chunks:
@@ -410,6 +434,7 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
             except Exception as e:
                 label = labels[run] if run < len(labels) else f"run {run}"
                 raise InputError(f"ONNX Runtime failed on {label}: {e}") from None
+            progress.advance()
             for value_name, v in zip(chunk, values):
                 t = torch.from_numpy(np.ascontiguousarray(v))
                 stats[run][value_name] = RangeStats.from_row(tensor_stats(t).tolist(), t.numel())

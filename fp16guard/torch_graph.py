@@ -28,6 +28,23 @@ from fp16guard.errors import ExportError, ModelLoadError, first_line
 
 
 @contextlib.contextmanager
+def printed_to_log(what: str):
+    """What a library prints to stdout/stderr inside the block (``torch.export`` prints the whole
+    traced graph when a capture fails) goes to the ``fp16guard`` log at INFO level (shown with
+    ``-v``), so the terminal holds only fp16guard's own lines."""
+    import logging
+
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            yield
+    finally:
+        text = out.getvalue().strip()
+        if text:
+            logging.getLogger("fp16guard").info("%s printed:\n%s", what, text)
+
+
+@contextlib.contextmanager
 def eval_mode(model):
     """Put ``model`` in eval mode for the block and restore every submodule's training flag after,
     each to its own value (a model in mixed modes stays mixed); a module unflattened from an
@@ -70,11 +87,46 @@ def inference_copy(model):
         raise ModelLoadError(f"cannot copy {type(model).__name__} to measure it in eval mode ({type(e).__name__}: "
                              f"{first_line(e)[:200]}); fp16guard never changes the caller's model, so the model must "
                              f"support copy.deepcopy") from None
+    drop_user_hooks(copied)
     try:
         copied.eval()
     except NotImplementedError:  # torch.export's unflattened module: already an inference graph
         pass
     return copied
+
+
+#: Hook tables of ``torch.nn.Module`` (handle id -> hook) that :func:`drop_user_hooks` empties on a
+#: copy, and the flag tables (handle id -> bool) that go with them.
+HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+HOOK_FLAG_TABLES = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def drop_user_hooks(module) -> None:
+    """Remove the forward and backward hooks of every submodule of ``module`` (an internal copy),
+    so a hook the user put on their model (one that appends to a list, logs, saves activations)
+    does not fire when fp16guard runs its copies; the user's model keeps its hooks.
+
+    Hooks that *define* the computation stay: those of ``torch.nn.utils`` (``weight_norm``,
+    ``spectral_norm``), which recompute ``weight`` from its factors before each forward.
+    Module-global hooks (``torch.nn.modules.module.register_module_forward_hook``) belong to the
+    process, not the model, and are left alone.
+    """
+    for m in module.modules():
+        dropped = set()
+        for table in HOOK_TABLES:
+            hooks = getattr(m, table, None) or {}
+            for key in [k for k, hook in hooks.items() if not _defines_computation(hook)]:
+                del hooks[key]
+                dropped.add(key)
+        for table in HOOK_FLAG_TABLES:
+            flags = getattr(m, table, None) or {}
+            for key in dropped & set(flags):
+                del flags[key]
+
+
+def _defines_computation(hook) -> bool:
+    """True for a hook from ``torch.nn.utils`` (weight or spectral normalization)."""
+    return type(hook).__module__.startswith("torch.nn.utils")
 
 
 def dynamic_dims(examples: Sequence[Sequence]) -> tuple[dict[int, object], ...] | None:
@@ -110,7 +162,7 @@ def export_onnx(module, args: tuple, *, dynamic_shapes=None, what: str = "the mo
     import torch
 
     try:
-        with eval_mode(module):
+        with eval_mode(module), printed_to_log("torch.onnx.export"):
             if importlib.util.find_spec("onnxscript") is not None:
                 program = torch.onnx.export(module, tuple(args), dynamo=True, verbose=False,
                                             dynamic_shapes=dynamic_shapes)
@@ -151,8 +203,9 @@ def capture(model, examples: Sequence[Sequence], *, trace_fallback: bool = False
         gm = None
         with eval_mode(model):
             try:
-                gm = torch.export.export(model, tuple(examples[0]), dynamic_shapes=dynamic_dims(examples),
-                                         strict=False).module()
+                with printed_to_log("torch.export"):  # on failure it prints the traced graph to stderr
+                    gm = torch.export.export(model, tuple(examples[0]), dynamic_shapes=dynamic_dims(examples),
+                                             strict=False).module()
             except Exception as e:  # noqa: BLE001 - export raises many types
                 errors.append(f"torch.export: {type(e).__name__}: {first_line(e)[:200]}")
             if gm is None and trace_fallback:

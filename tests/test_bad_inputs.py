@@ -195,14 +195,229 @@ def make_workspace(d: Path) -> Path:
 
 def _workspace_input_files(d: Path) -> None:
     """Files for the rows "issue 23: input files and data formats"."""
+    import base64
+    import os
+    import pickle
+    import struct
+    import wave
+    import zlib
+
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((1, 4)).astype(np.float32)
+    batch = rng.standard_normal((8, 4)).astype(np.float32)
+    np.save(d / "be.npy", x.astype(">f4"))  # big-endian: legitimate, read in native byte order
+    np.save(d / "be_batch.npy", batch.astype(">f4"))
+    np.savez(d / "be_two.npz", x=x.astype(">f4"), scale=np.full((1, 1), 2, ">i8"))
+    np.save(d / "x16.npy", x.astype(np.float16))  # float16 for an FP32 model: fed as float32, with a note
+    np.save(d / "x16_batch.npy", batch.astype(np.float16))
+
+    def png(path: Path, width: int, height: int) -> None:
+        """A 66-byte PNG whose header claims width x height 1-bit pixels (Pillow refuses it on open)."""
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                         + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b""))
+
+    png(d / "bomb.png", 40000, 40000)  # over twice Pillow's limit: DecompressionBombError
+    png(d / "big.png", 10000, 10000)  # over the limit: DecompressionBombWarning
+
+    with wave.open(str(d / "stereo.wav"), "wb") as w:  # 4 frames of 2 x 16 bits
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(np.arange(8, dtype=np.int16).tobytes())
+    raw = (d / "stereo.wav").read_bytes()
+    (d / "cut.wav").write_bytes(raw[:-1])  # the file ends mid-sample; its header still says 16 bytes
+    at = raw.index(b"data") + 4
+    (d / "odd.wav").write_bytes(raw[:at] + struct.pack("<I", 15) + raw[at + 4:-1])  # the header says 15 bytes
+    os.remove(d / "stereo.wav")
+
+    os.symlink(d / "loop.npy", d / "loop.npy")
+
+    def pg(name: str, value) -> None:
+        """A Polygraphy input file of one feed dict ``{"x": value}`` (as polygraphy run --save-inputs writes)."""
+        (d / name).write_text(json.dumps([{"x": value}]))
+
+    class Touch:
+        """Unpickled, it would create the file PWNED."""
+
+        def __reduce__(self):
+            return (open, (str(d / "PWNED"), "w"))
+
+    evil = base64.b64encode(pickle.dumps(Touch())).decode()
+    pg("pg_no_array.json", {"polygraphy_class": "ndarray"})
+    pg("pg_number.json", {"polygraphy_class": "ndarray", "array": 5})
+    pg("pg_pickled_tensor.json", {"polygraphy_class": "Tensor", "tensor": evil})
+    pg("pg_pickled_array.json", {"polygraphy_class": "ndarray", "array": evil})
+    (d / "pg_deep.json").write_text("[" * 100_000 + "]" * 100_000)
+
+    # ONNX graphs with a non-tensor input beside x: a sequence (required) and an optional (left out)
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    zero = numpy_helper.from_array(np.array(0, np.int64), "zero")
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    element = helper.make_tensor_type_proto(TensorProto.FLOAT, [1, 4])
+    graphs = {
+        "seq.onnx": ([helper.make_node("SequenceAt", ["s", "zero"], ["e"], name="at"),
+                      helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+                      helper.make_node("Add", ["h", "e"], ["y"], name="add")],
+                     helper.make_value_info("s", helper.make_sequence_type_proto(element)), [w, zero]),
+        "optional.onnx": ([helper.make_node("OptionalHasElement", ["o"], ["has"], name="has"),
+                           helper.make_node("Cast", ["has"], ["k"], name="cast", to=TensorProto.FLOAT),
+                           helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+                           helper.make_node("Add", ["h", "k"], ["y"], name="add")],
+                          helper.make_value_info("o", helper.make_optional_type_proto(element)), [w]),
+    }
+    for name, (nodes, extra, inits) in graphs.items():
+        model = helper.make_model(helper.make_graph(nodes, "g", [x_info, extra], [y_info], inits),
+                                  opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 9
+        onnx.save(model, d / name)
+    np.savez(d / "x_and_o.npz", x=x, o=x)
 
 
 def _workspace_models(d: Path) -> None:
-    """Files for the rows "issue 23: models in calibrate, fix and bisect"."""
+    """Files for the rows "issue 23: models in calibrate, fix and bisect": ``|x @ W| * gain`` (as
+    ``_onnx``, gain 1e6: its output needs a rescale) in float64, with its weights listed as graph
+    inputs too, in FP16 as converters write it (float16 inputs; FP32 inputs with Casts, one weight
+    left FP32), with QuantizeLinear/DequantizeLinear (opset 13, int8 weights); a ``.half()`` factory;
+    hand-edited plans of ``m.onnx``."""
+    f, h, dbl = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE
+    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+
+    def save(nodes, name, inputs, outputs, inits, opset=17):
+        model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
+                                  opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, d / name)
+
+    def vi(name, dtype, shape=(1, 4)):
+        return helper.make_tensor_value_info(name, dtype, list(shape))
+
+    def const(value, name):
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    gain = [helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+            helper.make_node("Abs", ["h"], ["r"], name="abs"), helper.make_node("Mul", ["r", "gain"], ["y"], name="gain")]
+    save(gain, "f64.onnx", [vi("x", dbl)], [vi("y", dbl)], [const(w.astype(np.float64), "w"), const(np.float64(1e6), "gain")])
+    save(gain, "weights_as_inputs.onnx", [vi("x", f), vi("w", f, (4, 4)), vi("gain", f, ())], [vi("y", f)],
+         [const(w, "w"), const(np.float32(1e6), "gain")])
+    save(gain[:2], "fp16_io.onnx", [vi("x", h)], [vi("r", h)], [const(w.astype(np.float16), "w")])
+    save([helper.make_node("Cast", ["x"], ["x16"], to=h, name="graph_input_cast0"),
+          helper.make_node("MatMul", ["x16", "w"], ["h"], name="matmul"),
+          helper.make_node("Cast", ["h"], ["h32"], to=f, name="blocked_cast"),
+          helper.make_node("Mul", ["h32", "gain"], ["y"], name="gain")],
+         "fp16_casts.onnx", [vi("x", f)], [vi("y", f)], [const(w.astype(np.float16), "w"), const(np.float32(2.0), "gain")])
+    save([helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="quantize_x"),
+          helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dequantize_x"),
+          helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="dequantize_w"),
+          helper.make_node("MatMul", ["xd", "wd"], ["h"], name="matmul"),
+          helper.make_node("Mul", ["h", "gain"], ["y"], name="gain")],
+         "qdq.onnx", [vi("x", f)], [vi("y", f)],
+         [const(np.float32(0.02), "xs"), const(np.int8(0), "xz"), const(np.float32(0.02), "ws"), const(np.int8(0), "wz"),
+          const(np.clip(np.round(w / 0.02), -127, 127).astype(np.int8), "wq"), const(np.float32(1e5), "gain")], opset=13)
+    (d / "fgbad_fp16.py").write_text("import torch\n\n\ndef half():\n    torch.manual_seed(0)\n"
+                                     "    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).half()\n")
+    plan = json.loads((d / "plan_m.json").read_text())
+    edits = {"plan_no_nodes.json": {"unfixable": [{"tensor": "y", "amax": 1.0, "reason": "by hand"}]},
+             "plan_log2_string.json": {"target_log2": "13"},
+             "plan_exponent_float.json": {"regions": [{"exponent": 2.5, "tensors": ["r"], "ops": ["abs"], "scopes": [],
+                                                       "amax": 1.0, "amax_after": 1.0, "opened_by": [], "closed_by": []}]}}
+    for name, edit in edits.items():
+        (d / name).write_text(json.dumps({**plan, **edit}))
+    (d / "plan_utf16.json").write_text(json.dumps(plan), encoding="utf-16")
+    (d / "plan_binary.json").write_bytes((d / "m.onnx").read_bytes())
 
 
 def _workspace_outputs(d: Path) -> None:
     """Files for the rows "issue 23: loading, factories and outputs"."""
+    import os
+    import zipfile
+
+    (d / "fgbad_factories.py").write_text(FACTORIES)
+    (d / "fgbad_argparse.py").write_text("import argparse\nargparse.ArgumentParser().add_argument('--cfg', "
+                                         "required=True)\nargparse.ArgumentParser().parse_args(['--nope'])\n")
+    torch.save(torch.zeros(4, 4), d / "tensor.pt")
+    torch.save([torch.zeros(4, 4)], d / "list.pt")
+    torch.save({0: torch.zeros(4, 4)}, d / "int_keys.pt")
+    torch.save({"lin.weight": [1, 2]}, d / "list_value.pt")
+    torch.manual_seed(0)
+    program = torch.export.export(torch.nn.Linear(4, 4), (torch.zeros(1, 4),))  # static batch 1
+    torch.export.save(program, d / "static.pt2")
+    with zipfile.ZipFile(d / "static.pt2") as src, zipfile.ZipFile(d / "evil.pt2", "w") as evil, \
+            zipfile.ZipFile(d / "opaque.pt2", "w") as opaque:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            evil.writestr(info.filename, PAYLOAD if info.filename.endswith("sample_inputs/model.pt") else data)
+            opaque.writestr(info.filename, data)
+        opaque.writestr(f"{Path(src.namelist()[0]).parts[0]}/data/constants/opaque_obj_0", PAYLOAD)
+    os.link(d / "m.onnx", d / "m_link.onnx")  # a hard link to the model: the same inode
+    os.symlink(d / "loop.onnx", d / "loop.onnx")
+    os.symlink(d / "loop.pt2", d / "loop.pt2")
+    os.mkfifo(d / "fifo.onnx")
+    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="add,eps"),
+         helper.make_node("Mul", ["h", "gain"], ["y"], name="gain")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(1e6, np.float32), "gain")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, d / "comma.onnx")
+
+
+#: Factories that misbehave (issue 23).
+FACTORIES = """
+import sys
+import warnings
+
+import torch
+
+
+class Branchy(torch.nn.Module):
+    \"\"\"A data-dependent branch: torch.export cannot capture it (and prints the traced graph).\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y * 2 if y.sum() > 0 else y
+
+
+def branchy():
+    torch.manual_seed(0)
+    return Branchy()
+
+
+def exits():
+    sys.exit(0)
+
+
+def scripted():
+    return torch.jit.script(torch.nn.Linear(4, 4))
+
+
+def warns():
+    warnings.warn("a library's deprecation note", FutureWarning)
+    warnings.warn("a user warning", UserWarning)
+    print("loading weights ...")
+    raise RuntimeError("weights not found")
+"""
+
+
+class _Payload:
+    """Unpickling this creates the file ``PWNED`` in the current folder: proof that code ran."""
+
+    def __reduce__(self):
+        return (open, ("PWNED", "w"))
+
+
+#: A pickle whose loading runs code (``open("PWNED", "w")``).
+PAYLOAD = __import__("pickle").dumps((_Payload(), {}))
 
 
 @pytest.fixture(scope="module")
@@ -387,6 +602,50 @@ CASES = [
 
 # -- issue 23: input files and data formats
 CASES += [
+    ("big-endian .npy (ONNX)", ["inspect", M, "--input", "{d}/be.npy"], 0, "inputs: be.npy"),
+    ("big-endian .npy (PyTorch)", ["inspect", PT, "--input", "{d}/be_batch.npy"], 0, "inputs: be_batch.npy"),
+    ("big-endian .npy (PyTorch fix)", ["fix", PT, "--input", "{d}/be_batch.npy", "-o", "{d}/o.pt2"], 0,
+     "fixed model in FP16: finite"),
+    ("big-endian float and integer .npz (PyTorch)", ["inspect", "fgbad_models:two", "--input", "{d}/be_two.npz"], 0,
+     "inputs: be_two.npz"),
+    ("image of 40000x40000 pixels", ["inspect", "fgbad_models:image", "--input", "{d}/bomb.png"], 2,
+     "bomb.png: too large to decode (Image size (1600000000 pixels) exceeds limit"),
+    ("image of 10000x10000 pixels", ["inspect", "fgbad_models:image", "--input", "{d}/big.png"], 2,
+     "big.png: too large to decode (Image size (100000000 pixels)"),
+    (".wav cut mid-sample", ["inspect", PT, "--input", "{d}/cut.wav"], 2,
+     "cut.wav: the audio data ends mid-sample (15 bytes is not a whole number of 2-channel 16-bit frames)"),
+    (".wav whose header ends mid-sample", ["inspect", PT, "--input", "{d}/odd.wav"], 2, "odd.wav: the audio data "
+                                                                                        "ends mid-sample"),
+    ("Polygraphy array without 'array'", ["inspect", M, "--input", "{d}/pg_no_array.json"], 2,
+     "item 0's 'x' is an encoded ndarray with no 'array' payload"),
+    ("Polygraphy 'array' a number", ["inspect", M, "--input", "{d}/pg_number.json"], 2,
+     "whose 'array' is of type int, not base64 text"),
+    ("Polygraphy pickled Tensor payload", ["calibrate", M, "--input", "{d}/pg_pickled_tensor.json", "-o",
+                                           "{d}/p.json"], 2, "is not a plain torch.Tensor"),
+    ("Polygraphy pickled array payload", ["fix", M, "--input", "{d}/pg_pickled_array.json", "-o", "{d}/o.onnx"], 2,
+     "holds no readable numpy array (its bytes are not np.save output"),
+    ("Polygraphy JSON nested 100000 deep", ["inspect", M, "--input", "{d}/pg_deep.json"], 2, "nested too deeply"),
+    ("input a symlink loop", ["inspect", M, "--input", "{d}/loop.npy"], 2, "loop.npy is a symlink loop"),
+    ("validation input a symlink loop", ["fix", M, *X, "--validate", "{d}/loop.npy", "-o", "{d}/o.onnx"], 2,
+     "symlink loop"),
+    ("float16 .npy (PyTorch fix)", ["fix", PT, "--input", "{d}/x16_batch.npy", "-o", "{d}/o.pt2"], 0,
+     "x16_batch.npy (float16 as float32)"),
+    ("float16 .npy (PyTorch inspect)", ["inspect", PT, "--input", "{d}/x16_batch.npy"], 0,
+     "inputs: x16_batch.npy (float16 as float32)"),
+    ("float16 .npy (PyTorch calibrate)", ["calibrate", PT, "--input", "{d}/x16_batch.npy", "-o", "{d}/p.json"], 0,
+     "calibrated on 1 input(s)"),
+    ("float16 .npy (ONNX fix)", ["fix", M, "--input", "{d}/x16.npy", "-o", "{d}/o.onnx"], 0,
+     "x16.npy (float16 as float32)"),
+    ("float16 .npy (ONNX inspect)", ["inspect", M, "--input", "{d}/x16.npy"], 0, "inputs: x16.npy (float16 as float32)"),
+    ("ONNX sequence input", ["inspect", "{d}/seq.onnx", *X], 2,
+     "the model's input 's' is a seq(tensor(float)), which input files cannot give"),
+    ("ONNX sequence input (fix)", ["fix", "{d}/seq.onnx", "--input", "{d}/two.npz", "-o", "{d}/o.onnx"], 2,
+     "input 's' is a seq(tensor(float))"),
+    ("ONNX optional input left out", ["inspect", "{d}/optional.onnx", *X], 0, "inputs: x.npy"),
+    ("ONNX optional input left out (calibrate)", ["calibrate", "{d}/optional.onnx", *X, "-o", "{d}/p.json"], 0,
+     "plan: "),
+    ("ONNX optional input given", ["inspect", "{d}/optional.onnx", "--input", "{d}/x_and_o.npz"], 2,
+     "the model's input 'o' is optional(tensor(float)), which fp16guard leaves out"),
 ]
 
 # -- issue 23: models in calibrate, fix and bisect
@@ -394,7 +653,41 @@ CASES += [
 ]
 
 # -- issue 23: loading, factories and outputs
+NO_LATEX = __import__("shutil").which("lualatex") is None  # matplotlib's pgf.texsystem default
 CASES += [
+    (".pt2 with a pickle payload", ["inspect", "{d}/evil.pt2", *BATCH], 2, "weights-only unpickling"),
+    (".pt2 with pickled objects", ["inspect", "{d}/opaque.pt2", *BATCH], 2, "holds pickled Python objects"),
+    (".pt2 exported for another batch", ["fix", "{d}/static.pt2", *BATCH, "-o", "{d}/o.pt2"], 2,
+     "has shape [8, 4], but the program was exported for [1, 4]"),
+    (".pt2 a symlink loop", ["inspect", "{d}/loop.pt2", *BATCH], 2, "symlink loop"),
+    (".onnx a symlink loop", ["inspect", "{d}/loop.onnx", *X], 2, "symlink loop"),
+    (".onnx a FIFO", ["inspect", "{d}/fifo.onnx", *X], 2, "not a regular file"),
+    ("factory calls sys.exit(0)", ["fix", "fgbad_factories:exits", *BATCH, "-o", "{d}/o.pt2"], 2,
+     "fgbad_factories:exits() called sys.exit(0)"),
+    ("factory module parses the command line", ["inspect", "fgbad_argparse:build", *BATCH], 2,
+     "it parses the command line when imported"),
+    ("factory returns TorchScript", ["inspect", "fgbad_factories:scripted", *BATCH], 2, "returned a TorchScript"),
+    ("factory warns and prints, then raises", ["inspect", "fgbad_factories:warns", *BATCH], 2,
+     "raised RuntimeError: weights not found"),
+    ("data-dependent branch (fix)", ["fix", "fgbad_factories:branchy", *BATCH, "-o", "{d}/o.pt2"], 2,
+     "cannot capture Branchy as a graph"),
+    ("checkpoint of a bare tensor", ["inspect", PT, "--checkpoint", "{d}/tensor.pt", *BATCH], 2,
+     "holds a single Tensor of shape [4, 4]"),
+    ("checkpoint of a list", ["inspect", PT, "--checkpoint", "{d}/list.pt", *BATCH], 2, "holds a list"),
+    ("checkpoint of integer keys", ["inspect", PT, "--checkpoint", "{d}/int_keys.pt", *BATCH], 2,
+     "the state_dict key 0 is a int"),
+    ("checkpoint of a non-tensor value", ["inspect", PT, "--checkpoint", "{d}/list_value.pt", *BATCH], 2,
+     "holds a list, not a tensor"),
+    ("checkpoint a symlink loop", ["inspect", PT, "--checkpoint", "{d}/loop.pt2", *BATCH], 2, "symlink loop"),
+    ("-o a hard link to the model", ["fix", M, *X, "-o", "{d}/m_link.onnx"], 2, "would overwrite the model"),
+    ("-o a FIFO", ["fix", M, *X, "-o", "{d}/fifo.onnx"], 2, "not a regular file"),
+    ("-o a symlink loop", ["fix", M, *X, "-o", "{d}/loop.onnx"], 2, "symlink loop"),
+    ("--json a symlink loop", ["inspect", M, *X, "--json", "{d}/loop.onnx"], 2, "symlink loop"),
+    ("-o a 300-byte name", ["fix", M, *X, "-o", "{d}/" + "o" * 295 + ".onnx"], 2, "the file name has 300 bytes"),
+    ("--layer-precisions with a node it cannot name", ["fix", "{d}/comma.onnx", *X, "-o", "{d}/o.onnx",
+                                                       "--layer-precisions", "{d}/lp.txt"], 2, "'add,eps' holds ','"),
+    *([("--plot .pgf without LaTeX", ["inspect", M, *X, "--plot", "{d}/r.pgf"], 2, "which is not installed")]
+      if NO_LATEX else []),
 ]
 
 
@@ -561,3 +854,113 @@ def test_a_pytorch_bisect_is_quiet_on_stderr_unless_verbose(ws):
     assert quiet.stderr == ""
     loud = subprocess.run([sys.executable, "-c", code, *argv, "-v"], capture_output=True, text=True, cwd=ws, env=env)
     assert loud.returncode == 1 and "INFO fp16guard: bisect fgbad_models:big_output" in loud.stderr
+
+
+# -- issue 23: loading runs no code; outputs appear whole or not at all
+
+
+def test_a_pt2_payload_runs_no_code(ws, tmp_path, monkeypatch):
+    """``evil.pt2`` holds a pickle in ``sample_inputs/model.pt`` that creates ``PWNED`` when
+    unpickled. Plain ``torch.export.load`` runs it (it retries with ``weights_only=False``): the
+    file appears. fp16guard refuses the archive in one line and the file does not appear."""
+    import subprocess
+
+    plain = subprocess.run([sys.executable, "-c", f"import torch\ntry:\n    torch.export.load({str(ws / 'evil.pt2')!r})\n"
+                            f"except Exception:\n    pass"], cwd=tmp_path, capture_output=True, text=True)
+    assert plain.returncode == 0 and (tmp_path / "PWNED").exists(), "the payload must be live for this test to mean anything"
+    (tmp_path / "PWNED").unlink()
+    monkeypatch.chdir(tmp_path)
+    for command in (["inspect", str(ws / "evil.pt2"), "--input", str(ws / "batch.npy")],
+                    ["fix", str(ws / "evil.pt2"), "--input", str(ws / "batch.npy"), "-o", str(tmp_path / "o.pt2")]):
+        assert main(command) == 2
+        assert not (tmp_path / "PWNED").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _big_onnx(folder: Path, mib: int) -> None:
+    """``big.onnx``, ``y = x @ W`` with ``W`` float32 [mib * 2^16, 4] (``mib`` MiB, so writing the
+    fixed model takes a while and that much disk; half as much in FP16), and ``x.npy`` [1, mib * 2^16]."""
+    n = mib << 16
+    w = np.random.default_rng(0).standard_normal((n, 4)).astype(np.float32) * 1e-2
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, folder / "big.onnx")
+    np.save(folder / "x.npy", np.random.default_rng(1).standard_normal((1, n)).astype(np.float32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_writing_leaves_nothing(tmp_path, signal_name):
+    """SIGTERM or SIGINT while the fixed model is being written (its temporary file exists): the
+    command ends with 128 + the signal, ``-o`` keeps its old content, and no temporary file is left."""
+    import signal
+    import subprocess
+    import time
+
+    _big_onnx(tmp_path, 96)
+    (tmp_path / "out.onnx").write_bytes(b"the previous model")
+    proc = subprocess.Popen([sys.executable, "-c", "from fp16guard.cli import console_main; console_main()", "fix",
+                             "big.onnx", "--input", "x.npy", "-o", "out.onnx", "-q"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(p.name.startswith(".out.onnx.tmp-") for p in tmp_path.iterdir()):
+            proc.send_signal(getattr(signal, signal_name))
+            break
+        time.sleep(0.001)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + getattr(signal, signal_name), out + err
+    assert "nothing was written" in err.strip().splitlines()[-1]
+    assert (tmp_path / "out.onnx").read_bytes() == b"the previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "out.onnx", "x.npy"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs mounted at ``tmp_path / "disk"`` (root only: skipped where mount is refused)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_leaves_nothing(tmp_path, small_disk, capsys):
+    """ENOSPC while writing a 2 MiB FP16 model to a 1 MiB filesystem: one line, exit 2, no partial
+    file; an existing output and ``--json`` beside it are untouched."""
+    _big_onnx(tmp_path, 4)
+    (small_disk / "out.onnx").write_bytes(b"the previous model")
+    code = main(["fix", str(tmp_path / "big.onnx"), "--input", str(tmp_path / "x.npy"), "-o",
+                 str(small_disk / "out.onnx"), "--json", str(small_disk / "fix.json"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    assert (small_disk / "out.onnx").read_bytes() == b"the previous model"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["out.onnx"]
+
+
+def test_every_output_appears_or_none(tmp_path, capsys):
+    """A failure after the model is written (here ``--plot`` to a folder removed during the run,
+    as a full or vanished disk would do) leaves neither the model nor the JSON report: all of a
+    command's outputs are renamed into place together at its end."""
+    from fp16guard.files import OutputSet
+
+    (tmp_path / "gone").mkdir()
+    with pytest.raises(OSError):
+        with OutputSet() as outputs:
+            outputs.path(tmp_path / "model.onnx").write_bytes(b"model")
+            outputs.path(tmp_path / "fix.json").write_text("{}")
+            (tmp_path / "gone").rmdir()
+            outputs.path(tmp_path / "gone" / "plot.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with OutputSet() as outputs:
+        outputs.path(tmp_path / "model.onnx").write_bytes(b"model")
+        outputs.path(tmp_path / "fix.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fix.json", "model.onnx"]

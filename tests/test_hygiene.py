@@ -284,3 +284,49 @@ def test_calibrate_and_fix_when_the_forward_raises(entry, mode):
     with pytest.raises(ExportError):
         entry(model, [np.ones((4, 4), np.float32)])
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("entry", ["bisect", "calibrate", "fix_model"])
+def test_the_users_hooks_do_not_fire_on_internal_copies(entry):
+    """A forward hook and a pre-hook the user put on their model (each appends to a list) fire
+    neither during bisect, calibrate, fix nor inspect's run: those run copies, which drop the user's
+    hooks; the user's model keeps them, and they still fire on the user's own forward. A
+    ``spectral_norm`` pre-hook, which recomputes the weight, stays on the copies (the next test).
+    (``FInspect`` and inspect's ``run_torch`` run the user's own model, hooks and all.)"""
+    model = net("eval")
+    calls = []
+    handles = [model.layer[0].register_forward_hook(lambda m, i, o: calls.append("forward")),
+               model.register_forward_pre_hook(lambda m, i: calls.append("pre"))]
+    before = _hooks(model.layer[0])
+    x = _x()
+    if entry == "bisect":
+        bisect(model, [x], backend=CpuFp16(), refine=False)
+    elif entry == "calibrate":
+        calibrate(model, [x])
+    else:
+        fix_model(model, [x], output="torch")
+    assert calls == []
+    assert _hooks(model.layer[0]) == before
+    model(torch.from_numpy(x))
+    assert calls == ["pre", "forward"]
+    for h in handles:
+        h.remove()
+
+
+def test_a_spectral_norm_hook_stays_on_the_copy():
+    """``torch.nn.utils.spectral_norm`` recomputes ``weight`` from ``weight_orig`` in a forward
+    pre-hook: the copy keeps that hook (its output is the original's) and drops the user's."""
+    from fp16guard.torch_graph import inference_copy
+
+    torch.manual_seed(0)
+    lin = torch.nn.utils.spectral_norm(nn.Linear(4, 4)).eval()
+    lin.register_forward_hook(lambda m, i, o: o * 0)
+    copied = inference_copy(lin)
+    assert len(copied._forward_pre_hooks) == 1 and not copied._forward_hooks
+    reference = copy.deepcopy(lin)
+    reference._forward_hooks.clear()
+    x = torch.ones(1, 4)
+    with torch.no_grad():
+        expected = reference(x)  # weight_orig / its largest singular value
+        unnormalized = torch.nn.functional.linear(x, lin.weight_orig, lin.bias)
+        assert torch.equal(copied(x), expected) and not torch.allclose(expected, unnormalized, atol=1e-3)

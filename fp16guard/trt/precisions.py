@@ -128,13 +128,13 @@ class LayerPrecisions:
             self.trtexec_flags(), self.polygraphy_flags(), ""])
 
     def save(self, path: str | Path, source: str = "the fixed model") -> Path:
-        """Write :meth:`text`, or :meth:`to_json` when ``path`` ends in ``.json``."""
+        """Write :meth:`text`, or :meth:`to_json` when ``path`` ends in ``.json`` (atomically:
+        :func:`fp16guard.files.write_text`); returns the path."""
+        from fp16guard.files import write_text
+
         p = Path(path)
-        if p.suffix.lower() == ".json":
-            p.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        else:
-            p.write_text(self.text(source))
-        return p
+        return write_text(p, json.dumps(self.to_json(), indent=2) + "\n" if p.suffix.lower() == ".json"
+                          else self.text(source))
 
 
 def fp32_nodes_of_typed_model(model: onnx.ModelProto) -> list[str]:
