@@ -49,9 +49,12 @@ ISLAND_DTYPES = {"fp32": FP32, "bf16": BF16}
 _CAST_SUFFIX = {FP16: "16", FP32: "32", BF16: "bf16"}
 
 #: Ops kept in FP32 (with Casts around them) by default: no FP16 form in ONNX Runtime / TensorRT,
-#: or float inputs that are really coordinates/indices.
+#: float inputs that are really coordinates/indices, or quantization (a QDQ model's
+#: QuantizeLinear/DequantizeLinear, their scales and zero points stay as quantized: before opset 19
+#: their schemas take float32 only).
 DEFAULT_FP32_OPS = ("NonMaxSuppression", "RoiAlign", "Range", "RandomUniformLike", "RandomNormalLike",
-                    "RandomUniform", "RandomNormal", "Multinomial")
+                    "RandomUniform", "RandomNormal", "Multinomial", "QuantizeLinear", "DequantizeLinear",
+                    "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul")
 
 #: Float inputs that an op's schema requires in FP32 even when the op runs in FP16:
 #: ``{op_type: input indices}`` (Resize's ``roi`` and ``scales``, Upsample's ``scales``).

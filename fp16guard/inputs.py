@@ -14,8 +14,11 @@ same inputs for the same model.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import wave
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fp16guard.errors import InputError
+from fp16guard.errors import InputError, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 AUDIO_SUFFIXES = {".wav"}
@@ -52,24 +55,66 @@ class NamedInput:
     names: tuple[str, ...] = ()
 
 
+def _native(a: np.ndarray) -> np.ndarray:
+    """``a`` in this machine's byte order (a big-endian ``.npy`` written elsewhere is converted;
+    torch and ONNX Runtime take native arrays only); ``a`` itself when it already is."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
+def file_input(label: str, arrays, names: Sequence[str] = ()) -> NamedInput:
+    """The :class:`NamedInput` of arrays read from a file: in native byte order, and labelled
+    ``x.npy (float16 as float32)`` when one is float16, which is how the FP32 model is fed it
+    (:func:`onnx_feed`, :func:`torch_args`)."""
+    arrays = tuple(_native(np.asarray(a)) for a in arrays)
+    if any(a.dtype == np.float16 for a in arrays):
+        label += " (float16 as float32)"
+    return NamedInput(label, arrays, names=tuple(names))
+
+
+def check_input_path(p: Path) -> None:
+    """Refuse an input path that is not a file.
+
+    Raises:
+        InputError: ``input file not found: <p>``, or ``<p> is a symlink loop``.
+    """
+    if p.is_file():
+        return
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(f"input {p} is a symlink loop; give the file itself") from None
+    raise InputError(f"input file not found: {p}")
+
+
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     """Read a PCM ``.wav`` (8/16/32-bit integer) as mono float32 in [-1, 1].
+
+    A file whose sample data ends mid-frame (its length not a multiple of sample width x channels,
+    or shorter than its header says by a partial frame) is refused rather than read up to its last
+    complete frame: such a file was cut off (an interrupted copy, download or recording), so more
+    than the partial sample may be missing, and an analysis of a silently shortened waveform would
+    read as one of the whole file.
 
     Returns:
         ``(waveform [T] float32, sample_rate in Hz)``; several channels are averaged.
 
     Raises:
-        InputError: not a readable PCM WAV file.
+        InputError: not a readable PCM WAV file, an unsupported sample width, or data ending mid-frame.
     """
     try:
         with wave.open(str(path), "rb") as w:
             width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
             raw = w.readframes(w.getnframes())
+            raw += w.readframes(1)  # the bytes of a partial last frame, which getnframes() leaves out
     except (wave.Error, EOFError) as e:
         raise InputError(f"{path}: not a PCM WAV file ({e}); convert it with `sox IN -b 16 OUT.wav`") from None
     dtype = {1: np.uint8, 2: np.int16, 4: np.int32}.get(width)
     if dtype is None:
         raise InputError(f"{path}: {8 * width}-bit WAV samples are not supported; use 16-bit PCM")
+    if len(raw) % (width * channels):
+        raise InputError(f"{path}: the audio data ends mid-sample ({len(raw)} bytes is not a whole number of "
+                         f"{channels}-channel {8 * width}-bit frames): the file is cut off; copy or export it again")
     x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
     x = (x - 128.0) / 128.0 if width == 1 else x / float(np.iinfo(dtype).max)
     return x.reshape(-1, channels).mean(axis=1), rate
@@ -81,13 +126,20 @@ def read_image(path: str | Path) -> np.ndarray:
     16-bit images (PNG/TIFF modes ``I;16`` and ``I``) are scaled to 8 bits by their full range
     (``round(v / 257)``), not clipped: Pillow's own ``convert("RGB")`` clips them at 255.
 
+    Images over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about 89
+    megapixels) are refused before they are decoded.
+
     Raises:
-        InputError: not a readable image, or a float image (mode ``F``) with no defined 8-bit range.
+        InputError: not a readable image, an image over Pillow's pixel limit, or a float image
+            (mode ``F``) with no defined 8-bit range.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # Pillow only warns up to twice its limit: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 wide = np.asarray(im, dtype=np.float64)
                 if wide.max(initial=0) > 65535 or wide.min(initial=0) < 0:
@@ -98,6 +150,9 @@ def read_image(path: str | Path) -> np.ndarray:
             if im.mode == "F":
                 raise InputError(f"{path}: a floating-point image has no 8-bit reading; save it as .npy instead")
             return np.asarray(im.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{path}: too large to decode ({first_line(e).rstrip('.')}); resize it to the size the "
+                         f"model takes, or save the model's input array as .npy") from None
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"{path}: not a readable image ({e})") from None
 
@@ -105,7 +160,8 @@ def read_image(path: str | Path) -> np.ndarray:
 def load_input(path: str | Path) -> NamedInput:
     """Load one ``--input`` file.
 
-    * ``.npy``: one array, the model's single input.
+    * ``.npy``: one array, the model's single input (:func:`file_input`: native byte order, float16
+      noted in the label).
     * ``.npz``: several arrays; an ONNX model gets them by key (``np.savez(f, x=..., mask=...)``),
       positional archives (``arr_0``, ``arr_1``, ...) in order.
     * an image (``.png``, ``.jpg``, ...): ``uint8 [H, W, 3]`` RGB, ``kind="image"``.
@@ -115,18 +171,18 @@ def load_input(path: str | Path) -> NamedInput:
       (:func:`~fp16guard.polygraphy_io.read_polygraphy_inputs`).
 
     Raises:
-        InputError: the file does not exist, or its type is not one of the above, or it is corrupt.
+        InputError: the file does not exist (or is a symlink loop), or its type is not one of the
+            above, or it is corrupt.
     """
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"input file not found: {p}")
+    check_input_path(p)
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
-            return NamedInput(p.name, (np.load(p, allow_pickle=False),))
+            return file_input(p.name, (np.load(p, allow_pickle=False),))
         if suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
-                return NamedInput(p.name, tuple(z[k] for k in z.files), names=tuple(z.files))
+                return file_input(p.name, [z[k] for k in z.files], names=z.files)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(f"{p}: not a readable numpy file ({e}); write it with np.save / np.savez") from None
     if suffix in IMAGE_SUFFIXES:
@@ -225,8 +281,26 @@ def onnx_feed(input_names: Sequence[str], item: NamedInput) -> dict[str, np.ndar
         raise InputError(f"{item.label}: the model takes {len(input_names)} input(s) "
                          f"({', '.join(input_names)}), got {len(arrays)}")
     # np.require, not np.ascontiguousarray: the latter turns a scalar input of shape () into [1]
-    return {n: np.require(a.astype(np.float32) if a.dtype.kind == "f" else a, requirements="C")
+    return {n: np.require(a.astype(np.float32) if a.dtype.kind == "f" else _native(a), requirements="C")
             for n, a in zip(input_names, arrays)}
+
+
+def onnx_type_name(t) -> str:
+    """An ONNX ``TypeProto`` as ONNX Runtime writes it: ``tensor(float)``, ``seq(tensor(float))``,
+    ``optional(tensor(int64))``, ``map(string,tensor(float))``, ``sparse_tensor(float)``."""
+    from onnx import TensorProto
+
+    kind = t.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        elem = TensorProto.DataType.Name(getattr(t, kind).elem_type).lower()
+        return f"{kind[:-5]}({elem})"
+    if kind == "sequence_type":
+        return f"seq({onnx_type_name(t.sequence_type.elem_type)})"
+    if kind == "optional_type":
+        return f"optional({onnx_type_name(t.optional_type.elem_type)})"
+    if kind == "map_type":
+        return f"map({TensorProto.DataType.Name(t.map_type.key_type).lower()},{onnx_type_name(t.map_type.value_type)})"
+    return kind or "value of no declared type"
 
 
 def check_onnx_feeds(model, items: Sequence[NamedInput], *, what: str = "input") -> None:
@@ -237,15 +311,29 @@ def check_onnx_feeds(model, items: Sequence[NamedInput], *, what: str = "input")
         items: the inputs, fed as :func:`onnx_feed` feeds them.
         what: how the message names the items (``input``, ``validation input``).
 
+    Graph inputs of ``optional`` type are left out (the model runs without them; see
+    :func:`~fp16guard.onnx_graph.fed_inputs`).
+
     Raises:
-        InputError: a raw image or waveform, the wrong number or names of arrays (:func:`onnx_feed`),
-            or a shape or type the graph does not declare (``<what> <label>: input 'x' must have ...``).
+        InputError: a graph input no file can give (a ``seq(...)``, ``map(...)`` or sparse tensor),
+            an array named for an optional input, a raw image or waveform, the wrong number or names
+            of arrays (:func:`onnx_feed`), or a shape or type the graph does not declare
+            (``<what> <label>: input 'x' must have ...``).
     """
     from fp16guard.onnx_graph import check_feed, fed_inputs
 
     names = fed_inputs(model)
     declared = [i for i in model.graph.input if i.name in names]
+    for i in declared:
+        if not i.type.HasField("tensor_type"):
+            raise InputError(f"the model's input {i.name!r} is a {onnx_type_name(i.type)}, which input files cannot "
+                             f"give (.npy, .npz and .json hold tensors); export the model with tensor inputs")
+    optional = {i.name: i.type for i in model.graph.input if i.type.HasField("optional_type")}
     for item in items:
+        named = next((n for n in item.names if n in optional), None)
+        if named is not None:
+            raise InputError(f"{what} {item.label}: the model's input {named!r} is {onnx_type_name(optional[named])}, "
+                             f"which fp16guard leaves out (the model runs without it); save the file without it")
         feed = onnx_feed(names, item)  # its own errors name the item
         try:
             check_feed(declared, feed)
@@ -257,7 +345,8 @@ def torch_args(item: NamedInput):
     """One input as the argument tuple of a PyTorch model's ``forward``.
 
     Images become ``float32 [1, 3, H, W]`` in [0, 1], waveforms ``float32 [1, T]``; arrays are
-    taken as they are, float64 cast to float32.
+    taken as they are, float64 and float16 cast to float32 (the FP32 model's input type; ``inspect
+    --half`` casts them to float16 itself), in native byte order.
 
     Returns:
         ``tuple[torch.Tensor, ...]`` on the CPU.
@@ -270,8 +359,8 @@ def torch_args(item: NamedInput):
         return (torch.from_numpy(item.arrays[0].astype(np.float32))[None],)
     out = []
     for a in item.arrays:
-        t = torch.from_numpy(np.require(a, requirements="C"))  # keeps shape () (ascontiguousarray does not)
-        out.append(t.float() if t.dtype == torch.float64 else t)
+        t = torch.from_numpy(np.require(_native(a), requirements="C"))  # keeps shape () (ascontiguousarray does not)
+        out.append(t.float() if t.dtype in (torch.float64, torch.float16) else t)
     return tuple(out)
 
 

@@ -84,10 +84,9 @@ def subgraph_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 def refuse_fp16_model(model: onnx.ModelProto, what: str) -> None:
     """Raise when ``model`` already computes in FP16 (or BF16): a graph input or output is float16,
-    a node casts a value computed from the inputs to float16 (onnxconverter-common's
-    ``keep_io_types=True`` Casts, fp16guard's own typed FP16 output), or all its floating weights
-    are float16. Float16 weights that only a ``Cast(to=FLOAT)`` reads (weight compression of an FP32
-    model) are no reason.
+    or a node casts a value computed from the inputs to float16 (onnxconverter-common's
+    ``keep_io_types=True`` Casts, fp16guard's own typed FP16 output). Float16 weights that a
+    ``Cast(to=FLOAT)`` reads (weights stored compressed, computed in FP32) are no reason.
 
     Args:
         what: what needs the FP32 model, completing "give <what> the FP32 model it came from".
@@ -96,26 +95,25 @@ def refuse_fp16_model(model: onnx.ModelProto, what: str) -> None:
         ModelLoadError: one line saying so and what to give instead.
     """
     narrow = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
-    why = ""
-    for v in [*model.graph.input, *model.graph.output]:
-        if v.type.tensor_type.elem_type in narrow:
-            kind = "input" if any(v is i for i in model.graph.input) else "output"
-            why = f"its {kind} {v.name!r} is {narrow[v.type.tensor_type.elem_type]}"
-            break
-    constant = set(graph_constants(model))
-    inits = {t.name: t.data_type for t in model.graph.initializer}
-    for node in model.graph.node if not why else ():
-        if node.input and all(not t or t in constant for t in node.input):
+    g = model.graph
+    why = next((f"its {kind} {v.name!r} is {narrow[v.type.tensor_type.elem_type]}"
+                for kind, values in (("input", g.input), ("output", g.output)) for v in values
+                if v.type.tensor_type.elem_type in narrow), "")
+    inits = {t.name: t.data_type for t in g.initializer}
+    constant = set(inits)
+    for node in g.node if not why else ():
+        if node.op_type == "Constant" or node.input and all(not t or t in constant for t in node.input):
             constant.update(node.output)  # computed from constants alone
             continue
-        to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else \
-            inits.get(node.input[1]) if node.op_type == "CastLike" and len(node.input) > 1 else None
-        if to in narrow and node.input[0] not in constant:
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+        elif node.op_type == "CastLike" and len(node.input) > 1:
+            to = inits.get(node.input[1])
+        else:
+            continue
+        if to in narrow:
             why = f"node {node.name or node.op_type!r} casts {node.input[0]!r} to {narrow[to]}"
             break
-    floats = [d for d in inits.values() if d in (TensorProto.FLOAT, TensorProto.DOUBLE, *narrow)]
-    if not why and floats and all(d in narrow for d in floats):
-        why = f"all {len(floats)} of its floating weights are {narrow[floats[0]]}"
     if why:
         fmt = "BF16" if "bfloat16" in why else "FP16"
         raise ModelLoadError(f"the model is already converted to {fmt} ({why}); give {what} the FP32 model it "

@@ -605,7 +605,7 @@ CASES += [
     ("big-endian .npy (ONNX)", ["inspect", M, "--input", "{d}/be.npy"], 0, "inputs: be.npy"),
     ("big-endian .npy (PyTorch)", ["inspect", PT, "--input", "{d}/be_batch.npy"], 0, "inputs: be_batch.npy"),
     ("big-endian .npy (PyTorch fix)", ["fix", PT, "--input", "{d}/be_batch.npy", "-o", "{d}/o.pt2"], 0,
-     "fixed model in FP16: finite"),
+     "fixed typed FP16 program"),
     ("big-endian float and integer .npz (PyTorch)", ["inspect", "fgbad_models:two", "--input", "{d}/be_two.npz"], 0,
      "inputs: be_two.npz"),
     ("image of 40000x40000 pixels", ["inspect", "fgbad_models:image", "--input", "{d}/bomb.png"], 2,
@@ -614,8 +614,8 @@ CASES += [
      "big.png: too large to decode (Image size (100000000 pixels)"),
     (".wav cut mid-sample", ["inspect", PT, "--input", "{d}/cut.wav"], 2,
      "cut.wav: the audio data ends mid-sample (15 bytes is not a whole number of 2-channel 16-bit frames)"),
-    (".wav whose header ends mid-sample", ["inspect", PT, "--input", "{d}/odd.wav"], 2, "odd.wav: the audio data "
-                                                                                        "ends mid-sample"),
+    (".wav whose header ends mid-sample", ["inspect", PT, "--input", "{d}/odd.wav"], 2,
+     "odd.wav: the audio data ends mid-sample"),
     ("Polygraphy array without 'array'", ["inspect", M, "--input", "{d}/pg_no_array.json"], 2,
      "item 0's 'x' is an encoded ndarray with no 'array' payload"),
     ("Polygraphy 'array' a number", ["inspect", M, "--input", "{d}/pg_number.json"], 2,
@@ -649,7 +649,39 @@ CASES += [
 ]
 
 # -- issue 23: models in calibrate, fix and bisect
+FIXED = "fixed typed FP16 model:"
 CASES += [
+    ("a float64 ONNX model (fix)", ["fix", "{d}/f64.onnx", *X, "-o", "{d}/o.onnx"], 0, FIXED),
+    ("a float64 ONNX model (calibrate)", ["calibrate", "{d}/f64.onnx", *X, "-o", "{d}/p.json"], 0, "plan:"),
+    ("a float64 ONNX model (bisect: a finding)", ["bisect", "{d}/f64.onnx", *X, "--backend", "emulate"], 1, None),
+    ("weights listed as graph inputs (fix)", ["fix", "{d}/weights_as_inputs.onnx", *X, "-o", "{d}/o.onnx"], 0, FIXED),
+    ("an FP16 model with float16 inputs (fix)", ["fix", "{d}/fp16_io.onnx", *X, "-o", "{d}/o.onnx"], 2,
+     "already converted to FP16 (its input 'x' is float16); give calibrate and fix the FP32 model it came from"),
+    ("an FP16 model with float16 inputs (bisect)", ["bisect", "{d}/fp16_io.onnx", *X], 2,
+     "give bisect the FP32 model it came from"),
+    ("an FP16 model with Casts at FP32 inputs (fix)", ["fix", "{d}/fp16_casts.onnx", *X, "-o", "{d}/o.onnx"], 2,
+     "already converted to FP16 (node 'graph_input_cast0' casts 'x' to float16)"),
+    ("an FP16 model with Casts at FP32 inputs (calibrate)", ["calibrate", "{d}/fp16_casts.onnx", *X, "-o",
+                                                              "{d}/p.json"], 2, "already converted to FP16"),
+    ("an FP16 model with Casts at FP32 inputs (bisect)", ["bisect", "{d}/fp16_casts.onnx", *X], 2,
+     "already converted to FP16"),
+    ("a .half() PyTorch model (fix)", ["fix", "fgbad_fp16:half", *BATCH, "-o", "{d}/o.pt2"], 2,
+     "already converted to FP16 ('0.weight' is float16); give calibrate and fix the FP32 model (without .half())"),
+    ("a .half() PyTorch model (calibrate)", ["calibrate", "fgbad_fp16:half", *BATCH, "-o", "{d}/p.json"], 2,
+     "without .half()"),
+    ("a .half() PyTorch model (bisect)", ["bisect", "fgbad_fp16:half", *BATCH, "--backend", "emulate"], 2,
+     "give bisect the FP32 model (without .half())"),
+    ("a QDQ model (fix)", ["fix", "{d}/qdq.onnx", *X, "-o", "{d}/o.onnx"], 0, FIXED),
+    ("--plan: an unfixable entry without nodes", ["fix", M, *X, "-o", "{d}/o.onnx", "--plan",
+                                                 "{d}/plan_no_nodes.json"], 2, "unfixable[0].nodes is missing"),
+    ("--plan: target_log2 a string", ["fix", M, *X, "-o", "{d}/o.onnx", "--plan", "{d}/plan_log2_string.json"], 2,
+     'target_log2 must be an integer, got "13"'),
+    ("--plan: a region exponent 2.5", ["fix", M, *X, "-o", "{d}/o.onnx", "--plan", "{d}/plan_exponent_float.json"],
+     2, "regions[0].exponent must be an integer, got 2.5"),
+    ("--plan: UTF-16 text", ["fix", M, *X, "-o", "{d}/o.onnx", "--plan", "{d}/plan_utf16.json"], 2,
+     "the plan is UTF-16 text; save it as UTF-8"),
+    ("--plan: a binary file", ["fix", M, *X, "-o", "{d}/o.onnx", "--plan", "{d}/plan_binary.json"], 2,
+     "not UTF-8 text"),
 ]
 
 # -- issue 23: loading, factories and outputs
@@ -714,8 +746,8 @@ def test_bad_input(ws, kind, argv, status, message, capsys):
     code = main(_argv(argv, ws)) if argv else _main_exit(argv)
     captured = capsys.readouterr()
     assert code == status, captured.err
-    if status == 2:
-        lines = captured.err.strip().splitlines()
+    if status == 2:  # one error line, after the "done" lines of steps that finished before it (on a pipe)
+        lines = [line for line in captured.err.strip().splitlines() if not line.startswith("done  ")]
         assert len(lines) == 1 and lines[0].startswith("fp16guard: error: "), captured.err
         assert message in lines[0]
     elif status == 0 and message is not None:  # a legitimate input: a correct result, and this in its output
@@ -742,7 +774,7 @@ if __name__ == "__main__":  # the table with each outcome: python tests/test_bad
     print("| # | kind | exit | stderr |\n|---|---|---|---|")
     for i, (kind, argv, status, message) in enumerate(CASES, 1):
         code, out, err = run_case(argv, d)
-        lines = err.strip().splitlines()
+        lines = [line for line in err.strip().splitlines() if not line.startswith("done  ")]
         shown = lines[0] if len(lines) == 1 else f"{len(lines)} lines: {lines[-1][:100] if lines else ''}"
         mark = "" if code == status and (status != 2 or (len(lines) == 1 and message in err)) else " **(!)**"
         print(f"| {i} | {kind} | {code}{mark} | {shown.replace('|', '/')[:160]} |")
@@ -820,6 +852,31 @@ def test_a_damaged_cached_example_is_not_used(tmp_path, monkeypatch):
         assets.asset_path("ppocr-det")
 
 
+def test_a_damaged_file_in_a_read_only_cache_is_one_line(tmp_path, monkeypatch):
+    """A damaged cached weight file in a cache that cannot be written (here a read-only bind
+    mount; skipped where mount is refused) is one AssetError naming the file and what to do."""
+    import subprocess
+
+    from fp16guard.errors import AssetError
+    from fp16guard.examples import assets
+
+    monkeypatch.setenv("FP16GUARD_CACHE", str(tmp_path))
+    asset = assets.ASSETS["ppocr-det"]
+    monkeypatch.setattr(assets, "_installed", lambda a: None)  # as on a machine without the wheel installed
+    dest = tmp_path / f"{asset.package}-{asset.version}" / asset.member
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"truncated")
+    done = subprocess.run(["mount", "--bind", "-o", "ro", str(tmp_path), str(tmp_path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount read-only here: {done.stderr.decode().strip()}")
+    try:
+        with pytest.raises(AssetError, match="is damaged .* and cannot be removed"):
+            assets.asset_path("ppocr-det")
+        assert dest.read_bytes() == b"truncated"
+    finally:
+        subprocess.run(["umount", str(tmp_path)], check=True)
+
+
 def test_the_example_names_are_the_examples():
     from fp16guard.cli import EXAMPLE_NAMES
     from fp16guard.examples import EXAMPLES
@@ -851,7 +908,7 @@ def test_a_pytorch_bisect_is_quiet_on_stderr_unless_verbose(ws):
     code = "from fp16guard.cli import console_main; console_main()"
     quiet = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ws, env=env)
     assert quiet.returncode == 1 and "offender 1" in quiet.stdout
-    assert quiet.stderr == ""
+    assert all(line.startswith("done  ") for line in quiet.stderr.splitlines())  # only finished steps' lines
     loud = subprocess.run([sys.executable, "-c", code, *argv, "-v"], capture_output=True, text=True, cwd=ws, env=env)
     assert loud.returncode == 1 and "INFO fp16guard: bisect fgbad_models:big_output" in loud.stderr
 
@@ -964,3 +1021,57 @@ def test_every_output_appears_or_none(tmp_path, capsys):
         outputs.path(tmp_path / "model.onnx").write_bytes(b"model")
         outputs.path(tmp_path / "fix.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fix.json", "model.onnx"]
+
+
+# -- issue 23: models in calibrate, fix and bisect, through the Python API
+
+
+def test_fp16_models_are_refused_by_the_python_api(ws):
+    """``fp16guard.bisect``, ``fix`` and ``calibrate`` refuse an FP16 model (float16 inputs, Casts
+    to float16 behind FP32 inputs, fp16guard's own output, a ``.half()`` module) with the
+    ModelLoadError the command line prints, before any run."""
+    import fp16guard
+    from fp16guard.errors import ModelLoadError
+    from fgbad_fp16 import half
+
+    x = np.load(ws / "x.npy")
+    batch = np.load(ws / "batch.npy")
+    for model, inputs in [(ws / "fp16_io.onnx", x), (str(ws / "fp16_casts.onnx"), x),
+                          (onnx.load(str(ws / "m_fp16.onnx")), x), (half(), batch)]:
+        for api in (fp16guard.bisect, fp16guard.fix, fp16guard.calibrate):
+            options = {"backend": "emulate"} if api is fp16guard.bisect else {}
+            with pytest.raises(ModelLoadError, match="already converted to FP16"):
+                api(model, [inputs], **options)
+
+
+@pytest.mark.parametrize("name, note", [("f64.onnx", "float64_to_float32"),
+                                        ("weights_as_inputs.onnx", "initializer_inputs"), ("qdq.onnx", None)])
+def test_fixed_onnx_models_pass_the_checker_load_in_onnxruntime_and_are_accurate(ws, name, note):
+    """A float64 model, one whose weights are graph inputs too, and a QDQ model are fixed: the typed
+    FP16 model passes ``onnx.checker`` (full check), loads in ONNX Runtime, takes float32 ``x``
+    only, and matches the original (fed as it declares) within FP16 error; the QDQ model keeps its
+    QuantizeLinear/DequantizeLinear nodes, their scales and zero points as they were, fed FP32."""
+    import onnxruntime as ort
+
+    import fp16guard
+
+    x = np.load(ws / "x.npy")
+    original = onnx.load(str(ws / name))
+    fixed, _ = fp16guard.fix(ws / name, [x])
+    onnx.checker.check_model(fixed, full_check=True)
+    assert [(i.name, i.type.tensor_type.elem_type) for i in fixed.graph.input] == [("x", TensorProto.FLOAT)]
+    session = ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": x})
+    reference = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = helper.tensor_dtype_to_np_dtype(original.graph.input[0].type.tensor_type.elem_type)
+    (expected,) = reference.run(None, {"x": x.astype(want)})
+    assert got.dtype == np.float32 and np.all(np.isfinite(got))
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 2e-3
+    if note is not None:
+        assert note in [n.kind for n in fp16guard.fix(ws / name, [x]).notes]
+    else:
+        quant = [n for n in fixed.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        assert len(quant) == 3
+        # scales float32, zero points int8 (the full check typed the rest: at opset 13 they read float32 only)
+        inits = {t.name: t.data_type for t in fixed.graph.initializer}
+        assert {inits[t] for n in quant for t in n.input[1:]} == {TensorProto.FLOAT, TensorProto.INT8}

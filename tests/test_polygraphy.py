@@ -242,3 +242,68 @@ def test_layer_precisions_and_the_fp32_graph_are_refused_for_a_pt2_program():
         with pytest.raises(UsageError, match="names ONNX nodes.*write an .onnx"):
             check_interop_options("torch", **{option: "f.txt"})
     check_interop_options("onnx", layer_precisions="f.txt", save_fp32="f.onnx", save_outputs="o.json")
+
+
+def test_loading_polygraphy_inputs_never_runs_code_from_the_file(tmp_path, monkeypatch):
+    """Payloads whose unpickling would create a file: each is refused in one line, the file never
+    appears, and numpy payloads never reach pickle at all (allow_pickle=False)."""
+    import base64
+    import io
+    import pickle
+
+    import torch
+
+    pwned = tmp_path / "PWNED"
+
+    class Touch:
+        def __reduce__(self):
+            return (open, (str(pwned), "w"))
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    raw = pickle.dumps(Touch())
+    npy = io.BytesIO()
+    np.save(npy, np.array([Touch()], dtype=object), allow_pickle=True)
+    npz = io.BytesIO()
+    np.savez(npz, a=np.array([Touch()], dtype=object))
+    saved = io.BytesIO()
+    torch.save(Touch(), saved)  # torch.save's zip, its data.pkl the object
+    payloads = {
+        "pickle as an array": {"polygraphy_class": "ndarray", "array": b64(raw)},
+        "pickle as a latin-1 array": {"polygraphy_class": "ndarray", "array": raw.decode("latin-1")},
+        "object .npy": {"polygraphy_class": "ndarray", "array": b64(npy.getvalue())},
+        "object .npz": {"polygraphy_class": "ndarray", "array": b64(npz.getvalue())},
+        "legacy marker": {"__polygraphy_encoded_ndarray": "polygraphy_serialized_json_type", "array": b64(raw)},
+        "pickle as a tensor": {"polygraphy_class": "Tensor", "tensor": b64(raw)},
+        "torch.save of an object": {"polygraphy_class": "Tensor", "tensor": b64(saved.getvalue())},
+    }
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("an input file reached pickle")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, no_pickle)
+    for kind, payload in payloads.items():
+        path = tmp_path / "inputs.json"
+        path.write_text(json.dumps([{"x": payload}]))
+        with pytest.raises(InputError, match="item 0's 'x'") as e:
+            load_inputs([path])
+        assert "\n" not in str(e.value), kind
+        assert not pwned.exists(), kind
+    # a RunResults or any other encoded class is named, never built
+    path.write_text(json.dumps({"polygraphy_class": "RunResults", "lst": [["r", [{"x": payloads["object .npy"]}]]]}))
+    with pytest.raises(InputError, match="it holds a RunResults"):
+        load_inputs([path])
+    assert not pwned.exists()
+
+
+def test_polygraphy_tensors_float16_and_big_endian_arrays_are_read(tmp_path):
+    torch = pytest.importorskip("torch")
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    polygraphy_json.save_json([{"x": torch.from_numpy(x)}, {"x": torch.from_numpy(x).bfloat16()},
+                               {"x": x.astype(">f4")}, {"x": x.astype(np.float16)}], str(tmp_path / "in.json"))
+    items = load_inputs([tmp_path / "in.json"])
+    assert [i.label for i in items] == ["in.json[0]", "in.json[1]", "in.json[2]", "in.json[3] (float16 as float32)"]
+    for item in items:
+        assert item.arrays[0].dtype.isnative and np.array_equal(onnx_feed(["x"], item)["x"], x)

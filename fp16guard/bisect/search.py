@@ -68,10 +68,13 @@ from typing import Any, Callable
 
 import onnx
 
+from fp16guard import progress
 from fp16guard.backends import Backend, get_backend
 from fp16guard.bisect.targets import OnnxSplitTarget, TorchSplitTarget
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, checked_metric, load_metric, relative_l2
 from fp16guard.errors import BisectError, UsageError
+from fp16guard.fix.onnx_pass import doubles_to_float
+from fp16guard.fix.targets import refuse_fp16_module
 from fp16guard.fp16_onnx import UnfitConstant
 from fp16guard.inputs import as_inputs, check_inputs
 from fp16guard.jsonio import strict, write
@@ -360,6 +363,7 @@ class _Session:
             self.result.notes.append(
                 f"cuts after {target.names[last - 1]!r} cannot be exported to ONNX ({target.export_error(last + 1)}); "
                 f"those {n - last} segment(s) always run in the FP32 PyTorch suffix and were not searched")
+        progress.set_total(math.ceil(math.log2(last)) + 2)  # the enclosing step counts cuts, of their bound
         return last
 
     def offender(self, rnd: int, n: int, start: int, refine: bool) -> Offender | None:
@@ -413,15 +417,23 @@ def _check_metric(name: str, metric: Metric, reference: list) -> None:
                          f"themselves; it must return a finite float (0 for identical outputs, larger = worse)")
 
 
-def _split_target(model, items, backend: Backend, source: str | None) -> tuple[Any, str]:
-    """``(split target, display name)`` of bisect's model: an ONNX target for a path or
-    ``ModelProto`` (refused when already FP16), else a PyTorch one."""
+def _split_target(model, items, backend: Backend, source: str | None) -> tuple[Any, str, list[str]]:
+    """``(split target, display name, notes)`` of bisect's model: an ONNX target for a path or
+    ``ModelProto``, float64 computed in float32 (a note says so), else a PyTorch one.
+
+    Raises:
+        ModelLoadError: the model is already converted to FP16 (ONNX or PyTorch), or an unreadable file.
+    """
     if isinstance(model, (str, Path, onnx.ModelProto)):
         proto = load_onnx(model)
         refuse_fp16_model(proto, "bisect")
         name = Path(model).name if isinstance(model, (str, Path)) else proto.graph.name or "model.onnx"
-        return OnnxSplitTarget(proto, items, backend), source or name
-    return TorchSplitTarget(model, items, backend), source or type(model).__name__
+        proto, converted = doubles_to_float(proto)
+        notes = ["the float64 model is bisected in float32 (its reference too): the FP16 backends have no "
+                 "float64"] if converted else []
+        return OnnxSplitTarget(proto, items, backend), source or name, notes
+    refuse_fp16_module(model, "bisect")
+    return TorchSplitTarget(model, items, backend), source or type(model).__name__, []
 
 
 def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | str | None = None,
@@ -463,6 +475,8 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
         InputError: an input the model rejects (wrong shape or count), one with no elements, or
             one holding inf/NaN (:func:`~fp16guard.inputs.check_inputs`).
         SplitError: the model cannot be captured or split; the message says what to try.
+        ModelLoadError: an unreadable ONNX file, or a model already converted to FP16 (an FP16 ONNX
+            model, a ``.half()`` module): bisect needs the FP32 model.
         BackendError, MissingDependencyError: the backend cannot run here.
         UsageError: a ``metric`` spec that cannot be imported; a metric that raises, returns no
             number, or scores the FP32 outputs against themselves as NaN/inf. ValueError: unknown
@@ -475,13 +489,14 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
     check_inputs(items)  # no inf/NaN: FP16 cannot be judged where FP32 says nothing
     metric_name, metric_fn = _metric(metric)
     engine_backend = get_backend(backend) if isinstance(backend, str) else backend
-    target, src = _split_target(model, items, engine_backend, source)
+    target, src, notes = _split_target(model, items, engine_backend, source)
     if not target.names:
         raise BisectError(f"{src} has no operation to cut")
     if metric is not None:
         _check_metric(metric_name, metric_fn, target.reference[0])
     result = BisectResult(src, engine_backend.describe(), metric_name,
                           DEFAULT_TOLERANCE if tolerance is None else tolerance, list(target.names))
+    result.notes += notes
     session = _Session(target, metric_fn, tolerance, result, on_trial)
     n = session.searchable(len(target.names))
     if tolerance is None:

