@@ -644,6 +644,10 @@ CASES += [
     ("ONNX optional input left out", ["inspect", "{d}/optional.onnx", *X], 0, "inputs: x.npy"),
     ("ONNX optional input left out (calibrate)", ["calibrate", "{d}/optional.onnx", *X, "-o", "{d}/p.json"], 0,
      "plan: "),
+    ("ONNX optional input left out (fix)", ["fix", "{d}/optional.onnx", *X, "-o", "{d}/o.onnx", "-q"], 0,
+     "fixed typed FP16 model"),
+    ("ONNX optional input left out (bisect)", ["bisect", "{d}/optional.onnx", *X, "--backend", "emulate", "-q"], 0,
+     None),
     ("ONNX optional input given", ["inspect", "{d}/optional.onnx", "--input", "{d}/x_and_o.npz"], 2,
      "the model's input 'o' is optional(tensor(float)), which fp16guard leaves out"),
 ]

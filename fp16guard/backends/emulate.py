@@ -34,7 +34,7 @@ class OrtEngine(Engine):
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run the session on the inputs it declares (other keys of ``feeds`` are ignored)."""
-        return self.session.run(None, {k: feeds[k] for k in self.input_names})
+        return self.session.run(None, {k: feeds[k] for k in self.input_names if k in feeds})  # optional inputs left out
 
 
 class EmulateBackend(Backend):

@@ -67,6 +67,10 @@ class OnnxSplitter:
         self.types.update({i.name: i.data_type for i in g.initializer})
         self.nodes = list(model.graph.node)
         self.graph_inputs = fed_inputs(model)
+        # every declared input that is not a weight, optional ones too: the extractor needs them all as
+        # inputs of the prefix, and ONNX Runtime runs a model with an optional input left unfed
+        weights = {i.name for i in model.graph.initializer}
+        self.declared_inputs = [i.name for i in model.graph.input if i.name not in weights]
         self.graph_outputs = [o.name for o in model.graph.output]
         self.candidates = [
             Candidate(i, node_name(n, i), n.op_type, node_scope(n))
@@ -104,11 +108,11 @@ class OnnxSplitter:
         if untyped:
             raise OnnxSplitError(f"cannot type tensor(s) {untyped[:3]} crossing the cut after node "
                                  f"{self.nodes[position].name!r}; run onnx shape inference on the model first")
-        prefix = self.extractor.extract_model(self.graph_inputs, live)
+        prefix = self.extractor.extract_model(self.declared_inputs, live)
         rest = [o for o in self.graph_outputs if o not in live]
         suffix = None
         if rest:
-            suffix = self.extractor.extract_model(live + self.graph_inputs, rest)
+            suffix = self.extractor.extract_model(live + self.declared_inputs, rest)
         for m in (prefix, suffix):
             if m is not None:
                 m.ir_version = self.model.ir_version
