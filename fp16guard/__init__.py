@@ -11,10 +11,15 @@ Three stages over one shared layer (see the README's Layout section):
   ``fp16guard``; ``from fp16guard.bisect import BisectResult`` still reaches the package.
 * :mod:`fp16guard.fix`: :func:`fix` rewrites a model so it runs entirely in FP16 (BatchNorm
   folding, power-of-two scale regions folded into the weights), as a typed FP16 ONNX or a
-  ``.pt2`` program, verified; returns ``(fixed, plan)``. :func:`calibrate` gives only the
+  ``.pt2`` program, verified; returns a :class:`FixResult` that unpacks as ``fixed, plan`` and
+  holds the verification (``result.verification``). :func:`calibrate` gives only the
   :class:`RewritePlan` (``fp16guard.plan/1``). :func:`warp_conv`, :func:`warp_bn`,
   :func:`warp_linear`: the seed's functional scale forms. ``fp16guard.fix`` is the function
   here; the package is ``import fp16guard.fix.pipeline`` and its siblings.
+
+Results speak for themselves: ``print(x)`` of an :class:`InspectionReport`, a
+:class:`BisectResult` or a :class:`FixResult` gives a few lines (verdict, peak or offender, next
+step), ``rich.print(x)`` (or a notebook's rich console) the full report the command line prints.
 
 Errors: every error raised on purpose derives from :class:`Fp16GuardError`
 (:mod:`fp16guard.errors`).
@@ -35,6 +40,7 @@ _LAZY = {
     "bisect": ("fp16guard.bisect", "bisect"),
     "calibrate": ("fp16guard.fix", "calibrate"),
     "fix": ("fp16guard.fix", "fix"),
+    "FixResult": ("fp16guard.fix", "FixResult"),
     "warp_bn": ("fp16guard.fix", "warp_bn"),
     "warp_conv": ("fp16guard.fix", "warp_conv"),
     "warp_linear": ("fp16guard.fix", "warp_linear"),
@@ -87,6 +93,7 @@ __all__ = [
     "bisect",
     "calibrate",
     "fix",
+    "FixResult",
     "RewritePlan",
     "warp_bn",
     "warp_conv",

@@ -246,3 +246,28 @@ def check_program_inputs(model, inputs: Sequence[Sequence[torch.Tensor]], what: 
                 raise InputError(f"{what} {label} has shape {list(t.shape)}, but the program was exported for "
                                  f"{shown} (static dimensions must match); give inputs of that shape, or export "
                                  f"with dynamic_shapes")
+
+
+def refuse_fp16_module(model, what: str) -> None:
+    """Raise when a PyTorch model already holds FP16 (or BF16) weights: ``model.half()``, a
+    ``.pt2`` exported from one, or a module with some layers converted.
+
+    Args:
+        model: a ``torch.nn.Module`` or ``torch.export.ExportedProgram``.
+        what: what needs the FP32 model, completing "give <what> the FP32 model".
+
+    Raises:
+        ModelLoadError: one line naming the first such parameter or buffer and what to give instead.
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        tensors = {**model.state_dict, **model.constants}.items()
+    elif isinstance(model, torch.nn.Module):
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+    else:
+        return
+    narrow = {torch.float16: ("FP16", "float16", ".half()"), torch.bfloat16: ("BF16", "bfloat16", ".bfloat16()")}
+    for name, t in tensors:
+        if isinstance(t, torch.Tensor) and t.dtype in narrow:
+            fmt, dtype, call = narrow[t.dtype]
+            raise ModelLoadError(f"the model is already converted to {fmt} ({name!r} is {dtype}); give {what} the "
+                                 f"FP32 model (without {call}): fp16guard makes the FP16 version itself")

@@ -440,3 +440,48 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     return stats
 
 
+def float64_as_float32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """A float64 model (or one with float64 parts) computed in float32: float64 graph inputs,
+    outputs, ``value_info``, initializers, ``Constant`` and ``ConstantOfShape`` values become
+    float32, and ``Cast``/``EyeLike``/``Random*`` to float64 give float32. The typed FP16
+    conversion then sees an FP32 graph; TensorRT has no float64 tensors, so the fixed model
+    takes and returns float32.
+
+    Args:
+        model: a model without control flow (not modified).
+
+    Returns:
+        ``(model', note)``: the note one sentence for the report; ``model`` itself and None when
+        nothing is float64.
+    """
+    double = TensorProto.DOUBLE
+    g = model.graph
+    values = [*g.input, *g.output, *g.value_info]
+    weights = sum(t.data_type == double for t in g.initializer)
+    touched = (weights or any(v.type.tensor_type.elem_type == double for v in values)
+               or any(a.t.data_type == double if a.type == onnx.AttributeProto.TENSOR else
+                      a.name in ("to", "dtype") and a.i == double for n in g.node for a in n.attribute))
+    if not touched:
+        return model, None
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for i, t in enumerate(g.initializer):
+        if t.data_type == double:
+            with np.errstate(over="ignore"):
+                g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    for v in [*g.input, *g.output, *g.value_info]:
+        if v.type.tensor_type.elem_type == double:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == double:
+                with np.errstate(over="ignore"):
+                    a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+            elif a.type == onnx.AttributeProto.INT and a.name in ("to", "dtype") and a.i == double:
+                a.i = TensorProto.FLOAT
+    inputs = sum(i.type.tensor_type.elem_type == double for i in model.graph.input)
+    outputs = sum(o.type.tensor_type.elem_type == double for o in model.graph.output)
+    return m, (f"the float64 model is computed in float32 before the FP16 conversion ({inputs} input(s), "
+               f"{outputs} output(s), {weights} weight(s) were float64): the fixed model takes and "
+               f"returns float32 (TensorRT has no float64)")

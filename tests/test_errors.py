@@ -26,7 +26,10 @@ def _log_eps(path):
     onnx.save(model, path)
 
 
-def test_a_fixed_model_that_still_overflows_exits_1_with_one_error_line_and_writes_nothing(tmp_path, capsys):
+def test_a_fixed_model_that_still_overflows_gets_its_island_back_or_exits_1_when_forced(tmp_path, capsys):
+    """A hand-edited plan drops the FP32 island of ``log(x + 1e-10)``: the pure fix gives -inf, so
+    the fix searches islands and writes the model with ``add_eps``/``log`` in FP32 (exit 0). With
+    ``--force`` it writes the broken model as asked and exits 1 (an FP16 problem), stdout saying so."""
     _log_eps(tmp_path / "m.onnx")
     np.save(tmp_path / "x.npy", np.array([0.0, 1.0, 2.0, 3.0], np.float32))
     plan = tmp_path / "plan.json"
@@ -37,11 +40,15 @@ def test_a_fixed_model_that_still_overflows_exits_1_with_one_error_line_and_writ
     plan.write_text(json.dumps(doc))
     out = tmp_path / "fixed.onnx"
     capsys.readouterr()
-    code = main(["fix", str(tmp_path / "m.onnx"), "--plan", str(plan), "--input", str(tmp_path / "x.npy"),
-                 "-o", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and not out.exists()
-    assert len(err) == 1 and err[0].startswith("fp16guard: error: the fixed model still produces 1 inf/NaN")
+    argv = ["fix", str(tmp_path / "m.onnx"), "--plan", str(plan), "--input", str(tmp_path / "x.npy"), "-o", str(out)]
+    assert main(argv) == 0 and out.exists()
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "pure FP16 missed the bar: the fixed model gives 1 inf/NaN" in printed
+    fixed = onnx.load(out)
+    assert {"add_eps", "log"} <= {n.name for n in fixed.graph.node if n.op_type in ("Add", "Log")}
+    out.unlink()
+    assert main([*argv, "--force"]) == 1 and out.exists()
+    assert "still produces inf/NaN" in " ".join(capsys.readouterr().out.split())
 
 
 def _keyerror_model(folder):

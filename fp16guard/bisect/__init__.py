@@ -6,9 +6,11 @@
 * :mod:`~fp16guard.bisect.targets`: the two kinds of model it cuts, each split by
   :mod:`~fp16guard.bisect.onnx_split` (ONNX nodes) or :mod:`~fp16guard.bisect.torch_split`
   (PyTorch module segments).
-* :func:`print_bisect`, :func:`plot_bisect`: the result in a terminal and as a PNG.
+* :func:`print_bisect`, :func:`plot_bisect`: the result in a terminal and as a PNG;
+  ``print(result)`` gives its few-line summary (:func:`~fp16guard.bisect.render.summary`).
 """
 
+from fp16guard.bisect import render
 from fp16guard.bisect.plot import plot_bisect
 from fp16guard.bisect.render import print_bisect
 from fp16guard.bisect.search import (
@@ -22,6 +24,12 @@ from fp16guard.bisect.search import (
     bisect,
     noise_tolerance,
 )
+
+# How a result shows itself, kept with its renderer: ``print(result)`` gives a few lines (verdict,
+# offender, cost, next step), ``rich.print(result)`` the full table, ``repr`` one line.
+BisectResult.__str__ = render.summary  # type: ignore[method-assign]
+BisectResult.__repr__ = render.short_repr  # type: ignore[method-assign]
+BisectResult.__rich_console__ = render.rich_console  # type: ignore[attr-defined]
 
 __all__ = ["DEFAULT_TOLERANCE", "NOISE_CAP", "NOISE_FACTOR", "SCHEMA", "BisectResult", "Offender", "Trial", "bisect",
            "noise_tolerance", "plot_bisect", "print_bisect"]

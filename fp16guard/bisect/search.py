@@ -73,12 +73,11 @@ from fp16guard.backends import Backend, get_backend
 from fp16guard.bisect.targets import OnnxSplitTarget, TorchSplitTarget
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, checked_metric, load_metric, relative_l2
 from fp16guard.errors import BisectError, UsageError
-from fp16guard.fix.onnx_pass import doubles_to_float
-from fp16guard.fix.targets import refuse_fp16_module
 from fp16guard.fp16_onnx import UnfitConstant
 from fp16guard.inputs import as_inputs, check_inputs
 from fp16guard.jsonio import strict, write
-from fp16guard.onnx_graph import load_onnx, refuse_fp16_model
+from fp16guard.loading import refuse_fp16_module
+from fp16guard.onnx_graph import float64_as_float32, load_onnx, refuse_fp16_model
 
 SCHEMA = "fp16guard.bisect/1"
 
@@ -428,7 +427,7 @@ def _split_target(model, items, backend: Backend, source: str | None) -> tuple[A
         proto = load_onnx(model)
         refuse_fp16_model(proto, "bisect")
         name = Path(model).name if isinstance(model, (str, Path)) else proto.graph.name or "model.onnx"
-        proto, converted = doubles_to_float(proto)
+        proto, converted = float64_as_float32(proto)
         notes = ["the float64 model is bisected in float32 (its reference too): the FP16 backends have no "
                  "float64"] if converted else []
         return OnnxSplitTarget(proto, items, backend), source or name, notes
@@ -495,8 +494,7 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
     if metric is not None:
         _check_metric(metric_name, metric_fn, target.reference[0])
     result = BisectResult(src, engine_backend.describe(), metric_name,
-                          DEFAULT_TOLERANCE if tolerance is None else tolerance, list(target.names))
-    result.notes += notes
+                          DEFAULT_TOLERANCE if tolerance is None else tolerance, list(target.names), notes=notes)
     session = _Session(target, metric_fn, tolerance, result, on_trial)
     n = session.searchable(len(target.names))
     if tolerance is None:

@@ -49,7 +49,7 @@ from fp16guard.folding import (
     simple_fraction,
 )
 from fp16guard.fp16 import FP16_MAX
-from fp16guard.onnx_graph import consumers, node_scope, value_types
+from fp16guard.onnx_graph import consumers, float64_as_float32, node_scope, value_types
 
 FLOAT = TensorProto.FLOAT
 
@@ -185,49 +185,10 @@ class _Constants:
 
 
 def doubles_to_float(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:
-    """A float64 model (or one with float64 parts) computed in float32: float64 graph inputs,
-    outputs, ``value_info``, initializers, ``Constant`` and ``ConstantOfShape`` values become
-    float32, and ``Cast``/``EyeLike``/``Random*`` to float64 give float32. The typed FP16
-    conversion then sees an FP32 graph; TensorRT has no float64 tensors, so the fixed model
-    takes and returns float32.
-
-    Args:
-        model: a model without control flow (not modified).
-
-    Returns:
-        ``(model', notes)``; ``model`` itself and no note when nothing is float64.
-    """
-    double = TensorProto.DOUBLE
-    g = model.graph
-    values = [*g.input, *g.output, *g.value_info]
-    weights = sum(t.data_type == double for t in g.initializer)
-    touched = (weights or any(v.type.tensor_type.elem_type == double for v in values)
-               or any(a.t.data_type == double if a.type == onnx.AttributeProto.TENSOR else
-                      a.name in ("to", "dtype") and a.i == double for n in g.node for a in n.attribute))
-    if not touched:
-        return model, []
-    m = _copy(model)
-    g = m.graph
-    for i, t in enumerate(g.initializer):
-        if t.data_type == double:
-            with np.errstate(over="ignore"):
-                g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
-    for v in [*g.input, *g.output, *g.value_info]:
-        if v.type.tensor_type.elem_type == double:
-            v.type.tensor_type.elem_type = FLOAT
-    for node in g.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == double:
-                with np.errstate(over="ignore"):
-                    a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
-            elif a.type == onnx.AttributeProto.INT and a.name in ("to", "dtype") and a.i == double:
-                a.i = FLOAT
-    inputs = sum(i.type.tensor_type.elem_type == double for i in model.graph.input)
-    outputs = sum(o.type.tensor_type.elem_type == double for o in model.graph.output)
-    return m, [RewriteNote("float64_to_float32", "graph",
-                           f"the float64 model is computed in float32 before the FP16 conversion ({inputs} input(s), "
-                           f"{outputs} output(s), {weights} weight(s) were float64): the fixed model takes and "
-                           f"returns float32 (TensorRT has no float64)")]
+    """:func:`fp16guard.onnx_graph.float64_as_float32` with its note as a :class:`RewriteNote`
+    (``float64_to_float32``); ``model`` itself and no note when nothing is float64."""
+    converted, detail = float64_as_float32(model)
+    return converted, ([RewriteNote("float64_to_float32", "graph", detail)] if detail else [])
 
 
 def initializer_inputs_to_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:

@@ -38,14 +38,15 @@ import numpy as np
 import torch
 
 from fp16guard.backends import Backend
-from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow, refusal
-from fp16guard.errors import FixError, InaccurateFixError, InputError, PlanError, StillOverflowsError, first_line
+from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow
+from fp16guard.errors import FixError, InputError, PlanError, StillOverflowsError, first_line
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import DERIVED_ROLES, ScaleOp, ScaleSolution, Unfixable, complete, solve
 from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL
 from fp16guard.fp16_onnx import Fp16Conversion
 from fp16guard.inputs import NamedInput, as_inputs, check_inputs, torch_args
+from fp16guard.loading import refuse_fp16_module
 from fp16guard.jsonio import strict
 from fp16guard.plan import PlanRegion, PlanUnderflow, RewritePlan
 from fp16guard.progress import step
@@ -158,7 +159,7 @@ def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_
     """
     if not inputs:
         raise FixError("calibration needs at least one input")
-    with step(f"calibration: FP32 activation ranges on {len(inputs)} input(s)"):
+    with step(f"calibration: FP32 activation ranges on {len(inputs)} input(s)", total=len(inputs)):
         amax = target.activation_amax(inputs)
     graph_inputs, graph_outputs = target.graph_io()
     bad = [t for t in graph_outputs if not math.isfinite(amax.get(t, 0.0))]
@@ -178,7 +179,7 @@ def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_
         islands = underflow_islands(ops, [u for u in underflow if not u.consent], target.flushed_values(inputs))
     sol.unfixable += islands
     nodes, overflowing = target.fallback_graph()
-    with step("calibration: the FP32 fallback's ranges"):
+    with step("calibration: the FP32 fallback's ranges", total=len(inputs)):
         fallback = fallback_nodes(nodes, target.activation_amax(inputs, prepared=False), overflowing, target_log2)
     known = {name for name, _, _ in nodes}
     fallback += [{"node": n, "reason": u.reason} for u in islands for n in u.ops if n in known]
@@ -363,6 +364,11 @@ class FixResult:
             other precision (BF16 when the written model's are FP32, and the reverse), else None.
         islands: the precision of the written model's islands, ``"fp32"`` or ``"bf16"``.
         outputs: the FP32 and fixed outputs verification compared (``keep_outputs``), else None.
+        tolerance: the largest relative L2 error accepted on any input (None: not known).
+
+    ``fixed, plan = result`` unpacks it as :func:`fix` returned before; ``print(result)`` gives a
+    few lines (verdict with the worst error against the tolerance and the FP32 fallback's, the
+    rewrites, the next step), ``rich.print(result)`` the full report of ``fp16guard fix``.
     """
 
     fixed: object
@@ -377,6 +383,32 @@ class FixResult:
     fallback_bf16: Verification | None = None
     other_islands: Verification | None = None
     islands: str = "fp32"
+    tolerance: float | None = None
+    delivered: str = "fixed"
+    refusal: str | None = None
+    island_search: object = None
+    floor: str | None = None
+
+    def __iter__(self):
+        """``fixed, plan = result``: the two values :func:`fix` used to return."""
+        return iter((self.fixed, self.plan))
+
+    def __str__(self) -> str:
+        from fp16guard.fix.render import summary
+
+        return summary(self)
+
+    def __repr__(self) -> str:
+        from fp16guard.fix.render import fix_verdict
+
+        return (f"FixResult(source={self.plan.source!r}, accepted={fix_verdict(self)[0]}, "
+                f"finite={self.verification.finite}, rewrites={len(self.notes)}, fixed={type(self.fixed).__name__})")
+
+    def __rich_console__(self, console, options):
+        """The full report, as ``fp16guard fix`` prints it (:func:`~fp16guard.fix.render.print_fix`)."""
+        from fp16guard.fix.render import fix_renderables
+
+        yield from fix_renderables(self)
 
     def to_json(self) -> dict:
         """The fix report, schema ``fp16guard.fix/1`` (docs/fix-schema.md): strict JSON, non-finite
@@ -491,7 +523,7 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
                           metrics=metrics, compare_naive=compare_naive, compare_fallback=compare_fallback)
     result = FixResult(applied.fixed, applied.rewritten, plan, applied.notes, applied.conversion, verification,
                        others["naive"], others["fallback"], fallback_bf16=others["fallback_bf16"],
-                       other_islands=others["other_islands"], islands=fallback or islands)
+                       other_islands=others["other_islands"], islands=fallback or islands, tolerance=tolerance)
     if kept is not None:
         names = target.graph_io()[1]
         width = len(refs[0]) if refs else 0
@@ -499,20 +531,76 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
                                      names if len(names) == width else [f"output_{k}" for k in range(width)], refs, kept)
     if force:
         return result
-    if not verification.finite:
-        worst = max(verification.rows, key=lambda r: r.nonfinite)
+    if fallback is None:
+        _deliver(result, target, plan, applied, inputs, splits, refs, backend=backend, metrics=metrics,
+                 same=others["fallback" if islands == "fp32" else "fallback_bf16"], naive=others["naive"])
+    if not result.verification.finite:
+        worst = max(result.verification.rows, key=lambda r: r.nonfinite)
         raise StillOverflowsError(
-            f"the fixed model still produces {worst.nonfinite} inf/NaN output value(s) on {worst.label} in FP16; "
-            f"see the plan's unfixable entries, try --fallback fp32 (or bf16), or --force to write it anyway")
-    # raising a flushed constant (with consent) changes the model's math on purpose: its error against
-    # the original is not the fix's, so only the comparisons with the other FP16 variants apply
-    consented = any(u.consent for u in plan.underflow)
-    same = None if fallback else others["fallback" if islands == "fp32" else "fallback_bf16"]
-    reason = refusal(verification, None if consented else tolerance, others["naive"], same)
-    if reason:
-        raise InaccurateFixError(f"{reason}; the model is not written (--tolerance sets the bound, --force writes "
-                                 f"it anyway)")
+            f"the {result.verification.variant} model still produces {worst.nonfinite} inf/NaN output value(s) on "
+            f"{worst.label} in FP16, and so does the FP32 fallback; see the plan's unfixable entries, or --force to "
+            f"write the fixed model anyway")
     return result
+
+
+def _deliver(result: FixResult, target: FixTarget, plan: RewritePlan, applied: Applied, inputs: Sequence[NamedInput],
+             splits: Sequence[str], refs: list[list[np.ndarray]], *, backend: str | Backend,
+             metrics: Mapping[str, Metric] | None, same: Verification | None, naive: Verification | None) -> None:
+    """Make ``result`` hold the best deployable model: the fixed one when it meets the bar
+    (:func:`~fp16guard.compare.misses_bar` against the fallback with islands in the same
+    precision, else the naive conversion); otherwise the fewest islands on the rewritten graph that
+    do (:func:`~fp16guard.fix.islands.search_islands`); otherwise the fallback itself, which other
+    tools would give. Sets ``result.delivered``, ``result.refusal`` (why the pure fix was not
+    written), ``result.island_search`` and ``result.floor``.
+
+    A plan that raises flushed constants (with consent) changes the model's math on purpose: its
+    fixed model is then judged only for finiteness.
+    """
+    from fp16guard.compare import floor_note, misses_bar
+    from fp16guard.fix.islands import search_islands
+
+    reference = same or naive
+    consented = any(u.consent for u in plan.underflow)
+    reason = misses_bar(result.verification, None if consented else reference, None if consented else result.tolerance)
+    if consented and result.verification.finite:
+        reason = None
+    if reason is None:
+        result.floor = None if consented else floor_note(result.verification, reference, result.tolerance)
+        return
+    result.refusal = reason
+    logger.info("the pure fix misses the bar (%s); searching for the fewest islands", reason)
+    variant = result.verification.variant
+
+    def check(fixed):
+        """Verify a candidate; does it meet the bar?"""
+        v = verify(target, fixed, inputs, splits, backend=backend, variant=variant, metrics=metrics, references=refs)[0]
+        return v, misses_bar(v, reference, result.tolerance) is None
+
+    fallback_nodes_ = [e["node"] for e in plan.fallback_fp32]
+    with step("islands: the fewest FP32 nodes that meet the bar"):
+        found = search_islands(applied.rewritten, plan.unfixable_nodes, fallback_nodes_,
+                               _true_amax(plan),
+                               lambda nodes: target.convert(applied.rewritten, nodes, islands=result.islands),
+                               check, limit=max(len(fallback_nodes_), len(plan.unfixable_nodes)))
+    result.island_search = found
+    if found.nodes is not None:
+        result.fixed, result.conversion, result.verification = found.fixed, found.conversion, found.verification
+        result.delivered = "islands"
+    elif same is not None and same.finite:
+        fb = apply_plan(target, plan, fallback=result.islands, check_hash=False)
+        result.fixed, result.rewritten_fp32, result.notes = fb.fixed, fb.rewritten, fb.notes
+        result.conversion, result.verification = fb.conversion, same
+        result.delivered = "fallback"
+    result.floor = floor_note(result.verification, reference, result.tolerance)
+
+
+def _true_amax(plan: RewritePlan) -> dict[str, float]:
+    """The true (unscaled) calibration amax of every value a plan's regions scale (0 elsewhere)."""
+    out: dict[str, float] = {}
+    for region in plan.regions:
+        for t in region.tensors:
+            out[t] = max(out.get(t, 0.0), float(region.amax))
+    return out
 
 
 # ---------------------------------------------------------------- the public entry points
@@ -537,13 +625,15 @@ def make_target(model, inputs: Sequence[NamedInput], *, graph: str | None = None
     Raises:
         ValueError: ``graph="torch"`` for an ONNX model, or an unknown ``graph``.
         FixError: a module without inputs; ExportError: it cannot be captured or exported.
-        ModelLoadError: an unreadable ONNX file.
+        ModelLoadError: an unreadable ONNX file, or a model already converted to FP16 (a ``.half()``
+            module, an FP16 ONNX model).
     """
     is_torch = _is_torch(model)
     if graph not in (None, "torch", "onnx") or (graph == "torch" and not is_torch):
         raise ValueError(f"graph must be 'torch' (PyTorch modules only) or 'onnx', got {graph!r}")
     if not is_torch:
         return OnnxFixTarget(model, source=source)
+    refuse_fp16_module(model, "calibrate and fix")
     if not inputs:
         raise FixError("a PyTorch model needs inputs to be captured")
     if graph != "onnx":
@@ -649,7 +739,7 @@ def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, valida
 def fix(model, calib_inputs, **options):
     """Rewrite a model so it runs entirely in FP16, exact in real arithmetic; verify it.
 
-    ``fixed, plan = fp16guard.fix(model, calib_inputs)``: calibrates a plan on ``calib_inputs``,
+    ``result = fp16guard.fix(model, calib_inputs)``: calibrates a plan on ``calib_inputs``,
     folds BatchNorms, folds power-of-two scale regions into the weights, converts to typed FP16
     (FP32 graph inputs and outputs), and verifies it against the FP32 model on the ``emulate``
     backend. ``options`` are :func:`fix_model`'s and :func:`fix_target`'s (``validation``,
@@ -661,13 +751,14 @@ def fix(model, calib_inputs, **options):
         calib_inputs: calibration inputs (arrays, tuples of arrays, or ``NamedInput``).
 
     Returns:
-        ``(fixed, plan)``: for an ONNX model the typed FP16 ``onnx.ModelProto``; for a PyTorch
-        module the FP16 program, a ``torch.fx.GraphModule`` that takes and returns FP32 tensors
-        (``output="onnx"`` gives a ``ModelProto`` instead); and the
-        :class:`~fp16guard.plan.RewritePlan` applied.
+        A :class:`FixResult` that unpacks as ``fixed, plan = fp16guard.fix(...)``: ``fixed`` for
+        an ONNX model the typed FP16 ``onnx.ModelProto``, for a PyTorch module the FP16 program, a
+        ``torch.fx.GraphModule`` that takes and returns FP32 tensors (``output="onnx"`` gives a
+        ``ModelProto`` instead); ``plan`` the :class:`~fp16guard.plan.RewritePlan` applied. The
+        verification is ``result.verification`` (beside ``naive`` and ``fallback``), and
+        ``print(result)`` summarizes it.
 
     Raises:
         StillOverflowsError: the fixed model still produces inf/NaN in FP16 (pass ``force=True`` to get it).
     """
-    result = fix_model(model, calib_inputs, **options)
-    return result.fixed, result.plan
+    return fix_model(model, calib_inputs, **options)

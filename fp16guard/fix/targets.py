@@ -38,6 +38,7 @@ from fp16guard.fix.solver import ScaleOp, ScaleSolution
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
 from fp16guard.fp16_onnx import ISLAND_DTYPES, Fp16Conversion, to_typed_fp16, unfit_constants
 from fp16guard.inputs import NamedInput, check_onnx_feeds, onnx_feed, torch_args
+from fp16guard.loading import refuse_fp16_module  # noqa: F401 - re-exported: fp16guard.fix.targets.refuse_fp16_module
 from fp16guard.onnx_graph import (
     consumers,
     cpu_session,
@@ -434,31 +435,6 @@ def _passes_checker(model: onnx.ModelProto) -> bool:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError):  # ValueError: > 2 GB
         return False
     return True
-
-
-def refuse_fp16_module(model, what: str) -> None:
-    """Raise when a PyTorch model already holds FP16 (or BF16) weights: ``model.half()``, a
-    ``.pt2`` exported from one, or a module with some layers converted.
-
-    Args:
-        model: a ``torch.nn.Module`` or ``torch.export.ExportedProgram``.
-        what: what needs the FP32 model, completing "give <what> the FP32 model".
-
-    Raises:
-        ModelLoadError: one line naming the first such parameter or buffer and what to give instead.
-    """
-    if isinstance(model, torch.export.ExportedProgram):
-        tensors = {**model.state_dict, **model.constants}.items()
-    elif isinstance(model, torch.nn.Module):
-        tensors = [*model.named_parameters(), *model.named_buffers()]
-    else:
-        return
-    narrow = {torch.float16: ("FP16", "float16", ".half()"), torch.bfloat16: ("BF16", "bfloat16", ".bfloat16()")}
-    for name, t in tensors:
-        if isinstance(t, torch.Tensor) and t.dtype in narrow:
-            fmt, dtype, call = narrow[t.dtype]
-            raise ModelLoadError(f"the model is already converted to {fmt} ({name!r} is {dtype}); give {what} the "
-                                 f"FP32 model (without {call}): fp16guard makes the FP16 version itself")
 
 
 def check_plan(target: FixTarget, plan, *, check_hash: bool = True) -> None:

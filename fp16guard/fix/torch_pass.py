@@ -42,6 +42,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map
 
+from fp16guard import progress
 from fp16guard.errors import ExportError, RewriteError, first_line
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import Role, ScaleOp, ScaleSolution
@@ -553,6 +554,7 @@ def activation_amax(gm: fx.GraphModule, examples: Iterable[Sequence[torch.Tensor
                     amax[name] = max(amax.get(name, 0.0), v)
                     if tiny and flushed is not None:
                         flushed.add(name)
+            progress.advance()  # the enclosing calibration step counts forwards
     return amax
 
 

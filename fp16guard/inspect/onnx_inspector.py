@@ -60,7 +60,7 @@ def inspect_onnx(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     consts = graph_constants(proto)
     runs = feed_list(proto, feeds, set(consts))
     name = source or (Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name)
-    with step(f"inspect: FP32 ONNX Runtime run of every value on {len(runs)} input(s)"):
+    with step(f"inspect: FP32 ONNX Runtime runs of every value on {len(runs)} input(s)", total=len(runs)):
         stats = value_ranges(proto, runs, providers=providers, labels=labels, memory_budget=memory_budget)
 
     records: list[CallRecord] = []

@@ -33,6 +33,11 @@ NEAR_LIMIT_BITS = 2.0
 #: ``underflow`` warning (when its inputs did not already).
 UNDERFLOW_FRACTION = 0.01
 
+#: ``|finfo(float32).min|``: what an additive attention mask holds at its masked positions
+#: (transformers' extended mask, ``(1 - mask) * finfo(float32).min``). An input whose amax is
+#: exactly this is taken for such a mask, not for an input beyond FP16 (rule ``attention_mask``).
+MASK_MAGNITUDE = float.fromhex("0x1.fffffep+127")
+
 Severity = Literal["error", "warning", "info"]
 
 
@@ -185,8 +190,10 @@ class Finding:
     Attributes:
         rule: ``overflow_from``, ``overflow_to``, ``nonfinite_origin``, ``near_limit``,
             ``underflow``, ``input_overflow`` (the model's input beyond 65504), ``input_nonfinite``
-            (its input holds inf/NaN).
-        severity: ``error`` for an overflow or inf/NaN origin, ``warning`` otherwise.
+            (its input holds inf/NaN), ``attention_mask`` (an input of exactly
+            ``|finfo(float32).min|``: an additive attention mask, see :data:`MASK_MAGNITUDE`).
+        severity: ``error`` for an overflow or inf/NaN origin, ``info`` for an attention mask,
+            ``warning`` otherwise.
         name, kind, index: the layer (see :class:`CallRecord`).
         reason: one sentence with the numbers behind the finding.
     """
@@ -278,14 +285,24 @@ class InspectionReport:
 
         produced_overflow = False  # has any layer so far written a value beyond 65504?
         produced_nonfinite = False  # ... or an inf/NaN?
+        mask_seen = False  # an attention mask is reported once, where it first comes in
         for rec in self.calls:
             i, o = rec.inputs, rec.outputs
             if i.nonfinite and not produced_nonfinite:
                 add("input_nonfinite", "error", rec,
                     f"inputs hold {i.nonfinite} inf/NaN values and no layer before wrote one: the model's input is "
-                    f"not finite, so neither FP32 nor FP16 results on it mean anything (clean the input)")
+                    f"not finite, so neither FP32 nor FP16 results on it mean anything (clean the input; an "
+                    f"additive attention mask holding -inf shows here too: inf and NaN are counted together)")
             produced_nonfinite |= bool(o.nonfinite)
-            if i.overflows and not produced_overflow:
+            if i.overflows and not produced_overflow and i.amax == MASK_MAGNITUDE:
+                if not mask_seen:  # the hooks keep only the largest magnitude, not how many values hold it
+                    add("attention_mask", "info", rec,
+                        "inputs reach exactly |finfo(float32).min| = 3.403e+38, the value of an additive attention "
+                        "mask at masked positions, made inside the model: a mask, not an input beyond FP16; "
+                        "`fp16guard fix` rewrites it to -2^15, within FP16's range (only the largest magnitude "
+                        "is recorded, so a value beyond 65504 beside the mask would not show here)")
+                mask_seen = True
+            elif i.overflows and not produced_overflow:
                 add("input_overflow", "error", rec,
                     f"inputs reach amax {i.amax:.4g}, beyond 65504, and no layer before wrote such a value: the "
                     f"model's input exceeds FP16 (normalize it, or `fp16guard fix` scales it before the input cast)")
@@ -317,6 +334,24 @@ class InspectionReport:
         return any(f.severity == "error" for f in self.findings()) or any(
             s.severity == "error" for s in self.static
         )
+
+    # -- display -------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        """A few lines: what ran, the verdict by cause, the peak and largest layers, the next step."""
+        from fp16guard.inspect.render import summary
+
+        return summary(self)
+
+    def __repr__(self) -> str:
+        return (f"InspectionReport(source={self.source!r}, inputs={len(self.inputs)}, calls={len(self.calls)}, "
+                f"static={len(self.static)}, overflow_found={self.overflow_found})")
+
+    def __rich_console__(self, console, options):
+        """The full report in rich (``rich.print(report)``, a notebook), as
+        :func:`~fp16guard.inspect.render.print_report` prints it."""
+        from fp16guard.inspect.render import report_renderables
+
+        yield from report_renderables(self)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_json(self) -> dict:
