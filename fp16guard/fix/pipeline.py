@@ -583,6 +583,9 @@ def _deliver(result: FixResult, target: FixTarget, plan: RewritePlan, applied: A
                                lambda nodes: target.convert(applied.rewritten, nodes, islands=result.islands),
                                check, limit=max(len(fallback_nodes_), len(plan.unfixable_nodes)))
     result.island_search = found
+    kept = (found.conversion.fp32_nodes + found.conversion.bf16_nodes) if found.nodes is not None else []
+    if found.nodes is not None and len(kept) > len(fallback_nodes_) and same is not None and same.finite:
+        found.nodes = None  # its restoring rescales make it larger than the fallback: the fallback is no worse
     if found.nodes is not None:
         result.fixed, result.conversion, result.verification = found.fixed, found.conversion, found.verification
         result.delivered = "islands"
