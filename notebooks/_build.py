@@ -10,13 +10,18 @@ Each notebook runs in the environment that has what it imports: 01-03 in the mai
 04 in ``.venv-openmmlab`` (``.ci/openmmlab-env``), 05 in ``notebooks/.venv-hrnet`` (torch 2.14.1,
 torchvision, timm; see the README's "Notebooks"). ``--execute`` uses the interpreter running this
 script as the kernel (``python3``, the native kernel of that environment), so run it with that
-environment's python. Cells run with the notebook's folder as working directory.
+environment's python. Cells run with the notebook's folder as working directory. After executing,
+stderr streams are dropped from the outputs (echoed on this script's stderr) and local paths made
+relative, so the committed outputs hold no machine's paths or third-party noise; the rich console of
+the first cell is 112 columns wide and wraps table cells that do not fit.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -36,12 +41,24 @@ def code(text: str, *, setup: bool = False):
     return new_code_cell(SETUP + "\n\n" + body if setup else body)
 
 
-# Shared first lines: figures inline, rich tables as plain text (readable on a code host and in CI logs).
+# Shared first lines: figures inline, rich tables as plain text (readable on a code host and in CI logs),
+# 112 columns wide, with a cell too long for its column wrapped onto the next line instead of cut with "…".
 SETUP = """\
 %matplotlib inline
 from rich.console import Console
 
-console = Console(width=112, force_jupyter=False, force_terminal=False)  # plain text tables"""
+
+class TextConsole(Console):
+    \"\"\"Plain-text rich output; a table cell too long for its column wraps instead of being cut.\"\"\"
+
+    def print(self, *objects, **kwargs):
+        for table in objects:
+            for column in getattr(table, "columns", ()):
+                column.overflow = "fold"
+        super().print(*objects, **kwargs)
+
+
+console = TextConsole(width=112, force_jupyter=False, force_terminal=False)"""
 
 # ---------------------------------------------------------------------------------------------------
 NB01 = [
@@ -312,7 +329,7 @@ NB03 = [
     `finfo(float32).min`, which is -inf in FP16, and `0 * -inf` is NaN.
 
     The model is a 2-layer BERT built by `transformers` from a config with random weights (no download;
-    the same case as `tests/transformer_cases.py` and the README's walk-through), exported to ONNX at
+    the same case as `tests/transformer_cases.py` and the walk-through in `docs/fix.md`), exported to ONNX at
     opset 14, where LayerNorm is decomposed (`ReduceMean, Sub, Pow 2, ReduceMean, Add 1e-12, Sqrt,
     Div`). Runs in under a minute on 2 CPU cores.
     """),
@@ -700,7 +717,11 @@ NB05 = [
     most of it bisect's exports.
     """),
     code(setup=True, text="""
+    import warnings
+
     import numpy as np
+
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm, imported by timm
     import timm
     import torch
     from skimage import data, transform
@@ -899,6 +920,45 @@ NOTEBOOKS = {
 }
 
 
+#: Local paths in outputs, made relative: the repository, a temporary folder, an environment's packages.
+LOCAL_PATHS = [
+    (re.compile(r"(?:/[^\s/'\"]+)+/site-packages/"), "site-packages/"),
+    (re.compile(re.escape(str(HERE)) + r"/"), ""),
+    (re.compile(re.escape(str(HERE.parent)) + r"/"), ""),
+    (re.compile(re.escape(tempfile.gettempdir()) + r"/tmp[\w-]+/"), ""),
+    (re.compile(re.escape(str(Path.home())) + r"/"), "~/"),
+]
+
+
+def _relative(text: str) -> str:
+    for pattern, replacement in LOCAL_PATHS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def clean_outputs(nb, name: str) -> None:
+    """Committed outputs hold what a reader needs: stderr streams (third-party warnings, progress
+    noise) are dropped, after being echoed here so that nothing is lost silently, and local paths
+    become relative (``tests/test_docs.py`` checks both)."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.outputs:
+            if out.output_type == "stream" and out.name == "stderr":
+                print(f"{name}: stderr of a cell, not kept:\n{out.text}", file=sys.stderr)
+                continue
+            if out.output_type == "stream":
+                out.text = _relative(out.text)
+            for mime, value in out.get("data", {}).items():
+                if mime.startswith("text/") and isinstance(value, str):
+                    out.data[mime] = _relative(value)
+            if out.output_type == "error":
+                out.traceback = [_relative(line) for line in out.traceback]
+            kept.append(out)
+        cell.outputs = kept
+
+
 def build(name: str):
     nb = new_notebook(cells=NOTEBOOKS[name])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -923,9 +983,11 @@ def main(argv: list[str] | None = None) -> int:
             from nbclient import NotebookClient
 
             start = time.perf_counter()
-            NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+            NotebookClient(nb, timeout=args.timeout, kernel_name="python3", record_timing=False,
                            resources={"metadata": {"path": str(HERE)}}).execute()
             print(f"{name}: executed in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            clean_outputs(nb, name)
+            nb.metadata["language_info"] = {"name": "python"}  # not the local interpreter's version
         elif args.keep_outputs:
             old = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
             new = [c for c in nb.cells if c.cell_type == "code"]
