@@ -692,7 +692,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verbose:
             logging.captureWarnings(True)  # libraries' warnings through the log, with -v only
         else:
-                _check_options(args)  # before any work, and before torch loads: a wrong option is known at once
+            warnings.simplefilter("ignore")  # libraries' notes (numpy, matplotlib, torch): stderr holds fp16guard's lines
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            # package.module:factory from the current folder, as `python -m` finds it (a console script does not)
+            sys.path.insert(0, os.getcwd())
+        _check_options(args)  # before any work, and before torch loads: a wrong option is known at once
         if args.command != "fetch-examples":
             _quiet_libraries(verbose)
         from rich.console import Console

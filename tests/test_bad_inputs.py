@@ -705,6 +705,7 @@ CASES += [
     ("factory returns TorchScript", ["inspect", "fgbad_factories:scripted", *BATCH], 2, "returned a TorchScript"),
     ("factory warns and prints, then raises", ["inspect", "fgbad_factories:warns", *BATCH], 2,
      "raised RuntimeError: weights not found"),
+    ("an option out of range with -v", ["inspect", M, *X, "--top", "0", "-v"], 2, "--top 0: give 1 or more"),
     ("data-dependent branch (fix)", ["fix", "fgbad_factories:branchy", *BATCH, "-o", "{d}/o.pt2"], 2,
      "cannot capture Branchy as a graph"),
     ("checkpoint of a bare tensor", ["inspect", PT, "--checkpoint", "{d}/tensor.pt", *BATCH], 2,
@@ -1079,3 +1080,22 @@ def test_fixed_onnx_models_pass_the_checker_load_in_onnxruntime_and_are_accurate
         # scales float32, zero points int8 (the full check typed the rest: at opset 13 they read float32 only)
         inits = {t.name: t.data_type for t in fixed.graph.initializer}
         assert {inits[t] for n in quant for t in n.input[1:]} == {TensorProto.FLOAT, TensorProto.INT8}
+
+
+def test_a_factory_that_warns_and_prints_leaves_one_line_on_stderr(ws):
+    """In a real process (warnings filters and stdout as a user has them): a factory that emits a
+    FutureWarning and a UserWarning and prints, then raises, gives exactly fp16guard's one line on
+    stderr and nothing on stdout; with -v its printed line and warnings are in the log."""
+    import os
+    import subprocess
+
+    argv = ["inspect", "fgbad_factories:warns", "--input", "batch.npy"]
+    code = "from fp16guard.cli import console_main; console_main()"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    quiet = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ws, env=env)
+    assert quiet.returncode == 2 and quiet.stdout == ""
+    assert quiet.stderr.splitlines() == ["fp16guard: error: fgbad_factories:warns() raised RuntimeError: weights not "
+                                         "found"], quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", code, *argv, "-v"], capture_output=True, text=True, cwd=ws, env=env)
+    assert loud.returncode == 2 and "printed on stdout: loading weights ..." in loud.stderr
+    assert "a user warning" in loud.stderr
