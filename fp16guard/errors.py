@@ -65,7 +65,7 @@ class SplitError(Fp16GuardError, ValueError):
 
 
 class OnnxSplitError(SplitError):
-    """An ONNX graph cannot be cut (control flow, or no float value to cut after)."""
+    """An ONNX graph cannot be cut (a value crossing a cut has no inferred type, or no float value to cut after)."""
 
 
 class BisectError(Fp16GuardError, ValueError):

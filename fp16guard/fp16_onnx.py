@@ -18,7 +18,8 @@ beyond 65504 becomes inf, a value below 2^-25 becomes 0, as an FP16 cast does; n
 runs *as if* in FP16: every FP16 tensor becomes an FP32 tensor whose producer is followed by a
 ``Cast(to=FLOAT16) -> Cast(to=FLOAT)`` pair, i.e. every op's output is rounded through IEEE FP16
 (overflow to inf, subnormals, flush to zero), every weight holds its FP16 value, and the arithmetic
-of each op runs in FP32 (as FP16 kernels with FP32 accumulation do). BF16 tensors (islands converted
+of each op runs in FP32 (as FP16 kernels with FP32 accumulation do), inside ``If``/``Loop``/``Scan``
+subgraphs too. BF16 tensors (islands converted
 with ``island_dtype=TensorProto.BFLOAT16``) are rounded the same way through
 ``Cast(to=BFLOAT16)``: round-to-nearest-even on the upper 16 bits of the float32, a value beyond
 :data:`~fp16guard.fp16.BF16_MAX` to inf, as BF16 hardware stores it. Run it with graph
@@ -28,15 +29,18 @@ and its CPU EP has no FP16 kernel for many ops, both of which would hide an over
 
 from __future__ import annotations
 
+import itertools
+from collections import ChainMap
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
 from fp16guard.fp16 import BF16_MAX, BF16_MIN_SUBNORMAL, FP16_MAX, FP16_MIN_SUBNORMAL
-from fp16guard.onnx_graph import graph_constants, value_types
+from fp16guard.control_flow import all_nodes, inner_constants, inner_types
+from fp16guard.onnx_graph import graph_constants, graph_defines, subgraphs, value_types
 
 #: Storage precisions of a typed graph, as ONNX element types: FP16 (the default), FP32 and BF16
 #: (islands: nodes that need values beyond FP16).
@@ -105,9 +109,10 @@ class Fp16Conversion:
 
 
 def unfit_constants(model: onnx.ModelProto) -> list[UnfitConstant]:
-    """FP32 initializers and ``Constant`` values of ``model`` that overflow or flush in FP16."""
+    """FP32 initializers and ``Constant`` values of ``model`` that overflow or flush in FP16 (those
+    inside ``If``/``Loop``/``Scan`` subgraphs too)."""
     out = []
-    for name, v in graph_constants(model).items():
+    for name, v in {**graph_constants(model), **inner_constants(model)}.items():
         if v.dtype != np.float32:
             continue
         a = np.abs(v.astype(np.float64, copy=False))
@@ -198,6 +203,11 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
     several precisions stay FP32 (the others then get a Cast). ``Cast(to=FLOAT)`` and
     ``ConstantOfShape`` inside an FP16 (BF16) region produce FP16 (BF16).
 
+    ``If``/``Loop``/``Scan`` subgraphs are converted by the same rules (:func:`_convert_graph`): their
+    nodes run in FP16 unless listed, while the control flow node's inputs and outputs, and so its
+    subgraphs' formal inputs and outputs, stay FP32 (a Cast inside where needed); an outer weight read
+    only by FP16 nodes inside is stored in FP16.
+
     Args:
         model: FP32 ``onnx.ModelProto`` (not modified). Shape inference must type its tensors.
         fp32_ops: op types to keep in FP32 (default :data:`DEFAULT_FP32_OPS`; ops of the
@@ -224,25 +234,71 @@ def to_typed_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] | None = 
     g = m.graph
     report = Fp16Conversion(unfit=unfit_constants(model))
     if island_dtype == BF16:
-        opset, values = model_opset(model), graph_constants(model)
-        for node in g.node:
+        opset, values = model_opset(model), {**graph_constants(model), **inner_constants(model)}
+        for node in all_nodes(g):
             reason = bf16_refusal(node, opset, types, values) if node.name in blocked_names else None
             if reason:
                 report.bf16_refused[node.name] = reason
 
     def node_dtype(node: onnx.NodeProto) -> int:
-        """The precision ``node`` runs in: FP32 (op list, ai.onnx.ml, an island op without BF16), the
-        island's, or FP16."""
-        if node.op_type in fp32_ops or node.domain == "ai.onnx.ml" or node.name in report.bf16_refused:
+        """The precision ``node`` runs in: FP32 (op list, ai.onnx.ml, an island op without BF16, the
+        boundary of a node with subgraphs), the island's, or FP16."""
+        if (subgraphs(node) or node.op_type in fp32_ops or node.domain == "ai.onnx.ml"
+                or node.name in report.bf16_refused):
             return FP32
         return island_dtype if node.name in blocked_names else FP16
 
+    _convert_graph(g, types, node_dtype, report, {}, "", itertools.count(1))
+    return m, report
+
+
+def _convert_graph(g: onnx.GraphProto, types: dict[str, int], node_dtype: Callable[[onnx.NodeProto], int],
+                   report: Fp16Conversion, outer: Mapping[str, int], tag: str, count: Iterator[int],
+                   outer_casts: Mapping[tuple[str, int], str] | None = None) -> None:
+    """Convert graph ``g`` in place, then the subgraphs of its nodes with the same rules.
+
+    A node with subgraphs (``If``, ``Loop``, ``Scan``) keeps FP32 inputs and outputs, so its
+    subgraphs' formal inputs and outputs are FP32 too (both branches of an ``If`` agree on types, a
+    loop's carried values keep theirs); inside, every node runs in the precision ``node_dtype`` gives
+    it, an outer value it reads is cast inside the subgraph where it needs another precision, and a
+    float subgraph output is cast to FP32 at its end.
+
+    Args:
+        outer: precision of the values of the scopes around ``g`` (empty for the main graph).
+        tag: suffix of the names of the Casts inserted in ``g`` (``""`` for the main graph: a subgraph
+            must not define a name the outer graph defines); ``count`` numbers the subgraphs.
+        outer_casts: ``{(value, precision): cast value}`` computed before ``g``'s node in the scopes
+            around it.
+    """
     constants = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
     precision = _tensor_precisions(g, types, constants, node_dtype, report)
     _store_constants(g, constants, precision)
-    _insert_casts(g, precision, node_dtype, report)
+    scope = ChainMap(precision, dict(outer))
+
+    def convert_subgraphs(node: onnx.NodeProto, visible: Mapping[str, int],
+                          casts: Mapping[tuple[str, int], str]) -> None:
+        """Convert the subgraphs of ``node``: ``visible`` the precisions they see, ``casts`` the Casts
+        already computed before ``node`` (reused inside instead of casting again)."""
+        for _, sub in subgraphs(node):
+            _convert_graph(sub, types, node_dtype, report, visible, f"__sg{next(count)}", count, casts)
+
+    _insert_casts(g, scope, node_dtype, report, tag, outer_casts, convert_subgraphs)
     _mark_value_info(g, precision)
-    return m, report
+
+
+def _free_wants(sub: onnx.GraphProto, node_dtype: Callable[[onnx.NodeProto], int]) -> list[tuple[str, int]]:
+    """``(outer value, precision wanted)`` for each read of a value from outside ``sub`` by a node in
+    it (or deeper); a subgraph output that is an outer value wants FP32 (the boundary)."""
+    local = graph_defines(sub)
+    out = []
+    for node in sub.node:
+        for k, x in enumerate(node.input):
+            if x and x not in local:
+                out.append((x, _wanted_precision(node, k, node_dtype)))
+        for _, inner in subgraphs(node):
+            out += [(x, p) for x, p in _free_wants(inner, node_dtype) if x not in local]
+    out += [(o.name, FP32) for o in sub.output if o.name and o.name not in local]
+    return out
 
 
 def _wanted_precision(node: onnx.NodeProto, k: int, node_dtype: Callable[[onnx.NodeProto], int]) -> int:
@@ -275,22 +331,26 @@ def _tensor_precisions(g: onnx.GraphProto, types: dict[str, int], constants: dic
     graph_inputs = {i.name for i in g.input}
     inits = {i.name for i in g.initializer}
     precision: dict[str, int] = {}
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    wants: dict[str, set[int]] = {}
     for node in g.node:
         for k, name in enumerate(node.input):
             if name:
-                readers.setdefault(name, []).append((node, k))
-    for name in is_float:
+                wants.setdefault(name, set()).add(_wanted_precision(node, k, node_dtype))
+        for _, sub in subgraphs(node):  # an outer constant read inside a subgraph: as its inner readers want
+            for name, p in _free_wants(sub, node_dtype):
+                wants.setdefault(name, set()).add(p)
+    local = graph_defines(g)
+    for name in is_float & local:
         if name in graph_inputs:
             precision[name] = FP32
         elif name in inits or name in constants:
-            want = {_wanted_precision(n, k, node_dtype) for n, k in readers.get(name, [])}
-            precision[name] = want.pop() if len(want) == 1 else FP32
+            want = wants.get(name, set())
+            precision[name] = next(iter(want)) if len(want) == 1 else FP32
     for node in g.node:
         if node.op_type == "Constant":
             continue
         p = node_dtype(node)
-        computes_float = any(x in is_float for x in (*node.input, *node.output))
+        computes_float = not subgraphs(node) and any(x in is_float for x in (*node.input, *node.output))
         report.fp32_nodes += [node.name] if p == FP32 and computes_float else []  # not an integer Range
         report.bf16_nodes += [node.name] if p == BF16 and computes_float else []
         for o in node.output:
@@ -331,35 +391,42 @@ def _retype_attributes(node: onnx.NodeProto, dtype: int) -> None:
             a.t.CopyFrom(_stored_as(a.t, dtype))
 
 
-def _insert_casts(g: onnx.GraphProto, precision: dict[str, int], node_dtype: Callable[[onnx.NodeProto], int],
-                  report: Fp16Conversion) -> None:
+def _insert_casts(g: onnx.GraphProto, precision: Mapping[str, int], node_dtype: Callable[[onnx.NodeProto], int],
+                  report: Fp16Conversion, tag: str = "", outer_casts: Mapping[tuple[str, int], str] | None = None,
+                  convert_subgraphs: Callable | None = None) -> None:
     """Rewrite the nodes of ``g`` for mixed precision: a Cast (one per tensor and precision) before every
     input whose precision is not the one its reader wants, FP16 (BF16) attributes in FP16 (BF16) nodes,
     and a ``Cast(to=FLOAT)`` after every FP16 or BF16 graph output (its producer then writes
-    ``{name}__fp16`` or ``{name}__bf16``).
+    ``{name}__fp16`` or ``{name}__bf16``). In a subgraph (``tag`` not empty) an FP16 or BF16 output is
+    cast to FP32 at the end of the subgraph, which then outputs the cast value.
 
     Args:
         g: the graph (edited in place).
-        precision: storage precision of each float tensor (:func:`_tensor_precisions`).
+        precision: storage precision of each float tensor (:func:`_tensor_precisions`), those of the
+            scopes around a subgraph included.
         node_dtype: the precision a node runs in.
         report: counts the inserted Casts.
+        tag: suffix of the inserted Casts' names in a subgraph (``""``: the main graph).
+        outer_casts: Casts of outer values already computed in the scopes around a subgraph.
+        convert_subgraphs: ``f(node, precisions, casts)`` converts the subgraphs of ``node`` given the
+            precisions and Casts visible where ``node`` runs.
     """
     new_nodes: list[onnx.NodeProto] = []
-    casts: dict[tuple[str, int], str] = {}
+    casts: dict[tuple[str, int], str] = dict(outer_casts or {})
 
     def cast(name: str, to: int) -> str:
         """Name of ``name`` cast to precision ``to``: one Cast node per tensor and precision."""
         key = (name, to)
         if key not in casts:
             suffix = _CAST_SUFFIX[to]
-            out = f"{name}__to{suffix}"
+            out = f"{name}__to{suffix}{tag}"
             new_nodes.append(onnx.helper.make_node(
-                "Cast", [name], [out], name=f"{name}__cast_to_{'' if to == BF16 else 'fp'}{suffix}", to=to))
+                "Cast", [name], [out], name=f"{name}__cast_to_{'' if to == BF16 else 'fp'}{suffix}{tag}", to=to))
             casts[key] = out
             report.casts += 1
         return casts[key]
 
-    graph_outputs = {o.name for o in g.output}
+    graph_outputs = {o.name for o in g.output} if not tag else set()
     renamed_outputs: dict[str, str] = {}
     for node in g.node:
         node_p = node_dtype(node)
@@ -372,6 +439,9 @@ def _insert_casts(g: onnx.GraphProto, precision: dict[str, int], node_dtype: Cal
                     node.input[k] = renamed_outputs[name]
         if node_p != FP32:
             _retype_attributes(node, node_p)
+        if convert_subgraphs is not None and subgraphs(node):
+            # a graph output renamed above is read, inside, as the FP32 value its output Cast writes
+            convert_subgraphs(node, ChainMap(dict.fromkeys(renamed_outputs, FP32), precision), dict(casts))
         for j, o in enumerate(node.output):
             if o in graph_outputs and precision.get(o, FP32) != FP32:
                 node.output[j] = renamed_outputs[o] = f"{o}__{'bf16' if precision[o] == BF16 else 'fp16'}"
@@ -382,6 +452,9 @@ def _insert_casts(g: onnx.GraphProto, precision: dict[str, int], node_dtype: Cal
                 new_nodes.append(onnx.helper.make_node("Cast", [o], [orig], name=f"{orig}__output_cast",
                                                        to=TensorProto.FLOAT))
                 report.casts += 1
+    for o in g.output if tag else ():
+        if precision.get(o.name, FP32) != FP32:
+            o.name = cast(o.name, FP32)
     del g.node[:]
     g.node.extend(new_nodes)
 
@@ -398,8 +471,9 @@ def _mark_value_info(g: onnx.GraphProto, precision: dict[str, int]) -> None:
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor: shape inference, initializers, and ``Constant`` values."""
-    types = value_types(model)
+    """Element type of every tensor: shape inference, initializers, and ``Constant`` values, those
+    inside subgraphs included."""
+    types = {**inner_types(model), **value_types(model)}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
@@ -431,7 +505,13 @@ def emulation_model(fp16_model: onnx.ModelProto) -> onnx.ModelProto:
     types = _types(fp16_model)
     m = onnx.ModelProto()
     m.CopyFrom(fp16_model)
-    g = m.graph
+    _emulate_graph(m.graph, types)
+    return m
+
+
+def _emulate_graph(g: onnx.GraphProto, types: Mapping[str, int]) -> None:
+    """:func:`emulation_model` on one graph, in place, and on the subgraphs of its nodes (an ``If``
+    branch or a loop body rounds its FP16 values as the main graph does)."""
     narrow = (FP16, BF16)
     for i, init in enumerate(g.initializer):
         if init.data_type in narrow:
@@ -450,6 +530,11 @@ def emulation_model(fp16_model: onnx.ModelProto) -> onnx.ModelProto:
                 a.t.CopyFrom(_to_fp32_tensor(a.t))
             elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i in narrow and not is_cast16:
                 a.i = TensorProto.FLOAT
+            elif a.type == onnx.AttributeProto.GRAPH:
+                _emulate_graph(a.g, types)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    _emulate_graph(sub, types)
         rounding = []
         for j, out in enumerate(node.output):
             if not out or types.get(out) not in narrow:
@@ -469,7 +554,6 @@ def emulation_model(fp16_model: onnx.ModelProto) -> onnx.ModelProto:
         nodes += [new, *rounding]
     del g.node[:]
     g.node.extend(nodes)
-    return m
 
 
 def emulation_session_options():

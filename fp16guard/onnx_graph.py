@@ -76,10 +76,52 @@ def model_sha256(model: onnx.ModelProto) -> str:
 
 
 def subgraph_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Nodes of the main graph that hold subgraphs (``If``, ``Loop``, ``Scan``): control flow whose
-    inner values the flat-graph passes neither measure nor convert."""
+    """Nodes of the main graph that hold subgraphs (``If``, ``Loop``, ``Scan``): control flow, whose
+    inner values :mod:`fp16guard.control_flow` measures by replaying it."""
     return [n for n in model.graph.node
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)]
+
+
+def subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """The graphs a node holds, as ``(attribute name, graph)``: ``If``'s ``then_branch`` and
+    ``else_branch``, ``Loop``'s and ``Scan``'s ``body``; a ``GRAPHS`` attribute gives ``name[k]``."""
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append((a.name, a.g))
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out += [(f"{a.name}[{k}]", g) for k, g in enumerate(a.graphs)]
+    return out
+
+
+def graph_defines(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph defines itself: its inputs, initializers and node outputs."""
+    return ({i.name for i in graph.input} | {i.name for i in graph.initializer}
+            | {i.values.name for i in graph.sparse_initializer} | {o for n in graph.node for o in n.output if o})
+
+
+def free_reads(graph: onnx.GraphProto) -> list[str]:
+    """Names a (sub)graph reads from the scopes around it, in order of first use: node inputs and
+    graph outputs it does not define, those of its own subgraphs included."""
+    local = graph_defines(graph)
+    out: dict[str, None] = {}
+    for node in graph.node:
+        for name in node_reads(node):
+            if name not in local:
+                out[name] = None
+    for o in graph.output:
+        if o.name and o.name not in local:
+            out[o.name] = None
+    return list(out)
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every value a node reads: its inputs, then what its subgraphs read from outside them (an
+    ``If`` branch reads outer values by name, not through inputs); ``""`` left out."""
+    out = dict.fromkeys(x for x in node.input if x)
+    for _, g in subgraphs(node):
+        out.update(dict.fromkeys(free_reads(g)))
+    return list(out)
 
 
 def refuse_fp16_model(model: onnx.ModelProto, what: str) -> None:
@@ -211,11 +253,15 @@ def value_types(model: onnx.ModelProto) -> dict[str, int]:
 
 def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     """Value name -> the nodes that read it, in graph order, once per input slot (``Mul(x, x)`` is
-    listed twice for ``x``, so "read by exactly one node input" is ``len(...) == 1``)."""
+    listed twice for ``x``, so "read by exactly one node input" is ``len(...) == 1``); a node whose
+    subgraphs read an outer value (:func:`free_reads`) is listed once more for it."""
     out: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             if name:
+                out.setdefault(name, []).append(node)
+        for name in dict.fromkeys(r for _, g in subgraphs(node) for r in free_reads(g)):
+            if name not in node.input:
                 out.setdefault(name, []).append(node)
     return out
 
@@ -262,7 +308,7 @@ def activation_values(model: onnx.ModelProto, types: Mapping[str, int] | None = 
     constant = set(graph_constants(model) if constants is None else constants)
     measured = [i.name for i in model.graph.input if types.get(i.name) in FLOAT_TYPES and i.name not in constant]
     for node in model.graph.node:
-        if node.op_type == "Constant" or (node.input and all(not n or n in constant for n in node.input)):
+        if node.op_type == "Constant" or (node.input and all(not n or n in constant for n in node_reads(node))):
             constant.update(node.output)
             continue
         measured += [o for o in node.output if o and types.get(o) in FLOAT_TYPES]
@@ -386,7 +432,9 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
 
     The values measured are :func:`activation_values` (graph inputs and node outputs of floating
     type that depend on an input). They are exposed as graph outputs in chunks of at most
-    ``memory_budget`` bytes and reduced to :class:`RangeStats` as each run returns.
+    ``memory_budget`` bytes and reduced to :class:`RangeStats` as each run returns. Values inside
+    ``If``/``Loop``/``Scan`` subgraphs are measured by replaying them
+    (:func:`fp16guard.control_flow.inner_ranges`): only where a branch or an iteration ran.
 
     Args:
         model, feeds, providers, labels, memory_budget: as in :func:`inspect_onnx`.
@@ -437,6 +485,11 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
                 t = torch.from_numpy(np.ascontiguousarray(v))
                 stats[run][value_name] = RangeStats.from_row(tensor_stats(t).tolist(), t.numel())
             del values
+    if subgraph_nodes(proto):  # values inside If/Loop/Scan subgraphs: replayed (fp16guard.control_flow)
+        from fp16guard.control_flow import inner_ranges
+
+        for run, inner in enumerate(inner_ranges(proto, runs, memory_budget=memory_budget)):
+            stats[run].update(inner)
     return stats
 
 

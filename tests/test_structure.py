@@ -13,7 +13,7 @@ PACKAGE = Path(fp16guard.__file__).parent
 TESTS = Path(__file__).parent
 STAGES = {"inspect", "bisect", "fix"}
 #: The shared layer every stage may use (besides backends/).
-SHARED = {"cache", "compare", "deps", "errors", "files", "folding", "fp16", "fp16_onnx", "inputs", "jsonio", "loading",
+SHARED = {"cache", "compare", "control_flow", "deps", "errors", "files", "folding", "fp16", "fp16_onnx", "inputs", "jsonio", "loading",
           "onnx_graph", "plan", "polygraphy_io", "progress", "stats", "torch_graph", "backends"}
 
 

@@ -3,8 +3,8 @@
 Every op output and every weight is rounded through IEEE FP16 (through BF16 in BF16 islands, round to
 nearest even, inf beyond 3.39e38); arithmetic runs in FP32. Built on
 :func:`fp16guard.fp16_onnx.emulation_model` (a ``Cast(FLOAT16) -> Cast(FLOAT)`` pair after every
-FP16 tensor) run by ONNX Runtime's CPU EP with every graph optimization off, so neither ORT's cast
-elimination nor its FP32 fallback for ops without FP16 kernels can hide an overflow.
+FP16 tensor, inside ``If``/``Loop``/``Scan`` subgraphs too) run by ONNX Runtime's CPU EP with every
+graph optimization off, so neither ORT's cast elimination nor its FP32 fallback for ops without FP16 kernels can hide an overflow.
 ``tests/test_backends.py`` checks overflow, subnormals and flush-to-zero against numpy's float16.
 """
 

@@ -6,6 +6,10 @@ use it, on either side). A cut after candidate ``k`` gives the **prefix** (graph
 tensor computed before the cut that a later node or a graph output still needs) and the **suffix**
 (those tensors and the graph inputs -> the graph outputs). Both are cut out with
 ``onnx.utils.Extractor``, which keeps exactly the nodes and initializers each side needs.
+
+Control flow: a node with subgraphs (``If``, ``Loop``, ``Scan``) is one unit, cut before or after,
+never inside; the outer values its subgraphs read by name count as its inputs (they cross a cut
+like any input, and the extraction keeps their producers and initializers).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import onnx
 from onnx import TensorProto
 
 from fp16guard.errors import OnnxSplitError
-from fp16guard.onnx_graph import fed_inputs, node_name, node_scope, subgraph_nodes
+from fp16guard.onnx_graph import fed_inputs, node_name, node_reads, node_scope
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
@@ -38,6 +42,29 @@ class Candidate:
     scope: str
 
 
+class _Extractor(onnx.utils.Extractor):
+    """``onnx.utils.Extractor`` that follows the outer values a node's subgraphs read by name
+    (:func:`~fp16guard.onnx_graph.node_reads`), as inputs of the node."""
+
+    def _dfs_search_reachable_nodes(self, node_output_name: str, graph_input_names: set[str],
+                                    reachable: set[int]) -> None:
+        stack = [node_output_name]
+        while stack:
+            name = stack.pop()
+            if name in graph_input_names or name not in self.outmap:
+                continue
+            index = self.outmap[name]
+            if index not in reachable:
+                reachable.add(index)
+                stack += node_reads(self.graph.node[index])
+
+    def _collect_reachable_tensors(self, nodes):
+        names = {t for node in nodes for t in (*node_reads(node), *node.output)}
+        initializer = [self.initializers[t] for t in self.initializers if t in names]
+        value_info = [self.value_infos[t] for t in self.value_infos if t in names]
+        return initializer, value_info
+
+
 class OnnxSplitter:
     """Cuts of an FP32 ONNX model.
 
@@ -45,23 +72,17 @@ class OnnxSplitter:
         model: the FP32 ``onnx.ModelProto`` (not modified).
 
     Raises:
-        OnnxSplitError: a node has subgraphs (``If``/``Loop``/``Scan``), or shape inference
-            cannot type a tensor that would cross a cut.
+        OnnxSplitError: shape inference cannot type a tensor that would cross a cut.
     """
 
     def __init__(self, model: onnx.ModelProto):
-        for node in subgraph_nodes(model):
-            raise OnnxSplitError(
-                f"node {node.name or node.op_type!r} ({node.op_type}) has a subgraph; fp16guard cuts flat "
-                "graphs only. Export the model without control flow (e.g. fixed shapes), or bisect "
-                "the PyTorch model instead.")
         self.model = model
         try:
             inferred = onnx.shape_inference.infer_shapes(model)
         except Exception as e:  # noqa: BLE001
             raise OnnxSplitError(f"ONNX shape inference failed ({e}); fp16guard needs the type of every "
                                  "tensor that may cross a cut") from None
-        self.extractor = onnx.utils.Extractor(inferred)
+        self.extractor = _Extractor(inferred)
         g = inferred.graph
         self.types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
         self.types.update({i.name: i.data_type for i in g.initializer})
@@ -89,7 +110,7 @@ class OnnxSplitter:
                         produced[o] = i
         needed = set(self.graph_outputs)
         for n in self.nodes[position + 1:]:
-            needed.update(n.input)
+            needed.update(node_reads(n))
         return [t for t in produced if t in needed]
 
     def split(self, position: int) -> tuple[onnx.ModelProto, onnx.ModelProto | None, list[str]]:

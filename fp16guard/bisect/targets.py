@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
+from fp16guard import control_flow
 from fp16guard.backends import Backend
 from fp16guard.bisect.onnx_split import OnnxSplitter
 from fp16guard.bisect.torch_split import TorchSplitter
@@ -29,8 +30,10 @@ from fp16guard.onnx_graph import (
     cpu_session,
     expose,
     graph_constants,
+    node_reads,
     node_scope,
     plan_chunks,
+    subgraphs,
     value_bytes,
 )
 from fp16guard.stats import array_stats
@@ -68,6 +71,11 @@ def _constant_feeders(model: onnx.ModelProto, nodes: set[str]) -> set[str]:
             if n.op_type == "Constant" and n.name and readers.get(n.output[0], set()) and readers[n.output[0]] <= nodes}
 
 
+def _inside(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The nodes inside ``node``'s subgraphs, nested ones included."""
+    return [n for _, sub in subgraphs(node) for n in control_flow.all_nodes(sub)]
+
+
 class OnnxSplitTarget:
     """An ONNX graph: node-level cuts, FP32 suffix in ONNX Runtime CPU.
 
@@ -83,6 +91,7 @@ class OnnxSplitTarget:
     stage = "node"
 
     def __init__(self, model: onnx.ModelProto, inputs: Sequence[NamedInput], backend: Backend):
+        model, _ = control_flow.normalize(model)  # unique names inside subgraphs, static Ifs inlined
         self.model = model
         self.splitter = OnnxSplitter(model)
         self.backend = backend
@@ -108,8 +117,12 @@ class OnnxSplitTarget:
         return self.splitter.candidates[cut - 1].position
 
     def block(self, offender_nodes: Sequence[str], name: str) -> None:
-        """Keep these nodes (and the Constants only they read) in FP32 from now on."""
+        """Keep these nodes (and the Constants only they read) in FP32 from now on; a node with
+        subgraphs is one unit: every node inside it too."""
         self.fp32_nodes |= set(offender_nodes)
+        for node in self.model.graph.node:
+            if node.name in self.fp32_nodes and subgraphs(node):
+                self.fp32_nodes |= {n.name for n in _inside(node)}
         self.fp32_nodes |= _constant_feeders(self.model, self.fp32_nodes)
 
     def evaluate(self, position: int, metric: Metric, full: bool) -> tuple[float, bool, int]:
@@ -165,12 +178,20 @@ class OnnxSplitTarget:
                 produced = [producer[v] for v in out if v in producer]
                 first_out = min(first_out, *produced, self._first_reader(out - set(producer), first_out))
                 break
+        stats = None
+        for position, node in enumerate(nodes[:first_out]):  # values inside If/Loop/Scan: replayed
+            if subgraphs(node):
+                stats = stats if stats is not None else control_flow.inner_ranges(self.model, self.feeds)
+                values = {o for n in _inside(node) for o in n.output}
+                if any(s.out_of_range for run in stats for v, s in run.items() if v in values):
+                    first_out = position
+                    break
         return sum(1 for c in self.splitter.candidates[:n] if c.position < first_out)
 
     def _first_reader(self, values: set[str], default: int) -> int:
         """Position of the first node (``Constant`` nodes aside) that reads one of ``values``."""
         return next((i for i, node in enumerate(self.splitter.nodes)
-                     if node.op_type != "Constant" and values.intersection(node.input)), default)
+                     if node.op_type != "Constant" and values.intersection(node_reads(node))), default)
 
     def describe(self, cut: int) -> tuple[tuple[str, ...], float]:
         """``(ONNX nodes, amax)`` of the offender at ``cut``: the node itself, and the largest

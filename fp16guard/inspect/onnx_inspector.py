@@ -8,10 +8,13 @@ from/to transitions and the static check of the graph's constants.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
+
+from fp16guard import control_flow
 
 from fp16guard.inspect.report import CallRecord, InspectionReport
 from fp16guard.inspect.static_check import check_onnx
@@ -21,12 +24,15 @@ from fp16guard.onnx_graph import (
     graph_constants,
     load_onnx,
     node_name,
+    node_reads,
     node_scope,
-    refuse_control_flow,
+    subgraphs,
     value_ranges,
 )
 from fp16guard.progress import step
 from fp16guard.stats import RangeStats
+
+logger = logging.getLogger("fp16guard")
 
 
 def inspect_onnx(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Feeds], *,
@@ -51,34 +57,54 @@ def inspect_onnx(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
         run index), nodes in graph (topological) order.
 
     Raises:
-        ModelLoadError: the model is missing or unreadable, has control flow (``If``/``Loop``/``Scan``:
-            its inner values would go unmeasured), or ONNX Runtime cannot load it.
+        ModelLoadError: the model is missing or unreadable, or ONNX Runtime cannot load it.
+
+    Control flow (``If``/``Loop``/``Scan``): an ``If`` whose condition is static is inlined
+    (:func:`fp16guard.control_flow.normalize`); the nodes inside other subgraphs get records of
+    their own, before their control flow node's, wherever their branch or loop ran (a subgraph that
+    never ran is logged as a warning).
         InputError: a feed does not match the graph's inputs, or ONNX Runtime fails on it.
     """
     proto = load_onnx(model)
-    refuse_control_flow(proto, "the ONNX inspector")
+    proto, changes = control_flow.normalize(proto)
+    for change in changes:
+        logger.info("inspect: %s", change)
     consts = graph_constants(proto)
     runs = feed_list(proto, feeds, set(consts))
     name = source or (Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name)
     with step(f"inspect: FP32 ONNX Runtime runs of every value on {len(runs)} input(s)", total=len(runs)):
         stats = value_ranges(proto, runs, providers=providers, labels=labels, memory_budget=memory_budget)
 
+    for owner, attr in control_flow.unmeasured(proto, stats):
+        logger.warning("%s never ran on the inputs given: its values are not measured",
+                       control_flow.branch_label(owner, attr))
+
     records: list[CallRecord] = []
+
+    def record(node: onnx.NodeProto, label: str, run: int, seen: dict[str, RangeStats]) -> None:
+        """The records of ``node``, those of the nodes inside its subgraphs first, that ran."""
+        for _, sub in subgraphs(node):
+            for inner in sub.node:
+                record(inner, inner.name or inner.op_type, run, seen)
+        if not any(o in seen for o in node.output):
+            return
+        scope = node_scope(node) or (node.output[0] if node.output else label)
+        records.append(CallRecord(
+            len(records), label, node.op_type, scope, run,
+            RangeStats.merge(seen[n] for n in node_reads(node) if n in seen),
+            RangeStats.merge(seen[n] for n in node.output if n in seen)))
+
     for run in range(len(runs)):
-        seen = stats[run]
         for i, node in enumerate(proto.graph.node):
-            if not any(o in seen for o in node.output):
-                continue
-            label = node_name(node, i)
-            scope = node_scope(node) or (node.output[0] if node.output else label)
-            records.append(CallRecord(
-                len(records), label, node.op_type, scope, run,
-                RangeStats.merge(seen[n] for n in node.input if n in seen),
-                RangeStats.merge(seen[n] for n in node.output if n in seen)))
+            record(node, node_name(node, i), run, stats[run])
     consumer = {}
     for i, node in enumerate(proto.graph.node):
-        for n in node.input:
+        for n in node_reads(node):
             consumer.setdefault(n, node_name(node, i))
+    for node, _, _ in control_flow.inner_nodes(proto.graph):
+        for n in node.input:
+            consumer.setdefault(n, node.name)
+    consts = {**consts, **control_flow.inner_constants(proto)}
     return InspectionReport(
         source=name,
         calls=tuple(records),
