@@ -95,6 +95,22 @@ def exponent_for(amax: float, target_log2: int) -> int:
     return e if m > 0.5 else e - 1
 
 
+def constant_range(value) -> tuple[float, float]:
+    """``(amax, amin)`` of a constant an op folds exponents into (:class:`~fp16guard.fix.solver.ScaledConstant`):
+    its largest finite magnitude, and the RMS of its nonzero elements FP16 holds (``|c| > 2**-25``;
+    0 when there are none). For a scalar, ``amin`` is the scalar; for a weight, its typical element:
+    a weight of FP16 subnormals is off by up to ``2**-25`` each, which relative to a dot product
+    of typical weights is ``2**-25 / rms``, FP16's own ``2**-11`` when ``rms = 2**-14``.
+
+    Args:
+        value: a number or an array (any float dtype).
+    """
+    a = np.abs(np.asarray(value, dtype=np.float64)).reshape(-1)
+    a = a[np.isfinite(a)]
+    held = a[a > 2.0 ** -25]
+    return (float(a.max()) if a.size else 0.0), (float(np.sqrt(np.mean(held ** 2))) if held.size else 0.0)
+
+
 def pow2(exponent: int) -> float:
     """``2.0 ** exponent`` as a Python float (exact)."""
     return math.ldexp(1.0, int(exponent))

@@ -38,7 +38,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fp16guard.errors import RewriteError
-from fp16guard.fix.solver import Rescale, Role, ScaleOp, ScaleSolution
+from fp16guard.fix import laws
+from fp16guard.fix.solver import Rescale, Role, ScaledConstant, ScaleOp, ScaleSolution, reads_scaled
 from fp16guard.folding import (
     fold_affine_into_weights,
     fold_batchnorm,
@@ -46,10 +47,18 @@ from fp16guard.folding import (
     keeps_fp16_precision,
     pow2,
     raise_small,
-    simple_fraction,
 )
+from fp16guard.control_flow import rename_free_reads
 from fp16guard.fp16 import FP16_MAX
-from fp16guard.onnx_graph import consumers, float64_as_float32, node_scope, value_types
+from fp16guard.onnx_graph import (
+    consumers,
+    float64_as_float32,
+    free_reads,
+    node_reads,
+    node_scope,
+    subgraphs,
+    value_types,
+)
 
 FLOAT = TensorProto.FLOAT
 
@@ -76,31 +85,19 @@ class RewriteNote:
         return {"kind": self.kind, "target": self.target, "detail": self.detail}
 
 
-#: Ops whose activation inputs and outputs share one exponent (positively homogeneous of degree 1).
-TIED_OPS = frozenset({
-    "Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-    "Resize", "Upsample", "Concat", "Add", "Sub", "Max", "Min", "Sum", "Mean", "Neg", "Abs",
-    "Identity", "Dropout", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice",
-    "Split", "Pad", "Clip", "DepthToSpace", "SpaceToDepth", "Expand", "Tile", "Gather",
-    "ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum", "ReduceL1", "ReduceL2", "Where", "Cast", "MaxUnpool",
-})
-#: For TIED ops: float constant inputs that scale with the activations (``None``: all of them).
+#: The ONNX side of the law table (:mod:`fp16guard.fix.laws`): op type -> row.
+LAWS = laws.by_op(laws.ONNX)
+#: For TIED ops: float constant inputs that scale with the activations (``None``: all of them); a
+#: constant read as data at activation-dependent indices or shapes (an embedding table's Gather, a
+#: broadcast Expand) scales with the output. From the law table.
 TIED_CONSTANTS: dict[str, tuple[int, ...] | None] = {
-    "Add": None, "Sub": None, "Max": None, "Min": None, "Sum": None, "Mean": None, "Concat": None,
-    "Clip": (1, 2), "Pad": (2,), "Where": (1, 2),
-    # data movement whose data is a constant read at activation-dependent indices or shapes
-    # (an embedding table's Gather, a broadcast Expand): the data scales with the output
-    **{t: (0,) for t in ("Gather", "Expand", "Tile", "Reshape", "Slice", "Transpose", "Squeeze", "Unsqueeze",
-                         "Flatten", "Identity", "Split", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth")},
-}
+    op: scaled for op, scaled in laws.constants(laws.ONNX, "scaled").items() if LAWS[op].role is Role.TIED}
+_WEIGHTS, _BIASES, _EPS = (laws.constants(laws.ONNX, part) for part in ("weight", "bias", "eps"))
 #: Ops with constant weights that absorb any input and output exponent: op -> (weight input,
-#: bias input or None).
-LINEAR_OPS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1, None)}
-NORM_OPS = {"LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "GroupNormalization": (1, 2),
-            "RMSNormalization": (1, None)}
-#: Ops whose output does not depend on their input's scale and that have no constant to adjust:
-#: ``LpNormalization`` (``x / ||x||``).
-SCALE_FREE_OPS = {"LpNormalization"}
+#: bias input or None). From the law table.
+LINEAR_OPS = {op: (w, _BIASES.get(op)) for op, w in _WEIGHTS.items() if op not in _EPS}
+#: Norms: op -> (scale input, bias input or None); their ``epsilon`` attribute scales by ``2**(-2 e_in)``.
+NORM_OPS = {op: (w, _BIASES.get(op)) for op, w in _WEIGHTS.items() if op in _EPS}
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -139,7 +136,7 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
 
 
 def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
+    used = {t for n in graph.node for t in node_reads(n)} | {o.name for o in graph.output}  # subgraphs' reads too
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
@@ -515,98 +512,130 @@ def scale_ops(model: onnx.ModelProto) -> list[ScaleOp]:
     is_float = {n for n, t in types.items() if t in (FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)}
     # values computed from constants alone are constants too
     for node in g.node:
-        if node.input and all(not t or t in consts for t in node.input):
+        if node.input and all(not t or t in consts for t in node_reads(node)):
             consts.update(node.output)
     values = {i.name: i for i in g.initializer}
     # float constants the graph computes at run time (a DequantizeLinear of int8 weights): the passes
     # rescale initializers only, so a node reading one keeps its true values (a barrier)
     computed = {t for t in consts if t not in values and t in is_float}
     ops = []
+    arrays: dict[str, ScaledConstant] = {}
     for node in g.node:
         if all(o in consts for o in node.output) and node.output:
             continue
         acts = tuple(t for t in node.input if t and t not in consts and t in is_float
                      and node.op_type not in SCALE_BLIND_OPS)
+        if subgraphs(node):  # If/Loop/Scan: a barrier, whose subgraphs also read outer values by name
+            acts += tuple(t for t in node_reads(node) if t not in node.input and t not in consts and t in is_float)
         outs = tuple(o for o in node.output if o and o in is_float)
-        role, degree = _role(node, acts, consts, types), Fraction(1)
-        if computed.intersection(node.input) and node.op_type not in SCALE_BLIND_OPS:
-            role = Role.BARRIER
-        if role is Role.BARRIER:
-            power = _power_degree(node, acts, values)
-            if power is not None:
-                role, degree = Role.POWER, power
-        ops.append(ScaleOp(node.name, role, acts, outs, node_scope(node), degree))
+        role, degree = _role(node, acts, values, types)
+        if computed.intersection(node.input) and node.op_type not in SCALE_BLIND_OPS or subgraphs(node):
+            role, degree = Role.BARRIER, Fraction(1)
+        ops.append(ScaleOp(node.name, role, acts, outs, node_scope(node), degree,
+                           _scaled_constants(node, role, acts, values, arrays)))
     return ops
+
+
+def _scaled_constants(node: onnx.NodeProto, role: Role, acts: tuple[str, ...], values: Mapping[str, onnx.TensorProto],
+                      arrays: dict[str, ScaledConstant]) -> tuple[ScaledConstant, ...]:
+    """The constants :func:`apply_exponents` folds exponents into for ``node`` (as :func:`_scale_op_constants`
+    picks them), as the solver checks them (:class:`~fp16guard.fix.solver.ScaledConstant`);
+    ``arrays`` caches them by (initializer, coefficients)."""
+    t = node.op_type
+
+    def init(k: int, in_coef: int, out_coef: int, additive: bool = False, summed: bool = False) -> list[ScaledConstant]:
+        """Input ``k`` of ``node`` when it is a float initializer."""
+        name = node.input[k] if k is not None and k < len(node.input) else ""
+        if name not in values or values[name].data_type not in (FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
+            return []
+        key = f"{name}|{in_coef}|{out_coef}|{additive}|{summed}"
+        if key not in arrays:
+            arrays[key] = ScaledConstant.of(name, numpy_helper.to_array(values[name]), in_coef, out_coef, additive,
+                                            summed)
+        return [arrays[key]]
+
+    out: list[ScaledConstant] = []
+    if role is Role.LINEAR and t in NORM_OPS:
+        out += init(NORM_OPS[t][0], 0, -1) + init(NORM_OPS[t][1], 0, -1, True)
+        out.append(ScaledConstant.of(f"{node.name}.epsilon", float(_attr(node, "epsilon", 1e-5)), -2, 0, True))
+    elif role is Role.LINEAR and t in LINEAR_OPS:
+        w, b = LINEAR_OPS[t]
+        out += init(0 if t == "MatMul" and node.input[0] in values else w, 1, -1, summed=True) + init(b, 0, -1, True)
+    elif role is Role.LINEAR and t in ("Mul", "Div"):
+        k = [i for i, x in enumerate(node.input) if x not in acts][:1]
+        out += init(k[0], 1, -1) if t == "Mul" and k else init(k[0], -1, 1) if k else []
+    elif role is Role.BOUNDED and t == "HardSigmoid":
+        out.append(ScaledConstant.of(f"{node.name}.alpha", float(_attr(node, "alpha", 0.2)), 1, 0))
+    elif role is Role.TIED and t in TIED_CONSTANTS:
+        wanted, additive = TIED_CONSTANTS[t], t in ("Add", "Sub", "Sum", "Mean")
+        for k, x in enumerate(node.input):
+            if x and x not in acts and (wanted is None or k in wanted):
+                out += init(k, 0, -1, additive)
+        for a in ("min", "max") if t == "Clip" else ():
+            if _attr(node, a) is not None:
+                out.append(ScaledConstant.of(f"{node.name}.{a}", float(_attr(node, a)), 0, -1))
+    return tuple(out)
 
 
 #: Ops whose outputs do not depend on their inputs' values, only on their shapes: they read a
 #: scaled tensor as well as the true one.
-SCALE_BLIND_OPS = {"Shape", "Size", "EyeLike"}
-
-#: Ops homogeneous of a fixed degree in their one activation input: ``f(x/F) = f(x)/F**c``.
-POWER_DEGREES = {"Sqrt": Fraction(1, 2), "Reciprocal": Fraction(-1), "ReduceSumSquare": Fraction(2)}
+SCALE_BLIND_OPS = laws.ops_where(laws.ONNX, blind=True)
 
 
-def _power_degree(node: onnx.NodeProto, acts: tuple[str, ...], values: Mapping[str, onnx.TensorProto]) -> Fraction | None:
-    """The degree ``c`` of a node that computes a power of its one activation input (``Pow`` by a
-    constant, ``Sqrt``, ``Reciprocal``, ``c / x``, ``ReduceSumSquare``), else None."""
-    if len(acts) != 1 or node.domain not in ("", "ai.onnx"):
-        return None
-    x, t = acts[0], node.op_type
-    if t in POWER_DEGREES and node.input[0] == x:
-        return POWER_DEGREES[t]
-    if t == "Pow" and node.input[0] == x and len(node.input) > 1 and node.input[1] in values:
-        c = numpy_helper.to_array(values[node.input[1]])
-        return simple_fraction(float(c.reshape(-1)[0])) if c.size == 1 else None
-    if t == "Div" and node.input[1] == x and node.input[0] in values:
-        return Fraction(-1)  # c / (x / F) = F * (c / x)
-    return None
+class _View:
+    """A node as the law table's predicates read it (:class:`fp16guard.fix.laws.OpView`)."""
+
+    frontend = laws.ONNX
+
+    def __init__(self, node: onnx.NodeProto, acts: tuple[str, ...], values: Mapping[str, onnx.TensorProto],
+                 types: Mapping[str, int]):
+        self.node, self.acts, self.values, self.types = node, acts, values, types
+        self.reads = len(acts)
+
+    def _input(self, i: int) -> str:
+        return self.node.input[i] if i < len(self.node.input) else ""
+
+    def is_act(self, i: int) -> bool:
+        """See :meth:`~fp16guard.fix.laws.OpView.is_act`."""
+        return bool(self._input(i)) and self._input(i) in self.acts
+
+    def is_const(self, i: int) -> bool:
+        """An initializer (the passes rescale initializers only)."""
+        return self._input(i) in self.values
+
+    def absent(self, i: int) -> bool:
+        """See :meth:`~fp16guard.fix.laws.OpView.absent`."""
+        return not self._input(i)
+
+    def scalar(self, i: int) -> float | None:
+        """See :meth:`~fp16guard.fix.laws.OpView.scalar`."""
+        if not self.is_const(i):
+            return None
+        c = numpy_helper.to_array(self.values[self._input(i)])
+        return float(c.reshape(-1)[0]) if c.size == 1 else None
+
+    def attr(self, name: str):
+        """See :meth:`~fp16guard.fix.laws.OpView.attr`."""
+        value = _attr(self.node, name)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def is_float_dtype(self, dtype) -> bool:
+        """See :meth:`~fp16guard.fix.laws.OpView.is_float_dtype`."""
+        return dtype in (FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+
+    def writes_float(self) -> bool | None:
+        """See :meth:`~fp16guard.fix.laws.OpView.writes_float`."""
+        t = self.types.get(self.node.output[0]) if self.node.output else None
+        return None if not t else self.is_float_dtype(t)
 
 
-def _role(node: onnx.NodeProto, acts: tuple[str, ...], consts: set[str], types: Mapping[str, int]) -> Role:
-    op = node.op_type
+def _role(node: onnx.NodeProto, acts: tuple[str, ...], values: Mapping[str, onnx.TensorProto],
+          types: Mapping[str, int]) -> tuple[Role, Fraction]:
+    """The node's role and power degree: one lookup in the law table (:func:`fp16guard.fix.laws.role_of`);
+    an op of another domain, or one the table lacks, is a barrier."""
     if node.domain not in ("", "ai.onnx"):
-        return Role.BARRIER
-    if op in LINEAR_OPS:
-        w = LINEAR_OPS[op][0]
-        if op == "MatMul":
-            if len(acts) == 2:
-                return Role.PRODUCT
-            return Role.LINEAR if len(acts) == 1 else Role.BARRIER
-        if op == "Gemm":  # alpha * A' B' + beta * C: the constant is B
-            return Role.LINEAR if acts == (node.input[0],) and node.input[1] in consts else Role.BARRIER
-        return Role.LINEAR if len(node.input) > w and node.input[w] in consts and len(acts) == 1 else Role.BARRIER
-    if op in NORM_OPS:
-        idx = [i for i in NORM_OPS[op] if i is not None]
-        ok = len(acts) == 1 and all(len(node.input) > i and node.input[i] in consts for i in idx)
-        return Role.LINEAR if ok else Role.BARRIER
-    if op in ("Mul", "Div"):
-        if not acts:
-            return Role.BARRIER  # integer arithmetic, or constants only
-        if len(acts) == 1:
-            if op == "Div" and node.input[1] != acts[0]:
-                return Role.LINEAR  # x / c
-            if op == "Mul":
-                return Role.LINEAR  # x * c
-            return Role.BARRIER  # c / x
-        return Role.PRODUCT if op == "Mul" else Role.QUOTIENT
-    if op == "HardSigmoid" or op in SCALE_FREE_OPS and len(acts) == 1:
-        return Role.BOUNDED
-    if op == "Log" and len(acts) == 1:
-        return Role.LOG
-    if op == "Cast":
-        return Role.TIED if _attr(node, "to") in (FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE) else Role.BARRIER
-    if op in ("Resize", "Upsample"):
-        mode = _attr(node, "mode", b"nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        return Role.TIED if mode in ("nearest", "linear", "bilinear", "cubic") else Role.BARRIER
-    if op == "Pad":
-        mode = _attr(node, "mode", b"constant")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        return Role.TIED if mode in ("constant", "reflect", "edge", "wrap") else Role.BARRIER
-    if op in TIED_OPS:
-        return Role.TIED
-    return Role.BARRIER
+        return Role.BARRIER, Fraction(1)
+    return laws.role_of(LAWS.get(node.op_type), _View(node, acts, values, types))
 
 
 def _input_exponent(op: ScaleOp, exponents: Mapping[str, int]) -> int:
@@ -749,13 +778,22 @@ def restoring_rescales(model: onnx.ModelProto, fp32_nodes: Sequence[str]) -> lis
             found.append(node.name)
     scaling_inputs = set(found)
     producer = {o: n.name for n in model.graph.node for o in n.output}
+    # a rescale that scales an FP32 island's output down, with every further step of its chain
+    # (2^-25 is 2^-14 * 2^-11): the value is beyond FP16 until the last step, so the whole chain
+    # runs in FP32, before the cast to FP16
+    island_exits: set[str] = set()
+    islands = set(fp32_nodes)
+    for node in model.graph.node:
+        src = producer.get(node.input[0]) if node.input else None
+        if RESCALE_MARK in node.name and node.op_type == "Mul" and (src in islands or src in island_exits):
+            island_exits.add(node.name)
     for node in reversed(model.graph.node):
         if node.name in scaling_inputs:
             continue
         if RESCALE_MARK not in node.name or node.op_type != "Mul":
             continue
         users = readers.get(node.output[0], [])
-        after_fp32 = producer.get(node.input[0]) in fp32_nodes  # it scales an FP32 island's output down
+        after_fp32 = node.name in island_exits  # it scales an FP32 island's output down
         if after_fp32 or (users or node.output[0] in outputs) and all(u.name in fp32 for u in users):
             fp32.add(node.name)
             found.append(node.name)
@@ -798,6 +836,16 @@ def _insert_rescales(graph: onnx.GraphProto, solution: ScaleSolution, notes: lis
                     new_nodes += _rescale_nodes(graph, src, r.exponent, made[(src, r.exponent)], notes)
                 src = made[(src, r.exponent)]
             node.input[k] = src
+        for x in dict.fromkeys(r for _, sub in subgraphs(node) for r in free_reads(sub)):
+            src = scaled_inputs.get(x, x)  # an outer value a subgraph reads by name: rescaled the same way
+            r = by_consumer.get((x, node.name))
+            if r is not None:
+                if (src, r.exponent) not in made:
+                    made[(src, r.exponent)] = f"{src}__x2^{r.exponent}"
+                    new_nodes += _rescale_nodes(graph, src, r.exponent, made[(src, r.exponent)], notes)
+                src = made[(src, r.exponent)]
+            if src != x:
+                rename_free_reads(node, x, src)
         renamed = []
         for j, o in enumerate(node.output):
             if o in pending_out:
@@ -816,8 +864,10 @@ def _insert_rescales(graph: onnx.GraphProto, solution: ScaleSolution, notes: lis
     graph.node.extend(new_nodes)
 
 
-def _check_rescaled_range(graph: onnx.GraphProto, ops: Mapping[str, ScaleOp], exponents: Mapping[str, int]) -> None:
-    """Fail when a float initializer read by an op with a nonzero input exponent exceeds 65504.
+def _check_rescaled_range(graph: onnx.GraphProto, ops: Mapping[str, ScaleOp], exponents: Mapping[str, int],
+                          fp32: frozenset[str] = frozenset()) -> None:
+    """Fail when a float initializer read by an op with a nonzero input exponent exceeds 65504,
+    unless every such reader is one of ``fp32`` (an island: its constants stay FP32).
 
     Raises:
         RewriteError: such an initializer (its readers named).
@@ -826,7 +876,7 @@ def _check_rescaled_range(graph: onnx.GraphProto, ops: Mapping[str, ScaleOp], ex
         v = numpy_helper.to_array(init)
         if v.dtype.kind == "f" and np.any(np.isfinite(v) & (np.abs(v.astype(np.float64)) > FP16_MAX)):
             readers = [n.name for n in graph.node if init.name in n.input]
-            if any(ops.get(n) is not None and _input_exponent(ops[n], exponents) for n in readers):
+            if any(ops.get(n) is not None and _input_exponent(ops[n], exponents) and n not in fp32 for n in readers):
                 raise RewriteError(f"rescaled constant {init.name} (read by {', '.join(readers)}) exceeds 65504; "
                                    f"lower the headroom target or use --fallback fp32")
 
@@ -844,6 +894,9 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
     * Tied ops: their float constants (an added constant, Clip bounds, the Pad value) ``*= 2**-e``;
       Clip's ``min``/``max`` attributes (opset < 11) too.
     * Each :class:`~fp16guard.scaling.Rescale`: a ``Mul`` by ``2**exponent`` on that edge.
+    * Saturating ops (Sigmoid, Tanh, Erf) reading exponent ``k``: ``Clip(-B 2^-k, B 2^-k)``, ``Mul 2^k``
+      before them; gated ones (Gelu, HardSwish, Mish) also ``Where(x > B 2^-k, x, f * 2^-k)`` after
+      (:func:`_saturate`, :mod:`fp16guard.fix.laws`).
 
     Args:
         model: FP32 model whose constants are initializers and whose nodes are named (the one
@@ -854,7 +907,8 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
         ``(model', notes)``: one ``scale`` note per rescaled op, one ``rescale_op`` per inserted Mul.
 
     Raises:
-        RewriteError: a rescaled constant overflows FP16.
+        RewriteError: a rescaled constant overflows FP16 where the op runs in FP16 (not one of
+            ``solution.unfixable``'s ops).
     """
     m = _copy(model)
     g = m.graph
@@ -869,10 +923,84 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
         if note is not None:
             notes.append(note)
     _insert_rescales(g, solution, notes)
+    _saturate(m, solution, ops, notes)
     _close_logs(g, solution, notes)
     _remove_unused_initializers(g)
-    _check_rescaled_range(g, ops, solution.exponents)
+    _check_rescaled_range(g, ops, solution.exponents, frozenset(n for u in solution.unfixable for n in u.ops))
     return m, notes
+
+
+def _times_pow2(g: onnx.GraphProto, src: str, exponent: int, dst: str, name: str) -> list[onnx.NodeProto]:
+    """``dst = src * 2**exponent`` as ``Mul`` nodes whose factors are each a normal FP16 number
+    (:func:`~fp16guard.folding.fp16_exact_steps`), named ``{name}``, ``{name}1``, ... (not rescales:
+    they belong to the op that reads them)."""
+    nodes, cur = [], src
+    steps = fp16_exact_steps(exponent)
+    for i, step in enumerate(steps):
+        out = dst if i == len(steps) - 1 else f"{dst}__part{i}"
+        factor = f"{name}{i or ''}__factor"
+        g.initializer.append(numpy_helper.from_array(np.array(pow2(step), np.float32), factor))
+        nodes.append(helper.make_node("Mul", [cur, factor], [out], name=f"{name}{i or ''}"))
+        cur = out
+    return nodes
+
+
+def _saturate(m: onnx.ModelProto, solution: ScaleSolution, ops: Mapping[str, ScaleOp], notes: list[RewriteNote]) -> None:
+    """Each ``SATURATING`` or ``GATED`` op (:mod:`fp16guard.fix.laws`) that reads its input at an
+    exponent ``k != 0`` reads ``Clip(x_s, -B 2^-k, B 2^-k) * 2^k`` (``k < 0``: ``x_s * 2^k``), ``B``
+    its row's saturation bound: what it reads is the true value wherever its output is not already
+    constant in FP16. A gated op ``f(x) = x g(x)`` then writes ``Where(x_s > B 2^-k, x_s, f(.) * 2^-k)``
+    under its output's name (above ``B``, ``f(x)`` rounds to ``x``; below ``-B``, ``f(-B)`` to 0):
+    its output stays at exponent ``k``, rounded once."""
+    g = m.graph
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 1)
+    e = solution.exponents
+    nodes: list[onnx.NodeProto] = []
+    for node in list(g.node):
+        op = ops.get(node.name)
+        k = e.get(op.inputs[0], 0) if op is not None and op.inputs else 0
+        if op is None or op.role not in laws.SATURATING_ROLES or not k or not reads_scaled(op, e):
+            nodes.append(node)
+            continue
+        bound, x, name = LAWS[node.op_type].bound, node.input[0], node.name
+        read = f"{name}__sat_in"
+        if k > 0:
+            hi = f"{name}__sat_hi"
+            lo = f"{name}__sat_lo"
+            g.initializer.extend([numpy_helper.from_array(np.array(bound * pow2(-k), np.float32), hi),
+                                  numpy_helper.from_array(np.array(-bound * pow2(-k), np.float32), lo)])
+            clipped = f"{name}__sat_clip"
+            if opset >= 11:
+                nodes.append(helper.make_node("Clip", [x, lo, hi], [clipped], name=clipped))
+            else:
+                nodes.append(helper.make_node("Clip", [x], [clipped], name=clipped, min=-bound * pow2(-k),
+                                              max=bound * pow2(-k)))
+            nodes += _times_pow2(g, clipped, k, read, f"{name}__sat_mul")
+        else:
+            nodes += _times_pow2(g, x, k, read, f"{name}__sat_mul")
+        node.input[0] = read
+        if op.role is Role.SATURATING:
+            nodes.append(node)
+            notes.append(RewriteNote("scale", name, f"{node.op_type} reads its input stored x 2^-{k} through "
+                                     f"Clip(-{bound:g} 2^-{k}, {bound:g} 2^-{k}) then Mul 2^{k} (saturated beyond "
+                                     f"{bound:g}: exact)" if k > 0 else f"{node.op_type} reads its input x 2^{k}"))
+            continue
+        out = node.output[0]
+        node.output[0] = f"{out}__sat_f"
+        nodes.append(node)
+        if k < 0:
+            nodes += _times_pow2(g, node.output[0], -k, out, f"{name}__sat_out")
+        else:
+            scaled, beyond = f"{out}__sat_scaled", f"{out}__sat_beyond"
+            nodes += _times_pow2(g, node.output[0], -k, scaled, f"{name}__sat_out")
+            nodes += [helper.make_node("Greater", [x, f"{name}__sat_hi"], [beyond], name=beyond),
+                      helper.make_node("Where", [beyond, x, scaled], [out], name=f"{name}__sat_where")]
+        notes.append(RewriteNote("scale", name, f"{node.op_type} of a value stored x 2^-{k}: where(x > {bound:g} "
+                                 f"2^-{k}, x, f(clip(x, +-{bound:g} 2^-{k}) 2^{k}) 2^-{k}), exact (f(x) rounds to x "
+                                 f"beyond {bound:g})"
+                                 if k > 0 else f"{node.op_type} of a value stored x 2^{-k}: f(x 2^{k}) 2^{-k}"))
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def _close_logs(g: onnx.GraphProto, solution: ScaleSolution, notes: list[RewriteNote]) -> None:

@@ -17,6 +17,7 @@ structural passes: BatchNorms and bias constants folded; the graph a plan names)
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from onnx import TensorProto, helper
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
+from fp16guard import control_flow
 from fp16guard.backends import Backend, get_backend
 from fp16guard.errors import BackendError, ModelLoadError, PlanError
 from fp16guard.fix import onnx_pass, torch_masks, torch_pass
@@ -44,13 +46,15 @@ from fp16guard.onnx_graph import (
     cpu_session,
     fed_inputs,
     load_onnx,
-    refuse_control_flow,
+    node_reads,
     refuse_fp16_model,
     value_ranges,
 )
 from fp16guard.onnx_graph import model_sha256 as onnx_model_sha256
 from fp16guard.plan import RewritePlan
 from fp16guard.torch_graph import capture, get_attr, inference_copy, state_dict_sha256
+
+logger = logging.getLogger("fp16guard")
 
 #: ``(node name, input value names, output value names)``: a graph op as the FP32-fallback rule sees it.
 NodeIO = tuple[str, Sequence[str], Sequence[str]]
@@ -158,14 +162,23 @@ class OnnxFixTarget:
             a PyTorch module exported to ONNX passes its state_dict hash).
         memory_budget: bytes of intermediate values held at once while measuring.
 
+    Control flow (``If``/``Loop``/``Scan``): names inside subgraphs are made unique and an ``If``
+    whose condition is static is inlined (:func:`fp16guard.control_flow.normalize`, a
+    ``control_flow`` note); calibration measures the values inside the subgraphs where they ran
+    (:func:`~fp16guard.control_flow.inner_ranges`). The scale solver sees a control flow node as a
+    barrier (true values in and out, the outer values its subgraphs read included); its subgraphs
+    are converted to FP16, except the inner nodes that write or read values beyond FP16 in
+    calibration, which the plan keeps in FP32 (``unfixable`` entries: islands inside the
+    subgraph). A subgraph that never ran in calibration is converted unmeasured, with a warning
+    and a ``control_flow`` note.
+
     A float64 model is computed in float32 (:func:`~fp16guard.fix.onnx_pass.doubles_to_float`; its
     FP32 references still come from the float64 model), and weights also listed as graph inputs
     become plain initializers (:func:`~fp16guard.fix.onnx_pass.initializer_inputs_to_constants`);
     both are notes of the fix.
 
     Raises:
-        ModelLoadError: the file is missing or not a valid ONNX model, it has control flow
-            (``If``/``Loop``/``Scan``), which the passes do not enter, or it is already converted to
+        ModelLoadError: the file is missing or not a valid ONNX model, or it is already converted to
             FP16 (:func:`~fp16guard.onnx_graph.refuse_fp16_model`).
     """
 
@@ -174,7 +187,6 @@ class OnnxFixTarget:
     def __init__(self, model: str | Path | onnx.ModelProto, *, source: str | None = None,
                  model_sha256: str | None = None, memory_budget: int = 1 << 30):
         self.original = load_onnx(model)
-        refuse_control_flow(self.original, "the fix")
         refuse_fp16_model(self.original, "calibrate and fix")
         self.source = source or (Path(model).name if not isinstance(model, onnx.ModelProto)
                                  else self.original.graph.name or "model")
@@ -183,8 +195,11 @@ class OnnxFixTarget:
         self.input_names = fed_inputs(self.original)
         fp32, notes = onnx_pass.doubles_to_float(self.original)
         fp32, more = onnx_pass.initializer_inputs_to_constants(fp32)
+        fp32, flow = control_flow.normalize(fp32)
+        more += [RewriteNote("control_flow", "graph", change) for change in flow]
         self.base, constants = onnx_pass.constants_to_initializers(fp32)
         self.prepared, self.prepared_notes = _structural(self.base, notes + more + constants)
+        self.control_notes: list[RewriteNote] = []  # subgraphs the last calibration never ran
         self._checked = _passes_checker(self.base)  # then every typed FP16 model of it must pass too
         self._last_ranges: tuple = (None, [])
 
@@ -217,6 +232,13 @@ class OnnxFixTarget:
             feeds = [self.feed(i) for i in inputs]
             runs = value_ranges(graph, feeds, labels=[i.label for i in inputs], memory_budget=self.memory_budget)
             self._last_ranges = (key, runs)
+            if prepared:
+                self.control_notes = []
+                for owner, attr in control_flow.unmeasured(graph, runs):
+                    what = (f"{control_flow.branch_label(owner, attr)} never ran in calibration: converted to "
+                            f"FP16 unmeasured")
+                    logger.warning("%s", what)
+                    self.control_notes.append(RewriteNote("control_flow", owner.name, what))
         return self._last_ranges[1]
 
     def scale_ops(self) -> list[ScaleOp]:
@@ -241,7 +263,8 @@ class OnnxFixTarget:
 
     def fallback_graph(self) -> tuple[list[NodeIO], set[str]]:
         """See :meth:`FixTarget.fallback_graph`."""
-        nodes = [(n.name, list(n.input), list(n.output)) for n in self.base.graph.node]
+        graph = self.base.graph  # the nodes inside subgraphs too, with the outer values they read
+        nodes = [(n.name, node_reads(n), list(n.output)) for n in control_flow.all_nodes(graph)]
         return nodes, {u.name for u in unfit_constants(self.base) if u.overflow}
 
     def rewrite(self, solution: ScaleSolution, raises: Sequence[tuple[str, float]]):
@@ -250,7 +273,7 @@ class OnnxFixTarget:
         if raises:
             scaled, n = onnx_pass.raise_constants(scaled, raises)
             notes += n
-        return scaled, notes
+        return scaled, [*self.control_notes, *notes]
 
     def convert(self, graph: onnx.ModelProto, fp32_nodes: Sequence[str], *,
                 islands: str = "fp32") -> tuple[onnx.ModelProto, Fp16Conversion]:
@@ -276,8 +299,14 @@ class OnnxFixTarget:
         return out
 
     def complete_plan(self, plan: RewritePlan, amax: Mapping[str, float] | None = None) -> RewritePlan:
-        """See :meth:`FixTarget.complete_plan`: an ONNX plan needs nothing more."""
-        return plan
+        """See :meth:`FixTarget.complete_plan`: the islands inside ``If``/``Loop``/``Scan`` subgraphs
+        (:func:`~fp16guard.control_flow.inner_islands`: their values are never scaled, so an inner
+        node that writes or reads a value beyond FP16 in calibration runs in FP32), as ``unfixable``
+        entries."""
+        islands = control_flow.inner_islands(self.prepared, amax or {})
+        known = {n for entry in plan.unfixable for n in entry["nodes"]}
+        islands = [e for e in islands if not set(e["nodes"]) <= known]
+        return replace(plan, unfixable=[*plan.unfixable, *islands]) if islands else plan
 
     def runner(self, fixed: onnx.ModelProto, backend: str | Backend) -> tuple[str, Runner]:
         """See :meth:`FixTarget.runner`: ``backend`` builds an engine of ``fixed``."""

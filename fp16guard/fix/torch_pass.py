@@ -44,15 +44,15 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fp16guard import progress
 from fp16guard.errors import ExportError, RewriteError, first_line
+from fp16guard.fix import laws
 from fp16guard.fix.onnx_pass import RewriteNote
-from fp16guard.fix.solver import Role, ScaleOp, ScaleSolution
+from fp16guard.fix.solver import Role, ScaledConstant, ScaleOp, ScaleSolution, reads_scaled
 from fp16guard.folding import (
     fold_affine_into_weights,
     fold_batchnorm,
     keeps_fp16_precision,
     pow2,
     raise_small,
-    simple_fraction,
 )
 from fp16guard.fp16 import BF16_MAX, BF16_MIN_SUBNORMAL, FP16_MAX
 from fp16guard.torch_graph import dynamic_dims, get_attr, module_scope
@@ -65,37 +65,32 @@ def _packets(*names: str) -> frozenset:
     return frozenset(p for p in (getattr(aten, n, None) for n in names) if p is not None)
 
 
+def _packet_named(name: str):
+    """The ATen overload packet ``name`` (``getitem``: Python's ``operator.getitem``), or None."""
+    return operator.getitem if name == "getitem" else getattr(aten, name, None)
+
+
+#: The ATen side of the law table (:mod:`fp16guard.fix.laws`): overload packet -> row.
+LAWS = {p: law for name, law in laws.by_op(laws.ATEN).items() if (p := _packet_named(name)) is not None}
+
+
+def _rows(*names: str) -> frozenset:
+    """The packets of the law table's rows ``names``."""
+    return frozenset(p for p, law in LAWS.items() if law.name in names)
+
+
 #: Ops with a weight at ``args[1]`` and a bias at ``args[2]`` (output channels on weight axis 0,
 #: axis 1 for a transposed convolution).
-LINEAR_OPS = _packets("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
-                      "conv_transpose3d", "linear")
+LINEAR_OPS = _rows("conv", "conv_transpose", "linear")
 #: ``addmm(bias, x, W)``: a linear op whose weight is argument 2 and bias argument 0.
 ADDMM = getattr(aten, "addmm", None)
 #: Normalizations invariant to their input's scale: ``(weight index, bias index, eps index)``.
-NORM_OPS = {p: idx for p, idx in ((getattr(aten, "layer_norm", None), (2, 3, 4)),
-                                  (getattr(aten, "group_norm", None), (2, 3, 4)),
-                                  (getattr(aten, "rms_norm", None), (2, None, 3))) if p is not None}
-#: Positively homogeneous ops of degree one: ``f(x / F) = f(x) / F`` for ``F > 0``.
-TIED_OPS = _packets(
-    "relu", "relu_", "leaky_relu", "prelu", "_prelu_kernel", "hardtanh", "clamp", "clip", "max_pool1d",
-    "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-    "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
-    "upsample_bilinear2d", "upsample_trilinear3d", "upsample_bicubic2d", "cat", "concat", "stack", "add",
-    "sub", "maximum", "minimum", "pad", "constant_pad_nd", "reshape", "view", "_unsafe_view", "permute",
-    "transpose", "t", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone", "expand",
-    "slice", "select", "narrow", "split", "split_with_sizes", "chunk", "unbind", "dropout",
-    "feature_dropout", "mean", "sum", "neg", "abs", "amax", "flip", "roll", "pixel_shuffle",
-    "pixel_unshuffle", "alias", "detach", "repeat", "tile", "movedim", "index_select", "_to_copy", "to",
-    "linalg_vector_norm", "norm", "clamp_min", "embedding",
-)
-#: Tied ops whose scalar arguments are values of the activation (scaled with it): arg indices.
-TIED_SCALARS = {p: idx for p, idx in ((getattr(aten, "clamp", None), (1, 2)), (getattr(aten, "clip", None), (1, 2)),
-                                      (getattr(aten, "hardtanh", None), (1, 2)), (getattr(aten, "add", None), (1,)),
-                                      (getattr(aten, "sub", None), (1,)), (getattr(aten, "pad", None), (3,)),
-                                      (getattr(aten, "constant_pad_nd", None), (2,)),
-                                      (getattr(aten, "clamp_min", None), (1,))) if p is not None}
-MATMUL_OPS = _packets("matmul", "mm", "bmm")
+NORM_OPS = {p: (law.aten_args.weight, law.aten_args.bias, law.aten_args.eps) for p, law in LAWS.items()
+            if law.aten_args.eps is not None}
+#: Tied ops whose constant arguments are values of the activation (scaled with it): arg indices.
+TIED_SCALARS = {p: law.aten_args.scaled for p, law in LAWS.items()
+                if law.role is Role.TIED and law.aten_args.scaled and law.name != "embedding"}
+MATMUL_OPS = _rows("matmul")
 
 
 def _packet(node: fx.Node):
@@ -115,9 +110,10 @@ class _Constants:
     """Copy-on-write constants of a ``GraphModule``: a changed value becomes a new buffer read by a
     new ``get_attr`` node, so tensors shared with the user's module are never written."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, fp32: Iterable[str] = ()):
         self.gm = gm
         self.count = 0
+        self.fp32 = frozenset(fp32)  # nodes that run in FP32: their rescaled constants may pass 65504
 
     def get(self, node) -> np.ndarray | None:
         """A constant argument as float64 numpy (a ``get_attr`` node or a Python number), else None."""
@@ -356,55 +352,75 @@ def _erase_batchnorm(g: fx.Graph, bn: fx.Node, out_nodes: list[fx.Node]) -> None
     g.erase_node(bn)
 
 
-def _role(node: fx.Node, acts: set[str], consts: _Constants) -> Role:
-    p = _packet(node)
-    ins = [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node) and a.name in acts]
-    if p is operator.getitem:
-        return Role.TIED
-    if p is ADDMM:  # addmm(bias, x, W) = x @ W + bias (alpha, beta: constant factors, linear too)
-        const_wb = len(node.args) > 2 and all(consts.get(node.args[i]) is not None for i in (0, 2))
-        return Role.LINEAR if const_wb and len(ins) == 1 and node.args[1] is ins[0] else Role.BARRIER
-    if p in LINEAR_OPS:
-        const_w = len(node.args) > 1 and consts.get(node.args[1]) is not None
-        const_b = len(node.args) < 3 or node.args[2] is None or consts.get(node.args[2]) is not None
-        return Role.LINEAR if const_w and const_b and len(ins) == 1 else Role.BARRIER
-    if p in NORM_OPS:
-        w_idx, b_idx, _ = NORM_OPS[p]
-        w = node.args[w_idx] if len(node.args) > w_idx else None
-        b = node.args[b_idx] if b_idx is not None and len(node.args) > b_idx else None
-        if len(ins) != 1 or any(a is not None and consts.get(a) is None for a in (w, b)):
-            return Role.BARRIER
-        return Role.LINEAR if w is not None else Role.BOUNDED
-    if p in MATMUL_OPS:
-        if len(ins) == 2:
-            return Role.PRODUCT
-        return Role.LINEAR if len(ins) == 1 and any(consts.get(a) is not None for a in node.args[:2]) else Role.BARRIER
-    if p in (aten.mul, aten.div):
-        if len(ins) == 2:
-            return Role.PRODUCT if p is aten.mul else Role.QUOTIENT
-        if len(ins) == 1 and consts.get(node.args[1]) is not None and (p is aten.mul or node.args[0] is ins[0]):
-            return Role.LINEAR
-        if p is aten.mul and len(ins) == 1 and consts.get(node.args[0]) is not None:
-            return Role.LINEAR
-        return Role.BARRIER
-    if p is getattr(aten, "hardsigmoid", None):
-        return Role.BOUNDED
-    if p is aten.log and len(ins) == 1 and node.args[0] is ins[0]:
-        return Role.LOG
-    if p in (aten._to_copy, getattr(aten, "to", None)):
-        dtype = node.kwargs.get("dtype")
-        return Role.TIED if dtype is None or dtype.is_floating_point else Role.BARRIER
-    if p in TIED_OPS:
-        if p in (aten.add, aten.sub) and len(ins) == 1:
-            other = node.args[1] if node.args[0] is ins[0] else node.args[0]
-            return Role.TIED if consts.get(other) is not None and node.args[0] is ins[0] else Role.BARRIER
-        return Role.TIED
-    return Role.BARRIER
+class _View:
+    """A node as the law table's predicates read it (:class:`fp16guard.fix.laws.OpView`)."""
+
+    frontend = laws.ATEN
+
+    def __init__(self, node: fx.Node, acts: set[str]):
+        self.node, self.acts = node, acts
+        self.reads = sum(isinstance(a, fx.Node) and a.name in acts for a in tree_flatten((node.args, node.kwargs))[0])
+
+    def _arg(self, i: int):
+        return self.node.args[i] if i < len(self.node.args) else None
+
+    def is_act(self, i: int) -> bool:
+        """A float activation (as ONNX counts them: an integer or bool tensor read from the input,
+        a mask or indices, is no value the scale applies to)."""
+        a = self._arg(i)
+        known = isinstance(a, fx.Node) and ("val" in a.meta or "tensor_meta" in a.meta)
+        return isinstance(a, fx.Node) and a.name in self.acts and (not known or _writes_float(a))
+
+    def is_const(self, i: int) -> bool:
+        """A ``get_attr`` tensor or a Python number (what :class:`_Constants` rescales)."""
+        a = self._arg(i)
+        return (isinstance(a, fx.Node) and a.op == "get_attr" or isinstance(a, (int, float))
+                and not isinstance(a, bool))
+
+    def absent(self, i: int) -> bool:
+        """See :meth:`~fp16guard.fix.laws.OpView.absent`."""
+        return self._arg(i) is None
+
+    def scalar(self, i: int) -> float | None:
+        """See :meth:`~fp16guard.fix.laws.OpView.scalar`."""
+        a = self._arg(i)
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            return float(a)
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            t = get_attr(self.node.graph.owning_module, a.target)
+            return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) and t.numel() == 1 else None
+        return None
+
+    def attr(self, name: str):
+        """The argument ``name`` of the op's schema: keyword, positional or its default."""
+        if name in self.node.kwargs:
+            return self.node.kwargs[name]
+        schema = getattr(self.node.target, "_schema", None)
+        for k, arg in enumerate(schema.arguments if schema is not None else ()):
+            if arg.name == name:
+                if k < len(self.node.args) and not arg.kwarg_only:
+                    return self.node.args[k]
+                return arg.default_value if arg.has_default_value() else None
+        return None
+
+    def is_float_dtype(self, dtype) -> bool:
+        """See :meth:`~fp16guard.fix.laws.OpView.is_float_dtype`."""
+        return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+    def writes_float(self) -> bool | None:
+        """See :meth:`~fp16guard.fix.laws.OpView.writes_float`."""
+        return _writes_float(self.node) if "val" in self.node.meta or "tensor_meta" in self.node.meta else None
+
+
+def _role(node: fx.Node, acts: set[str]) -> tuple[Role, Fraction]:
+    """The node's role and power degree: one lookup in the law table (:func:`fp16guard.fix.laws.role_of`);
+    an op the table lacks is a barrier."""
+    return laws.role_of(LAWS.get(_packet(node)), _View(node, acts))
 
 
 #: Ops whose result does not depend on their inputs' values (shapes, dtype checks): they read a
 #: scaled tensor as well as the true one.
-SCALE_BLIND_OPS = _packets("sym_size", "size", "sym_numel", "sym_stride", "_assert_tensor_metadata")
+SCALE_BLIND_OPS = frozenset(p for p, law in LAWS.items() if law.blind)
 
 
 def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
@@ -412,10 +428,9 @@ def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
 
     Each ``call_function`` node whose value depends on a graph input is one
     :class:`~fp16guard.scaling.ScaleOp` named like the node, writing the value of the same name;
-    its inputs are the activation nodes it reads (constants left out). Roles: see
-    :data:`LINEAR_OPS`, :data:`NORM_OPS`, :data:`TIED_OPS`; ``mul``/``div`` by a constant are
-    linear, of two activations a product/quotient; ``hardsigmoid`` and a norm without weight are
-    bounded; every other op (sigmoid, GELU, softmax, exp, ...) is a barrier.
+    its inputs are the activation nodes it reads (constants left out). Roles: the law table
+    (:mod:`fp16guard.fix.laws`, :func:`_role`), the one the ONNX pass reads too; an op it lacks is a
+    barrier.
 
     Args:
         gm: a captured graph after :func:`fold_batchnorms`.
@@ -435,16 +450,57 @@ def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
         if _packet(node) is ATTENTION and len(node.args) >= 3 and node.kwargs.get("dropout_p", 0.0) == 0.0:
             ops += _attention_ops(node, acts)
             continue
-        role = _role(node, acts, consts) if node.op == "call_function" else Role.BARRIER
-        degree = Fraction(1)
-        if role is Role.BARRIER and len(set(reads)) == 1:
-            power = _power_degree(node, reads[0])
-            if power is not None:
-                role, degree = Role.POWER, power
+        role, degree = _role(node, acts) if node.op == "call_function" else (Role.BARRIER, Fraction(1))
         # a product reads x twice in x * x (exponent 2e); elsewhere each activation counts once
         ins = tuple(reads) if role in (Role.PRODUCT, Role.QUOTIENT) else tuple(dict.fromkeys(reads))
-        ops.append(ScaleOp(node.name, role, ins, outs, module_scope(node), degree))
+        ops.append(ScaleOp(node.name, role, ins, outs, module_scope(node), degree,
+                           _scaled_constants(node, role, ins, consts) if node.op == "call_function" else ()))
     return ops
+
+
+def _scaled_constants(node: fx.Node, role: Role, ins: tuple[str, ...], consts: _Constants) -> tuple[ScaledConstant, ...]:
+    """The constants :func:`apply_exponents` folds exponents into for ``node`` (the arguments
+    :func:`_scale_linear`, :func:`_scale_tied`, :func:`_scale_eps` and the embedding table rescale),
+    as the solver checks them (:class:`~fp16guard.fix.solver.ScaledConstant`)."""
+    p = _packet(node)
+
+    def arg(k, in_coef: int, out_coef: int, additive: bool = False, summed: bool = False) -> list[ScaledConstant]:
+        """Argument ``k`` when it is a float constant (a ``get_attr`` tensor or a number)."""
+        a = node.args[k] if k is not None and k < len(node.args) else None
+        if isinstance(a, fx.Node) and a.name in ins:
+            return []
+        value = consts.get(a)
+        if value is None or isinstance(a, fx.Node) and not get_attr(consts.gm, a.target).is_floating_point():
+            return []
+        name = a.target if isinstance(a, fx.Node) else f"{node.name}{SCALAR_MARK}{k}"
+        return [ScaledConstant.of(name, value, in_coef, out_coef, additive, summed)]
+
+    def eps(k: int) -> ScaledConstant:
+        """A norm's epsilon (ATen's defaults when absent)."""
+        value = node.args[k] if k < len(node.args) else 1e-5
+        value = torch.finfo(torch.float32).eps if value is None else value
+        return ScaledConstant.of(f"{node.name}{SCALAR_MARK}{k}", float(value), -2, 0, True)
+
+    out: list[ScaledConstant] = []
+    if role is Role.LINEAR and p is ADDMM:
+        out += arg(2, 1, -1, summed=True) + arg(0, 0, -1, True)
+    elif role is Role.LINEAR and p in LINEAR_OPS:
+        out += arg(1, 1, -1, summed=True) + arg(2, 0, -1, True)
+    elif role is Role.LINEAR and p in NORM_OPS:
+        w, b, e = NORM_OPS[p]
+        out += arg(w, 0, -1) + arg(b, 0, -1, True) + [eps(e)]
+    elif role is Role.LINEAR and (p in MATMUL_OPS or p is aten.mul):
+        out += arg(0, 1, -1, summed=p in MATMUL_OPS) + arg(1, 1, -1, summed=p in MATMUL_OPS)
+    elif role is Role.LINEAR and p is aten.div:
+        out += arg(1, -1, 1)
+    elif role is Role.BOUNDED and p in NORM_OPS:
+        out.append(eps(NORM_OPS[p][2]))
+    elif role is Role.TIED and p in TIED_SCALARS:
+        for k in TIED_SCALARS[p]:
+            out += arg(k, 0, -1, p in (aten.add, aten.sub))
+    elif role is Role.TIED and p is aten.embedding and not ins:
+        out += arg(0, 0, -1)
+    return tuple(out)
 
 
 ATTENTION = getattr(aten, "scaled_dot_product_attention", None)
@@ -483,27 +539,6 @@ def _scale_attention(node: fx.Node, e: dict) -> RewriteNote | None:
     else:
         node.kwargs = {**node.kwargs, "scale": scale * pow2(shift)}
     return RewriteNote("scale", node.name, f"attention scale x 2^{shift} (q and k stored scaled)")
-
-
-#: ATen ops homogeneous of a fixed degree in their one activation input: ``f(x/F) = f(x)/F**c``.
-POWER_DEGREES = {p: d for p, d in ((getattr(aten, "sqrt", None), Fraction(1, 2)),
-                                   (getattr(aten, "rsqrt", None), Fraction(-1, 2)),
-                                   (getattr(aten, "reciprocal", None), Fraction(-1)),
-                                   (getattr(aten, "square", None), Fraction(2))) if p is not None}
-
-
-def _power_degree(node: fx.Node, x: str) -> Fraction | None:
-    """The degree ``c`` of a node computing a power of activation ``x`` (``pow(x, c)`` with a
-    constant ``c``, ``sqrt``, ``rsqrt``, ``reciprocal``, ``square``), else None."""
-    p = _packet(node)
-    first = node.args[0] if node.args else None
-    if not isinstance(first, fx.Node) or first.name != x:
-        return None
-    if p in POWER_DEGREES:
-        return POWER_DEGREES[p]
-    if p is aten.pow and len(node.args) > 1 and isinstance(node.args[1], (int, float)):
-        return simple_fraction(float(node.args[1]))
-    return None
 
 
 def graph_io(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
@@ -577,6 +612,10 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
       ``clamp(x * 2**e_in/6 + 1/2, 0, 1)`` (three elementwise ops TensorRT fuses into one).
     * tied ops: added constants, clamp/hardtanh bounds and pad values ``*= 2**-e``.
     * each :class:`~fp16guard.scaling.Rescale`: ``aten.mul`` by ``2**exponent`` on that edge.
+    * saturating ops (sigmoid, tanh, erf) reading exponent ``k``: ``clamp(-B 2^-k, B 2^-k)``, ``mul 2^k``
+      before them; gated ones (silu, gelu, hardswish, mish) also ``where(x > B 2^-k, x, f * 2^-k)``
+      after (:func:`_saturate`, :mod:`fp16guard.fix.laws`); ``relu6`` with ``e != 0`` becomes
+      ``hardtanh(x, 0, 6 2^-e)``; a norm without weight writing ``e_out != 0`` gets one.
 
     Args:
         gm: the graph the solution was computed for (after :func:`fold_batchnorms`; not modified).
@@ -586,11 +625,12 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
         ``(gm', notes)``.
 
     Raises:
-        RewriteError: a rescaled constant exceeds 65504.
+        RewriteError: a rescaled constant exceeds 65504 where the op runs in FP16 (not one of
+            ``solution.unfixable``'s ops).
     """
     gm = copy_module(gm)
     g = gm.graph
-    consts = _Constants(gm)
+    consts = _Constants(gm, (n for u in solution.unfixable for n in u.ops))
     e = solution.exponents
     ops = {op.name: op for op in scale_ops(gm)}
     acts = _activations(gm)
@@ -622,11 +662,50 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
         if note is not None:
             notes.append(note)
     notes.extend(_insert_rescales(g, solution))
+    notes.extend(_saturate(g, solution, ops))
     notes.extend(_close_logs(g, solution))
     g.eliminate_dead_code()
     g.lint()
     gm.recompile()
     return gm, notes
+
+
+def _saturate(g: fx.Graph, solution: ScaleSolution, ops: dict[str, ScaleOp]) -> list[RewriteNote]:
+    """Each ``SATURATING`` or ``GATED`` op (:mod:`fp16guard.fix.laws`) that reads its input at an
+    exponent ``k != 0`` reads ``clamp(x_s, -B 2^-k, B 2^-k) * 2^k`` (``k < 0``: ``x_s * 2^k``), ``B``
+    its row's saturation bound; a gated op ``f(x) = x g(x)`` becomes ``where(x_s > B 2^-k, x_s, f(.) * 2^-k)``,
+    the last node taking its name, so its output stays at exponent ``k`` (see
+    :func:`fp16guard.fix.onnx_pass._saturate`)."""
+    e = solution.exponents
+    notes = []
+    for node in list(g.nodes):
+        op = ops.get(node.name)
+        k = e.get(op.inputs[0], 0) if op is not None and op.inputs else 0
+        if op is None or op.role not in laws.SATURATING_ROLES or not k or not reads_scaled(op, e):
+            continue
+        bound, x, name = LAWS[_packet(node)].bound, node.args[0], node.name
+        with g.inserting_before(node):
+            read = (g.call_function(aten.mul.Tensor, (g.call_function(aten.clamp.default, (
+                x, -bound * pow2(-k), bound * pow2(-k))), pow2(k))) if k > 0 else g.call_function(aten.mul.Tensor, (x, pow2(k))))
+        if op.role is Role.SATURATING:
+            node.args = (read, *node.args[1:])
+            notes.append(RewriteNote("scale", name, f"{_packet(node).__name__} reads its input stored x 2^-{k} through "
+                                     f"clamp(+-{bound:g} 2^-{k}) then mul 2^{k} (saturated beyond {bound:g}: exact)"
+                                     if k > 0 else f"{_packet(node).__name__} reads its input x 2^{k}"))
+            continue
+        with g.inserting_before(node):
+            f = g.call_function(node.target, (read, *node.args[1:]), dict(node.kwargs))
+            out = g.call_function(aten.mul.Tensor, (f, pow2(-k)))
+            if k > 0:
+                beyond = g.call_function(aten.gt.Scalar, (x, bound * pow2(-k)))
+                out = g.call_function(aten.where.self, (beyond, x, out))
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        out.name = name
+        notes.append(RewriteNote("scale", name, f"{_packet(f).__name__} of a value stored x 2^-{k}: where(x > {bound:g} "
+                                 f"2^-{k}, x, f(clamp(x, +-{bound:g} 2^-{k}) 2^{k}) 2^-{k}), exact (f(x) rounds to x beyond "
+                                 f"{bound:g})" if k > 0 else f"{_packet(f).__name__} of a value stored x 2^{-k}: f(x 2^{k}) 2^{-k}"))
+    return notes
 
 
 def _close_logs(g: fx.Graph, solution: ScaleSolution) -> list[RewriteNote]:
@@ -653,7 +732,7 @@ def _scale_arg(consts: _Constants, node: fx.Node, index: int, exponent: int) -> 
     """
     if exponent and index < len(node.args) and node.args[index] is not None:
         value = consts.get(node.args[index]) * pow2(exponent)
-        if np.any(np.abs(value) > FP16_MAX):
+        if np.any(np.abs(value) > FP16_MAX) and node.name not in consts.fp32:  # an island keeps it in FP32
             raise RewriteError(f"rescaled constant {index} of {node.name} exceeds 65504; lower the headroom "
                                f"target (--target-log2) or use --fallback fp32")
         consts.replace(node, index, value)
@@ -679,6 +758,7 @@ def _scale_linear(consts: _Constants, node: fx.Node, op: ScaleOp, e_in: int, e_o
         _scale_arg(consts, node, 2, -e_out)
     elif p in NORM_OPS:
         w_idx, b_idx, eps_idx = NORM_OPS[p]
+        _norm_weight(consts, node, w_idx, e_out)
         _scale_arg(consts, node, w_idx, -e_out)
         if b_idx is not None:
             _scale_arg(consts, node, b_idx, -e_out)
@@ -718,6 +798,9 @@ def _scale_tied(consts: _Constants, node: fx.Node, op: ScaleOp, e_in: int) -> Re
     """
     p = _packet(node)
     changed = False
+    if p is getattr(aten, "relu6", None):  # relu6 has no bound argument to scale: hardtanh(x, 0, 6)
+        node.target, node.args = aten.hardtanh.default, (node.args[0], 0.0, 6.0)
+    _with_defaults(node, max(TIED_SCALARS[p]))
     for k in TIED_SCALARS[p]:
         if k < len(node.args) and consts.get(node.args[k]) is not None and not (
                 isinstance(node.args[k], fx.Node) and node.args[k].name in op.inputs):
@@ -728,17 +811,27 @@ def _scale_tied(consts: _Constants, node: fx.Node, op: ScaleOp, e_in: int) -> Re
     return None
 
 
+def _with_defaults(node: fx.Node, index: int) -> None:
+    """Write out the float defaults of ``node``'s positional arguments up to ``index`` that the
+    capture left out (``hardtanh(x)`` is ``hardtanh(x, -1.0, 1.0)``), so they can be scaled."""
+    schema = getattr(node.target, "_schema", None)
+    params = [a for a in schema.arguments if not a.kwarg_only] if schema is not None else []
+    args = list(node.args)
+    while len(args) <= index and len(args) < len(params) and params[len(args)].has_default_value() and \
+            isinstance(params[len(args)].default_value, float) and params[len(args)].name not in node.kwargs:
+        args.append(params[len(args)].default_value)
+    node.args = tuple(args)
+
+
 def _scale_constant_operands(g: fx.Graph, node: fx.Node, op: ScaleOp, e_in: int, acts: set[str]) -> RewriteNote | None:
     """A tied op's float tensor operands that are not activations (a ViT's class token,
     ``expand(cls_token)``, concatenated with the patches) read through ``mul(c, 2**-e_in)``;
-    the scalar positions :func:`_scale_tied` rescales in place are left to it."""
-    skip = set(TIED_SCALARS.get(_packet(node), ()))
+    ``get_attr`` tensors and numbers are :func:`_scale_tied`'s."""
     scaled = []
 
     def scale(a, k):
         """``a`` (argument ``k``) multiplied by ``2**-e_in`` if it is a constant float tensor node."""
-        if (isinstance(a, fx.Node) and a.name not in acts and a.op != "get_attr" and k not in skip
-                and _is_float_value(a)):
+        if isinstance(a, fx.Node) and a.name not in acts and a.op != "get_attr" and _is_float_value(a):
             with g.inserting_before(node):
                 scaled.append(g.call_function(aten.mul.Tensor, (a, pow2(-e_in))))
             return scaled[-1]
@@ -808,14 +901,26 @@ def restoring_rescales(gm: fx.GraphModule, fp32_nodes: Iterable[str]) -> list[st
     return found[::-1]
 
 
+def _norm_weight(consts: _Constants, node: fx.Node, index: int, e_out: int) -> None:
+    """A norm without affine weight (``layer_norm(x, shape)``, ``InstanceNorm2d()``) writing exponent
+    ``e_out != 0`` gets one of ones, which :func:`_scale_arg` then scales: the norm is linear either way."""
+    if not e_out or index < len(node.args) and node.args[index] is not None:
+        return
+    x = node.args[0].meta.get("val", node.args[0].meta.get("tensor_meta"))
+    shape = list(node.args[1]) if _packet(node) in (aten.layer_norm, getattr(aten, "rms_norm", None)) else [x.shape[1]]
+    args = list(node.args) + [None] * (index + 1 - len(node.args))
+    args[index] = consts.new(np.ones(shape), node)
+    node.args = tuple(args)
+
+
 def _scale_eps(node: fx.Node, index: int, e_in: int) -> None:
     if not e_in:
         return
     args = list(node.args)
     while len(args) <= index:
-        args.append(1e-5)  # ATen's default for layer_norm and group_norm
-    if args[index] is None:  # rms_norm's default: the input dtype's machine epsilon (FP32's here)
-        args[index] = torch.finfo(torch.float32).eps
+        args.append(None)  # a weight or bias left out, then the eps
+    if args[index] is None:  # ATen's defaults: 1e-5, and rms_norm's the input dtype's machine epsilon (FP32's here)
+        args[index] = torch.finfo(torch.float32).eps if _packet(node) is getattr(aten, "rms_norm", None) else 1e-5
     args[index] = float(args[index]) * pow2(-2 * e_in)
     node.args = tuple(args)
 
