@@ -108,9 +108,12 @@ def test_scaled_dot_product_attention_reads_scaled_queries_keys_and_values():
     # the second layer's values (~1e5) pass 65504 (tests/models.py)
     from models import PreNormEncoder, tokens
 
-    result = fix_model(PreNormEncoder().eval(), [tokens(1), tokens(2)], validation=[tokens(3), tokens(4)])
+    # the pure fix (force: as calibrated, no island search)
+    result = fix_model(PreNormEncoder().eval(), [tokens(1), tokens(2)], validation=[tokens(3), tokens(4)], force=True)
     assert all(not np.isfinite(r.rel_l2) for r in result.naive.rows)
     assert result.conversion.fp32_nodes == [] and result.plan.unfixable == []
     assert any("attention scale x 2^" in n.detail for n in result.notes)
-    # FP16 rounding through values of 1e5 (the fallback keeps the attention in FP32: 4e-4)
+    # FP16 rounding through values of 1e5 (the fallback keeps the attention in FP32: 4e-4); this is
+    # about 4x the fallback's error, past the bar (1.5x + 2^-10), so what fix writes by default keeps
+    # the fewest islands that meet it (tests/test_delivery.py)
     assert max(r.rel_l2 for r in result.verification.rows) < 3e-3
