@@ -39,7 +39,7 @@ import torch
 
 from fp16guard.backends import Backend
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow
-from fp16guard.errors import FixError, InputError, PlanError, StillOverflowsError, first_line
+from fp16guard.errors import FixError, InputError, PlanError, RewriteError, StillOverflowsError, first_line
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import DERIVED_ROLES, ScaleOp, ScaleSolution, Unfixable, complete, solve
 from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
@@ -555,8 +555,17 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
     if not inputs:
         raise FixError("verification needs inputs: give calibration or validation inputs")
     splits = ["calibration"] * len(calibration) + ["validation"] * len(validation)
+    rewrite_failed = None
     with step("rewrite: fold BatchNorms and scale regions, convert to typed FP16"):
-        applied = apply_plan(target, plan, fallback=fallback, islands=islands, check_hash=not force)
+        try:
+            applied = apply_plan(target, plan, fallback=fallback, islands=islands, check_hash=not force)
+        except RewriteError as e:  # a rewrite that cannot be applied: the fallback is still a model to deliver
+            if fallback is not None or force:
+                raise
+            rewrite_failed = f"the rewrite cannot be applied ({first_line(e)})"
+            logger.warning("%s; writing the %s fallback instead", rewrite_failed, islands.upper())
+            fallback = islands
+            applied = apply_plan(target, plan, fallback=fallback, check_hash=False)
     kept: list[list[np.ndarray]] | None = [] if keep_outputs else None
     verification, refs = verify(target, applied.fixed, inputs, splits, backend=backend,
                                 variant=_variant(fallback, islands), metrics=metrics, outputs_into=kept)
@@ -570,6 +579,8 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
         width = len(refs[0]) if refs else 0
         result.outputs = KeptOutputs([i.label for i in inputs],
                                      names if len(names) == width else [f"output_{k}" for k in range(width)], refs, kept)
+    if rewrite_failed:
+        result.delivered, result.refusal = "fallback", rewrite_failed
     if force:
         return result
     if fallback is None:
