@@ -73,6 +73,15 @@ def _add_openmmlab_arguments(p: argparse.ArgumentParser) -> None:
                    help="OpenMMLab: input image, through the model's data_preprocessor (repeatable)")
 
 
+def _add_submodule_argument(p: argparse.ArgumentParser) -> None:
+    """--submodule: fix (or calibrate) one submodule of a PyTorch model."""
+    p.add_argument("--submodule", metavar="NAME",
+                   help="PyTorch models: only this submodule (e.g. backbone, or backbone.layer1), captured with the "
+                        "inputs it receives when the whole model runs in FP32 on the inputs; the rest stays FP32. "
+                        "Without it, a model that cannot be captured whole (data-dependent post-processing) gets "
+                        "its largest submodule that can be, and the report names it")
+
+
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """Options of calibration, shared by ``calibrate`` and ``fix``."""
     p.add_argument("--target-log2", type=int, default=13, metavar="K",
@@ -148,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--graph", choices=["torch", "onnx"], default=None,
                      help="PyTorch models: plan for the torch.export graph (default; fix -o OUT.pt2) or for the "
                           "ONNX export (fix -o OUT.onnx)")
+    _add_submodule_argument(cal)
 
     fix = sub.add_parser("fix", help="rewrite a model so it runs entirely in FP16, and verify it",
                          description="Fold BatchNorms and power-of-two scale factors into the weights so every "
@@ -159,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_arguments(fix)
     _add_plan_arguments(fix)
     fix.add_argument("--plan", metavar="PLAN.json", help="apply this plan instead of calibrating")
+    _add_submodule_argument(fix)
     fix.add_argument("--validate", action="append", default=[], metavar="FILE",
                      help="validation input not used for calibration (file or folder; repeatable)")
     fix.add_argument("-o", "--output", required=True, metavar="OUT.onnx|OUT.pt2",
@@ -423,8 +434,10 @@ def _calibrate(args, console: Console) -> int:
         model, calibration, _, framework, name, _ = _calibration_sets(args, console)
     if args.graph and framework == "onnx":
         raise UsageError("--graph applies to PyTorch models; an ONNX model's plan always names its own graph")
+    if args.submodule and framework == "onnx":
+        raise UsageError("--submodule applies to PyTorch models; an ONNX model is calibrated whole")
     plan = calibrate(model, calibration, target_log2=args.target_log2, raise_underflow=args.raise_underflow,
-                     source=name, graph=args.graph)
+                     source=name, graph=args.graph, submodule=args.submodule)
     print_plan(plan, console)
     plan.save(args.outputs.path(args.output))
     console.print(f"plan: {args.output}")
@@ -452,6 +465,8 @@ def _fix(args, console: Console) -> int:
         raise UsageError(f"--backend {args.backend} runs ONNX models; a .pt2 is verified on emulate or torch")
     if output == "onnx" and args.backend == "torch":
         raise UsageError("--backend torch runs .pt2 programs; an .onnx is verified on emulate, onnxruntime or tensorrt")
+    if args.submodule and framework == "onnx":
+        raise UsageError("--submodule applies to PyTorch models; an ONNX model is fixed whole")
     from fp16guard.interop import check_interop_options, write_interop
 
     check_interop_options(output, layer_precisions=args.layer_precisions, save_fp32=args.save_fp32,
@@ -469,19 +484,26 @@ def _fix(args, console: Console) -> int:
                        target_log2=args.target_log2, raise_underflow=args.raise_underflow,
                        fallback=args.fallback, islands=args.islands, backend=args.backend, metrics=metrics, force=args.force,
                        source=name, tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
-                       keep_outputs=bool(args.save_outputs))
+                       keep_outputs=bool(args.save_outputs), submodule=args.submodule)
     print_fix(result, console)
+    part = result.submodule
+    of = f" of {part.name} (its own inputs and outputs; the rest of the model stays FP32)" if part is not None else ""
     if output == "torch":
         from fp16guard.fix.torch_pass import save_program
         from fp16guard.inputs import torch_args
 
-        save_program(result.fixed, [torch_args(i) for i in [*calibration, *validation]], args.outputs.path(args.output))
-        console.print(f"fixed typed FP16 program: {args.output} (torch.export.load(path).module())")
+        examples = part.inputs if part is not None else [*calibration, *validation]
+        save_program(result.fixed, [torch_args(i) for i in examples], args.outputs.path(args.output))
+        console.print(f"fixed typed FP16 program{of}: {args.output} (torch.export.load(path).module())")
     else:
         import onnx
 
         onnx.save(result.fixed, args.outputs.path(args.output))
-        console.print(f"fixed typed FP16 model: {args.output}")
+        console.print(f"fixed typed FP16 model{of}: {args.output}")
+    if part is not None and part.auto:
+        words = _model_words(args)
+        console.print(f"to fix the same submodule again: fp16guard fix {words + ' ' if words else ''}{part.flag} "
+                      f"-o {args.output}", markup=False, soft_wrap=True)
     if args.save_plan:
         result.plan.save(args.outputs.path(args.save_plan))
         console.print(f"plan: {args.save_plan}")
@@ -657,11 +679,47 @@ def _check_device(device: str) -> None:
 QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes", "onnxscript")
 
 
+@contextlib.contextmanager
+def _verbose_log(verbose: bool):
+    """With ``verbose``, INFO records of every logger (fp16guard's steps, libraries' warnings) go
+    to stderr for the block; the root logger is as it was after it (one command's ``-v`` does not
+    leak into the next ``main`` call of the same process)."""
+    if not verbose:
+        yield
+        return
+    root = logging.getLogger()
+    level = root.level
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A log handler that writes to whatever ``sys.stderr`` is when a record is emitted (the one
+    ``-v`` installs, once): a handler bound to the stream of its day would write to a closed
+    stream after ``main`` ran under a redirected stderr (tests, notebooks)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _quiet_libraries(verbose: bool) -> None:
     """Log fp16guard's steps with ``verbose``; otherwise silence third-party loggers (warnings are
     routed in :func:`main`)."""
     if verbose:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return
     import torch  # every command but fetch-examples imports it anyway; its import resets its loggers' levels
 
@@ -689,9 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("-v and -q contradict each other; give one")
         import warnings
 
-        if verbose:
-            logging.captureWarnings(True)  # libraries' warnings through the log, with -v only
-        else:
+        if not verbose:  # with -v, libraries' warnings go through the log (_verbose_log)
             warnings.simplefilter("ignore")  # libraries' notes (numpy, matplotlib, torch): stderr holds fp16guard's lines
         if os.getcwd() not in sys.path and "" not in sys.path:
             # package.module:factory from the current folder, as `python -m` finds it (a console script does not)
@@ -710,6 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fp16guard.files import OutputSet, terminate_as_interrupt
 
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_verbose_log(verbose))
             stack.enter_context(terminate_as_interrupt())  # SIGTERM unwinds like Ctrl-C: no partial output
             args.outputs = stack.enter_context(OutputSet())  # every output renamed into place at the end, or none
             reporter = stack.enter_context(RichProgress(args.progress)) if args.progress is not None else None

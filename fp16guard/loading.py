@@ -250,7 +250,8 @@ def check_program_inputs(model, inputs: Sequence[Sequence[torch.Tensor]], what: 
 
 def refuse_fp16_module(model, what: str) -> None:
     """Raise when a PyTorch model already holds FP16 (or BF16) weights: ``model.half()``, a
-    ``.pt2`` exported from one, or a module with some layers converted.
+    ``.pt2`` exported from one, or a module with some layers converted. An FP16 or BF16 buffer beside
+    FP32 parameters (a constant table kept in bfloat16, such as ALiBi slopes) is not refused.
 
     Args:
         model: a ``torch.nn.Module`` or ``torch.export.ExportedProgram``.
@@ -261,13 +262,17 @@ def refuse_fp16_module(model, what: str) -> None:
     """
     if isinstance(model, torch.export.ExportedProgram):
         tensors = {**model.state_dict, **model.constants}.items()
+        params = set(model.graph_signature.parameters)
     elif isinstance(model, torch.nn.Module):
         tensors = [*model.named_parameters(), *model.named_buffers()]
+        params = {name for name, _ in model.named_parameters()}
     else:
         return
     narrow = {torch.float16: ("FP16", "float16", ".half()"), torch.bfloat16: ("BF16", "bfloat16", ".bfloat16()")}
+    # a narrow buffer beside FP32 weights is a constant the model keeps so on purpose (ALiBi slopes in bfloat16)
+    fp32_weights = any(name in params and isinstance(t, torch.Tensor) and t.dtype == torch.float32 for name, t in tensors)
     for name, t in tensors:
-        if isinstance(t, torch.Tensor) and t.dtype in narrow:
+        if isinstance(t, torch.Tensor) and t.dtype in narrow and (name in params or not fp32_weights):
             fmt, dtype, call = narrow[t.dtype]
             raise ModelLoadError(f"the model is already converted to {fmt} ({name!r} is {dtype}); give {what} the "
                                  f"FP32 model (without {call}): fp16guard makes the FP16 version itself")

@@ -39,7 +39,7 @@ import torch
 
 from fp16guard.backends import Backend
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow
-from fp16guard.errors import FixError, InputError, PlanError, RewriteError, StillOverflowsError, first_line
+from fp16guard.errors import ExportError, FixError, InputError, PlanError, RewriteError, StillOverflowsError, first_line
 from fp16guard.fix.onnx_pass import RewriteNote
 from fp16guard.fix.solver import DERIVED_ROLES, ScaleOp, ScaleSolution, Unfixable, complete, solve
 from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
@@ -50,7 +50,7 @@ from fp16guard.loading import refuse_fp16_module
 from fp16guard.jsonio import strict
 from fp16guard.plan import PlanRegion, PlanUnderflow, RewritePlan
 from fp16guard.progress import step
-from fp16guard.torch_graph import dynamic_dims, export_onnx, inference_copy, state_dict_sha256
+from fp16guard.torch_graph import ONNX_ROUTES, dynamic_dims, export_onnx_routes, inference_copy, state_dict_sha256
 
 logger = logging.getLogger("fp16guard")
 
@@ -406,6 +406,11 @@ class FixResult:
         islands: the precision of the written model's islands, ``"fp32"`` or ``"bf16"``.
         outputs: the FP32 and fixed outputs verification compared (``keep_outputs``), else None.
         tolerance: the largest relative L2 error accepted on any input (None: not known).
+        submodule: when one submodule was fixed (``fix_model(..., submodule=)``, or chosen because the
+            whole model cannot be captured), what was fixed, what stays FP32 and the end-to-end
+            errors (:class:`~fp16guard.fix.submodule.SubmoduleFix`); ``fixed`` is then the
+            submodule's program, and ``model`` a copy of the whole model with the submodule replaced
+            by it (:class:`~fp16guard.fix.submodule.FixedSubmodule`, FP32 in and out). Else None.
 
     ``fixed, plan = result`` unpacks it as :func:`fix` returned before; ``print(result)`` gives a
     few lines (verdict with the worst error against the tolerance and the FP32 fallback's, the
@@ -429,6 +434,8 @@ class FixResult:
     refusal: str | None = None
     island_search: object = None
     floor: str | None = None
+    submodule: object = None
+    model: object = None
 
     def __iter__(self):
         """``fixed, plan = result``: the two values :func:`fix` used to return."""
@@ -466,7 +473,8 @@ class FixResult:
             "other_islands": self.other_islands.to_json() if self.other_islands else None,
             "naive": self.naive.to_json() if self.naive else None,
             "fallback": self.fallback.to_json() if self.fallback else None,
-            "fallback_bf16": self.fallback_bf16.to_json() if self.fallback_bf16 else None})
+            "fallback_bf16": self.fallback_bf16.to_json() if self.fallback_bf16 else None,
+            **({"submodule": self.submodule.to_json()} if self.submodule is not None else {})})
 
 
 def _variant(fallback: str | None, islands: str) -> str:
@@ -679,10 +687,39 @@ def make_target(model, inputs: Sequence[NamedInput], *, graph: str | None = None
 
     Raises:
         ValueError: ``graph="torch"`` for an ONNX model, or an unknown ``graph``.
-        FixError: a module without inputs; ExportError: it cannot be captured or exported.
+        FixError: a module without inputs; ExportError: it cannot be captured or exported (every
+            ONNX export route failed: :func:`~fp16guard.torch_graph.export_onnx_routes`); when
+            ``torch.export`` fails and an ONNX export works, the message says to write an ``.onnx``.
         ModelLoadError: an unreadable ONNX file, or a model already converted to FP16 (a ``.half()``
             module, an FP16 ONNX model).
+
+    The ONNX export of a module tries the dynamo exporter, the TorchScript exporter, then the
+    dynamo exporter on a ``torch.export`` program, and takes the first that ONNX Runtime loads
+    (bfloat16 computation widened to float32 where it has no bfloat16 kernel) and, for a trace
+    that fixed a Python value computed from tensors, that gives the module's outputs on ``inputs``;
+    a route other than the first is an ``onnx_export`` note of the fix.
     """
+    return _make_target(model, inputs, graph=graph, source=source, hint=True)
+
+
+def _onnx_hint(model, examples) -> str:
+    """For a module ``torch.export`` cannot capture: ``; its ONNX export works ...: write an
+    .onnx`` when one of the ONNX routes exports it (tried here), else ``""``."""
+    try:
+        export = export_onnx_routes(inference_copy(model), examples[0], dynamic_shapes=dynamic_dims(examples),
+                                    what=type(model).__name__, checks=examples[:8])
+    except ExportError:
+        return ""
+    traced = (f", whose trace fixes {len(export.traced)} Python value(s) computed from tensors to the example "
+              f"input's ({export.traced[0][:120]})" if export.traced else "")
+    return (f"; its ONNX export works with {ONNX_ROUTES[export.route]}{traced}: write an .onnx (-o MODEL.onnx, "
+            f"output='onnx')")
+
+
+def _make_target(model, inputs: Sequence[NamedInput], *, graph: str | None, source: str | None,
+                 hint: bool) -> FixTarget:
+    """:func:`make_target`; ``hint``: check whether an ONNX export works when ``torch.export``
+    fails, and say so in the error."""
     is_torch = _is_torch(model)
     if graph not in (None, "torch", "onnx") or (graph == "torch" and not is_torch):
         raise ValueError(f"graph must be 'torch' (PyTorch modules only) or 'onnx', got {graph!r}")
@@ -691,12 +728,20 @@ def make_target(model, inputs: Sequence[NamedInput], *, graph: str | None = None
     refuse_fp16_module(model, "calibrate and fix")
     if not inputs:
         raise FixError("a PyTorch model needs inputs to be captured")
-    if graph != "onnx":
-        return TorchFixTarget(model, inputs, source=source)
     examples = [torch_args(i) for i in inputs]
-    proto = export_onnx(inference_copy(model), examples[0], dynamic_shapes=dynamic_dims(examples),
-                        what=type(model).__name__)
-    return OnnxFixTarget(proto, source=source or type(model).__name__, model_sha256=state_dict_sha256(model))
+    if graph != "onnx":
+        try:
+            return TorchFixTarget(model, inputs, source=source)
+        except ExportError as e:
+            if not hint:
+                raise
+            raise ExportError(f"{e}{_onnx_hint(model, examples)}") from None
+    export = export_onnx_routes(inference_copy(model), examples[0], dynamic_shapes=dynamic_dims(examples),
+                                what=type(model).__name__, checks=examples[:8])
+    target = OnnxFixTarget(export.model, source=source or type(model).__name__, model_sha256=state_dict_sha256(model))
+    target.export_note = (RewriteNote("onnx_export", "graph", export.describe())  # fix_model puts it first
+                          if export.fell_back or export.traced else None)
+    return target
 
 
 def _check_feeds(target: FixTarget, items: Sequence[NamedInput], what: str) -> None:
@@ -723,8 +768,56 @@ def _check_feeds(target: FixTarget, items: Sequence[NamedInput], what: str) -> N
                                      f"{first_line(e)}") from None
 
 
+def _capture(model, calibration: Sequence[NamedInput], validation: Sequence[NamedInput], *, graph: str | None,
+             source: str | None, submodule: str | None):
+    """``(target, split)``: the target of the whole model (``split`` None), or of one submodule
+    (``split`` a :class:`~fp16guard.fix.submodule.SubmoduleFix`): the one named, or, when a
+    PyTorch module cannot be captured (or exported) whole, the largest that can
+    (:func:`fp16guard.fix.submodule.choose`).
+
+    Raises:
+        UsageError: ``submodule`` for an ONNX model, or a name the module does not have.
+        ExportError: neither the model nor any submodule can be captured (when ``torch.export``
+            fails, the message says whether an ONNX export works).
+    """
+    from fp16guard.errors import UsageError
+    from fp16guard.fix import submodule as parts
+
+    items = [*calibration, *validation]
+    if not _is_torch(model):
+        if submodule is not None:
+            raise UsageError(f"submodule {submodule!r}: only a PyTorch module is fixed by parts; an ONNX model is "
+                             f"fixed whole")
+        with step("capture: the model's graph"):
+            return _make_target(model, items, graph=graph, source=source, hint=False), None
+    refuse_fp16_module(model, "calibrate and fix")
+    if not items:
+        raise FixError("a PyTorch model needs inputs to be captured")
+    name = source or type(model).__name__
+    splits = ["calibration"] * len(calibration) + ["validation"] * len(validation)
+
+    def make(module, inputs, src):
+        """The target of one submodule."""
+        return _make_target(module, inputs, graph=graph, source=src, hint=False)
+    if submodule is not None:
+        with step(f"capture: submodule {submodule}, on the inputs it gets in the whole FP32 model"):
+            split = parts.given(model, items, splits, submodule, make=make, source=f"{name}.{submodule}")
+        return split.target, split
+    with step("capture: the model's graph"):
+        try:
+            return _make_target(model, items, graph=graph, source=source, hint=False), None
+        except ExportError as e:
+            whole = e
+    with step("capture: the largest submodule that can be captured"):
+        split = parts.choose(model, items, splits, make=make, source=name, whole=whole)
+    if split is None:
+        hint = _onnx_hint(model, [torch_args(i) for i in items]) if graph != "onnx" else ""
+        raise ExportError(f"{whole}{hint}") from None
+    return split.target, split
+
+
 def calibrate(model, calib_inputs, *, target_log2: int = 13, raise_underflow: bool = False,
-              source: str | None = None, graph: str | None = None) -> RewritePlan:
+              source: str | None = None, graph: str | None = None, submodule: str | None = None) -> RewritePlan:
     """Calibrate a rewrite plan for an ONNX model or a PyTorch module.
 
     Args:
@@ -737,22 +830,33 @@ def calibrate(model, calib_inputs, *, target_log2: int = 13, raise_underflow: bo
         source: the model's name in the plan.
         graph: for a PyTorch module, which graph the plan names: ``"torch"`` (default) or ``"onnx"``
             (see :func:`make_target`). Either way ``model_sha256`` hashes the module's state_dict.
+        submodule: for a PyTorch module, calibrate only this submodule (dotted name, e.g.
+            ``"backbone"``), on the inputs it receives when the whole model runs in FP32 on
+            ``calib_inputs`` (see :func:`fix_model`); the plan is the submodule's. Without it, a
+            module that cannot be captured whole gets the plan of its largest submodule that can
+            (a warning names it).
 
     Raises:
         FixError, ExportError, ModelLoadError; InputError for an input with inf/NaN, no elements,
             or a shape the model does not take; ValueError for an unknown ``graph``
-        or ``graph="torch"`` with an ONNX model.
+        or ``graph="torch"`` with an ONNX model, or a ``submodule`` the model does not have (UsageError).
     """
     inputs = as_inputs(calib_inputs, what="calibration input")
     check_inputs(inputs, what="calibration input")
-    with step("capture: the model's graph"):
-        target = make_target(model, inputs, graph=graph, source=source)
-    _check_feeds(target, inputs, "calibration input")
+    if graph not in (None, "torch", "onnx") or (graph == "torch" and not _is_torch(model)):
+        raise ValueError(f"graph must be 'torch' (PyTorch modules only) or 'onnx', got {graph!r}")
+    target, split = _capture(model, inputs, [], graph=graph, source=source, submodule=submodule)
+    if split is None:
+        _check_feeds(target, inputs, "calibration input")
+    else:
+        inputs = split.calibration
+        if split.auto:
+            logger.warning("%s", "; ".join(split.lines("calibrated")))
     return calibrate_target(target, inputs, target_log2=target_log2, raise_underflow=raise_underflow)
 
 
 def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, validation=(), output: str | None = None,
-              source: str | None = None, **options) -> FixResult:
+              source: str | None = None, submodule: str | None = None, **options) -> FixResult:
     """Fix an ONNX model or a PyTorch module (:func:`fix_target`, whose keyword arguments
     ``options`` are).
 
@@ -767,9 +871,19 @@ def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, valida
         output: for a PyTorch module, ``"torch"`` (an FP16 program; default) or ``"onnx"`` (a
             typed FP16 ONNX model).
         source: the model's name in the plan.
+        submodule: for a PyTorch module, fix only this submodule (dotted name, e.g. ``"backbone"``):
+            it is captured with the inputs it receives when the whole model runs in FP32 on the
+            calibration (and validation) inputs, and fixed as its own model (``result.fixed`` is
+            its program, taking and returning what it does); ``result.model`` is a copy of the whole
+            model with the submodule replaced by the fixed program, verified end to end against
+            FP32 (``result.submodule``: what stays FP32, the errors per input). Without it, a module
+            that cannot be captured whole (data-dependent post-processing) gets its largest
+            submodule that can be captured fixed this way (children by parameters, then their
+            children), and the result says which.
 
     Raises:
         PlanError: ``plan`` was calibrated on another model, or names another graph than ``output``.
+        UsageError: a ``submodule`` the model does not have (the message names its children).
         FixError, StillOverflowsError, ExportError, ModelLoadError, InputError, RewriteError: see
             :func:`fix_target`.
     """
@@ -784,11 +898,21 @@ def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, valida
                         f"{graph}; calibrate again for {graph}")
     check_inputs(calibration, what="calibration input")
     check_inputs(validation, what="validation input")
-    with step("capture: the model's graph"):
-        target = make_target(model, [*calibration, *validation], graph=graph, source=source)
-    _check_feeds(target, calibration, "calibration input")
-    _check_feeds(target, validation, "validation input")
-    return fix_target(target, calibration, plan=plan, validation=validation, **options)
+    target, split = _capture(model, calibration, validation, graph=graph, source=source, submodule=submodule)
+    if split is None:
+        _check_feeds(target, calibration, "calibration input")
+        _check_feeds(target, validation, "validation input")
+        result = fix_target(target, calibration, plan=plan, validation=validation, **options)
+    else:
+        from fp16guard.fix.submodule import finish
+
+        result = fix_target(target, split.calibration, plan=plan, validation=split.validation, **options)
+        with step(f"verify: the whole model with the fixed {split.name}, end to end against FP32"):
+            finish(split, result, options.get("backend", "emulate"))
+    note = getattr(target, "export_note", None)
+    if note is not None and note not in result.notes:
+        result.notes.insert(0, note)
+    return result
 
 
 def fix(model, calib_inputs, **options):

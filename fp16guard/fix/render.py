@@ -68,6 +68,8 @@ def print_plan(plan, console: Console) -> None:
 
 #: Rewrite notes that change what the fixed model takes or returns: printed in full.
 INTERFACE_NOTES = ("float64_to_float32", "initializer_inputs")
+#: Notes on how the graph was made (an ONNX export route other than the first): printed in full too.
+EXPORT_NOTES = ("onnx_export",)
 
 
 #: Variant labels of :func:`fp16guard.fix.pipeline._variant`, in words.
@@ -183,10 +185,18 @@ def summary(result) -> str:
     """A few plain lines of a fix result: the verdict with its errors, the rewrites, the next step."""
     _, verdict = fix_verdict(result)
     conv = result.conversion
-    return "\n".join([f"fix {result.plan.source}: {verdict}", *delivery_lines(result),
+    return "\n".join([f"fix {result.plan.source}: {verdict}", *submodule_lines(result),
+                      *(n.detail for n in result.notes if n.kind in EXPORT_NOTES), *delivery_lines(result),
                       f"rewrites: {rewrite_summary(result)}; {_count(len(conv.fp32_nodes), 'op')} left in FP32, "
                       f"{_count(conv.casts, 'Cast')}",
                       f"next: {_next_step(result)}"])
+
+
+def submodule_lines(result) -> list[str]:
+    """When one submodule was fixed (``result.submodule``): what, what stays FP32, how to reproduce
+    an automatic choice, the end-to-end errors; else nothing."""
+    sub = getattr(result, "submodule", None)
+    return sub.lines() if sub is not None else []
 
 
 def fix_renderables(result) -> Iterator[RenderableType]:
@@ -194,7 +204,7 @@ def fix_renderables(result) -> Iterator[RenderableType]:
     yield from plan_renderables(result.plan)
     yield f"rewrites: {escape(rewrite_summary(result))}"
     for note in result.notes:
-        if note.kind in INTERFACE_NOTES:  # the fixed model's inputs or outputs differ from the model's
+        if note.kind in INTERFACE_NOTES + EXPORT_NOTES:  # the fixed model's inputs/outputs differ, or its export route
             yield f"  [yellow]note[/]: {escape(note.detail)}"
     bf16 = f"{len(result.conversion.bf16_nodes)} in BF16, " if result.conversion.bf16_nodes else ""
     yield (f"FP16 conversion: {len(result.conversion.fp32_nodes)} node(s) left in FP32, {bf16}"
@@ -204,6 +214,8 @@ def fix_renderables(result) -> Iterator[RenderableType]:
     yield verification_table([result.verification, result.other_islands, result.naive,
                               result.fallback, result.fallback_bf16])
     for line in delivery_lines(result):
+        yield f"[yellow]{escape(line)}[/]"
+    for line in submodule_lines(result):
         yield f"[yellow]{escape(line)}[/]"
     accepted, verdict = fix_verdict(result)
     head, _, rest = verdict.partition(": ")
