@@ -474,6 +474,11 @@ class FixResult:
             "naive": self.naive.to_json() if self.naive else None,
             "fallback": self.fallback.to_json() if self.fallback else None,
             "fallback_bf16": self.fallback_bf16.to_json() if self.fallback_bf16 else None,
+            "delivered": self.delivered, "refusal": self.refusal, "floor": self.floor,
+            "island_search": None if self.island_search is None else {
+                "candidates": [{"node": n, "amax": a} for n, a in self.island_search.candidates],
+                "nodes": self.island_search.nodes,
+                "trials": [{"nodes": t.nodes, "met": t.met, "worst": t.worst} for t in self.island_search.trials]},
             **({"submodule": self.submodule.to_json()} if self.submodule is not None else {})})
 
 
