@@ -629,6 +629,14 @@ def _deliver(result: FixResult, target: FixTarget, plan: RewritePlan, applied: A
     reason = misses_bar(result.verification, None if consented else reference, None if consented else result.tolerance)
     if consented and result.verification.finite:
         reason = None
+    kept = len(result.conversion.fp32_nodes) + len(result.conversion.bf16_nodes)
+    fallback_count = len(plan.fallback_fp32)
+    if reason is None and kept > fallback_count and same is not None and same.finite and not consented:
+        result.refusal = (f"the pure fix keeps {kept} node(s) in {result.islands.upper()} (its islands and their "
+                          f"rescales), more than the fallback's {fallback_count}, which meets the bar too")
+        _write_fallback(result, target, plan, same)
+        result.floor = floor_note(result.verification, reference, result.tolerance)
+        return
     if reason is None:
         result.floor = None if consented else floor_note(result.verification, reference, result.tolerance)
         return
@@ -655,11 +663,16 @@ def _deliver(result: FixResult, target: FixTarget, plan: RewritePlan, applied: A
         result.fixed, result.conversion, result.verification = found.fixed, found.conversion, found.verification
         result.delivered = "islands"
     elif same is not None and same.finite:
-        fb = apply_plan(target, plan, fallback=result.islands, check_hash=False)
-        result.fixed, result.rewritten_fp32, result.notes = fb.fixed, fb.rewritten, fb.notes
-        result.conversion, result.verification = fb.conversion, same
-        result.delivered = "fallback"
+        _write_fallback(result, target, plan, same)
     result.floor = floor_note(result.verification, reference, result.tolerance)
+
+
+def _write_fallback(result: FixResult, target: FixTarget, plan: RewritePlan, verified: Verification) -> None:
+    """Make ``result`` hold the fallback in its islands' precision (already ``verified``)."""
+    fb = apply_plan(target, plan, fallback=result.islands, check_hash=False)
+    result.fixed, result.rewritten_fp32, result.notes = fb.fixed, fb.rewritten, fb.notes
+    result.conversion, result.verification = fb.conversion, verified
+    result.delivered = "fallback"
 
 
 def _true_amax(plan: RewritePlan) -> dict[str, float]:

@@ -281,6 +281,9 @@ class OnnxFixTarget:
         restore values only for FP32 readers or graph outputs run in FP32 with them
         (:func:`~fp16guard.fix.onnx_pass.restoring_rescales`), or in BF16 with BF16 islands."""
         nodes = [*fp32_nodes, *onnx_pass.restoring_rescales(graph, fp32_nodes)]
+        merged = onnx_pass.merge_fp32_rescale_chains(graph, nodes)  # one FP32 Mul where a chain runs in FP32
+        gone = {n.name for n in graph.graph.node} - {n.name for n in merged.graph.node}
+        graph, nodes = merged, [n for n in nodes if n not in gone]
         fixed, conversion = to_typed_fp16(graph, node_block_list=nodes, island_dtype=ISLAND_DTYPES[islands])
         if self._checked:  # the FP32 model passes onnx.checker, so a typed FP16 model that does not is a bug
             onnx.checker.check_model(fixed, full_check=True)
