@@ -15,7 +15,9 @@ machine has it). Runs one architecture per process, ``--jobs`` at a time::
 
     python benchmarks/torchvision_families.py [--jobs 16] [--routes onnx,torch] [ARCH ...]
 
-Output for the lent machine's 16 CPU cores: ``benchmarks/results_torchvision_families_cpu16.txt``.
+Outputs: ``benchmarks/results_torchvision_families_cpu16_before.txt`` (all 26, the lent machine's
+16 CPU cores, before the saturation law) and ``benchmarks/results_torchvision_families_cpu2_after.txt``
+(the families issue 24 named, this machine's 2 cores, torch 2.14.1 + torchvision 0.29.1).
 """
 
 from __future__ import annotations
