@@ -869,24 +869,24 @@ def _insert_rescales(graph: onnx.GraphProto, solution: ScaleSolution, notes: lis
         _, exponent = pending_out.pop(x)
         scaled_inputs[x] = f"{x}__scaled"
         new_nodes += _rescale_nodes(graph, x, exponent, scaled_inputs[x], notes)
+
+    def edge(x: str, consumer: str) -> str:
+        """The value ``consumer`` reads in place of ``x``: the scaled graph input, rescaled once per
+        tensor and exponent where the solution puts a rescale on this edge."""
+        src = scaled_inputs.get(x, x)
+        r = by_consumer.get((x, consumer))
+        if r is None:
+            return src
+        if (src, r.exponent) not in made:
+            made[(src, r.exponent)] = f"{src}__x2^{r.exponent}"
+            new_nodes.extend(_rescale_nodes(graph, src, r.exponent, made[(src, r.exponent)], notes))
+        return made[(src, r.exponent)]
+
     for node in graph.node:
         for k, x in enumerate(node.input):
-            src = scaled_inputs.get(x, x)
-            r = by_consumer.get((x, node.name))
-            if r is not None:
-                if (src, r.exponent) not in made:
-                    made[(src, r.exponent)] = f"{src}__x2^{r.exponent}"
-                    new_nodes += _rescale_nodes(graph, src, r.exponent, made[(src, r.exponent)], notes)
-                src = made[(src, r.exponent)]
-            node.input[k] = src
+            node.input[k] = edge(x, node.name)
         for x in dict.fromkeys(r for _, sub in subgraphs(node) for r in free_reads(sub)):
-            src = scaled_inputs.get(x, x)  # an outer value a subgraph reads by name: rescaled the same way
-            r = by_consumer.get((x, node.name))
-            if r is not None:
-                if (src, r.exponent) not in made:
-                    made[(src, r.exponent)] = f"{src}__x2^{r.exponent}"
-                    new_nodes += _rescale_nodes(graph, src, r.exponent, made[(src, r.exponent)], notes)
-                src = made[(src, r.exponent)]
+            src = edge(x, node.name)  # an outer value a subgraph reads by name: rescaled the same way
             if src != x:
                 rename_free_reads(node, x, src)
         renamed = []
