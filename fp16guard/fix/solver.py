@@ -36,8 +36,7 @@ How exponents propagate, by role:
   ``Mul 2^k``, exact (:mod:`fp16guard.fix.laws`); output true. ``GATED`` (SiLU, GELU, HardSwish,
   Mish: ``x * gate(x)``): the same clamp inside, output at the input's exponent (tied). Both pin
   their class softly: it is scaled only when its amax exceeds 65504 (then no rescale op is needed),
-  at most to ``SATURATING_MAX_EXPONENT`` where the class fits FP16 there (less headroom rather
-  than an island), and beyond it they read true values like a barrier.
+  and beyond ``SATURATING_MAX_EXPONENT`` they read true values like a barrier.
 * ``BARRIER`` (exp, softmax, anything unknown): not positively homogeneous, so it needs true
   values in and gives true values out.
 
@@ -453,7 +452,7 @@ def solve(ops: Sequence[ScaleOp], amax: Mapping[str, float], *, graph_inputs: It
     # bound the exponent of a class that may move (floors and ceilings), and what no bound can fix
     # runs in FP32 (_constant_islands).
     floors: dict[str, int] = {}
-    ceilings = _input_ceilings(ops, graph_inputs, uf, members, amax, input_floor or {}, target_log2)
+    ceilings = _input_ceilings(graph_inputs, uf, members, amax, input_floor or {}, target_log2)
     log_read = {uf.find(t) for op in ops if op.role is Role.LOG for t in op.inputs}
     for _ in range(16):
         sol = ScaleSolution()
@@ -479,28 +478,13 @@ def _fit(class_amax: float) -> float:
     return k
 
 
-def _saturating_ceilings(ops, uf, members, amax, ceilings: dict[str, int]) -> None:
-    """Cap at ``SATURATING_MAX_EXPONENT`` the class a saturating or gated op reads, where the class
-    still fits FP16 there: its headroom target may ask for more (a gate's input at 3.3e7 wants 2^12
-    for 8192), but beyond the cap the op reads true values and becomes an FP32 island, while at the
-    cap (3.3e7 / 2^11 = 16113) it stays in FP16 with less headroom."""
-    for op in ops:
-        if op.role not in (Role.SATURATING, Role.GATED) or not op.inputs:
-            continue
-        root = uf.find(op.inputs[0])
-        class_amax = max((amax.get(t, 0.0) for t in members.get(root, [op.inputs[0]])), default=0.0)
-        if class_amax * pow2(-SATURATING_MAX_EXPONENT) <= FP16_MAX:
-            ceilings[root] = min(ceilings.get(root, SATURATING_MAX_EXPONENT), SATURATING_MAX_EXPONENT)
-
-
-def _input_ceilings(ops, graph_inputs, uf, members, amax, input_floor, target_log2) -> dict[str, int]:
-    """Ceilings: the classes saturating ops read (:func:`_saturating_ceilings`), and those of graph inputs beyond FP16: the largest exponent that keeps the
+def _input_ceilings(graph_inputs, uf, members, amax, input_floor, target_log2) -> dict[str, int]:
+    """Ceilings for the classes of graph inputs beyond FP16: the largest exponent that keeps the
     input's small magnitudes (``input_floor``) normal FP16 numbers, no smaller than the one that
     just fits 65504. The scale then costs headroom (inputs up to 8x louder than calibration) only
     where the headroom target would store calibration values subnormal: a power spectrum spanning
     2^37 keeps 3 more bits of its quiet frames at 2^-14 than at 2^-17."""
     out: dict[str, int] = {}
-    _saturating_ceilings(ops, uf, members, amax, out)
     for t in graph_inputs:
         root = uf.find(t)
         class_amax = max((amax.get(x, 0.0) for x in members.get(root, [t])), default=0.0)
