@@ -709,11 +709,12 @@ class _StderrHandler(logging.StreamHandler):
 
     @property
     def stream(self):
+        """The current ``sys.stderr``."""
         return sys.stderr
 
     @stream.setter
     def stream(self, value):
-        pass
+        """Ignored: the stream is always the current ``sys.stderr``."""
 
 
 def _quiet_libraries(verbose: bool) -> None:

@@ -162,23 +162,6 @@ def refuse_fp16_model(model: onnx.ModelProto, what: str) -> None:
                              f"came from")
 
 
-def refuse_control_flow(model: onnx.ModelProto, what: str) -> None:
-    """Raise when ``model`` has control flow (:func:`subgraph_nodes`), naming the first such node.
-
-    Args:
-        what: what cannot handle it, completing "<what> reads flat graphs only".
-
-    Raises:
-        ModelLoadError: one line naming the node and what to do.
-    """
-    nodes = subgraph_nodes(model)
-    if nodes:
-        n = nodes[0]
-        raise ModelLoadError(f"node {n.name or n.op_type!r} ({n.op_type}) has a subgraph and {what} reads flat graphs "
-                             f"only; export the model without control flow (fixed shapes, no data-dependent branches) "
-                             f"or give fp16guard the PyTorch model")
-
-
 def scope_of(node_name: str) -> str:
     """Module scope from a PyTorch-exported node name: ``/backbone/layer4/conv/Conv`` -> ``backbone.layer4.conv``.
 

@@ -138,6 +138,7 @@ class RichProgress:
             """``M/N``; ``M`` alone for a step without a total, nothing before the first unit."""
 
             def render(self, task) -> Text:
+                """The count of ``task`` (rich's column protocol)."""
                 if task.total is None:
                     return Text(str(int(task.completed)) if task.completed else "", style="progress.download")
                 return super().render(task)
@@ -146,6 +147,7 @@ class RichProgress:
             """``eta H:MM:SS`` once a counted step has a rate; nothing otherwise."""
 
             def render(self, task) -> Text:
+                """The ETA of ``task`` (rich's column protocol)."""
                 if task.total is None or task.time_remaining is None:
                     return Text("")
                 return Text.assemble("eta ", super().render(task))

@@ -812,14 +812,11 @@ def merge_fp32_rescale_chains(model: onnx.ModelProto, fp32_nodes: Sequence[str])
     fp32 = set(fp32_nodes)
 
     def rescale(n) -> bool:
+        """A rescale Mul that runs in FP32."""
         return n.name in fp32 and RESCALE_MARK in n.name and n.op_type == "Mul" and len(n.input) == 2
 
-    producer = {o: n for n in model.graph.node for o in n.output}
     readers = consumers(model.graph)
     outputs = {o.name for o in model.graph.output}
-    if not any(rescale(n) and (src := producer.get(n.input[0])) is not None and rescale(src)
-               and len(readers.get(src.output[0], [])) == 1 and src.output[0] not in outputs for n in model.graph.node):
-        return model
     m = _copy(model)
     g = m.graph
     factors = {i.name: float(numpy_helper.to_array(i)) for i in g.initializer if not i.dims}
@@ -836,6 +833,8 @@ def merge_fp32_rescale_chains(model: onnx.ModelProto, fp32_nodes: Sequence[str])
         g.initializer.append(numpy_helper.from_array(np.array(factors[merged], dtype=np.float32), merged))
         node.input[0], node.input[1] = src.input[0], merged
         gone.add(src.name)
+    if not gone:
+        return model
     kept = [n for n in g.node if n.name not in gone]
     del g.node[:]
     g.node.extend(kept)

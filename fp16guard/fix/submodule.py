@@ -133,6 +133,7 @@ def _record(root: torch.nn.Module, names: Sequence[str], items: Sequence[NamedIn
     handles = []
 
     def pre_hook(name: str, module: torch.nn.Module):
+        """A forward pre-hook for the copy's submodule ``name``: records the arguments it is called with."""
         signature = _signature(module)
 
         def hook(_module, args, kwargs):
@@ -160,6 +161,7 @@ def _record(root: torch.nn.Module, names: Sequence[str], items: Sequence[NamedIn
         return hook
 
     def post_hook(name: str):
+        """A forward hook for the copy's submodule ``name``: records its first output's structure."""
         def hook(_module, _args, output):
             """Keep the first call's output structure (to rebuild it from the fixed program's outputs)."""
             if calls[name].outputs is None:
@@ -420,6 +422,7 @@ class FixedSubmodule(torch.nn.Module):
         self.backend = backend
 
     def extra_repr(self) -> str:
+        """The submodule's name, the fixed program's type and the backend it was verified on."""
         return f"{self.name}: fixed FP16 program ({type(self.fixed).__name__}) on {self.backend}"
 
     def forward(self, *args, **kwargs):

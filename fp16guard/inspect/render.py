@@ -61,6 +61,7 @@ def causes(report: InspectionReport) -> list[str]:
     findings = report.findings()
 
     def named(*rules: str) -> list[str]:
+        """Names of the findings of ``rules``, each once, in report order."""
         return list(dict.fromkeys(f.name for f in findings if f.rule in rules))
 
     out = []
