@@ -9,7 +9,7 @@ Input: one image, ``skimage.data.coffee()`` resized to 736x736 with Pillow (bili
 ``fp16guard.examples.ppocr.preprocess`` (BGR, ``(x/255 - 0.5)/0.5``, NCHW float32 [1, 3, 736, 736]).
 Both tools run on the CPU, in one run, and judge a candidate model with the same criterion: the
 worst relative L2 error of the outputs against the FP32 reference must be at most
-``fp16guard.bisect.DEFAULT_TOLERANCE`` (0.07; the committed results were measured at 0.05,
+``fp16guard.bisection.DEFAULT_TOLERANCE`` (0.07; the committed results were measured at 0.05,
 before its calibration on real FP16 kernels: fp16guard's errors are 0.006 good and 1.0 bad, so
 the outcome is the same).
 
@@ -60,7 +60,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from fp16guard.bisect import DEFAULT_TOLERANCE, bisect
+from fp16guard.bisection import DEFAULT_TOLERANCE, bisect
 from fp16guard.compare import relative_l2  # noqa: E402
 from fp16guard.examples import EXAMPLES, ppocr
 from fp16guard.inputs import NamedInput

@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 
 from fp16guard.compare import misses_bar  # noqa: E402
-from fp16guard.fix import fix_model  # noqa: E402
+from fp16guard.fixing import fix_model  # noqa: E402
 
 
 def _worst(v) -> float:

@@ -29,7 +29,7 @@ from test_fix import _big_input_model, _decomposed_layernorm, _masked_attention,
 from test_torch_rewrite import rms_norm_net  # noqa: E402
 from transformer_cases import bert, t5, to_onnx, token_batch  # noqa: E402
 
-from fp16guard.fix import fix_model  # noqa: E402
+from fp16guard.fixing import fix_model  # noqa: E402
 from fp16guard.inputs import NamedInput  # noqa: E402
 
 

@@ -76,7 +76,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fp16guard.compare import compare_outputs  # noqa: E402
-from fp16guard.fix import FixResult, fix_model  # noqa: E402
+from fp16guard.fixing import FixResult, fix_model  # noqa: E402
 from fp16guard.fp16_onnx import to_typed_fp16  # noqa: E402
 from fp16guard.inputs import NamedInput  # noqa: E402
 from fp16guard.torch_graph import export_onnx  # noqa: E402

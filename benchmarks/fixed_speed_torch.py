@@ -12,7 +12,7 @@ samples cut from the bundled speech recording), built and timed in one run:
 * ``fp32``: the module on CUDA.
 * ``naive``: ``copy.deepcopy(module).half()``, called as ``model(x.half()).float()`` so that it
   pays the same FP32 boundary casts as the program below.
-* ``fixed``: ``fix_model(module, calibration).fixed`` (``fp16guard.fix.pipeline.fix_target``): the
+* ``fixed``: ``fix_model(module, calibration).fixed`` (``fp16guard.fixing.pipeline.fix_target``): the
   ``torch.export`` graph with BatchNorms as scale/shift, the scale region folded into the weights,
   typed FP16 with FP32 graph inputs and outputs; the ``GraphModule`` ``fix -o OUT.pt2`` saves.
 * ``fallback``: the same module with ``fallback="fp32"`` (the nodes that overflow in FP32).
@@ -44,7 +44,7 @@ import torch
 
 from fp16guard.examples import get_example
 from fp16guard.examples.crepe import frames_from_audio
-from fp16guard.fix import fix_model
+from fp16guard.fixing import fix_model
 from fp16guard.inputs import read_wav
 
 

@@ -108,7 +108,7 @@ def run_one(job: tuple[str, str]) -> str:
 
     torch.set_num_threads(1)
     from fp16guard.compare import misses_bar
-    from fp16guard.fix import fix_model
+    from fp16guard.fixing import fix_model
 
     t0 = time.perf_counter()
     try:

@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore")
 
 from transformer_cases import VOCAB, LastHidden, to_onnx, token_batch  # noqa: E402
 
-from fp16guard.fix import fix_model  # noqa: E402
+from fp16guard.fixing import fix_model  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
              max_position_embeddings=64)

@@ -6,16 +6,16 @@ Three stages over one shared layer (see the README's Layout section):
   activation range), :func:`inspect_onnx` (the same report for an ``.onnx`` file),
   :func:`check_module` (static range check of weights, buffers and folded BatchNorms),
   :class:`InspectionReport` (what they return).
-* :mod:`fp16guard.bisect`: :func:`bisect`, the first module whose FP16 execution breaks the
-  output (a :class:`BisectResult`). The function shadows the package's name as an attribute of
-  ``fp16guard``; ``from fp16guard.bisect import BisectResult`` still reaches the package.
-* :mod:`fp16guard.fix`: :func:`fix` rewrites a model so it runs entirely in FP16 (BatchNorm
+* :mod:`fp16guard.bisection`: :func:`bisect`, the first module whose FP16 execution breaks the
+  output (a :class:`BisectResult`).
+* :mod:`fp16guard.fixing`: :func:`fix` rewrites a model so it runs entirely in FP16 (BatchNorm
   folding, power-of-two scale regions folded into the weights), as a typed FP16 ONNX or a
   ``.pt2`` program, verified; returns a :class:`FixResult` that unpacks as ``fixed, plan`` and
   holds the verification (``result.verification``). :func:`calibrate` gives only the
   :class:`RewritePlan` (``fp16guard.plan/1``). :func:`warp_conv`, :func:`warp_bn`,
-  :func:`warp_linear`: the seed's functional scale forms. ``fp16guard.fix`` is the function
-  here; the package is ``import fp16guard.fix.pipeline`` and its siblings.
+  :func:`warp_linear`: the seed's functional scale forms.
+  The stage packages are named for the stage (``fp16guard.bisection``, ``fp16guard.fixing``) so
+  the functions ``fp16guard.bisect`` and ``fp16guard.fix`` shadow nothing.
 
 Results speak for themselves: ``print(x)`` of an :class:`InspectionReport`, a
 :class:`BisectResult` or a :class:`FixResult` gives a few lines (verdict, peak or offender, next
@@ -26,8 +26,6 @@ Errors: every error raised on purpose derives from :class:`Fp16GuardError`
 """
 
 import importlib
-import sys
-import types
 
 from fp16guard.errors import Fp16GuardError
 
@@ -36,14 +34,14 @@ __version__ = "0.1.0"
 #: Public names, imported on first use (PEP 562) so ``import fp16guard.cli`` (``fp16guard --help``)
 #: does not import torch, onnx and onnxruntime: name -> (module, attribute).
 _LAZY = {
-    "BisectResult": ("fp16guard.bisect", "BisectResult"),
-    "bisect": ("fp16guard.bisect", "bisect"),
-    "calibrate": ("fp16guard.fix", "calibrate"),
-    "fix": ("fp16guard.fix", "fix"),
-    "FixResult": ("fp16guard.fix", "FixResult"),
-    "warp_bn": ("fp16guard.fix", "warp_bn"),
-    "warp_conv": ("fp16guard.fix", "warp_conv"),
-    "warp_linear": ("fp16guard.fix", "warp_linear"),
+    "BisectResult": ("fp16guard.bisection", "BisectResult"),
+    "bisect": ("fp16guard.bisection", "bisect"),
+    "calibrate": ("fp16guard.fixing", "calibrate"),
+    "fix": ("fp16guard.fixing", "fix"),
+    "FixResult": ("fp16guard.fixing", "FixResult"),
+    "warp_bn": ("fp16guard.fixing", "warp_bn"),
+    "warp_conv": ("fp16guard.fixing", "warp_conv"),
+    "warp_linear": ("fp16guard.fixing", "warp_linear"),
     "FP16_MAX": ("fp16guard.fp16", "FP16_MAX"),
     "FP16_MIN_NORMAL": ("fp16guard.fp16", "FP16_MIN_NORMAL"),
     "FP16_MIN_SUBNORMAL": ("fp16guard.fp16", "FP16_MIN_SUBNORMAL"),
@@ -56,8 +54,6 @@ _LAZY = {
     "RewritePlan": ("fp16guard.plan", "RewritePlan"),
     "RangeStats": ("fp16guard.stats", "RangeStats"),
 }
-#: Functions named like the subpackage that defines them: ``fp16guard.bisect`` is the function.
-_SHADOWED = {"bisect", "fix"}
 
 
 def __getattr__(name: str):
@@ -74,18 +70,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-class _Package(types.ModuleType):
-    """The package module: importing the subpackage ``fp16guard.bisect`` (or ``.fix``) does not
-    replace the attribute ``fp16guard.bisect``, the function, with the subpackage (the import
-    system sets a parent's attribute to each submodule it loads)."""
-
-    def __setattr__(self, name, value):
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "BisectResult",

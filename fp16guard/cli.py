@@ -323,7 +323,7 @@ def _fit(model, inputs, framework: str, what: str = "input"):
 
 
 def _bisect(args, console: Console) -> int:
-    from fp16guard.bisect import bisect, plot_bisect, print_bisect
+    from fp16guard.bisection import bisect, plot_bisect, print_bisect
 
     if args.deploy_cfg or args.model_cfg or args.img:
         model, inputs, framework, name = _openmmlab_sets(args, console)
@@ -398,7 +398,7 @@ def _openmmlab_sets(args, console: Console):
 
 
 def _export(args, console: Console) -> int:
-    from fp16guard.fix import print_verification
+    from fp16guard.fixing import print_verification
     from fp16guard.openmmlab import load_deploy_cfg, load_model, model_inputs, torch2onnx, verify_export
 
     if not (args.deploy_cfg and args.model_cfg):
@@ -426,7 +426,7 @@ def _export(args, console: Console) -> int:
 
 
 def _calibrate(args, console: Console) -> int:
-    from fp16guard.fix import calibrate, print_plan
+    from fp16guard.fixing import calibrate, print_plan
 
     if args.deploy_cfg or args.model_cfg or args.img:
         model, calibration, framework, name = _openmmlab_sets(args, console)
@@ -446,7 +446,7 @@ def _calibrate(args, console: Console) -> int:
 
 def _fix(args, console: Console) -> int:
     from fp16guard.compare import DEFAULT_TOLERANCE
-    from fp16guard.fix import fix_model, print_fix
+    from fp16guard.fixing import fix_model, print_fix
     from fp16guard.plan import RewritePlan
 
     model, calibration, validation, framework, name, metrics = _calibration_sets(args, console)
@@ -489,7 +489,7 @@ def _fix(args, console: Console) -> int:
     part = result.submodule
     of = f" of {part.name} (its own inputs and outputs; the rest of the model stays FP32)" if part is not None else ""
     if output == "torch":
-        from fp16guard.fix.torch_pass import save_program
+        from fp16guard.fixing.torch_pass import save_program
         from fp16guard.inputs import torch_args
 
         examples = part.inputs if part is not None else [*calibration, *validation]

@@ -1,7 +1,7 @@
 """Pure math of the rewrites: BatchNorm folding and power-of-two rescaling of weights.
 
-Arrays in, arrays out, no graphs: the ONNX rewriter (:mod:`fp16guard.fix.onnx_pass`), the PyTorch
-rewriter (:mod:`fp16guard.fix.torch_pass`) and the TensorRT helpers share these functions, so the
+Arrays in, arrays out, no graphs: the ONNX rewriter (:mod:`fp16guard.fixing.onnx_pass`), the PyTorch
+rewriter (:mod:`fp16guard.fixing.torch_pass`) and the TensorRT helpers share these functions, so the
 three paths cannot drift apart. Everything is computed in float64 and returned in float64; callers
 cast to their storage type (FP32 in the FP32 graph, FP16 when the graph is converted).
 
@@ -96,7 +96,7 @@ def exponent_for(amax: float, target_log2: int) -> int:
 
 
 def constant_range(value) -> tuple[float, float]:
-    """``(amax, amin)`` of a constant an op folds exponents into (:class:`~fp16guard.fix.solver.ScaledConstant`):
+    """``(amax, amin)`` of a constant an op folds exponents into (:class:`~fp16guard.fixing.solver.ScaledConstant`):
     its largest finite magnitude, and the RMS of its nonzero elements FP16 holds (``|c| > 2**-25``;
     0 when there are none). For a scalar, ``amin`` is the scalar; for a weight, its typical element:
     a weight of FP16 subnormals is off by up to ``2**-25`` each, which relative to a dot product

@@ -39,7 +39,7 @@ def write_interop(result, *, source: str, layer_precisions: str | None = None, s
     """Write the files asked for and say what each holds.
 
     Args:
-        result: a :class:`~fp16guard.fix.pipeline.FixResult` (ONNX output for the first two files;
+        result: a :class:`~fp16guard.fixing.pipeline.FixResult` (ONNX output for the first two files;
             ``keep_outputs=True`` for ``save_outputs``).
         source: the model's name, for the precision file's header.
         layer_precisions: path of the precision constraints (text, or JSON for ``.json``).

@@ -256,7 +256,7 @@ def verify_export(onnx_path: str | Path, inputs: Sequence[NamedInput], *, backen
     """
     import onnx
 
-    from fp16guard.fix import OnnxFixTarget, verify
+    from fp16guard.fixing import OnnxFixTarget, verify
     from fp16guard.fp16_onnx import to_typed_fp16
 
     try:

@@ -527,7 +527,7 @@ def state_dict_sha256(module) -> str:
     """Hex SHA-256 over a module's state_dict: each entry's name, dtype, shape and bytes, in order.
 
     The one module hash of fp16guard: a plan's ``model_sha256`` (the whole model) and, cut to 16
-    hex digits, a submodule's fingerprint (:func:`fp16guard.fix.module_scales.module_fingerprint`).
+    hex digits, a submodule's fingerprint (:func:`fp16guard.fixing.module_scales.module_fingerprint`).
     Two modules with equal parameters and buffers hash alike, whatever their Python identity.
     """
     import hashlib

@@ -187,8 +187,8 @@ NB02 = [
     import tempfile
     from pathlib import Path
 
-    from fp16guard.bisect import bisect, print_bisect
-    from fp16guard.bisect.plot import bisect_figure
+    from fp16guard.bisection import bisect, print_bisect
+    from fp16guard.bisection.plot import bisect_figure
     from fp16guard.examples import get_example, ppocr
     from fp16guard.inputs import NamedInput
 
@@ -242,8 +242,8 @@ NB02 = [
     own measure, the IoU of the binarized text mask (threshold 0.3) against FP32's.
     """),
     code("""
-    from fp16guard.fix.pipeline import fix_model
-    from fp16guard.fix.render import print_fix
+    from fp16guard.fixing.pipeline import fix_model
+    from fp16guard.fixing.render import print_fix
 
     fixed = fix_model(model, [page], validation=[text, coffee], metrics=example.task_metrics, source="ppocr-det")
     print_fix(fixed, console)"""),
@@ -419,8 +419,8 @@ NB03 = [
     fallback.
     """),
     code("""
-    from fp16guard.fix.pipeline import fix_model
-    from fp16guard.fix.render import print_fix
+    from fp16guard.fixing.pipeline import fix_model
+    from fp16guard.fixing.render import print_fix
 
     onnx_path = Path(tempfile.mkdtemp()) / "bert.onnx"
     with warnings.catch_warnings():
@@ -578,8 +578,8 @@ NB04 = [
     `fp16guard calibrate --deploy-cfg deploy.py --model-cfg panet_....py panet.pth --img a.jpg -o plan.json`.
     """),
     code("""
-    from fp16guard.fix import calibrate
-    from fp16guard.fix.render import print_plan
+    from fp16guard.fixing import calibrate
+    from fp16guard.fixing.render import print_plan
 
 
     class Features(torch.nn.Module):
@@ -664,7 +664,7 @@ NB04 = [
     code("""
     from dataclasses import replace
 
-    from fp16guard.fix.render import print_verification
+    from fp16guard.fixing.render import print_verification
 
     inputs = model_inputs(load_model(MODEL_CFG, checkpoint), [img], Config.fromfile(str(deploy_cfg)))
     plain_check = replace(verify_export(plain, inputs), variant="without plan")
@@ -779,8 +779,8 @@ NB05 = [
     backend and the rest in FP32 PyTorch. The search names a module, refined to the op inside it.
     """),
     code("""
-    from fp16guard.bisect import bisect, print_bisect
-    from fp16guard.bisect.plot import bisect_figure
+    from fp16guard.bisection import bisect, print_bisect
+    from fp16guard.bisection.plot import bisect_figure
 
     found = bisect(model, calibration[:1], backend="emulate", source="hrnet_w18_small_v2")
     print_bisect(found, console)"""),
@@ -804,8 +804,8 @@ NB05 = [
     emulation against FP32.
     """),
     code("""
-    from fp16guard.fix.pipeline import fix_model
-    from fp16guard.fix.render import print_verification
+    from fp16guard.fixing.pipeline import fix_model
+    from fp16guard.fixing.render import print_verification
 
     fixed = fix_model(model, calibration, validation=validation, source="hrnet_w18_small_v2")
     plan = fixed.plan
@@ -901,7 +901,7 @@ NB05 = [
     md("""
     ## What to do next
 
-    * Save the FP16 program: `fp16guard.fix.torch_pass.save_program(fixed.fixed, [(x,)], "hrnet-fp16.pt2")`,
+    * Save the FP16 program: `fp16guard.fixing.torch_pass.save_program(fixed.fixed, [(x,)], "hrnet-fp16.pt2")`,
       loaded with `torch.export.load(...).module()`; or `fix_model(model, ..., output="onnx")` for a
       typed FP16 ONNX for TensorRT.
     * On a GPU machine, verify on real FP16 kernels: `fix_model(..., backend="torch")` (PyTorch FP16 on

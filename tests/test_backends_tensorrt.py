@@ -80,7 +80,7 @@ def test_typed_fp16_ppocr_naive_and_fixed_parse_and_build(tmp_path):
     H100: 638 and 637 network layers)."""
     be = _backend(tmp_path)
     from fp16guard.examples import get_example
-    from fp16guard.fix import OnnxFixTarget, fix_target
+    from fp16guard.fixing import OnnxFixTarget, fix_target
 
     ex = get_example("ppocr-det")
     original = onnx.load(str(ex.load()))

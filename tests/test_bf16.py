@@ -16,7 +16,7 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from fp16guard.cli import main
-from fp16guard.fix.pipeline import fix_model
+from fp16guard.fixing.pipeline import fix_model
 from fp16guard.fp16 import BF16_MAX
 from fp16guard.fp16_onnx import emulation_model, emulation_session_options, to_typed_fp16
 from fp16guard.onnx_graph import value_types
@@ -172,7 +172,7 @@ class _GeluMlp(nn.Module):
 
 
 def test_a_pytorch_program_runs_its_island_in_bf16_and_saves_as_pt2(tmp_path):
-    from fp16guard.fix.torch_pass import save_program
+    from fp16guard.fixing.torch_pass import save_program
 
     rng = np.random.default_rng(0)
     xs = [rng.normal(size=(4, 16)).astype(np.float32) for _ in range(2)]

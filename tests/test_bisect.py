@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from fp16guard.bisect import DEFAULT_TOLERANCE, NOISE_CAP, NOISE_FACTOR, bisect, noise_tolerance, print_bisect
-from fp16guard.bisect.search import CutSearch
-from fp16guard.bisect.torch_split import TorchSplitter
+from fp16guard.bisection import DEFAULT_TOLERANCE, NOISE_CAP, NOISE_FACTOR, bisect, noise_tolerance, print_bisect
+from fp16guard.bisection.search import CutSearch
+from fp16guard.bisection.torch_split import TorchSplitter
 from fp16guard.compare import relative_l2
 from fp16guard.errors import BisectError, InputError, SplitError
 from fp16guard.inputs import NamedInput

@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 
 from fp16guard import control_flow
 from fp16guard.cli import main
-from fp16guard.fix import calibrate, fix_model
+from fp16guard.fixing import calibrate, fix_model
 from fp16guard.fp16_onnx import emulation_model, emulation_session_options, to_typed_fp16
 from fp16guard.inspect.onnx_inspector import inspect_onnx
 from fp16guard.onnx_graph import value_ranges

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from fp16guard.cli import main
 from fp16guard.compare import BAR_FACTOR, BAR_ROUNDOFF
-from fp16guard.fix import fix_model
+from fp16guard.fixing import fix_model
 
 
 class PeakedSoftmax(nn.Module):

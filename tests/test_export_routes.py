@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from fp16guard.errors import ExportError, UsageError
-from fp16guard.fix import calibrate, fix_model
-from fp16guard.fix.submodule import FixedSubmodule
+from fp16guard.fixing import calibrate, fix_model
+from fp16guard.fixing.submodule import FixedSubmodule
 from fp16guard.torch_graph import export_onnx_routes, widen_bfloat16
 
 

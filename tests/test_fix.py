@@ -17,10 +17,10 @@ from onnx import TensorProto, helper, numpy_helper
 import fp16guard
 from fp16guard.cli import main
 from fp16guard.errors import ModelLoadError, PlanError
-from fp16guard.fix.onnx_pass import apply_exponents, scale_ops
-from fp16guard.fix.pipeline import apply_plan, calibrate_target, fix_model
-from fp16guard.fix.solver import Role, ScaleOp, complete, solve
-from fp16guard.fix.targets import OnnxFixTarget, prepare_onnx
+from fp16guard.fixing.onnx_pass import apply_exponents, scale_ops
+from fp16guard.fixing.pipeline import apply_plan, calibrate_target, fix_model
+from fp16guard.fixing.solver import Role, ScaleOp, complete, solve
+from fp16guard.fixing.targets import OnnxFixTarget, prepare_onnx
 from fp16guard.inputs import NamedInput
 from fp16guard.plan import RewritePlan
 
@@ -643,7 +643,7 @@ def test_an_additive_mask_of_finfo_min_is_saturated_and_the_output_is_unchanged(
 def test_a_huge_constant_that_does_not_end_in_a_softmax_is_never_clamped():
     """The same constant added to the output instead of the scores has no proof: it stays, and FP16
     cannot hold it (the model is refused, not silently changed)."""
-    from fp16guard.fix.onnx_pass import saturate_masks
+    from fp16guard.fixing.onnx_pass import saturate_masks
 
     model = _masked_attention()
     model.graph.node[-1].input[0] = "masked"  # the context matmul now reads the masked scores

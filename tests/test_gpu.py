@@ -106,7 +106,7 @@ def _ort_cuda():
 
 def test_bisect_crepe_real_fp16_kernels_agree_with_the_emulation():
     """torch (FP16 CUDA module) and onnxruntime (CUDA EP) name the same module as emulate."""
-    from fp16guard.bisect import bisect
+    from fp16guard.bisection import bisect
     from fp16guard.examples import get_example
 
     ex = get_example("crepe-full")
@@ -121,7 +121,7 @@ def test_bisect_crepe_real_fp16_kernels_agree_with_the_emulation():
 
 def test_bisect_ppocr_on_the_cuda_ep_agrees_with_the_emulation():
     _ort_cuda()
-    from fp16guard.bisect import bisect
+    from fp16guard.bisection import bisect
     from fp16guard.examples import get_example
 
     ex = get_example("ppocr-det")
@@ -133,7 +133,7 @@ def test_bisect_ppocr_on_the_cuda_ep_agrees_with_the_emulation():
 def test_fixed_crepe_program_on_real_fp16_cuda_kernels_matches_the_emulation():
     """The .pt2 program fp16guard fix writes for crepe-full, run by PyTorch's FP16 CUDA kernels."""
     from fp16guard.examples import get_example
-    from fp16guard.fix import fix_model
+    from fp16guard.fixing import fix_model
 
     ex = get_example("crepe-full")
     runs = {b: fix_model(ex.load(), ex.calibration(), validation=ex.validation(), metrics=ex.task_metrics,

@@ -30,9 +30,9 @@ from torch.nn.modules import module as nn_module
 from fp16guard import FInspect, check_module
 from fp16guard.backends.base import Backend
 from fp16guard.backends.torch_fp16 import TorchEngine
-from fp16guard.bisect import bisect
+from fp16guard.bisection import bisect
 from fp16guard.errors import BackendError, ExportError, InputError
-from fp16guard.fix import calibrate, fix_model
+from fp16guard.fixing import calibrate, fix_model
 from fp16guard.inputs import as_inputs
 from fp16guard.inspect import run_torch
 from tests.models import Net, Raises, residual_input, residual_net
@@ -206,7 +206,7 @@ def no_onnx_listing(monkeypatch):
     def refuse(module, args, *, dynamic_shapes=None, what="the model"):
         raise ExportError(f"cannot export {what} to ONNX (not in these tests)")
 
-    monkeypatch.setattr(importlib.import_module("fp16guard.bisect.targets"), "export_onnx", refuse)
+    monkeypatch.setattr(importlib.import_module("fp16guard.bisection.targets"), "export_onnx", refuse)
 
 
 def _verdicts(result) -> tuple:

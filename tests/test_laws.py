@@ -6,7 +6,7 @@ another op than the row's own (``square`` as ``Pow``, ``addmm`` as ``Gemm``) the
 where it does not write the row's ONNX op at all (``RMSNormalization`` at opset 20), the ONNX side
 is a hand-built node. A row one frontend cannot express says so in the table (``Law.skip``), and
 the test checks that every other row has a case. The docs' tables are the table's
-(:func:`fp16guard.fix.laws.markdown`).
+(:func:`fp16guard.fixing.laws.markdown`).
 """
 
 import re
@@ -23,10 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from fp16guard.fix import fix_model, laws, onnx_pass, torch_masks, torch_pass
-from fp16guard.fix.laws import ATEN, LAWS, ONNX
-from fp16guard.fix.solver import Role
-from fp16guard.fix.targets import prepare_onnx
+from fp16guard.fixing import fix_model, laws, onnx_pass, torch_masks, torch_pass
+from fp16guard.fixing.laws import ATEN, LAWS, ONNX
+from fp16guard.fixing.solver import Role
+from fp16guard.fixing.targets import prepare_onnx
 from fp16guard.torch_graph import capture, export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,9 +314,9 @@ def _docs_table() -> tuple[str, str]:
 
 
 def test_the_docs_op_table_is_the_law_table():
-    """docs/fix.md holds the tables :func:`fp16guard.fix.laws.markdown` writes."""
+    """docs/fix.md holds the tables :func:`fp16guard.fixing.laws.markdown` writes."""
     table, indent = _docs_table()
-    assert table == laws.markdown(indent), "regenerate docs/fix.md's tables with fp16guard.fix.laws.markdown('   ')"
+    assert table == laws.markdown(indent), "regenerate docs/fix.md's tables with fp16guard.fixing.laws.markdown('   ')"
 
 
 def test_the_mask_proofs_ops_are_the_rows_marked_for_it():

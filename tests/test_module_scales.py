@@ -1,4 +1,4 @@
-"""A PyTorch plan per module (fp16guard.fix.module_scales) and the plan-driven block forwards
+"""A PyTorch plan per module (fp16guard.fixing.module_scales) and the plan-driven block forwards
 (fp16guard.rewriters.blocks) on a residual network shaped like mmdet's ResNet BasicBlocks."""
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from fp16guard.errors import PlanError
-from fp16guard.fix import calibrate
-from fp16guard.fix.module_scales import ModuleScale, ScaleTable, module_fingerprint, module_scales
+from fp16guard.fixing import calibrate
+from fp16guard.fixing.module_scales import ModuleScale, ScaleTable, module_fingerprint, module_scales
 from fp16guard.plan import RewritePlan
 from fp16guard.rewriters.blocks import basic_block_forward, conv_norm_act
 from tests.models import residual_input, residual_net

@@ -9,8 +9,8 @@ from matplotlib.text import Text
 from torch import nn
 
 from fp16guard import FInspect
-from fp16guard.bisect import BisectResult, Offender, Trial, plot_bisect
-from fp16guard.bisect.plot import bisect_figure
+from fp16guard.bisection import BisectResult, Offender, Trial, plot_bisect
+from fp16guard.bisection.plot import bisect_figure
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
 from fp16guard.inspect import plot_report
 from fp16guard.inspect.plot import STATIC_LINES, report_figure

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fp16guard.fix import fix_model
+from fp16guard.fixing import fix_model
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """Saturating ops read scaled values (issue 24 item 2): sigmoid, tanh, erf, and x * gate(x) (SiLU, GELU,
 HardSwish, Mish) whose inputs exceed FP16 run in pure FP16 through ``Clip(-B 2^-k, B 2^-k) * 2^k``
-instead of FP32 islands, on both the PyTorch and the ONNX path (:mod:`fp16guard.fix.laws`)."""
+instead of FP32 islands, on both the PyTorch and the ONNX path (:mod:`fp16guard.fixing.laws`)."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fp16guard.fix import fix_model
-from fp16guard.fix.solver import SATURATING_MAX_EXPONENT, Role, ScaleOp, solve
+from fp16guard.fixing import fix_model
+from fp16guard.fixing.solver import SATURATING_MAX_EXPONENT, Role, ScaleOp, solve
 
 ACTS = {"silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu,
         "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "mish": F.mish}
@@ -177,8 +177,8 @@ def test_an_onnx_file_of_any_opset_gets_its_clip_as_inputs_or_attributes(opset):
 def test_the_onnx_rewrite_computes_the_same_function_at_any_exponent(op, k):
     """Applied to the FP32 graph, the clamp (``k > 0``) or the plain rescale (``k < 0``) before a
     saturating or gated op changes nothing beyond FP32 rounding: the law is exact."""
-    from fp16guard.fix import onnx_pass
-    from fp16guard.fix.solver import complete
+    from fp16guard.fixing import onnx_pass
+    from fp16guard.fixing.solver import complete
     from fp16guard.onnx_graph import cpu_session
 
     model = _conv_then(op, 20)
@@ -193,8 +193,8 @@ def test_the_onnx_rewrite_computes_the_same_function_at_any_exponent(op, k):
 
 @pytest.mark.parametrize("k", [-3, 4])
 def test_the_torch_rewrite_computes_the_same_function_at_any_exponent(k):
-    from fp16guard.fix import torch_pass
-    from fp16guard.fix.solver import complete
+    from fp16guard.fixing import torch_pass
+    from fp16guard.fixing.solver import complete
     from fp16guard.torch_graph import capture
 
     model = Gates(gain=100.0).eval()  # weights that fit FP16 at 2^3 too; |c| still reaches far beyond every B

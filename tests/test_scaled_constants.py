@@ -1,7 +1,7 @@
 """Constants checked after scaling, rescales at FP32 island boundaries, graph inputs scaled for precision.
 
 * A constant folded into a scaled region stays in FP16's range (``ScaledConstant`` in
-  :mod:`fp16guard.fix.solver`): ``clamp(h, min=2^-23)`` (or ``h + 1e-7``) inside a region at 2^-7
+  :mod:`fp16guard.fixing.solver`): ``clamp(h, min=2^-23)`` (or ``h + 1e-7``) inside a region at 2^-7
   would be flushed to 0 and the ``log`` after it -inf where ``h = 0``, so the clamp and the log run
   in FP32; a weight closing a region at 2^7 would pass 65504, so the region takes a smaller
   exponent, or, where none fits, the conv runs in FP32, instead of a ``RewriteError``.
@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from models import pcm
 
-from fp16guard.fix import fix_model
-from fp16guard.fix.pipeline import calibrate
+from fp16guard.fixing import fix_model
+from fp16guard.fixing.pipeline import calibrate
 
 
 def _fix(model, calibration, validation, graph):

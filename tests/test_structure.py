@@ -11,7 +11,7 @@ import fp16guard
 
 PACKAGE = Path(fp16guard.__file__).parent
 TESTS = Path(__file__).parent
-STAGES = {"inspect", "bisect", "fix"}
+STAGES = {"inspect", "bisection", "fixing"}
 #: The shared layer every stage may use (besides backends/).
 SHARED = {"cache", "compare", "control_flow", "deps", "errors", "files", "folding", "fp16", "fp16_onnx", "inputs", "jsonio", "loading",
           "onnx_graph", "plan", "polygraphy_io", "progress", "stats", "torch_graph", "backends"}

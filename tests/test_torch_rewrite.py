@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 import fp16guard
 from fp16guard.cli import main
 from fp16guard.errors import FixError, PlanError
-from fp16guard.fix import torch_pass as tr
-from fp16guard.fix.pipeline import apply_plan, calibrate, calibrate_target, fix_model
-from fp16guard.fix.solver import Role, complete
-from fp16guard.fix.targets import TorchFixTarget
+from fp16guard.fixing import torch_pass as tr
+from fp16guard.fixing.pipeline import apply_plan, calibrate, calibrate_target, fix_model
+from fp16guard.fixing.solver import Role, complete
+from fp16guard.fixing.targets import TorchFixTarget
 from fp16guard.inputs import NamedInput
 from fp16guard.torch_graph import capture
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from transformer_cases import bert, decoder_or_encoder, image_batch, t5, to_onnx, to_onnx_image, token_batch, vit
 
-from fp16guard.fix import fix_model
+from fp16guard.fixing import fix_model
 
 pytestmark = pytest.mark.slow
 

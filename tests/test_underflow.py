@@ -12,7 +12,7 @@ import pytest
 import torch
 from models import LogMelFrontEnd, pcm
 
-from fp16guard.fix import fix_model
+from fp16guard.fixing import fix_model
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Property tests of fp16guard.fix.warp: the warp identities, bitwise folding, and the FP16 point.
+"""Property tests of fp16guard.fixing.warp: the warp identities, bitwise folding, and the FP16 point.
 
 Tolerances (float32, unit roundoff u = 2**-24). For one output element let S = sum |W||x| over its
 n products and b its bias. Any summation order (blocked, FMA) gives
@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fp16guard.fix.warp import scaled_conv, scaled_linear, warp_bn, warp_conv, warp_linear
+from fp16guard.fixing.warp import scaled_conv, scaled_linear, warp_bn, warp_conv, warp_linear
 from fp16guard.fp16 import FP16_MAX
 
 U32 = 2.0 ** -24  # float32 unit roundoff (eps32 / 2)

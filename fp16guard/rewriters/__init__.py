@@ -10,7 +10,7 @@ TensorRT backend (:mod:`fp16guard.rewriters.mmdeploy_rewriters`):
 
 They read the plan named in the deploy config (``fp16guard = dict(plan='plan.json')``) through
 the rewriter context and apply it to the modules the plan lists (matched by parameter
-fingerprint, :mod:`fp16guard.fix.module_scales`); without that key, or for modules the plan does not
+fingerprint, :mod:`fp16guard.fixing.module_scales`); without that key, or for modules the plan does not
 list, they call the original function. An mmdeploy deploy config can import them with
 ``custom_imports = dict(imports=['fp16guard.rewriters'], allow_failed_imports=False)``.
 

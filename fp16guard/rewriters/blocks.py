@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp16guard.fix.module_scales import ScaleTable, norm_input_shift
+from fp16guard.fixing.module_scales import ScaleTable, norm_input_shift
 from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, pow2
 
 

@@ -20,7 +20,7 @@ from mmdeploy.core import FUNCTION_REWRITER
 importlib.import_module("mmengine.model")
 
 from fp16guard.errors import PlanError
-from fp16guard.fix.module_scales import ScaleTable
+from fp16guard.fixing.module_scales import ScaleTable
 from fp16guard.plan import RewritePlan
 from fp16guard.rewriters.blocks import (
     basic_block_forward,
@@ -51,7 +51,7 @@ def _exponents(ctx, module) -> tuple[int, int] | None:
 
 
 def _entry(ctx, module):
-    """``module``'s :class:`~fp16guard.fix.module_scales.ModuleScale` in the context's plan, or None."""
+    """``module``'s :class:`~fp16guard.fixing.module_scales.ModuleScale` in the context's plan, or None."""
     table = _table(ctx)
     return table.find(module) if table is not None else None
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from panet import Features, image, panet
 
-from fp16guard.fix import calibrate
+from fp16guard.fixing import calibrate
 
 
 @pytest.fixture(scope="session")

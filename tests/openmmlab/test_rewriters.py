@@ -22,7 +22,7 @@ from panet import image  # noqa: E402
 
 import fp16guard.rewriters  # noqa: E402,F401 - registers the rewriters
 from fp16guard.backends import get_backend  # noqa: E402
-from fp16guard.fix import calibrate  # noqa: E402
+from fp16guard.fixing import calibrate  # noqa: E402
 from fp16guard.fp16_onnx import to_typed_fp16  # noqa: E402
 from tests.models import residual_input, residual_net  # noqa: E402
 

@@ -1,13 +1,13 @@
 """The two kinds of model the fix rewrites, behind one :class:`FixTarget` protocol.
 
-The pipeline (:mod:`fp16guard.fix.pipeline`) calibrates, solves, applies, converts and verifies
+The pipeline (:mod:`fp16guard.fixing.pipeline`) calibrates, solves, applies, converts and verifies
 through these methods only, so an ONNX graph and a PyTorch module share every step but the
 adapter:
 
-* :class:`OnnxFixTarget`: an FP32 ONNX graph; passes in :mod:`fp16guard.fix.onnx_pass`, typed
+* :class:`OnnxFixTarget`: an FP32 ONNX graph; passes in :mod:`fp16guard.fixing.onnx_pass`, typed
   FP16 conversion by :func:`fp16guard.fp16_onnx.to_typed_fp16`, verification on any ONNX backend.
 * :class:`TorchFixTarget`: a ``torch.nn.Module`` captured once with ``torch.export``; passes in
-  :mod:`fp16guard.fix.torch_pass`, a typed FP16 ``GraphModule`` out, verification by strict FP16
+  :mod:`fp16guard.fixing.torch_pass`, a typed FP16 ``GraphModule`` out, verification by strict FP16
   emulation on the CPU or PyTorch's FP16 kernels on CUDA.
 
 Each target loads or captures its model once, when it is built, and keeps the two graphs every
@@ -33,14 +33,14 @@ from torch.utils._pytree import tree_flatten
 from fp16guard import control_flow
 from fp16guard.backends import Backend, get_backend
 from fp16guard.errors import BackendError, ModelLoadError, PlanError
-from fp16guard.fix import onnx_pass, torch_masks, torch_pass
-from fp16guard.fix.module_scales import module_scales
-from fp16guard.fix.onnx_pass import RewriteNote
-from fp16guard.fix.solver import ScaleOp, ScaleSolution
+from fp16guard.fixing import onnx_pass, torch_masks, torch_pass
+from fp16guard.fixing.module_scales import module_scales
+from fp16guard.fixing.onnx_pass import RewriteNote
+from fp16guard.fixing.solver import ScaleOp, ScaleSolution
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
 from fp16guard.fp16_onnx import ISLAND_DTYPES, Fp16Conversion, to_typed_fp16, unfit_constants
 from fp16guard.inputs import NamedInput, check_onnx_feeds, onnx_feed, torch_args
-from fp16guard.loading import refuse_fp16_module  # noqa: F401 - re-exported: fp16guard.fix.targets.refuse_fp16_module
+from fp16guard.loading import refuse_fp16_module  # noqa: F401 - re-exported: fp16guard.fixing.targets.refuse_fp16_module
 from fp16guard.onnx_graph import (
     consumers,
     cpu_session,
@@ -129,7 +129,7 @@ def _amax_of(runs: Sequence[Mapping]) -> dict[str, float]:
 
 
 #: The structural passes after ``constants_to_initializers``: additive masks beyond FP16 saturated
-#: (:func:`~fp16guard.fix.onnx_pass.saturate_masks`), bias Adds and BatchNorms folded.
+#: (:func:`~fp16guard.fixing.onnx_pass.saturate_masks`), bias Adds and BatchNorms folded.
 STRUCTURAL_PASSES = (onnx_pass.saturate_masks, onnx_pass.fold_affine_constants, onnx_pass.fold_batchnorms,
                      onnx_pass.fold_affine_constants)
 
@@ -172,9 +172,9 @@ class OnnxFixTarget:
     subgraph). A subgraph that never ran in calibration is converted unmeasured, with a warning
     and a ``control_flow`` note.
 
-    A float64 model is computed in float32 (:func:`~fp16guard.fix.onnx_pass.doubles_to_float`; its
+    A float64 model is computed in float32 (:func:`~fp16guard.fixing.onnx_pass.doubles_to_float`; its
     FP32 references still come from the float64 model), and weights also listed as graph inputs
-    become plain initializers (:func:`~fp16guard.fix.onnx_pass.initializer_inputs_to_constants`);
+    become plain initializers (:func:`~fp16guard.fixing.onnx_pass.initializer_inputs_to_constants`);
     both are notes of the fix.
 
     Raises:
@@ -279,7 +279,7 @@ class OnnxFixTarget:
                 islands: str = "fp32") -> tuple[onnx.ModelProto, Fp16Conversion]:
         """See :meth:`FixTarget.convert` (:func:`~fp16guard.fp16_onnx.to_typed_fp16`); rescales that
         restore values only for FP32 readers or graph outputs run in FP32 with them
-        (:func:`~fp16guard.fix.onnx_pass.restoring_rescales`), or in BF16 with BF16 islands."""
+        (:func:`~fp16guard.fixing.onnx_pass.restoring_rescales`), or in BF16 with BF16 islands."""
         nodes = [*fp32_nodes, *onnx_pass.restoring_rescales(graph, fp32_nodes)]
         merged = onnx_pass.merge_fp32_rescale_chains(graph, nodes)  # one FP32 Mul where a chain runs in FP32
         gone = {n.name for n in graph.graph.node} - {n.name for n in merged.graph.node}
@@ -407,9 +407,9 @@ class TorchFixTarget:
         return torch_pass.annotate(scaled, self.examples[0]), notes
 
     def convert(self, graph, fp32_nodes: Sequence[str], *, islands: str = "fp32") -> tuple[object, Fp16Conversion]:
-        """See :meth:`FixTarget.convert` (:func:`~fp16guard.fix.torch_pass.to_fp16_program`); rescales
+        """See :meth:`FixTarget.convert` (:func:`~fp16guard.fixing.torch_pass.to_fp16_program`); rescales
         that restore values only for FP32 users or the output run in FP32 with them
-        (:func:`~fp16guard.fix.torch_pass.restoring_rescales`), or in BF16 with BF16 islands."""
+        (:func:`~fp16guard.fixing.torch_pass.restoring_rescales`), or in BF16 with BF16 islands."""
         nodes = [*fp32_nodes, *torch_pass.restoring_rescales(graph, fp32_nodes)]
         bf16 = islands == "bf16"
         program = torch_pass.to_fp16_program(graph, nodes, torch.bfloat16 if bf16 else torch.float32)
@@ -430,7 +430,7 @@ class TorchFixTarget:
 
     def complete_plan(self, plan: RewritePlan, amax: Mapping[str, float] | None = None) -> RewritePlan:
         """See :meth:`FixTarget.complete_plan`: the exponents at each module's boundary
-        (:func:`~fp16guard.fix.module_scales.module_scales`), from the graph captured here."""
+        (:func:`~fp16guard.fixing.module_scales.module_scales`), from the graph captured here."""
         scales = module_scales(self.model, plan, self.examples, captured=self.base, amax=amax)
         return replace(plan, modules=[m.to_json() for m in scales])
 

@@ -1,7 +1,7 @@
 """Choose power-of-two scale exponents for every activation so a model stays in FP16 range.
 
-Graph-agnostic: the ONNX rewriter (:mod:`fp16guard.fix.onnx_pass`) and the PyTorch rewriter
-(:mod:`fp16guard.fix.torch_pass`) describe their graphs as a list of :class:`ScaleOp` (each op's
+Graph-agnostic: the ONNX rewriter (:mod:`fp16guard.fixing.onnx_pass`) and the PyTorch rewriter
+(:mod:`fp16guard.fixing.torch_pass`) describe their graphs as a list of :class:`ScaleOp` (each op's
 :class:`Role` and its activation inputs and outputs, constants left out) and get back a
 :class:`ScaleSolution`.
 
@@ -33,7 +33,7 @@ How exponents propagate, by role:
   ``log`` scaled, with no FP32 island.
 * ``SATURATING`` (Sigmoid, Tanh, Erf: constant to FP16 rounding beyond a bound ``B``): its input is
   read at any exponent ``k <= SATURATING_MAX_EXPONENT`` through ``Clip(-B 2^-k, B 2^-k)`` and
-  ``Mul 2^k``, exact (:mod:`fp16guard.fix.laws`); output true. ``GATED`` (SiLU, GELU, HardSwish,
+  ``Mul 2^k``, exact (:mod:`fp16guard.fixing.laws`); output true. ``GATED`` (SiLU, GELU, HardSwish,
   Mish: ``x * gate(x)``): the same clamp inside, output at the input's exponent (tied). Both pin
   their class softly: it is scaled only when its amax exceeds 65504 (then no rescale op is needed),
   and beyond ``SATURATING_MAX_EXPONENT`` they read true values like a barrier.

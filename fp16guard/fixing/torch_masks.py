@@ -1,5 +1,5 @@
 """Saturating attention-mask constants in a ``torch.export`` graph: the PyTorch counterpart of
-:func:`fp16guard.fix.onnx_pass.saturate_masks` (the proof and the guard are the same).
+:func:`fp16guard.fixing.onnx_pass.saturate_masks` (the proof and the guard are the same).
 
 An additive mask ``finfo(float32).min`` (``(1 - m) * finfo.min``, ``where(m, bias, finfo.min)``,
 ``scores.masked_fill(m, -1e9)``) is ``-inf`` in FP16, and ``0 * -inf`` or a fully masked row of
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fp16guard.fix.onnx_pass import SATURATED_MASK, RewriteNote
-from fp16guard.fix.torch_pass import ATTENTION, copy_module
+from fp16guard.fixing.onnx_pass import SATURATED_MASK, RewriteNote
+from fp16guard.fixing.torch_pass import ATTENTION, copy_module
 from fp16guard.fp16 import FP16_MAX
 
 aten = torch.ops.aten

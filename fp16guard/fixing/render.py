@@ -72,7 +72,7 @@ INTERFACE_NOTES = ("float64_to_float32", "initializer_inputs")
 EXPORT_NOTES = ("onnx_export",)
 
 
-#: Variant labels of :func:`fp16guard.fix.pipeline._variant`, in words.
+#: Variant labels of :func:`fp16guard.fixing.pipeline._variant`, in words.
 VARIANTS = {"fixed": "fixed model", "fixed_bf16": "fixed model (BF16 islands)", "fallback": "FP32 fallback",
             "fallback_bf16": "BF16 fallback", "naive": "plain FP16 conversion"}
 
@@ -83,7 +83,7 @@ def _count(n: int, noun: str, plural: str | None = None) -> str:
 
 
 def rewrite_summary(result) -> str:
-    """The rewrites of a :class:`~fp16guard.fix.FixResult` in a user's terms, e.g. ``2 BatchNorms
+    """The rewrites of a :class:`~fp16guard.fixing.FixResult` in a user's terms, e.g. ``2 BatchNorms
     folded into convs, 2 scale regions, 1 FP32 island`` (``none`` when nothing changed)."""
     kinds = Counter(n.kind for n in result.notes)
     fallback = result.verification.variant.startswith("fallback")
@@ -178,7 +178,7 @@ def _next_step(result) -> str:
         return "see the plan's unfixable entries (result.plan.unfixable), or fix(..., fallback='fp32')"
     if type(result.fixed).__name__ == "ModelProto":
         return 'onnx.save(result.fixed, "fixed.onnx"), then trtexec --onnx=fixed.onnx --stronglyTyped'
-    return 'fp16guard.fix.torch_pass.save_program(result.fixed, [example_args], "fixed.pt2")'
+    return 'fp16guard.fixing.torch_pass.save_program(result.fixed, [example_args], "fixed.pt2")'
 
 
 def summary(result) -> str:
@@ -223,7 +223,7 @@ def fix_renderables(result) -> Iterator[RenderableType]:
 
 
 def print_fix(result, console: Console) -> None:
-    """A :class:`fp16guard.fix.FixResult`: the plan, the rewrites in a user's terms, the
+    """A :class:`fp16guard.fixing.FixResult`: the plan, the rewrites in a user's terms, the
     verification of the fixed model beside the plain FP16 conversion and the fallbacks, per input,
     and the verdict (worst error against the tolerance, and the FP32 fallback's)."""
     for renderable in fix_renderables(result):

@@ -1,17 +1,17 @@
 """Stage 3, fix: rewrite a model so it runs entirely in FP16, exact in real arithmetic.
 
-* :mod:`~fp16guard.fix.pipeline`: the one pipeline, calibrate -> plan -> apply -> convert ->
+* :mod:`~fp16guard.fixing.pipeline`: the one pipeline, calibrate -> plan -> apply -> convert ->
   verify (:func:`fix`, :func:`fix_model`, :func:`calibrate`, :class:`FixResult`).
-* :mod:`~fp16guard.fix.targets`: the :class:`FixTarget` protocol and its ONNX and PyTorch adapters.
-* :mod:`~fp16guard.fix.solver`: the power-of-two scale solver both adapters feed.
-* :mod:`~fp16guard.fix.onnx_pass`, :mod:`~fp16guard.fix.torch_pass`: the graph passes (BatchNorm
+* :mod:`~fp16guard.fixing.targets`: the :class:`FixTarget` protocol and its ONNX and PyTorch adapters.
+* :mod:`~fp16guard.fixing.solver`: the power-of-two scale solver both adapters feed.
+* :mod:`~fp16guard.fixing.onnx_pass`, :mod:`~fp16guard.fixing.torch_pass`: the graph passes (BatchNorm
   folding, exponents folded into weights, typed FP16 programs and their emulation).
-* :mod:`~fp16guard.fix.module_scales`: a PyTorch plan per module, for the mmdeploy rewriters.
-* :mod:`~fp16guard.fix.warp`: the seed's functional forms (``warp_conv``, ``warp_bn``).
+* :mod:`~fp16guard.fixing.module_scales`: a PyTorch plan per module, for the mmdeploy rewriters.
+* :mod:`~fp16guard.fixing.warp`: the seed's functional forms (``warp_conv``, ``warp_bn``).
 * :func:`print_plan`, :func:`print_fix`, :func:`print_verification`: terminal rendering.
 """
 
-from fp16guard.fix.pipeline import (
+from fp16guard.fixing.pipeline import (
                                     FixResult,
                                     apply_plan,
                                     calibrate,
@@ -22,9 +22,9 @@ from fp16guard.fix.pipeline import (
                                     make_target,
                                     verify,
 )
-from fp16guard.fix.render import print_fix, print_plan, print_verification
-from fp16guard.fix.targets import FixTarget, OnnxFixTarget, TorchFixTarget
-from fp16guard.fix.warp import warp_bn, warp_conv, warp_linear
+from fp16guard.fixing.render import print_fix, print_plan, print_verification
+from fp16guard.fixing.targets import FixTarget, OnnxFixTarget, TorchFixTarget
+from fp16guard.fixing.warp import warp_bn, warp_conv, warp_linear
 
 __all__ = ["FixResult", "FixTarget", "OnnxFixTarget", "TorchFixTarget", "apply_plan", "calibrate", "calibrate_target",
            "fix", "fix_model", "fix_target", "make_target", "print_fix", "print_plan", "print_verification", "verify",

@@ -1,12 +1,12 @@
-"""``fp16guard.fix``: one pipeline, calibrate -> plan -> apply -> convert -> verify, for any model.
+"""``fp16guard.fixing.pipeline``: one pipeline, calibrate -> plan -> apply -> convert -> verify, for any model.
 
-Every step runs through a :class:`~fp16guard.fix.targets.FixTarget`, so an ONNX graph
-(:class:`~fp16guard.fix.targets.OnnxFixTarget`) and a PyTorch module
-(:class:`~fp16guard.fix.targets.TorchFixTarget`) share all of them:
+Every step runs through a :class:`~fp16guard.fixing.targets.FixTarget`, so an ONNX graph
+(:class:`~fp16guard.fixing.targets.OnnxFixTarget`) and a PyTorch module
+(:class:`~fp16guard.fixing.targets.TorchFixTarget`) share all of them:
 
 1. **Calibrate** (:func:`calibrate_target`): activation amax of the prepared graph (BatchNorms and
    bias constants folded in float64) over the calibration inputs, the scale solver
-   (:func:`fp16guard.fix.solver.solve`), the constants FP16 would flush entirely, and the nodes
+   (:func:`fp16guard.fixing.solver.solve`), the constants FP16 would flush entirely, and the nodes
    the FP32 fallback would keep (measured on the unfolded graph): a
    :class:`~fp16guard.plan.RewritePlan`.
 2. **Apply** (:func:`apply_plan`): the plan's exponents folded into the constants, its consented
@@ -40,9 +40,9 @@ import torch
 from fp16guard.backends import Backend
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow
 from fp16guard.errors import ExportError, FixError, InputError, PlanError, RewriteError, StillOverflowsError, first_line
-from fp16guard.fix.onnx_pass import RewriteNote
-from fp16guard.fix.solver import DERIVED_ROLES, ScaleOp, ScaleSolution, Unfixable, complete, solve
-from fp16guard.fix.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
+from fp16guard.fixing.onnx_pass import RewriteNote
+from fp16guard.fixing.solver import DERIVED_ROLES, ScaleOp, ScaleSolution, Unfixable, complete, solve
+from fp16guard.fixing.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL
 from fp16guard.fp16_onnx import Fp16Conversion
 from fp16guard.inputs import NamedInput, as_inputs, check_inputs, torch_args
@@ -113,7 +113,7 @@ def underflow_islands(ops: Sequence[ScaleOp], underflow: Sequence[PlanUnderflow]
         flushed: values with nonzero elements below FP16's smallest subnormal in calibration.
 
     Returns:
-        One :class:`~fp16guard.fix.solver.Unfixable` per constant that needs an island.
+        One :class:`~fp16guard.fixing.solver.Unfixable` per constant that needs an island.
     """
     readers: dict[str, list[ScaleOp]] = {}
     for op in ops:
@@ -147,7 +147,7 @@ def input_floors(target: FixTarget, inputs: Sequence[NamedInput], names: Sequenc
     """Per graph input beyond FP16, the magnitude below which only :data:`INPUT_FLOOR_QUANTILE` of its
     nonzero calibration values lie: the solver scales the input no more than keeps that magnitude
     a normal FP16 number (down to the exponent that just fits 65504; ``input_floor`` of
-    :func:`~fp16guard.fix.solver.solve`).
+    :func:`~fp16guard.fixing.solver.solve`).
 
     A power spectrum whose quiet frames are 2^37 below its loud ones loses them to subnormals at
     any scale, and a per-frame LayerNorm after it makes each frame count: scaled at 2^-17 (loud
@@ -408,9 +408,9 @@ class FixResult:
         tolerance: the largest relative L2 error accepted on any input (None: not known).
         submodule: when one submodule was fixed (``fix_model(..., submodule=)``, or chosen because the
             whole model cannot be captured), what was fixed, what stays FP32 and the end-to-end
-            errors (:class:`~fp16guard.fix.submodule.SubmoduleFix`); ``fixed`` is then the
+            errors (:class:`~fp16guard.fixing.submodule.SubmoduleFix`); ``fixed`` is then the
             submodule's program, and ``model`` a copy of the whole model with the submodule replaced
-            by it (:class:`~fp16guard.fix.submodule.FixedSubmodule`, FP32 in and out). Else None.
+            by it (:class:`~fp16guard.fixing.submodule.FixedSubmodule`, FP32 in and out). Else None.
 
     ``fixed, plan = result`` unpacks it as :func:`fix` returned before; ``print(result)`` gives a
     few lines (verdict with the worst error against the tolerance and the FP32 fallback's, the
@@ -442,19 +442,19 @@ class FixResult:
         return iter((self.fixed, self.plan))
 
     def __str__(self) -> str:
-        from fp16guard.fix.render import summary
+        from fp16guard.fixing.render import summary
 
         return summary(self)
 
     def __repr__(self) -> str:
-        from fp16guard.fix.render import fix_verdict
+        from fp16guard.fixing.render import fix_verdict
 
         return (f"FixResult(source={self.plan.source!r}, accepted={fix_verdict(self)[0]}, "
                 f"finite={self.verification.finite}, rewrites={len(self.notes)}, fixed={type(self.fixed).__name__})")
 
     def __rich_console__(self, console, options):
-        """The full report, as ``fp16guard fix`` prints it (:func:`~fp16guard.fix.render.print_fix`)."""
-        from fp16guard.fix.render import fix_renderables
+        """The full report, as ``fp16guard fix`` prints it (:func:`~fp16guard.fixing.render.print_fix`)."""
+        from fp16guard.fixing.render import fix_renderables
 
         yield from fix_renderables(self)
 
@@ -614,7 +614,7 @@ def _deliver(result: FixResult, target: FixTarget, plan: RewritePlan, applied: A
     """Make ``result`` hold the best deployable model: the fixed one when it meets the bar
     (:func:`~fp16guard.compare.misses_bar` against the fallback with islands in the same
     precision, else the naive conversion); otherwise the fewest islands on the rewritten graph that
-    do (:func:`~fp16guard.fix.islands.search_islands`); otherwise the fallback itself, which other
+    do (:func:`~fp16guard.fixing.islands.search_islands`); otherwise the fallback itself, which other
     tools would give. Sets ``result.delivered``, ``result.refusal`` (why the pure fix was not
     written), ``result.island_search`` and ``result.floor``.
 
@@ -622,7 +622,7 @@ def _deliver(result: FixResult, target: FixTarget, plan: RewritePlan, applied: A
     fixed model is then judged only for finiteness.
     """
     from fp16guard.compare import floor_note, misses_bar
-    from fp16guard.fix.islands import search_islands
+    from fp16guard.fixing.islands import search_islands
 
     reference = same or naive
     consented = any(u.consent for u in plan.underflow)
@@ -789,9 +789,9 @@ def _check_feeds(target: FixTarget, items: Sequence[NamedInput], what: str) -> N
 def _capture(model, calibration: Sequence[NamedInput], validation: Sequence[NamedInput], *, graph: str | None,
              source: str | None, submodule: str | None):
     """``(target, split)``: the target of the whole model (``split`` None), or of one submodule
-    (``split`` a :class:`~fp16guard.fix.submodule.SubmoduleFix`): the one named, or, when a
+    (``split`` a :class:`~fp16guard.fixing.submodule.SubmoduleFix`): the one named, or, when a
     PyTorch module cannot be captured (or exported) whole, the largest that can
-    (:func:`fp16guard.fix.submodule.choose`).
+    (:func:`fp16guard.fixing.submodule.choose`).
 
     Raises:
         UsageError: ``submodule`` for an ONNX model, or a name the module does not have.
@@ -799,7 +799,7 @@ def _capture(model, calibration: Sequence[NamedInput], validation: Sequence[Name
             fails, the message says whether an ONNX export works).
     """
     from fp16guard.errors import UsageError
-    from fp16guard.fix import submodule as parts
+    from fp16guard.fixing import submodule as parts
 
     items = [*calibration, *validation]
     if not _is_torch(model):
@@ -922,7 +922,7 @@ def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, valida
         _check_feeds(target, validation, "validation input")
         result = fix_target(target, calibration, plan=plan, validation=validation, **options)
     else:
-        from fp16guard.fix.submodule import finish
+        from fp16guard.fixing.submodule import finish
 
         result = fix_target(target, split.calibration, plan=plan, validation=split.validation, **options)
         with step(f"verify: the whole model with the fixed {split.name}, end to end against FP32"):

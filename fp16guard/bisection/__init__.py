@@ -1,19 +1,19 @@
 """Stage 2, bisect: name the first module whose FP16 execution breaks the output.
 
-* :func:`bisect` (:mod:`~fp16guard.bisect.search`): the binary search over cuts, its
+* :func:`bisect` (:mod:`~fp16guard.bisection.search`): the binary search over cuts, its
   :class:`BisectResult` (JSON schema ``fp16guard.bisect/1``), and the tolerance it sets from the
   model's own FP16 rounding noise (:func:`noise_tolerance`).
-* :mod:`~fp16guard.bisect.targets`: the two kinds of model it cuts, each split by
-  :mod:`~fp16guard.bisect.onnx_split` (ONNX nodes) or :mod:`~fp16guard.bisect.torch_split`
+* :mod:`~fp16guard.bisection.targets`: the two kinds of model it cuts, each split by
+  :mod:`~fp16guard.bisection.onnx_split` (ONNX nodes) or :mod:`~fp16guard.bisection.torch_split`
   (PyTorch module segments).
 * :func:`print_bisect`, :func:`plot_bisect`: the result in a terminal and as a PNG;
-  ``print(result)`` gives its few-line summary (:func:`~fp16guard.bisect.render.summary`).
+  ``print(result)`` gives its few-line summary (:func:`~fp16guard.bisection.render.summary`).
 """
 
-from fp16guard.bisect import render
-from fp16guard.bisect.plot import plot_bisect
-from fp16guard.bisect.render import print_bisect
-from fp16guard.bisect.search import (
+from fp16guard.bisection import render
+from fp16guard.bisection.plot import plot_bisect
+from fp16guard.bisection.render import print_bisect
+from fp16guard.bisection.search import (
     DEFAULT_TOLERANCE,
     NOISE_CAP,
     NOISE_FACTOR,

@@ -439,7 +439,7 @@ class FixedSubmodule(torch.nn.Module):
 
 
 def finish(split: SubmoduleFix, result, backend) -> None:
-    """Give ``result`` (the submodule's :class:`~fp16guard.fix.FixResult`) the whole model with
+    """Give ``result`` (the submodule's :class:`~fp16guard.fixing.FixResult`) the whole model with
     the fixed submodule (``result.model``), verified end to end against FP32 on the whole model's
     inputs (``result.submodule.end_to_end``)."""
     what, run = split.target.runner(result.fixed, backend)

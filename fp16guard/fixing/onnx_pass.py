@@ -4,10 +4,10 @@ Each pass is a pure function ``f(model, ...) -> (new_model, notes)``: the argume
 modified, and ``notes`` is a list of :class:`RewriteNote` (what changed, where, and why), the
 rows of ``fp16guard fix``'s report. The math lives in :mod:`fp16guard.folding`.
 
-Passes, in the order :func:`fp16guard.fix.pipeline.fix_target` runs them:
+Passes, in the order :func:`fp16guard.fixing.pipeline.fix_target` runs them:
 
 0. :func:`doubles_to_float` and :func:`initializer_inputs_to_constants`, when the model is built
-   (:class:`~fp16guard.fix.targets.OnnxFixTarget`): a float64 model computed in float32, and
+   (:class:`~fp16guard.fixing.targets.OnnxFixTarget`): a float64 model computed in float32, and
    weights that older exporters also list as graph inputs made plain initializers.
 1. :func:`constants_to_initializers`: ``Constant`` nodes become initializers (PP-OCRv4's exporter
    keeps every weight in a ``Constant`` node), so the passes below edit one kind of constant.
@@ -20,7 +20,7 @@ Passes, in the order :func:`fp16guard.fix.pipeline.fix_target` runs them:
    any other BatchNorm becomes ``Mul`` + ``Add`` by a per-channel scale and shift computed in
    float64. Afterwards no tensor holds a running variance.
 4. :func:`apply_exponents`: the scale regions of a plan. Every op's constants are rescaled by
-   powers of two so that each activation is stored as ``true * 2**-e`` (:mod:`fp16guard.fix.solver`
+   powers of two so that each activation is stored as ``true * 2**-e`` (:mod:`fp16guard.fixing.solver`
    says which ops absorb, carry or refuse a scale); a ``Mul`` by a power of two is inserted only
    where no constant can absorb it.
 5. :func:`raise_constants`: constants that FP16 flushes to zero (an epsilon of 1e-10 under a log)
@@ -38,8 +38,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fp16guard.errors import RewriteError
-from fp16guard.fix import laws
-from fp16guard.fix.solver import Rescale, Role, ScaledConstant, ScaleOp, ScaleSolution, reads_scaled
+from fp16guard.fixing import laws
+from fp16guard.fixing.solver import Rescale, Role, ScaledConstant, ScaleOp, ScaleSolution, reads_scaled
 from fp16guard.folding import (
     fold_affine_into_weights,
     fold_batchnorm,
@@ -85,7 +85,7 @@ class RewriteNote:
         return {"kind": self.kind, "target": self.target, "detail": self.detail}
 
 
-#: The ONNX side of the law table (:mod:`fp16guard.fix.laws`): op type -> row.
+#: The ONNX side of the law table (:mod:`fp16guard.fixing.laws`): op type -> row.
 LAWS = laws.by_op(laws.ONNX)
 #: For TIED ops: float constant inputs that scale with the activations (``None``: all of them); a
 #: constant read as data at activation-dependent indices or shapes (an embedding table's Gather, a
@@ -539,7 +539,7 @@ def scale_ops(model: onnx.ModelProto) -> list[ScaleOp]:
 def _scaled_constants(node: onnx.NodeProto, role: Role, acts: tuple[str, ...], values: Mapping[str, onnx.TensorProto],
                       arrays: dict[str, ScaledConstant]) -> tuple[ScaledConstant, ...]:
     """The constants :func:`apply_exponents` folds exponents into for ``node`` (as :func:`_scale_op_constants`
-    picks them), as the solver checks them (:class:`~fp16guard.fix.solver.ScaledConstant`);
+    picks them), as the solver checks them (:class:`~fp16guard.fixing.solver.ScaledConstant`);
     ``arrays`` caches them by (initializer, coefficients)."""
     t = node.op_type
 
@@ -583,7 +583,7 @@ SCALE_BLIND_OPS = laws.ops_where(laws.ONNX, blind=True)
 
 
 class _View:
-    """A node as the law table's predicates read it (:class:`fp16guard.fix.laws.OpView`)."""
+    """A node as the law table's predicates read it (:class:`fp16guard.fixing.laws.OpView`)."""
 
     frontend = laws.ONNX
 
@@ -596,7 +596,7 @@ class _View:
         return self.node.input[i] if i < len(self.node.input) else ""
 
     def is_act(self, i: int) -> bool:
-        """See :meth:`~fp16guard.fix.laws.OpView.is_act`."""
+        """See :meth:`~fp16guard.fixing.laws.OpView.is_act`."""
         return bool(self._input(i)) and self._input(i) in self.acts
 
     def is_const(self, i: int) -> bool:
@@ -604,34 +604,34 @@ class _View:
         return self._input(i) in self.values
 
     def absent(self, i: int) -> bool:
-        """See :meth:`~fp16guard.fix.laws.OpView.absent`."""
+        """See :meth:`~fp16guard.fixing.laws.OpView.absent`."""
         return not self._input(i)
 
     def scalar(self, i: int) -> float | None:
-        """See :meth:`~fp16guard.fix.laws.OpView.scalar`."""
+        """See :meth:`~fp16guard.fixing.laws.OpView.scalar`."""
         if not self.is_const(i):
             return None
         c = numpy_helper.to_array(self.values[self._input(i)])
         return float(c.reshape(-1)[0]) if c.size == 1 else None
 
     def attr(self, name: str):
-        """See :meth:`~fp16guard.fix.laws.OpView.attr`."""
+        """See :meth:`~fp16guard.fixing.laws.OpView.attr`."""
         value = _attr(self.node, name)
         return value.decode() if isinstance(value, bytes) else value
 
     def is_float_dtype(self, dtype) -> bool:
-        """See :meth:`~fp16guard.fix.laws.OpView.is_float_dtype`."""
+        """See :meth:`~fp16guard.fixing.laws.OpView.is_float_dtype`."""
         return dtype in (FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 
     def writes_float(self) -> bool | None:
-        """See :meth:`~fp16guard.fix.laws.OpView.writes_float`."""
+        """See :meth:`~fp16guard.fixing.laws.OpView.writes_float`."""
         t = self.types.get(self.node.output[0]) if self.node.output else None
         return None if not t else self.is_float_dtype(t)
 
 
 def _role(node: onnx.NodeProto, acts: tuple[str, ...], values: Mapping[str, onnx.TensorProto],
           types: Mapping[str, int]) -> tuple[Role, Fraction]:
-    """The node's role and power degree: one lookup in the law table (:func:`fp16guard.fix.laws.role_of`);
+    """The node's role and power degree: one lookup in the law table (:func:`fp16guard.fixing.laws.role_of`);
     an op of another domain, or one the table lacks, is a barrier."""
     if node.domain not in ("", "ai.onnx"):
         return Role.BARRIER, Fraction(1)
@@ -938,7 +938,7 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
     * Each :class:`~fp16guard.scaling.Rescale`: a ``Mul`` by ``2**exponent`` on that edge.
     * Saturating ops (Sigmoid, Tanh, Erf) reading exponent ``k``: ``Clip(-B 2^-k, B 2^-k)``, ``Mul 2^k``
       before them; gated ones (Gelu, HardSwish, Mish) also ``Where(x > B 2^-k, x, f * 2^-k)`` after
-      (:func:`_saturate`, :mod:`fp16guard.fix.laws`).
+      (:func:`_saturate`, :mod:`fp16guard.fixing.laws`).
 
     Args:
         model: FP32 model whose constants are initializers and whose nodes are named (the one
@@ -988,7 +988,7 @@ def _times_pow2(g: onnx.GraphProto, src: str, exponent: int, dst: str, name: str
 
 
 def _saturate(m: onnx.ModelProto, solution: ScaleSolution, ops: Mapping[str, ScaleOp], notes: list[RewriteNote]) -> None:
-    """Each ``SATURATING`` or ``GATED`` op (:mod:`fp16guard.fix.laws`) that reads its input at an
+    """Each ``SATURATING`` or ``GATED`` op (:mod:`fp16guard.fixing.laws`) that reads its input at an
     exponent ``k != 0`` reads ``Clip(x_s, -B 2^-k, B 2^-k) * 2^k`` (``k < 0``: ``x_s * 2^k``), ``B``
     its row's saturation bound: what it reads is the true value wherever its output is not already
     constant in FP16. A gated op ``f(x) = x g(x)`` then writes ``Where(x_s > B 2^-k, x_s, f(.) * 2^-k)``

@@ -1,6 +1,6 @@
 """A PyTorch plan seen per module: which modules receive or return scaled activations.
 
-A ``framework="torch"`` plan (:func:`fp16guard.fix.calibrate`) names fx nodes of the
+A ``framework="torch"`` plan (:func:`fp16guard.fixing.calibrate`) names fx nodes of the
 model's ``torch.export`` graph. Rewriters that patch module ``forward`` functions (the mmdeploy
 rewriters in :mod:`fp16guard.rewriters`) need the same decision per *module*: "the output of
 ``backbone.layer4.1`` is stored as true / 2^k" and "``neck.reduce_conv_c5`` receives its input
@@ -84,7 +84,7 @@ def module_scales(model: torch.nn.Module, plan: RewritePlan, examples: Sequence[
     Raises:
         ValueError: the plan is not a PyTorch plan.
     """
-    from fp16guard.fix.torch_pass import fold_batchnorms
+    from fp16guard.fixing.torch_pass import fold_batchnorms
     from fp16guard.torch_graph import capture, module_paths
 
     if plan.framework != "torch":

@@ -1,6 +1,6 @@
 """The two kinds of bisect target: an ONNX graph cut at nodes, a PyTorch module cut at modules.
 
-Both answer the same questions for :func:`fp16guard.bisect.bisect`: the candidate cuts
+Both answer the same questions for :func:`fp16guard.bisection.bisect`: the candidate cuts
 (``names``, ``kinds``), the error of the hybrid whose FP16 prefix ends at a cut
 (``evaluate``), the longest prefix whose FP32 values all fit FP16 (``in_range_limit``: where the
 rounding noise is measured), what to report about an offender (``describe``), and how to keep an
@@ -17,8 +17,8 @@ import onnx
 
 from fp16guard import control_flow
 from fp16guard.backends import Backend
-from fp16guard.bisect.onnx_split import OnnxSplitter
-from fp16guard.bisect.torch_split import TorchSplitter
+from fp16guard.bisection.onnx_split import OnnxSplitter
+from fp16guard.bisection.torch_split import TorchSplitter
 from fp16guard.compare import Metric
 from fp16guard.errors import BisectError, ExportError, InputError
 from fp16guard.fp16 import fits_fp16

@@ -1,4 +1,4 @@
-"""Terminal rendering of a :class:`~fp16guard.bisect.BisectResult` with rich.
+"""Terminal rendering of a :class:`~fp16guard.bisection.BisectResult` with rich.
 
 :func:`print_bisect` prints the full result (:func:`bisect_renderables`, also the result's
 ``__rich_console__``); :func:`summary` is its few-line plain-text form (the result's ``__str__``).
@@ -13,7 +13,7 @@ from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.table import Table
 
-from fp16guard.bisect.search import NOISE_CAP, NOISE_FACTOR
+from fp16guard.bisection.search import NOISE_CAP, NOISE_FACTOR
 
 
 def _err(e: float, tolerance: float) -> str:
@@ -107,7 +107,7 @@ def bisect_renderables(result, *, model: str | None = None) -> Iterator[Renderab
 
 
 def print_bisect(result, console: Console | None = None, *, model: str | None = None) -> None:
-    """Print a :class:`~fp16guard.bisect.BisectResult`: every tried cut, then the verdict with the
+    """Print a :class:`~fp16guard.bisection.BisectResult`: every tried cut, then the verdict with the
     offender(s) and the next step.
 
     Args:

@@ -1,4 +1,4 @@
-"""``fp16guard.bisect``: name the first module whose FP16 execution breaks the model's output.
+"""``fp16guard.bisection.search``: name the first module whose FP16 execution breaks the model's output.
 
 The model is split in execution order into an FP16 **prefix** (run by a backend: TensorRT, ONNX
 Runtime CUDA, PyTorch FP16 on CUDA, or the CPU emulation) and an FP32 **suffix** (PyTorch for
@@ -70,7 +70,7 @@ import onnx
 
 from fp16guard import progress
 from fp16guard.backends import Backend, get_backend
-from fp16guard.bisect.targets import OnnxSplitTarget, TorchSplitTarget
+from fp16guard.bisection.targets import OnnxSplitTarget, TorchSplitTarget
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, checked_metric, load_metric, relative_l2
 from fp16guard.errors import BisectError, UsageError
 from fp16guard.fp16_onnx import UnfitConstant

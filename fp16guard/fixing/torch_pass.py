@@ -44,9 +44,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fp16guard import progress
 from fp16guard.errors import ExportError, RewriteError, first_line
-from fp16guard.fix import laws
-from fp16guard.fix.onnx_pass import RewriteNote
-from fp16guard.fix.solver import Role, ScaledConstant, ScaleOp, ScaleSolution, reads_scaled
+from fp16guard.fixing import laws
+from fp16guard.fixing.onnx_pass import RewriteNote
+from fp16guard.fixing.solver import Role, ScaledConstant, ScaleOp, ScaleSolution, reads_scaled
 from fp16guard.folding import (
     fold_affine_into_weights,
     fold_batchnorm,
@@ -70,7 +70,7 @@ def _packet_named(name: str):
     return operator.getitem if name == "getitem" else getattr(aten, name, None)
 
 
-#: The ATen side of the law table (:mod:`fp16guard.fix.laws`): overload packet -> row.
+#: The ATen side of the law table (:mod:`fp16guard.fixing.laws`): overload packet -> row.
 LAWS = {p: law for name, law in laws.by_op(laws.ATEN).items() if (p := _packet_named(name)) is not None}
 
 
@@ -353,7 +353,7 @@ def _erase_batchnorm(g: fx.Graph, bn: fx.Node, out_nodes: list[fx.Node]) -> None
 
 
 class _View:
-    """A node as the law table's predicates read it (:class:`fp16guard.fix.laws.OpView`)."""
+    """A node as the law table's predicates read it (:class:`fp16guard.fixing.laws.OpView`)."""
 
     frontend = laws.ATEN
 
@@ -378,11 +378,11 @@ class _View:
                 and not isinstance(a, bool))
 
     def absent(self, i: int) -> bool:
-        """See :meth:`~fp16guard.fix.laws.OpView.absent`."""
+        """See :meth:`~fp16guard.fixing.laws.OpView.absent`."""
         return self._arg(i) is None
 
     def scalar(self, i: int) -> float | None:
-        """See :meth:`~fp16guard.fix.laws.OpView.scalar`."""
+        """See :meth:`~fp16guard.fixing.laws.OpView.scalar`."""
         a = self._arg(i)
         if isinstance(a, (int, float)) and not isinstance(a, bool):
             return float(a)
@@ -404,16 +404,16 @@ class _View:
         return None
 
     def is_float_dtype(self, dtype) -> bool:
-        """See :meth:`~fp16guard.fix.laws.OpView.is_float_dtype`."""
+        """See :meth:`~fp16guard.fixing.laws.OpView.is_float_dtype`."""
         return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
     def writes_float(self) -> bool | None:
-        """See :meth:`~fp16guard.fix.laws.OpView.writes_float`."""
+        """See :meth:`~fp16guard.fixing.laws.OpView.writes_float`."""
         return _writes_float(self.node) if "val" in self.node.meta or "tensor_meta" in self.node.meta else None
 
 
 def _role(node: fx.Node, acts: set[str]) -> tuple[Role, Fraction]:
-    """The node's role and power degree: one lookup in the law table (:func:`fp16guard.fix.laws.role_of`);
+    """The node's role and power degree: one lookup in the law table (:func:`fp16guard.fixing.laws.role_of`);
     an op the table lacks is a barrier."""
     return laws.role_of(LAWS.get(_packet(node)), _View(node, acts))
 
@@ -429,7 +429,7 @@ def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
     Each ``call_function`` node whose value depends on a graph input is one
     :class:`~fp16guard.scaling.ScaleOp` named like the node, writing the value of the same name;
     its inputs are the activation nodes it reads (constants left out). Roles: the law table
-    (:mod:`fp16guard.fix.laws`, :func:`_role`), the one the ONNX pass reads too; an op it lacks is a
+    (:mod:`fp16guard.fixing.laws`, :func:`_role`), the one the ONNX pass reads too; an op it lacks is a
     barrier.
 
     Args:
@@ -461,7 +461,7 @@ def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
 def _scaled_constants(node: fx.Node, role: Role, ins: tuple[str, ...], consts: _Constants) -> tuple[ScaledConstant, ...]:
     """The constants :func:`apply_exponents` folds exponents into for ``node`` (the arguments
     :func:`_scale_linear`, :func:`_scale_tied`, :func:`_scale_eps` and the embedding table rescale),
-    as the solver checks them (:class:`~fp16guard.fix.solver.ScaledConstant`)."""
+    as the solver checks them (:class:`~fp16guard.fixing.solver.ScaledConstant`)."""
     p = _packet(node)
 
     def arg(k, in_coef: int, out_coef: int, additive: bool = False, summed: bool = False) -> list[ScaledConstant]:
@@ -614,7 +614,7 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
     * each :class:`~fp16guard.scaling.Rescale`: ``aten.mul`` by ``2**exponent`` on that edge.
     * saturating ops (sigmoid, tanh, erf) reading exponent ``k``: ``clamp(-B 2^-k, B 2^-k)``, ``mul 2^k``
       before them; gated ones (silu, gelu, hardswish, mish) also ``where(x > B 2^-k, x, f * 2^-k)``
-      after (:func:`_saturate`, :mod:`fp16guard.fix.laws`); ``relu6`` with ``e != 0`` becomes
+      after (:func:`_saturate`, :mod:`fp16guard.fixing.laws`); ``relu6`` with ``e != 0`` becomes
       ``hardtanh(x, 0, 6 2^-e)``; a norm without weight writing ``e_out != 0`` gets one.
 
     Args:
@@ -671,11 +671,11 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
 
 
 def _saturate(g: fx.Graph, solution: ScaleSolution, ops: dict[str, ScaleOp]) -> list[RewriteNote]:
-    """Each ``SATURATING`` or ``GATED`` op (:mod:`fp16guard.fix.laws`) that reads its input at an
+    """Each ``SATURATING`` or ``GATED`` op (:mod:`fp16guard.fixing.laws`) that reads its input at an
     exponent ``k != 0`` reads ``clamp(x_s, -B 2^-k, B 2^-k) * 2^k`` (``k < 0``: ``x_s * 2^k``), ``B``
     its row's saturation bound; a gated op ``f(x) = x g(x)`` becomes ``where(x_s > B 2^-k, x_s, f(.) * 2^-k)``,
     the last node taking its name, so its output stays at exponent ``k`` (see
-    :func:`fp16guard.fix.onnx_pass._saturate`)."""
+    :func:`fp16guard.fixing.onnx_pass._saturate`)."""
     e = solution.exponents
     notes = []
     for node in list(g.nodes):
@@ -878,7 +878,7 @@ def restoring_rescales(gm: fx.GraphModule, fp32_nodes: Iterable[str]) -> list[st
     cast to FP16), and those that restore values only for FP32: every user runs in FP32
     (``fp32_nodes``, or another such rescale) or is the graph output. They run in FP32 too: the
     restored value may be beyond 65504, which is why its readers need FP32 (see
-    :func:`fp16guard.fix.onnx_pass.restoring_rescales`).
+    :func:`fp16guard.fixing.onnx_pass.restoring_rescales`).
 
     Returns:
         Node names, in graph order.

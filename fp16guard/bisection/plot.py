@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fp16guard.bisect.search import NOISE_CAP, NOISE_FACTOR
+from fp16guard.bisection.search import NOISE_CAP, NOISE_FACTOR
 
 #: Where a zero error is drawn (a log axis cannot show 0).
 FLOOR = 2.0**-30
