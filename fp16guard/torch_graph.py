@@ -480,8 +480,66 @@ def capture(model, examples: Sequence[Sequence], *, trace_fallback: bool = False
     for node in list(gm.graph.nodes):  # torch.export's input-shape guard is not an op
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             gm.graph.erase_node(node)
+    inline_wrapped_regions(gm)
     gm.recompile()
     return gm
+
+
+#: Higher-order ops ``torch.export`` writes for a ``with torch.no_grad():`` or ``torch.autocast``
+#: region inside ``forward`` (Llama's rotary embedding in some transformers releases); for inference
+#: they are their body's ops, and the fix reads ATen ops only.
+WRAPPED_REGIONS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
+
+
+def inline_wrapped_regions(gm) -> int:
+    """Replace every :data:`WRAPPED_REGIONS` call in ``gm`` by its body's ops, in place (the body's
+    constants are registered on ``gm``). Returns how many regions were inlined.
+
+    Autocast regions change dtypes only under autocast, which inference through fp16guard does not
+    enable, and grad mode does not change values: the inlined graph computes the same outputs.
+    """
+    import operator
+
+    import torch
+    from torch import fx
+
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "__name__", "") not in WRAPPED_REGIONS:
+            continue
+        at = next((i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr"
+                   and isinstance(get_attr(gm, a.target), fx.GraphModule)), None)
+        if at is None:
+            continue
+        body_node = node.args[at]
+        body = get_attr(gm, body_node.target)
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        val_map = dict(zip(placeholders, node.args[at + 1:]))
+        for inner in body.graph.nodes:  # the body's constants, under names unique in gm
+            if inner.op == "get_attr":
+                name = f"_inlined{count}_{inner.target.replace('.', '_')}"
+                value = get_attr(body, inner.target)
+                if isinstance(value, torch.Tensor):
+                    gm.register_buffer(name, value)
+                else:
+                    setattr(gm, name, value)
+                inner.target = name
+        with gm.graph.inserting_before(node):
+            outputs = gm.graph.graph_copy(body.graph, val_map)
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(outputs[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:  # read whole: a tuple of the outputs
+            with gm.graph.inserting_before(node):
+                node.replace_all_uses_with(gm.graph.call_function(tuple, (list(outputs),)))
+        gm.graph.erase_node(node)
+        if not body_node.users:
+            gm.graph.erase_node(body_node)
+            gm.delete_submodule(body_node.target)
+        count += 1
+    return count
 
 
 def get_attr(gm, target: str):

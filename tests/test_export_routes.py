@@ -254,3 +254,35 @@ def test_cli_submodule(tmp_path, monkeypatch, capsys):
     code, out, err = _cli(["fix", "fg_routes_det:det", "--input", "x.npy", "-o", "a.pt2", "-q"], capsys)
     assert code == 0, err
     assert "fp16guard fix fg_routes_det:det --input x.npy --submodule backbone -o a.pt2" in " ".join(out.split())
+
+
+class _NoGradRegion(nn.Module):
+    """An overflow that crosses a ``with torch.no_grad():`` region in ``forward`` (Llama's rotary
+    embedding in some transformers releases): ``torch.export`` writes the region as a
+    ``wrap_with_set_grad_enabled`` higher-order op around a subgraph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.fc(x) * 1e6  # beyond FP16
+        with torch.no_grad():
+            z = torch.relu(y.float()) * 0.5 + y
+        return self.out(z)
+
+
+def test_a_no_grad_region_is_fixed_through_its_body():
+    from fp16guard.torch_graph import capture, inline_wrapped_regions
+
+    torch.manual_seed(0)
+    model = _NoGradRegion().eval()
+    x = [torch.randn(2, 8, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    gm = capture(model, [(x[0],)])
+    assert not [n for n in gm.graph.nodes if "wrap_with" in str(n.target)]  # inlined: ATen ops only
+    assert torch.equal(gm(x[1])[0] if isinstance(gm(x[1]), (tuple, list)) else gm(x[1]), model(x[1]))
+    assert inline_wrapped_regions(gm) == 0
+    result = fix_model(model, [t.numpy() for t in x[:1]], validation=[x[1].numpy()])
+    assert result.delivered == "fixed" and not result.naive.finite
+    assert max(r.rel_l2 for r in result.verification.rows) < 2e-3, result.verification.rows

@@ -10,13 +10,13 @@ modified (changed constants are registered as new buffers; nothing is written in
    any other one, or one whose fold would make the conv's FP16 weights subnormal, becomes
    ``x * scale + shift`` with ``scale``/``shift`` computed in float64. No FP16 tensor then holds a
    running variance.
-2. :func:`scale_ops`: the graph as :func:`fp16guard.scaling.solve` sees it (each op's
-   :class:`~fp16guard.scaling.Role`), so the PyTorch and ONNX paths share one solver.
+2. :func:`scale_ops`: the graph as :func:`fp16guard.fixing.solver.solve` sees it (each op's
+   :class:`~fp16guard.fixing.solver.Role`), so the PyTorch and ONNX paths share one solver.
 3. :func:`activation_amax`: calibration amax of every activation (node), kept on the device and
    read back once per forward.
 4. :func:`apply_exponents`: the solution's power-of-two exponents folded into weights, biases,
    norm epsilons, constant multipliers, clamp bounds and pad values; an explicit
-   ``aten.mul`` by a power of two only where :class:`~fp16guard.scaling.Rescale` asks for one.
+   ``aten.mul`` by a power of two only where :class:`~fp16guard.fixing.solver.Rescale` asks for one.
 5. :func:`to_fp16_program`: the typed FP16 program (FP16 constants and activations, FP32 graph
    inputs and outputs, named nodes optionally kept in FP32 with casts around them), what
    ``fp16guard fix ... -o OUT.pt2`` saves with ``torch.export.save``.
@@ -424,10 +424,10 @@ SCALE_BLIND_OPS = frozenset(p for p, law in LAWS.items() if law.blind)
 
 
 def scale_ops(gm: fx.GraphModule) -> list[ScaleOp]:
-    """The graph as :func:`fp16guard.scaling.solve` sees it.
+    """The graph as :func:`fp16guard.fixing.solver.solve` sees it.
 
     Each ``call_function`` node whose value depends on a graph input is one
-    :class:`~fp16guard.scaling.ScaleOp` named like the node, writing the value of the same name;
+    :class:`~fp16guard.fixing.solver.ScaleOp` named like the node, writing the value of the same name;
     its inputs are the activation nodes it reads (constants left out). Roles: the law table
     (:mod:`fp16guard.fixing.laws`, :func:`_role`), the one the ONNX pass reads too; an op it lacks is a
     barrier.
@@ -603,7 +603,7 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
     every activation ``t`` is stored as ``true * 2**-solution.exponents[t]``.
 
     Per op (``e_in``/``e_out``: exponents of its activation input and output), as
-    :func:`fp16guard.onnx_rewrite.apply_exponents`:
+    :func:`fp16guard.fixing.onnx_pass.apply_exponents`:
 
     * conv/linear/matmul by a constant: ``W *= 2**(e_in - e_out)``, ``b *= 2**-e_out``.
     * ``mul`` by a constant: ``c *= 2**(e_in - e_out)``; ``div`` by one: ``c *= 2**(e_out - e_in)``.
@@ -611,7 +611,7 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
     * ``hardsigmoid`` (``clamp(x/6 + 1/2, 0, 1)``) with ``e_in != 0``: written as
       ``clamp(x * 2**e_in/6 + 1/2, 0, 1)`` (three elementwise ops TensorRT fuses into one).
     * tied ops: added constants, clamp/hardtanh bounds and pad values ``*= 2**-e``.
-    * each :class:`~fp16guard.scaling.Rescale`: ``aten.mul`` by ``2**exponent`` on that edge.
+    * each :class:`~fp16guard.fixing.solver.Rescale`: ``aten.mul`` by ``2**exponent`` on that edge.
     * saturating ops (sigmoid, tanh, erf) reading exponent ``k``: ``clamp(-B 2^-k, B 2^-k)``, ``mul 2^k``
       before them; gated ones (silu, gelu, hardswish, mish) also ``where(x > B 2^-k, x, f * 2^-k)``
       after (:func:`_saturate`, :mod:`fp16guard.fixing.laws`); ``relu6`` with ``e != 0`` becomes
@@ -619,7 +619,7 @@ def apply_exponents(gm: fx.GraphModule, solution: ScaleSolution) -> tuple[fx.Gra
 
     Args:
         gm: the graph the solution was computed for (after :func:`fold_batchnorms`; not modified).
-        solution: from :func:`fp16guard.scaling.solve` or :func:`~fp16guard.scaling.complete`.
+        solution: from :func:`fp16guard.fixing.solver.solve` or :func:`~fp16guard.fixing.solver.complete`.
 
     Returns:
         ``(gm', notes)``.
@@ -743,7 +743,7 @@ def _scale_linear(consts: _Constants, node: fx.Node, op: ScaleOp, e_in: int, e_o
     bias and eps, the constant operand of a matmul/``mul``/``div``.
 
     Args:
-        op: ``node``'s :class:`~fp16guard.scaling.ScaleOp` (its activation inputs).
+        op: ``node``'s :class:`~fp16guard.fixing.solver.ScaleOp` (its activation inputs).
         e_in, e_out: exponents of its activation input and output.
 
     Returns:
@@ -1083,10 +1083,24 @@ class _Fp16Program:
             self.buffers[key] = self.g.get_attr(name)
         return self.buffers[key]
 
+    def submodule(self, target: str, module: torch.nn.Module) -> fx.Node:
+        """A ``get_attr`` for a subgraph a higher-order op calls (``wrap_with_set_grad_enabled``'s
+        body, as ``torch.export`` writes ``with torch.no_grad():`` regions): kept as it is, its ops
+        run in the precision of what it is given."""
+        key = (target, None)
+        if key not in self.buffers:
+            name = f"body{self.count}"
+            self.count += 1
+            self.new.add_module(name, module)
+            self.buffers[key] = self.g.get_attr(name)
+        return self.buffers[key]
+
     def read(self, node: fx.Node, dtype: torch.dtype):
         """The value of ``node`` for a consumer running in ``dtype`` (FP16, FP32 or BF16)."""
         if node.op == "get_attr":
             t = get_attr(self.gm, node.target)
+            if isinstance(t, torch.nn.Module):
+                return self.submodule(node.target, t)
             if not isinstance(t, torch.Tensor):
                 return None
             return self.const(node.target, dtype if t.is_floating_point() else t.dtype)
