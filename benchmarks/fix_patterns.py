@@ -1,11 +1,12 @@
 """The issue-14 development cases through ``fix_model``: naive FP16 against the fixed model.
 
-Runs the small models the tests build (``tests/test_fix.py``, ``tests/test_torch_rewrite.py``:
-decomposed LayerNorm, T5 RMSNorm, logits beyond FP16, an input beyond FP16, a ``finfo.min``
-attention mask) and the transformer and audio cases (``tests/test_transformers.py``,
-``tests/test_underflow.py``), and prints the relative L2 error against FP32 of each input (naive
-FP16, fixed, FP32 fallback) and the number of nodes the fixed model keeps in FP32, on the strict
-CPU emulation. The tests assert bounds on these numbers; this prints them. Output for this machine:
+Runs the small models the tests build (copied from ``tests/test_fix.py`` and
+``tests/test_torch_pass.py`` into ``benchmarks/_cases.py``: decomposed LayerNorm, T5 RMSNorm,
+logits beyond FP16, an input beyond FP16, a ``finfo.min`` attention mask) and the transformer and
+audio cases (``tests/test_transformers.py``, ``tests/test_underflow.py``, through the helper modules
+``tests/transformer_cases.py`` and ``tests/models.py``), and prints the relative L2 error against
+FP32 of each input (naive FP16, fixed, FP32 fallback) and the number of nodes the fixed model keeps
+in FP32, on the strict CPU emulation. The tests assert bounds on these numbers; this prints them. Output for this machine:
 ``benchmarks/results_fix_patterns_cpu.txt``; the ``.pt2`` cases on an H200's FP16 kernels:
 ``benchmarks/results_fix_patterns_h200.txt``.
 
@@ -21,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # its helper modules, not its test modules
 warnings.filterwarnings("ignore")
 
+from _cases import big_input_model, decomposed_layernorm, masked_attention, normal, rms_norm_net  # noqa: E402
 from models import LogMelFrontEnd, pcm  # noqa: E402
-from test_fix import _big_input_model, _decomposed_layernorm, _masked_attention, _x  # noqa: E402
-from test_torch_rewrite import rms_norm_net  # noqa: E402
 from transformer_cases import bert, t5, to_onnx, token_batch  # noqa: E402
 
 from fp16guard.fixing import fix_model  # noqa: E402
@@ -81,8 +82,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             transformers_and_audio(Path(tmp), backend)
         return
-    x = [_x(s, (1, 8, 16)) for s in (1, 2, 3)]
-    r = fix_model(_decomposed_layernorm(300.0), x[:1], validation=x[1:])
+    x = [normal(s, (1, 8, 16)) for s in (1, 2, 3)]
+    r = fix_model(decomposed_layernorm(300.0), x[:1], validation=x[1:])
     _row("decomposed LN", r)
     m, xt = rms_norm_net()
     r = fix_model(m, xt[:1], validation=xt[1:])
@@ -98,15 +99,15 @@ def main() -> None:
     _row("logits .pt2", r)
     r = fix_model(c, xc[:1], validation=xc[1:], output="onnx")
     _row("logits onnx", r)
-    xb = [_x(s, (1, 3, 4, 4)) * 1e8 for s in (1, 2)]
-    r = fix_model(_big_input_model(), xb[:1], validation=xb[1:])
+    xb = [normal(s, (1, 3, 4, 4)) * 1e8 for s in (1, 2)]
+    r = fix_model(big_input_model(), xb[:1], validation=xb[1:])
     _row("input 3e8 onnx", r)
-    xa = [_x(s, (2, 4, 8)) for s in (1, 2, 3)]
+    xa = [normal(s, (2, 4, 8)) for s in (1, 2, 3)]
     pad = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int64)
     ins = [NamedInput(f"b{s}", (xa[s - 1], pad)) for s in (1, 2, 3)]
-    r = fix_model(_masked_attention(), ins[:1], validation=ins[1:])
+    r = fix_model(masked_attention(), ins[:1], validation=ins[1:])
     _row("mask finfo.min", r)
-    r = fix_model(_masked_attention(-1e4), ins[:1], validation=ins[1:], force=True)
+    r = fix_model(masked_attention(-1e4), ins[:1], validation=ins[1:], force=True)
     print(f"{'mask -1e4 (fits FP16): rounding':32s} naive {_errors(r.naive.rows)}")
     with tempfile.TemporaryDirectory() as tmp:
         transformers_and_audio(Path(tmp))

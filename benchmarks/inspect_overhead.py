@@ -1,4 +1,4 @@
-"""Overhead of fp16guard's FInspect against a plain forward, side by side with two other ways.
+r"""Overhead of fp16guard's FInspect against a plain forward, side by side with two other ways.
 
     python benchmarks/inspect_overhead.py --device cuda --batch 32
     python benchmarks/inspect_overhead.py --device cpu --batch 32 --iters 3

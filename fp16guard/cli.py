@@ -25,13 +25,18 @@ from fp16guard import __version__
 if TYPE_CHECKING:
     from rich.console import Console
 
+from fp16guard.backends import BACKEND_TABLE, BACKENDS, accepting, either, help_text
 from fp16guard.errors import EXIT_CLEAN, EXIT_OVERFLOW, Fp16GuardError, UsageError
+from fp16guard.fp16 import DEFAULT_TOLERANCE
+from fp16guard.inputs import input_types  # the tables of input readers and model formats: no numpy, no torch
+from fp16guard.loading import FACTORY, MODEL_FORMATS, Framework, model_files, model_format, model_forms
+from fp16guard.plan import DEFAULT_TARGET_LOG2
 
 #: The bundled examples (``fp16guard.examples.EXAMPLES``), named here so ``--help`` imports nothing heavy.
 EXAMPLE_NAMES = ("crepe-full", "ppocr-det")
-#: Backends by command: bisect runs prefixes, fix verifies the fixed model.
-BISECT_BACKENDS = ("auto", "emulate", "onnxruntime", "torch", "tensorrt")
-FIX_BACKENDS = ("emulate", "onnxruntime", "tensorrt", "torch")
+#: Backends by command (fp16guard.backends.BACKEND_TABLE): bisect runs prefixes, fix verifies the fixed model.
+BISECT_BACKENDS = ("auto", *BACKENDS)
+FIX_BACKENDS = BACKENDS
 #: Exit status of an internal error (a bug: fp16guard's or a library's), printed with its traceback.
 EXIT_INTERNAL = 3
 
@@ -57,10 +62,10 @@ def _common() -> argparse.ArgumentParser:
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL, --checkpoint, --input and --example: how every command names a model and its inputs."""
-    p.add_argument("model", nargs="?", help="an .onnx file, a .pt2 ExportedProgram, or package.module:factory")
-    p.add_argument("--checkpoint", help="state_dict file for a package.module:factory model")
+    p.add_argument("model", nargs="?", help=model_forms())
+    p.add_argument("--checkpoint", help=f"state_dict file for a {FACTORY} model")
     p.add_argument("--input", action="append", default=[], metavar="FILE",
-                   help=".npy, .npz, an image or a .wav; repeat for several inputs")
+                   help=f"{input_types(listed=False)}; repeat for several inputs")
     p.add_argument("--example", choices=EXAMPLE_NAMES, help="a bundled real model with real inputs")
 
 
@@ -84,8 +89,9 @@ def _add_submodule_argument(p: argparse.ArgumentParser) -> None:
 
 def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """Options of calibration, shared by ``calibrate`` and ``fix``."""
-    p.add_argument("--target-log2", type=int, default=13, metavar="K",
-                   help="headroom target: keep stored activations at or below 2^K (default 13 = 8192)")
+    p.add_argument("--target-log2", type=int, default=DEFAULT_TARGET_LOG2, metavar="K",
+                   help=f"headroom target: keep stored activations at or below 2^K (default {DEFAULT_TARGET_LOG2} = "
+                        f"{2 ** DEFAULT_TARGET_LOG2})")
     p.add_argument("--raise-underflow", action="store_true",
                    help="consent to raising constants FP16 flushes to zero (e.g. eps=1e-10) to 2^-14")
 
@@ -128,8 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_arguments(bis)
     _add_openmmlab_arguments(bis)
     bis.add_argument("--backend", default="auto", metavar="NAME",
-                     help="auto (tensorrt, else onnxruntime with CUDA, else emulate), emulate, onnxruntime, "
-                          "torch, tensorrt")
+                     help="auto (tensorrt, else onnxruntime with CUDA, else emulate), " + help_text({"onnx": ".onnx"}))
     bis.add_argument("--allow-cpu", action="store_true",
                      help="onnxruntime: accept the CPU EP (it can hide overflow; prefer --backend emulate)")
     bis.add_argument("--metric", metavar="MODULE:FUNCTION",
@@ -137,8 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                           "worst relative L2 error)")
     bis.add_argument("--tolerance", type=float, default=None,
                      help="a cut is bad when the metric exceeds this (default: from the data, 4 x the FP16 "
-                          "rounding noise of the longest prefix whose values fit FP16, at least 0.07 and at "
-                          "most 0.5)")
+                          "rounding noise of the longest prefix whose values fit FP16, at least "
+                          f"{DEFAULT_TOLERANCE:g} and at most 0.5)")
     bis.add_argument("--all", action="store_true", dest="all_offenders",
                      help="after each offender, keep it in FP32 and search again")
     bis.add_argument("--max-offenders", type=int, default=8, help="stop --all after this many")
@@ -172,9 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_submodule_argument(fix)
     fix.add_argument("--validate", action="append", default=[], metavar="FILE",
                      help="validation input not used for calibration (file or folder; repeatable)")
-    fix.add_argument("-o", "--output", required=True, metavar="OUT.onnx|OUT.pt2",
-                     help="where to write the fixed typed FP16 model: .onnx, or .pt2 for a PyTorch model "
-                          "(torch.export.save; load with torch.export.load(path).module())")
+    fix.add_argument("-o", "--output", required=True, metavar="|".join(f"OUT{s}" for s in MODEL_FORMATS),
+                     help=f"where to write the fixed typed FP16 model: {model_files(outputs=True)} (.pt2: "
+                          f"torch.export.save; load with torch.export.load(path).module())")
     fix.add_argument("--fallback", choices=["fp32", "bf16"],
                      help="instead of scaling, keep the offending nodes in FP32 (what other tools do; for "
                           "comparison) or in BF16 (FP32's range with 8 significant bits, on tensor cores on "
@@ -184,10 +189,10 @@ def _parser() -> argparse.ArgumentParser:
                           "FP16 after scaling: fp32 (default) or bf16 (as --fallback bf16). The verification "
                           "table shows the fixed model with both, the naive FP16 model and both fallbacks")
     fix.add_argument("--backend", default="emulate", metavar="NAME",
-                     help="FP16 backend for verification: emulate (default, CPU), onnxruntime (CUDA) or "
-                          "tensorrt for .onnx, torch (CUDA) for .pt2")
+                     help="FP16 backend for verification (default emulate): " + help_text({"onnx": ".onnx", "torch": ".pt2"}))
     fix.add_argument("--tolerance", type=float, default=None, metavar="T",
-                     help="largest relative L2 error against FP32 accepted on any input (default 0.07)")
+                     help=f"largest relative L2 error against FP32 accepted on any input "
+                          f"(default {DEFAULT_TOLERANCE:g})")
     fix.add_argument("--force", action="store_true",
                      help="write the model even if it still produces inf/NaN or is refused as inaccurate")
     fix.add_argument("--json", metavar="PATH", help="write the fix report as JSON (schema fp16guard.fix/1)")
@@ -276,8 +281,7 @@ def _model_and_inputs(args, console: Console, *, require_inputs: bool = True):
     """(model, inputs, framework, display name) from MODEL/--example and --input."""
     from fp16guard.examples import get_example
     from fp16guard.inputs import load_inputs
-    from fp16guard.loading import load_torch_model, model_kind
-    from fp16guard.onnx_graph import load_onnx
+    from fp16guard.loading import load_model
 
     if not args.model and not args.example:
         raise UsageError("give a MODEL or --example NAME")
@@ -289,36 +293,27 @@ def _model_and_inputs(args, console: Console, *, require_inputs: bool = True):
         raw = load_inputs(args.input)
         inputs = [ex.prepare(r) for r in raw] if raw else ex.inputs()  # a wrong file is known before the weights load
         return ex.load(), inputs, ex.framework, ex.name
-    framework = "onnx" if model_kind(args.model) == "onnx" else "torch"
-    model = load_onnx(args.model) if framework == "onnx" else load_torch_model(args.model, args.checkpoint)
+    model, framework = load_model(args.model, args.checkpoint)  # the command's one ONNX-or-PyTorch decision
     inputs = load_inputs(args.input)
     if not inputs and require_inputs:
         raise UsageError(f"{args.model} needs at least one --input")
-    name = Path(args.model).name if framework == "onnx" else args.model
+    name = Path(args.model).name if framework is Framework.ONNX else args.model
     return model, _fit(model, inputs, framework), framework, name
 
 
 def _fit(model, inputs, framework: str, what: str = "input"):
-    """Inputs checked against the model before any run: arrays a model can take
-    (:func:`~fp16guard.inputs.check_inputs`, inf/NaN aside: each command decides about those),
-    an ONNX model's declared shapes and types, a PyTorch model's ``forward`` names for ``.npz`` keys.
+    """Inputs as the model is fed them (a PyTorch model's ``.npz`` keys in ``forward``'s order:
+    :func:`~fp16guard.loading.by_forward_names`), checked before any run by the one check of
+    inputs against a model, :func:`~fp16guard.inputs.check_feeds` (the fix pipeline's too).
 
     Raises:
         InputError: naming the file and what the model declares.
     """
-    from fp16guard.inputs import by_forward_names, check_inputs
+    from fp16guard.inputs import check_feeds
+    from fp16guard.loading import by_forward_names
 
-    check_inputs(inputs, finite=False, what=what)
-    if framework == "onnx":
-        from fp16guard.inputs import check_onnx_feeds
-
-        check_onnx_feeds(model, inputs, what=what)
-        return inputs
-    from fp16guard.inputs import torch_args
-    from fp16guard.loading import check_program_inputs
-
-    fitted = [by_forward_names(model, item) for item in inputs]
-    check_program_inputs(model, [torch_args(item) for item in fitted], what=what, labels=[i.label for i in fitted])
+    fitted = list(inputs) if framework == Framework.ONNX else [by_forward_names(model, i) for i in inputs]
+    check_feeds(model, fitted, framework=framework, what=what)
     return fitted
 
 
@@ -329,8 +324,9 @@ def _bisect(args, console: Console) -> int:
         model, inputs, framework, name = _openmmlab_sets(args, console)
     else:
         model, inputs, framework, name = _model_and_inputs(args, console)
-    if args.backend == "torch" and framework == "onnx":
-        raise UsageError("--backend torch runs PyTorch models; for an .onnx file use emulate, onnxruntime or tensorrt")
+    if args.backend != "auto" and framework == "onnx" and "onnx" not in BACKEND_TABLE[args.backend].accepts:
+        raise UsageError(f"--backend {args.backend} runs PyTorch models; for an .onnx file use "
+                         f"{either(accepting('onnx'))}")
     from fp16guard.backends import get_backend
 
     options = {"allow_cpu": True} if args.allow_cpu and args.backend in ("onnxruntime", "auto") else {}
@@ -445,7 +441,6 @@ def _calibrate(args, console: Console) -> int:
 
 
 def _fix(args, console: Console) -> int:
-    from fp16guard.compare import DEFAULT_TOLERANCE
     from fp16guard.fixing import fix_model, print_fix
     from fp16guard.plan import RewritePlan
 
@@ -453,18 +448,17 @@ def _fix(args, console: Console) -> int:
     plan = RewritePlan.load(args.plan) if args.plan else None
     if plan is None and not calibration:
         raise UsageError("give calibration inputs (--input or --example) or a --plan")
-    if args.output.endswith(".pt2"):
-        output = "torch"
-        if framework != "torch":
-            raise UsageError(f"-o {args.output}: a .pt2 program comes from a PyTorch model; write an .onnx for {name}")
-    elif args.output.endswith(".onnx"):
-        output = "onnx"
-    else:
-        raise UsageError(f"-o {args.output}: give an .onnx or (PyTorch models) a .pt2 path")
-    if output == "torch" and args.backend not in ("emulate", "torch"):
-        raise UsageError(f"--backend {args.backend} runs ONNX models; a .pt2 is verified on emulate or torch")
-    if output == "onnx" and args.backend == "torch":
-        raise UsageError("--backend torch runs .pt2 programs; an .onnx is verified on emulate, onnxruntime or tensorrt")
+    written = model_format(args.output)  # -o's format (fp16guard.loading.MODEL_FORMATS) picks the output graph
+    if written is None:
+        raise UsageError(f"-o {args.output}: give {model_files(outputs=True)} path")
+    output = written.framework.value
+    if written.framework is Framework.TORCH and framework != Framework.TORCH:
+        onnx_file = next(f.short for f in MODEL_FORMATS.values() if f.framework is Framework.ONNX)
+        raise UsageError(f"-o {args.output}: {written.short} program comes from a PyTorch model; write {onnx_file} "
+                         f"for {name}")
+    if output not in BACKEND_TABLE[args.backend].accepts:  # the table's accepts: "onnx", "torch"
+        runs, what = ("ONNX models", "a .pt2") if output == "torch" else (".pt2 programs", "an .onnx")
+        raise UsageError(f"--backend {args.backend} runs {runs}; {what} is verified on {either(accepting(output))}")
     if args.submodule and framework == "onnx":
         raise UsageError("--submodule applies to PyTorch models; an ONNX model is fixed whole")
     from fp16guard.interop import check_interop_options, write_interop
@@ -624,7 +618,7 @@ def _check_options(args) -> None:
     tolerance = getattr(args, "tolerance", None)
     relative_l2 = args.command == "fix" or args.command == "bisect" and getattr(args, "metric", None) is None
     if relative_l2 and tolerance is not None and not 0 < tolerance < float("inf"):
-        raise UsageError(f"--tolerance {tolerance}: give a positive relative L2 error, e.g. 0.07")
+        raise UsageError(f"--tolerance {tolerance}: give a positive relative L2 error, e.g. {DEFAULT_TOLERANCE:g}")
     if tolerance is not None and math.isnan(tolerance):  # a task metric's threshold: any number but NaN
         raise UsageError(f"--tolerance {tolerance}: give a number")
     for dest, flag in (("max_offenders", "--max-offenders"), ("top", "--top")):
@@ -640,11 +634,13 @@ def _check_options(args) -> None:
         raise UsageError(f"--backend {backend}: unknown backend; choose one of {', '.join(known)}")
     if getattr(args, "checkpoint", None) and args.command != "export":  # export's CHECKPOINT is its model
         model = getattr(args, "model", None)
-        if getattr(args, "example", None) or not model or model.endswith((".onnx", ".pt2")) or ":" not in model:
-            raise UsageError("--checkpoint applies to package.module:factory models (an .onnx or .pt2 file, or an "
-                             "example, holds its weights); drop it")
+        if getattr(args, "example", None) or not model or model_format(model) or ":" not in model:
+            raise UsageError(f"--checkpoint applies to {FACTORY} models ({model_files()}, or an example, holds its "
+                             f"weights); drop it")
     device = getattr(args, "device", None)
-    if device is not None and args.command == "inspect" and device != "cpu" and not str(args.model).endswith(".onnx"):
+    given = model_format(getattr(args, "model", None))
+    if device is not None and args.command == "inspect" and device != "cpu" and not (
+            given and given.framework is Framework.ONNX):
         _check_device(device)
     if getattr(args, "metric", None):
         from fp16guard.compare import load_metric

@@ -16,15 +16,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from fp16guard.errors import UsageError, first_line
-
-#: Default bound on the relative L2 error of an FP16 output against FP32 (bisect: a cut is bad above
-#: it; fix: a fixed model is refused above it). Calibrated on the bundled examples (the trial tables of
-#: ``fp16guard bisect --example NAME``): ordinary FP16 rounding gives up to 0.017 on ppocr-det
-#: (emulate; 0.024 with real FP16 kernels on ONNX Runtime's CUDA EP, H100) and 1.3e-4 on crepe-full,
-#: while the first broken cuts give 1.0 (ppocr-det) and 0.215 (crepe-full). 0.07 sits about 3x above
-#: the worst rounding and 3x below the smallest failure. Pass ``tolerance`` (``--tolerance``) or a
-#: task metric for your model.
-DEFAULT_TOLERANCE = 0.07
+from fp16guard.fp16 import DEFAULT_TOLERANCE  # noqa: F401 - defined with the other thresholds; named here too
 
 #: The bar a written model must meet (issue 24), relative to what FP16 can do for this model: on
 #: every input its relative L2 error may reach ``BAR_FACTOR`` times the FP32 fallback's (the

@@ -96,7 +96,8 @@ def exponent_for(amax: float, target_log2: int) -> int:
 
 
 def constant_range(value) -> tuple[float, float]:
-    """``(amax, amin)`` of a constant an op folds exponents into (:class:`~fp16guard.fixing.solver.ScaledConstant`):
+    """``(amax, amin)`` of a constant an op folds exponents into
+    (:class:`~fp16guard.fixing.solver_model.ScaledConstant`):
     its largest finite magnitude, and the RMS of its nonzero elements FP16 holds (``|c| > 2**-25``;
     0 when there are none). For a scalar, ``amin`` is the scalar; for a weight, its typical element:
     a weight of FP16 subnormals is off by up to ``2**-25`` each, which relative to a dot product

@@ -29,6 +29,15 @@ BF16_MAX = (2.0 - 2.0**-7) * 2.0**127
 #: Smallest positive subnormal BF16 magnitude, 2**-133 (about 9.2e-41); half of it rounds to zero.
 BF16_MIN_SUBNORMAL = 2.0**-133
 
+#: Default bound on the relative L2 error of an FP16 output against FP32 (bisect: a cut is bad above
+#: it; fix: a fixed model is refused above it). Calibrated on the bundled examples (the trial tables of
+#: ``fp16guard bisect --example NAME``): ordinary FP16 rounding gives up to 0.017 on ppocr-det
+#: (emulate; 0.024 with real FP16 kernels on ONNX Runtime's CUDA EP, H100) and 1.3e-4 on crepe-full,
+#: while the first broken cuts give 1.0 (ppocr-det) and 0.215 (crepe-full). 0.07 sits about 3x above
+#: the worst rounding and 3x below the smallest failure. Pass ``tolerance`` (``--tolerance``) or a
+#: task metric for your model.
+DEFAULT_TOLERANCE = 0.07
+
 
 def headroom_bits(amax: float) -> float:
     """Headroom of a tensor in bits: ``log2(FP16_MAX / amax)``.

@@ -1,19 +1,23 @@
-"""Model inputs: files (``.npy``, ``.npz``, images, ``.wav``, Polygraphy's ``.json``) to
-:class:`NamedInput`, and the one path from a :class:`NamedInput` to what a model is fed.
+"""Model inputs: files to :class:`NamedInput` through one table of readers, and the one path from
+a :class:`NamedInput` to what a model is fed.
 
-Every loader returns a :class:`NamedInput`: the arrays to feed, by position, and a label for the
-report. What an image or a waveform becomes depends on the model; :func:`load_input` returns the
-raw decoded array and the example (or the user's model) applies its own preprocessing.
+:data:`READERS` maps a file suffix to an :class:`InputReader` (``read(path) -> list[NamedInput]``
+and how messages name the type); everything that lists input types reads it (folders in
+:func:`load_inputs`, the messages, ``--input``'s help, the examples). A new suffix is one reader
+function and one row (``docs/inputs.md``). Readers return raw decoded images and waveforms, with
+their :class:`InputKind`; the example (or the user's model) applies its own preprocessing.
 
-Every command feeds models through three functions: :func:`as_inputs` (whatever the Python API
-was given -> ``NamedInput`` items), :func:`onnx_feed` (one item -> ``{input name: array}``) and
-:func:`torch_args` (one item -> a tuple of tensors; raw images and waveforms get the generic
-layout a PyTorch model takes). So ``inspect``, ``bisect``, ``calibrate`` and ``fix`` accept the
-same inputs for the same model.
+Every command feeds models through :func:`as_inputs` (what the Python API was given ->
+``NamedInput`` items), :func:`onnx_feed` (-> ``{input name: array}``) and :func:`torch_args` (-> a
+tuple of tensors; raw images and waveforms in the generic layout a PyTorch model takes), checked
+against the model by one function, :func:`check_feeds`; so ``inspect``, ``bisect``, ``calibrate``
+and ``fix`` accept the same inputs for the same model. numpy and torch are imported where used:
+``--help`` reads :data:`READERS` without them.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import re
@@ -22,16 +26,32 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from fp16guard.errors import InputError, first_line
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-AUDIO_SUFFIXES = {".wav"}
-#: Polygraphy's input files (``polygraphy run --save-inputs``), read by :mod:`fp16guard.polygraphy_io`.
-POLYGRAPHY_SUFFIXES = {".json"}
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class InputKind(str, enum.Enum):
+    """What a :class:`NamedInput` holds: ``ARRAYS`` (the model's inputs themselves), ``IMAGE`` (one
+    ``uint8 [H, W, 3]`` RGB image) or ``AUDIO`` (one ``float32 [T]`` waveform in [-1, 1]). A PyTorch
+    model gets an image as ``float32 [1, 3, H, W]`` in [0, 1] and a waveform as ``[1, T]``
+    (:func:`torch_args`); an ONNX model refuses both. A ``str`` enum: a member equals, prints and
+    serializes (``json.dumps``) as its former string (``InputKind.IMAGE == "image"``)."""
+
+    ARRAYS = "arrays"
+    IMAGE = "image"
+    AUDIO = "audio"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def raw(self) -> bool:
+        """Decoded media (an image, a waveform) that a model's own preprocessing turns into arrays."""
+        return self is not InputKind.ARRAYS
 
 
 @dataclass(frozen=True)
@@ -43,16 +63,22 @@ class NamedInput:
         arrays: positional model inputs (numpy arrays), or for raw images/audio the decoded data
             (``uint8 [H, W, 3]`` RGB image; ``float32 [T]`` waveform in [-1, 1]).
         sample_rate: samples per second for audio, else None.
-        kind: ``arrays``, ``image`` or ``audio``.
+        kind: an :class:`InputKind` (its string, ``"image"``, is taken too and converted).
         names: the arrays' names where the file gave them (``.npz`` keys), else empty; an ONNX
             model is fed by these names when they are its input names (:func:`onnx_feed`).
+
+    Raises:
+        ValueError: ``kind`` is not one of :class:`InputKind`.
     """
 
     label: str
     arrays: tuple[np.ndarray, ...]
     sample_rate: int | None = None
-    kind: str = "arrays"
+    kind: InputKind = InputKind.ARRAYS
     names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", InputKind(self.kind))
 
 
 def _native(a: np.ndarray) -> np.ndarray:
@@ -65,6 +91,8 @@ def file_input(label: str, arrays, names: Sequence[str] = ()) -> NamedInput:
     """The :class:`NamedInput` of arrays read from a file: in native byte order, and labelled
     ``x.npy (float16 as float32)`` when one is float16, which is how the FP32 model is fed it
     (:func:`onnx_feed`, :func:`torch_args`)."""
+    import numpy as np
+
     arrays = tuple(_native(np.asarray(a)) for a in arrays)
     if any(a.dtype == np.float16 for a in arrays):
         label += " (float16 as float32)"
@@ -102,6 +130,8 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     Raises:
         InputError: not a readable PCM WAV file, an unsupported sample width, or data ending mid-frame.
     """
+    import numpy as np
+
     try:
         with wave.open(str(path), "rb") as w:
             width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
@@ -133,6 +163,7 @@ def read_image(path: str | Path) -> np.ndarray:
         InputError: not a readable image, an image over Pillow's pixel limit, or a float image
             (mode ``F``) with no defined 8-bit range.
     """
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -157,74 +188,166 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: not a readable image ({e})") from None
 
 
-def load_input(path: str | Path) -> NamedInput:
-    """Load one ``--input`` file.
+@dataclass(frozen=True)
+class InputReader:
+    """One row of :data:`READERS`: how files of one suffix become inputs.
 
-    * ``.npy``: one array, the model's single input (:func:`file_input`: native byte order, float16
-      noted in the label).
-    * ``.npz``: several arrays; an ONNX model gets them by key (``np.savez(f, x=..., mask=...)``),
-      positional archives (``arr_0``, ``arr_1``, ...) in order.
-    * an image (``.png``, ``.jpg``, ...): ``uint8 [H, W, 3]`` RGB, ``kind="image"``.
-    * ``.wav``: mono float32 waveform, ``kind="audio"``.
-    * ``.json``: Polygraphy's inputs (``polygraphy run --save-inputs``) holding one feed dict, fed by
-      name; a file of several feed dicts gives one input each through :func:`load_inputs`
-      (:func:`~fp16guard.polygraphy_io.read_polygraphy_inputs`).
-
-    Raises:
-        InputError: the file does not exist (or is a symlink loop), or its type is not one of the
-            above, or it is corrupt.
+    Attributes:
+        read: ``read(path) -> list[NamedInput]``, the inputs the file holds, for an existing
+            ``path``; raises :class:`InputError` naming the file for one it cannot read.
+        kind: the :class:`InputKind` of the items it gives.
+        noun: how messages name the type, article included (``.npy``, ``an image``); default the
+            suffix. Rows of one noun are listed together, their suffixes in brackets.
+        aside: another tool's format, listed apart (``... file (nor Polygraphy .json)``).
     """
-    p = Path(path)
-    check_input_path(p)
-    suffix = p.suffix.lower()
+
+    read: Callable[[Path], list[NamedInput]]
+    kind: InputKind = InputKind.ARRAYS
+    noun: str = ""
+    aside: bool = False
+
+
+def _numpy_file(p: Path, read: Callable[[], list[NamedInput]]) -> list[NamedInput]:
+    """``read()``, numpy's errors for a damaged file as one :class:`InputError`."""
     try:
-        if suffix == ".npy":
-            return file_input(p.name, (np.load(p, allow_pickle=False),))
-        if suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                return file_input(p.name, [z[k] for k in z.files], names=z.files)
+        return read()
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(f"{p}: not a readable numpy file ({e}); write it with np.save / np.savez") from None
-    if suffix in IMAGE_SUFFIXES:
-        return NamedInput(p.name, (read_image(p),), kind="image")
-    if suffix in AUDIO_SUFFIXES:
-        x, rate = read_wav(p)
-        return NamedInput(p.name, (x,), sample_rate=rate, kind="audio")
-    if suffix in POLYGRAPHY_SUFFIXES:
-        items = load_file(p)
-        if len(items) != 1:
-            raise InputError(f"{p}: holds {len(items)} feed dicts; load_inputs gives one input per feed dict")
-        return items[0]
-    raise InputError(f"{p}: unknown input type {suffix!r}; use .npy, .npz, an image "
-                     f"({', '.join(sorted(IMAGE_SUFFIXES))}), .wav or Polygraphy's .json")
+
+
+def read_npy(p: Path) -> list[NamedInput]:
+    """``.npy``: one array, the model's single input (:func:`file_input`); pickles refused."""
+    import numpy as np
+
+    return _numpy_file(p, lambda: [file_input(p.name, (np.load(p, allow_pickle=False),))])
+
+
+def read_npz(p: Path) -> list[NamedInput]:
+    """``.npz``: one input of several arrays, named by their keys (``np.savez(f, x=..., mask=...)``;
+    positional archives ``arr_0``, ``arr_1``, ... in order)."""
+    import numpy as np
+
+    def read():
+        with np.load(p, allow_pickle=False) as z:
+            return [file_input(p.name, [z[k] for k in z.files], names=z.files)]
+    return _numpy_file(p, read)
+
+
+def read_image_file(p: Path) -> list[NamedInput]:
+    """An image file: one ``uint8 [H, W, 3]`` RGB input of kind ``IMAGE`` (:func:`read_image`)."""
+    return [NamedInput(p.name, (read_image(p),), kind=InputKind.IMAGE)]
+
+
+def read_wav_file(p: Path) -> list[NamedInput]:
+    """``.wav``: one mono ``float32 [T]`` waveform of kind ``AUDIO``, with its sample rate (:func:`read_wav`)."""
+    x, rate = read_wav(p)
+    return [NamedInput(p.name, (x,), sample_rate=rate, kind=InputKind.AUDIO)]
+
+
+def read_polygraphy_file(p: Path) -> list[NamedInput]:
+    """Polygraphy's ``.json`` (``polygraphy run --save-inputs``): one input per feed dict, its arrays
+    named by input name (:func:`~fp16guard.polygraphy_io.read_polygraphy_inputs`, which raises)."""
+    from fp16guard.polygraphy_io import read_polygraphy_inputs
+
+    return read_polygraphy_inputs(p)
+
+
+#: Input files by suffix (lower case, with its dot): the one list of what ``--input`` and
+#: :func:`load_inputs` read, in the order messages list them. A new type: ``READERS[".csv"] =
+#: InputReader(read_csv)`` (``docs/inputs.md``); the command line sees it once the module that adds
+#: it is imported (a ``package.module:factory`` model's module, say).
+READERS: dict[str, InputReader] = {
+    ".npy": InputReader(read_npy, noun=".npy"),
+    ".npz": InputReader(read_npz, noun=".npz"),
+    **{suffix: InputReader(read_image_file, InputKind.IMAGE, "an image")
+       for suffix in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")},
+    ".wav": InputReader(read_wav_file, InputKind.AUDIO, ".wav"),
+    ".json": InputReader(read_polygraphy_file, noun="Polygraphy's .json", aside=True),
+}
+
+
+def suffixes(kind: InputKind | None = None) -> list[str]:
+    """The suffixes :data:`READERS` reads (of ``kind`` only, where given), in table order."""
+    return [s for s, row in READERS.items() if kind is None or row.kind is InputKind(kind)]
+
+
+def _either(words: Sequence[str]) -> str:
+    """``a, b or c``."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _by_noun(aside: bool | None = None) -> dict[str, list[str]]:
+    """``{noun: [suffix, ...]}`` of :data:`READERS` in table order (of rows ``aside`` or not, where given)."""
+    groups: dict[str, list[str]] = {}
+    for suffix, row in READERS.items():
+        if aside is None or row.aside == aside:
+            groups.setdefault(row.noun or suffix, []).append(suffix)
+    return groups
+
+
+def input_types(*, listed: bool = True) -> str:
+    """The input types of :data:`READERS` as messages and ``--help`` name them: ``.npy, .npz, an image
+    (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp), .wav or Polygraphy's .json`` (``listed=False``:
+    without the bracketed suffixes)."""
+    words = [noun if not listed or all(s in noun for s in group) else f"{noun} ({', '.join(sorted(group))})"
+             for noun, group in _by_noun().items()]
+    return _either(words)
+
+
+def _no_input_in(folder: Path) -> InputError:
+    """``<folder>: no .npy, .npz, image or .wav file (nor Polygraphy .json) in this folder``."""
+    main, other = ([re.sub(r"^an? |'s\b", "", n) for n in _by_noun(aside)] for aside in (False, True))
+    nor = f" (nor {_either(other)})" if other else ""
+    return InputError(f"{folder}: no {_either(main)} file{nor} in this folder")
 
 
 def load_file(path: str | Path) -> list[NamedInput]:
-    """The inputs one file holds: several for a Polygraphy ``.json`` of several feed dicts, else
-    :func:`load_input`'s one."""
-    if Path(path).suffix.lower() in POLYGRAPHY_SUFFIXES:
-        from fp16guard.polygraphy_io import read_polygraphy_inputs
+    """The inputs one file holds, read by its suffix's row of :data:`READERS` (one input, except a
+    Polygraphy ``.json`` of several feed dicts: one each).
 
-        return read_polygraphy_inputs(path)
-    return [load_input(path)]
+    Raises:
+        InputError: the file does not exist (or is a symlink loop), its suffix has no reader, or
+            the reader cannot read it (corrupt, or of a form the reader refuses).
+        MissingDependencyError: a reader's optional package (polygraphy) is not installed.
+    """
+    p = Path(path)
+    check_input_path(p)
+    row = READERS.get(p.suffix.lower())
+    if row is None:
+        raise InputError(f"{p}: unknown input type {p.suffix.lower()!r}; use {input_types()}")
+    return row.read(p)
+
+
+def load_input(path: str | Path) -> NamedInput:
+    """Load one ``--input`` file that holds one input (:func:`load_file`; the readers of
+    :data:`READERS` say what each type gives). A Polygraphy ``.json`` of several feed dicts gives
+    one input each through :func:`load_inputs` instead.
+
+    Raises:
+        InputError: as :func:`load_file`, or the file holds several inputs.
+    """
+    items = load_file(path)
+    if len(items) != 1:
+        raise InputError(f"{path}: holds {len(items)} inputs (feed dicts); load_inputs gives one input per feed dict")
+    return items[0]
 
 
 def load_inputs(paths) -> list[NamedInput]:
-    """Load ``--input`` arguments: files as :func:`load_file`, folders as every supported file in
-    them (sorted by name; other files skipped). A Polygraphy ``.json`` gives one input per feed dict,
-    and a folder of ``.json`` files is Polygraphy's per-iteration form (``--save-inputs DIR``).
+    """Load ``--input`` arguments: files as :func:`load_file`, folders as every file in them whose
+    suffix :data:`READERS` reads (sorted by name; other files skipped). A Polygraphy ``.json`` gives
+    one input per feed dict, and a folder of ``.json`` files is Polygraphy's per-iteration form
+    (``--save-inputs DIR``).
 
     Raises:
-        InputError: a path does not exist, a folder holds no supported file, or a file is unreadable.
+        InputError: a path does not exist, a folder holds no file of a known suffix, or a file is unreadable.
     """
     out: list[NamedInput] = []
     for path in paths:
         p = Path(path)
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in
-                           {".npy", ".npz", *IMAGE_SUFFIXES, *AUDIO_SUFFIXES, *POLYGRAPHY_SUFFIXES})
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in READERS)
             if not files:
-                raise InputError(f"{p}: no .npy, .npz, image or .wav file (nor Polygraphy .json) in this folder")
+                raise _no_input_in(p)
             out += [item for f in files for item in load_file(f)]
         else:
             out += load_file(p)
@@ -242,6 +365,8 @@ def as_inputs(inputs, *, what: str = "input") -> list[NamedInput]:
     Returns:
         One ``NamedInput`` per item (tensors copied to numpy on the CPU); an empty list for no input.
     """
+    import numpy as np
+
     if isinstance(inputs, NamedInput):
         return [inputs]
     out = []
@@ -268,7 +393,9 @@ def onnx_feed(input_names: Sequence[str], item: NamedInput) -> dict[str, np.ndar
         InputError: a raw image or waveform (an ONNX model needs its own preprocessing), the
             wrong number of arrays, or names that are not the model's input names.
     """
-    if item.kind != "arrays":
+    import numpy as np
+
+    if item.kind.raw:
         raise InputError(f"{item.label}: an ONNX model takes .npy/.npz arrays, not a raw {item.kind}; "
                          "convert it with the model's preprocessing first")
     arrays = item.arrays
@@ -351,11 +478,12 @@ def torch_args(item: NamedInput):
     Returns:
         ``tuple[torch.Tensor, ...]`` on the CPU.
     """
+    import numpy as np
     import torch
 
-    if item.kind == "image":
+    if item.kind is InputKind.IMAGE:
         return (torch.from_numpy(item.arrays[0].astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous(),)
-    if item.kind == "audio":
+    if item.kind is InputKind.AUDIO:
         return (torch.from_numpy(item.arrays[0].astype(np.float32))[None],)
     out = []
     for a in item.arrays:
@@ -366,6 +494,8 @@ def torch_args(item: NamedInput):
 
 def _count(item: NamedInput) -> tuple[int, int]:
     """(NaN count, inf count) over an item's floating arrays."""
+    import numpy as np
+
     nan = inf = 0
     for a in item.arrays:
         if a.dtype.kind == "f":
@@ -395,7 +525,7 @@ def check_inputs(items: Sequence[NamedInput], *, finite: bool = True, what: str 
             names the item and says what to do.
     """
     for item in items:
-        if item.kind != "arrays":
+        if item.kind.raw:
             continue
         for k, a in enumerate(item.arrays):
             at = f"{what} {item.label}" + (f" (array {k})" if len(item.arrays) > 1 else "")
@@ -410,31 +540,44 @@ def check_inputs(items: Sequence[NamedInput], *, finite: bool = True, what: str 
                              f"inputs FP32 cannot compute either: clean them (np.nan_to_num) or leave the file out")
 
 
-def by_forward_names(model, item: NamedInput) -> NamedInput:
-    """``item`` with its named arrays (``.npz`` keys other than ``arr_N``) in the order of
-    ``model.forward``'s parameters, so a PyTorch model is fed by name as an ONNX model is.
+def check_feeds(model, items: Sequence[NamedInput], *, framework: str, what: str = "input",
+                run: bool = False) -> None:
+    """Refuse, before any long run, an item the model does not take: the one check of inputs against
+    a model, the command line's for every command. A fix target's ``check_feeds``
+    (:mod:`fp16guard.fixing.targets`) is this check on its own model, ``run=True`` for a PyTorch one.
 
-    Items without names, raw images and waveforms are returned as they are.
+    Args:
+        model: an ``onnx.ModelProto``, or a ``torch.nn.Module`` (a ``.pt2`` program's module too).
+        items: the inputs as the model is fed them (named arrays in ``forward``'s order:
+            :func:`fp16guard.loading.by_forward_names`).
+        framework: a :class:`fp16guard.loading.Framework` (or its string), decided once per command.
+        what: how messages name the items (``input``, ``calibration input``).
+        run: PyTorch: also run the model once in FP32 (no grad) on each item.
+
+    Checks dtypes and sizes (:func:`check_inputs`, inf/NaN aside: each command decides), then an
+    ONNX model's declared inputs (:func:`check_onnx_feeds`), or a ``.pt2`` program's static
+    dimensions (:func:`fp16guard.loading.check_program_inputs`) and, with ``run``, one forward.
 
     Raises:
-        InputError: the names are not parameters of ``forward``, or a parameter without a default is missing.
+        InputError: naming the item (``<what> <label>``) and what the model declares or said.
     """
-    import inspect
+    from fp16guard.loading import Framework, check_program_inputs
 
-    if item.kind != "arrays" or not item.names or all(re.fullmatch(r"arr_\d+", n) for n in item.names):
-        return item
-    try:
-        params = [p for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):  # no signature to read: keep the file's order
-        return item
-    names = [p.name for p in params]
-    required = [p.name for p in params if p.default is p.empty]
-    if not set(item.names) <= set(names) or not set(required) <= set(item.names):
-        raise InputError(f"{item.label}: its arrays are named {', '.join(item.names)}, forward takes "
-                         f"{', '.join(names)}; name them alike or save them in order with np.savez(f, a, b)")
-    order = [n for n in names if n in item.names]
-    if order[-1] != names[len(order) - 1]:
-        raise InputError(f"{item.label}: forward's parameters before {order[-1]} need arrays too "
-                         f"(forward takes {', '.join(names)})")
-    return NamedInput(item.label, tuple(item.arrays[item.names.index(n)] for n in order), names=tuple(order))
+    check_inputs(items, finite=False, what=what)
+    if Framework(framework) is Framework.ONNX:
+        check_onnx_feeds(model, items, what=what)
+        return
+    import torch
+
+    args = [torch_args(item) for item in items]
+    check_program_inputs(model, args, what=what, labels=[i.label for i in items])
+    if not run:
+        return
+    with torch.no_grad():
+        for item, tensors in zip(items, args):
+            try:
+                model(*tensors)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                shapes = ", ".join(str(list(t.shape)) for t in tensors)
+                raise InputError(f"{what} {item.label} of shape {shapes}: the model rejects it: "
+                                 f"{first_line(e)}") from None

@@ -1,39 +1,208 @@
-"""Models and inputs named on the command line: ``.onnx``, ``.pt2``, or ``package.module:factory``."""
+"""Models named on the command line or given to the Python API, through one table of formats.
+
+:data:`MODEL_FORMATS` maps a file suffix (``.onnx``, ``.pt2``) to a :class:`ModelFormat`: its loader
+and the :class:`Framework` (ONNX or PyTorch) it gives, which picks every stage's target. The
+command line (:func:`load_model`, its checks and messages), ``bisect`` and the fix pipeline
+(:func:`open_model`) read it; a new format is one loader and one row. :func:`framework_of` is the one
+place ONNX-or-PyTorch is decided, once per command. ``package.module:factory`` (a callable
+returning a ``torch.nn.Module``) is the one form without a suffix (:func:`load_torch_model`).
+What a PyTorch model declares about its inputs is read here too (:func:`check_program_inputs`,
+:func:`by_forward_names`).
+
+torch is imported where used: ``--help`` reads the table without it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import importlib
 import inspect
 import io
 import logging
 import os
+import re
+import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 from fp16guard.errors import InputError, ModelLoadError, first_line
 from fp16guard.files import check_readable
 
+if TYPE_CHECKING:
+    import torch
+
+    from fp16guard.inputs import NamedInput
+
 log = logging.getLogger("fp16guard")
+
+#: How messages name the one model form without a suffix.
+FACTORY = "package.module:factory"
+
+
+class Framework(str, enum.Enum):
+    """The target a model gives: ``ONNX`` (an ``onnx.ModelProto``) or ``TORCH`` (a ``torch.nn.Module``
+    or ``ExportedProgram``). A ``str`` enum: a member equals, prints and serializes as its former
+    string (``Framework.ONNX == "onnx"``; a plan's ``framework``, ``Example.framework``)."""
+
+    ONNX = "onnx"
+    TORCH = "torch"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    """One row of :data:`MODEL_FORMATS`: a model file type.
+
+    Attributes:
+        suffix: ``.onnx``, with its dot (matched case-sensitively, at the end of the name).
+        framework: the :class:`Framework` its models give.
+        noun: how messages name it, starting with its article (``an .onnx file``).
+        load: ``load(path) -> model``: an ``onnx.ModelProto`` or a ``torch.nn.Module`` in eval mode;
+            raises :class:`ModelLoadError` for a missing or unreadable file.
+    """
+
+    suffix: str
+    framework: Framework
+    noun: str
+    load: Callable[[Path], Any]
+
+    @property
+    def short(self) -> str:
+        """The suffix with the noun's article: ``an .onnx``."""
+        return f"{self.noun.split()[0]} {self.suffix}"
+
+
+def _load_onnx(path: Path):
+    """An ``.onnx`` file as an ``onnx.ModelProto`` (:func:`fp16guard.onnx_graph.load_onnx`)."""
+    from fp16guard.onnx_graph import load_onnx
+
+    return load_onnx(path)
+
+
+def _load_pt2(path: Path):
+    """A ``.pt2`` file as the module of its program (:func:`load_program`, no code run)."""
+    check_readable(path, "ExportedProgram", ModelLoadError)
+    return load_program(path).module()
+
+
+#: Model files by suffix, in the order messages list them: the one list of what MODEL may be.
+MODEL_FORMATS: dict[str, ModelFormat] = {
+    ".onnx": ModelFormat(".onnx", Framework.ONNX, "an .onnx file", _load_onnx),
+    ".pt2": ModelFormat(".pt2", Framework.TORCH, "a .pt2 ExportedProgram", _load_pt2),
+}
+
+
+def model_format(spec: str | Path | None) -> ModelFormat | None:
+    """The row of :data:`MODEL_FORMATS` whose suffix ends ``spec``; None for none (a factory, an
+    unknown file, no model)."""
+    return next((f for f in MODEL_FORMATS.values() if str(spec or "").endswith(f.suffix)), None)
+
+
+def model_forms() -> str:
+    """What MODEL may be, for messages and ``--help``: ``an .onnx file, a .pt2 ExportedProgram, or
+    package.module:factory``."""
+    return ", ".join([f.noun for f in MODEL_FORMATS.values()] + [f"or {FACTORY}"])
+
+
+def model_files(*, outputs: bool = False) -> str:
+    """The model file types, for messages: ``an .onnx or .pt2 file``; ``outputs``: what ``fix -o``
+    writes, ``an .onnx or (PyTorch models) a .pt2`` (a PyTorch format only from a PyTorch model)."""
+    if outputs:
+        return " or ".join(("(PyTorch models) " if f.framework is Framework.TORCH else "") + f.short
+                           for f in MODEL_FORMATS.values())
+    first, *rest = MODEL_FORMATS.values()
+    return " or ".join([first.short, *(f.suffix for f in rest)]) + " file"
 
 
 def model_kind(spec: str) -> str:
-    """``onnx``, ``pt2`` or ``factory`` for a MODEL argument.
+    """``onnx``, ``pt2`` (the format's suffix without its dot) or ``factory`` for a MODEL argument.
 
     Raises:
-        ModelLoadError: none of the three forms.
+        ModelLoadError: none of :data:`MODEL_FORMATS` nor ``package.module:factory``.
     """
-    if spec.endswith(".onnx"):
-        return "onnx"
-    if spec.endswith(".pt2"):
-        return "pt2"
-    if ":" in spec and not spec.startswith(("/", ".")):
+    fmt = model_format(spec)
+    if fmt is not None:
+        return fmt.suffix.lstrip(".")
+    if _is_factory(spec):
         return "factory"
-    raise ModelLoadError(f"cannot tell what {spec!r} is: give an .onnx file, a .pt2 ExportedProgram, "
-                         "or package.module:factory with --checkpoint")
+    raise ModelLoadError(f"cannot tell what {spec!r} is: give {model_forms()} with --checkpoint")
+
+
+def _is_factory(spec: str) -> bool:
+    """``package.module:factory`` (a path is not one, even with a colon)."""
+    return ":" in spec and not spec.startswith(("/", "."))
+
+
+def framework_of(model) -> Framework:
+    """ONNX or PyTorch: the one decision of which target a model gives, made once per command.
+
+    Args:
+        model: an ``onnx.ModelProto``; a ``torch.nn.Module`` or ``torch.export.ExportedProgram``; or
+            a path (``str``/``Path``): by its :data:`MODEL_FORMATS` row, ``package.module:factory``
+            PyTorch, any other path ONNX (the Python API takes a path as an ``.onnx`` file).
+
+    Raises:
+        ModelLoadError: anything else (the message names its type).
+    """
+    if isinstance(model, (str, os.PathLike)):
+        fmt = model_format(model)
+        if fmt is not None:
+            return fmt.framework
+        return Framework.TORCH if _is_factory(str(model)) else Framework.ONNX
+    onnx = sys.modules.get("onnx")  # not imported: not a ModelProto
+    if onnx is not None and isinstance(model, onnx.ModelProto):
+        return Framework.ONNX
+    import torch
+
+    if isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
+        return Framework.TORCH
+    raise ModelLoadError(f"cannot tell what a {type(model).__name__} is: give an onnx.ModelProto, a torch.nn.Module, "
+                         f"or the path of {' or '.join(f.noun for f in MODEL_FORMATS.values())}")
+
+
+class OpenModel(NamedTuple):
+    """A model given to the Python API, as the stages take it (:func:`open_model`)."""
+
+    model: Any  #: an ``onnx.ModelProto`` or ONNX path, a ``torch.nn.Module`` or ``ExportedProgram``
+    framework: Framework  #: which target it gives
+    name: str | None  #: the file name of a model given by path, else None
+
+
+def open_model(model) -> OpenModel:
+    """``(model, framework, name)`` of a model given to the Python API (``bisect``, ``fix``,
+    ``calibrate``): the one place their ONNX-or-PyTorch decision is made (:func:`framework_of`).
+
+    Objects are returned as they are; a path of a PyTorch format is loaded (``.pt2``: its program's
+    module, in eval mode); a path of an ONNX format, or of none, stays a path, which the stage loads.
+
+    Raises:
+        ModelLoadError: see :func:`framework_of`; an unreadable ``.pt2``.
+    """
+    framework = framework_of(model)
+    if not isinstance(model, (str, os.PathLike)):
+        return OpenModel(model, framework, None)
+    fmt = model_format(model)
+    loaded = fmt.load(Path(model)) if fmt is not None and framework is Framework.TORCH else model
+    return OpenModel(loaded, framework, Path(model).name)
+
+
+def load_model(spec: str, checkpoint: str | None = None) -> tuple[Any, Framework]:
+    """``(model, framework)`` of a MODEL argument: a file by its :data:`MODEL_FORMATS` row (an ONNX
+    file as an ``onnx.ModelProto``), ``package.module:factory`` by :func:`load_torch_model`.
+
+    Raises:
+        ModelLoadError: none of these forms (``cannot tell what ...``), or the model cannot be loaded.
+    """
+    fmt = model_format(spec)
+    if fmt is not None:
+        return fmt.load(Path(spec)), fmt.framework
+    model_kind(spec)  # a factory, or "cannot tell what"
+    return load_torch_model(spec, checkpoint), Framework.TORCH
 
 
 def load_torch_model(spec: str, checkpoint: str | None = None) -> torch.nn.Module:
@@ -50,11 +219,12 @@ def load_torch_model(spec: str, checkpoint: str | None = None) -> torch.nn.Modul
             a syntax error or an exception in its module), is not callable, needs arguments, raises,
             or does not return a module; or the checkpoint does not match it.
     """
+    import torch
+
     kind = model_kind(spec)
-    if kind == "pt2":
-        path = Path(spec)
-        check_readable(path, "ExportedProgram", ModelLoadError)
-        return load_program(path).module()
+    fmt = model_format(spec)
+    if fmt is not None and fmt.framework is Framework.TORCH:
+        return fmt.load(Path(spec))
     if kind != "factory":
         raise ModelLoadError(f"{spec} is not a PyTorch model")
     module_name, _, attr = spec.partition(":")
@@ -135,6 +305,8 @@ def load_program(path: str | Path):
     Raises:
         ModelLoadError: not a readable archive, or one holding pickled Python objects.
     """
+    import torch
+
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as archive:
@@ -200,6 +372,8 @@ def _check_state_dict(state, path: Path) -> None:
     Raises:
         ModelLoadError: a bare tensor, a list, or keys that are not strings, naming what was found.
     """
+    import torch
+
     if isinstance(state, torch.Tensor):
         raise ModelLoadError(f"{path} holds a single Tensor of shape {list(state.shape)}, not a state_dict; "
                              f"write it with torch.save(model.state_dict(), path)")
@@ -230,6 +404,8 @@ def check_program_inputs(model, inputs: Sequence[Sequence[torch.Tensor]], what: 
     Raises:
         InputError: naming the input, its shape and the shape the program was exported for.
     """
+    import torch
+
     if not isinstance(model, torch.fx.GraphModule):
         return
     specs = [n.meta.get("val") for n in model.graph.nodes if n.op == "placeholder"]
@@ -260,6 +436,8 @@ def refuse_fp16_module(model, what: str) -> None:
     Raises:
         ModelLoadError: one line naming the first such parameter or buffer and what to give instead.
     """
+    import torch
+
     if isinstance(model, torch.export.ExportedProgram):
         tensors = {**model.state_dict, **model.constants}.items()
         params = set(model.graph_signature.parameters)
@@ -276,3 +454,33 @@ def refuse_fp16_module(model, what: str) -> None:
             fmt, dtype, call = narrow[t.dtype]
             raise ModelLoadError(f"the model is already converted to {fmt} ({name!r} is {dtype}); give {what} the "
                                  f"FP32 model (without {call}): fp16guard makes the FP16 version itself")
+
+
+def by_forward_names(model, item: NamedInput) -> NamedInput:
+    """``item`` with its named arrays (``.npz`` keys other than ``arr_N``) in the order of
+    ``model.forward``'s parameters, so a PyTorch model is fed by name as an ONNX model is.
+
+    Items without names, raw images and waveforms are returned as they are.
+
+    Raises:
+        InputError: the names are not parameters of ``forward``, or a parameter without a default is missing.
+    """
+    from fp16guard.inputs import NamedInput
+
+    if item.kind.raw or not item.names or all(re.fullmatch(r"arr_\d+", n) for n in item.names):
+        return item
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # no signature to read: keep the file's order
+        return item
+    names = [p.name for p in params]
+    required = [p.name for p in params if p.default is p.empty]
+    if not set(item.names) <= set(names) or not set(required) <= set(item.names):
+        raise InputError(f"{item.label}: its arrays are named {', '.join(item.names)}, forward takes "
+                         f"{', '.join(names)}; name them alike or save them in order with np.savez(f, a, b)")
+    order = [n for n in names if n in item.names]
+    if order[-1] != names[len(order) - 1]:
+        raise InputError(f"{item.label}: forward's parameters before {order[-1]} need arrays too "
+                         f"(forward takes {', '.join(names)})")
+    return NamedInput(item.label, tuple(item.arrays[item.names.index(n)] for n in order), names=tuple(order))

@@ -220,6 +220,15 @@ def node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
+def unique_name(base: str, used: set[str]) -> str:
+    """``base``, or the first of ``base_1``, ``base_2``, ... that is not in ``used`` (not changed)."""
+    name, k = base, 0
+    while name in used:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
     """ONNX element type (``TensorProto.FLOAT``, ...) of every value ONNX shape inference can type,
     graph inputs, outputs and initializers included; the declared types only if inference fails."""

@@ -21,6 +21,10 @@ from fp16guard.jsonio import write
 
 SCHEMA = "fp16guard.plan/1"
 
+#: The headroom target's default: stored activations at most ``2**13 = 8192``, 3 bits below 65504
+#: (``calibrate``, ``fix``, ``--target-log2`` and the solver all default to it).
+DEFAULT_TARGET_LOG2 = 13
+
 
 @dataclass(frozen=True)
 class PlanRegion:
@@ -65,9 +69,10 @@ class PlanUnderflow:
     consent: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewritePlan:
-    """What to rewrite, decided from calibration.
+    """What to rewrite, decided from calibration. Immutable: a changed plan is a new one
+    (``dataclasses.replace``).
 
     Attributes:
         framework: the graph the plan names: ``onnx`` (ONNX values) or ``torch`` (fx nodes of a
@@ -77,7 +82,6 @@ class RewritePlan:
         model_sha256: hash of the model file / state_dict the plan was calibrated on.
         target_log2: headroom target, stored magnitudes <= ``2**target_log2``.
         calibration: labels of the calibration inputs.
-        fold_batchnorm: fold BatchNorms (always true for a plan made by ``calibrate``).
         regions: the scale regions.
         rescale_ops: explicit multiplies the regions need (``{tensor, exponent, consumer, reason}``).
         underflow: constants FP16 flushes to zero.
@@ -87,16 +91,15 @@ class RewritePlan:
             keep in FP32 (``{node, reason}``).
         tight: values left unscaled above the target but within 65504 (``{tensor, amax}``).
         modules: PyTorch plans: the exponents at each module's boundary
-            (:class:`fp16guard.module_scales.ModuleScale` as JSON), for rewriters that patch
+            (:class:`fp16guard.fixing.module_scales.ModuleScale` as JSON), for rewriters that patch
             module ``forward`` functions (mmdeploy).
     """
 
     framework: str
     source: str
     model_sha256: str
-    target_log2: int = 13
+    target_log2: int = DEFAULT_TARGET_LOG2
     calibration: list[str] = field(default_factory=list)
-    fold_batchnorm: bool = True
     regions: list[PlanRegion] = field(default_factory=list)
     rescale_ops: list[dict] = field(default_factory=list)
     underflow: list[PlanUnderflow] = field(default_factory=list)
@@ -136,7 +139,7 @@ class RewritePlan:
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
             raise PlanError(f"not a {SCHEMA} plan (schema: {found!r}); make one with `fp16guard calibrate`")
-        body = _checked({k: v for k, v in doc.items() if k != "schema"}, PLAN_FIELDS, "")
+        body = _checked({k: v for k, v in doc.items() if k != "schema" and k not in RETIRED_FIELDS}, PLAN_FIELDS, "")
         body["regions"] = [PlanRegion(**r) for r in body.get("regions", [])]
         body["underflow"] = [PlanUnderflow(**u) for u in body.get("underflow", [])]
         return cls(**body)
@@ -198,11 +201,14 @@ TIGHT_FIELDS = {"tensor": str, "amax": NUMBER}
 MODULE_FIELDS = {"module": str, "type": str, "fingerprint": str, "input_exponent": int, "output_exponent": int,
                  "inner_exponent": (int, 0), "input_amax": (NUMBER, 0.0)}
 #: Every field of a ``fp16guard.plan/1`` document but ``schema`` (docs/plan-schema.md).
-PLAN_FIELDS = {"framework": str, "source": str, "model_sha256": str, "target_log2": (int, 13),
-               "calibration": ([str], []), "fold_batchnorm": (bool, True), "regions": ([REGION_FIELDS], []),
+PLAN_FIELDS = {"framework": str, "source": str, "model_sha256": str, "target_log2": (int, DEFAULT_TARGET_LOG2),
+               "calibration": ([str], []), "regions": ([REGION_FIELDS], []),
                "rescale_ops": ([RESCALE_FIELDS], []), "underflow": ([UNDERFLOW_FIELDS], []),
                "unfixable": ([UNFIXABLE_FIELDS], []), "fallback_fp32": ([FALLBACK_FIELDS], []),
                "tight": ([TIGHT_FIELDS], []), "modules": ([MODULE_FIELDS], [])}
+#: Fields older plans wrote and nothing reads any more: accepted, whatever their value, and dropped
+#: (``fold_batchnorm``: BatchNorms are always folded).
+RETIRED_FIELDS = frozenset({"fold_batchnorm"})
 #: Range checks after the types: ``field name -> (test, what to give)``.
 _RANGES = {
     "framework": (lambda v: v in ("onnx", "torch"), "'onnx' or 'torch'"),

@@ -8,7 +8,7 @@ this script is their source. Edit a cell here, then regenerate:
 
 Each notebook runs in the environment that has what it imports: 01-03 in the main ``.venv``,
 04 in ``.venv-openmmlab`` (``.ci/openmmlab-env``), 05 in ``notebooks/.venv-hrnet`` (torch 2.14.1,
-torchvision, timm; see the README's "Notebooks"). ``--execute`` uses the interpreter running this
+torchvision, timm; docs/testing.md, "Notebooks", says how to make it). ``--execute`` uses the interpreter running this
 script as the kernel (``python3``, the native kernel of that environment), so run it with that
 environment's python. Cells run with the notebook's folder as working directory. After executing,
 stderr streams are dropped from the outputs (echoed on this script's stderr) and local paths made
@@ -713,7 +713,7 @@ NB05 = [
     a mis-merged checkpoint does. Everything after it carries the factor: about 1e9 by the classifier.
 
     Needs torchvision and timm, which import only beside torch 2.14.1 here, so it runs in a venv of
-    its own (the README's "Notebooks" says how). 128x128 images; about three minutes on 2 CPU cores,
+    its own (docs/testing.md, "Notebooks", says how). 128x128 images; about three minutes on 2 CPU cores,
     most of it bisect's exports.
     """),
     code(setup=True, text="""

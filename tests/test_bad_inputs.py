@@ -891,7 +891,7 @@ def test_the_example_names_are_the_examples():
 
 def test_help_imports_no_framework():
     """``fp16guard --help`` parses arguments without torch, onnx or onnxruntime (start-up time:
-    benchmarks/cli_startup.py)."""
+    benchmarks/results_cli_startup_cpu.txt)."""
     import subprocess
 
     code = ("import sys\nfrom fp16guard.cli import main\n"

@@ -27,7 +27,7 @@ The rules, each written in the docs where the reader sees it:
   to end, 8 s to a minute on 2 cores, more under load) is marked ``slow``.
 
 **Links.** Every relative link of README.md and docs/*.md reaches a file, and its ``#anchor`` a
-heading there.
+heading there; docs/index.md links every page of docs/.
 
 **Notebooks.** The outputs committed in ``notebooks/*.ipynb`` hold no stderr stream, no local path
 (``/root/``, ``/home/``, ``/work/``, ``/tmp/``) and no table row cut short with ``…``
@@ -391,3 +391,11 @@ def test_relative_links_resolve(path):
             if anchor not in headings:
                 broken.append(f"{target}: no heading #{anchor} in {dest.name}")
     assert not broken, f"{path.relative_to(REPO)}:\n" + "\n".join(broken)
+
+
+def test_the_docs_index_lists_every_page():
+    """docs/index.md links every page of docs/, so a page added without its line there fails."""
+    index = REPO / "docs" / "index.md"
+    linked = {m.group("target").partition("#")[0] for m in LINK.finditer(index.read_text())}
+    missing = [p.name for p in sorted(index.parent.glob("*.md")) if p != index and p.name not in linked]
+    assert not missing, f"add a line for each to docs/index.md: {', '.join(missing)}"

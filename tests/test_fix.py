@@ -19,7 +19,8 @@ from fp16guard.cli import main
 from fp16guard.errors import ModelLoadError, PlanError
 from fp16guard.fixing.onnx_pass import apply_exponents, scale_ops
 from fp16guard.fixing.pipeline import apply_plan, calibrate_target, fix_model
-from fp16guard.fixing.solver import Role, ScaleOp, complete, solve
+from fp16guard.fixing.solver import complete, solve
+from fp16guard.fixing.solver_model import Role, ScaleOp
 from fp16guard.fixing.targets import OnnxFixTarget, prepare_onnx
 from fp16guard.inputs import NamedInput
 from fp16guard.plan import RewritePlan

@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from fp16guard.fixing import fix_model, laws, onnx_pass, torch_masks, torch_pass
+from fp16guard.fixing import fix_model, laws, onnx_masks, onnx_pass, torch_edit, torch_masks, torch_pass
 from fp16guard.fixing.laws import ATEN, LAWS, ONNX
-from fp16guard.fixing.solver import Role
+from fp16guard.fixing.solver_model import Role
 from fp16guard.fixing.targets import prepare_onnx
 from fp16guard.torch_graph import capture, export_onnx
 
@@ -229,8 +229,8 @@ def aten_role(case: Case) -> tuple[Role, Fraction]:
     x = _x(case.shape)
     gm = capture(case.module().eval(), [(x,), (torch.cat([x, x[:1]]),)] if case.dynamic else [(x,)])
     ops = {op.name: op for op in torch_pass.scale_ops(gm)}
-    packets = {p for p, law in torch_pass.LAWS.items() if law.name == case.row}
-    node = next(n for n in gm.graph.nodes if torch_pass._packet(n) in packets)
+    packets = {p for p, law in torch_edit.LAWS.items() if law.name == case.row}
+    node = next(n for n in gm.graph.nodes if torch_edit.op_packet(n) in packets)
     return ops[node.name].role, ops[node.name].degree
 
 
@@ -282,7 +282,7 @@ def test_every_row_is_built_by_a_case_or_says_why_a_frontend_cannot_express_it()
 def test_each_op_has_one_row_and_every_aten_name_resolves():
     for frontend in (ONNX, ATEN):
         laws.by_op(frontend)  # raises on an op claimed by two rows
-    assert len(torch_pass.LAWS) == len(laws.by_op(ATEN))  # every ATen name is a packet of this torch
+    assert len(torch_edit.LAWS) == len(laws.by_op(ATEN))  # every ATen name is a packet of this torch
 
 
 @pytest.mark.parametrize("law", [law for law in LAWS if law.role in laws.SATURATING_ROLES], ids=lambda law: law.name)
@@ -323,7 +323,7 @@ def test_the_mask_proofs_ops_are_the_rows_marked_for_it():
     """The attention-mask proof's sinks and moves (onnx_pass.saturate_masks, torch_masks) are rows
     with that mask behaviour."""
     onnx_rows, aten_rows = laws.by_op(ONNX), laws.by_op(ATEN)
-    for ops, rows, kind in ((onnx_pass.MASK_SINKS, onnx_rows, "sink"), (onnx_pass.MASK_MOVES, onnx_rows, "move")):
+    for ops, rows, kind in ((onnx_masks.MASK_SINKS, onnx_rows, "sink"), (onnx_masks.MASK_MOVES, onnx_rows, "move")):
         assert {op: rows[op].mask for op in ops} == {op: kind for op in ops}
     for packets, kind in ((torch_masks.SINKS, "sink"), (torch_masks.MOVES, "move")):
         names = {p.__name__.split(".")[-1] for p in packets}

@@ -42,12 +42,10 @@ def test_plot_report_keeps_the_callers_backend(tmp_path, svg_backend):
 
 
 def test_plot_bisect_keeps_the_callers_backend(tmp_path, svg_backend):
-    result = BisectResult("m", "emulate", "relative_l2", 0.07, ["a", "b", "c", "d"])
-    result.trials = [Trial("node", 0, 4, "d", float("inf"), True, 0.1, True),
-                     Trial("node", 0, 2, "b", 1e-3, False, 0.1, True),
-                     Trial("node", 0, 3, "c", 0.5, True, 0.1, True)]
-    result.offenders = [Offender(name="c", kind="Mul", op=None, onnx_nodes=("c",), cut=3, error=0.5, amax=1e5,
-                                 round=0)]
+    trials = [Trial("node", 0, 4, "d", float("inf"), True, 0.1, True), Trial("node", 0, 2, "b", 1e-3, False, 0.1, True),
+              Trial("node", 0, 3, "c", 0.5, True, 0.1, True)]
+    offenders = [Offender(name="c", kind="Mul", op=None, onnx_nodes=("c",), cut=3, error=0.5, amax=1e5, round=0)]
+    result = BisectResult("m", "emulate", "relative_l2", 0.07, ["a", "b", "c", "d"], trials=trials, offenders=offenders)
     _png(plot_bisect(result, tmp_path / "b.png"))
     assert matplotlib.get_backend() == "svg"
 
@@ -73,17 +71,13 @@ def _apart(a, b):
 
 
 def _bisect_result(offenders=True):
-    result = BisectResult("m", "emulate", "relative_l2", 0.07, [f"layer.{i}" for i in range(8)])
-    result.trials = [Trial("node", 0, 8, "layer.7", float("inf"), True, 0.1, True),
-                     Trial("node", 0, 4, "layer.3", 1e-3, False, 0.1, True),
-                     Trial("node", 0, 6, "layer.5", 0.5, True, 0.1, True),
-                     Trial("node", 0, 5, "layer.4", 2e-3, False, 0.1, True)]
-    if offenders:
-        result.offenders = [Offender(name="layer.5.norm", kind="Mul", op=None, onnx_nodes=(), cut=6, error=0.5,
-                                     amax=1e5, round=0)]
-    else:
-        result.trials = result.trials[1:2]
-    return result
+    trials = [Trial("node", 0, 8, "layer.7", float("inf"), True, 0.1, True),
+              Trial("node", 0, 4, "layer.3", 1e-3, False, 0.1, True),
+              Trial("node", 0, 6, "layer.5", 0.5, True, 0.1, True),
+              Trial("node", 0, 5, "layer.4", 2e-3, False, 0.1, True)]
+    found = [Offender(name="layer.5.norm", kind="Mul", op=None, onnx_nodes=(), cut=6, error=0.5, amax=1e5, round=0)]
+    return BisectResult("m", "emulate", "relative_l2", 0.07, [f"layer.{i}" for i in range(8)],
+                        trials=trials if offenders else trials[1:2], offenders=found if offenders else [])
 
 
 def test_bisect_plot_names_the_offender_and_keeps_the_legend_off_the_data():

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp16guard.fixing import fix_model
-from fp16guard.fixing.solver import SATURATING_MAX_EXPONENT, Role, ScaleOp, solve
+from fp16guard.fixing.solver import solve
+from fp16guard.fixing.solver_model import SATURATING_MAX_EXPONENT, Role, ScaleOp
 
 ACTS = {"silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu,
         "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "mish": F.mish}

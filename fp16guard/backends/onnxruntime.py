@@ -3,7 +3,7 @@
 Needs ``onnxruntime-gpu`` (extra ``gpu``). The CPU EP is refused for FP16 verdicts unless
 ``allow_cpu=True``: it has no FP16 kernel for many ops and silently runs them in FP32 after
 inserting Casts, and its optimizer removes back-to-back Casts, both of which hide overflow
-(``tests/test_backends.py`` shows a case). Use the ``emulate`` backend on a CPU.
+(``tests/test_fp16_onnx.py`` shows a case). Use the ``emulate`` backend on a CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class OnnxRuntimeBackend(Backend):
     """
 
     name = "onnxruntime"
+    accepts = frozenset({"onnx"})
+    device = "cuda"
+    subnormals = "kept"  # CUDA's FP16 arithmetic keeps them; the CPU EP computes many ops in FP32
 
     def __init__(self, *, allow_cpu: bool = False, device_id: int = 0):
         super().__init__()
@@ -54,6 +57,7 @@ class OnnxRuntimeBackend(Backend):
                 "allow_cpu=True / --allow-cpu to accept that.")
 
     def _build(self, fp16_model: onnx.ModelProto) -> Engine:
+        """A session of ``fp16_model`` on the providers chosen at construction."""
         return OrtEngine(fp16_model, self.providers)
 
     def describe(self) -> str:

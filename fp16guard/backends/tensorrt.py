@@ -42,7 +42,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -125,9 +125,10 @@ class TensorRTEngine(Engine):
 
         return Listener()
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run once on the memory's stream; outputs come back as numpy arrays (network outputs
-        added for ``debug_tensors`` are moved to :attr:`debug_values`)."""
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run once on the memory's stream (feeds checked by :meth:`Engine.run` against the typed
+        model's inputs); outputs come back as numpy arrays (network outputs added for
+        ``debug_tensors`` are moved to :attr:`debug_values`)."""
         trt, memory = self.trt, self.memory
         try:
             for name in self.input_names:
@@ -283,6 +284,9 @@ class TensorRTBackend(Backend):
     """
 
     name = "tensorrt"
+    accepts = frozenset({"onnx"})
+    device = "cuda"
+    subnormals = "either"  # kernel-dependent: TensorRT promises neither (tactics, fusions)
 
     def __init__(self, workspace_bytes: int = 4 << 30, cache_dir: str | Path | bool | None = None,
                  debug_tensors: Sequence[str] = (), memory: str = "auto", check_precisions: bool = True):
@@ -392,6 +396,7 @@ class TensorRTBackend(Backend):
                 network.mark_output(tensors[name])
 
     def _build(self, fp16_model: onnx.ModelProto) -> Engine:
+        """Parse, build (or load from the cache) and deserialize; check the precisions."""
         serialized = self.build_serialized(fp16_model)
         engine = TensorRTEngine(self.trt, serialized, self.debug_tensors, memory=self.memory)
         if self.check_precisions:

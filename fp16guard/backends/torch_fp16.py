@@ -1,20 +1,32 @@
-"""``torch``: the prefix as an FP16 PyTorch module on CUDA (no ONNX in between)."""
+"""``torch``: PyTorch FP16 programs on CUDA, PyTorch's own FP16 kernels (no ONNX in between).
+
+It takes PyTorch programs only (``accepts = {"torch"}``): the fix's typed FP16 program
+(:func:`fp16guard.fixing.torch_pass.to_fp16_program`) runs as it is, moved to the GPU
+(:func:`~fp16guard.backends.torch_program.program_on`); a bisect prefix runs as its naive FP16
+program (:func:`~fp16guard.backends.torch_program.half_program`, through :meth:`Backend.build_module`).
+"""
 
 from __future__ import annotations
 
-import copy
-from typing import Any, Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
-import onnx
 import torch
 
 from fp16guard.backends.base import Backend, Engine
+from fp16guard.backends.torch_program import ProgramEngine, as_numpy, program_on
 from fp16guard.errors import BackendError
 
 
 class TorchEngine(Engine):
-    """A prefix ``GraphModule`` converted to FP16 on a CUDA device.
+    """A module on a device: the engine of earlier releases' ``build_module``, kept for backends
+    written against it (the ``torch`` backend itself builds a
+    :class:`~fp16guard.backends.torch_program.ProgramEngine`).
+
+    Args:
+        module: a module already converted to FP16 (``copy.deepcopy(prefix).half()``).
+        input_names, output_names: its inputs (in ``forward`` order) and outputs.
+        device: where the module is (it is not moved); inputs are moved there.
 
     Floating inputs are cast to FP16 on the way in; floating outputs come back as FP32 numpy.
     """
@@ -25,8 +37,8 @@ class TorchEngine(Engine):
         self.output_names = output_names
         self.device = device
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run on CUDA in FP16; returns FP32 arrays (inf/NaN kept)."""
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run on the device in FP16; returns FP32 arrays (inf/NaN kept)."""
         args = []
         for name in self.input_names:
             t = torch.as_tensor(np.asarray(feeds[name])).to(self.device)
@@ -34,36 +46,36 @@ class TorchEngine(Engine):
         with torch.no_grad():
             out = self.module(*args)
         out = out if isinstance(out, (tuple, list)) else (out,)
-        return [o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in out]
+        return [as_numpy(o) for o in out]
 
 
 class TorchBackend(Backend):
-    """FP16 PyTorch on CUDA.
+    """PyTorch programs in FP16 on CUDA.
+
+    Args:
+        device: the CUDA device.
 
     Raises:
-        BackendError: no CUDA device, or asked to run an ONNX model.
+        BackendError: no CUDA device (and, from :meth:`build`, an ONNX model).
     """
 
     name = "torch"
+    accepts = frozenset({"torch"})
+    device = "cuda"
+    subnormals = "kept"  # CUDA's FP16 arithmetic keeps them
 
     def __init__(self, device: str = "cuda"):
         super().__init__()
         if not torch.cuda.is_available():
-            raise BackendError("backend 'torch' runs the prefix in FP16 on CUDA, and no CUDA device is "
+            raise BackendError("backend 'torch' runs PyTorch's FP16 kernels on CUDA, and no CUDA device is "
                                "visible; use --backend emulate on a CPU")
         self.device = torch.device(device)
 
-    def build_module(self, prefix: Any, example_inputs: Sequence[Any]) -> Engine:
-        """FP16 copy of ``prefix`` (a ``GraphModule`` whose placeholders are its inputs) on CUDA."""
-        self.builds += 1
-        module = copy.deepcopy(prefix).to(self.device).half().eval()
-        names = [n.name for n in prefix.graph.nodes if n.op == "placeholder"]
-        outs = [f"out{i}" for i in range(len(next(n for n in prefix.graph.nodes if n.op == "output").args[0]))]
-        return TorchEngine(module, names, outs, self.device)
-
-    def _build(self, fp16_model: onnx.ModelProto) -> Engine:
-        raise BackendError("backend 'torch' runs PyTorch models only; for an .onnx file use "
-                           "--backend emulate, onnxruntime or tensorrt")
+    def _build_program(self, program) -> Engine:
+        """A copy of ``program`` on the GPU (:func:`~fp16guard.backends.torch_program.program_on`)."""
+        on_gpu = program_on(program, self.device)
+        return ProgramEngine(on_gpu, on_gpu, self.device,
+                             f"PyTorch {torch.__version__} FP16 on {torch.cuda.get_device_name(self.device)}")
 
     def describe(self) -> str:
         """One line naming the device."""

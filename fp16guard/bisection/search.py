@@ -62,11 +62,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-import onnx
 
 from fp16guard import progress
 from fp16guard.backends import Backend, get_backend
@@ -76,7 +74,7 @@ from fp16guard.errors import BisectError, UsageError
 from fp16guard.fp16_onnx import UnfitConstant
 from fp16guard.inputs import as_inputs, check_inputs
 from fp16guard.jsonio import strict, write
-from fp16guard.loading import refuse_fp16_module
+from fp16guard.loading import Framework, open_model, refuse_fp16_module
 from fp16guard.onnx_graph import float64_as_float32, load_onnx, refuse_fp16_model
 
 SCHEMA = "fp16guard.bisect/1"
@@ -142,9 +140,10 @@ class Offender:
     round: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class BisectResult:
-    """What :func:`bisect` found.
+    """What :func:`bisect` found. Immutable, built once at the end of the search; its sequences are
+    tuples (lists given are converted).
 
     Attributes:
         source: the model (file name or class).
@@ -174,18 +173,22 @@ class BisectResult:
     backend: str
     metric: str
     tolerance: float
-    candidates: list[str]
-    trials: list[Trial] = field(default_factory=list)
-    offenders: list[Offender] = field(default_factory=list)
+    candidates: tuple[str, ...]
+    trials: tuple[Trial, ...] = ()
+    offenders: tuple[Offender, ...] = ()
     builds: int = 0
     runs: int = 0
     seconds: float = 0.0
     monotonic: bool = True
-    unfit: list[UnfitConstant] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    unfit: tuple[UnfitConstant, ...] = ()
+    notes: tuple[str, ...] = ()
     noise: float | None = None
     noise_cut: int | None = None
     tolerance_source: str = "explicit"
+
+    def __post_init__(self):
+        for name in ("candidates", "trials", "offenders", "unfit", "notes"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def found(self) -> bool:
@@ -296,26 +299,35 @@ def noise_tolerance(noise: float | None, floor: float = DEFAULT_TOLERANCE) -> tu
 
 class _Session:
     """One bisect run: evaluates cuts of a target (each at most once per stage, round and position),
-    records them as :class:`Trial` s in the result, and turns a bad cut into an :class:`Offender`.
+    records them as :class:`Trial` s, and turns a bad cut into an :class:`Offender`. It gathers what
+    the :class:`BisectResult` reports (trials, runs, notes, the tolerance and where it came from,
+    monotonicity); :func:`bisect` builds the result from it once, at the end.
     ``tolerance`` None: :meth:`calibrate` sets it from the data before the search."""
 
-    def __init__(self, target, metric: Metric, tolerance: float | None, result: BisectResult,
-                 on_trial: Callable[[Trial], None] | None):
+    def __init__(self, target, metric: Metric, tolerance: float | None, on_trial: Callable[[Trial], None] | None,
+                 notes: list[str]):
         self.target, self.metric, self.tolerance = target, metric, tolerance
-        self.result, self.on_trial = result, on_trial
+        self.on_trial = on_trial
         self.cache: dict[tuple, Trial] = {}
+        self.trials: list[Trial] = []
+        self.notes = list(notes)
+        self.runs = 0
+        self.monotonic = True
+        self.noise: float | None = None
+        self.noise_cut: int | None = None
+        self.tolerance_source = "explicit"
 
     def set_tolerance(self, noise: float | None) -> None:
-        """Set the tolerance from the measured rounding ``noise`` (:func:`noise_tolerance`) and
-        report both in the result."""
-        self.tolerance, self.result.tolerance_source = noise_tolerance(noise)
-        self.result.tolerance, self.result.noise = self.tolerance, noise
+        """Set the tolerance from the measured rounding ``noise`` (:func:`noise_tolerance`), and
+        keep both for the result."""
+        self.tolerance, self.tolerance_source = noise_tolerance(noise)
+        self.noise = noise
         if noise is not None and not math.isfinite(noise):
-            self.result.notes.append(
-                f"the longest prefix whose FP32 values fit FP16 (cut {self.result.noise_cut}) already gives a "
+            self.notes.append(
+                f"the longest prefix whose FP32 values fit FP16 (cut {self.noise_cut}) already gives a "
                 f"non-finite output in FP16: not rounding noise; tolerance left at the floor {self.tolerance:g}")
-        elif self.result.tolerance_source == "cap":
-            self.result.notes.append(
+        elif self.tolerance_source == "cap":
+            self.notes.append(
                 f"the FP16 rounding noise {noise:.3g} of the in-range prefix is so large that the tolerance "
                 f"{NOISE_FACTOR:g} x noise was capped at {NOISE_CAP:g}; pass --tolerance or a task metric")
 
@@ -324,7 +336,7 @@ class _Session:
         from it (round 0's trial of cut ``L`` is kept for the search). ``L = 0``: the floor."""
         target = self.target
         last = target.in_range_limit(n)
-        self.result.noise_cut = last
+        self.noise_cut = last
         if last == 0:
             self.set_tolerance(None)
             return
@@ -341,8 +353,8 @@ class _Session:
                 self.set_tolerance(err)
             trial = Trial(stage, rnd, cut, label, err, not (err <= self.tolerance), time.perf_counter() - t, built)
             self.cache[key] = trial
-            self.result.trials.append(trial)
-            self.result.runs += runs
+            self.trials.append(trial)
+            self.runs += runs
             if self.on_trial is not None:
                 self.on_trial(trial)
         return self.cache[key].bad
@@ -359,7 +371,7 @@ class _Session:
             raise BisectError(f"{target.export_error(1)}. Nothing before it can be exported either; "
                               "export the model to ONNX yourself and bisect the .onnx file")
         if last < n:
-            self.result.notes.append(
+            self.notes.append(
                 f"cuts after {target.names[last - 1]!r} cannot be exported to ONNX ({target.export_error(last + 1)}); "
                 f"those {n - last} segment(s) always run in the FP32 PyTorch suffix and were not searched")
         progress.set_total(math.ceil(math.log2(last)) + 2)  # the enclosing step counts cuts, of their bound
@@ -374,13 +386,26 @@ class _Session:
                                                c == n))
         if hit is None:
             return None
-        self.result.monotonic &= search.monotonic
+        self.monotonic &= search.monotonic
         name, kind = target.names[hit - 1], target.kinds[hit - 1]
         err = self.cache[(target.stage, rnd, target.cut_position(hit))].error
         nodes, amax = target.describe(hit)
         op = self.refine(rnd, hit) if refine and isinstance(target, TorchSplitTarget) else None
         target.block(nodes, name)
         return Offender(name=name, kind=kind, op=op, onnx_nodes=tuple(nodes), cut=hit, error=err, amax=amax, round=rnd)
+
+    def result(self, source: str, backend: Backend, metric: str, offenders: list[Offender],
+               seconds: float) -> BisectResult:
+        """The :class:`BisectResult` of the search, built once, at its end (a note added when the
+        search was not monotonic)."""
+        notes = self.notes + ([] if self.monotonic else [
+            "the search was not monotonic: a longer FP16 prefix was good after a shorter one was bad; the verdict "
+            "is the first bad cut found, check the trial table"])
+        return BisectResult(
+            source, backend.describe(), metric, DEFAULT_TOLERANCE if self.tolerance is None else self.tolerance,
+            self.target.names, trials=self.trials, offenders=offenders, builds=backend.builds, runs=self.runs,
+            seconds=seconds, monotonic=self.monotonic, unfit=self.target.unfit, notes=notes, noise=self.noise,
+            noise_cut=self.noise_cut, tolerance_source=self.tolerance_source)
 
     def refine(self, rnd: int, hit: int) -> str:
         """The op inside offending segment ``hit`` (PyTorch targets) after which the output breaks."""
@@ -417,22 +442,25 @@ def _check_metric(name: str, metric: Metric, reference: list) -> None:
 
 
 def _split_target(model, items, backend: Backend, source: str | None) -> tuple[Any, str, list[str]]:
-    """``(split target, display name, notes)`` of bisect's model: an ONNX target for a path or
-    ``ModelProto``, float64 computed in float32 (a note says so), else a PyTorch one.
+    """``(split target, display name, notes)`` of bisect's model, by its framework
+    (:func:`~fp16guard.loading.open_model`: a path by its format): an ONNX target, float64 computed
+    in float32 (a note says so), or a PyTorch one.
 
     Raises:
-        ModelLoadError: the model is already converted to FP16 (ONNX or PyTorch), or an unreadable file.
+        ModelLoadError: the model is already converted to FP16 (ONNX or PyTorch), an unreadable
+            file, or not a model.
     """
-    if isinstance(model, (str, Path, onnx.ModelProto)):
+    model, framework, path = open_model(model)
+    if framework is Framework.ONNX:
         proto = load_onnx(model)
         refuse_fp16_model(proto, "bisect")
-        name = Path(model).name if isinstance(model, (str, Path)) else proto.graph.name or "model.onnx"
+        name = source or path or proto.graph.name or "model.onnx"
         proto, converted = float64_as_float32(proto)
         notes = ["the float64 model is bisected in float32 (its reference too): the FP16 backends have no "
                  "float64"] if converted else []
-        return OnnxSplitTarget(proto, items, backend), source or name, notes
+        return OnnxSplitTarget(proto, items, backend), name, notes
     refuse_fp16_module(model, "bisect")
-    return TorchSplitTarget(model, items, backend), source or type(model).__name__, []
+    return TorchSplitTarget(model, items, backend), source or path or type(model).__name__, []
 
 
 def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | str | None = None,
@@ -443,9 +471,11 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
 
     Args:
         model: a ``torch.nn.Module`` (FP32), a ``torch.export`` ``ExportedProgram``, an
-            ``onnx.ModelProto``, or a path to an ``.onnx`` file. A module is measured in eval mode,
-            as deployed, on a deep copy (:func:`~fp16guard.torch_graph.inference_copy`): BatchNorm
-            on its running statistics, dropout off, whatever mode the module is in, so a module in
+            ``onnx.ModelProto``, or the path of a model file (:data:`~fp16guard.loading.MODEL_FORMATS`:
+            an ``.onnx`` file, a ``.pt2`` program; any other path is read as ONNX). A module is
+            measured in eval mode, as deployed, on a deep copy
+            (:func:`~fp16guard.torch_graph.inference_copy`): BatchNorm on its running statistics,
+            dropout off, whatever mode the module is in, so a module in
             train or mixed mode gets the eval-mode result. The caller's model is never changed
             (state_dict bit-identical, BatchNorm statistics included; training flags and hooks as
             they were), also when its forward raises.
@@ -474,8 +504,8 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
         InputError: an input the model rejects (wrong shape or count), one with no elements, or
             one holding inf/NaN (:func:`~fp16guard.inputs.check_inputs`).
         SplitError: the model cannot be captured or split; the message says what to try.
-        ModelLoadError: an unreadable ONNX file, or a model already converted to FP16 (an FP16 ONNX
-            model, a ``.half()`` module): bisect needs the FP32 model.
+        ModelLoadError: an unreadable model file, an object that is no model, or a model already
+            converted to FP16 (an FP16 ONNX model, a ``.half()`` module): bisect needs the FP32 model.
         BackendError, MissingDependencyError: the backend cannot run here.
         UsageError: a ``metric`` spec that cannot be imported; a metric that raises, returns no
             number, or scores the FP32 outputs against themselves as NaN/inf. ValueError: unknown
@@ -493,25 +523,20 @@ def bisect(model, inputs, *, backend: str | Backend = "auto", metric: Metric | s
         raise BisectError(f"{src} has no operation to cut")
     if metric is not None:
         _check_metric(metric_name, metric_fn, target.reference[0])
-    result = BisectResult(src, engine_backend.describe(), metric_name,
-                          DEFAULT_TOLERANCE if tolerance is None else tolerance, list(target.names), notes=notes)
-    session = _Session(target, metric_fn, tolerance, result, on_trial)
+    session = _Session(target, metric_fn, tolerance, on_trial, notes)
     n = session.searchable(len(target.names))
     if tolerance is None:
         session.calibrate(n)
+    offenders: list[Offender] = []
     start = 0
     for rnd in range(max_offenders if all_offenders else 1):
         offender = session.offender(rnd, n, start, refine)
         if offender is None:
             break
-        result.offenders.append(offender)
+        offenders.append(offender)
         start = offender.cut  # later offenders come after this one
         if start >= n:
             break
-    if all_offenders and len(result.offenders) == max_offenders:
-        result.notes.append(f"stopped after {max_offenders} offenders (max_offenders)")
-    if not result.monotonic:
-        result.notes.append("the search was not monotonic: a longer FP16 prefix was good after a shorter one "
-                            "was bad; the verdict is the first bad cut found, check the trial table")
-    result.unfit, result.builds, result.seconds = target.unfit, engine_backend.builds, time.perf_counter() - t0
-    return result
+    if all_offenders and len(offenders) == max_offenders:
+        session.notes.append(f"stopped after {max_offenders} offenders (max_offenders)")
+    return session.result(src, engine_backend, metric_name, offenders, time.perf_counter() - t0)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from fp16guard import control_flow
-from fp16guard.backends import Backend
+from fp16guard.backends import Backend, accepting
 from fp16guard.bisection.onnx_split import OnnxSplitter
 from fp16guard.bisection.torch_split import TorchSplitter
 from fp16guard.compare import Metric
@@ -213,7 +213,9 @@ class TorchSplitTarget:
     Args:
         model: the FP32 module, or an ``ExportedProgram``.
         inputs: the inputs every cut is evaluated on.
-        backend: runs each FP16 prefix (as an exported typed ONNX, or a module for ``torch``).
+        backend: runs each FP16 prefix: exported to a typed FP16 ONNX where the backend takes ONNX
+            models (its ``accepts``), else as the prefix's naive FP16 program (``torch``:
+            :meth:`~fp16guard.backends.base.Backend.build_module`).
 
     Raises:
         InputError: the model rejects an input; SplitError: the model cannot be captured.
@@ -245,6 +247,9 @@ class TorchSplitTarget:
         self.fp32_modules: set[str] = set()
         self.unfit: list[UnfitConstant] = []
         self._exports: dict[int, tuple[onnx.ModelProto | None, str | None]] = {}
+        #: each prefix exported to a typed FP16 ONNX where the backend takes ONNX models (emulate,
+        #: onnxruntime, tensorrt: a module can then be kept in FP32), else run as a PyTorch program
+        self.onnx_route = "onnx" in backend.accepts
 
     def cut_position(self, cut: int) -> int:
         """Op position (execution order) of the last op of segment ``cut - 1``."""
@@ -279,11 +284,11 @@ class TorchSplitTarget:
         return None
 
     def exportable_limit(self, n: int) -> int:
-        """Largest cut ``<= n`` whose prefix exports to ONNX (``n`` when the backend runs PyTorch
-        modules itself). Post-processing the exporter cannot handle stays in the FP32 suffix;
-        found by binary search over exports only (exportability shrinks with the prefix)."""
-        if type(self.backend).build_module is not Backend.build_module:
-            return n  # the torch backend runs GraphModules: no export needed
+        """Largest cut ``<= n`` whose prefix exports to ONNX (``n`` when the backend takes no ONNX
+        models: it runs the PyTorch prefix itself). Post-processing the exporter cannot handle stays
+        in the FP32 suffix; found by binary search over exports only (exportability shrinks with the prefix)."""
+        if not self.onnx_route:
+            return n  # the backend runs GraphModules: no export needed
         if self.export_error(n) is None:
             return n
         lo, hi = 0, n  # lo exports (0: the empty prefix), hi does not
@@ -315,8 +320,7 @@ class TorchSplitTarget:
         torch = self.torch
         prefix, suffix, live = self.splitter.split(position)
         before = self.backend.builds
-        engine = self.backend.build_module(prefix, self.inputs[0])
-        if engine is None:
+        if self.onnx_route:
             model = self._export(position, prefix)
             blocked = self._module_nodes(model, self.fp32_modules) if self.fp32_modules else []
             if blocked:
@@ -326,8 +330,10 @@ class TorchSplitTarget:
                 self.unfit = conversion.unfit
             engine = self.backend.build(fp16)
         elif self.fp32_modules:
-            raise BisectError("all_offenders needs an ONNX backend (emulate, onnxruntime, tensorrt): the torch "
-                              "backend cannot keep a module in FP32 inside its FP16 prefix")
+            raise BisectError(f"all_offenders needs an ONNX backend ({', '.join(accepting('onnx'))}): the "
+                              f"{self.backend.name} backend cannot keep a module in FP32 inside its FP16 prefix")
+        else:
+            engine = self.backend.build_module(prefix, self.inputs[0])
         built = self.backend.builds > before
 
         def errors():

@@ -1,7 +1,7 @@
 """What ``fix`` writes when pure scaling cannot reach the accuracy: the fewest FP32 (or BF16)
 islands that do, and never anything worse than the FP32 fallback other tools give.
 
-The bar (:func:`fp16guard.compare.acceptance`) is relative to what FP16 can do for this model:
+The bar (:func:`fp16guard.compare.misses_bar`) is relative to what FP16 can do for this model:
 on every input, the written model's relative L2 error is at most ``1.5 x`` the FP32 fallback's
 plus FP16 roundoff (``2^-10``). A fixed model that misses it goes through :func:`search_islands`:
 

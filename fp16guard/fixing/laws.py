@@ -1,11 +1,11 @@
 """One table of scaling laws for both frontends: how each op carries a power-of-two scale.
 
 Every row (:class:`Law`) names one law, the ONNX op types and the ATen overload packets it
-covers, the role it gives the solver (:class:`~fp16guard.fixing.solver.Role`), which inputs are
+covers, the role it gives the solver (:class:`~fp16guard.fixing.solver_model.Role`), which inputs are
 weights, biases, epsilons or constants scaled with the activations in each frontend
 (:class:`Operands`), the degree of a power, the op's part in the attention-mask proof, its FP16
-saturation bound and where the law comes from. The ONNX pass (:func:`fp16guard.fixing.onnx_pass._role`)
-and the ATen pass (:func:`fp16guard.fixing.torch_pass._role`) decide a role by one lookup here
+saturation bound and where the law comes from. The ONNX pass (:func:`fp16guard.fixing.onnx_roles.op_role`)
+and the ATen pass (:func:`fp16guard.fixing.torch_roles.op_role`) decide a role by one lookup here
 (:func:`role_of`); a row has a *predicate* only where the role depends on the op's arguments or
 attributes (``Mul`` by a constant or of two activations, ``Resize`` mode, ``Cast`` target), and
 predicates read a node through :class:`OpView`, which each frontend implements, so one
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, Mapping, Protocol
 
-from fp16guard.fixing.solver import Role
+from fp16guard.fixing.solver_model import Role
 from fp16guard.folding import simple_fraction
 
 ONNX, ATEN = "onnx", "aten"

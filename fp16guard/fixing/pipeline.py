@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -39,16 +39,16 @@ import torch
 
 from fp16guard.backends import Backend
 from fp16guard.compare import DEFAULT_TOLERANCE, Metric, Verification, VerifyRow
-from fp16guard.errors import ExportError, FixError, InputError, PlanError, RewriteError, StillOverflowsError, first_line
-from fp16guard.fixing.onnx_pass import RewriteNote
+from fp16guard.errors import ExportError, FixError, PlanError, RewriteError, StillOverflowsError, first_line
+from fp16guard.fixing.notes import RewriteNote
 from fp16guard.fixing.solver import DERIVED_ROLES, ScaleOp, ScaleSolution, Unfixable, complete, solve
 from fp16guard.fixing.targets import FixTarget, NodeIO, OnnxFixTarget, TorchFixTarget, check_plan
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL
 from fp16guard.fp16_onnx import Fp16Conversion
 from fp16guard.inputs import NamedInput, as_inputs, check_inputs, torch_args
-from fp16guard.loading import refuse_fp16_module
+from fp16guard.loading import Framework, open_model, refuse_fp16_module
 from fp16guard.jsonio import strict
-from fp16guard.plan import PlanRegion, PlanUnderflow, RewritePlan
+from fp16guard.plan import DEFAULT_TARGET_LOG2, PlanRegion, PlanUnderflow, RewritePlan
 from fp16guard.progress import step
 from fp16guard.torch_graph import ONNX_ROUTES, dynamic_dims, export_onnx_routes, inference_copy, state_dict_sha256
 
@@ -177,7 +177,7 @@ def input_floors(target: FixTarget, inputs: Sequence[NamedInput], names: Sequenc
     return out
 
 
-def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_log2: int = 13,
+def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_log2: int = DEFAULT_TARGET_LOG2,
                      raise_underflow: bool = False) -> RewritePlan:
     """Measure a target on calibration inputs and decide its rewrite plan.
 
@@ -185,7 +185,8 @@ def calibrate_target(target: FixTarget, inputs: Sequence[NamedInput], *, target_
         target: the model (:class:`OnnxFixTarget` or :class:`TorchFixTarget`).
         inputs: calibration inputs.
         target_log2: headroom target: stored activations at or below ``2**target_log2``
-            (default 13, i.e. 8192: 3 bits below 65504, room for inputs 8x larger than seen).
+            (default :data:`~fp16guard.plan.DEFAULT_TARGET_LOG2`, 13, i.e. 8192: 3 bits below 65504, room
+            for inputs 8x larger than seen).
         raise_underflow: consent to raising constants FP16 flushes to zero (see
             :class:`~fp16guard.plan.PlanUnderflow`).
 
@@ -388,9 +389,10 @@ class KeptOutputs:
     fixed: list[list[np.ndarray]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class FixResult:
-    """Everything :func:`fix_target` produced.
+    """Everything :func:`fix_target` produced. Immutable: a step that changes it makes a new one
+    (``dataclasses.replace``); ``notes`` is a tuple.
 
     Attributes:
         fixed: the typed FP16 model (FP32 graph inputs/outputs).
@@ -406,6 +408,12 @@ class FixResult:
         islands: the precision of the written model's islands, ``"fp32"`` or ``"bf16"``.
         outputs: the FP32 and fixed outputs verification compared (``keep_outputs``), else None.
         tolerance: the largest relative L2 error accepted on any input (None: not known).
+        delivered: what was written: ``fixed`` (the pure fix), ``islands`` (the fewest islands that
+            meet the bar) or ``fallback`` (the FP32 or BF16 fallback).
+        refusal: why the pure fix was not written (None: it was).
+        island_search: the island search when the pure fix missed the bar
+            (:class:`~fp16guard.fixing.islands.IslandSearch`), else None.
+        floor: a note when the written model sits at the model's own FP16 floor, else None.
         submodule: when one submodule was fixed (``fix_model(..., submodule=)``, or chosen because the
             whole model cannot be captured), what was fixed, what stays FP32 and the end-to-end
             errors (:class:`~fp16guard.fixing.submodule.SubmoduleFix`); ``fixed`` is then the
@@ -420,7 +428,7 @@ class FixResult:
     fixed: object
     rewritten_fp32: object
     plan: RewritePlan
-    notes: list[RewriteNote]
+    notes: tuple[RewriteNote, ...]
     conversion: Fp16Conversion
     verification: Verification
     naive: Verification | None = None
@@ -436,6 +444,9 @@ class FixResult:
     floor: str | None = None
     submodule: object = None
     model: object = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "notes", tuple(self.notes))  # a list given (Applied.notes) is frozen too
 
     def __iter__(self):
         """``fixed, plan = result``: the two values :func:`fix` used to return."""
@@ -529,8 +540,9 @@ def _comparisons(target: FixTarget, plan: RewritePlan, inputs: Sequence[NamedInp
 
 
 def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, plan: RewritePlan | None = None,
-               validation: Sequence[NamedInput] = (), target_log2: int = 13, raise_underflow: bool = False,
-               fallback: str | None = None, islands: str = "fp32", backend: str | Backend = "emulate",
+               validation: Sequence[NamedInput] = (), target_log2: int = DEFAULT_TARGET_LOG2,
+               raise_underflow: bool = False, fallback: str | None = None, islands: str = "fp32",
+               backend: str | Backend = "emulate",
                metrics: Mapping[str, Metric] | None = None, compare_naive: bool = True,
                compare_fallback: bool = True, tolerance: float = DEFAULT_TOLERANCE,
                force: bool = False, keep_outputs: bool = False) -> FixResult:
@@ -559,7 +571,7 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
         FixError: nothing to verify on. StillOverflowsError: the fixed model still produces inf/NaN;
             InaccurateFixError: it is finite but an input's error exceeds ``tolerance`` or is
             clearly worse than the naive conversion's or the fallback's with islands in the same
-            precision (:func:`~fp16guard.compare.refusal`); both unless ``force``.
+            precision (:func:`~fp16guard.compare.misses_bar`); both unless ``force``.
         PlanError, RewriteError, BackendError: see :func:`apply_plan` and :func:`verify`.
     """
     if plan is None:
@@ -584,21 +596,21 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
                                 variant=_variant(fallback, islands), metrics=metrics, outputs_into=kept)
     others = _comparisons(target, plan, inputs, splits, refs, fallback=fallback, islands=islands, backend=backend,
                           metrics=metrics, compare_naive=compare_naive, compare_fallback=compare_fallback)
-    result = FixResult(applied.fixed, applied.rewritten, plan, applied.notes, applied.conversion, verification,
-                       others["naive"], others["fallback"], fallback_bf16=others["fallback_bf16"],
-                       other_islands=others["other_islands"], islands=fallback or islands, tolerance=tolerance)
+    outputs = None
     if kept is not None:
         names = target.graph_io()[1]
         width = len(refs[0]) if refs else 0
-        result.outputs = KeptOutputs([i.label for i in inputs],
-                                     names if len(names) == width else [f"output_{k}" for k in range(width)], refs, kept)
-    if rewrite_failed:
-        result.delivered, result.refusal = "fallback", rewrite_failed
+        outputs = KeptOutputs([i.label for i in inputs],
+                              names if len(names) == width else [f"output_{k}" for k in range(width)], refs, kept)
+    result = FixResult(applied.fixed, applied.rewritten, plan, applied.notes, applied.conversion, verification,
+                       others["naive"], others["fallback"], outputs=outputs, fallback_bf16=others["fallback_bf16"],
+                       other_islands=others["other_islands"], islands=fallback or islands, tolerance=tolerance,
+                       delivered="fallback" if rewrite_failed else "fixed", refusal=rewrite_failed)
     if force:
         return result
     if fallback is None:
-        _deliver(result, target, plan, applied, inputs, splits, refs, backend=backend, metrics=metrics,
-                 same=others["fallback" if islands == "fp32" else "fallback_bf16"], naive=others["naive"])
+        result = _deliver(result, target, plan, applied, inputs, splits, refs, backend=backend, metrics=metrics,
+                          same=others["fallback" if islands == "fp32" else "fallback_bf16"], naive=others["naive"])
     if not result.verification.finite:
         worst = max(result.verification.rows, key=lambda r: r.nonfinite)
         raise StillOverflowsError(
@@ -610,13 +622,13 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
 
 def _deliver(result: FixResult, target: FixTarget, plan: RewritePlan, applied: Applied, inputs: Sequence[NamedInput],
              splits: Sequence[str], refs: list[list[np.ndarray]], *, backend: str | Backend,
-             metrics: Mapping[str, Metric] | None, same: Verification | None, naive: Verification | None) -> None:
-    """Make ``result`` hold the best deployable model: the fixed one when it meets the bar
+             metrics: Mapping[str, Metric] | None, same: Verification | None, naive: Verification | None) -> FixResult:
+    """``result`` with the best deployable model: the fixed one when it meets the bar
     (:func:`~fp16guard.compare.misses_bar` against the fallback with islands in the same
     precision, else the naive conversion); otherwise the fewest islands on the rewritten graph that
     do (:func:`~fp16guard.fixing.islands.search_islands`); otherwise the fallback itself, which other
-    tools would give. Sets ``result.delivered``, ``result.refusal`` (why the pure fix was not
-    written), ``result.island_search`` and ``result.floor``.
+    tools would give. The copy returned has ``delivered``, ``refusal`` (why the pure fix was not
+    written), ``island_search`` and ``floor`` set.
 
     A plan that raises flushed constants (with consent) changes the model's math on purpose: its
     fixed model is then judged only for finiteness.
@@ -632,15 +644,13 @@ def _deliver(result: FixResult, target: FixTarget, plan: RewritePlan, applied: A
     kept = len(result.conversion.fp32_nodes) + len(result.conversion.bf16_nodes)
     fallback_count = len(plan.fallback_fp32)
     if reason is None and kept > fallback_count and same is not None and same.finite and not consented:
-        result.refusal = (f"the pure fix keeps {kept} node(s) in {result.islands.upper()} (its islands and their "
-                          f"rescales), more than the fallback's {fallback_count}, which meets the bar too")
-        _write_fallback(result, target, plan, same)
-        result.floor = floor_note(result.verification, reference, result.tolerance)
-        return
+        result = _with_fallback(result, target, plan, same, refusal=(
+            f"the pure fix keeps {kept} node(s) in {result.islands.upper()} (its islands and their rescales), more "
+            f"than the fallback's {fallback_count}, which meets the bar too"))
+        return replace(result, floor=floor_note(result.verification, reference, result.tolerance))
     if reason is None:
-        result.floor = None if consented else floor_note(result.verification, reference, result.tolerance)
-        return
-    result.refusal = reason
+        floor = None if consented else floor_note(result.verification, reference, result.tolerance)
+        return replace(result, floor=floor)
     logger.info("the pure fix misses the bar (%s); searching for the fewest islands", reason)
     variant = result.verification.variant
 
@@ -655,24 +665,26 @@ def _deliver(result: FixResult, target: FixTarget, plan: RewritePlan, applied: A
                                _true_amax(plan),
                                lambda nodes: target.convert(applied.rewritten, nodes, islands=result.islands),
                                check, limit=max(len(fallback_nodes_), len(plan.unfixable_nodes)))
-    result.island_search = found
     kept = (found.conversion.fp32_nodes + found.conversion.bf16_nodes) if found.nodes is not None else []
     if found.nodes is not None and len(kept) > len(fallback_nodes_) and same is not None and same.finite:
         found.nodes = None  # its restoring rescales make it larger than the fallback: the fallback is no worse
     if found.nodes is not None:
-        result.fixed, result.conversion, result.verification = found.fixed, found.conversion, found.verification
-        result.delivered = "islands"
+        result = replace(result, fixed=found.fixed, conversion=found.conversion, verification=found.verification,
+                         delivered="islands", refusal=reason, island_search=found)
     elif same is not None and same.finite:
-        _write_fallback(result, target, plan, same)
-    result.floor = floor_note(result.verification, reference, result.tolerance)
+        result = _with_fallback(result, target, plan, same, refusal=reason, island_search=found)
+    else:
+        result = replace(result, refusal=reason, island_search=found)
+    return replace(result, floor=floor_note(result.verification, reference, result.tolerance))
 
 
-def _write_fallback(result: FixResult, target: FixTarget, plan: RewritePlan, verified: Verification) -> None:
-    """Make ``result`` hold the fallback in its islands' precision (already ``verified``)."""
+def _with_fallback(result: FixResult, target: FixTarget, plan: RewritePlan, verified: Verification,
+                   **changes) -> FixResult:
+    """``result`` holding the fallback in its islands' precision (already ``verified``), with
+    ``changes`` (``refusal``, ``island_search``) too."""
     fb = apply_plan(target, plan, fallback=result.islands, check_hash=False)
-    result.fixed, result.rewritten_fp32, result.notes = fb.fixed, fb.rewritten, fb.notes
-    result.conversion, result.verification = fb.conversion, verified
-    result.delivered = "fallback"
+    return replace(result, fixed=fb.fixed, rewritten_fp32=fb.rewritten, notes=fb.notes, conversion=fb.conversion,
+                   verification=verified, delivered="fallback", **changes)
 
 
 def _true_amax(plan: RewritePlan) -> dict[str, float]:
@@ -687,16 +699,13 @@ def _true_amax(plan: RewritePlan) -> dict[str, float]:
 # ---------------------------------------------------------------- the public entry points
 
 
-def _is_torch(model) -> bool:
-    return isinstance(model, torch.nn.Module)
-
-
 def make_target(model, inputs: Sequence[NamedInput], *, graph: str | None = None, source: str | None = None) -> FixTarget:
     """The :class:`FixTarget` of a model.
 
     Args:
-        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module`` (never modified: a module
-            is captured, or exported, from an eval-mode deep copy, whatever mode it is in).
+        model: ``.onnx`` path, ``onnx.ModelProto``, ``torch.nn.Module`` or ``.pt2`` path
+            (:func:`~fp16guard.loading.open_model`; never modified: a module is captured, or
+            exported, from an eval-mode deep copy, whatever mode it is in).
         inputs: every input the command runs (a module is captured, or exported, once for them).
         graph: for a module, ``"torch"`` (default: its ``torch.export`` graph) or ``"onnx"`` (its ONNX
             export, input dimensions that differ between ``inputs`` dynamic; plans still carry the
@@ -717,7 +726,8 @@ def make_target(model, inputs: Sequence[NamedInput], *, graph: str | None = None
     that fixed a Python value computed from tensors, that gives the module's outputs on ``inputs``;
     a route other than the first is an ``onnx_export`` note of the fix.
     """
-    return _make_target(model, inputs, graph=graph, source=source, hint=True)
+    model, framework, name = open_model(model)
+    return _make_target(model, framework, inputs, graph=graph, source=source or name, hint=True)
 
 
 def _onnx_hint(model, examples) -> str:
@@ -734,11 +744,11 @@ def _onnx_hint(model, examples) -> str:
             f"output='onnx')")
 
 
-def _make_target(model, inputs: Sequence[NamedInput], *, graph: str | None, source: str | None,
-                 hint: bool) -> FixTarget:
-    """:func:`make_target`; ``hint``: check whether an ONNX export works when ``torch.export``
-    fails, and say so in the error."""
-    is_torch = _is_torch(model)
+def _make_target(model, framework: Framework, inputs: Sequence[NamedInput], *, graph: str | None,
+                 source: str | None, hint: bool) -> FixTarget:
+    """:func:`make_target` of an opened model (:func:`~fp16guard.loading.open_model`); ``hint``:
+    check whether an ONNX export works when ``torch.export`` fails, and say so in the error."""
+    is_torch = framework is Framework.TORCH
     if graph not in (None, "torch", "onnx") or (graph == "torch" and not is_torch):
         raise ValueError(f"graph must be 'torch' (PyTorch modules only) or 'onnx', got {graph!r}")
     if not is_torch:
@@ -762,33 +772,10 @@ def _make_target(model, inputs: Sequence[NamedInput], *, graph: str | None, sour
     return target
 
 
-def _check_feeds(target: FixTarget, items: Sequence[NamedInput], what: str) -> None:
-    """Refuse an item the model does not take, before any long run, naming it as ``what``: an ONNX
-    target checks the graph's declared inputs; a PyTorch target runs its eval-mode copy once in
-    FP32 on each item (one plain forward each).
-
-    Raises:
-        InputError: ``<what> <label>: ...`` with the model's first error line.
-    """
-    if isinstance(target, OnnxFixTarget):
-        target.check_feeds(items, what)
-    elif isinstance(target, TorchFixTarget):
-        import torch
-
-        with torch.no_grad():
-            for item in items:
-                args = torch_args(item)
-                try:
-                    target.model(*args)
-                except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                    shapes = ", ".join(str(list(t.shape)) for t in args)
-                    raise InputError(f"{what} {item.label} of shape {shapes}: the model rejects it: "
-                                     f"{first_line(e)}") from None
-
-
-def _capture(model, calibration: Sequence[NamedInput], validation: Sequence[NamedInput], *, graph: str | None,
-             source: str | None, submodule: str | None):
-    """``(target, split)``: the target of the whole model (``split`` None), or of one submodule
+def _capture(model, framework: Framework, calibration: Sequence[NamedInput], validation: Sequence[NamedInput], *,
+             graph: str | None, source: str | None, submodule: str | None):
+    """``(target, split)`` of an opened model (:func:`~fp16guard.loading.open_model`, which gave
+    ``framework``): the target of the whole model (``split`` None), or of one submodule
     (``split`` a :class:`~fp16guard.fixing.submodule.SubmoduleFix`): the one named, or, when a
     PyTorch module cannot be captured (or exported) whole, the largest that can
     (:func:`fp16guard.fixing.submodule.choose`).
@@ -802,12 +789,12 @@ def _capture(model, calibration: Sequence[NamedInput], validation: Sequence[Name
     from fp16guard.fixing import submodule as parts
 
     items = [*calibration, *validation]
-    if not _is_torch(model):
+    if framework is Framework.ONNX:
         if submodule is not None:
             raise UsageError(f"submodule {submodule!r}: only a PyTorch module is fixed by parts; an ONNX model is "
                              f"fixed whole")
         with step("capture: the model's graph"):
-            return _make_target(model, items, graph=graph, source=source, hint=False), None
+            return _make_target(model, framework, items, graph=graph, source=source, hint=False), None
     refuse_fp16_module(model, "calibrate and fix")
     if not items:
         raise FixError("a PyTorch model needs inputs to be captured")
@@ -816,14 +803,14 @@ def _capture(model, calibration: Sequence[NamedInput], validation: Sequence[Name
 
     def make(module, inputs, src):
         """The target of one submodule."""
-        return _make_target(module, inputs, graph=graph, source=src, hint=False)
+        return _make_target(module, Framework.TORCH, inputs, graph=graph, source=src, hint=False)
     if submodule is not None:
         with step(f"capture: submodule {submodule}, on the inputs it gets in the whole FP32 model"):
             split = parts.given(model, items, splits, submodule, make=make, source=f"{name}.{submodule}")
         return split.target, split
     with step("capture: the model's graph"):
         try:
-            return _make_target(model, items, graph=graph, source=source, hint=False), None
+            return _make_target(model, framework, items, graph=graph, source=source, hint=False), None
         except ExportError as e:
             whole = e
     with step("capture: the largest submodule that can be captured"):
@@ -834,14 +821,15 @@ def _capture(model, calibration: Sequence[NamedInput], validation: Sequence[Name
     return split.target, split
 
 
-def calibrate(model, calib_inputs, *, target_log2: int = 13, raise_underflow: bool = False,
+def calibrate(model, calib_inputs, *, target_log2: int = DEFAULT_TARGET_LOG2, raise_underflow: bool = False,
               source: str | None = None, graph: str | None = None, submodule: str | None = None) -> RewritePlan:
     """Calibrate a rewrite plan for an ONNX model or a PyTorch module.
 
     Args:
-        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module``. A module is calibrated
-            in eval mode, as deployed, on a deep copy (:func:`~fp16guard.torch_graph.inference_copy`):
-            a module in train or mixed mode gets the eval-mode plan, and the caller's module
+        model: ``.onnx`` path, ``onnx.ModelProto``, ``torch.nn.Module`` or ``.pt2`` path
+            (:func:`~fp16guard.loading.open_model`). A module is calibrated in eval mode, as
+            deployed, on a deep copy (:func:`~fp16guard.torch_graph.inference_copy`): a module in
+            train or mixed mode gets the eval-mode plan, and the caller's module
             (state_dict, BatchNorm statistics, training flags, hooks) is never changed.
         calib_inputs: :class:`~fp16guard.inputs.NamedInput` items, arrays, or tuples of arrays.
         target_log2, raise_underflow: see :func:`calibrate_target`.
@@ -861,11 +849,12 @@ def calibrate(model, calib_inputs, *, target_log2: int = 13, raise_underflow: bo
     """
     inputs = as_inputs(calib_inputs, what="calibration input")
     check_inputs(inputs, what="calibration input")
-    if graph not in (None, "torch", "onnx") or (graph == "torch" and not _is_torch(model)):
+    model, framework, name = open_model(model)
+    if graph not in (None, "torch", "onnx") or (graph == "torch" and framework is not Framework.TORCH):
         raise ValueError(f"graph must be 'torch' (PyTorch modules only) or 'onnx', got {graph!r}")
-    target, split = _capture(model, inputs, [], graph=graph, source=source, submodule=submodule)
+    target, split = _capture(model, framework, inputs, [], graph=graph, source=source or name, submodule=submodule)
     if split is None:
-        _check_feeds(target, inputs, "calibration input")
+        target.check_feeds(inputs, "calibration input")  # before any long run
     else:
         inputs = split.calibration
         if split.auto:
@@ -879,8 +868,9 @@ def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, valida
     ``options`` are).
 
     Args:
-        model: ``.onnx`` path, ``onnx.ModelProto`` or ``torch.nn.Module``. A module is calibrated,
-            rewritten and verified in eval mode, as deployed, on a deep copy
+        model: ``.onnx`` path, ``onnx.ModelProto``, ``torch.nn.Module`` or ``.pt2`` path
+            (:func:`~fp16guard.loading.open_model`: the run's one ONNX-or-PyTorch decision). A
+            module is calibrated, rewritten and verified in eval mode, as deployed, on a deep copy
             (:func:`~fp16guard.torch_graph.inference_copy`): a module in train or mixed mode gets the
             eval-mode result, and the caller's module (state_dict, BatchNorm statistics, training
             flags, hooks) is never changed.
@@ -907,29 +897,30 @@ def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, valida
     """
     calibration = as_inputs(calib_inputs, what="calibration input")
     validation = as_inputs(validation, what="validation input")
-    is_torch = _is_torch(model)
-    graph = output or (plan.framework if plan is not None else ("torch" if is_torch else "onnx"))
-    if graph not in ("torch", "onnx") or (graph == "torch" and not is_torch):
+    model, framework, name = open_model(model)  # the one ONNX-or-PyTorch decision of the run
+    graph = output or (plan.framework if plan is not None else framework.value)
+    if graph not in ("torch", "onnx") or (graph == "torch" and framework is not Framework.TORCH):
         raise ValueError(f"output must be 'torch' (PyTorch modules only) or 'onnx', got {graph!r}")
     if plan is not None and plan.framework != graph:
         raise PlanError(f"the plan names the values of a {plan.framework} graph, but the output asked for is "
                         f"{graph}; calibrate again for {graph}")
     check_inputs(calibration, what="calibration input")
     check_inputs(validation, what="validation input")
-    target, split = _capture(model, calibration, validation, graph=graph, source=source, submodule=submodule)
+    target, split = _capture(model, framework, calibration, validation, graph=graph, source=source or name,
+                             submodule=submodule)
     if split is None:
-        _check_feeds(target, calibration, "calibration input")
-        _check_feeds(target, validation, "validation input")
+        target.check_feeds(calibration, "calibration input")  # before any long run
+        target.check_feeds(validation, "validation input")
         result = fix_target(target, calibration, plan=plan, validation=validation, **options)
     else:
         from fp16guard.fixing.submodule import finish
 
         result = fix_target(target, split.calibration, plan=plan, validation=split.validation, **options)
         with step(f"verify: the whole model with the fixed {split.name}, end to end against FP32"):
-            finish(split, result, options.get("backend", "emulate"))
+            result = finish(split, result, options.get("backend", "emulate"))
     note = getattr(target, "export_note", None)
     if note is not None and note not in result.notes:
-        result.notes.insert(0, note)
+        result = replace(result, notes=(note, *result.notes))
     return result
 
 

@@ -19,7 +19,7 @@ import copy
 import inspect
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -438,10 +438,10 @@ class FixedSubmodule(torch.nn.Module):
         return tree_unflatten(leaves, spec)
 
 
-def finish(split: SubmoduleFix, result, backend) -> None:
-    """Give ``result`` (the submodule's :class:`~fp16guard.fixing.FixResult`) the whole model with
-    the fixed submodule (``result.model``), verified end to end against FP32 on the whole model's
-    inputs (``result.submodule.end_to_end``)."""
+def finish(split: SubmoduleFix, result, backend):
+    """``result`` (the submodule's :class:`~fp16guard.fixing.FixResult`, not changed) with the whole
+    model with the fixed submodule (``model``), verified end to end against FP32 on the whole model's
+    inputs (``submodule.end_to_end``): a new ``FixResult``."""
     what, run = split.target.runner(result.fixed, backend)
     model = copy.deepcopy(split.root)
     parent_name, _, child = split.name.rpartition(".")
@@ -461,5 +461,4 @@ def finish(split: SubmoduleFix, result, backend) -> None:
                                       math.inf, 0))
     split.end_to_end = Verification("end_to_end", what, rows)
     split.shape_changes = changed
-    result.model = model
-    result.submodule = split
+    return replace(result, model=model, submodule=split)

@@ -7,8 +7,13 @@ adapter:
 * :class:`OnnxFixTarget`: an FP32 ONNX graph; passes in :mod:`fp16guard.fixing.onnx_pass`, typed
   FP16 conversion by :func:`fp16guard.fp16_onnx.to_typed_fp16`, verification on any ONNX backend.
 * :class:`TorchFixTarget`: a ``torch.nn.Module`` captured once with ``torch.export``; passes in
-  :mod:`fp16guard.fixing.torch_pass`, a typed FP16 ``GraphModule`` out, verification by strict FP16
-  emulation on the CPU or PyTorch's FP16 kernels on CUDA.
+  :mod:`fp16guard.fixing.torch_pass`, a typed FP16 ``GraphModule`` out, verification on a backend
+  that takes PyTorch programs (``emulate``: strict FP16 emulation on the CPU; ``torch``: PyTorch's
+  FP16 kernels on CUDA).
+
+Both check their inputs (:meth:`FixTarget.check_feeds`), build their verification engine from a
+backend (:meth:`FixTarget.runner`) and write the fixed model (:meth:`FixTarget.save`) behind the
+same methods, so the pipeline and the command line call one method for either.
 
 Each target loads or captures its model once, when it is built, and keeps the two graphs every
 step needs: ``base`` (the model as captured, for the FP32 fallback) and ``prepared`` (after the
@@ -32,11 +37,11 @@ from torch.utils._pytree import tree_flatten
 
 from fp16guard import control_flow
 from fp16guard.backends import Backend, get_backend
-from fp16guard.errors import BackendError, ModelLoadError, PlanError
+from fp16guard.errors import InputError, ModelLoadError, PlanError, first_line
 from fp16guard.fixing import onnx_pass, torch_masks, torch_pass
 from fp16guard.fixing.module_scales import module_scales
-from fp16guard.fixing.onnx_pass import RewriteNote
-from fp16guard.fixing.solver import ScaleOp, ScaleSolution
+from fp16guard.fixing.notes import RewriteNote
+from fp16guard.fixing.solver_model import ScaleOp, ScaleSolution
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
 from fp16guard.fp16_onnx import ISLAND_DTYPES, Fp16Conversion, to_typed_fp16, unfit_constants
 from fp16guard.inputs import NamedInput, check_onnx_feeds, onnx_feed, torch_args
@@ -111,7 +116,27 @@ class FixTarget(Protocol):
         scales for the mmdeploy rewriters)."""
 
     def runner(self, fixed: object, backend: str | Backend) -> tuple[str, Runner]:
-        """``(backend description, run)`` for an FP16 model made by :meth:`convert`."""
+        """``(backend description, run)`` for an FP16 model made by :meth:`convert`: the backend
+        builds its engine (:meth:`~fp16guard.backends.base.Backend.build`).
+
+        Raises:
+            BackendError: the backend does not take this kind of model (its ``accepts``), or cannot run here.
+        """
+
+    def check_feeds(self, items: Sequence[NamedInput], what: str) -> None:
+        """Refuse, before any long run, an item the model does not take.
+
+        Raises:
+            InputError: ``<what> <label>...``, naming the input and what the model takes.
+        """
+
+    def save(self, fixed: object, path: str | Path) -> str:
+        """Write an FP16 model made by :meth:`convert` to ``path`` (``.onnx``, or ``.pt2`` for a
+        PyTorch program); returns the path written.
+
+        Raises:
+            ExportError: a PyTorch program ``torch.export`` cannot re-capture.
+        """
 
 
 def _same_inputs(a, b) -> bool:
@@ -312,10 +337,15 @@ class OnnxFixTarget:
         return replace(plan, unfixable=[*plan.unfixable, *islands]) if islands else plan
 
     def runner(self, fixed: onnx.ModelProto, backend: str | Backend) -> tuple[str, Runner]:
-        """See :meth:`FixTarget.runner`: ``backend`` builds an engine of ``fixed``."""
+        """See :meth:`FixTarget.runner`: ``backend`` builds an engine of ``fixed`` (a typed FP16 ONNX)."""
         be = get_backend(backend) if isinstance(backend, str) else backend
         engine = be.build(fixed)
-        return be.describe(), lambda item: engine.run(self.feed(item))
+        return engine.description or be.describe(), lambda item: engine.run(self.feed(item))
+
+    def save(self, fixed: onnx.ModelProto, path: str | Path) -> str:
+        """See :meth:`FixTarget.save` (``onnx.save``)."""
+        onnx.save(fixed, str(path))
+        return str(path)
 
 
 class TorchFixTarget:
@@ -352,6 +382,23 @@ class TorchFixTarget:
         self.prepared_notes += notes + more
         torch_pass.annotate(self.prepared, self.examples[0])
         self._flushed: tuple = (None, set())
+
+    def check_feeds(self, items: Sequence[NamedInput], what: str) -> None:
+        """Refuse, before any long run, an item the module does not take: its eval-mode copy runs
+        once in FP32 on each item (one plain forward each).
+
+        Raises:
+            InputError: ``<what> <label> of shape [...]: the model rejects it: <the model's first error line>``.
+        """
+        with torch.no_grad():
+            for item in items:
+                args = torch_args(item)
+                try:
+                    self.model(*args)
+                except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                    shapes = ", ".join(str(list(t.shape)) for t in args)
+                    raise InputError(f"{what} {item.label} of shape {shapes}: the model rejects it: "
+                                     f"{first_line(e)}") from None
 
     def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
         """See :meth:`FixTarget.activation_amax`."""
@@ -435,29 +482,27 @@ class TorchFixTarget:
         return replace(plan, modules=[m.to_json() for m in scales])
 
     def runner(self, fixed, backend: str | Backend) -> tuple[str, Runner]:
-        """See :meth:`FixTarget.runner`: ``emulate`` (strict FP16 emulation on the CPU) or ``torch``
-        (PyTorch's FP16 kernels on CUDA).
+        """See :meth:`FixTarget.runner`: a backend that takes PyTorch programs (``emulate``: strict FP16
+        emulation on the CPU; ``torch``: PyTorch's FP16 kernels on CUDA) builds an engine of ``fixed``.
+        Every output comes back as FP32 numpy, as :meth:`references` gives them.
 
         Raises:
-            BackendError: ``torch`` without a CUDA device, or another backend.
+            BackendError: a backend that takes no PyTorch programs, or ``torch`` without a CUDA device.
         """
-        if backend == "emulate":
-            return (f"strict FP16 emulation (PyTorch {torch.__version__}, CPU)",
-                    lambda item: [t.float().numpy() for t in torch_pass.run_emulated(fixed, *torch_args(item))])
-        if backend != "torch":
-            raise BackendError(f"a PyTorch model is verified on emulate or torch, not {backend!r}")
-        if not torch.cuda.is_available():
-            raise BackendError("backend torch runs PyTorch's FP16 kernels on CUDA, and no CUDA device is visible; "
-                               "use --backend emulate")
-        device = torch.device("cuda")
-        on_gpu = torch_pass.program_on(fixed, device)
+        be = get_backend(backend) if isinstance(backend, str) else backend
+        engine = be.build(fixed)
 
         def run(item: NamedInput) -> list[np.ndarray]:
-            """The program on CUDA."""
-            with torch.no_grad():
-                out = on_gpu(*(a.to(device) for a in torch_args(item)))
-            return [t.float().cpu().numpy() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        return f"PyTorch {torch.__version__} FP16 on {torch.cuda.get_device_name(device)}", run
+            """The program on one input (its tensors fed by placeholder, in order)."""
+            feeds = dict(zip(engine.input_names, (a.numpy() for a in torch_args(item))))
+            return [np.asarray(o, dtype=np.float32) for o in engine.run(feeds)]
+        return engine.description or be.describe(), run
+
+    def save(self, fixed, path: str | Path) -> str:
+        """See :meth:`FixTarget.save`: a ``.pt2`` ``ExportedProgram``
+        (:func:`~fp16guard.fixing.torch_pass.save_program`), input dimensions that differ between the
+        inputs the target was captured with dynamic."""
+        return torch_pass.save_program(fixed, self.examples, path)
 
 
 def _passes_checker(model: onnx.ModelProto) -> bool:

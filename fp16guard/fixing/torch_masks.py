@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fp16guard.fixing.onnx_pass import SATURATED_MASK, RewriteNote
-from fp16guard.fixing.torch_pass import ATTENTION, copy_module
+from fp16guard.fixing.notes import RewriteNote
+from fp16guard.fixing.onnx_masks import SATURATED_MASK
+from fp16guard.fixing.torch_edit import ATTENTION, copy_module
 from fp16guard.fp16 import FP16_MAX
 
 aten = torch.ops.aten

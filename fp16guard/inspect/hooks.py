@@ -131,7 +131,7 @@ class FInspect:
         fused: reduce each CUDA tensor with one Triton kernel (:mod:`fp16guard.inspect.triton_stats`).
             ``None`` (default) or True: wherever Triton is available; False: eager torch ops
             everywhere (the CPU always uses them).
-        static: include the static weight check (:func:`fp16guard.static_check.check_module`) in
+        static: include the static weight check (:func:`fp16guard.inspect.static_check.check_module`) in
             the report.
         cuda_graph: for batches given to :meth:`run`: None (default) captures the hooked forward
             as a CUDA graph on the second batch of an input signature and replays it for every

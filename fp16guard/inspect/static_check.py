@@ -1,6 +1,6 @@
 """Static range check: weights, buffers, ONNX initializers and ``Constant`` nodes, no inference.
 
-Two kinds of findings (:class:`fp16guard.report.StaticFinding`):
+Two kinds of findings (:class:`fp16guard.inspect.report.StaticFinding`):
 
 * per tensor: values beyond 65504 (``overflow``), inf/NaN (``nonfinite``), nonzero values that FP16
   flushes to zero (``flush_to_zero``, reported when >= 1% of the tensor or the tensor is a small
@@ -159,7 +159,7 @@ def check_onnx(model, constants: Mapping[str, np.ndarray], node_names: Mapping[s
     Args:
         model: an ``onnx.ModelProto``.
         constants: every constant tensor of the graph by name (initializers and ``Constant``
-            outputs), see :func:`fp16guard.onnx_inspector.graph_constants`.
+            outputs), see :func:`fp16guard.onnx_graph.graph_constants`.
         node_names: display name of the node that consumes each tensor, where known.
     """
     out: list[StaticFinding] = []

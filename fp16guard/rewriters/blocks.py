@@ -1,7 +1,7 @@
 """Scaled forwards of the two modules seed 002 patched, decided by a plan, in plain PyTorch.
 
 mmdet's ``BasicBlock`` and mmocr's ``FPEM_FFM`` as functions of the module and its
-:class:`~fp16guard.module_scales.ModuleScale` entries: the BatchNorms are folded into their convs
+:class:`~fp16guard.fixing.module_scales.ModuleScale` entries: the BatchNorms are folded into their convs
 in float64 and the power-of-two exponents folded into the weights, so the traced graph computes every activation stored as
 ``true * 2**-e`` with no extra op where the factor can be absorbed. Exact in real arithmetic;
 the mmdeploy function rewriters (:mod:`fp16guard.rewriters.mmdeploy_rewriters`) call these.
@@ -89,7 +89,7 @@ def conv_norm_act(block: nn.Module, x: torch.Tensor, table: ScaleTable) -> torch
     with the block's input exponent, the result leaves with its output exponent.
 
     The BatchNorm is folded into the conv (float64) and the factors into the folded weights, as
-    :func:`fp16guard.torch_rewrite.fold_batchnorms` does; where folding would make the conv's
+    :func:`fp16guard.fixing.torch_pass.fold_batchnorms` does; where folding would make the conv's
     FP16 weights subnormal (a running variance of 1e10 scales them by 1e-5), the conv keeps its
     weights (scaled to the exponent the plan gives its output) and the BatchNorm becomes a
     per-channel ``x * scale + shift`` computed in float64 that absorbs the rest of the factor.

@@ -84,17 +84,17 @@ def read_wts(path: str | Path) -> dict[str, np.ndarray]:
 
 def check_wts(path: str | Path, *, eps: float = 1e-5):
     """The inspector's static check on a ``.wts`` file: every tensor
-    (:func:`fp16guard.static_check.check_tensor`: values beyond 65504, inf/NaN, values FP16
+    (:func:`fp16guard.inspect.static_check.check_tensor`: values beyond 65504, inf/NaN, values FP16
     flushes to zero) and every BatchNorm found by tensorrtx's naming (``<bn>.weight``, ``.bias``,
     ``.running_mean``, ``.running_var``) folded to scale/shift
-    (:func:`fp16guard.static_check.check_batchnorm`).
+    (:func:`fp16guard.inspect.static_check.check_batchnorm`).
 
     Args:
         path: the ``.wts`` file.
         eps: the BatchNorms' epsilon (a ``.wts`` does not store it; PyTorch's default).
 
     Returns:
-        A list of :class:`fp16guard.report.StaticFinding`.
+        A list of :class:`fp16guard.inspect.report.StaticFinding`.
 
     Raises:
         WtsError: as :func:`read_wts`.

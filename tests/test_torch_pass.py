@@ -1,5 +1,6 @@
-"""The PyTorch rewriter: BatchNorm folding and power-of-two scale regions on a torch.export graph,
-the typed FP16 program, its FP16 emulation, and `fp16guard fix ... -o OUT.pt2`."""
+"""The PyTorch rewriter (:mod:`fp16guard.fixing.torch_pass`): BatchNorm folding and power-of-two
+scale regions on a torch.export graph, the typed FP16 program, its FP16 emulation, and
+`fp16guard fix ... -o OUT.pt2`."""
 
 import copy
 
@@ -15,7 +16,8 @@ from fp16guard.cli import main
 from fp16guard.errors import FixError, PlanError
 from fp16guard.fixing import torch_pass as tr
 from fp16guard.fixing.pipeline import apply_plan, calibrate, calibrate_target, fix_model
-from fp16guard.fixing.solver import Role, complete
+from fp16guard.fixing.solver import complete
+from fp16guard.fixing.solver_model import Role
 from fp16guard.fixing.targets import TorchFixTarget
 from fp16guard.inputs import NamedInput
 from fp16guard.torch_graph import capture
