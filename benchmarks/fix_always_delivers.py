@@ -1,10 +1,10 @@
 """The development cases of issue 24 ("fix always delivers") through ``fix_model``, both routes.
 
-Each case is a small model the tests build (copied from ``tests/test_saturation.py``,
-``tests/test_scaled_constants.py``, ``tests/test_control_flow.py`` and ``tests/test_delivery.py``
-into ``benchmarks/_cases.py``), one per pattern: SE / hard-swish / SiLU / GELU regions beyond
-FP16, a clamp bound before a log inside a scaled region, a weight that would be scaled beyond
-65504, an FP32 exp island, int16 PCM and power-mel inputs, a model at its own FP16 floor, a residual
+Each case is a small model the tests build (``tests/test_saturation.py``,
+``tests/test_scaled_constants.py``, ``tests/test_control_flow.py`` and ``tests/test_delivery.py``,
+through the helper module ``tests/fix_cases.py``), one per pattern: SE / hard-swish / SiLU / GELU
+regions beyond FP16, a clamp bound before a log inside a scaled region, a weight that would be
+scaled beyond 65504, an FP32 exp island, int16 PCM and power-mel inputs, a model at its own FP16 floor, a residual
 offset that scaling cannot keep, ``If``/``Loop`` models and the TorchScript ``squeeze`` ``If``.
 Every row gives, per route, the worst relative L2 error over the case's inputs of the naive FP16
 conversion, the written model and the FP32 fallback, the FP32 node counts of the written model and
@@ -25,8 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # its helper modules, not its test modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # its helper modules, not its test modules
 warnings.filterwarnings("ignore")
 
 import numpy as np  # noqa: E402
@@ -43,7 +42,7 @@ def _worst(v) -> float:
 
 def cases():
     """``(name, model, calibration, validation, routes)`` for every development case."""
-    import _cases as c
+    import fix_cases as c
     from models import pcm
 
     x = c.gate_inputs(4)

@@ -1,9 +1,9 @@
 """The issue-14 development cases through ``fix_model``: naive FP16 against the fixed model.
 
-Runs the small models the tests build (copied from ``tests/test_fix.py`` and
-``tests/test_torch_pass.py`` into ``benchmarks/_cases.py``: decomposed LayerNorm, T5 RMSNorm,
-logits beyond FP16, an input beyond FP16, a ``finfo.min`` attention mask) and the transformer and
-audio cases (``tests/test_transformers.py``, ``tests/test_underflow.py``, through the helper modules
+Runs the small models the tests build (``tests/test_fix.py`` and ``tests/test_torch_pass.py``,
+through the helper module ``tests/fix_cases.py``: decomposed LayerNorm, T5 RMSNorm, logits beyond
+FP16, an input beyond FP16, a ``finfo.min`` attention mask) and the transformer and audio cases
+(``tests/test_transformers.py``, ``tests/test_underflow.py``, through the helper modules
 ``tests/transformer_cases.py`` and ``tests/models.py``), and prints the relative L2 error against
 FP32 of each input (naive FP16, fixed, FP32 fallback) and the number of nodes the fixed model keeps
 in FP32, on the strict CPU emulation. The tests assert bounds on these numbers; this prints them. Output for this machine:
@@ -22,11 +22,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # its helper modules, not its test modules
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # its helper modules, not its test modules
 warnings.filterwarnings("ignore")
 
-from _cases import big_input_model, decomposed_layernorm, masked_attention, normal, rms_norm_net  # noqa: E402
+from fix_cases import big_input_model, decomposed_layernorm, masked_attention, normal, rms_norm_net  # noqa: E402
 from models import LogMelFrontEnd, pcm  # noqa: E402
 from transformer_cases import bert, t5, to_onnx, token_batch  # noqa: E402
 

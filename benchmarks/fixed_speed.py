@@ -33,7 +33,7 @@ Models:
   (``$FP16GUARD_CACHE``, ``fp16guard fetch-examples``) on a machine without network.
 * ``resnet50``: torchvision's ``resnet50()`` when torchvision imports, else
   ``benchmarks/_resnet50.py`` (same layout), random weights from ``torch.manual_seed(--seed)``,
-  eval mode, exported with ``fp16guard.torch_graph.export_onnx`` at ``[--batch, 3, 224, 224]`` (static
+  eval mode, exported with ``fp16guard.torch_onnx.export_onnx`` at ``[--batch, 3, 224, 224]`` (static
   shape). Calibrated on ``--calib`` standard normal inputs (numpy ``default_rng(--seed)``); timed on
   one more draw. With random weights nothing overflows, the plan is empty and fixed is naive's
   graph byte for byte (the report says so): its fixed/naive ratio is the measurement's noise floor.
@@ -79,7 +79,7 @@ from fp16guard.compare import compare_outputs  # noqa: E402
 from fp16guard.fixing import FixResult, fix_model  # noqa: E402
 from fp16guard.fp16_onnx import to_typed_fp16  # noqa: E402
 from fp16guard.inputs import NamedInput  # noqa: E402
-from fp16guard.torch_graph import export_onnx  # noqa: E402
+from fp16guard.torch_onnx import export_onnx  # noqa: E402
 
 #: The issue's requirement: fixed / naive median latency on the GPU.
 TARGET_RATIO = 1.02

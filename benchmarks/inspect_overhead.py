@@ -6,7 +6,8 @@ r"""Overhead of fp16guard's FInspect against a plain forward, side by side with 
 
 ``--graph``: ResNet-50 and ViT-B/16 (torchvision) and BERT-base (transformers' default config, seq
 128), random weights, FP32 and FP16: plain eager, FInspect eager, the plain forward as a CUDA
-graph, and ``FInspect.run`` (the hooked forward captured once, then replayed), in interleaved
+graph, ``FInspect.run`` (the hooked forward captured once, then replayed) and plain ``model(x)``
+inside the block (which goes through ``run`` by itself on CUDA), in interleaved
 rounds; then the GPU time the statistics add inside the graph (FInspect graph replay - plain graph
 replay) against the read floor: the bytes of every tensor measured over the read bandwidth measured
 here. The statistics run in several variants (``triton_stats.REDUCTION``,
@@ -262,6 +263,8 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
             model(*args, **kwargs)
     eager_model = copy.deepcopy(model)  # each probe hooks its own copy: model() stays plain
     eager_probe = FInspect(eager_model, static=False, cuda_graph=False)
+    called_model = copy.deepcopy(model)  # model(x) inside the block: replays by itself (issue 26)
+    called_probe = FInspect(called_model, static=False)
     probes = {}
     for key in kernels:
         probes[key] = FInspect(copy.deepcopy(model), static=False)
@@ -271,12 +274,15 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
         "FInspect eager": lambda: eager_model(*args, **kwargs),
         "plain graph": plain_graph.replay,
         "FInspect graph": lambda: first.run(*args, **kwargs),
+        "FInspect model()": lambda: called_model(*args, **kwargs),
     }
     times = {k: [] for k in variants}
     with torch.no_grad():
         with contextlib.ExitStack() as stack:
-            for p in [eager_probe, *probes.values()]:
+            for p in [eager_probe, called_probe, *probes.values()]:
                 stack.enter_context(p)
+            called_model(*args, **kwargs)  # eager, then warm-up + capture: later calls replay
+            called_model(*args, **kwargs)
             for key, p in probes.items():  # eager, then warm-up + capture: later runs replay
                 T.REDUCTION, replay.OVERLAP_STATISTICS = key
                 p.run(*args, **kwargs)
@@ -300,6 +306,7 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
     for k, v in med.items():
         print(f"{name:10} {dt_name:8} {k:16} {v:8.2f} ms {v / med['plain eager']:6.2f}x plain eager")
     print(f"{name:10} {dt_name:8} {'mode':16} {first.mode}")
+    print(f"{name:10} {dt_name:8} {'mode model()':16} {called_probe.mode}")
     for (reduction, overlap), ms in gpu.items():
         extra = ms - plain_gpu
         print(f"{name:10} {dt_name:8} GPU-only: plain graph {plain_gpu:.3f} ms, FInspect graph {ms:.3f} ms "

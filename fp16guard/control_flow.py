@@ -373,7 +373,7 @@ def inner_ranges(model: onnx.ModelProto, runs: Sequence[Mapping[str, np.ndarray]
 
     Args:
         model: the FP32 model (its subgraphs' names unique: :func:`normalize`).
-        runs: one feed per run, as for :func:`~fp16guard.onnx_graph.value_ranges`.
+        runs: one feed per run, as for :func:`~fp16guard.onnx_ranges.value_ranges`.
         memory_budget: bytes of one subgraph's intermediate values exposed at once.
     """
     control = [n for n in model.graph.node if subgraphs(n)]

@@ -6,6 +6,9 @@ and how messages name the type); everything that lists input types reads it (fol
 :func:`load_inputs`, the messages, ``--input``'s help, the examples). A new suffix is one reader
 function and one row (``docs/inputs.md``). Readers return raw decoded images and waveforms, with
 their :class:`InputKind`; the example (or the user's model) applies its own preprocessing.
+:class:`NamedInput` and :class:`InputKind` themselves stand below this module, in
+:mod:`fp16guard.named_input` (the model loaders and the Polygraphy reader use them too), and
+are handed on here.
 
 Every command feeds models through :func:`as_inputs` (what the Python API was given ->
 ``NamedInput`` items), :func:`onnx_feed` (-> ``{input name: array}``) and :func:`torch_args` (-> a
@@ -17,9 +20,7 @@ and ``fix`` accept the same inputs for the same model. numpy and torch are impor
 
 from __future__ import annotations
 
-import enum
-import errno
-import os
+import glob
 import re
 import wave
 import warnings
@@ -29,90 +30,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from fp16guard.errors import InputError, first_line
+from fp16guard.named_input import (  # handed on too: fp16guard.inputs.NamedInput is the everyday spelling
+    InputKind,
+    NamedInput,
+    check_input_path,
+    file_input,
+    native,
+)
 
 if TYPE_CHECKING:
     import numpy as np
-
-
-class InputKind(str, enum.Enum):
-    """What a :class:`NamedInput` holds: ``ARRAYS`` (the model's inputs themselves), ``IMAGE`` (one
-    ``uint8 [H, W, 3]`` RGB image) or ``AUDIO`` (one ``float32 [T]`` waveform in [-1, 1]). A PyTorch
-    model gets an image as ``float32 [1, 3, H, W]`` in [0, 1] and a waveform as ``[1, T]``
-    (:func:`torch_args`); an ONNX model refuses both. A ``str`` enum: a member equals, prints and
-    serializes (``json.dumps``) as its former string (``InputKind.IMAGE == "image"``)."""
-
-    ARRAYS = "arrays"
-    IMAGE = "image"
-    AUDIO = "audio"
-
-    __str__ = str.__str__
-    __format__ = str.__format__
-
-    @property
-    def raw(self) -> bool:
-        """Decoded media (an image, a waveform) that a model's own preprocessing turns into arrays."""
-        return self is not InputKind.ARRAYS
-
-
-@dataclass(frozen=True)
-class NamedInput:
-    """Arrays to feed a model, with a label.
-
-    Attributes:
-        label: what the input is (a file name, ``skimage.data.page()``), for the report.
-        arrays: positional model inputs (numpy arrays), or for raw images/audio the decoded data
-            (``uint8 [H, W, 3]`` RGB image; ``float32 [T]`` waveform in [-1, 1]).
-        sample_rate: samples per second for audio, else None.
-        kind: an :class:`InputKind` (its string, ``"image"``, is taken too and converted).
-        names: the arrays' names where the file gave them (``.npz`` keys), else empty; an ONNX
-            model is fed by these names when they are its input names (:func:`onnx_feed`).
-
-    Raises:
-        ValueError: ``kind`` is not one of :class:`InputKind`.
-    """
-
-    label: str
-    arrays: tuple[np.ndarray, ...]
-    sample_rate: int | None = None
-    kind: InputKind = InputKind.ARRAYS
-    names: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        object.__setattr__(self, "kind", InputKind(self.kind))
-
-
-def _native(a: np.ndarray) -> np.ndarray:
-    """``a`` in this machine's byte order (a big-endian ``.npy`` written elsewhere is converted;
-    torch and ONNX Runtime take native arrays only); ``a`` itself when it already is."""
-    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
-
-
-def file_input(label: str, arrays, names: Sequence[str] = ()) -> NamedInput:
-    """The :class:`NamedInput` of arrays read from a file: in native byte order, and labelled
-    ``x.npy (float16 as float32)`` when one is float16, which is how the FP32 model is fed it
-    (:func:`onnx_feed`, :func:`torch_args`)."""
-    import numpy as np
-
-    arrays = tuple(_native(np.asarray(a)) for a in arrays)
-    if any(a.dtype == np.float16 for a in arrays):
-        label += " (float16 as float32)"
-    return NamedInput(label, arrays, names=tuple(names))
-
-
-def check_input_path(p: Path) -> None:
-    """Refuse an input path that is not a file.
-
-    Raises:
-        InputError: ``input file not found: <p>``, or ``<p> is a symlink loop``.
-    """
-    if p.is_file():
-        return
-    try:
-        os.stat(p)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise InputError(f"input {p} is a symlink loop; give the file itself") from None
-    raise InputError(f"input file not found: {p}")
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
@@ -222,13 +149,24 @@ def read_npy(p: Path) -> list[NamedInput]:
     return _numpy_file(p, lambda: [file_input(p.name, (np.load(p, allow_pickle=False),))])
 
 
+#: The key that makes an ``.npz`` a shard of many inputs (:func:`fp16guard.datasets.write_shards`):
+#: its number of rows; row ``i`` of every other array is input ``i``, labelled ``<file>[i]``.
+SHARD_ROWS = "__fp16guard_rows__"
+
+
 def read_npz(p: Path) -> list[NamedInput]:
     """``.npz``: one input of several arrays, named by their keys (``np.savez(f, x=..., mask=...)``;
-    positional archives ``arr_0``, ``arr_1``, ... in order)."""
+    positional archives ``arr_0``, ``arr_1``, ... in order); a shard (:data:`SHARD_ROWS`) gives one
+    input per row."""
     import numpy as np
 
     def read():
         with np.load(p, allow_pickle=False) as z:
+            keys = [k for k in z.files if k != SHARD_ROWS]
+            if len(keys) < len(z.files):
+                arrays = [z[k] for k in keys]
+                return [file_input(f"{p.name}[{i}]", [a[i] for a in arrays], names=keys)
+                        for i in range(int(z[SHARD_ROWS]))]
             return [file_input(p.name, [z[k] for k in z.files], names=z.files)]
     return _numpy_file(p, read)
 
@@ -334,23 +272,41 @@ def load_input(path: str | Path) -> NamedInput:
 
 def load_inputs(paths) -> list[NamedInput]:
     """Load ``--input`` arguments: files as :func:`load_file`, folders as every file in them whose
-    suffix :data:`READERS` reads (sorted by name; other files skipped). A Polygraphy ``.json`` gives
+    suffix :data:`READERS` reads (sorted by name; other files skipped), patterns as their matches
+    (:func:`input_files`); an ``.npz`` shard gives one input per row. A Polygraphy ``.json`` gives
     one input per feed dict, and a folder of ``.json`` files is Polygraphy's per-iteration form
     (``--save-inputs DIR``).
 
     Raises:
         InputError: a path does not exist, a folder holds no file of a known suffix, or a file is unreadable.
     """
-    out: list[NamedInput] = []
+    return [item for f in input_files(paths) for item in load_file(f)]
+
+
+def input_files(paths) -> list[Path]:
+    """The files ``--input`` arguments name, in order: a file as given, a folder as every file in
+    it whose suffix :data:`READERS` reads (sorted by name; others skipped), a pattern (``calib/*.npz``,
+    quoted so the shell leaves it) as its matches, sorted, folders and files of known suffixes.
+
+    Raises:
+        InputError: a folder with no file of a known suffix, or a pattern that matches none.
+    """
+    out: list[Path] = []
     for path in paths:
         p = Path(path)
-        if p.is_dir():
+        if not p.exists() and any(c in str(path) for c in "*?["):
+            found = [Path(m) for m in sorted(glob.glob(str(path)))]
+            found = [m for m in found if m.is_dir() or m.suffix.lower() in READERS]
+            if not found:
+                raise InputError(f"{path}: no folder or {input_types(listed=False)} file matches this pattern")
+            out += input_files(found)
+        elif p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in READERS)
             if not files:
                 raise _no_input_in(p)
-            out += [item for f in files for item in load_file(f)]
+            out += files
         else:
-            out += load_file(p)
+            out.append(p)
     return out
 
 
@@ -408,7 +364,7 @@ def onnx_feed(input_names: Sequence[str], item: NamedInput) -> dict[str, np.ndar
         raise InputError(f"{item.label}: the model takes {len(input_names)} input(s) "
                          f"({', '.join(input_names)}), got {len(arrays)}")
     # np.require, not np.ascontiguousarray: the latter turns a scalar input of shape () into [1]
-    return {n: np.require(a.astype(np.float32) if a.dtype.kind == "f" else _native(a), requirements="C")
+    return {n: np.require(a.astype(np.float32) if a.dtype.kind == "f" else native(a), requirements="C")
             for n, a in zip(input_names, arrays)}
 
 
@@ -487,7 +443,7 @@ def torch_args(item: NamedInput):
         return (torch.from_numpy(item.arrays[0].astype(np.float32))[None],)
     out = []
     for a in item.arrays:
-        t = torch.from_numpy(np.require(_native(a), requirements="C"))  # keeps shape () (ascontiguousarray does not)
+        t = torch.from_numpy(np.require(native(a), requirements="C"))  # keeps shape () (ascontiguousarray does not)
         out.append(t.float() if t.dtype in (torch.float64, torch.float16) else t)
     return tuple(out)
 

@@ -30,11 +30,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 from fp16guard.errors import InputError, ModelLoadError, first_line
 from fp16guard.files import check_readable
+from fp16guard.named_input import NamedInput
 
 if TYPE_CHECKING:
     import torch
-
-    from fp16guard.inputs import NamedInput
 
 log = logging.getLogger("fp16guard")
 
@@ -465,8 +464,6 @@ def by_forward_names(model, item: NamedInput) -> NamedInput:
     Raises:
         InputError: the names are not parameters of ``forward``, or a parameter without a default is missing.
     """
-    from fp16guard.inputs import NamedInput
-
     if item.kind.raw or not item.names or all(re.fullmatch(r"arr_\d+", n) for n in item.names):
         return item
     try:

@@ -39,7 +39,7 @@ import numpy as np
 
 from fp16guard.deps import import_polygraphy
 from fp16guard.errors import InputError, first_line
-from fp16guard.inputs import NamedInput, check_input_path, file_input
+from fp16guard.named_input import NamedInput, check_input_path, file_input
 
 #: Runner names of :func:`save_run_results` as ``fix --save-outputs`` uses them.
 RUNNER_FP32 = "fp16guard-fp32"

@@ -9,7 +9,7 @@ Library code marks its long steps with :func:`step`::
 
 Work that runs deeper than the step, or whose size is known only once it started, counts with
 :func:`advance` and :func:`set_total`, which act on the innermost running step (ONNX Runtime runs
-inside :func:`fp16guard.onnx_graph.value_ranges`, bisect's bound once its cuts are known).
+inside :func:`fp16guard.onnx_ranges.value_ranges`, bisect's bound once its cuts are known).
 
 With no listener (the Python API) a step only logs its start and duration at INFO level on the
 ``fp16guard`` logger. The command line installs a :class:`RichProgress` with :func:`reporting`:

@@ -1,110 +1,41 @@
 """Control flow (If, Loop, Scan): inspect, calibrate, the typed FP16 conversion, the emulator, bisect and
 fix enter subgraphs (fp16guard.control_flow)."""
 
-import io
 import json
 import logging
-import warnings
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
+from fix_cases import (
+    CONTROL_FLOW,
+    CONTROL_FLOW_INPUTS,
+    constant,
+    if_model,
+    loop_model,
+    opset_model,
+    squeeze_inputs,
+    squeeze_model,
+)
 from onnx import TensorProto as TP
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from fp16guard import control_flow
 from fp16guard.cli import main
 from fp16guard.fixing import calibrate, fix_model
 from fp16guard.fp16_onnx import emulation_model, emulation_session_options, to_typed_fp16
 from fp16guard.inspect.onnx_inspector import inspect_onnx
-from fp16guard.onnx_graph import value_ranges
+from fp16guard.onnx_ranges import value_ranges
 
 
-def _c(name, v, dtype=np.float32):
-    return numpy_helper.from_array(np.asarray(v, dtype), name)
-
-
-def _model(graph, opset=17):
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 9
-    return m
-
-
-def if_model():
-    """``y = If(sum(x) > 0, then: x * 1000 + x, else: Identity(x)) * 0.001``: a data-dependent If whose
-    then-branch overflows FP16 (1e5 for x ~ 100) and hands the big value on to the main graph."""
-    then = helper.make_graph([helper.make_node("Mul", ["x", "k1000"], ["t_big"], name="then_mul"),
-                              helper.make_node("Add", ["t_big", "x"], ["t_out"], name="then_add")],
-                             "then", [], [helper.make_tensor_value_info("t_out", TP.FLOAT, [4])])
-    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e_out"], name="else_id")],
-                              "else", [], [helper.make_tensor_value_info("e_out", TP.FLOAT, [4])])
-    return _model(helper.make_graph([
-        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
-        helper.make_node("Greater", ["s", "zero"], ["c"], name="positive"),
-        helper.make_node("If", ["c"], ["b"], then_branch=then, else_branch=other, name="branch"),
-        helper.make_node("Mul", ["b", "k001"], ["y"], name="down"),
-    ], "if_model", [helper.make_tensor_value_info("x", TP.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TP.FLOAT, [4])], [_c("zero", 0.0), _c("k1000", 1000.0), _c("k001", 0.001)]))
-
-
-def loop_model(trips=3):
-    """``acc = x; 3 times: acc = acc * 10 + x; y = acc * 0.001``: the third iteration overflows (1.1e5)."""
-    body = helper.make_graph([
-        helper.make_node("Mul", ["acc_in", "k10"], ["acc_scaled"], name="body_mul"),
-        helper.make_node("Add", ["acc_scaled", "x"], ["acc_out"], name="body_add"),
-        helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
-    ], "body", [helper.make_tensor_value_info("i", TP.INT64, []), helper.make_tensor_value_info("cond_in", TP.BOOL, []),
-                helper.make_tensor_value_info("acc_in", TP.FLOAT, [4])],
-        [helper.make_tensor_value_info("cond_out", TP.BOOL, []),
-         helper.make_tensor_value_info("acc_out", TP.FLOAT, [4])])
-    return _model(helper.make_graph([
-        helper.make_node("Loop", ["trips", "", "x"], ["acc"], body=body, name="loop"),
-        helper.make_node("Mul", ["acc", "k001"], ["y"], name="down"),
-    ], "loop_model", [helper.make_tensor_value_info("x", TP.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TP.FLOAT, [4])],
-        [_c("trips", trips, np.int64), _c("k10", 10.0), _c("k001", 0.001)]))
-
-
-class Squeeze(torch.nn.Module):
-    """``x.squeeze(1)`` of a dimension the exporter does not know: TorchScript writes an If."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = torch.nn.Linear(8, 8)
-
-    def forward(self, x):  # [B, C, 8], C dynamic
-        y = self.lin(x) * 1000.0
-        return y.squeeze(1) * 100.0 * 0.001
-
-
-def squeeze_model():
-    """The TorchScript export (``dynamo=False``, opset 13) of :class:`Squeeze`, dims 0 and 1 dynamic."""
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Squeeze().eval(), (torch.randn(2, 1, 8),), f, dynamo=False, opset_version=13,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b", 1: "c"}})
-    return onnx.load_from_string(f.getvalue())
-
-
-X = np.array([100, 50, -20, 80], np.float32)
-CALIB = [X, np.array([60, 90, 10, 30], np.float32), np.array([70, -10, 40, 85], np.float32)]
-
-
-def _squeeze_inputs():
-    rng = np.random.default_rng(0)
-    return [rng.normal(0, 3, (2, 1, 8)).astype(np.float32) for _ in range(3)]
+#: The calibration inputs of ``if_model`` and ``loop_model``, the first alone, and every case by name
+#: (the models: ``tests/fix_cases.py``, shared with ``benchmarks/fix_always_delivers.py``).
+X, CALIB, CASES = CONTROL_FLOW_INPUTS[0], CONTROL_FLOW_INPUTS, CONTROL_FLOW
 
 
 def _run(model, x, options=None):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, x)[0]
-
-
-CASES = {"if": (if_model, lambda: CALIB, "x"), "loop": (loop_model, lambda: CALIB, "x"),
-         "squeeze": (squeeze_model, _squeeze_inputs, "x")}
 
 
 def test_the_models_have_control_flow():
@@ -176,13 +107,13 @@ def test_the_emulator_rounds_inside_the_subgraph():
                              "then", [], [helper.make_tensor_value_info("t2", TP.FLOAT, [1])])
     other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="else_id")],
                               "else", [], [helper.make_tensor_value_info("e", TP.FLOAT, [1])])
-    m = _model(helper.make_graph([
+    m = opset_model(helper.make_graph([
         helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
         helper.make_node("Greater", ["s", "zero"], ["c"], name="positive"),
         helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="branch"),
     ], "round", [helper.make_tensor_value_info("x", TP.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TP.FLOAT, [1])],
-        [_c("zero", 0.0), _c("tiny", 2.0 ** -12)]))
+        [constant("zero", 0.0), constant("tiny", 2.0 ** -12)]))
     x = {"x": np.ones(1, np.float32)}
     assert _run(m, x)[0] == 2.0 ** -12
     fp16, _ = to_typed_fp16(m)
@@ -204,7 +135,7 @@ def test_a_static_if_is_inlined():
         d.dim_value = v
     flat, notes = control_flow.normalize(m)
     assert not control_flow.has_control_flow(flat) and "then branch is inlined" in notes[-1]
-    x = _squeeze_inputs()[0]
+    x = squeeze_inputs()[0]
     np.testing.assert_array_equal(_run(flat, {"x": x}), _run(m, {"x": x}))
     dynamic, _ = control_flow.normalize(squeeze_model())
     assert control_flow.has_control_flow(dynamic)  # dimension 1 unknown: the If stays
@@ -283,7 +214,7 @@ def nested_model():
                               helper.make_tensor_value_info("row", TP.FLOAT, [4])],
                              [helper.make_tensor_value_info("s_out", TP.FLOAT, [4]),
                               helper.make_tensor_value_info("scan_o", TP.FLOAT, [4])])
-    return _model(helper.make_graph([
+    return opset_model(helper.make_graph([
         helper.make_node("Loop", ["trips", "", "x"], ["acc"], body=body, name="loop"),
         helper.make_node("Mul", ["acc", "k001"], ["y"], name="down"),
         helper.make_node("Scan", ["zeros", "rows"], ["s_final", "s_all"], body=scan, num_scan_inputs=1, name="scan"),
@@ -291,8 +222,8 @@ def nested_model():
     ], "nested", [helper.make_tensor_value_info("x", TP.FLOAT, [4]),
                   helper.make_tensor_value_info("rows", TP.FLOAT, [5, 4])],
         [helper.make_tensor_value_info("y", TP.FLOAT, [4]), helper.make_tensor_value_info("z", TP.FLOAT, [4])],
-        [_c("trips", 5, np.int64), _c("half", 0.5), _c("k10", 10.0), _c("thousand", 1000.0), _c("k001", 0.001),
-         _c("k100", 100.0), _c("zeros", np.zeros(4))]))
+        [constant("trips", 5, np.int64), constant("half", 0.5), constant("k10", 10.0), constant("thousand", 1000.0),
+         constant("k001", 0.001), constant("k100", 100.0), constant("zeros", np.zeros(4))]))
 
 
 def test_nested_control_flow_and_scan():

@@ -153,3 +153,34 @@ def test_inference_mode_and_a_second_entry_recapture():
     assert probe.mode == "CUDA graph: 2 captures, 1 replay; eager: 3 forwards"
     assert as_rows(probe.report().calls) == merged(eager_reports(model, xs, cuda_graph=False))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_model_calls_in_the_block_replay_by_themselves(dtype):
+    """``model(x)`` inside ``with FInspect(model)`` goes through ``run``: the same merged rows and
+    graph replays, outputs the caller can keep, and the model's own class back on exit."""
+    model = residual_net().to("cuda", dtype)
+    cls, state = type(model), {k: v.clone() for k, v in model.state_dict().items()}
+    xs = _cuda_batches((4, 3, 16, 16), [1, 30, 0.01, 3, 100], dtype)
+    with torch.no_grad(), FInspect(model) as probe:
+        outs = [model(x) for x in xs]
+        assert isinstance(model, cls) and type(model).__name__ == cls.__name__
+    assert type(model) is cls and "_fp16guard_routed" not in vars(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert probe.mode == "CUDA graph: 1 capture, 3 replays; eager: 2 forwards"
+    assert as_rows(probe.report().calls) == merged(eager_reports(model, xs, cuda_graph=False))
+    with torch.no_grad():
+        for x, out in zip(xs, outs):
+            torch.testing.assert_close(out, model(x), rtol=0, atol=0, equal_nan=True)
+    assert len({o.data_ptr() for o in outs}) == len(outs)
+
+
+def test_model_calls_with_autograd_on_stay_eager_with_one_line(caplog):
+    model = residual_net().cuda()
+    xs = _cuda_batches((2, 3, 8, 8), [1, 2, 3], torch.float32)
+    with caplog.at_level(logging.INFO, logger="fp16guard"), FInspect(model) as probe:
+        for x in xs:
+            model(x).sum().backward()  # autograd works through the routed call
+    assert probe.mode.startswith("eager: 3 forwards") and "autograd is on" in probe.mode
+    assert sum("autograd is on" in r.getMessage() for r in caplog.records) == 1
+    assert as_rows(probe.report().calls) == merged(eager_reports(model, xs, cuda_graph=False))

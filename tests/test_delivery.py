@@ -15,44 +15,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn as nn
+from fix_cases import OffsetResidual, PeakedSoftmax, vector_inputs
 
 from fp16guard.cli import main
 from fp16guard.compare import BAR_FACTOR, BAR_ROUNDOFF
 from fp16guard.fixing import fix_model
-
-
-class PeakedSoftmax(nn.Module):
-    """float32 [1, 64] -> softmax over 384 bins of logits 1000 +- about 25."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(64, 384)
-        with torch.no_grad():
-            self.lin.weight.mul_(3)
-            self.lin.bias.add_(1000)
-
-    def forward(self, x):
-        return torch.softmax(self.lin(x), dim=-1)
-
-
-class OffsetResidual(nn.Module):
-    """float32 [1, 64] -> [1, 8]: LayerNorm of ``10 * a(x) + 1e6``, then a head."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = nn.Linear(64, 64)
-        self.norm = nn.LayerNorm(64)
-        self.head = nn.Linear(64, 8)
-
-    def forward(self, x):
-        return self.head(self.norm(self.a(x) * 10 + 1e6))
-
-
-def _inputs(n: int = 3) -> list[np.ndarray]:
-    return [np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32) for i in range(n)]
 
 
 def _errors(v) -> list[float]:
@@ -61,7 +28,7 @@ def _errors(v) -> list[float]:
 
 @pytest.mark.parametrize("output", ["onnx", "torch"])
 def test_a_model_at_its_own_fp16_floor_is_written_with_a_note(output):
-    x = _inputs()
+    x = vector_inputs()
     r = fix_model(PeakedSoftmax(), x[:2], validation=x[2:], output=output)
     assert r.delivered == "fixed" and r.refusal is None and r.conversion.fp32_nodes == []
     assert max(_errors(r.verification)) > 0.15  # far above the 0.07 tolerance ...
@@ -71,7 +38,7 @@ def test_a_model_at_its_own_fp16_floor_is_written_with_a_note(output):
 
 @pytest.mark.parametrize("output", ["onnx", "torch"])
 def test_precision_lost_to_scaling_gets_the_fallbacks_islands_not_a_refusal(output):
-    x = _inputs()
+    x = vector_inputs()
     r = fix_model(OffsetResidual(), x[:2], validation=x[2:], output=output)
     assert r.delivered in ("islands", "fallback") and "which the fallback model meets" in r.refusal
     for mine, theirs in zip(_errors(r.verification), _errors(r.fallback)):
@@ -83,7 +50,7 @@ def test_precision_lost_to_scaling_gets_the_fallbacks_islands_not_a_refusal(outp
 def test_the_command_writes_both_and_says_why(tmp_path, capsys):
     """``fp16guard fix`` exits 0 for both models, writes them, and prints the floor note and the
     islands it chose."""
-    x = _inputs(1)[0]
+    x = vector_inputs(1)[0]
     np.save(tmp_path / "x.npy", x)
     for cls, said in ((PeakedSoftmax, "FP16 floor is above the tolerance"), (OffsetResidual, "pure FP16 missed the bar")):
         path = tmp_path / f"{cls.__name__}.onnx"

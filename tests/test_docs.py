@@ -191,7 +191,7 @@ def _make_files(root: Path) -> None:
     x = _rng_input(0)
     np.save(root / "x.npy", x)
     torch.save(net.state_dict(), root / "ckpt.pt")
-    from fp16guard.torch_graph import export_onnx
+    from fp16guard.torch_onnx import export_onnx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export's deprecation notices

@@ -22,7 +22,7 @@ from torch import nn
 from fp16guard.errors import ExportError, UsageError
 from fp16guard.fixing import calibrate, fix_model
 from fp16guard.fixing.submodule import FixedSubmodule
-from fp16guard.torch_graph import export_onnx_routes, widen_bfloat16
+from fp16guard.torch_onnx import export_onnx_routes, widen_bfloat16
 
 
 class Dist(nn.Module):

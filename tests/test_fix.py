@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+from fix_cases import big_input_model, decomposed_layernorm, masked_attention, normal, onnx_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -24,15 +25,6 @@ from fp16guard.fixing.solver_model import Role, ScaleOp
 from fp16guard.fixing.targets import OnnxFixTarget, prepare_onnx
 from fp16guard.inputs import NamedInput
 from fp16guard.plan import RewritePlan
-
-
-def _model(nodes, inits, x_shape, out, out_shape=None):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
-                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    return m
 
 
 def _run(model, x):
@@ -55,7 +47,7 @@ def _residual(w1, b1, w2, b2, gamma=None):
               helper.make_node("Add", ["r", src], ["a"], name="add"),
               helper.make_node("MaxPool", ["a"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
               helper.make_node("Conv", ["p", "w2", "b2"], ["y"], name="conv2")]
-    return _model(nodes, inits, [1, w1.shape[1], 8, 8], "y")
+    return onnx_model(nodes, inits, [1, w1.shape[1], 8, 8], "y")
 
 
 def _overflowing(seed=0, gain=2e4):
@@ -64,10 +56,6 @@ def _overflowing(seed=0, gain=2e4):
     w1 = rng.normal(size=(4, 3, 3, 3)) * gain
     w2 = rng.normal(size=(2, 4, 1, 1)) * 1e-4
     return _residual(w1, rng.normal(size=4), w2, rng.normal(size=2))
-
-
-def _x(seed=1, shape=(1, 3, 8, 8)):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 # ---------------------------------------------------------------- the solver
@@ -154,7 +142,7 @@ def test_batchnorm_folding_is_exact_within_fp32_rounding(seed, c, var_log10):
 
 def test_fix_scales_an_overflowing_region_into_range_with_no_extra_op():
     model = _overflowing()
-    calib, val = [_x(1), _x(2)], [_x(3), _x(4) * 1.5]
+    calib, val = [normal(1), normal(2)], [normal(3), normal(4) * 1.5]
     result = fix_model(model, calib, validation=val)
     (region,) = result.plan.regions
     assert region.amax > 65504 and region.amax_after <= 8192 and region.tensors == ["c1", "r", "a", "p"]
@@ -168,7 +156,7 @@ def test_fix_scales_an_overflowing_region_into_range_with_no_extra_op():
 def test_fix_api_returns_model_and_plan_and_leaves_the_input_untouched():
     model = _overflowing()
     before = model.SerializeToString()
-    fixed, plan = fp16guard.fix(model, [_x(1)])
+    fixed, plan = fp16guard.fix(model, [normal(1)])
     assert model.SerializeToString() == before
     assert isinstance(fixed, onnx.ModelProto) and isinstance(plan, RewritePlan)
     types = {i.data_type for i in fixed.graph.initializer}
@@ -178,7 +166,7 @@ def test_fix_api_returns_model_and_plan_and_leaves_the_input_untouched():
 
 def test_fallback_fp32_keeps_the_offending_nodes_in_fp32():
     model = _overflowing()
-    result = fix_model(model, [_x(1)], fallback="fp32")
+    result = fix_model(model, [normal(1)], fallback="fp32")
     assert set(result.conversion.fp32_nodes) >= {"conv1", "relu", "add"}
     assert result.verification.finite and result.verification.variant == "fallback"
 
@@ -186,10 +174,10 @@ def test_fallback_fp32_keeps_the_offending_nodes_in_fp32():
 def test_a_value_a_barrier_needs_beyond_65504_is_unfixable_and_stays_fp32():
     # a softmax needs its true logits (a sigmoid would read them scaled: tests/test_saturation.py)
     rng = np.random.default_rng(0)
-    model = _model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-                    helper.make_node("Softmax", ["c"], ["y"], name="softmax", axis=1)],
-                   {"w": rng.normal(size=(2, 3, 1, 1)) * 1e5}, [1, 3, 4, 4], "y")
-    plan = calibrate_target(OnnxFixTarget(model), [NamedInput("x", (_x(1, (1, 3, 4, 4)),))])
+    model = onnx_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                        helper.make_node("Softmax", ["c"], ["y"], name="softmax", axis=1)],
+                       {"w": rng.normal(size=(2, 3, 1, 1)) * 1e5}, [1, 3, 4, 4], "y")
+    plan = calibrate_target(OnnxFixTarget(model), [NamedInput("x", (normal(1, (1, 3, 4, 4)),))])
     assert plan.unfixable and set(plan.unfixable_nodes) == {"conv", "softmax"}
     conversion = apply_plan(OnnxFixTarget(model), plan).conversion
     restores = set(conversion.fp32_nodes) - {"conv", "softmax"}  # the island, and the restore between its ops
@@ -197,8 +185,8 @@ def test_a_value_a_barrier_needs_beyond_65504_is_unfixable_and_stays_fp32():
 
 
 def _log_eps_model():
-    return _model([helper.make_node("Add", ["x", "eps"], ["s"], name="add_eps"),
-                   helper.make_node("Log", ["s"], ["y"], name="log")], {"eps": np.array(1e-10)}, [4], "y")
+    return onnx_model([helper.make_node("Add", ["x", "eps"], ["s"], name="add_eps"),
+                       helper.make_node("Log", ["s"], ["y"], name="log")], {"eps": np.array(1e-10)}, [4], "y")
 
 
 def test_an_epsilon_that_flushes_to_zero_runs_in_an_fp32_island_or_is_raised_with_consent():
@@ -222,7 +210,7 @@ def test_an_epsilon_that_flushes_to_zero_runs_in_an_fp32_island_or_is_raised_wit
 
 def test_plan_round_trip_and_errors(tmp_path):
     model = _overflowing()
-    plan = calibrate_target(OnnxFixTarget(model), [NamedInput("x", (_x(1),))])
+    plan = calibrate_target(OnnxFixTarget(model), [NamedInput("x", (normal(1),))])
     path = plan.save(tmp_path / "plan.json")
     doc = json.loads(path.read_text())
     assert doc["schema"] == "fp16guard.plan/1" and doc["regions"][0]["exponent"] == plan.regions[0].exponent
@@ -248,7 +236,7 @@ def test_torch_module_exported_to_onnx_is_fixed_and_unchanged():
         net[2].running_var.fill_(1e9)  # beyond FP16: plain .half() makes it inf
         net[2].weight.fill_(1e3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    result = fix_model(net, [_x(1), _x(2)], validation=[_x(3)], output="onnx")
+    result = fix_model(net, [normal(1), normal(2)], validation=[normal(3)], output="onnx")
     assert isinstance(result.fixed, onnx.ModelProto)
     assert result.plan.framework == "onnx" and result.verification.finite
     assert max(r.rel_l2 for r in result.verification.rows) < 5e-3
@@ -275,9 +263,9 @@ def _not_json(token):
 
 def test_cli_calibrate_then_fix_with_the_plan(tmp_path):
     onnx.save(_overflowing(), tmp_path / "m.onnx")
-    np.save(tmp_path / "x1.npy", _x(1))
+    np.save(tmp_path / "x1.npy", normal(1))
     (tmp_path / "val").mkdir()
-    np.save(tmp_path / "val" / "x2.npy", _x(2))
+    np.save(tmp_path / "val" / "x2.npy", normal(2))
     plan = tmp_path / "plan.json"
     assert main(["calibrate", str(tmp_path / "m.onnx"), "--input", str(tmp_path / "x1.npy"), "-o", str(plan)]) == 0
     out = tmp_path / "fixed.onnx"
@@ -378,11 +366,11 @@ def test_a_graph_output_beyond_fp16_is_restored_in_fp32_after_the_output_cast():
     """Logits of 1.8e5: the region before them is stored at 2^-5 and restored by one Mul that runs in
     FP32, on the FP32 side of the boundary, so the typed model returns them finite and right."""
     rng = np.random.default_rng(0)
-    model = _model([helper.make_node("MatMul", ["x", "w"], ["h"], name="fc1"),
-                    helper.make_node("Relu", ["h"], ["r"], name="relu"),
-                    helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
-                   {"w": rng.normal(size=(8, 16)), "w2": rng.normal(size=(16, 4)) * 3e4}, [2, 8], "y", [2, 4])
-    x = [_x(s, (2, 8)) for s in (1, 2, 3)]
+    model = onnx_model([helper.make_node("MatMul", ["x", "w"], ["h"], name="fc1"),
+                        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+                       {"w": rng.normal(size=(8, 16)), "w2": rng.normal(size=(16, 4)) * 3e4}, [2, 8], "y", [2, 4])
+    x = [normal(s, (2, 8)) for s in (1, 2, 3)]
     assert np.abs(_run(model, x[0])).max() > 65504
     result = fix_model(model, x[:1], validation=x[1:])
     assert result.verification.finite and not result.naive.finite
@@ -397,11 +385,11 @@ def test_a_restore_for_an_fp32_island_runs_in_fp32_and_no_fp16_constant_is_inf_o
     Sigmoid: the sigmoid needs the true square, so it and the square's producer are an FP32 island,
     and the 2^28 restore between them (inf as one FP16 constant) runs in FP32 too."""
     rng = np.random.default_rng(0)
-    model = _model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-                    helper.make_node("Mul", ["c", "c"], ["sq"], name="square"),
-                    helper.make_node("Sigmoid", ["sq"], ["y"], name="sig")],
-                   {"w": rng.normal(size=(2, 3, 1, 1)) * 1e8}, [1, 3, 4, 4], "y")
-    x = _x(1, (1, 3, 4, 4))
+    model = onnx_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                        helper.make_node("Mul", ["c", "c"], ["sq"], name="square"),
+                        helper.make_node("Sigmoid", ["sq"], ["y"], name="sig")],
+                       {"w": rng.normal(size=(2, 3, 1, 1)) * 1e8}, [1, 3, 4, 4], "y")
+    x = normal(1, (1, 3, 4, 4))
     result = fix_model(model, [x], force=True)
     fp32 = set(result.conversion.fp32_nodes)
     assert {"square", "sig"} <= fp32 and any("__rescale" in n for n in fp32)
@@ -424,36 +412,14 @@ def test_fp16_exact_steps_split_any_power_of_two_into_normal_fp16_factors(k):
 # ---------------------------------------------------------------- scaling laws beyond linear ops
 
 
-def _decomposed_layernorm(gain, hidden=64):
-    """``MatMul -> LayerNorm`` written out as exporters before opset 17 write it
-    (``ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div, Mul, Add``), then a head."""
-    rng = np.random.default_rng(0)
-    n = helper.make_node
-    nodes = [n("MatMul", ["x", "w"], ["h"], name="fc"),
-             n("ReduceMean", ["h"], ["mu"], name="mean", axes=[-1]),
-             n("Sub", ["h", "mu"], ["d"], name="center"),
-             n("Pow", ["d", "two"], ["d2"], name="square"),
-             n("ReduceMean", ["d2"], ["var"], name="variance", axes=[-1]),
-             n("Add", ["var", "eps"], ["ve"], name="add_eps"),
-             n("Sqrt", ["ve"], ["std"], name="sqrt"),
-             n("Div", ["d", "std"], ["z"], name="normalize"),
-             n("Mul", ["z", "gamma"], ["zg"], name="gamma"),
-             n("Add", ["zg", "beta"], ["ln"], name="beta"),
-             n("MatMul", ["ln", "w2"], ["y"], name="head")]
-    inits = {"w": rng.normal(size=(16, hidden)) * gain, "two": np.array(2.0), "eps": np.array(1e-5),
-             "gamma": rng.normal(size=hidden), "beta": rng.normal(size=hidden) * 0.1,
-             "w2": rng.normal(size=(hidden, 4)) * 0.1}
-    return _model(nodes, inits, [1, 8, 16], "y", [1, 8, 4])
-
-
 def test_a_decomposed_layernorm_whose_variance_overflows_runs_in_pure_fp16():
     """|x - mean| reaches ~4000, so Pow(x - mean, 2) is ~1.6e7: inf in FP16, and the naive model's
     normalized output collapses to beta (finite and wrong: relative L2 ~1). The algebra (Pow: 2k,
     ReduceMean and Add eps: tied, Sqrt: k/2, Div: difference) carries one region through the norm:
     the matmul before it stores h at 2^-6, the variance sits at 2^-12, and nothing runs in FP32 and
     no multiply is added."""
-    model = _decomposed_layernorm(gain=300.0)
-    x = [_x(s, (1, 8, 16)) for s in (1, 2, 3)]
+    model = decomposed_layernorm(gain=300.0)
+    x = [normal(s, (1, 8, 16)) for s in (1, 2, 3)]
     result = fix_model(model, x[:1], validation=x[1:])
     assert min(r.rel_l2 for r in result.naive.rows) > 0.5
     assert max(r.rel_l2 for r in result.verification.rows) < 2e-3
@@ -486,7 +452,7 @@ def test_a_fix_that_misses_the_asked_accuracy_gets_the_fewest_islands_that_reach
     searches the fewest FP32 islands on the scaled model that reach it and writes that model, never
     with more FP32 nodes than the fallback; the command exits 0 and says why."""
     model = _overflowing()
-    x = [_x(1), _x(2)]
+    x = [normal(1), normal(2)]
     pure = fix_model(model, x[:1], validation=x[1:])
     assert pure.delivered == "fixed" and pure.conversion.fp32_nodes == []
     assert 1e-4 < max(r.rel_l2 for r in pure.verification.rows) < 1e-3
@@ -545,18 +511,9 @@ def test_an_image_is_one_input_path_for_every_command_of_a_pytorch_model(tmp_pat
     assert main(["inspect", model, "--input", photo]) in (0, 1)
 
 
-def _big_input_model():
-    """A 1x1 conv whose input arrives at ~3e8 (an unnormalized sensor or audio power): ``x`` itself
-    is beyond FP16, so a typed model's input cast makes it inf before any layer runs."""
-    rng = np.random.default_rng(0)
-    return _model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-                   helper.make_node("Relu", ["c"], ["y"], name="relu")],
-                  {"w": rng.normal(size=(2, 3, 1, 1)) * 1e-6}, [1, 3, 4, 4], "y")
-
-
 def test_a_graph_input_beyond_fp16_is_flagged_by_inspect_and_scaled_before_the_input_cast():
-    model = _big_input_model()
-    x = [_x(s, (1, 3, 4, 4)) * 1e8 for s in (1, 2)]
+    model = big_input_model()
+    x = [normal(s, (1, 3, 4, 4)) * 1e8 for s in (1, 2)]
     report = fp16guard.inspect_onnx(model, [{"x": a} for a in x])
     (finding,) = [f for f in report.findings() if f.rule == "input_overflow"]
     assert finding.severity == "error" and finding.name == "conv" and report.overflow_found
@@ -578,7 +535,7 @@ def _if_model():
     nodes = [helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
              helper.make_node("Greater", ["s", "zero"], ["c"], name="positive"),
              helper.make_node("If", ["c"], ["y"], name="branch", then_branch=big, else_branch=same)]
-    return _model(nodes, {"zero": np.array(0.0)}, [4], "y", [4])
+    return onnx_model(nodes, {"zero": np.array(0.0)}, [4], "y", [4])
 
 
 def test_control_flow_is_entered_not_refused(tmp_path):
@@ -595,49 +552,25 @@ def test_control_flow_is_entered_not_refused(tmp_path):
     assert main(["inspect", str(tmp_path / "if.onnx"), "--input", str(tmp_path / "x.npy"), "-q"]) == 1
 
 
-def _masked_attention(mask_value=-3.4028234663852886e38):
-    """One attention head with the mask of transformers 4.x: ``scores + (1 - float(mask)) * finfo.min``
-    before the softmax (inputs ``x`` float32 [2, 4, 8] and ``mask`` int64 [2, 4])."""
-    rng = np.random.default_rng(0)
-    n = helper.make_node
-    nodes = [n("MatMul", ["x", "wq"], ["q"], name="q"), n("MatMul", ["x", "wk"], ["k"], name="k"),
-             n("MatMul", ["x", "wv"], ["v"], name="v"), n("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
-             n("MatMul", ["q", "kt"], ["s"], name="scores"), n("Div", ["s", "sqrt_d"], ["s2"], name="scale"),
-             n("Cast", ["mask"], ["mf"], name="mask_float", to=TensorProto.FLOAT),
-             n("Reshape", ["mf", "shape"], ["um"], name="mask_rows"), n("Sub", ["one", "um"], ["inv"], name="invert"),
-             n("Mul", ["inv", "neg"], ["bias"], name="mask_bias"), n("Add", ["s2", "bias"], ["masked"], name="add_mask"),
-             n("Softmax", ["masked"], ["p"], name="softmax", axis=-1), n("MatMul", ["p", "v"], ["y"], name="context")]
-    inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), w) for w in ("wq", "wk", "wv")]
-    inits += [numpy_helper.from_array(np.array(v, np.float32), k)
-              for k, v in (("sqrt_d", np.sqrt(8.0)), ("one", 1.0), ("neg", mask_value))]
-    inits.append(numpy_helper.from_array(np.array([2, 1, 4], np.int64), "shape"))
-    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8]),
-                                                   helper.make_tensor_value_info("mask", TensorProto.INT64, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8])], inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    return m
-
-
 def test_an_additive_mask_of_finfo_min_is_saturated_and_the_output_is_unchanged():
     """(1 - mask) * -3.4e38 is -inf in FP16 and 0 * -inf is NaN, so the naive model is NaN on every
     unmasked position. The constant's every use ends in the softmax, so the fix saturates it to
     -2^15 and selects masked positions (listed as a rewrite, with why): the error is exactly FP16's
     rounding error of the same head with a mask FP16 can hold, and a fully padded row stays
     uniform, as in FP32."""
-    x = [_x(s, (2, 4, 8)) for s in (1, 2, 3)]
+    x = [normal(s, (2, 4, 8)) for s in (1, 2, 3)]
     padded = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int64)
-    result = fix_model(_masked_attention(), [NamedInput("b1", (x[0], padded))],
+    result = fix_model(masked_attention(), [NamedInput("b1", (x[0], padded))],
                        validation=[NamedInput(f"b{s}", (x[s - 1], padded)) for s in (2, 3)])
     assert not result.naive.finite and result.verification.finite and not result.conversion.fp32_nodes
     (note,) = [n for n in result.notes if n.kind == "saturate_constant"]
     assert note.target == "neg" and "ends in Softmax" in note.detail
-    rounding = fix_model(_masked_attention(-1e4), [NamedInput("b1", (x[0], padded))], force=True,
+    rounding = fix_model(masked_attention(-1e4), [NamedInput("b1", (x[0], padded))], force=True,
                          validation=[NamedInput(f"b{s}", (x[s - 1], padded)) for s in (2, 3)]).naive
     for fixed, fp16 in zip(result.verification.rows, rounding.rows):  # -1e4 fits FP16: plain rounding
         assert fixed.rel_l2 <= 1.5 * fp16.rel_l2 + 1e-6
     empty = np.array([[1, 1, 1, 0], [0, 0, 0, 0]], np.int64)  # the second sequence is all padding
-    (row,) = fix_model(_masked_attention(), [NamedInput("empty", (x[2], empty))]).verification.rows
+    (row,) = fix_model(masked_attention(), [NamedInput("empty", (x[2], empty))]).verification.rows
     assert row.rel_l2 < 5e-3  # uniform attention over the padded row, as FP32 gives it
 
 
@@ -646,7 +579,7 @@ def test_a_huge_constant_that_does_not_end_in_a_softmax_is_never_clamped():
     cannot hold it (the model is refused, not silently changed)."""
     from fp16guard.fixing.onnx_pass import saturate_masks
 
-    model = _masked_attention()
+    model = masked_attention()
     model.graph.node[-1].input[0] = "masked"  # the context matmul now reads the masked scores
     del model.graph.node[-2]  # no softmax: the mask's value reaches the output
     _, notes = saturate_masks(model)
@@ -657,11 +590,11 @@ def test_npz_arrays_are_fed_by_key_and_a_scalar_input_keeps_shape_empty(tmp_path
     """``np.savez(f, mask=..., x=...)`` stores mask first: fed by position, x would get the mask.
     And a model input of shape () stays () (np.ascontiguousarray would make it [1])."""
     mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int64)
-    onnx.save(_masked_attention(), tmp_path / "attention.onnx")
-    np.savez(tmp_path / "batch.npz", mask=mask, x=_x(1, (2, 4, 8)))
+    onnx.save(masked_attention(), tmp_path / "attention.onnx")
+    np.savez(tmp_path / "batch.npz", mask=mask, x=normal(1, (2, 4, 8)))
     assert main(["fix", str(tmp_path / "attention.onnx"), "--input", str(tmp_path / "batch.npz"),
                  "-o", str(tmp_path / "fixed.onnx")]) == 0
-    np.savez(tmp_path / "wrong.npz", mask=mask, inputs=_x(1, (2, 4, 8)))
+    np.savez(tmp_path / "wrong.npz", mask=mask, inputs=normal(1, (2, 4, 8)))
     assert main(["calibrate", str(tmp_path / "attention.onnx"), "--input", str(tmp_path / "wrong.npz"),
                  "-o", str(tmp_path / "p.json")]) == 2
 

@@ -27,7 +27,8 @@ from fp16guard.fixing import fix_model, laws, onnx_masks, onnx_pass, torch_edit,
 from fp16guard.fixing.laws import ATEN, LAWS, ONNX
 from fp16guard.fixing.solver_model import Role
 from fp16guard.fixing.targets import prepare_onnx
-from fp16guard.torch_graph import capture, export_onnx
+from fp16guard.torch_graph import capture
+from fp16guard.torch_onnx import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = {law.name: law for law in LAWS}

@@ -6,65 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from fix_cases import ACTS, GatedNet, gate_inputs
 
 from fp16guard.fixing import fix_model
 from fp16guard.fixing.solver import solve
 from fp16guard.fixing.solver_model import SATURATING_MAX_EXPONENT, Role, ScaleOp
-
-ACTS = {"silu": F.silu, "hardswish": F.hardswish, "gelu": F.gelu,
-        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "mish": F.mish}
-GATES = {"sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}
-
-
-class SE(nn.Module):
-    """Squeeze-and-excitation: global average pool -> conv -> relu -> conv -> gate -> mul."""
-
-    def __init__(self, c, gate):
-        super().__init__()
-        self.reduce, self.expand, self.gate = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 1), gate
-        with torch.no_grad():
-            self.reduce.weight.mul_(4.0)
-            self.expand.weight.mul_(30.0)  # the gate's input reaches ~1e5
-
-    def forward(self, x):
-        s = F.adaptive_avg_pool2d(x, 1)
-        return x * GATES[self.gate](self.expand(torch.relu(self.reduce(s))))
-
-
-class Net(nn.Module):
-    """Five branches of a 1x1 conv (weights x 1e5: pre-activations up to ~1e6) -> SiLU -> SE (sigmoid
-    gate), HardSwish -> SE (hardsigmoid gate), GELU, GELU (tanh), Mish; concatenated, then a conv back
-    to ~1. One stage deep, so the pure FP16 model's rounding error stays near FP16's 2^-11."""
-
-    def __init__(self, seed=0, gain=1e5):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.convs = nn.ModuleList(nn.Conv2d(3, 8, 1) for _ in ACTS)
-        self.se = nn.ModuleDict({"silu": SE(8, "sigmoid"), "hardswish": SE(8, "hardsigmoid")})
-        self.head = nn.Conv2d(8 * len(ACTS), 2, 1)
-        with torch.no_grad():
-            for conv in self.convs:
-                conv.weight.mul_(gain)
-            self.head.weight.mul_(1e-4)
-
-    def forward(self, x):
-        ys = []
-        for conv, (name, act) in zip(self.convs, ACTS.items()):
-            y = act(conv(x))
-            ys.append(self.se[name](y) if name in self.se else y)
-        return self.head(torch.cat(ys, 1))
-
-
-def _inputs(n=2, shape=(1, 3, 16, 16)):
-    """Normal values times a magnitude 10^U(-4, 1) per pixel (within FP16's normal range, so the
-    input cast loses nothing the fallback keeps): after 1x1 convs the pre-activations span five
-    decades, so every gate's sensitive range (|x| <= B) is well populated, not only its saturated
-    ends."""
-    rng = np.random.default_rng(1)
-    return [(rng.normal(size=shape) * 10.0 ** rng.uniform(-4, 1, size=(1, 1, *shape[2:]))).astype(np.float32)
-            for _ in range(n)]
-
 
 def _within_bar(result):
     """Finite, and on each input within 1.5x the FP32 fallback's relative L2 error plus 2^-10."""
@@ -77,7 +23,7 @@ def _within_bar(result):
 def test_se_hardswish_silu_gelu_regions_beyond_fp16_run_in_pure_fp16(output):
     """Before saturation, every gate and gated activation here needed its true input (~1e5, beyond
     FP16) and ran in an FP32 island with its producer; now none does."""
-    model, xs = Net().eval(), _inputs()
+    model, xs = GatedNet().eval(), gate_inputs()
     with torch.no_grad():
         assert all(float(conv(torch.from_numpy(xs[0])).abs().max()) > 1e5 for conv in model.convs)  # beyond FP16
     result = fix_model(model, xs, output=output)
@@ -109,7 +55,7 @@ def test_each_saturating_op_matches_fp32_elementwise_in_and_beyond_its_sensitive
     """Per element, not only in L2: a gate within 2^-10 of FP32, x * gate(x) within 2^-8 relative
     (FP16's rounding of its five steps) plus 2^-12, on inputs whose pre-activations cover [-B, B]
     densely: a wrong clamp bound or branch would be off by O(1) there."""
-    model, xs = Gates().eval(), _inputs(1, (1, 1, 32, 32))
+    model, xs = Gates().eval(), gate_inputs(1, (1, 1, 32, 32))
     result = fix_model(model, xs, output=output, keep_outputs=True)
     assert result.conversion.fp32_nodes == []
     beyond = [r for r in result.plan.regions if r.amax > 65504]
@@ -146,7 +92,7 @@ def test_a_sigmoid_whose_input_is_too_far_beyond_fp16_stays_an_fp32_island(outpu
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sigmoid()).eval()
     with torch.no_grad():
         model[0].weight.mul_(1e9)
-    result = fix_model(model, _inputs(1), output=output)
+    result = fix_model(model, gate_inputs(1), output=output)
     assert result.conversion.fp32_nodes and result.verification.finite
 
 
@@ -167,7 +113,7 @@ def _conv_then(op: str, opset: int, **attrs):
 @pytest.mark.parametrize("opset", [10, 20])
 def test_an_onnx_file_of_any_opset_gets_its_clip_as_inputs_or_attributes(opset):
     model = _conv_then("Sigmoid", opset)
-    result = fix_model(model, _inputs(2, (1, 3, 4, 4)))
+    result = fix_model(model, gate_inputs(2, (1, 3, 4, 4)))
     assert result.conversion.fp32_nodes == [] and result.verification.finite
     clip = next(n for n in result.fixed.graph.node if n.op_type == "Clip")
     assert (len(clip.input) == 3) == (opset >= 11) and (len(clip.attribute) == 2) == (opset < 11)
@@ -187,7 +133,7 @@ def test_the_onnx_rewrite_computes_the_same_function_at_any_exponent(op, k):
     gated = op != "Sigmoid"  # its output shares its input's exponent
     rewritten, notes = onnx_pass.apply_exponents(model, complete(ops, {"c": k, "y": k if gated else 0}, graph_outputs=["y"]))
     assert any(n.target == "op" for n in notes)
-    x = _inputs(1, (1, 3, 4, 4))[0]
+    x = gate_inputs(1, (1, 3, 4, 4))[0]
     want, got = (cpu_session(m).run(None, {"x": x})[0] for m in (model, rewritten))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
@@ -199,7 +145,7 @@ def test_the_torch_rewrite_computes_the_same_function_at_any_exponent(k):
     from fp16guard.torch_graph import capture
 
     model = Gates(gain=100.0).eval()  # weights that fit FP16 at 2^3 too; |c| still reaches far beyond every B
-    x = torch.from_numpy(_inputs(1, (1, 1, 32, 32))[0])
+    x = torch.from_numpy(gate_inputs(1, (1, 1, 32, 32))[0])
     gm = torch_pass.annotate(capture(model, [(x,)]), (x,))
     ops = torch_pass.scale_ops(gm)
     rewritten, notes = torch_pass.apply_exponents(gm, complete(ops, {"conv2d": k} | {

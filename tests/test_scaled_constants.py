@@ -15,9 +15,7 @@ Each fixed model is compared with the FP32 fallback: relative L2 within ``1.5 x 
 
 import numpy as np
 import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from fix_cases import BigWeight, ClampLog, ExpIsland, MelEncoder, SpeechEncoder, positive, power_mel, small_image
 from models import pcm
 
 from fp16guard.fixing import fix_model
@@ -38,38 +36,13 @@ def _within_fallback(result) -> None:
 # ---------------------------------------------------------------- constants checked after scaling
 
 
-class ClampLog(nn.Module):
-    """``fc (x4e5) -> relu -> clamp(min=2^-23) | + 1e-7 -> log -> fc``: half of ``fc``'s rows are
-    positive (outputs ~1e6: a region at 2^-7), half negative (the relu's exact zeros, which the
-    clamp or the epsilon keeps away from ``log(0)``)."""
-
-    def __init__(self, add: bool = False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.add = add
-        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
-        with torch.no_grad():
-            sign = torch.where(torch.arange(32) % 2 == 0, 1.0, -1.0)[:, None]
-            self.fc1.weight.copy_(self.fc1.weight.abs() * sign * 4e5)
-            self.fc1.bias.zero_()
-
-    def forward(self, x):
-        h = torch.relu(self.fc1(x))
-        h = h + 1e-7 if self.add else torch.clamp(h, min=1.19e-7)
-        return self.fc2(torch.log(h))
-
-
-def _positive(seed: int) -> np.ndarray:
-    return np.abs(np.random.default_rng(seed).normal(size=(2, 16))).astype(np.float32) + 0.1
-
-
 @pytest.mark.parametrize("graph", ["torch", "onnx"])
 @pytest.mark.parametrize("add", [False, True], ids=["clamp", "add"])
 def test_a_clamp_bound_or_epsilon_before_a_log_is_never_flushed_by_its_region(graph, add):
     """At 2^-7 the bound would be 2^-30 (0 in FP16) and ``log`` -inf on the calibration inputs
     themselves (before: the fixed model was as non-finite as the naive one); no exponent keeps
     both 1e6 and 2^-23 in FP16, so the clamp (the add) and the log run in FP32, and nothing else."""
-    result = _fix(ClampLog(add).eval(), [_positive(s) for s in (1, 2)], [_positive(s) for s in (3, 4)], graph)
+    result = _fix(ClampLog(add).eval(), [positive(s) for s in (1, 2)], [positive(s) for s in (3, 4)], graph)
     assert not result.naive.finite
     _within_fallback(result)
     (island,) = result.plan.unfixable
@@ -77,32 +50,6 @@ def test_a_clamp_bound_or_epsilon_before_a_log_is_never_flushed_by_its_region(gr
     assert "normal range" in island["reason"]
     assert sorted(result.conversion.fp32_nodes) == sorted(island["nodes"])
     assert [r.exponent for r in result.plan.regions] == [7]
-
-
-class BigWeight(nn.Module):
-    """``conv1`` writes channel 0 at ~7.6e5 and channel 1 at ~1e-2 (one region, 2^-7 by the headroom
-    target); ``conv2`` weighs the small channel by up to ``gain`` and feeds a sigmoid (its output
-    unscaled), so closing the region at 2^7 makes its weight ``gain * 128``: beyond 65504 (the
-    EfficientNetV2 ``conv2d_109`` kind)."""
-
-    def __init__(self, gain: float):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv1, self.conv2 = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 4, 1)
-        with torch.no_grad():
-            self.conv1.weight[0].mul_(5e5)
-            self.conv1.bias[0].mul_(5e5)
-            self.conv1.weight[1].mul_(1e-2)
-            self.conv1.bias[1].mul_(1e-2)
-            self.conv2.weight[:, 0].mul_(1e-5)
-            self.conv2.weight[:, 1] = torch.linspace(-gain, gain, 4)[:, None, None]
-
-    def forward(self, x):
-        return torch.sigmoid(self.conv2(torch.relu(self.conv1(x))))
-
-
-def _image(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(1, 3, 6, 6)).astype(np.float32)
 
 
 @pytest.mark.parametrize("graph", ["torch", "onnx"])
@@ -114,7 +61,7 @@ def test_a_weight_scaled_beyond_65504_moves_its_region_or_runs_in_fp32(graph, ga
     so ``conv2`` runs in FP32 with its weight scaled exactly, the region keeps 2^-7. (Its error,
     1.3e-3 against the fallback's 3.8e-5, is the small channel's FP16 rounding times 2e4: the
     fallback keeps conv1 and the relu in FP32 too.)"""
-    result = _fix(BigWeight(gain).eval(), [_image(1), _image(2)], [_image(3), _image(4)], graph)
+    result = _fix(BigWeight(gain).eval(), [small_image(1), small_image(2)], [small_image(3), small_image(4)], graph)
     assert not result.naive.finite
     if fp32:
         assert result.verification.finite and max(r.rel_l2 for r in result.verification.rows) < 2e-3
@@ -125,23 +72,6 @@ def test_a_weight_scaled_beyond_65504_moves_its_region_or_runs_in_fp32(graph, ga
 
 
 # ---------------------------------------------------------------- rescales at island boundaries
-
-
-class ExpIsland(nn.Module):
-    """``fc -> exp`` (up to 1.8e11: an FP32 island, stored at 2^-25 after it) then ``e / e.sum()``
-    by hand (softmax) or ``log(e)``, which bring it back into range, then ``fc``."""
-
-    def __init__(self, log: bool = False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.log = log
-        self.fc1, self.fc2 = nn.Linear(16, 8), nn.Linear(8, 4)
-        with torch.no_grad():
-            self.fc1.bias.fill_(25.0)
-
-    def forward(self, x):
-        e = torch.exp(self.fc1(x))
-        return self.fc2(torch.log(e) if self.log else e / e.sum(-1, keepdim=True))
 
 
 @pytest.mark.parametrize("graph", ["torch", "onnx"])
@@ -166,43 +96,6 @@ def test_an_fp32_islands_output_is_scaled_down_in_fp32_before_its_cast(graph, lo
 
 
 # ---------------------------------------------------------------- graph inputs: scaled for precision
-
-
-class SpeechEncoder(nn.Module):
-    """wav2vec2-like ('layer' norm mode): conv (k10, s5, no bias) -> LayerNorm -> GELU -> conv (k3, s2)
-    -> LayerNorm -> GELU -> linear. PCM [1, T] -> [1, T', 16]."""
-
-    def __init__(self, ch: int = 32):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv0, self.norm0 = nn.Conv1d(1, ch, 10, 5, bias=False), nn.LayerNorm(ch)
-        self.conv1, self.norm1 = nn.Conv1d(ch, ch, 3, 2, bias=False), nn.LayerNorm(ch)
-        self.proj = nn.Linear(ch, 16)
-
-    def forward(self, x):
-        h = F.gelu(self.norm0(self.conv0(x[:, None]).transpose(1, 2))).transpose(1, 2)
-        return self.proj(F.gelu(self.norm1(self.conv1(h).transpose(1, 2))))
-
-
-class MelEncoder(nn.Module):
-    """power mel [1, 40, T] -> conv1d -> LayerNorm per frame -> GELU -> linear."""
-
-    def __init__(self, mels: int = 40, ch: int = 32):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv, self.norm, self.proj = nn.Conv1d(mels, ch, 3, padding=1), nn.LayerNorm(ch), nn.Linear(ch, 16)
-
-    def forward(self, x):
-        return self.proj(F.gelu(self.norm(self.conv(x).transpose(1, 2))))
-
-
-def power_mel(seed: int, quiet: float = 0.1) -> np.ndarray:
-    """[1, 40, 50]: loud frames up to 1e9 (lognormal), frames 20..29 quiet, around ``quiet``."""
-    rng = np.random.default_rng(seed)
-    x = rng.lognormal(0.0, 1.5, size=(1, 40, 50))
-    x = x / x.max() * 1e9
-    x[:, :, 20:30] = rng.lognormal(0.0, 1.0, size=(1, 40, 10)) * quiet
-    return x.astype(np.float32)
 
 
 @pytest.mark.parametrize("graph", ["torch", "onnx"])

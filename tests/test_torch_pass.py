@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from fix_cases import rms_norm_net
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -268,29 +269,6 @@ def test_logits_beyond_fp16_come_back_finite_from_the_fp16_program():
     assert result.verification.finite and not result.naive.finite
     assert max(r.rel_l2 for r in result.verification.rows) < 2e-3
     assert len(result.conversion.fp32_nodes) == 1  # the restoring mul, nothing else
-
-
-class _RMSNorm(nn.Module):
-    """T5's layer norm: ``weight * h * rsqrt(mean(h**2) + eps)`` (no mean subtraction, no bias)."""
-
-    def __init__(self, d, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.eps = eps
-
-    def forward(self, h):
-        var = h.pow(2).mean(-1, keepdim=True)
-        return self.weight * (h * torch.rsqrt(var + self.eps))
-
-
-def rms_norm_net() -> tuple[nn.Module, list[np.ndarray]]:
-    """``(model, inputs)``: a linear that writes ~4000 into T5's RMSNorm, then a head; three
-    inputs float32 [1, 8, 16]."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(16, 64), _RMSNorm(64), nn.Linear(64, 4)).eval()
-    with torch.no_grad():
-        m[0].weight.mul_(300)
-    return m, [np.random.default_rng(s).normal(size=(1, 8, 16)).astype(np.float32) for s in (1, 2, 3)]
 
 
 def test_an_rms_norm_whose_variance_overflows_runs_in_pure_fp16():

@@ -63,7 +63,8 @@ class EmulateBackend(Backend):
         """``program`` run by :func:`~fp16guard.backends.torch_program.run_emulated` on the CPU."""
         import torch
 
-        from fp16guard.backends.torch_program import ProgramEngine, run_emulated
+        from fp16guard.backends.program_engine import ProgramEngine
+        from fp16guard.backends.torch_program import run_emulated
 
         return ProgramEngine(program, lambda *args: run_emulated(program, *args), torch.device("cpu"),
                              f"strict FP16 emulation (PyTorch {torch.__version__}, CPU)")

@@ -14,14 +14,15 @@ import numpy as np
 import torch
 
 from fp16guard.backends.base import Backend, Engine
-from fp16guard.backends.torch_program import ProgramEngine, as_numpy, program_on
+from fp16guard.backends.program_engine import ProgramEngine
+from fp16guard.backends.torch_program import as_numpy, program_on
 from fp16guard.errors import BackendError
 
 
 class TorchEngine(Engine):
     """A module on a device: the engine of earlier releases' ``build_module``, kept for backends
     written against it (the ``torch`` backend itself builds a
-    :class:`~fp16guard.backends.torch_program.ProgramEngine`).
+    :class:`~fp16guard.backends.program_engine.ProgramEngine`).
 
     Args:
         module: a module already converted to FP16 (``copy.deepcopy(prefix).half()``).

@@ -8,7 +8,9 @@ BF16 islands kept), :func:`half_program` from an FP32 bisect prefix (every param
 * :func:`run_emulated`: strict FP16 storage, FP32 arithmetic, on the CPU (the ``emulate``
   backend's PyTorch path, the twin of :func:`fp16guard.fp16_onnx.emulation_model`);
 * :func:`program_on`: a copy on a device, recorded devices rewritten (the ``torch`` backend);
-* :class:`ProgramEngine`: either behind the :class:`~fp16guard.backends.base.Engine` interface.
+* :func:`program_io`, :func:`as_numpy`: a program's inputs and outputs, and its tensors as numpy
+  (what :class:`fp16guard.backends.program_engine.ProgramEngine` puts behind the ``Engine``
+  interface).
 
 This module is the shared layer's home of the emulator (a backend may not import a stage):
 :mod:`fp16guard.fixing.torch_pass` still keeps its own copies of :func:`run_emulated` and
@@ -18,14 +20,11 @@ This module is the shared layer's home of the emulator (a backend may not import
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import fx
 from torch.utils._pytree import tree_flatten, tree_map
-
-from fp16guard.backends.base import Engine
 
 
 def run_emulated(program: fx.GraphModule, *args: torch.Tensor) -> list[torch.Tensor]:
@@ -142,32 +141,3 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     if t.is_floating_point():
         t = t.float()
     return t.cpu().numpy()
-
-
-class ProgramEngine(Engine):
-    """A PyTorch program behind the :class:`~fp16guard.backends.base.Engine` interface.
-
-    Args:
-        program: the program (a ``GraphModule`` taking the inputs positionally).
-        call: runs it, ``call(*tensors) -> tensors`` (:func:`run_emulated`, or the program on CUDA).
-        device: where the inputs go before the call.
-        description: what runs it (:attr:`Engine.description`).
-
-    Outputs come back as numpy (:func:`as_numpy`), flattened in the program's output order.
-    """
-
-    def __init__(self, program: fx.GraphModule, call: Callable[..., Sequence[torch.Tensor]], device: torch.device,
-                 description: str):
-        self.program = program
-        self.call = call
-        self.device = torch.device(device)
-        self.description = description
-        self.input_names, self.output_names = program_io(program)
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The program on the checked feeds, in placeholder order."""
-        args = [torch.from_numpy(np.require(feeds[n], requirements=["C", "W"])).to(self.device)
-                for n in self.input_names]
-        with torch.no_grad():
-            out = self.call(*args)
-        return [as_numpy(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]

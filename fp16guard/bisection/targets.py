@@ -37,7 +37,8 @@ from fp16guard.onnx_graph import (
     value_bytes,
 )
 from fp16guard.stats import array_stats
-from fp16guard.torch_graph import export_onnx, inference_copy
+from fp16guard.torch_graph import inference_copy
+from fp16guard.torch_onnx import export_onnx
 
 
 def _amax(arrays: Sequence[np.ndarray]) -> float:

@@ -1,7 +1,9 @@
 """Stage 3, fix: rewrite a model so it runs entirely in FP16, exact in real arithmetic.
 
 * :mod:`~fp16guard.fixing.pipeline`: the one pipeline, calibrate -> plan -> apply -> convert ->
-  verify (:func:`fix`, :func:`fix_model`, :func:`calibrate`, :class:`FixResult`).
+  verify (:func:`fix`, :func:`fix_model`, :func:`calibrate`, :class:`FixResult`); its steps are
+  :mod:`~fp16guard.fixing.calibration`, :mod:`~fp16guard.fixing.apply` (apply and verify) and
+  :mod:`~fp16guard.fixing.delivery` (what is written), its result :mod:`~fp16guard.fixing.result`.
 * :mod:`~fp16guard.fixing.targets`: the :class:`FixTarget` protocol and its ONNX and PyTorch adapters.
 * :mod:`~fp16guard.fixing.solver`: the power-of-two scale solver both adapters feed (what it works
   on: :mod:`~fp16guard.fixing.solver_model`; a solution completed: :mod:`~fp16guard.fixing.solver_completion`).

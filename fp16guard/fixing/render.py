@@ -72,7 +72,7 @@ INTERFACE_NOTES = ("float64_to_float32", "initializer_inputs")
 EXPORT_NOTES = ("onnx_export",)
 
 
-#: Variant labels of :func:`fp16guard.fixing.pipeline._variant`, in words.
+#: Variant labels of :func:`fp16guard.fixing.delivery.variant_label`, in words.
 VARIANTS = {"fixed": "fixed model", "fixed_bf16": "fixed model (BF16 islands)", "fallback": "FP32 fallback",
             "fallback_bf16": "BF16 fallback", "naive": "plain FP16 conversion"}
 

@@ -202,7 +202,7 @@ class SubmoduleFix:
         auto: chosen automatically because the whole model cannot be captured (``whole`` says why).
         tried: ``(name, why)`` of larger submodules the automatic choice could not capture.
         inputs: the submodule's inputs as recorded (calibration, then validation): what its fixed
-            program takes (``fix --submodule`` saves the ``.pt2`` with them).
+            program takes (the target, captured with them, saves the ``.pt2``: ``FixResult.save``).
         calibration, validation: the same, split.
         end_to_end: the whole model with the fixed submodule (``FixResult.model``) against the FP32
             model, per input of the whole model (rel. L2 is inf where an output's shape changed:

@@ -37,14 +37,14 @@ from torch.utils._pytree import tree_flatten
 
 from fp16guard import control_flow
 from fp16guard.backends import Backend, get_backend
-from fp16guard.errors import InputError, ModelLoadError, PlanError, first_line
+from fp16guard.errors import ModelLoadError, PlanError
 from fp16guard.fixing import onnx_pass, torch_masks, torch_pass
 from fp16guard.fixing.module_scales import module_scales
 from fp16guard.fixing.notes import RewriteNote
 from fp16guard.fixing.solver_model import ScaleOp, ScaleSolution
 from fp16guard.fp16 import FP16_MAX, FP16_MIN_SUBNORMAL
 from fp16guard.fp16_onnx import ISLAND_DTYPES, Fp16Conversion, to_typed_fp16, unfit_constants
-from fp16guard.inputs import NamedInput, check_onnx_feeds, onnx_feed, torch_args
+from fp16guard.inputs import NamedInput, check_feeds, onnx_feed, torch_args
 from fp16guard.loading import refuse_fp16_module  # noqa: F401 - re-exported: fp16guard.fixing.targets.refuse_fp16_module
 from fp16guard.onnx_graph import (
     consumers,
@@ -53,9 +53,9 @@ from fp16guard.onnx_graph import (
     load_onnx,
     node_reads,
     refuse_fp16_model,
-    value_ranges,
 )
 from fp16guard.onnx_graph import model_sha256 as onnx_model_sha256
+from fp16guard.onnx_ranges import value_ranges
 from fp16guard.plan import RewritePlan
 from fp16guard.torch_graph import capture, get_attr, inference_copy, state_dict_sha256
 
@@ -145,7 +145,7 @@ def _same_inputs(a, b) -> bool:
 
 
 def _amax_of(runs: Sequence[Mapping]) -> dict[str, float]:
-    """Max amax per value over runs of :func:`~fp16guard.onnx_graph.value_ranges`; inf if ever non-finite."""
+    """Max amax per value over runs of :func:`~fp16guard.onnx_ranges.value_ranges`; inf if ever non-finite."""
     out: dict[str, float] = {}
     for run in runs:
         for name, s in run.items():
@@ -233,13 +233,14 @@ class OnnxFixTarget:
         return onnx_feed(self.input_names, item)
 
     def check_feeds(self, items: Sequence[NamedInput], what: str) -> None:
-        """Refuse, before any run, an item the graph's declared inputs do not take.
+        """Refuse, before any run, an item the graph's declared inputs do not take: the one check of
+        inputs against a model (:func:`fp16guard.inputs.check_feeds`), on the model as given.
 
         Raises:
             InputError: naming the item (``what`` and its label), the input, and the shape or
                 type the graph declares.
         """
-        check_onnx_feeds(self.original, items, what=what)
+        check_feeds(self.original, items, framework=self.framework, what=what)
 
     def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
         """See :meth:`FixTarget.activation_amax`."""
@@ -384,21 +385,14 @@ class TorchFixTarget:
         self._flushed: tuple = (None, set())
 
     def check_feeds(self, items: Sequence[NamedInput], what: str) -> None:
-        """Refuse, before any long run, an item the module does not take: its eval-mode copy runs
-        once in FP32 on each item (one plain forward each).
+        """Refuse, before any long run, an item the module does not take: the one check of inputs
+        against a model (:func:`fp16guard.inputs.check_feeds`), with its eval-mode copy run once in
+        FP32 on each item (one plain forward each).
 
         Raises:
             InputError: ``<what> <label> of shape [...]: the model rejects it: <the model's first error line>``.
         """
-        with torch.no_grad():
-            for item in items:
-                args = torch_args(item)
-                try:
-                    self.model(*args)
-                except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                    shapes = ", ".join(str(list(t.shape)) for t in args)
-                    raise InputError(f"{what} {item.label} of shape {shapes}: the model rejects it: "
-                                     f"{first_line(e)}") from None
+        check_feeds(self.model, items, framework=self.framework, what=what, run=True)
 
     def activation_amax(self, inputs: Sequence[NamedInput], *, prepared: bool = True) -> dict[str, float]:
         """See :meth:`FixTarget.activation_amax`."""

@@ -11,12 +11,18 @@
   :func:`print_report` and :func:`plot_report` to show it.
 """
 
+from fp16guard.inspect import render
 from fp16guard.inspect.hooks import FInspect, run_torch
 from fp16guard.inspect.onnx_inspector import inspect_onnx
 from fp16guard.inspect.plot import plot_report
 from fp16guard.inspect.render import print_report
 from fp16guard.inspect.report import InspectionReport
 from fp16guard.inspect.static_check import check_module, fold_batchnorm
+
+# How a report shows itself, kept with its renderer: ``print(report)`` gives a few lines (what ran,
+# the verdict by cause, the peak, the next step), ``rich.print(report)`` the full report.
+InspectionReport.__str__ = render.summary  # type: ignore[method-assign]
+InspectionReport.__rich_console__ = render.rich_console  # type: ignore[attr-defined]
 
 __all__ = ["FInspect", "InspectionReport", "check_module", "fold_batchnorm", "inspect_onnx", "plot_report",
            "print_report", "run_torch"]

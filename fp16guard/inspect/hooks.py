@@ -43,9 +43,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-from fp16guard.errors import InputError, first_line
-from fp16guard.inputs import NamedInput, torch_args
+from fp16guard import distributed
+from fp16guard.errors import first_line
+from fp16guard.inputs import NamedInput
 from fp16guard.inspect import replay, triton_stats
+from fp16guard.inspect.forward import probe_forward
 from fp16guard.inspect.replay import (
     MAX_GRAPHS,
     CapturedForward,
@@ -133,11 +135,14 @@ class FInspect:
             everywhere (the CPU always uses them).
         static: include the static weight check (:func:`fp16guard.inspect.static_check.check_module`) in
             the report.
-        cuda_graph: for batches given to :meth:`run`: None (default) captures the hooked forward
-            as a CUDA graph on the second batch of an input signature and replays it for every
-            later one, where that is possible (CUDA model, Triton, no autograd, ``ops=False``);
-            True does the same and logs a warning when it is not possible; False never captures.
-            Calls of ``model(x)`` inside the block always run eagerly.
+        cuda_graph: None (default) captures the hooked forward as a CUDA graph on the second
+            batch of an input signature and replays it for every later one, where that is
+            possible (CUDA model, Triton, no autograd, ``ops=False``); True does the same and logs
+            a warning when it is not possible; False never captures. On a CUDA model (unless
+            False or ``ops``), ``model(x)`` inside the block goes through :meth:`run` itself
+            (batches merged per input signature, graphs replayed): while the block is open the
+            model's class is a subclass whose ``__call__`` does that, and it is restored on exit.
+            On the CPU, ``model(x)`` records one set of rows per forward, as always.
 
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module``.
@@ -172,6 +177,8 @@ class FInspect:
         self._graph_pool: Any = None
         self._streams: dict[int, Any] = {}  # per CUDA device: the stream graphs are captured on
         self._stats_streams: dict[int, Any] = {}  # ... and the one their statistics run on
+        self._routed: type | None = None  # the model's own class while model(x) goes through run()
+        self._inside_run = False
         self.reset()
 
     def reset(self) -> None:
@@ -216,8 +223,39 @@ class FInspect:
         if self.ops:
             self._mode = _OpView(self)
             self._mode.__enter__()
+        self._route_calls()
+
+    def _route_calls(self) -> None:
+        """On a CUDA model, make ``model(x)`` call :meth:`run` while the block is open: the model's
+        class becomes a subclass (same name, same ``forward``) whose ``__call__`` hands the call to
+        :meth:`run`, which calls the model again (then as the original class would). Restored by
+        :meth:`_uninstall`; nothing else of the model changes."""
+        if self.cuda_graph is False or self.ops or type(self.model).__call__ is not torch.nn.Module.__call__:
+            return
+        device = next((t.device for t in self.model.parameters()), None)
+        if device is None or device.type != "cuda" or getattr(type(self.model), "_fp16guard_routed", False):
+            return
+        probe = self
+        original = type(self.model)
+
+        def __call__(module, *args, **kwargs):
+            if module is not probe.model or probe._inside_run or probe._depth == 0:
+                return original.__call__(module, *args, **kwargs)
+            return probe.run(*args, **kwargs)
+
+        routed = type(original.__name__, (original,), {"__call__": __call__, "_fp16guard_routed": True,
+                                                       "__module__": original.__module__,
+                                                       "__qualname__": original.__qualname__})
+        self.model.__class__ = routed
+        self._routed = original
+
+    def _unroute_calls(self) -> None:
+        """Give the model its own class back (see :meth:`_route_calls`)."""
+        if self._routed is not None:
+            self.model.__class__, self._routed = self._routed, None
 
     def _uninstall(self) -> None:
+        self._unroute_calls()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -296,6 +334,16 @@ class FInspect:
         """
         if self._depth == 0:
             raise RuntimeError("FInspect.run needs the probe active: call it inside `with FInspect(model) as probe:`")
+        if self._inside_run:  # run() called from inside a forward: a plain hooked call
+            return self.model(*args, **kwargs)
+        self._inside_run = True
+        try:
+            return self._run(args, kwargs)
+        finally:
+            self._inside_run = False
+
+    def _run(self, args: tuple, kwargs: dict) -> Any:
+        """The body of :meth:`run`."""
         signature = input_signature(args, kwargs)
         if signature is None or self._rec is not self._main:
             return self.model(*args, **kwargs)
@@ -464,17 +512,21 @@ class FInspect:
                           if r.eager_reason and r.eager_reason != "cuda_graph=False"})
         return text + "".join(f" (no CUDA graph: {reason})" for reason in reasons)
 
-    def report(self) -> InspectionReport:
+    def report(self, *, reduce: bool | None = None) -> InspectionReport:
         """Read the recorded statistics (one host sync per device) into an :class:`InspectionReport`.
 
         Records of every source (``model(x)`` calls, then :meth:`run`'s signatures and kept
         forwards, in the order they began) are numbered together: ``index`` in that order and
         ``call`` per layer.
 
+        Under a ``torch.distributed`` group, every rank's records are merged by call site (call it on
+        every rank; ``reduce=False``: this rank's alone): :func:`fp16guard.inspect.merge.reduce_report`.
+
         Raises:
-            RuntimeError: no forward ran under this probe.
+            RuntimeError: no forward ran under this probe (on any rank, when merged).
         """
-        if not any(source.calls or source.ops for source in self._sources):
+        merged = reduce is not False and distributed.active()
+        if not merged and not any(source.calls or source.ops for source in self._sources):
             raise RuntimeError(
                 "FInspect recorded nothing: run the model inside the `with FInspect(model) as probe:` "
                 "block before calling probe.report()")
@@ -487,8 +539,13 @@ class FInspect:
                 out += [CallRecord(p.index, p.name, p.kind, p.scope, p.call, stats_of(p.inputs, host, numel),
                                    stats_of(p.outputs, host, numel), p.leaf) for p in pending]
         static = tuple(check_module(self.model)) if self.static else ()
-        return InspectionReport(source=type(self.model).__name__, calls=_numbered(calls), ops=_numbered(ops),
-                                static=static, mode=self.mode)
+        report = InspectionReport(source=type(self.model).__name__, calls=_numbered(calls), ops=_numbered(ops),
+                                  static=static, mode=self.mode)
+        if merged:
+            from fp16guard.inspect.merge import reduce_report
+
+            report = reduce_report(report)
+        return report
 
 
 def _numbered(records: list[CallRecord]) -> tuple[CallRecord, ...]:
@@ -526,15 +583,7 @@ def run_torch(model: torch.nn.Module, inputs: Sequence[NamedInput], *, ops: bool
             step(f"inspect: FP{16 if half else 32} forward on {len(inputs)} input(s), {device}",
                  total=len(inputs)) as advance:
         for item in inputs:
-            tensors = [t.to(device) for t in torch_args(item)]
-            if half:
-                tensors = [t.half() if t.is_floating_point() else t for t in tensors]
-            try:
-                probe.run(*tensors)
-            except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                shapes = ", ".join(str(list(t.shape)) for t in tensors)
-                raise InputError(f"the model rejected input {item.label} of shape {shapes}: "
-                                 f"{str(e).strip().splitlines()[0]}") from None
+            probe_forward(probe, item, device, half)
             advance()
-    report = probe.report()
+    report = probe.report(reduce=False)  # every input ran here: a rank's report is whole
     return dataclasses.replace(report, inputs=tuple(i.label for i in inputs))

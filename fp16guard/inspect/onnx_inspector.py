@@ -1,7 +1,7 @@
 """The inspector for ONNX files: every intermediate value of an FP32 ONNX Runtime run.
 
 The measurement itself (values exposed in memory-bounded chunks, reduced on the host) is
-:func:`fp16guard.onnx_graph.value_ranges`, shared with the fix's calibration; this module turns
+:func:`fp16guard.onnx_ranges.value_ranges`, shared with the fix's calibration; this module turns
 its statistics into an :class:`~fp16guard.inspect.report.InspectionReport` with per-node records,
 from/to transitions and the static check of the graph's constants.
 """
@@ -27,8 +27,8 @@ from fp16guard.onnx_graph import (
     node_reads,
     node_scope,
     subgraphs,
-    value_ranges,
 )
+from fp16guard.onnx_ranges import value_ranges
 from fp16guard.progress import step
 from fp16guard.stats import RangeStats
 

@@ -1,8 +1,10 @@
 """Terminal rendering of an :class:`~fp16guard.inspect.report.InspectionReport` with rich.
 
-:func:`print_report` prints the full report (:func:`report_renderables`, also the report's
-``__rich_console__``); :func:`summary` is its few-line plain-text form (the report's ``__str__``);
-:func:`verdict` names what breaks FP16 by cause class (input, activation, weight) and the next step.
+:func:`print_report` prints the full report (:func:`report_renderables`; :func:`rich_console` is
+the report's ``__rich_console__``); :func:`summary` is its few-line plain-text form (the report's
+``__str__``); :func:`verdict` names what breaks FP16 by cause class (input, activation, weight) and
+the next step. The report's two hooks are attached by the package (``fp16guard/inspect/__init__.py``),
+so the report itself imports no renderer.
 """
 
 from __future__ import annotations
@@ -191,6 +193,12 @@ def report_renderables(report: InspectionReport, *, top: int = 10, model: str | 
     head, _, rest = text.partition(": ") if report.overflow_found else (text, "", "")
     yield (f"[{style}]{escape(head)}[/]" + (f": {escape(rest)}" if rest else "")
            + (f"; next: [bold]{escape(next_step)}[/]" if next_step else ""))
+
+
+def rich_console(report: InspectionReport, console, options) -> Iterator[RenderableType]:
+    """The rich protocol's ``__rich_console__``: the full report (``rich.print(report)``, a notebook),
+    as :func:`print_report` prints it."""
+    yield from report_renderables(report)
 
 
 def print_report(report: InspectionReport, console: Console | None = None, *, top: int = 10,

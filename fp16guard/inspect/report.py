@@ -336,22 +336,12 @@ class InspectionReport:
         )
 
     # -- display -------------------------------------------------------------------------------
-    def __str__(self) -> str:
-        """A few lines: what ran, the verdict by cause, the peak and largest layers, the next step."""
-        from fp16guard.inspect.render import summary
-
-        return summary(self)
-
+    # ``print(report)`` (a few lines: what ran, the verdict by cause, the peak, the next step) and
+    # ``rich.print(report)`` (the full report) are the renderer's: the package attaches them
+    # (fp16guard/inspect/__init__.py), so this data module imports no renderer.
     def __repr__(self) -> str:
         return (f"InspectionReport(source={self.source!r}, inputs={len(self.inputs)}, calls={len(self.calls)}, "
                 f"static={len(self.static)}, overflow_found={self.overflow_found})")
-
-    def __rich_console__(self, console, options):
-        """The full report in rich (``rich.print(report)``, a notebook), as
-        :func:`~fp16guard.inspect.render.print_report` prints it."""
-        from fp16guard.inspect.render import report_renderables
-
-        yield from report_renderables(self)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_json(self) -> dict:

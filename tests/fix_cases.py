@@ -1,11 +1,12 @@
-"""The small models the fix benchmarks measure (``fix_patterns.py``, ``fix_always_delivers.py``).
+"""The small models the fix tests check and the fix benchmarks measure, in one place.
 
-Copies of development cases the tests check, so that no benchmark imports a test module (a test
-module is pytest's to collect; importing it runs its module-level code and reaches its private
-helpers), and so that a change to a test's model does not silently change what a committed result
-file measured. Each section names the test file the models come from; the names are the tests'
-without the leading underscore where a benchmark uses them (``GatedNet`` is test_saturation's
-``Net``, ``normal`` test_fix's ``_x``).
+The tests (``tests/test_fix.py``, ``tests/test_torch_pass.py``, ``tests/test_saturation.py``,
+``tests/test_scaled_constants.py``, ``tests/test_delivery.py``, ``tests/test_control_flow.py``)
+import them from here, and so do ``benchmarks/fix_patterns.py`` and
+``benchmarks/fix_always_delivers.py``: a helper module, not a test module, so no benchmark imports
+what pytest collects. Each section names the test file that checks its models; a change to a
+model here changes what those tests check and what the benchmarks measure alike (rerun the
+benchmark and update its result file).
 """
 
 from __future__ import annotations
@@ -21,17 +22,30 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 
+# ---------------------------------------------------------------- ONNX building blocks
+
+
+def constant(name, v, dtype=np.float32):
+    """An initializer ``name`` holding ``v``."""
+    return numpy_helper.from_array(np.asarray(v, dtype), name)
+
+
+def opset_model(graph, opset=17):
+    """``graph`` as a model of ``opset`` (IR version 9)."""
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 9
+    return m
+
+
 # ---------------------------------------------------------------- tests/test_fix.py: ONNX graphs
 
 
-def _onnx_model(nodes, inits, x_shape, out, out_shape=None):
+def onnx_model(nodes, inits, x_shape, out, out_shape=None):
     """An opset-17 model of ``nodes`` with the float32 initializers ``inits``, input ``x``, output ``out``."""
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
                               [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    return m
+    return opset_model(graph)
 
 
 def normal(seed=1, shape=(1, 3, 8, 8)):
@@ -58,16 +72,16 @@ def decomposed_layernorm(gain, hidden=64):
     inits = {"w": rng.normal(size=(16, hidden)) * gain, "two": np.array(2.0), "eps": np.array(1e-5),
              "gamma": rng.normal(size=hidden), "beta": rng.normal(size=hidden) * 0.1,
              "w2": rng.normal(size=(hidden, 4)) * 0.1}
-    return _onnx_model(nodes, inits, [1, 8, 16], "y", [1, 8, 4])
+    return onnx_model(nodes, inits, [1, 8, 16], "y", [1, 8, 4])
 
 
 def big_input_model():
     """A 1x1 conv whose input arrives at ~3e8 (an unnormalized sensor or audio power): ``x`` itself
     is beyond FP16, so a typed model's input cast makes it inf before any layer runs."""
     rng = np.random.default_rng(0)
-    return _onnx_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-                   helper.make_node("Relu", ["c"], ["y"], name="relu")],
-                  {"w": rng.normal(size=(2, 3, 1, 1)) * 1e-6}, [1, 3, 4, 4], "y")
+    return onnx_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                       helper.make_node("Relu", ["c"], ["y"], name="relu")],
+                      {"w": rng.normal(size=(2, 3, 1, 1)) * 1e-6}, [1, 3, 4, 4], "y")
 
 
 def masked_attention(mask_value=-3.4028234663852886e38):
@@ -90,9 +104,7 @@ def masked_attention(mask_value=-3.4028234663852886e38):
     graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8]),
                                                    helper.make_tensor_value_info("mask", TensorProto.INT64, [2, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8])], inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    return m
+    return opset_model(graph)
 
 
 # ---------------------------------------------------------------- tests/test_torch_pass.py: T5's RMSNorm
@@ -330,18 +342,6 @@ def vector_inputs(n: int = 3) -> list[np.ndarray]:
 # ---------------------------------------------------------------- tests/test_control_flow.py: If and Loop
 
 
-def _c(name, v, dtype=np.float32):
-    """An initializer ``name`` holding ``v``."""
-    return numpy_helper.from_array(np.asarray(v, dtype), name)
-
-
-def _opset_model(graph, opset=17):
-    """``graph`` as a model of ``opset`` (IR version 9)."""
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 9
-    return m
-
-
 def if_model():
     """``y = If(sum(x) > 0, then: x * 1000 + x, else: Identity(x)) * 0.001``: a data-dependent If whose
     then-branch overflows FP16 (1e5 for x ~ 100) and hands the big value on to the main graph."""
@@ -350,14 +350,14 @@ def if_model():
                              "then", [], [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [4])])
     other = helper.make_graph([helper.make_node("Identity", ["x"], ["e_out"], name="else_id")],
                               "else", [], [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [4])])
-    return _opset_model(helper.make_graph([
+    return opset_model(helper.make_graph([
         helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="sum"),
         helper.make_node("Greater", ["s", "zero"], ["c"], name="positive"),
         helper.make_node("If", ["c"], ["b"], then_branch=then, else_branch=other, name="branch"),
         helper.make_node("Mul", ["b", "k001"], ["y"], name="down"),
     ], "if_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        [_c("zero", 0.0), _c("k1000", 1000.0), _c("k001", 0.001)]))
+        [constant("zero", 0.0), constant("k1000", 1000.0), constant("k001", 0.001)]))
 
 
 def loop_model(trips=3):
@@ -371,12 +371,12 @@ def loop_model(trips=3):
                 helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [4])],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [4])])
-    return _opset_model(helper.make_graph([
+    return opset_model(helper.make_graph([
         helper.make_node("Loop", ["trips", "", "x"], ["acc"], body=body, name="loop"),
         helper.make_node("Mul", ["acc", "k001"], ["y"], name="down"),
     ], "loop_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        [_c("trips", trips, np.int64), _c("k10", 10.0), _c("k001", 0.001)]))
+        [constant("trips", trips, np.int64), constant("k10", 10.0), constant("k001", 0.001)]))
 
 
 class Squeeze(torch.nn.Module):
