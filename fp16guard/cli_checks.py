@@ -95,7 +95,8 @@ def check_options(args) -> None:
     """Refuse, before any work, what the command line alone shows is wrong: output paths
     (:func:`_check_outputs`), option values out of range (a headroom target beyond FP16's normal
     range, a tolerance that is not positive and finite, counts below 1, an unknown backend or
-    device), options that do not apply (``--checkpoint`` with an ONNX model), and a ``--metric``
+    device), options that do not apply (``--checkpoint`` with an ONNX model, ``--stream`` or
+    ``--early-stop`` with ``--submodule``), and a ``--metric``
     that cannot be imported.
 
     Raises:
@@ -120,6 +121,11 @@ def check_options(args) -> None:
     budget = getattr(args, "memory_budget", None)
     if budget is not None and not 0 < budget < float("inf"):
         raise UsageError(f"--memory-budget {budget}: give a positive size in GiB, e.g. 1")
+    streamed = ("--early-stop" if getattr(args, "early_stop", None) is not None
+                else "--stream" if getattr(args, "stream", False) else None)
+    if streamed and getattr(args, "submodule", None):
+        raise UsageError(f"{streamed} does not apply with --submodule: a submodule is calibrated on the inputs the whole "
+                         f"model gives it, read whole; drop {streamed}")
     backend = getattr(args, "backend", None)
     known = BISECT_BACKENDS if args.command == "bisect" else FIX_BACKENDS
     if backend is not None and backend not in known:

@@ -36,7 +36,7 @@ def _count(text: str) -> int:
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a count of inputs of at least 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of inputs; give a whole number, 1 or more")
     return n
 
 

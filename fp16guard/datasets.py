@@ -21,12 +21,13 @@ from __future__ import annotations
 import collections.abc
 import itertools
 import math
+import numbers
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from fp16guard import distributed
-from fp16guard.errors import InputError
+from fp16guard.errors import InputError, UsageError
 from fp16guard.inputs import SHARD_ROWS, NamedInput, input_files, load_file
 
 #: Inputs measured at once (ONNX: one ONNX Runtime session per block and graph); memory holds one
@@ -51,8 +52,8 @@ def _rows(path: Path) -> int | None:
     suffix = path.suffix.lower()
     if suffix == ".json":
         return None
-    if suffix != ".npz":
-        return 1
+    if suffix != ".npz" or not zipfile.is_zipfile(path):
+        return 1  # not an archive: the reader names the damage when the file is read
     import numpy as np
 
     try:
@@ -268,12 +269,16 @@ class RangeWatch:
 
     Args:
         patience: inputs without a change that stop; None never stops.
+
+    Raises:
+        UsageError: ``patience`` is not a whole number of at least 1 (nor None).
     """
 
     def __init__(self, patience: int | None):
-        if patience is not None and patience < 1:
-            raise ValueError(f"early stop needs a patience of at least 1 input, got {patience}")
-        self.patience = patience
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, numbers.Integral)
+                                     or patience < 1):
+            raise UsageError(f"early_stop={patience!r}: give a whole number of inputs, 1 or more, or None")
+        self.patience = None if patience is None else int(patience)
         self.seen = 0
         self.changed_at = 0
         self.stopped = False

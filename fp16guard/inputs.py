@@ -160,15 +160,29 @@ def read_npz(p: Path) -> list[NamedInput]:
     input per row."""
     import numpy as np
 
+    if not zipfile.is_zipfile(p):  # np.load would read it as an .npy, or refuse it as a pickle
+        try:
+            with open(p, "rb") as f:
+                npy = f.read(6) == b"\x93NUMPY"
+        except OSError:
+            npy = False
+        what = "this one is an .npy array); rename it .npy, or" if npy else "this file is not one);"
+        raise InputError(f"{p}: not a readable numpy file (an .npz is a zip archive; {what} write it with np.savez")
+
     def read():
         with np.load(p, allow_pickle=False) as z:
             keys = [k for k in z.files if k != SHARD_ROWS]
-            if len(keys) < len(z.files):
-                arrays = [z[k] for k in keys]
-                return [file_input(f"{p.name}[{i}]", [a[i] for a in arrays], names=keys)
-                        for i in range(int(z[SHARD_ROWS]))]
-            return [file_input(p.name, [z[k] for k in z.files], names=z.files)]
-    return _numpy_file(p, read)
+            return keys, [z[k] for k in keys], int(z[SHARD_ROWS]) if len(keys) < len(z.files) else None
+    keys, arrays, rows = _numpy_file(p, read)
+    if not keys:
+        raise InputError(f"{p}: holds no arrays; save the model's inputs in it (np.savez(path, x=...))")
+    if rows is None:
+        return [file_input(p.name, arrays, names=keys)]
+    short = [k for k, a in zip(keys, arrays) if a.ndim == 0 or len(a) < rows]
+    if rows < 1 or short:
+        raise InputError(f"{p}: a shard of {rows} row(s){f', but its array {short[0]!r} has fewer' if short else ''}; "
+                         f"write shards with fp16guard.datasets.write_shards")
+    return [file_input(f"{p.name}[{i}]", [a[i] for a in arrays], names=keys) for i in range(rows)]
 
 
 def read_image_file(p: Path) -> list[NamedInput]:
@@ -298,7 +312,10 @@ def input_files(paths) -> list[Path]:
             found = [Path(m) for m in sorted(glob.glob(str(path)))]
             found = [m for m in found if m.is_dir() or m.suffix.lower() in READERS]
             if not found:
-                raise InputError(f"{path}: no folder or {input_types(listed=False)} file matches this pattern")
+                other = sorted({m.suffix.lower() or "(no suffix)" for m in map(Path, glob.glob(str(path)))})
+                raise InputError(f"{path}: no folder or {input_types(listed=False)} file matches this pattern" + (
+                    f", only files of type {', '.join(other)}, which fp16guard does not read; convert them "
+                    f"(np.save to .npy, say) or match other files" if other else "; check its folder and spelling"))
             out += input_files(found)
         elif p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in READERS)

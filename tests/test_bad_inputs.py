@@ -187,6 +187,7 @@ def make_workspace(d: Path) -> Path:
     _workspace_input_files(d)
     _workspace_models(d)
     _workspace_outputs(d)
+    _workspace_streams(d)
     return d
 
 
@@ -366,6 +367,22 @@ def _workspace_outputs(d: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.save(model, d / "comma.onnx")
+
+
+def _workspace_streams(d: Path) -> None:
+    """Files for the rows "streamed data sets": ``shards/`` (3 inputs of ``m.onnx`` in two ``.npz``
+    shards), ``.npz`` files that are no zip archive (text; an ``np.save`` array), that hold no arrays
+    (none at all; a shard's row count alone), and a shard that claims more rows than it holds."""
+    from fp16guard.datasets import write_shards
+
+    rng = np.random.default_rng(7)
+    write_shards((rng.standard_normal((1, 4)).astype(np.float32) for _ in range(3)), d / "shards", rows=2)
+    (d / "text.npz").write_text("not a zip archive")
+    with open(d / "npy_named.npz", "wb") as f:
+        np.save(f, np.zeros((1, 4), np.float32))
+    np.savez(d / "no_arrays.npz")
+    np.savez(d / "rows_only.npz", __fp16guard_rows__=np.array(3))
+    np.savez(d / "short_rows.npz", x=np.zeros((2, 1, 4), np.float32), __fp16guard_rows__=np.array(5))
 
 
 #: Factories that misbehave (issue 23).
@@ -727,6 +744,51 @@ CASES += [
       if NO_LATEX else []),
 ]
 
+# -- streamed data sets: quoted patterns, .npz shards, --stream and --early-stop
+CASES += [
+    ("pattern matching no file", ["inspect", M, "--input", "{d}/none_*.npy"], 2,
+     "none_*.npy: no folder or .npy, .npz, an image, .wav or Polygraphy's .json file matches this pattern; check its "
+     "folder and spelling"),
+    ("pattern matching no file (--stream)", ["calibrate", M, "--input", "{d}/none_*.npz", "--stream", "-o",
+                                             "{d}/p.json"], 2, "matches this pattern; check its folder and spelling"),
+    ("pattern matching files of an unknown type", ["inspect", M, "--input", "{d}/other_files/*"], 2,
+     "only files of type .txt, which fp16guard does not read; convert them (np.save to .npy, say) or match other files"),
+    ("pattern matching files of an unknown type (--early-stop)", ["calibrate", M, "--input", "{d}/other_files/*.txt",
+                                                                  "--early-stop", "5", "-o", "{d}/p.json"], 2,
+     "only files of type .txt"),
+    ("--early-stop 0", ["calibrate", M, *X, "-o", "{d}/p.json", "--early-stop", "0"], 2,
+     "argument --early-stop: '0' is not a count of inputs; give a whole number, 1 or more"),
+    ("--early-stop -3", ["inspect", M, *X, "--early-stop", "-3"], 2, "'-3' is not a count of inputs; give a whole number"),
+    ("--early-stop abc", ["calibrate", M, *X, "-o", "{d}/p.json", "--early-stop", "abc"], 2,
+     "'abc' is not a count of inputs"),
+    ("--stream with bisect", ["bisect", M, *X, "--stream"], 2, "unrecognized arguments: --stream"),
+    ("--stream with fix", ["fix", M, *X, "-o", "{d}/o.onnx", "--stream"], 2, "unrecognized arguments: --stream"),
+    ("--early-stop with fix", ["fix", M, *X, "-o", "{d}/o.onnx", "--early-stop", "5"], 2,
+     "unrecognized arguments: --early-stop 5"),
+    ("--early-stop with --submodule", ["calibrate", PT, *BATCH, "--submodule", "lin", "--early-stop", "5", "-o",
+                                       "{d}/p.json"], 2, "--early-stop does not apply with --submodule"),
+    ("--stream with --submodule", ["calibrate", PT, *BATCH, "--submodule", "lin", "--stream", "-o", "{d}/p.json"], 2,
+     "--stream does not apply with --submodule: a submodule is calibrated on the inputs the whole model gives it"),
+    ("--early-stop beyond the inputs (calibrate)", ["calibrate", M, "--input", "{d}/shards", "--early-stop", "100",
+                                                    "-o", "{d}/p.json"], 0, "calibrated on 3 input(s)"),
+    ("--early-stop beyond the inputs (inspect)", ["inspect", M, "--input", "{d}/shards/*.npz", "--early-stop", "100"],
+     0, "no FP16 overflow found"),
+    ("--early-stop beyond the inputs (PyTorch)", ["inspect", PT, *BATCH, "--early-stop", "100"], 0,
+     "no FP16 overflow found"),
+    (".npz shard not a zip archive", ["inspect", M, "--input", "{d}/text.npz", "--stream"], 2,
+     "text.npz: not a readable numpy file (an .npz is a zip archive; this file is not one); write it with np.savez"),
+    (".npz that is an np.save array", ["calibrate", M, "--input", "{d}/npy_named.npz", "-o", "{d}/p.json"], 2,
+     "this one is an .npy array); rename it .npy, or write it with np.savez"),
+    (".npz that is an np.save array (--stream)", ["inspect", M, "--input", "{d}/npy_named.npz", "--stream"], 2,
+     "this one is an .npy array"),
+    (".npz of no arrays", ["inspect", M, "--input", "{d}/no_arrays.npz"], 2,
+     "no_arrays.npz: holds no arrays; save the model's inputs in it"),
+    (".npz shard of no arrays", ["calibrate", M, "--input", "{d}/rows_only.npz", "--stream", "-o", "{d}/p.json"], 2,
+     "rows_only.npz: holds no arrays"),
+    (".npz shard of fewer rows than it says", ["inspect", M, "--input", "{d}/short_rows.npz", "--early-stop", "2"], 2,
+     "short_rows.npz: a shard of 5 row(s), but its array 'x' has fewer; write shards with"),
+]
+
 
 def _argv(argv, d):
     return [a.format(d=d) for a in argv]
@@ -1026,6 +1088,26 @@ def test_every_output_appears_or_none(tmp_path, capsys):
         outputs.path(tmp_path / "model.onnx").write_bytes(b"model")
         outputs.path(tmp_path / "fix.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fix.json", "model.onnx"]
+
+
+def test_calibrating_a_generator_with_a_graph_input_beyond_fp16_is_one_error(ws):
+    """``fp16guard.calibrate(model, generator)`` where a graph input exceeds 65504 needs a second
+    pass a generator cannot give: one FixError line saying so, for ONNX and PyTorch models alike;
+    a bad ``early_stop`` is a UsageError (a ValueError too), not a crash."""
+    import fp16guard
+    from fp16guard.errors import FixError, Fp16GuardError, UsageError
+    from fgbad_models import ok
+
+    for model, shape in [(ws / "m.onnx", (1, 4)), (ok(), (8, 4))]:
+        with pytest.raises(FixError) as caught:
+            fp16guard.calibrate(model, (np.full(shape, 1e6, np.float32) for _ in range(3)))
+        assert isinstance(caught.value, Fp16GuardError) and len(str(caught.value).splitlines()) == 1
+        assert "graph input x exceeds 65504" in str(caught.value) and "give a list, files or a DataLoader" in str(caught.value)
+    for bad in (0, -3, "abc", 2.5, True):
+        with pytest.raises(UsageError, match="give a whole number of inputs, 1 or more"):
+            fp16guard.calibrate(ws / "m.onnx", (np.ones((1, 4), np.float32) for _ in range(2)), early_stop=bad)
+    plan = fp16guard.calibrate(ws / "m.onnx", (np.ones((1, 4), np.float32) for _ in range(2)), early_stop=100)
+    assert len(plan.calibration) == 2  # fewer inputs than the patience: all read, no error
 
 
 # -- issue 23: models in calibrate, fix and bisect, through the Python API

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fp16guard.fp16 import FP16_MAX, headroom_bits
-from fp16guard.stats import RangeStats, array_stats, tensor_stats
+from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, headroom_bits
+from fp16guard.stats import CPU_CHUNK, RangeStats, array_stats, tensor_stats
 
 
 def stats_of(t: torch.Tensor) -> RangeStats:
@@ -70,3 +70,27 @@ def test_flush_to_zero_count_covers_fp16_zeros(a):
     became_zero = int(((a != 0) & (a.astype(np.float16) == 0)).sum())
     assert s.flush_to_zero >= became_zero
     assert s.flush_to_zero == int(((a != 0) & (np.abs(a) < 2.0**-24)).sum())
+
+
+@pytest.mark.parametrize("numel", [CPU_CHUNK + 1, 3 * CPU_CHUNK + 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_the_chunked_cpu_path_gives_the_whole_tensor_numbers(numel, dtype):
+    from fp16guard import stats
+
+    assert numel > CPU_CHUNK  # the chunked path
+    g = torch.Generator().manual_seed(numel)
+    x = (torch.randn(numel, generator=g, dtype=torch.float64) * 1e5).to(dtype)
+    x[:: 997] = 0
+    x[5 :: 1009] = 3e-8  # flushes in FP16
+    x[7 :: 1013] = 1e-5  # subnormal in FP16
+    x[CPU_CHUNK - 1] = float("nan")
+    x[-1] = float("-inf")
+    x[CPU_CHUNK] = -6e4  # the largest finite (FP16 too), in the second chunk
+    chunked = stats.tensor_stats(x)
+    a = x.abs()
+    finite = int(torch.isfinite(x).sum())
+    zero = int((x == 0).sum())
+    want = [float(torch.where(torch.isfinite(a), a, torch.zeros_like(a)).max()), numel - finite, finite - zero,
+            int(((a < FP16_MIN_SUBNORMAL) & (a > 0)).sum()),
+            int(((a < FP16_MIN_NORMAL) & (a >= FP16_MIN_SUBNORMAL)).sum())]
+    assert chunked.tolist() == want

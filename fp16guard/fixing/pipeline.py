@@ -304,7 +304,7 @@ def calibrate(model, calib_inputs, *, target_log2: int = DEFAULT_TARGET_LOG2, ra
     """
     from fp16guard.datasets import streamed
 
-    if early_stop or streamed(calib_inputs):
+    if early_stop is not None or streamed(calib_inputs):
         from fp16guard.fixing.streaming import calibrate_stream
 
         return calibrate_stream(lambda head: make_target(model, head, graph=graph, source=source), calib_inputs,
