@@ -87,6 +87,7 @@ class _Discarded(OutputSet):
         self.folder = Path(tempfile.mkdtemp(prefix="fp16guard-rank-"))
 
     def path(self, target: str | Path) -> Path:
+        """Where ``target`` is written on this rank: a file of its name in the discarded folder."""
         return super().path(self.folder / Path(target).name)
 
     def __exit__(self, kind, value, tb) -> None:

@@ -72,6 +72,7 @@ def to_input(item: Any, label: str) -> NamedInput:
     import numpy as np
 
     def array(a):
+        """A numpy array of ``a`` (a tensor is detached and copied to the CPU)."""
         return np.asarray(a.detach().cpu() if hasattr(a, "detach") else a)
     if isinstance(item, Mapping):
         return NamedInput(label, tuple(array(v) for v in item.values()), names=tuple(str(k) for k in item))

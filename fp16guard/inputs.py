@@ -170,6 +170,7 @@ def read_npz(p: Path) -> list[NamedInput]:
         raise InputError(f"{p}: not a readable numpy file (an .npz is a zip archive; {what} write it with np.savez")
 
     def read():
+        """The array names, the arrays and the shard's row count (None for a plain .npz)."""
         with np.load(p, allow_pickle=False) as z:
             keys = [k for k in z.files if k != SHARD_ROWS]
             return keys, [z[k] for k in keys], int(z[SHARD_ROWS]) if len(keys) < len(z.files) else None

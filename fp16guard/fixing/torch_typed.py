@@ -45,24 +45,10 @@ class Fp16Program:
             self.buffers[key] = self.g.get_attr(name)
         return self.buffers[key]
 
-    def submodule(self, target: str, module: torch.nn.Module) -> fx.Node:
-        """A ``get_attr`` for a subgraph a higher-order op calls (``wrap_with_set_grad_enabled``'s
-        body, as ``torch.export`` writes ``with torch.no_grad():`` regions): kept as it is, its ops
-        run in the precision of what it is given."""
-        key = (target, None)
-        if key not in self.buffers:
-            name = f"body{self.count}"
-            self.count += 1
-            self.new.add_module(name, module)
-            self.buffers[key] = self.g.get_attr(name)
-        return self.buffers[key]
-
     def read(self, node: fx.Node, dtype: torch.dtype):
         """The value of ``node`` for a consumer running in ``dtype`` (FP16, FP32 or BF16)."""
         if node.op == "get_attr":
             t = get_attr(self.gm, node.target)
-            if isinstance(t, torch.nn.Module):
-                return self.submodule(node.target, t)
             if not isinstance(t, torch.Tensor):
                 return None
             return self.const(node.target, dtype if t.is_floating_point() else t.dtype)

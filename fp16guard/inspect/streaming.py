@@ -51,6 +51,7 @@ class _Once(logging.Filter):
         self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """True the first time a message is logged, False after."""
         message = record.getMessage()
         new = message not in self.seen
         self.seen.add(message)
