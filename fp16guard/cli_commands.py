@@ -194,7 +194,8 @@ def run_fix(args, console: Console) -> int:
                        target_log2=args.target_log2, raise_underflow=args.raise_underflow,
                        fallback=args.fallback, islands=args.islands, backend=args.backend, metrics=metrics, force=args.force,
                        source=name, tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
-                       keep_outputs=bool(args.save_outputs), submodule=args.submodule)
+                       keep_outputs=bool(args.save_outputs), submodule=args.submodule,
+                       compare_naive=args.compare, compare_fallback=args.compare)
     print_fix(result, console)
     part = result.submodule
     of = f" of {part.name} (its own inputs and outputs; the rest of the model stays FP32)" if part is not None else ""

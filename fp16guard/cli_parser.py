@@ -179,8 +179,11 @@ def _add_fix(sub) -> None:
                           "Ampere and later; an op whose ONNX schema has no bfloat16 stays FP32)")
     fix.add_argument("--islands", choices=["fp32", "bf16"], default="fp32",
                      help="precision of the fixed model's unfixable islands, the ops that need values beyond "
-                          "FP16 after scaling: fp32 (default) or bf16 (as --fallback bf16). The verification "
-                          "table shows the fixed model with both, the naive FP16 model and both fallbacks")
+                          "FP16 after scaling: fp32 (default) or bf16 (as --fallback bf16)")
+    fix.add_argument("--compare", action="store_true",
+                     help="also verify, for comparison, the naive FP16 model, the fallback in the other "
+                          "precision and the fixed model with its islands in the other precision (one more "
+                          "run of each per input); the fallback the bar is relative to is always verified")
     fix.add_argument("--backend", default="emulate", metavar="NAME",
                      help="FP16 backend for verification (default emulate): " + help_text(_suffixes()))
     fix.add_argument("--tolerance", type=float, default=None, metavar="T",

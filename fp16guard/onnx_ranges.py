@@ -1,27 +1,24 @@
 """The FP32 measurement of every activation of an ONNX model, :func:`value_ranges`: what the
 inspector reports and the fix calibrates on.
 
-It stands above the graph layer (:mod:`fp16guard.onnx_graph`) and the control flow replay
-(:mod:`fp16guard.control_flow`), and uses both: the main graph's values are measured in ONNX
-Runtime runs, the values inside ``If``/``Loop``/``Scan`` subgraphs by replaying them
-(:func:`fp16guard.control_flow.inner_ranges`).
+It stands above the graph layer (:mod:`fp16guard.onnx_graph`), the in-graph statistics
+(:mod:`fp16guard.onnx_stats`) and the control flow replay (:mod:`fp16guard.control_flow`), and uses
+all three: the main graph's values are measured by reductions added to the graph itself, one ONNX
+Runtime run per input that returns scalars only (``method="graph"``, the default); the values inside
+``If``/``Loop``/``Scan`` subgraphs by replaying them (:func:`fp16guard.control_flow.inner_ranges`).
 
-Exposing every intermediate tensor as a graph output at once would keep them all alive (gigabytes
-for a 2880x2048 image). :func:`value_ranges` instead exposes them in *chunks* whose total size,
-estimated by ONNX shape inference for the actual input shapes, fits a memory budget (default
-1 GiB; a value whose size cannot be inferred counts as a sixteenth of the budget). Each chunk is
-one ONNX Runtime run; its outputs are reduced on the host with :func:`fp16guard.stats.tensor_stats`
-and freed before the next chunk runs. A model whose activations fit the budget runs once.
-
-(Reducing inside the graph, with ``ReduceMax``/``ReduceSum`` nodes appended per value, was tried
-first: ONNX Runtime's CPU kernels for the boolean masks made it 80x slower than a plain run, and it
-scheduled the reductions late enough to hold 7 GB for a 736x1472 image.)
+The earlier way stays as ``method="expose"``: every intermediate value is exposed as a graph output
+in *chunks* whose total size, estimated by ONNX shape inference for the actual input shapes, fits a
+memory budget (default 1 GiB), each chunk one ONNX Runtime run reduced on the host with
+:func:`fp16guard.stats.tensor_stats`. It ran the whole model once per chunk: PP-OCRv4's detector on
+its two calibration photos took 37 runs, and 19.6 s against 0.59 s for the in-graph amax and 4.0 s
+for the in-graph amax and counts (2 shared cores, ``benchmarks/fix_cost.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,25 +40,35 @@ from fp16guard.onnx_graph import (
     value_bytes,
     value_types,
 )
+from fp16guard.onnx_stats import read_statistics, statistics_model, statistics_session
 from fp16guard.stats import RangeStats, tensor_stats
 
 logger = logging.getLogger("fp16guard")
 
 
+#: The ways :func:`value_ranges` measures the main graph (module docstring).
+METHODS = ("graph", "expose")
+
+
 def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Feeds], *,
                  providers: Sequence[str] | None = None, labels: Sequence[str] = (),
-                 memory_budget: int = 1 << 30) -> list[dict[str, RangeStats]]:
+                 memory_budget: int = 1 << 30, counts: bool | Collection[str] = True,
+                 method: str = "graph") -> list[dict[str, RangeStats]]:
     """Range statistics of every activation of an FP32 ONNX model, per run.
 
     The values measured are :func:`~fp16guard.onnx_graph.activation_values` (graph inputs and node
-    outputs of floating type that depend on an input). They are exposed as graph outputs in chunks
-    of at most ``memory_budget`` bytes and reduced to :class:`RangeStats` as each run returns.
-    Values inside ``If``/``Loop``/``Scan`` subgraphs are measured by replaying them
+    outputs of floating type that depend on an input), by reductions inside the graph
+    (:func:`fp16guard.onnx_stats.statistics_model`): one ONNX Runtime run per feed. Values inside ``If``/``Loop``/``Scan`` subgraphs are measured by replaying them
     (:func:`fp16guard.control_flow.inner_ranges`): only where a branch or an iteration ran.
 
     Args:
         model, feeds, providers, labels, memory_budget: as in
-            :func:`~fp16guard.inspect.onnx_inspector.inspect_onnx`.
+            :func:`~fp16guard.inspect.onnx_inspector.inspect_onnx` (``memory_budget``: the bytes
+            held at once by ``method="expose"`` and by the subgraph replay).
+        counts: measure the zero, flush-to-zero and subnormal counts of every value (``True``), of
+            none (``False``: amax and inf/NaN counts only, what a fix calibrates on; the counts
+            of :class:`RangeStats` are then 0) or of the values named.
+        method: ``"graph"`` or ``"expose"`` (:data:`METHODS`, module docstring).
 
     Returns:
         One ``{value name: RangeStats}`` per run.
@@ -70,20 +77,61 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
         ModelLoadError: ONNX Runtime cannot load the model.
         InputError: a feed does not match the graph's inputs, or ONNX Runtime fails on it.
     """
-    import onnxruntime as ort
-    import torch
-
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     proto = load_onnx(model)
     consts = graph_constants(proto)
     runs = feed_list(proto, feeds, set(consts))
     types = value_types(proto)
     measured, _ = activation_values(proto, types, consts)
     largest = max(runs, key=lambda f: sum(a.nbytes for a in f.values()))
-    chunks = plan_chunks(measured, value_bytes(proto, largest), memory_budget)
+    sizes = value_bytes(proto, largest)
     name = Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name
+    if method == "graph":
+        stats = _in_graph(proto, runs, measured, types, sizes, counts, providers, labels, name)
+    else:
+        stats = _exposed(proto, runs, measured, types, sizes, memory_budget, providers, labels, name)
+    if subgraph_nodes(proto):  # values inside If/Loop/Scan subgraphs: replayed (fp16guard.control_flow)
+        for run, inner in enumerate(inner_ranges(proto, runs, memory_budget=memory_budget)):
+            stats[run].update(inner)
+    return stats
+
+
+def _run(sess, feed: dict, run: int, labels: Sequence[str]) -> list:
+    """One ONNX Runtime run; a failure is the input's fault (:class:`InputError` naming it)."""
+    try:
+        return sess.run(None, feed)
+    except Exception as e:
+        label = labels[run] if run < len(labels) else f"run {run}"
+        raise InputError(f"ONNX Runtime failed on {label}: {e}") from None
+
+
+def _in_graph(proto: onnx.ModelProto, runs: list[dict], measured: list[str], types: dict, sizes: dict,
+              counts: bool | Collection[str], providers: Sequence[str] | None, labels: Sequence[str],
+              name: str) -> list[dict[str, RangeStats]]:
+    """``method="graph"``: one run per feed of the model with its statistics inside."""
+    graph, outputs = statistics_model(proto, measured, types, counts=counts, sizes=sizes)
+    logger.info("measuring %d values of %s inside the graph, one run per input", len(measured), name)
+    progress.set_total(len(runs))  # the enclosing step counts ONNX Runtime runs
+    sess = statistics_session(graph, providers)
+    names = [o.name for o in sess.get_outputs()]
+    stats = []
+    for run, feed in enumerate(runs):
+        stats.append(read_statistics(dict(zip(names, _run(sess, feed, run, labels))), outputs))
+        progress.advance()
+    return stats
+
+
+def _exposed(proto: onnx.ModelProto, runs: list[dict], measured: list[str], types: dict, sizes: dict,
+             memory_budget: int, providers: Sequence[str] | None, labels: Sequence[str],
+             name: str) -> list[dict[str, RangeStats]]:
+    """``method="expose"``: the values exposed as outputs in chunks, reduced on the host."""
+    import onnxruntime as ort
+    import torch
+
+    chunks = plan_chunks(measured, sizes, memory_budget)
     logger.info("measuring %d values of %s in %d chunk(s) per run", len(measured), name, len(chunks))
     progress.set_total(len(chunks) * len(runs))  # the enclosing step counts ONNX Runtime runs
-
     stats: list[dict[str, RangeStats]] = [{} for _ in runs]
     for chunk in chunks:
         exposed = expose(proto, chunk, types)
@@ -97,17 +145,10 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
             except Exception as e:
                 raise ModelLoadError(f"ONNX Runtime cannot load {name}: {e}") from None
         for run, feed in enumerate(runs):
-            try:
-                values = sess.run(None, feed)
-            except Exception as e:
-                label = labels[run] if run < len(labels) else f"run {run}"
-                raise InputError(f"ONNX Runtime failed on {label}: {e}") from None
+            values = _run(sess, feed, run, labels)
             progress.advance()
             for value_name, v in zip(chunk, values):
                 t = torch.from_numpy(np.ascontiguousarray(v))
                 stats[run][value_name] = RangeStats.from_row(tensor_stats(t).tolist(), t.numel())
             del values
-    if subgraph_nodes(proto):  # values inside If/Loop/Scan subgraphs: replayed (fp16guard.control_flow)
-        for run, inner in enumerate(inner_ranges(proto, runs, memory_budget=memory_budget)):
-            stats[run].update(inner)
     return stats

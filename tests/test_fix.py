@@ -271,8 +271,13 @@ def test_cli_calibrate_then_fix_with_the_plan(tmp_path):
     out = tmp_path / "fixed.onnx"
     assert main(["fix", str(tmp_path / "m.onnx"), "--plan", str(plan), "--validate", str(tmp_path / "val"),
                  "-o", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    quick = json.loads((tmp_path / "r.json").read_text(), parse_constant=_not_json)
+    assert quick["naive"] is None and quick["fallback_bf16"] is None and quick["fallback"]["finite"]  # the bar's
+    assert main(["fix", str(tmp_path / "m.onnx"), "--plan", str(plan), "--validate", str(tmp_path / "val"),
+                 "-o", str(out), "--json", str(tmp_path / "r.json"), "--compare"]) == 0
     report = json.loads((tmp_path / "r.json").read_text(), parse_constant=_not_json)
     assert report["schema"] == "fp16guard.fix/1" and report["verification"]["finite"]
+    assert report["fallback_bf16"]["variant"] == "fallback_bf16" and report["verification"] == quick["verification"]
     assert not report["naive"]["finite"]  # the naive model overflows: its errors are "inf", not Infinity
     assert {row["rel_l2"] for row in report["naive"]["rows"]} == {"inf"}
     documented = _documented_keys(Path(__file__).parents[1] / "docs" / "fix-schema.md")

@@ -21,7 +21,7 @@ STAGES = {"inspect", "bisection", "fixing"}
 #: The shared layer every stage may use (besides backends/).
 SHARED = {"cache", "compare", "control_flow", "control_flow_replay", "datasets", "deps", "distributed", "errors",
           "files", "folding", "fp16",
-          "fp16_onnx", "inputs", "jsonio", "loading", "named_input", "onnx_graph", "onnx_ranges", "plan",
+          "fp16_onnx", "inputs", "jsonio", "loading", "named_input", "onnx_graph", "onnx_ranges", "onnx_stats", "plan",
           "polygraphy_io", "progress", "stats", "torch_graph", "torch_onnx", "backends"}
 
 

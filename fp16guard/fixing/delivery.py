@@ -34,10 +34,13 @@ def comparisons(target: FixTarget, plan: RewritePlan, inputs: Sequence[NamedInpu
                  refs: list[list[np.ndarray]], *, fallback: str | None, islands: str, backend: str | Backend,
                  metrics: Mapping[str, Metric] | None, compare_naive: bool,
                  compare_fallback: bool) -> dict[str, Verification | None]:
-    """The variants verified beside the written model, on the same inputs and backend: ``naive``
-    (the plain FP16 conversion), ``fallback`` and ``fallback_bf16`` (the offending nodes in FP32 or
-    BF16, the one not written), and ``other_islands`` (the fixed model with its islands in the other
-    precision, when the plan has islands). A BF16 variant the backend cannot build or run (a GPU
+    """The variants verified beside the written model, on the same inputs and backend, and only those
+    asked for or needed: the fallback whose islands have the fixed model's precision (``fallback``
+    for FP32 islands, ``fallback_bf16`` for BF16) whenever the fix is not itself a fallback, since
+    the bar is relative to it (:func:`deliver`); with ``compare_naive``, ``naive`` (the plain FP16
+    conversion); with ``compare_fallback``, the fallback in the other precision and
+    ``other_islands`` (the fixed model with its islands in the other precision, when the plan has
+    islands). A BF16 variant the backend cannot build or run (a GPU
     before Ampere, an ONNX Runtime EP without BF16 kernels) is left out with a warning; on
     ``emulate`` every failure is raised."""
     out: dict[str, Verification | None] = dict.fromkeys(("naive", "fallback", "fallback_bf16", "other_islands"))
@@ -57,8 +60,9 @@ def comparisons(target: FixTarget, plan: RewritePlan, inputs: Sequence[NamedInpu
             return None
     if compare_naive:
         out["naive"] = run("naive", "the naive FP16 conversion", lambda: target.convert(target.base, [])[0])
-    for precision in ("fp32", "bf16") if compare_fallback else ():
-        if precision != fallback:
+    for precision in ("fp32", "bf16"):
+        needed = fallback is None and precision == islands  # the bar's reference (deliver)
+        if precision != fallback and (needed or compare_fallback):
             variant = variant_label(precision, precision)  # fallback, fallback_bf16: the keys of ``out``
             out[variant] = run(variant, f"the {precision.upper()} fallback",
                                lambda p=precision: apply_plan(target, plan, fallback=p, check_hash=False).fixed)

@@ -84,9 +84,9 @@ def fix_target(target: FixTarget, calibration: Sequence[NamedInput] = (), *, pla
         backend: FP16 backend for verification (default ``emulate``: strict FP16 emulation on CPU).
         metrics: task metrics reported per input (higher is better).
         compare_naive: also verify the plain FP16 conversion, for comparison.
-        compare_fallback: also verify the FP32 and BF16 fallbacks (the plan's ``fallback_fp32``
-            nodes in FP32, in BF16) and, when the plan has islands, the fixed model with its islands
-            in the other precision, for comparison (:func:`~fp16guard.fixing.delivery.comparisons`).
+        compare_fallback: also verify the fallback in the other precision than the islands' and the
+            fixed model with its islands in the other precision; the fallback in the islands' precision,
+            the bar's reference, is verified either way (:func:`~fp16guard.fixing.delivery.comparisons`).
         tolerance: the largest relative L2 error against FP32 accepted on any input (default
             :data:`~fp16guard.compare.DEFAULT_TOLERANCE`; not applied when the plan raises flushed
             constants, which changes the model's math by consent).

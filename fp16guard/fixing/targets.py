@@ -39,6 +39,7 @@ from fp16guard import control_flow
 from fp16guard.backends import Backend, get_backend
 from fp16guard.errors import ModelLoadError, PlanError
 from fp16guard.fixing import onnx_pass, torch_masks, torch_pass
+from fp16guard.fixing.joint_ranges import joint_model
 from fp16guard.fixing.module_scales import module_scales
 from fp16guard.fixing.notes import RewriteNote
 from fp16guard.fixing.solver_model import ScaleOp, ScaleSolution
@@ -226,7 +227,8 @@ class OnnxFixTarget:
         self.prepared, self.prepared_notes = _structural(self.base, notes + more + constants)
         self.control_notes: list[RewriteNote] = []  # subgraphs the last calibration never ran
         self._checked = _passes_checker(self.base)  # then every typed FP16 model of it must pass too
-        self._last_ranges: tuple = (None, [])
+        self._last_ranges: tuple = (None, ([], []))
+        self._joint = None  # the joint graph of base and prepared, made at the first calibration
 
     def feed(self, item: NamedInput) -> dict[str, np.ndarray]:
         """``item`` as a feed of the model's graph inputs (one inputs-to-feeds path: :func:`onnx_feed`)."""
@@ -251,21 +253,56 @@ class OnnxFixTarget:
         return {name for run in self._ranges(inputs, True) for name, s in run.items() if s.flush_to_zero}
 
     def _ranges(self, inputs: Sequence[NamedInput], prepared: bool) -> list:
-        """:func:`value_ranges` of the prepared (or base) graph, kept for the last inputs asked."""
-        key = (prepared, list(inputs))  # the inputs themselves: held, so their ids cannot be reused
+        """:func:`value_ranges` of the prepared (or base) graph, both measured together and kept for
+        the last inputs asked (:meth:`_measure`)."""
+        key = (True, list(inputs))  # the inputs themselves: held, so their ids cannot be reused
         if not _same_inputs(self._last_ranges[0], key):
-            graph = self.prepared if prepared else self.base
-            feeds = [self.feed(i) for i in inputs]
-            runs = value_ranges(graph, feeds, labels=[i.label for i in inputs], memory_budget=self.memory_budget)
-            self._last_ranges = (key, runs)
-            if prepared:
-                self.control_notes = []
-                for owner, attr in control_flow.unmeasured(graph, runs):
-                    what = (f"{control_flow.branch_label(owner, attr)} never ran in calibration: converted to "
-                            f"FP16 unmeasured")
-                    logger.warning("%s", what)
-                    self.control_notes.append(RewriteNote("control_flow", owner.name, what))
-        return self._last_ranges[1]
+            self._last_ranges = (key, self._measure(inputs))
+            self.control_notes = []
+            for owner, attr in control_flow.unmeasured(self.prepared, self._last_ranges[1][1]):
+                what = (f"{control_flow.branch_label(owner, attr)} never ran in calibration: converted to "
+                        f"FP16 unmeasured")
+                logger.warning("%s", what)
+                self.control_notes.append(RewriteNote("control_flow", owner.name, what))
+        return self._last_ranges[1][1 if prepared else 0]
+
+    def _measure(self, inputs: Sequence[NamedInput]) -> tuple[list, list]:
+        """``(base runs, prepared runs)`` of :func:`value_ranges` on ``inputs``: one ONNX Runtime run
+        per input of the joint graph (:func:`~fp16guard.fixing.joint_ranges.joint_model`), amax and
+        inf/NaN counts only, plus the flush counts of the values :meth:`flushed_values` can matter
+        for (:meth:`_count_values`); two runs per input where the graphs cannot be joined."""
+        feeds = [self.feed(i) for i in inputs]
+        labels = [i.label for i in inputs]
+        counts = self._count_values()
+        if self._joint is None:
+            self._joint = joint_model(self.base, self.prepared) or False
+        if not self._joint:
+            return (value_ranges(self.base, feeds, labels=labels, memory_budget=self.memory_budget, counts=False),
+                    value_ranges(self.prepared, feeds, labels=labels, memory_budget=self.memory_budget, counts=counts))
+        joint = self._joint
+        runs = value_ranges(joint.model, feeds, labels=labels, memory_budget=self.memory_budget,
+                            counts={joint.prepared_values.get(v, v) for v in counts})
+        main = set(joint.measured)
+        base_runs, prepared_runs = [], []
+        for run in runs:
+            inner = {k: v for k, v in run.items() if k not in main}  # inside subgraphs: the same in both
+            base_runs.append({**{v: run[v] for v in joint.base_values}, **inner})
+            prepared_runs.append({**{v: run[j] for v, j in joint.prepared_values.items()}, **inner})
+        return base_runs, prepared_runs
+
+    def _count_values(self) -> set[str]:
+        """Prepared-graph values downstream of a reader of a constant FP16 flushes to zero: the only
+        ones whose flush counts :func:`~fp16guard.fixing.calibration.underflow_islands` reads."""
+        readers = consumers(self.prepared.graph)
+        todo = [n for name, _, _, _ in self.flushed_constants() for n in readers.get(name, [])]
+        out: set[str] = set()
+        while todo:
+            node = todo.pop()
+            for o in node.output:
+                if o and o not in out:
+                    out.add(o)
+                    todo += readers.get(o, [])
+        return out
 
     def scale_ops(self) -> list[ScaleOp]:
         """See :meth:`FixTarget.scale_ops`."""
