@@ -40,8 +40,9 @@ from fp16guard.control_flow_replay import Replay, exposing
 from fp16guard.onnx_graph import (
     FLOAT_TYPES,
     cpu_session,
-    graph_constants,
+    constant_names,
     graph_defines,
+    infer_shapes,
     node_name,
     node_reads,
     subgraphs,
@@ -186,7 +187,7 @@ _NOT_EVALUATED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUn
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Fully static shapes of the main graph's values (ONNX shape inference)."""
     try:
-        g = onnx.shape_inference.infer_shapes(model).graph
+        g = infer_shapes(model).graph
     except Exception:  # noqa: BLE001 - best effort
         g = model.graph
     out = {}
@@ -326,7 +327,7 @@ def inner_types(model: onnx.ModelProto) -> dict[str, int]:
     if not has_control_flow(model):
         return {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model)
     except Exception:  # noqa: BLE001 - declared types only
         inferred = model
     out: dict[str, int] = {}
@@ -384,7 +385,7 @@ def inner_ranges(model: onnx.ModelProto, runs: Sequence[Mapping[str, np.ndarray]
     needed = [x for x in dict.fromkeys(x for n in control for x in node_reads(n))
               if x not in consts and x not in inputs]
     try:
-        g = onnx.shape_inference.infer_shapes(model).graph
+        g = infer_shapes(model).graph
     except Exception:  # noqa: BLE001 - untyped outputs still run
         g = model.graph
     infos = {v.name: v for v in [*g.input, *g.value_info, *g.output]}
@@ -431,7 +432,7 @@ def unmeasured(model: onnx.ModelProto, runs: Sequence[Mapping[str, object]]) -> 
                     out.append((node, attr))
                 visit(sub, quiet or not ran, local)
 
-    constant = set(graph_constants(model))
+    constant = constant_names(model)
     for n in model.graph.node:
         if n.op_type == "Constant" or n.input and all(not x or x in constant for x in node_reads(n)):
             constant.update(n.output)

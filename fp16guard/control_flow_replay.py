@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fp16guard.onnx_graph import cpu_session, free_reads, node_reads, plan_chunks, subgraphs
+from fp16guard.onnx_graph import cpu_session, free_reads, infer_shapes, node_reads, plan_chunks, subgraphs
 from fp16guard.stats import RangeStats
 
 logger = logging.getLogger("fp16guard")
@@ -73,7 +73,7 @@ class _Compiled:
         from fp16guard.onnx_graph import activation_values, value_bytes
 
         try:
-            inferred = onnx.shape_inference.infer_shapes(model)
+            inferred = infer_shapes(model)
         except Exception:  # noqa: BLE001 - untyped outputs still run
             inferred = model
         g = inferred.graph

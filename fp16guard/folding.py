@@ -106,9 +106,13 @@ def constant_range(value) -> tuple[float, float]:
     Args:
         value: a number or an array (any float dtype).
     """
-    a = np.abs(np.asarray(value, dtype=np.float64)).reshape(-1)
-    a = a[np.isfinite(a)]
-    held = a[a > 2.0 ** -25]
+    v = np.asarray(value)
+    if v.dtype not in (np.float16, np.float32, np.float64):
+        v = v.astype(np.float64)
+    a = np.abs(v).reshape(-1)  # in its own dtype: the same comparisons, the same elements held
+    if a.size and not np.isfinite(a.max()):
+        a = a[np.isfinite(a)]
+    held = a[a > 2.0 ** -25].astype(np.float64)
     return (float(a.max()) if a.size else 0.0), (float(np.sqrt(np.mean(held ** 2))) if held.size else 0.0)
 
 

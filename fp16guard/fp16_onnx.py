@@ -115,13 +115,14 @@ def unfit_constants(model: onnx.ModelProto) -> list[UnfitConstant]:
     for name, v in {**graph_constants(model), **inner_constants(model)}.items():
         if v.dtype != np.float32:
             continue
-        a = np.abs(v.astype(np.float64, copy=False))
-        finite = np.isfinite(a)
-        over = int(np.count_nonzero(finite & (a > FP16_MAX)))
+        a = np.abs(v)  # float32 holds 65504 and 2**-25 exactly: the same comparisons as in float64
+        top = a.max() if a.size else 0.0
+        finite = np.isfinite(a) if not np.isfinite(top) else None  # None: all finite (the usual case)
+        over = int(np.count_nonzero(a > FP16_MAX if finite is None else finite & (a > FP16_MAX)))
         # below half the smallest subnormal, round-to-nearest gives zero
         flushed = int(np.count_nonzero((a > 0) & (a <= FP16_MIN_SUBNORMAL / 2)))
         if over or flushed:
-            amax = float(a[finite].max()) if finite.any() else 0.0
+            amax = float(top) if finite is None else (float(a[finite].max()) if finite.any() else 0.0)
             out.append(UnfitConstant(name, int(v.size), over, flushed, amax))
     return out
 

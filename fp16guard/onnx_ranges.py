@@ -33,7 +33,7 @@ from fp16guard.onnx_graph import (
     cpu_session,
     expose,
     feed_list,
-    graph_constants,
+    constant_names,
     load_onnx,
     plan_chunks,
     subgraph_nodes,
@@ -80,8 +80,8 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     proto = load_onnx(model)
-    consts = graph_constants(proto)
-    runs = feed_list(proto, feeds, set(consts))
+    consts = constant_names(proto)
+    runs = feed_list(proto, feeds, consts)
     types = value_types(proto)
     measured, _ = activation_values(proto, types, consts)
     largest = max(runs, key=lambda f: sum(a.nbytes for a in f.values()))

@@ -30,7 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from fp16guard.fixing.onnx_masks import MASK_SINKS
-from fp16guard.onnx_graph import activation_values, graph_constants, node_reads, value_types
+from fp16guard.onnx_graph import activation_values, constant_names, node_reads, value_types
 
 #: The suffix of a changed value's copy in the joint graph.
 PREPARED_SUFFIX = "@prepared"
@@ -85,7 +85,7 @@ def joint_model(base: onnx.ModelProto, prepared: onnx.ModelProto) -> JointModel 
     base_measured, _ = activation_values(base, btypes)
     prep_measured, _ = activation_values(prepared, ptypes)
     held = {i.name for i in base.graph.input} | {o for n in base.graph.node for o in n.output if o}
-    held |= set(graph_constants(base))
+    held |= constant_names(base)
     changed_inits = _changed_initializers(base, prepared)
     changed: set[str] = set(changed_inits)  # prepared names whose values differ from base's
     rename: dict[str, str] = {c: c + PREPARED_SUFFIX for c in changed_inits}

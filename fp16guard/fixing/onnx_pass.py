@@ -70,7 +70,7 @@ from fp16guard.fixing.onnx_roles import SCALE_BLIND_OPS, op_role, scaled_constan
 from fp16guard.fixing.solver_model import Role, ScaledConstant, ScaleOp, ScaleSolution
 from fp16guard.folding import fold_affine_into_weights, fold_batchnorm, keeps_fp16_precision, raise_small
 from fp16guard.fp16 import FP16_MAX
-from fp16guard.onnx_graph import consumers, float64_as_float32, node_reads, node_scope, subgraphs, value_types
+from fp16guard.onnx_graph import consumers, float64_as_float32, infer_shapes, node_reads, node_scope, subgraphs, value_types
 
 
 def doubles_to_float(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[RewriteNote]]:
@@ -239,7 +239,7 @@ def fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Rewri
     producer = {o: n for n in g.node for o in n.output}
     outputs = {o.name for o in g.output}
     ranks = {}
-    for vi in [*onnx.shape_inference.infer_shapes(m).graph.value_info, *g.input]:
+    for vi in [*infer_shapes(m).graph.value_info, *g.input]:
         if vi.type.tensor_type.HasField("shape"):
             ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
     drop: set[str] = set()

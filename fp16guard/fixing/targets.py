@@ -229,6 +229,8 @@ class OnnxFixTarget:
         self._checked = _passes_checker(self.base)  # then every typed FP16 model of it must pass too
         self._last_ranges: tuple = (None, ([], []))
         self._joint = None  # the joint graph of base and prepared, made at the first calibration
+        self._scale_ops: tuple[ScaleOp, ...] | None = None
+        self._flushed_constants: list | None = None
 
     def feed(self, item: NamedInput) -> dict[str, np.ndarray]:
         """``item`` as a feed of the model's graph inputs (one inputs-to-feeds path: :func:`onnx_feed`)."""
@@ -305,8 +307,10 @@ class OnnxFixTarget:
         return out
 
     def scale_ops(self) -> list[ScaleOp]:
-        """See :meth:`FixTarget.scale_ops`."""
-        return onnx_pass.scale_ops(self.prepared)
+        """See :meth:`FixTarget.scale_ops` (worked out once: the prepared graph never changes)."""
+        if self._scale_ops is None:
+            self._scale_ops = tuple(onnx_pass.scale_ops(self.prepared))
+        return list(self._scale_ops)
 
     def graph_io(self) -> tuple[list[str], list[str]]:
         """See :meth:`FixTarget.graph_io`."""
@@ -314,7 +318,13 @@ class OnnxFixTarget:
         return [i.name for i in g.input], [o.name for o in g.output]
 
     def flushed_constants(self) -> list[tuple[str, list[str], float, int]]:
-        """See :meth:`FixTarget.flushed_constants`."""
+        """See :meth:`FixTarget.flushed_constants` (worked out once)."""
+        if self._flushed_constants is None:
+            self._flushed_constants = self._find_flushed_constants()
+        return [(name, list(readers), amax, n) for name, readers, amax, n in self._flushed_constants]
+
+    def _find_flushed_constants(self) -> list[tuple[str, list[str], float, int]]:
+        """:meth:`flushed_constants` of the prepared graph."""
         readers = consumers(self.prepared.graph)
         values = {i.name: i for i in self.prepared.graph.initializer}
         out = []

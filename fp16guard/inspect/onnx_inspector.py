@@ -20,6 +20,7 @@ from fp16guard.inspect.report import CallRecord, InspectionReport
 from fp16guard.inspect.static_check import check_onnx
 from fp16guard.onnx_graph import (
     Feeds,
+    constant_names,
     feed_list,
     graph_constants,
     load_onnx,
@@ -69,8 +70,7 @@ def inspect_onnx(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     proto, changes = control_flow.normalize(proto)
     for change in changes:
         logger.info("inspect: %s", change)
-    consts = graph_constants(proto)
-    runs = feed_list(proto, feeds, set(consts))
+    runs = feed_list(proto, feeds, constant_names(proto))
     name = source or (Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name)
     with step(f"inspect: FP32 ONNX Runtime runs of every value on {len(runs)} input(s)", total=len(runs)):
         stats = value_ranges(proto, runs, providers=providers, labels=labels, memory_budget=memory_budget)
@@ -104,7 +104,7 @@ def inspect_onnx(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     for node, _, _ in control_flow.inner_nodes(proto.graph):
         for n in node.input:
             consumer.setdefault(n, node.name)
-    consts = {**consts, **control_flow.inner_constants(proto)}
+    consts = {**graph_constants(proto), **control_flow.inner_constants(proto)}
     return InspectionReport(
         source=name,
         calls=tuple(records),
