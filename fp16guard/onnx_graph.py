@@ -233,23 +233,17 @@ def unique_name(base: str, used: set[str]) -> str:
 SKELETON_LIMIT = 1024
 
 
-def infer_shapes(model: onnx.ModelProto, *, data_prop: bool = False,
-                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
-    """``onnx.shape_inference.infer_shapes`` of ``model`` without its large weights: the returned
-    model has the inferred ``value_info``; initializers above :data:`SKELETON_LIMIT` elements are
-    graph inputs of the same type and shape there (their values are never needed to infer a
-    shape; shape tensors and other small constants stay, for ``data_prop``). ``input_shapes``
-    replaces the declared shapes of the graph inputs it names (the shapes of an actual feed).
-    ``model`` is not modified.
-
-    Raises:
-        Whatever ONNX shape inference raises on the graph.
-    """
+def skeleton(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
+    """``model`` without its large weights: initializers above :data:`SKELETON_LIMIT` elements become
+    graph inputs of the same type and shape (shape tensors and other small constants stay), so
+    ONNX shape inference and ``onnx.checker`` cost what the nodes cost, not what the weights weigh,
+    and a model above 2 GB can be checked. ``input_shapes`` replaces the declared shapes of the
+    graph inputs it names (the shapes of an actual feed). ``model`` is not modified."""
     g = model.graph
-    skeleton = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
-    sg = skeleton.graph
+    out = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    sg = out.graph
     sg.name = g.name
     sg.node.extend(g.node)
     sg.input.extend(g.input)
@@ -268,7 +262,19 @@ def infer_shapes(model: onnx.ModelProto, *, data_prop: bool = False,
             sg.initializer.append(init)
         elif init.name not in declared:
             sg.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return onnx.shape_inference.infer_shapes(skeleton, data_prop=data_prop)
+    return out
+
+
+def infer_shapes(model: onnx.ModelProto, *, data_prop: bool = False,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes`` of the :func:`skeleton` of ``model``: the returned model
+    has the inferred ``value_info`` (large initializers are graph inputs there). ``model`` is not
+    modified.
+
+    Raises:
+        Whatever ONNX shape inference raises on the graph.
+    """
+    return onnx.shape_inference.infer_shapes(skeleton(model, input_shapes), data_prop=data_prop)
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
