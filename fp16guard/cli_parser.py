@@ -105,7 +105,9 @@ def _add_inspect(sub) -> None:
                           "once per input shape as a CUDA graph and replayed)")
     ins.add_argument("--top", type=int, default=10, help="rows in the worst-offenders table")
     ins.add_argument("--memory-budget", type=float, default=1.0, metavar="GiB",
-                     help="ONNX: intermediate values held at once (default 1 GiB)")
+                     help="ONNX: intermediate values held at once where values are exposed: inside "
+                          "If/Loop/Scan subgraphs (the main graph is measured inside the graph, one run per "
+                          "input; default 1 GiB)")
     add_stream_arguments(ins)
 
 
