@@ -53,7 +53,7 @@ METHODS = ("graph", "expose")
 def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Feeds], *,
                  providers: Sequence[str] | None = None, labels: Sequence[str] = (),
                  memory_budget: int = 1 << 30, counts: bool | Collection[str] = True,
-                 method: str = "graph") -> list[dict[str, RangeStats]]:
+                 method: str = "graph", outputs: list | None = None) -> list[dict[str, RangeStats]]:
     """Range statistics of every activation of an FP32 ONNX model, per run.
 
     The values measured are :func:`~fp16guard.onnx_graph.activation_values` (graph inputs and node
@@ -69,6 +69,8 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
             none (``False``: amax and inf/NaN counts only, what a fix calibrates on; the counts
             of :class:`RangeStats` are then 0) or of the values named.
         method: ``"graph"`` or ``"expose"`` (:data:`METHODS`, module docstring).
+        outputs: a list that receives, per run, the model's own outputs from the same run (numpy
+            arrays in graph output order; ``method="graph"`` only).
 
     Returns:
         One ``{value name: RangeStats}`` per run.
@@ -77,8 +79,8 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
         ModelLoadError: ONNX Runtime cannot load the model.
         InputError: a feed does not match the graph's inputs, or ONNX Runtime fails on it.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if method not in METHODS or outputs is not None and method != "graph":
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}; outputs are kept by 'graph' only")
     proto = load_onnx(model)
     consts = constant_names(proto)
     runs = feed_list(proto, feeds, consts)
@@ -88,7 +90,7 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     sizes = value_bytes(proto, largest)
     name = Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name
     if method == "graph":
-        stats = _in_graph(proto, runs, measured, types, sizes, counts, providers, labels, name)
+        stats = _in_graph(proto, runs, measured, types, sizes, counts, providers, labels, name, outputs)
     else:
         stats = _exposed(proto, runs, measured, types, sizes, memory_budget, providers, labels, name)
     if subgraph_nodes(proto):  # values inside If/Loop/Scan subgraphs: replayed (fp16guard.control_flow)
@@ -108,16 +110,21 @@ def _run(sess, feed: dict, run: int, labels: Sequence[str]) -> list:
 
 def _in_graph(proto: onnx.ModelProto, runs: list[dict], measured: list[str], types: dict, sizes: dict,
               counts: bool | Collection[str], providers: Sequence[str] | None, labels: Sequence[str],
-              name: str) -> list[dict[str, RangeStats]]:
-    """``method="graph"``: one run per feed of the model with its statistics inside."""
-    graph, outputs = statistics_model(proto, measured, types, counts=counts, sizes=sizes)
+              name: str, kept: list | None = None) -> list[dict[str, RangeStats]]:
+    """``method="graph"``: one run per feed of the model with its statistics inside (and its own
+    outputs appended to ``kept``, when given)."""
+    graph, outputs = statistics_model(proto, measured, types, counts=counts, sizes=sizes, keep_outputs=kept is not None)
     logger.info("measuring %d values of %s inside the graph, one run per input", len(measured), name)
     progress.set_total(len(runs))  # the enclosing step counts ONNX Runtime runs
     sess = statistics_session(graph, providers)
     names = [o.name for o in sess.get_outputs()]
     stats = []
+    width = len(proto.graph.output) if kept is not None else 0
     for run, feed in enumerate(runs):
-        stats.append(read_statistics(dict(zip(names, _run(sess, feed, run, labels))), outputs))
+        arrays = _run(sess, feed, run, labels)
+        stats.append(read_statistics(dict(zip(names, arrays[:len(arrays) - width])), outputs))
+        if kept is not None:
+            kept.append(arrays[len(arrays) - width:])
         progress.advance()
     return stats
 

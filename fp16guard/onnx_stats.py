@@ -154,9 +154,10 @@ class _Builder:
 
 
 def statistics_model(model: onnx.ModelProto, values: Sequence[str], types: Mapping[str, int], *,
-                     counts: bool | Collection[str] = True, sizes: Mapping[str, int] | None = None
-                     ) -> tuple[onnx.ModelProto, list[StatOutputs]]:
-    """A copy of ``model`` whose only outputs are the range statistics of ``values``.
+                     counts: bool | Collection[str] = True, sizes: Mapping[str, int] | None = None,
+                     keep_outputs: bool = False) -> tuple[onnx.ModelProto, list[StatOutputs]]:
+    """A copy of ``model`` whose outputs are the range statistics of ``values`` (and, with
+    ``keep_outputs``, then the model's own outputs, in their order).
 
     Args:
         model: the graph (not modified). Values inside ``If``/``Loop``/``Scan`` subgraphs cannot be
@@ -169,6 +170,8 @@ def statistics_model(model: onnx.ModelProto, values: Sequence[str], types: Mappi
         sizes: bytes of each value for the largest input (:func:`fp16guard.onnx_graph.value_bytes`);
             a value counted as float32 must be known to hold at most :data:`FLOAT_COUNT_LIMIT`
             elements, others are counted as int32.
+        keep_outputs: also output what the model outputs (a fix's FP32 references come from the
+            same run as its calibration).
 
     Returns:
         ``(model', outputs)``: one :class:`StatOutputs` per value, in ``values`` order.
@@ -209,6 +212,7 @@ def statistics_model(model: onnx.ModelProto, values: Sequence[str], types: Mappi
                 order += measure(o)
     del g.node[:]
     g.node.extend(order)
+    kept = list(g.output) if keep_outputs else []
     del g.output[:]
     for r in results:
         elem = _WIDE[types[r.value]]
@@ -217,6 +221,7 @@ def statistics_model(model: onnx.ModelProto, values: Sequence[str], types: Mappi
                          helper.make_tensor_value_info(r.nonfinite, TensorProto.FLOAT, [])])
         for c in r.counts:
             g.output.append(helper.make_tensor_value_info(c, r.count_type, []))
+    g.output.extend(kept)
     return new, results  # type: ignore[return-value]
 
 

@@ -50,9 +50,30 @@ def name_nodes(graph: onnx.GraphProto) -> None:
 def remove_unused_initializers(graph: onnx.GraphProto) -> None:
     """Drop, in place, the initializers no node (subgraphs included) and no graph output reads."""
     used = {t for n in graph.node for t in node_reads(n)} | {o.name for o in graph.output}  # subgraphs' reads too
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    for k in reversed([k for k, i in enumerate(graph.initializer) if i.name not in used]):
+        del graph.initializer[k]  # in place: the kept weights are not copied
+
+
+class _Decoded(dict):
+    """Initializer values by name, each decoded to numpy the first time it is read (a pass reads a
+    few of a model's weights; decoding all of BERT-base's took a second per pass)."""
+
+    def __init__(self, protos: dict[str, onnx.TensorProto]):
+        super().__init__()
+        self._protos = protos
+
+    def __missing__(self, name: str) -> np.ndarray:
+        if name not in self._protos:
+            raise KeyError(name)
+        value = self[name] = numpy_helper.to_array(self._protos[name])
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._protos or dict.__contains__(self, name)
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        dict.__setitem__(self, name, value)
+        self._protos.setdefault(name, None)  # known from now on (its value is set)
 
 
 class Constants:
@@ -61,7 +82,7 @@ class Constants:
 
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
-        self.values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        self.values = _Decoded({i.name: i for i in graph.initializer})
         self.made: dict[tuple[str, str], str] = {}
 
     def __contains__(self, name: str) -> bool:

@@ -331,7 +331,8 @@ def scale_ops(model: onnx.ModelProto) -> list[ScaleOp]:
     return ops
 
 
-def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[onnx.ModelProto, list[RewriteNote]]:
+def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution,
+                    ops: Sequence[ScaleOp] | None = None) -> tuple[onnx.ModelProto, list[RewriteNote]]:
     """Rescale constants (and insert ``Mul`` by a power of two only where unavoidable) so every
     activation ``t`` is stored as ``true * 2**-solution.exponents[t]``.
 
@@ -352,6 +353,7 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
         model: FP32 model whose constants are initializers and whose nodes are named (the one
             ``solution`` was computed for).
         solution: from :func:`fp16guard.fixing.solver.solve` over :func:`scale_ops` of ``model``.
+        ops: :func:`scale_ops` of ``model``, where the caller has them (worked out here otherwise).
 
     Returns:
         ``(model', notes)``: one ``scale`` note per rescaled op, one ``rescale_op`` per inserted Mul.
@@ -363,7 +365,7 @@ def apply_exponents(model: onnx.ModelProto, solution: ScaleSolution) -> tuple[on
     m = copy_model(model)
     g = m.graph
     consts = Constants(g)
-    ops = {op.name: op for op in scale_ops(m)}
+    ops = {op.name: op for op in (scale_ops(m) if ops is None else ops)}
     notes: list[RewriteNote] = []
     for node in g.node:
         op = ops.get(node.name)
@@ -521,18 +523,21 @@ def saturate_masks(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Rewrit
     g = model.graph
     readers = consumers(g)
     producer = {o: n for n in g.node for o in n.output}
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    types = value_types(model)
+    consts = Constants(g).values  # decoded when read
+    types = None
     notes: list[RewriteNote] = []
     selected: dict[str, int] = {}  # Add node -> index of its mask input
     guarded: dict[str, list[str]] = {}  # sink node -> masks selected at its input
     for init in list(g.initializer):
-        value = numpy_helper.to_array(init)
-        if value.dtype.kind != "f":
+        if init.data_type not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
             continue
+        value = consts[init.name]
+        if not value.size or -FP16_MAX <= value.min() and value.max() <= FP16_MAX:
+            continue  # every value fits (NaN too: a mask is never NaN)
         beyond = np.isfinite(value) & (np.abs(value.astype(np.float64)) > FP16_MAX)
         if not beyond.any() or (value[beyond] > 0).any():
             continue
+        types = value_types(model) if types is None else types
         adds: list[tuple[onnx.NodeProto, int]] = []
         sinks = annihilated(init.name, readers, producer, consts, types, adds)
         if sinks is None or len(value[~beyond]) and np.any(value[~beyond] != 0):
