@@ -3,6 +3,16 @@
     python benchmarks/bisect_cost.py | tee benchmarks/results_bisect_cpu.txt
     python benchmarks/bisect_cost.py --skip-amp
     python benchmarks/bisect_cost.py --amp-timeout 300 --no-named
+    python benchmarks/bisect_cost.py --prefix-reuse 2
+
+``--prefix-reuse R`` measures something else, alone: ``bisect --example ppocr-det`` (its three
+photos, ``emulate``, tolerance from the data, as the command line runs it) with each FP16 prefix
+run whole and started from the cached values of the last good cut
+(``fp16guard.bisection.targets.OnnxSplitTarget.reuse_prefix`` False / True), alternating, ``R``
+times each, in one process. ``wall s`` is ``time.perf_counter`` around ``bisect``, ``prefix s`` the
+time inside the FP16 prefix engines' ``run``, ``prefix nodes`` the model nodes those runs
+evaluated (summed over inputs), ``cache MB`` the most prefix outputs held at once; the last line
+says whether both give the same numbers (every trial's error, noise, tolerance, offender, amax).
 
 Model: the bundled PP-OCRv4 text detector (``fp16guard.examples.EXAMPLES["ppocr-det"]``, ONNX).
 Input: one image, ``skimage.data.coffee()`` resized to 736x736 with Pillow (bilinear), then
@@ -338,6 +348,74 @@ def run_amp(model_path: Path, item: NamedInput, ctx: Any, timeout_s: float, tool
     return Row(tool, builds, runs, out["seconds"], builds, runs, verdict, notes)
 
 
+# -- prefix reuse -----------------------------------------------------------------------------------------
+
+def run_prefix_reuse(repeats: int) -> list[str]:
+    """The ``--prefix-reuse`` table (module docstring), as lines."""
+    from fp16guard.backends.emulate import EmulateBackend
+    from fp16guard.bisection.targets import OnnxSplitTarget
+
+    class Timed(EmulateBackend):
+        """``emulate``, timing every prefix engine run."""
+
+        seconds = 0.0
+
+        def build(self, model):
+            engine = super().build(model)
+            run = engine.run
+
+            def timed(feeds):
+                t = time.perf_counter()
+                try:
+                    return run(feeds)
+                finally:
+                    self.seconds += time.perf_counter() - t
+
+            engine.run = timed  # the instance attribute shadows Engine.run for this engine only
+            return engine
+
+    targets: list[OnnxSplitTarget] = []
+    init = OnnxSplitTarget.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        targets.append(self)
+
+    example = EXAMPLES["ppocr-det"]
+    path, items = example.load(), example.inputs()
+    rows: dict[bool, list] = {False: [], True: []}
+    OnnxSplitTarget.__init__ = keep
+    try:
+        for _ in range(repeats):
+            for reuse in (False, True):
+                OnnxSplitTarget.reuse_prefix = reuse
+                backend = Timed()
+                t0 = time.perf_counter()
+                result = bisect(path, items, backend=backend)
+                rows[reuse].append((time.perf_counter() - t0, backend.seconds, targets[-1], result))
+    finally:
+        OnnxSplitTarget.__init__ = init
+        OnnxSplitTarget.reuse_prefix = True
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    lines = [f"bisect --example ppocr-det ({len(items)} photos, emulate, tolerance from the data), FP16 prefixes run "
+             f"whole vs from the last good cut, alternating, {repeats} x each; CPU x{cpus}, onnxruntime {ort.__version__}",
+             f"{'prefix':24} {'wall s':>7} {'prefix s':>8} {'prefix nodes':>12} {'cuts':>4} {'runs':>4} "
+             f"{'builds':>6} {'cache MB':>8}  verdict"]
+    numbers = []
+    for reuse, label in ((False, "whole (reuse_prefix off)"), (True, "from the last good cut")):
+        for wall, prefix_s, target, result in rows[reuse]:
+            o = result.offenders[0] if result.offenders else None
+            verdict = f"{o.name} at cut {o.cut}, error {o.error:.3g}, amax {o.amax:.4g}" if o else "nothing blamed"
+            lines.append(f"{label:24} {wall:7.1f} {prefix_s:8.1f} {target.prefix_nodes:12d} {len(result.trials):4d} "
+                         f"{result.runs:4d} {result.builds:6d} {target.cache_peak / 1e6:8.1f}  {verdict}")
+            numbers.append(([(t.cut, t.error, t.bad) for t in result.trials], result.offenders, result.noise,
+                            result.tolerance, result.noise_cut))
+    same = all(n == numbers[0] for n in numbers)
+    lines.append(f"same numbers (every trial's cut, error and verdict; noise, tolerance, offender, amax): "
+                 f"{'yes' if same else 'NO'}")
+    return lines
+
+
 # -- report --------------------------------------------------------------------------------------------
 
 def _fmt(v: float | int | None, spec: str) -> str:
@@ -355,7 +433,13 @@ def main() -> None:
                     help="run onnxconverter-common only on the model as shipped, not on the named-nodes copy")
     ap.add_argument("--amp-timeout", type=float, default=AMP_TIMEOUT_S,
                     help=f"stop each onnxconverter-common run after this many seconds (default {AMP_TIMEOUT_S:.0f})")
+    ap.add_argument("--prefix-reuse", type=int, default=0, metavar="R",
+                    help="only compare bisect --example ppocr-det with prefixes run whole and from the last good "
+                         "cut, R times each (module docstring)")
     args = ap.parse_args()
+    if args.prefix_reuse:
+        print("\n".join(run_prefix_reuse(args.prefix_reuse)))
+        return
 
     ctx = mp.get_context("spawn")
     model_path = Path(EXAMPLES["ppocr-det"].load())

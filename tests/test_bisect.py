@@ -14,8 +14,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
+from fp16guard.backends.base import Engine
+from fp16guard.backends.emulate import EmulateBackend
 from fp16guard.bisection import DEFAULT_TOLERANCE, NOISE_CAP, NOISE_FACTOR, bisect, noise_tolerance, print_bisect
 from fp16guard.bisection.search import CutSearch
+from fp16guard.bisection.targets import OnnxSplitTarget
 from fp16guard.bisection.torch_split import TorchSplitter
 from fp16guard.compare import relative_l2
 from fp16guard.errors import BisectError, InputError, SplitError
@@ -500,3 +503,68 @@ def test_cut_search_reports_a_verdict_that_breaks_monotonicity():
     search.take(2, False)
     search.take(6, False)  # good after a shorter prefix was bad
     assert not search.monotonic
+
+
+# -- prefix reuse: a later cut runs only the nodes after the last good one ----------------------------
+
+class _CountedEngine(Engine):
+    """An engine that logs the model nodes (Casts aside) each of its runs evaluates."""
+
+    def __init__(self, engine, nodes, log):
+        self.engine, self.nodes, self.log = engine, nodes, log
+        self.input_names, self.output_names, self.inputs = engine.input_names, engine.output_names, engine.inputs
+
+    def _run(self, feeds):
+        self.log.append(self.nodes)
+        return self.engine.run(feeds)
+
+
+class _CountingEmulate(EmulateBackend):
+    """The ``emulate`` backend (real ONNX Runtime runs), counting the prefix nodes it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.nodes_run: list[int] = []
+
+    def build(self, model):
+        return _CountedEngine(super().build(model), sum(n.op_type != "Cast" for n in model.graph.node), self.nodes_run)
+
+
+def _same_search(a, b):
+    """Every number of two bisect results, their wall times aside."""
+    strip = lambda r: [(t.stage, t.round, t.cut, t.last, t.error, t.bad) for t in r.trials]  # noqa: E731
+    assert strip(a) == strip(b)
+    assert a.offenders == b.offenders and a.unfit == b.unfit and a.notes == b.notes
+    assert (a.noise, a.noise_cut, a.tolerance, a.tolerance_source, a.runs, a.monotonic) == \
+           (b.noise, b.noise_cut, b.tolerance, b.tolerance_source, b.runs, b.monotonic)
+
+
+@pytest.mark.parametrize("case", ["deep_tanh", "two_batchnorms_all"])
+def test_prefix_reuse_gives_the_numbers_of_whole_prefixes_with_fewer_nodes_run(case, monkeypatch):
+    """The cut moves forward from the last good one: starting from its cached FP16 values gives
+    the whole prefix's numbers bit for bit (the chaotic tanh stack shows any difference in its
+    error), over two inputs and over ``all_offenders`` rounds, running far fewer prefix nodes."""
+    rng = np.random.default_rng(100)
+    if case == "deep_tanh":
+        model, kwargs = _deep_tanh_onnx(), {}
+        inputs = [rng.standard_normal((16, WIDTH)).astype(np.float32) for _ in range(2)]
+    else:
+        model, kwargs = _onnx_two_batchnorms(), {"all_offenders": True}
+        inputs = [rng.normal(size=(1, 4, 2, 2)).astype(np.float32) for _ in range(2)]
+    results = {}
+    for reuse in (False, True):
+        monkeypatch.setattr(OnnxSplitTarget, "reuse_prefix", reuse)
+        backend = _CountingEmulate()
+        results[reuse] = bisect(model, inputs, backend=backend, **kwargs), sum(backend.nodes_run)
+    (whole, whole_nodes), (reused, reused_nodes) = results[False], results[True]
+    _same_search(whole, reused)
+    assert whole.runs == reused.runs and whole.builds == reused.builds
+    if case == "deep_tanh":
+        assert [o.name for o in reused.offenders] == ["over"] and len(reused.trials) == 7
+        # 7 cuts of 84 candidates (the noise cut 75 first, whole in both), 11 prefix runs (a broken
+        # input stops a cut): 744 node evaluations as whole prefixes, 313 from the cached cuts
+        assert (whole_nodes, reused_nodes) == (744, 313)
+    else:
+        assert [o.name for o in reused.offenders] == ["bn0", "bn1"]
+        # round 1 keeps its last good cut for round 2 (bn1, kept in FP32 then, lies after it)
+        assert len(reused.trials) == 7 and (whole_nodes, reused_nodes) == (50, 38)

@@ -140,3 +140,23 @@ def test_a_fix_calibrates_with_one_run_per_input(tmp_path):
     graph, outputs = statistics_model(joint.model, joint.measured, types, counts=False)
     assert len(graph.graph.output) == 3 * len(joint.measured)
     assert not any(o.counts for o in outputs)
+
+
+def test_the_calibration_run_gives_the_fp32_references_of_its_inputs():
+    """A fix's references on its calibration inputs come from the calibration run (the joint
+    graph keeps the model's outputs); a validation input the calibration never saw runs apart.
+    Both agree with a plain ONNX Runtime run of the model as given, to float32 rounding (the runs
+    fuse ops differently: 3e-6 relative on softmax weights of 1e-13, and 0 on the rest)."""
+    import onnxruntime as ort
+
+    model = _bn_and_mask_model()
+    target = OnnxFixTarget(model)
+    calib, other = NamedInput("c", (normal(1),)), NamedInput("v", (normal(2),))
+    target.activation_amax([calib])
+    assert [i for i, _ in target._outputs] == [calib]
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for item, got in zip([calib, other], target.references([calib, other])):
+        want = plain.run(None, target.feed(item))
+        assert len(got) == len(want) == 2
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(np.abs(w).max()))

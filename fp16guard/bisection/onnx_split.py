@@ -138,3 +138,30 @@ class OnnxSplitter:
             if m is not None:
                 m.ir_version = self.model.ir_version
         return prefix, suffix, live
+
+    def step(self, start: int, position: int) -> tuple[onnx.ModelProto | None, list[str], list[str]]:
+        """The nodes that take the cut after node ``start`` forward to the cut after ``position``
+        (``start <= position``): the part of the prefix of ``position`` that the prefix of
+        ``start`` does not already compute.
+
+        Returns:
+            ``(model, inputs, outputs)``: ``model`` maps the values crossing cut ``start`` that it
+            reads, and the graph inputs, to ``outputs``, the values crossing cut ``position`` that
+            do not cross cut ``start`` (None, with ``outputs`` empty, when there are none); every
+            other value crossing cut ``position`` crosses cut ``start`` too. ``inputs``: the values
+            crossing cut ``start`` that the model reads.
+        """
+        before = self.boundary(start)
+        known = set(before)
+        outputs = [t for t in self.boundary(position) if t not in known]
+        if not outputs:
+            return None, [], []
+        model = self.extractor.extract_model(before + self.declared_inputs, outputs)
+        read = {t for n in model.graph.node for t in node_reads(n)}
+        inputs = [t for t in before if t in read]
+        keep = set(inputs) | set(self.declared_inputs)
+        kept = [i for i in model.graph.input if i.name in keep]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.ir_version = self.model.ir_version
+        return model, inputs, outputs

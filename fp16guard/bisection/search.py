@@ -17,6 +17,12 @@ makes its consumers the next offenders (they receive inf), so ``all_offenders`` 
 region that needs FP32 (or a scale rewrite); one whose overflow is internal (a BatchNorm variance,
 x * 1e5 * 1e-5 inside one forward) is listed alone.
 
+Prefix reuse. Within a round every cut after a good cut ``g`` lies after ``g``. For an ONNX graph
+on ``emulate`` the FP16 values crossing the last good cut are kept (per input), and a later cut
+runs only the nodes between the two, fed those values: the same numbers as the whole prefix, bit
+for bit (:class:`~fp16guard.bisection.targets.OnnxSplitTarget`). PP-OCRv4 det on its three
+photos: 4,017 prefix node evaluations instead of 16,161.
+
 A cut is **bad** when a hybrid output has a non-finite value where the reference is finite, or
 the metric exceeds the tolerance. The default metric is the relative L2 error of each output,
 ``||y - y_ref||_2 / ||y_ref||_2``, worst over outputs and inputs. A task metric
@@ -43,8 +49,8 @@ Tolerance from the data. Bisect blames overflow, not precision, so unless the ca
 The rule is deterministic and monotone: the tolerance never decreases as the noise grows, and
 never drops below the floor, so it only ever turns verdicts of the fixed default from bad to good
 where the error is within ``NOISE_FACTOR`` times measured rounding; non-finite outputs stay bad.
-Cost: the FP32 runs of step 1 (one per input; ONNX: one per input and per 1 GiB chunk of
-activations) and one cut, ``L``, evaluated like any other (one build, one prefix run per input).
+Cost: the FP32 runs of step 1 (one per input; ONNX: one run per input of the graph with every
+activation's range statistics inside it, scalars out) and one cut, ``L``, evaluated like any other (one build, one prefix run per input).
 When the first offender is candidate ``L + 1``, as it is for an overflow, the search verifies cut
 ``L`` anyway, and when ``L = N`` the cut is the all-FP16 cut the search starts with: then it costs
 no extra build. ``BisectResult`` reports ``noise``, ``noise_cut`` (``L``) and
@@ -352,6 +358,8 @@ class _Session:
             if self.tolerance is None:
                 self.set_tolerance(err)
             trial = Trial(stage, rnd, cut, label, err, not (err <= self.tolerance), time.perf_counter() - t, built)
+            if not trial.bad:
+                self.target.accept(position)  # later cuts of the search lie after it: they start there
             self.cache[key] = trial
             self.trials.append(trial)
             self.runs += runs

@@ -10,6 +10,7 @@ offender in FP32 for the next round (``block``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,20 +23,18 @@ from fp16guard.bisection.torch_split import TorchSplitter
 from fp16guard.compare import Metric
 from fp16guard.errors import BisectError, ExportError, InputError
 from fp16guard.fp16 import fits_fp16
-from fp16guard.fp16_onnx import UnfitConstant, to_typed_fp16
+from fp16guard.fp16_onnx import UnfitConstant, to_typed_fp16, unfit_constants
 from fp16guard.inputs import NamedInput, onnx_feed, torch_args
 from fp16guard.onnx_graph import (
     activation_values,
     consumers,
     cpu_session,
-    expose,
     graph_constants,
     node_reads,
     node_scope,
-    plan_chunks,
     subgraphs,
-    value_bytes,
 )
+from fp16guard.onnx_stats import read_statistics, statistics_model, statistics_session
 from fp16guard.stats import array_stats
 from fp16guard.torch_graph import inference_copy
 from fp16guard.torch_onnx import export_onnx
@@ -77,8 +76,45 @@ def _inside(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     return [n for _, sub in subgraphs(node) for n in control_flow.all_nodes(sub)]
 
 
+@dataclass(frozen=True)
+class CachedCut:
+    """The FP16 prefix outputs of one cut, kept so that a longer prefix starts from them.
+
+    Attributes:
+        position: the cut (the position of its last node, in the target's execution order).
+        values: per input, in the target's input order, the values crossing the cut as the FP16
+            prefix computed them (FP32 arrays holding FP16 numbers, integer arrays as they are).
+        nbytes: their size.
+    """
+
+    position: int
+    values: tuple[dict[str, np.ndarray], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for values in self.values for a in values.values())
+
+
 class OnnxSplitTarget:
     """An ONNX graph: node-level cuts, FP32 suffix in ONNX Runtime CPU.
+
+    Prefix reuse. The search only ever moves a cut forward from the last good one: after a good
+    cut ``g`` every later cut of the round lies after it. So the values crossing the last good cut
+    are kept, per input (:class:`CachedCut`: at most one cut, plus the cut being evaluated), and a
+    later cut runs only the nodes between the two (:meth:`OnnxSplitter.step`) in FP16, fed those
+    values. This gives the numbers of the whole prefix, bit for bit, on a backend that runs every
+    node on its own (``emulate``: ONNX Runtime CPU, graph optimizations off, each FP16 value
+    rounded where it is written): a value crossing a cut is an FP16 number in both cases (its
+    producer rounds it; an FP32 value crosses as it is), handed over as FP32 and rounded again
+    exactly, and every node after the cut reads the same numbers in the same precision
+    (``tests/test_bisect.py`` compares every trial's error with the whole prefixes'). Backends
+    that fuse nodes (TensorRT, ONNX Runtime CUDA) could fuse across the cached cut differently:
+    they run every prefix whole (:attr:`EXACT_STEP_BACKENDS`). An offender kept in FP32
+    (:meth:`block`) drops the cached cut unless it lies after it.
+    Memory: one cut's values per input, plus those of the cut being evaluated. PP-OCRv4 det on its
+    three photos (736 x 1088 to 736 x 1920): the cached cut holds 17 to 104 MB (1 to 5 tensors
+    per photo), 158 MB at most with the cut being evaluated (:attr:`cache_peak`;
+    ``python benchmarks/bisect_cost.py --prefix-reuse 1`` prints it).
 
     Args:
         model: the FP32 graph (not modified).
@@ -90,6 +126,11 @@ class OnnxSplitTarget:
     """
 
     stage = "node"
+    #: Start each prefix from the cached values of the last good cut (class docstring); False: run
+    #: every prefix from the graph inputs.
+    reuse_prefix = True
+    #: Backends that run node by node, for which a prefix run in two steps is exact.
+    EXACT_STEP_BACKENDS = ("emulate",)
 
     def __init__(self, model: onnx.ModelProto, inputs: Sequence[NamedInput], backend: Backend):
         model, _ = control_flow.normalize(model)  # unique names inside subgraphs, static Ifs inlined
@@ -112,6 +153,12 @@ class OnnxSplitTarget:
         self._suffixes: dict[int, Any] = {}
         self.fp32_nodes: set[str] = set()
         self.unfit: list[UnfitConstant] = []
+        self._anchor: CachedCut | None = None  # the last good cut's prefix outputs
+        self._last: CachedCut | None = None  # the cut evaluated last, until its verdict
+        #: FP16 prefix nodes run so far, summed over inputs (the model's nodes, Casts not counted)
+        self.prefix_nodes = 0
+        #: the most bytes of prefix outputs held at once (cached cut plus the cut evaluated)
+        self.cache_peak = 0
 
     def cut_position(self, cut: int) -> int:
         """Node index (in ``graph.node``) of the last node in the FP16 prefix of ``cut``."""
@@ -119,37 +166,69 @@ class OnnxSplitTarget:
 
     def block(self, offender_nodes: Sequence[str], name: str) -> None:
         """Keep these nodes (and the Constants only they read) in FP32 from now on; a node with
-        subgraphs is one unit: every node inside it too."""
+        subgraphs is one unit: every node inside it too. The cached cut stays where every node
+        newly kept in FP32 (``Constant`` nodes aside) lies after it: it did not run them."""
+        before = set(self.fp32_nodes)
         self.fp32_nodes |= set(offender_nodes)
         for node in self.model.graph.node:
             if node.name in self.fp32_nodes and subgraphs(node):
                 self.fp32_nodes |= {n.name for n in _inside(node)}
         self.fp32_nodes |= _constant_feeders(self.model, self.fp32_nodes)
+        added = self.fp32_nodes - before
+        first = next((i for i, n in enumerate(self.splitter.nodes) if n.op_type != "Constant" and n.name in added),
+                     len(self.splitter.nodes))
+        if self._anchor is not None and self._anchor.position >= first:
+            self._anchor = None
+        self._last = None
+
+    def accept(self, position: int) -> None:
+        """The cut at ``position`` was judged good: its prefix outputs (if every input ran) replace
+        the cached ones, the start of every later cut of the search."""
+        if self._last is not None and self._last.position == position:
+            self._anchor = self._last
+        self._last = None
+
+    def _suffix_session(self, position: int, suffix: onnx.ModelProto | None):
+        """The FP32 suffix session of the cut at ``position`` (one per cut, kept), or None."""
+        if suffix is None:
+            return None
+        if position not in self._suffixes:
+            self._suffixes[position] = cpu_session(suffix)
+        return self._suffixes[position]
 
     def evaluate(self, position: int, metric: Metric, full: bool) -> tuple[float, bool, int]:
         """``(worst error over inputs, engine built?, prefix runs)`` for the hybrid whose FP16
         prefix ends at node ``position``; ``full`` marks the all-FP16 cut (its unfit constants
-        are kept for the result)."""
+        are kept for the result). The prefix starts from the cached cut where it can (class
+        docstring); the values crossing ``position`` are kept until :meth:`accept` or the next call."""
         prefix, suffix, live = self.splitter.split(position)
-        fp16, conversion = to_typed_fp16(prefix, node_block_list=sorted(self.fp32_nodes))
         if full and not self.unfit:
-            self.unfit = conversion.unfit
+            self.unfit = unfit_constants(prefix)
+        self._last = None
+        reuse = self.reuse_prefix and self.backend.name in self.EXACT_STEP_BACKENDS
+        anchor = self._anchor if reuse and self._anchor is not None and self._anchor.position <= position else None
+        model = prefix if anchor is None else self.splitter.step(anchor.position, position)[0]
         before = self.backend.builds
-        engine = self.backend.build(fp16)
+        engine = None
+        if model is not None:
+            engine = self.backend.build(to_typed_fp16(model, node_block_list=sorted(self.fp32_nodes))[0])
         built = self.backend.builds > before
-        suffix_session = None
-        if suffix is not None:
-            suffix_session = self._suffixes.get(position)
-            if suffix_session is None:
-                suffix_session = cpu_session(suffix)
-                self._suffixes[position] = suffix_session
+        suffix_session = self._suffix_session(position, suffix)
+        kept: list[dict[str, np.ndarray]] = []
 
         def errors():
-            """The metric on each input: FP16 prefix, then the FP32 ONNX Runtime suffix."""
-            for feed, ref in zip(self.feeds, self.reference):
-                mid = dict(zip(engine.output_names, engine.run(feed)))
+            """The metric on each input: FP16 prefix (from the cached cut), then the FP32 ONNX Runtime suffix."""
+            for i, (feed, ref) in enumerate(zip(self.feeds, self.reference)):
                 values = dict(feed)
-                values.update({name: mid[name] for name in live})
+                if anchor is not None:
+                    values.update(anchor.values[i])
+                if engine is not None:
+                    values.update(zip(engine.output_names, engine.run(values)))
+                    self.prefix_nodes += len(model.graph.node)
+                if reuse:
+                    kept.append({name: values[name] for name in live})
+                    self.cache_peak = max(self.cache_peak, sum(a.nbytes for k in kept for a in k.values())
+                                          + (self._anchor.nbytes if self._anchor is not None else 0))
                 if suffix_session is not None:
                     names = [i.name for i in suffix_session.get_inputs()]
                     outs = suffix_session.run(None, {n: values[n] for n in names})
@@ -157,28 +236,33 @@ class OnnxSplitTarget:
                 yield metric([values[o] for o in self.splitter.graph_outputs], ref)
 
         worst, runs = _worst(errors())
+        if reuse and runs == len(self.feeds):
+            self._last = CachedCut(position, tuple(kept))
         return worst, built, runs
 
     def in_range_limit(self, n: int) -> int:
         """The longest cut ``<= n`` whose FP16 prefix stays in FP16 range in FP32: every node up to
         it (``Constant`` nodes aside) reads and writes floating values, activations and constants,
-        that are finite with ``|x| <= FP16_MAX`` on every input. Costs FP32 ONNX Runtime runs, one
-        per input and per 1 GiB chunk of the activations before the first out-of-range constant,
-        stopping at the first chunk with an out-of-range value; no engine is built."""
+        that are finite with ``|x| <= FP16_MAX`` on every input. Costs one FP32 ONNX Runtime run
+        per input of the graph with the range statistics of every activation before the first
+        out-of-range constant inside it (:func:`~fp16guard.onnx_stats.statistics_model`: scalars
+        out, whatever the model's size); no engine is built."""
         nodes = self.splitter.nodes
         constants = graph_constants(self.model)
         first_out = self._first_reader({name for name, a in constants.items() if not _fits(a)}, len(nodes))
         measured, _ = activation_values(self.model, self.splitter.types, constants)
         producer = {o: i for i, node in enumerate(nodes) for o in node.output if o}
         measured = [v for v in measured if producer.get(v, -1) < first_out]
-        largest = max(self.feeds, key=lambda f: sum(a.nbytes for a in f.values()))
-        for chunk in plan_chunks(measured, value_bytes(self.model, largest), 1 << 30):
-            session = cpu_session(expose(self.model, chunk, self.splitter.types))
-            out = {name for feed in self.feeds for name, v in zip(chunk, session.run(None, feed)) if not _fits(v)}
-            if out:  # chunks follow execution order: later ones cannot hold an earlier offender
+        if measured:
+            graph, outputs = statistics_model(self.model, measured, self.splitter.types, counts=False)
+            session = statistics_session(graph)
+            names = [o.name for o in session.get_outputs()]
+            out = {value for feed in self.feeds
+                   for value, s in read_statistics(dict(zip(names, session.run(None, feed))), outputs).items()
+                   if s.out_of_range}
+            if out:
                 produced = [producer[v] for v in out if v in producer]
                 first_out = min(first_out, *produced, self._first_reader(out - set(producer), first_out))
-                break
         stats = None
         for position, node in enumerate(nodes[:first_out]):  # values inside If/Loop/Scan: replayed
             if subgraphs(node):
@@ -259,6 +343,9 @@ class TorchSplitTarget:
     def block(self, offender_nodes: Sequence[str], name: str) -> None:
         """Keep module ``name``'s ops in FP32 in later prefixes (ONNX backends only)."""
         self.fp32_modules.add(name)
+
+    def accept(self, position: int) -> None:
+        """The cut at ``position`` was judged good; nothing is cached (each prefix runs whole)."""
 
     def _export(self, position: int, prefix) -> onnx.ModelProto:
         if position in self._exports:
