@@ -190,7 +190,8 @@ def run_fix(args, console: Console) -> int:
                     check_layer_name(node.name)
                 except Fp16GuardError as e:
                     raise UsageError(f"--layer-precisions: {e}; or drop --layer-precisions") from None
-    result = fix_model(model, calibration, plan=plan, validation=validation, output=output,
+    held, model = [model], None  # the fix's target keeps what it needs: the loaded model can go (memory)
+    result = fix_model(held.pop(), calibration, plan=plan, validation=validation, output=output,
                        target_log2=args.target_log2, raise_underflow=args.raise_underflow,
                        fallback=args.fallback, islands=args.islands, backend=args.backend, metrics=metrics, force=args.force,
                        source=name, tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,

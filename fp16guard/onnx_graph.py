@@ -277,6 +277,23 @@ def infer_shapes(model: onnx.ModelProto, *, data_prop: bool = False,
     return onnx.shape_inference.infer_shapes(skeleton(model, input_shapes), data_prop=data_prop)
 
 
+def inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What a check of feeds against ``model`` reads (:func:`fp16guard.inputs.check_feeds`), without
+    its weights, for a caller that keeps it beside a full copy of the graph
+    (:class:`~fp16guard.fixing.targets.OnnxFixTarget`): the
+    graph's inputs and outputs, its ``Constant`` nodes, and its initializers' names (an exporter
+    that lists weights as inputs too must not have them asked for)."""
+    g = model.graph
+    out = onnx.ModelProto(ir_version=model.ir_version)
+    out.opset_import.extend(model.opset_import)
+    out.graph.name = g.name
+    out.graph.input.extend(g.input)
+    out.graph.output.extend(g.output)
+    out.graph.node.extend(n for n in g.node if n.op_type == "Constant")
+    out.graph.initializer.extend(onnx.TensorProto(name=i.name, data_type=i.data_type) for i in g.initializer)
+    return out
+
+
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
     """ONNX element type (``TensorProto.FLOAT``, ...) of every value ONNX shape inference can type,
     graph inputs, outputs and initializers included; the declared types only if inference fails."""

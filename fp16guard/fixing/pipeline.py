@@ -371,6 +371,7 @@ def fix_model(model, calib_inputs=(), *, plan: RewritePlan | None = None, valida
     check_inputs(validation, what="validation input")
     target, split = _capture(model, framework, calibration, validation, graph=graph, source=source or name,
                              submodule=submodule)
+    del model  # the target holds what it needs (an ONNX target: its base graph, not a loaded copy)
     if split is None:
         target.check_feeds(calibration, "calibration input")  # before any long run
         target.check_feeds(validation, "validation input")

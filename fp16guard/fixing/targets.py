@@ -53,6 +53,7 @@ from fp16guard.onnx_graph import (
     fed_inputs,
     load_onnx,
     node_reads,
+    inputs_only,
     refuse_fp16_model,
     skeleton,
 )
@@ -230,6 +231,8 @@ class OnnxFixTarget:
         self.prepared, self.prepared_notes = _structural(self.base, notes + more + constants)
         self.control_notes: list[RewriteNote] = []  # subgraphs the last calibration never ran
         self._checked = _passes_checker(self.base)  # then every typed FP16 model of it must pass too
+        if not self._float64:  # the base graph computes what it does: keep only its inputs (memory)
+            self.original = inputs_only(self.original)
         self._last_ranges: tuple = (None, ([], []))
         self._joint = None  # the joint graph of base and prepared, made at the first calibration
         self._scale_ops: tuple[ScaleOp, ...] | None = None
@@ -370,12 +373,13 @@ class OnnxFixTarget:
 
     def references(self, inputs: Sequence[NamedInput]) -> list[list[np.ndarray]]:
         """See :meth:`FixTarget.references` (ONNX Runtime, CPU, the model as given: a float64 model
-        is fed and run in float64, its outputs returned as float32). The inputs the last calibration
-        ran on take their outputs from that run (:meth:`_measure`), the others run again."""
+        is fed and run in float64, its outputs returned as float32; any other as the base graph,
+        which computes the same). The inputs the last calibration ran on take their outputs from
+        that run (:meth:`_measure`), the others run again."""
         known = [next((o for i, o in self._outputs if i is item), None) for item in inputs]
         if all(k is not None for k in known):  # the calibration's own run gave them (_measure)
             return [list(k) for k in known]
-        session = cpu_session(self.original)
+        session = cpu_session(self.original if self._float64 else self.base)
         declared = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
                     for i in self.original.graph.input if i.type.tensor_type.elem_type == TensorProto.DOUBLE}
         out = []
