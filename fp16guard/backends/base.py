@@ -238,14 +238,32 @@ class Backend(ABC):
             if not engine.inputs:
                 engine.inputs = program_input_specs(model)
             return engine
-        key = content_hash(model)
-        engine = self._engines.get(key)
+        key, engine = self._cached(model)
         if engine is None:
-            engine = self._engines[key] = self._build(model)
+            engine = self._build(model)
+            if key is None:
+                self._unhashed = (model, engine)  # hashed only if another model comes (a fix builds once)
+            else:
+                self._engines[key] = engine
             self.builds += 1
             if not engine.inputs:
                 engine.inputs = onnx_input_specs(model)
         return engine
+
+    def _cached(self, model: onnx.ModelProto) -> tuple[str | None, Engine | None]:
+        """``(content hash or None, the engine already built for a model of that content or None)``.
+        The hash (a serialization and a SHA-256 of the whole model: a second for BERT-base) is taken
+        only from the second model on; the first is hashed then."""
+        last = getattr(self, "_unhashed", None)
+        if last is not None and last[0] is model:
+            return None, last[1]
+        if last is None and not self._engines:
+            return None, None
+        if last is not None:
+            self._engines[content_hash(last[0])] = last[1]
+            self._unhashed = None
+        key = content_hash(model)
+        return key, self._engines.get(key)
 
     def _build(self, fp16_model: onnx.ModelProto) -> Engine:
         """The engine of a typed FP16 ONNX model (backends that accept ``"onnx"``)."""

@@ -63,7 +63,10 @@ def _changed_initializers(base: onnx.ModelProto, prepared: onnx.ModelProto) -> s
     out = set()
     for init in prepared.graph.initializer:
         was = old.get(init.name)
-        if was is not None and was.SerializeToString() != init.SerializeToString():
+        if was is None or (was.raw_data and was.raw_data == init.raw_data and was.dims == init.dims
+                           and was.data_type == init.data_type):
+            continue  # the usual case, told apart without serializing the weights
+        if was.SerializeToString() != init.SerializeToString():
             a, b = numpy_helper.to_array(was), numpy_helper.to_array(init)
             if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b, equal_nan=True):
                 out.add(init.name)
