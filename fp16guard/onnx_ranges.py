@@ -53,7 +53,8 @@ METHODS = ("graph", "expose")
 def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Feeds], *,
                  providers: Sequence[str] | None = None, labels: Sequence[str] = (),
                  memory_budget: int = 1 << 30, counts: bool | Collection[str] = True,
-                 method: str = "graph", outputs: list | None = None) -> list[dict[str, RangeStats]]:
+                 method: str = "graph", outputs: list | None = None,
+                 consume: bool = False) -> list[dict[str, RangeStats]]:
     """Range statistics of every activation of an FP32 ONNX model, per run.
 
     The values measured are :func:`~fp16guard.onnx_graph.activation_values` (graph inputs and node
@@ -71,6 +72,8 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
         method: ``"graph"`` or ``"expose"`` (:data:`METHODS`, module docstring).
         outputs: a list that receives, per run, the model's own outputs from the same run (numpy
             arrays in graph output order; ``method="graph"`` only).
+        consume: ``model`` (a ``ModelProto``) is the caller's to give away: the statistics are added
+            to it in place instead of to a copy (one copy of the weights less).
 
     Returns:
         One ``{value name: RangeStats}`` per run.
@@ -89,11 +92,13 @@ def value_ranges(model: str | Path | onnx.ModelProto, feeds: Feeds | Sequence[Fe
     largest = max(runs, key=lambda f: sum(a.nbytes for a in f.values()))
     sizes = value_bytes(proto, largest)
     name = Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name
+    inner = bool(subgraph_nodes(proto))  # before the statistics (their If nodes) are added in place
     if method == "graph":
-        stats = _in_graph(proto, runs, measured, types, sizes, counts, providers, labels, name, outputs)
+        stats = _in_graph(proto, runs, measured, types, sizes, counts, providers, labels, name, outputs,
+                          consume and proto is model)
     else:
         stats = _exposed(proto, runs, measured, types, sizes, memory_budget, providers, labels, name)
-    if subgraph_nodes(proto):  # values inside If/Loop/Scan subgraphs: replayed (fp16guard.control_flow)
+    if inner:  # values inside If/Loop/Scan subgraphs: replayed (fp16guard.control_flow)
         for run, inner in enumerate(inner_ranges(proto, runs, memory_budget=memory_budget)):
             stats[run].update(inner)
     return stats
@@ -110,16 +115,18 @@ def _run(sess, feed: dict, run: int, labels: Sequence[str]) -> list:
 
 def _in_graph(proto: onnx.ModelProto, runs: list[dict], measured: list[str], types: dict, sizes: dict,
               counts: bool | Collection[str], providers: Sequence[str] | None, labels: Sequence[str],
-              name: str, kept: list | None = None) -> list[dict[str, RangeStats]]:
+              name: str, kept: list | None = None, in_place: bool = False) -> list[dict[str, RangeStats]]:
     """``method="graph"``: one run per feed of the model with its statistics inside (and its own
     outputs appended to ``kept``, when given)."""
-    graph, outputs = statistics_model(proto, measured, types, counts=counts, sizes=sizes, keep_outputs=kept is not None)
+    subgraph_values = in_place and bool(subgraph_nodes(proto))  # the replay below reads the model as given
+    width = len(proto.graph.output) if kept is not None else 0  # before the statistics are added
+    graph, outputs = statistics_model(proto, measured, types, counts=counts, sizes=sizes, keep_outputs=kept is not None,
+                                      in_place=in_place and not subgraph_values)
     logger.info("measuring %d values of %s inside the graph, one run per input", len(measured), name)
     progress.set_total(len(runs))  # the enclosing step counts ONNX Runtime runs
     sess = statistics_session(graph, providers)
     names = [o.name for o in sess.get_outputs()]
     stats = []
-    width = len(proto.graph.output) if kept is not None else 0
     for run, feed in enumerate(runs):
         arrays = _run(sess, feed, run, labels)
         stats.append(read_statistics(dict(zip(names, arrays[:len(arrays) - width])), outputs))

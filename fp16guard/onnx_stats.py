@@ -155,7 +155,7 @@ class _Builder:
 
 def statistics_model(model: onnx.ModelProto, values: Sequence[str], types: Mapping[str, int], *,
                      counts: bool | Collection[str] = True, sizes: Mapping[str, int] | None = None,
-                     keep_outputs: bool = False) -> tuple[onnx.ModelProto, list[StatOutputs]]:
+                     keep_outputs: bool = False, in_place: bool = False) -> tuple[onnx.ModelProto, list[StatOutputs]]:
     """A copy of ``model`` whose outputs are the range statistics of ``values`` (and, with
     ``keep_outputs``, then the model's own outputs, in their order).
 
@@ -172,6 +172,8 @@ def statistics_model(model: onnx.ModelProto, values: Sequence[str], types: Mappi
             elements, others are counted as int32.
         keep_outputs: also output what the model outputs (a fix's FP32 references come from the
             same run as its calibration).
+        in_place: add the statistics to ``model`` itself (the caller gives it away) instead of to a
+            copy: one copy of the weights less.
 
     Returns:
         ``(model', outputs)``: one :class:`StatOutputs` per value, in ``values`` order.
@@ -180,8 +182,11 @@ def statistics_model(model: onnx.ModelProto, values: Sequence[str], types: Mappi
         KeyError: a value that is neither a graph input nor a node output of the main graph, or
             whose type is not float.
     """
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
+    if in_place:
+        new = model
+    else:
+        new = onnx.ModelProto()
+        new.CopyFrom(model)
     g = new.graph
     build = _Builder(new)
     sizes = sizes or {}
@@ -212,7 +217,7 @@ def statistics_model(model: onnx.ModelProto, values: Sequence[str], types: Mappi
                 order += measure(o)
     del g.node[:]
     g.node.extend(order)
-    kept = list(g.output) if keep_outputs else []
+    kept = [_copied(o) for o in g.output] if keep_outputs else []  # copies: the field is cleared next
     del g.output[:]
     for r in results:
         elem = _WIDE[types[r.value]]
@@ -223,6 +228,12 @@ def statistics_model(model: onnx.ModelProto, values: Sequence[str], types: Mappi
             g.output.append(helper.make_tensor_value_info(c, r.count_type, []))
     g.output.extend(kept)
     return new, results  # type: ignore[return-value]
+
+
+def _copied(info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(info)
+    return out
 
 
 def read_statistics(outputs: Mapping[str, np.ndarray], measured: Sequence[StatOutputs]) -> dict[str, RangeStats]:

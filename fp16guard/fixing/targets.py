@@ -234,7 +234,7 @@ class OnnxFixTarget:
         if not self._float64:  # the base graph computes what it does: keep only its inputs (memory)
             self.original = inputs_only(self.original)
         self._last_ranges: tuple = (None, ([], []))
-        self._joint = None  # the joint graph of base and prepared, made at the first calibration
+        self._joint: bool | None = None  # False once the graphs were found not to join
         self._scale_ops: tuple[ScaleOp, ...] | None = None
         self._flushed_constants: list | None = None
 
@@ -283,15 +283,14 @@ class OnnxFixTarget:
         labels = [i.label for i in inputs]
         counts = self._count_values()
         self._outputs = []
-        if self._joint is None:
-            self._joint = joint_model(self.base, self.prepared) or False
-        if not self._joint:
+        joint = joint_model(self.base, self.prepared) if self._joint is not False else None
+        if joint is None:  # made for each calibration and consumed by it: not held (memory)
+            self._joint = False
             return (value_ranges(self.base, feeds, labels=labels, memory_budget=self.memory_budget, counts=False),
                     value_ranges(self.prepared, feeds, labels=labels, memory_budget=self.memory_budget, counts=counts))
-        joint = self._joint
         kept: list | None = [] if not self._float64 else None
         runs = value_ranges(joint.model, feeds, labels=labels, memory_budget=self.memory_budget,
-                            counts={joint.prepared_values.get(v, v) for v in counts}, outputs=kept)
+                            counts={joint.prepared_values.get(v, v) for v in counts}, outputs=kept, consume=True)
         self._outputs = list(zip(inputs, kept)) if kept is not None else []
         main = set(joint.measured)
         base_runs, prepared_runs = [], []
