@@ -228,10 +228,8 @@ def test_a_piped_progress_writes_one_line_per_finished_step_with_its_count():
             advance()
             raise ValueError("boom")
     (line,) = buf.getvalue().splitlines()  # the failed step leaves no "done"
-    # one ONNX Runtime run per input and per chunk: a 1-byte budget puts each value in its own chunk
-    runs = int(line.split("(")[-1].split("/")[0])
-    assert line.startswith("done  inspect: FP32 ONNX Runtime runs of every value on 2 input(s) (")
-    assert runs > 2 and f"({runs}/{runs})" in line
+    # one ONNX Runtime run per input, whatever the memory budget (the statistics are inside the graph)
+    assert line.startswith("done  inspect: FP32 ONNX Runtime runs of every value on 2 input(s) (2/2)")
 
 
 def test_a_live_progress_is_cleared_and_lines_printed_meanwhile_go_above_it():
