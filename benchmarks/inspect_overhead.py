@@ -10,8 +10,9 @@ graph, ``FInspect.run`` (the hooked forward captured once, then replayed) and pl
 inside the block (which goes through ``run`` by itself on CUDA), in interleaved
 rounds; then the GPU time the statistics add inside the graph (FInspect graph replay - plain graph
 replay) against the read floor: the bytes of every tensor measured over the read bandwidth measured
-here. The statistics run in several variants (``triton_stats.REDUCTION``,
-``replay.OVERLAP_STATISTICS``); the first listed is the default.
+here. The statistics run in several variants (``--kernels``: ``triton_stats.REDUCTION``,
+``replay.OVERLAP_STATISTICS``, ``triton_stats.GROUP_BYTES`` or one launch per tensor); the first
+listed is the default, and the reports of all variants must agree value for value (printed).
 
 ``--baseline DIR`` adds an earlier fp16guard as one more eager row, side by side. Make DIR with::
 
@@ -197,6 +198,7 @@ def bench(dtype, device, batch, iters, warmup, breakdown=False):
     for h in seed_handles + extra:
         h.remove()
     med = {k: statistics.median(v) for k, v in times.items()}
+    MINIMA.update({k: min(v) for k, v in times.items()})
     gpu_ms = None
     if breakdown and device.type == "cuda":
         with torch.no_grad():
@@ -247,9 +249,6 @@ def _graph_of(probe):
 def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: float, kernels: list[tuple]):
     """Rows: plain eager, FInspect eager, plain CUDA graph, FInspect graph (probe.run); then the
     GPU-only time the statistics add inside the graph against the read floor of what they read."""
-    import fp16guard.inspect.triton_stats as T
-    from fp16guard.inspect import replay
-
     model, args, kwargs = make_model(name, batch, device, dtype)
     with torch.no_grad():
         plain_graph = torch.cuda.CUDAGraph()
@@ -284,10 +283,10 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
             called_model(*args, **kwargs)  # eager, then warm-up + capture: later calls replay
             called_model(*args, **kwargs)
             for key, p in probes.items():  # eager, then warm-up + capture: later runs replay
-                T.REDUCTION, replay.OVERLAP_STATISTICS = key
+                set_kernel(key)
                 p.run(*args, **kwargs)
                 p.run(*args, **kwargs)
-            T.REDUCTION, replay.OVERLAP_STATISTICS = kernels[0]
+            set_kernel(kernels[0])
             for r in range(3 + iters):
                 for k, fn in variants.items():
                     dt = timed(fn, device)
@@ -299,6 +298,8 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
             gpu = {key: graph_ms(_graph_of(p), iters) for key, p in probes.items()}
         plain_gpu = graph_ms(plain_graph, iters)
         numel = sum(first._signatures[next(iter(first._signatures))].numel)
+    reports = {key: as_rows(p.report()) for key, p in probes.items()}
+    eager_rows = as_rows(eager_probe.report())
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     floor = nbytes / bandwidth * 1e3
@@ -307,12 +308,39 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
         print(f"{name:10} {dt_name:8} {k:16} {v:8.2f} ms {v / med['plain eager']:6.2f}x plain eager")
     print(f"{name:10} {dt_name:8} {'mode':16} {first.mode}")
     print(f"{name:10} {dt_name:8} {'mode model()':16} {called_probe.mode}")
-    for (reduction, overlap), ms in gpu.items():
+    for key, ms in gpu.items():
         extra = ms - plain_gpu
         print(f"{name:10} {dt_name:8} GPU-only: plain graph {plain_gpu:.3f} ms, FInspect graph {ms:.3f} ms "
               f"({ms / plain_gpu:.2f}x); statistics {extra:.3f} ms for {nbytes / 1e9:.3f} GB = "
-              f"{extra / floor:.2f}x the read floor {floor:.3f} ms [{reduction}, "
-              f"{'side stream' if overlap else 'inline'}]")
+              f"{extra / floor:.2f}x the read floor {floor:.3f} ms [{kernel_label(key)}]")
+    same = all(rows == reports[kernels[0]] for rows in reports.values())
+    ref = reports[kernels[0]]
+    calls = [(n, k) for n, k, _, _ in eager_rows[:len(ref)]] == [(n, k) for n, k, _, _ in ref]
+    print(f"{name:10} {dt_name:8} reports of every variant equal value for value: {same}; same calls as eager: "
+          f"{calls}")
+
+
+def as_rows(report):
+    """(name, kind, inputs, outputs) of every call: what two ways of measuring must agree on."""
+    return [(r.name, r.kind, r.inputs, r.outputs) for r in report.calls]
+
+
+def set_kernel(key):
+    """Select how the statistics run: (REDUCTION, OVERLAP_STATISTICS, GROUP_BYTES or 0 for one launch
+    per tensor)."""
+    import fp16guard.inspect.triton_stats as T
+    from fp16guard.inspect import replay
+
+    T.REDUCTION, replay.OVERLAP_STATISTICS, group = key
+    replay.GROUP_STATISTICS = bool(group)
+    if group:
+        T.GROUP_BYTES = group
+
+
+def kernel_label(key) -> str:
+    reduction, overlap, group = key
+    launch = f"groups of {group >> 20} MiB" if group else "per tensor"
+    return f"{reduction}, {'side stream' if overlap else 'inline'}, {launch}"
 
 
 def graph_ms(graph, iters) -> float:
@@ -331,7 +359,8 @@ def main_graph(args):
     print(f"fp16guard inspect, CUDA graph mode: batch {args.batch}, {torch.cuda.get_device_name(device)}, "
           f"torch {torch.__version__}, triton {triton.__version__}; medians of {args.iters} interleaved rounds")
     print(f"measured read bandwidth: {bandwidth / 1e12:.2f} TB/s (best of torch.amax / torch.sum over 4 GiB)")
-    kernels = [("partials", True), ("partials", False), ("atomic", False)]
+    kernels = [tuple(k.split(":")) for k in args.kernels.split(",")]
+    kernels = [(r, o == "side", int(g) << 20) for r, o, g in kernels]
     for name in args.models.split(","):
         for dt_name in args.dtypes.split(","):
             bench_graph(name, getattr(torch, dt_name), device, args.batch, args.iters, bandwidth, kernels)
@@ -340,6 +369,9 @@ def main_graph(args):
 
 #: FInspect of an earlier fp16guard for side-by-side rows (see --baseline), or None.
 BASELINE = None
+#: Each variant's fastest round (seconds) of the last :func:`bench`: on a loaded machine the
+#: minimum is the steadier number.
+MINIMA: dict = {}
 
 
 def main():
@@ -357,6 +389,9 @@ def main():
                     help="CUDA graph mode instead: plain and FInspect, eager and graph, on --models, with the "
                          "statistics' GPU time against the measured read floor")
     ap.add_argument("--models", default="resnet50,vit_b_16,bert-base")
+    ap.add_argument("--kernels", default="partials:side:32,partials:side:8,partials:side:0,partials:inline:32",
+                    help="--graph: statistics variants REDUCTION:side|inline:GROUP_MiB (0: one launch per tensor), "
+                         "the first the default; each is captured and timed")
     ap.add_argument("--baseline", metavar="DIR",
                     help="a folder holding an earlier fp16guard renamed to the package fp16guard_base (e.g. "
                          "`git archive REV fp16guard` with its imports renamed): adds its FInspect as a row")
@@ -370,13 +405,14 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     print(f"fp16guard inspect overhead: ResNet-50, batch {args.batch}, {name}, torch {torch.__version__}, "
           f"{args.iters} timed rounds after {args.warmup} warm-up")
-    print(f"{'dtype':8} {'variant':15} {'ms/forward':>11} {'x plain':>8}")
+    print(f"{'dtype':8} {'variant':15} {'ms/forward':>11} {'x plain':>8} {'min ms':>11} {'x plain':>8}  (median, min)")
     for dt_name in args.dtypes.split(","):
         dtype = getattr(torch, dt_name)
         source, med, t_report, n_calls, gpu_ms = bench(dtype, device, args.batch, args.iters, args.warmup,
                                                        args.breakdown)
         for k, v in med.items():
-            print(f"{dt_name:8} {k:15} {v * 1e3:11.2f} {v / med['plain']:8.2f}")
+            print(f"{dt_name:8} {k:15} {v * 1e3:11.2f} {v / med['plain']:8.2f} {MINIMA[k] * 1e3:11.2f} "
+                  f"{MINIMA[k] / MINIMA['plain']:8.2f}")
         if gpu_ms is not None:
             print(f"{dt_name:8} {'plain GPU-only':15} {gpu_ms:11.2f} {gpu_ms / 1e3 / med['plain']:8.2f}"
                   "  (CUDA graph replay: below 1.00, the plain forward is bound by Python, not the GPU)")

@@ -33,7 +33,7 @@ from fp16guard.fp16 import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, headro
 STAT_FIELDS = ("amax", "nonfinite", "nonzero", "flush_to_zero", "subnormal")
 
 
-#: Elements per chunk of :func:`tensor_stats` on the CPU: 1 MiB of FP32, so the abs, the four
+#: Elements per chunk of :func:`tensor_stats` on the CPU: 1 MiB of FP32, so the abs, the
 #: comparisons and the amax of a chunk read it from the cache and the tensor crosses memory once
 #: (on 2 cores, 16M FP32 elements: 65 -> 25 ms; 128M: 718 -> 200 ms; the eager FInspect of
 #: ResNet-50, batch 32, went from 2.79x to 1.93x the plain forward, ``benchmarks/results_cpu.txt``).
@@ -41,21 +41,51 @@ CPU_CHUNK = 1 << 18
 
 
 def _cpu_chunked_stats(x: torch.Tensor) -> torch.Tensor:
-    """:func:`tensor_stats` of a CPU tensor, one :data:`CPU_CHUNK` at a time (the same numbers)."""
-    flat = x.reshape(-1)
+    """:func:`tensor_stats` of a CPU tensor, one :data:`CPU_CHUNK` at a time, through numpy (the
+    same numbers).
+
+    Per chunk: ``|x|`` into a reused buffer, its max (NaN and inf propagate: only a chunk that holds
+    them counts its finite elements and takes the max over those), and the comparisons with
+    2**-14, 2**-24 and 0, each only while the one before found something (zero < 2**-24 < 2**-14).
+    numpy's comparison and count run 3-5x faster than torch's on a cached chunk (2 cores, 256K
+    float32: ``np.less`` + ``np.count_nonzero`` 20 us, ``torch.lt`` + ``torch.count_nonzero`` 100 us).
+    float16 and bfloat16 chunks are widened to float32 first (exact; numpy's float16 arithmetic is
+    slow and it has no bfloat16)."""
+    flat = x.reshape(-1).resolve_neg().resolve_conj()
     n = flat.numel()
-    fmax = torch.finfo(flat.dtype).max
-    finite = zero = below_subnormal = below_normal = 0
-    amax = torch.zeros((), dtype=flat.dtype)
-    for start in range(0, n, CPU_CHUNK):
-        a = flat[start:start + CPU_CHUNK].abs()
-        finite += int(torch.count_nonzero(a <= fmax))
-        zero += int(torch.count_nonzero(a == 0))
-        below_subnormal += int(torch.count_nonzero(a < FP16_MIN_SUBNORMAL))  # zeros included
-        below_normal += int(torch.count_nonzero(a < FP16_MIN_NORMAL))  # zeros included
-        amax = torch.maximum(amax, torch.nan_to_num(a, nan=0.0, posinf=0.0).amax())
-    return torch.tensor([float(amax), n - finite, finite - zero, below_subnormal - zero, below_normal - below_subnormal],
-                        dtype=torch.float64)
+    if not n:
+        return torch.zeros(5, dtype=torch.float64)
+    k = min(n, CPU_CHUNK)
+    widen = flat.dtype not in (torch.float32, torch.float64)
+    dtype = np.float64 if flat.dtype == torch.float64 else np.float32
+    fmax = np.finfo(dtype).max
+    a, b = np.empty(k, dtype), np.empty(k, np.bool_)
+    staging = torch.empty(k, dtype=torch.float32) if widen else None
+    src = None if widen else flat.numpy()
+    amax, nonfinite, zero, tiny, small = 0.0, 0, 0, 0, 0
+    for start in range(0, n, k):
+        m = min(k, n - start)
+        if widen:
+            staging[:m].copy_(flat[start:start + m])
+            chunk = staging.numpy()[:m]
+        else:
+            chunk = src[start:start + m]
+        av, bv = np.abs(chunk, out=a[:m]), b[:m]
+        top = av.max()
+        if not top <= fmax:  # NaN or inf in this chunk
+            ok = np.less_equal(av, fmax, out=bv)
+            finite = int(np.count_nonzero(ok))
+            nonfinite += m - finite
+            top = av[ok].max() if finite else 0.0
+        amax = max(amax, float(top))
+        below = int(np.count_nonzero(np.less(av, FP16_MIN_NORMAL, out=bv)))  # zeros included
+        if below:
+            small += below
+            below = int(np.count_nonzero(np.less(av, FP16_MIN_SUBNORMAL, out=bv)))  # zeros included
+            if below:
+                tiny += below
+                zero += int(np.count_nonzero(np.equal(av, 0, out=bv)))
+    return torch.tensor([amax, nonfinite, n - nonfinite - zero, tiny - zero, small - tiny], dtype=torch.float64)
 
 
 def tensor_stats(x: torch.Tensor) -> torch.Tensor:
@@ -63,8 +93,9 @@ def tensor_stats(x: torch.Tensor) -> torch.Tensor:
 
     Written as one ``abs``, one ``amax`` and four ``count_nonzero`` of comparisons (no bool
     ``sum``, no ``isfinite``, both several times slower on the CPU): NaN fails every comparison, so
-    ``|x| <= finfo.max`` counts exactly the finite elements. A CPU tensor above :data:`CPU_CHUNK`
-    elements is reduced one chunk at a time (one pass over memory instead of about eleven).
+    ``|x| <= finfo.max`` counts exactly the finite elements. A CPU tensor is reduced one
+    :data:`CPU_CHUNK` at a time through numpy (:func:`_cpu_chunked_stats`: one pass over memory
+    instead of about eleven, and numpy's comparisons are faster than torch's on the CPU).
 
     Args:
         x: floating tensor of any shape and dtype (float16, bfloat16, float32, float64).
@@ -73,7 +104,7 @@ def tensor_stats(x: torch.Tensor) -> torch.Tensor:
         float64 tensor of shape ``[5]`` on ``x.device``, fields in :data:`STAT_FIELDS` order.
         Counts are exact up to 2**53 elements.
     """
-    if x.device.type == "cpu" and x.numel() > CPU_CHUNK:
+    if x.device.type == "cpu":
         return _cpu_chunked_stats(x.detach())
     a = x.detach().abs()
     n = a.numel()

@@ -18,12 +18,84 @@ def _cuda_batches(shape, scales, dtype, seed=0):
     return [x.to("cuda", dtype) for x in batches(shape, scales, seed)]
 
 
-@pytest.fixture(params=[True, False], ids=["statistics-on-a-side-stream", "statistics-inline"])
+@pytest.fixture(params=[(True, True), (True, False), (False, True), (False, False)],
+                ids=["side-stream-grouped", "side-stream-per-tensor", "inline-grouped", "inline-per-tensor"])
 def overlap(request, monkeypatch):
-    from fp16guard.inspect import replay
+    """Statistics on a side stream or inline; in multi-tensor launches (groups of at most 4 KiB,
+    so a forward of these small models makes several) or one launch per tensor."""
+    from fp16guard.inspect import replay, triton_stats
 
-    monkeypatch.setattr(replay, "OVERLAP_STATISTICS", request.param)
-    return request.param
+    overlap, grouped = request.param
+    monkeypatch.setattr(replay, "OVERLAP_STATISTICS", overlap)
+    monkeypatch.setattr(replay, "GROUP_STATISTICS", grouped)
+    monkeypatch.setattr(triton_stats, "GROUP_BYTES", 4096)
+    return overlap
+
+
+def _special_values(n, dtype, seed):
+    """``n`` values of ``dtype`` spanning the statistics: normal, zeros, values FP16 flushes or keeps
+    subnormal, beyond 65504 (FP32/BF16), inf and NaN."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 10.0 ** torch.randint(-9, 6, (n,), generator=g)
+    pick = torch.rand(n, generator=g)
+    x[pick < 0.1] = 0.0
+    x[(pick > 0.995)] = float("inf")
+    x[(pick > 0.99) & (pick <= 0.995)] = float("nan")
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_one_group_launch_gives_the_per_tensor_numbers_exactly(dtype):
+    """StatsArena.reduce_group over tensors of many sizes (one element, a partial chunk, whole
+    chunks, several programs' worth, a 16-byte-aligned view) equals one launch per tensor."""
+    from fp16guard.inspect.triton_stats import BLOCK, UNROLL, StatsArena
+
+    chunk = BLOCK * UNROLL
+    sizes = [1, 7, chunk, chunk + 1, 3 * chunk - 5, 100_003, 1 << 20, 5_000_000, 33]
+    tensors = [_special_values(n, dtype, i).cuda() for i, n in enumerate(sizes)]
+    tensors.append(_special_values(4096, dtype, 99).cuda()[64:])  # a view, 16-byte aligned
+    one, group = StatsArena(torch.device("cuda")), StatsArena(torch.device("cuda"))
+    for t in tensors:
+        one.reduce(t)
+    assert group.warm_group()
+    slots = [group.take() for _ in tensors]
+    for _ in range(2):  # launched twice: the slots accumulate, as CUDA-graph replays do
+        host, grid = group.group_table(tensors, slots)
+        group.reduce_group(tensors, slots, host.cuda(), grid)
+    for t in tensors:
+        one.reduce(t)
+    want = one.device_rows().view(2, len(tensors), 5)
+    want = torch.cat([want.amax(0)[:, :1], want.sum(0)[:, 1:]], 1)
+    got = group.device_rows()
+    assert torch.equal(got, want), (got - want).abs().max()
+    assert got[:, 1].sum() > 0 and got[:, 4].sum() > 0  # the values reached the counts
+    if dtype != torch.float16:  # FP16 holds nothing nonzero below 2**-24
+        assert got[:, 3].sum() > 0
+
+
+def test_grouped_capture_of_a_resnet_stage_equals_eager(monkeypatch):
+    """Bottlenecks (BatchNorm, in-place ReLU, ``out += identity``) captured with grouped statistics
+    on a side stream: the report equals the eager one value for value, with groups small enough
+    that some launch before, some after an in-place write."""
+    torchvision = pytest.importorskip("torchvision")
+    from fp16guard.inspect import replay, triton_stats
+
+    monkeypatch.setattr(replay, "GROUP_STATISTICS", True)
+    monkeypatch.setattr(replay, "OVERLAP_STATISTICS", True)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchvision.models.resnet50().layer1, torch.nn.ReLU()).cuda().half().eval()
+    xs = [x.half() for x in _cuda_batches((4, 64, 32, 32), [1, 3, 0.5, 2], torch.float32)]
+    for group_bytes in (1 << 16, 1 << 30):
+        triton_stats.GROUP_BYTES, old = group_bytes, triton_stats.GROUP_BYTES
+        try:
+            with torch.no_grad(), FInspect(model) as probe:
+                for x in xs:
+                    probe.run(x)
+        finally:
+            triton_stats.GROUP_BYTES = old
+        assert probe.mode == "CUDA graph: 1 capture, 2 replays; eager: 2 forwards"
+        assert as_rows(probe.report().calls) == merged(eager_reports(model, xs, cuda_graph=False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -94,3 +94,40 @@ def test_the_chunked_cpu_path_gives_the_whole_tensor_numbers(numel, dtype):
             int(((a < FP16_MIN_SUBNORMAL) & (a > 0)).sum()),
             int(((a < FP16_MIN_NORMAL) & (a >= FP16_MIN_SUBNORMAL)).sum())]
     assert chunked.tolist() == want
+
+
+def _torch_stats(x):
+    """The whole-tensor torch formula the CPU path replaced (the reference it must equal)."""
+    a = x.detach().abs()
+    n = a.numel()
+    finite = torch.count_nonzero(a <= torch.finfo(a.dtype).max)
+    zero = torch.count_nonzero(a == 0)
+    tiny = torch.count_nonzero(a < FP16_MIN_SUBNORMAL)
+    small = torch.count_nonzero(a < FP16_MIN_NORMAL)
+    amax = torch.nan_to_num(a, nan=0.0, posinf=0.0).amax() if n else torch.zeros((), dtype=a.dtype)
+    return [float(amax), n - int(finite), int(finite - zero), int(tiny - zero), int(small - tiny)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("numel", [0, 1, 1000, CPU_CHUNK, 2 * CPU_CHUNK + 5])
+@pytest.mark.parametrize("case", ["finite", "nonfinite", "all-nan", "no-small", "all-zero"])
+def test_the_numpy_cpu_path_equals_the_torch_formula(dtype, numel, case):
+    """Every dtype (BF16 and FP16 widened to FP32), sizes around the chunk, chunks with NaN/inf
+    (then the finite max), chunks whose early exits skip comparisons, and a strided view."""
+    g = torch.Generator().manual_seed(numel + len(case))
+    x = torch.randn(numel, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-10, 7, (numel,), generator=g)
+    x[torch.rand(numel, generator=g) < 0.2] = 0
+    if case == "nonfinite":
+        x[torch.rand(numel, generator=g) < 0.01] = float("nan")
+        x[torch.rand(numel, generator=g) < 0.01] = -float("inf")
+    elif case == "all-nan":
+        x[:] = float("nan")
+    elif case == "no-small":
+        x = x.abs() + 1.0
+    elif case == "all-zero":
+        x[:] = 0.0
+    x = x.to(dtype).requires_grad_(dtype != torch.float16 or numel == 0)
+    assert tensor_stats(x).tolist() == _torch_stats(x)
+    if numel >= 2:
+        view = x.detach()[::2]
+        assert tensor_stats(view).tolist() == _torch_stats(view)

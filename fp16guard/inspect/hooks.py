@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -60,38 +59,11 @@ from fp16guard.inspect.replay import (
 from fp16guard.inspect.report import CallRecord, InspectionReport
 from fp16guard.inspect.static_check import check_module
 from fp16guard.inspect.store import PendingCall, Recording, StatsStore, stats_of
+from fp16guard.inspect.walk import floating_tensors, iter_tensors
 from fp16guard.progress import step
 from fp16guard.torch_graph import inference_copy
 
 logger = logging.getLogger("fp16guard")
-
-
-def iter_tensors(obj: Any, _seen: set[int] | None = None) -> Iterator[torch.Tensor]:
-    """Yield every floating tensor inside ``obj``.
-
-    Walks tensors, lists, tuples (named tuples too), dicts and other mappings (``ModelOutput``),
-    and dataclass instances; anything else is ignored. Integer and bool tensors are skipped: they
-    are indices and masks, not activations.
-    """
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            yield obj
-        return
-    if isinstance(obj, (str, bytes)) or obj is None:
-        return
-    seen = _seen if _seen is not None else set()
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from iter_tensors(v, seen)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from iter_tensors(v, seen)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from iter_tensors(getattr(obj, f.name, None), seen)
 
 
 class _OpView(TorchDispatchMode):
@@ -275,16 +247,21 @@ class FInspect:
 
     # -- hooks ---------------------------------------------------------------------------------
     def _measure_all(self, obj: Any) -> list[int]:
+        if self._mode is None:  # nothing watches torch ops: no need to pause
+            return self._rows_of(obj)
         self._paused = True
         try:
-            skip = self._weight_ids
-            measure = self._rec.store.measure
-            if type(obj) is torch.Tensor:  # the common case, without the generic walk
-                return [] if id(obj) in skip or not obj.is_floating_point() else [measure(obj)]
-            rows = [measure(t) for t in iter_tensors(obj) if id(t) not in skip]
-            return list(dict.fromkeys(rows)) if len(rows) > 1 else rows  # returned twice counts once
+            return self._rows_of(obj)
         finally:
             self._paused = False
+
+    def _rows_of(self, obj: Any) -> list[int]:
+        skip = self._weight_ids
+        measure = self._rec.store.measure
+        if type(obj) is torch.Tensor:  # the common case, without the generic walk
+            return [] if id(obj) in skip or not obj.is_floating_point() else [measure(obj)]
+        rows = [measure(t) for t in floating_tensors(obj) if id(t) not in skip]
+        return list(dict.fromkeys(rows)) if len(rows) > 1 else rows  # returned twice counts once
 
     def _make_pre_hook(self, name: str, kind: str, leaf: bool) -> Callable:
         def pre_hook(module, args, kwargs):
@@ -474,25 +451,28 @@ class FInspect:
     def _capture_graph(self, record: SignatureRecord, args: tuple, kwargs: dict,
                        stream: torch.cuda.Stream) -> tuple[CapturedForward, Recording]:
         """Capture the hooked forward, the statistics on a second stream beside the model's
-        (:data:`~fp16guard.inspect.replay.OVERLAP_STATISTICS`). A tensor overwritten in place
-        while that stream could still read it (an in-place ReLU after the BatchNorm it measures)
-        gets its row reduced on the model's stream in a second capture."""
+        (:data:`~fp16guard.inspect.replay.OVERLAP_STATISTICS`), in multi-tensor launches per group
+        (:data:`~fp16guard.inspect.replay.GROUP_STATISTICS`). A tensor overwritten in place before
+        its statistics were surely read (an in-place ReLU after the BatchNorm it measures) gets its
+        row read on the model's stream, at the last hook that saw it unchanged, in a second capture."""
         device = record.rows.device
         side = None
         if replay.OVERLAP_STATISTICS:
             side = self._stats_streams.get(device.index)
             if side is None:
                 side = self._stats_streams[device.index] = torch.cuda.Stream(device)
-        inline: frozenset[int] = frozenset()
+        deadlines: dict[int, int] = {}
         discarded = []  # kept until the next capture holds the pool (a pool no graph holds is freed)
-        for _ in range(3):
-            graph_rec = Recording(StatsStore(self._fused, compact=False, side=side, inline=inline))
+        for _ in range(4):
+            graph_rec = Recording(StatsStore(self._fused, compact=False, side=side, deadlines=deadlines,
+                                             grouped=replay.GROUP_STATISTICS))
             graph_rec.store.reserve(device, len(record.numel))
             with self._writing_into(graph_rec):
                 captured = capture(self.model, args, kwargs, pool=self._graph_pool, stream=stream)
             if not graph_rec.store.overwritten:
+                graph_rec.store.fill_tables()
                 return captured, graph_rec
-            inline = inline | frozenset(graph_rec.store.overwritten)
+            deadlines = {**deadlines, **graph_rec.store.overwritten}
             discarded.append(captured)
         raise RuntimeError("tensors kept changing in place while their statistics were read")
 

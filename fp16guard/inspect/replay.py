@@ -29,6 +29,15 @@ from fp16guard.inspect.store import PendingCall, Recording, StatsStore
 #: stream: :class:`~fp16guard.inspect.store.StatsStore`).
 OVERLAP_STATISTICS = True
 
+#: While a graph is captured, reduce the tensors in multi-tensor launches, one per group of
+#: :data:`~fp16guard.inspect.triton_stats.GROUP_BYTES` (and at every point where a measured tensor
+#: is about to be overwritten in place), instead of one launch per tensor: each launch costs some
+#: microseconds of ramp and drain (``benchmarks/inspect_overhead.py --graph``). Off by default
+#: until ``tests/test_cuda_graph.py`` (its grouped cases) and the ``--graph`` benchmark have run on
+#: a GPU: the group kernel itself was checked there (exact per-tensor numbers, FP32/FP16/BF16), the
+#: grouped capture not yet (issue 26, item 2).
+GROUP_STATISTICS = False
+
 #: At most this many input signatures are captured per probe; they share one memory pool, so the
 #: memory held is about one forward's activations plus the static inputs and outputs.
 MAX_GRAPHS = 8

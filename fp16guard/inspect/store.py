@@ -38,18 +38,33 @@ class StatsStore:
             the model's next kernels (used while a CUDA graph is captured). Each tensor reduced
             there is held until :meth:`flush` joins the streams, so its memory is not reused
             meanwhile, and rows whose tensor was overwritten in place before the join are listed in
-            :attr:`overwritten` (their numbers may be wrong: capture again with them ``inline``).
-        inline: rows reduced on the model's stream even with ``side``.
+            :attr:`overwritten` (their numbers may be wrong: capture again with them in ``deadlines``).
+        deadlines: row -> tick (the number of :meth:`measure` calls before the one at which the
+            row's tensor was last seen unchanged): these rows are read on the model's stream by
+            then (with ``grouped``: their group is launched at the end of that call; else each
+            row is reduced at once, on the model's stream).
+        grouped: reduce the Triton rows in multi-tensor launches
+            (:meth:`~fp16guard.inspect.triton_stats.StatsArena.reduce_group`): one per group of
+            up to :data:`~fp16guard.inspect.triton_stats.GROUP_BYTES`, each tensor kept alive until
+            its group's launch; rows whose tensor changed in place before that are listed in
+            :attr:`overwritten`. Used while a CUDA graph is captured, after :meth:`reserve`;
+            the launch tables are filled by :meth:`fill_tables` after the capture.
     """
 
     def __init__(self, fused: bool | None, *, compact: bool = True, side: torch.cuda.Stream | None = None,
-                 inline: frozenset[int] = frozenset()):
+                 deadlines: dict[int, int] | None = None, grouped: bool = False):
         self._fused = fused is not False
         self._compact = compact
         self._side = side
-        self._inline = inline
+        self._deadlines = dict(deadlines or {})
+        self._due = frozenset(self._deadlines.values())
+        self._grouped = grouped
+        self._track = grouped or side is not None
+        self._group_ok: dict[int, bool] = {}  # by device index: the group kernel compiled and ran
         self._held: list[tuple[torch.Tensor, int, int]] = []  # (tensor, its version, row) read on `side`
-        self.overwritten: list[int] = []  # rows whose tensor changed while `side` could still read it
+        self.overwritten: dict[int, int] = {}  # row -> tick it was last seen unchanged, for rows whose
+        # tensor changed before its statistics were surely read
+        self._tables: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device, host) group tables to fill
         self._arenas: dict[int, triton_stats.StatsArena] = {}  # by CUDA device index
         self.clear()
 
@@ -63,6 +78,11 @@ class StatsStore:
         # id(tensor) -> (weakref to it, its version counter, row)
         self._cache: dict[int, tuple[weakref.ref, int, int]] = {}
         self._host: list[tuple[float, ...]] | None = None
+        # grouped: (device index, dtype, on the side stream) -> (tensors, versions, rows, slots, [bytes])
+        self._groups: dict[tuple, tuple[list, list, list, list, list]] = {}
+        self._seen: dict[int, int] = {}  # row -> the last tick its tensor was seen unchanged
+        self._table_refs: list[torch.Tensor] = []  # device tables of the group launches
+        self._tick = 0
         for arena in self._arenas.values():
             arena.clear()
 
@@ -71,7 +91,10 @@ class StatsStore:
         allocates nothing (needed while a CUDA graph is captured: the capture would record the
         zeroing and every replay would redo it)."""
         if self._fused and triton_stats.triton is not None and device.type == "cuda":
-            self._arena(device).reserve(rows)
+            arena = self._arena(device)
+            if self._grouped and arena.device.index not in self._group_ok:
+                self._group_ok[arena.device.index] = arena.warm_group()
+            arena.reserve(rows)
 
     def _arena(self, device: torch.device) -> triton_stats.StatsArena:
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -88,7 +111,9 @@ class StatsStore:
             arena = self._arenas.get(index)
             if arena is None:
                 arena = self._arena(t.device)
-            if self._side is not None and row not in self._inline and not t.is_inference():
+            if self._grouped and self._group_ok.get(index) and self._grouped_reduce(t, row, index, arena):
+                return
+            if self._side is not None and row not in self._deadlines and not t.is_inference():
                 self._side.wait_stream(torch.cuda.current_stream(t.device))
                 with torch.cuda.stream(self._side):
                     self._arena_rows.append((row, index, arena.reduce(t)))
@@ -98,6 +123,69 @@ class StatsStore:
         else:
             self._pending.append(tensor_stats(t))
             self._pending_rows.append(row)
+
+    def _grouped_reduce(self, t: torch.Tensor, row: int, index: int, arena: triton_stats.StatsArena) -> bool:
+        """Queue ``t`` in its group (launched when full, due or flushed); False where it cannot be
+        grouped (then it is reduced alone): an inference tensor (no version counter to check), an
+        empty, very large or unaligned one."""
+        n = t.numel()
+        if t.is_inference() or not 0 < n <= triton_stats.WIDE_ABOVE:
+            return False
+        if not (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
+            t = t.contiguous()
+        if t.data_ptr() % 16:
+            return False
+        slot = arena.take()
+        self._arena_rows.append((row, index, slot))
+        key = (index, t.dtype, self._side is not None and row not in self._deadlines)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = ([], [], [], [], [0])
+        group[0].append(t)
+        group[1].append(t._version)
+        group[2].append(row)
+        group[3].append(slot)
+        group[4][0] += n * t.element_size()
+        if group[4][0] >= triton_stats.GROUP_BYTES or len(group[0]) >= triton_stats.GROUP_TENSORS - 1:
+            self._launch_group(key)
+        return True
+
+    def _launch_group(self, key: tuple) -> None:
+        """Launch one group: on the side stream (its tensors then held until :meth:`flush` joins
+        the streams) or on the model's stream. Rows whose tensor already changed go to
+        :attr:`overwritten`."""
+        tensors, versions, rows, slots, _ = self._groups.pop(key)
+        index, _, side = key
+        arena = self._arenas[index]
+        for t, version, row in zip(tensors, versions, rows):
+            if t._version != version:
+                self.overwritten[row] = self._seen.get(row, -1)
+        host, grid = arena.group_table(tensors, slots)
+        if torch.cuda.is_current_stream_capturing():  # filled after the capture (fill_tables)
+            table = torch.empty(host.shape, dtype=host.dtype, device=arena.device)
+            self._tables.append((table, host))
+        else:
+            table = host.to(arena.device)
+        self._table_refs.append(table)  # the launch reads it (every replay, for a graph): kept with the rows
+        if side:
+            self._side.wait_stream(torch.cuda.current_stream(arena.device))
+            with torch.cuda.stream(self._side):
+                arena.reduce_group(tensors, slots, table, grid)
+            self._held += zip(tensors, versions, rows)
+        else:
+            arena.reduce_group(tensors, slots, table, grid)
+
+    def _launch_due(self) -> None:
+        """Launch the groups of the model's stream (a row in them is due)."""
+        for key in [k for k in self._groups if not k[2]]:
+            self._launch_group(key)
+
+    def fill_tables(self) -> None:
+        """Copy the group launches' tables to the device (after a CUDA graph captured them, before
+        its first replay)."""
+        for table, host in self._tables:
+            table.copy_(host)
+        self._tables.clear()
 
     def measure(self, t: torch.Tensor, *, fresh: bool = False) -> int:
         """Row of ``t``'s statistics, computed now unless ``t`` is unchanged since last measured.
@@ -109,13 +197,20 @@ class StatsStore:
         version = None if t.is_inference() else t._version
         hit = None if fresh else self._cache.get(id(t))
         if hit is not None and version is not None and hit[0]() is t and hit[1] == version:
-            return hit[2]
-        row = len(self.numel)
-        self.numel.append(t.numel())
-        self._reduce(t, row)
-        self._host = None
-        if version is not None:
-            self._cache[id(t)] = (weakref.ref(t), version, row)
+            row = hit[2]
+        else:
+            row = len(self.numel)
+            self.numel.append(t.numel())
+            self._reduce(t, row)
+            self._host = None
+            if version is not None:
+                self._cache[id(t)] = (weakref.ref(t), version, row)
+        if self._track:
+            tick = self._tick
+            self._tick = tick + 1
+            self._seen[row] = tick
+            if tick in self._due:
+                self._launch_due()
         return row
 
     @property
@@ -138,9 +233,13 @@ class StatsStore:
         self._pending.clear()
         self._pending_rows.clear()
         self._cache.clear()
+        for key in list(self._groups):
+            self._launch_group(key)
         if self._held:  # join the side stream; only then may the held tensors' memory be reused
             torch.cuda.current_stream(self._held[0][0].device).wait_stream(self._side)
-            self.overwritten += [row for t, version, row in self._held if t._version != version]
+            for t, version, row in self._held:
+                if t._version != version:
+                    self.overwritten[row] = self._seen.get(row, -1)
             self._held.clear()
         for arena in self._arenas.values():
             arena.refresh()

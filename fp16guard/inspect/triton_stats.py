@@ -14,6 +14,13 @@ once per tensor cannot do much better: the simplest load-and-max kernel, one lau
 takes 1.43x / 2.08x on ResNet-50's activations. One launch over all of them takes 0.98x / 1.13x
 (``benchmarks/triton_stats_sweep.py``).
 
+Groups. While a CUDA graph is captured, :class:`~fp16guard.inspect.store.StatsStore` queues the
+tensors and reduces each group of up to :data:`GROUP_BYTES` in one launch of ``_group_kernel``
+(:meth:`StatsArena.reduce_group`): a table of the tensors' offsets, sizes and slot rows, read
+by a grid of at most :data:`PROGRAMS_PER_SM` programs per SM, each over one contiguous range of
+chunks. Each program adds into slot ``[row, program]`` of the rows it touches, so the numbers are
+those of the per-tensor kernel exactly.
+
 Launch cost. Triton's generic launcher (``kernel[grid](...)``) binds and specializes every
 argument on every call, some 20 us of Python. A hook launches one kernel per tensor, so
 :class:`_Launcher` keeps the compiled kernel for each specialization it can meet (input dtype,
@@ -60,6 +67,13 @@ WIDE_ABOVE = 2**30
 #: ``"atomic"`` folds them into the row with five atomics per program (every program of a launch
 #: hits the same five addresses). Read when an arena is created.
 REDUCTION = "partials"
+#: Multi-tensor launches (:meth:`StatsArena.reduce_group`, used while a CUDA graph is captured):
+#: at most this many tensors per launch (the kernel's table width, a power of two; one more entry
+#: holds the end) ...
+GROUP_TENSORS = 128
+#: ... and a group is launched once it holds this many bytes (tensors are kept alive until their
+#: group's launch, so this bounds the extra memory a group holds).
+GROUP_BYTES = 32 << 20
 
 if triton is not None:
 
@@ -130,6 +144,78 @@ if triton is not None:
         tl.store(counts + 1, tl.load(counts + 1) + nonzero)
         tl.store(counts + 2, tl.load(counts + 2) + flushed)
         tl.store(counts + 3, tl.load(counts + 3) + subnormal)
+
+
+    @triton.jit
+    def _accumulate(a, amax, finite, zero, tiny, small):
+        # One tile of magnitudes (float32) into the per-lane partials (as in _partials).
+        ok = a <= 3.4028234663852886e38  # float32 max: NaN and inf fail
+        amax = tl.maximum(amax, tl.where(ok, a, 0.0))
+        finite += ok.to(tl.int32)
+        zero += (a == 0.0).to(tl.int32)
+        tiny += (a < 5.960464477539063e-08).to(tl.int32)  # 2**-24
+        small += (a < 6.103515625e-05).to(tl.int32)  # 2**-14
+        return amax, finite, zero, tiny, small
+
+    @triton.jit
+    def _group_kernel(x_base, amax_base, count_base, table, KMAX: tl.constexpr, VEC: tl.constexpr,
+                      BLOCK: tl.constexpr, UNROLL: tl.constexpr):
+        """GROUP: the statistics of up to KMAX - 1 tensors of one dtype in one launch.
+
+        ``table`` (int64, ``[5 * KMAX + 1]``) holds, per tensor t: row 0 its element offset from
+        ``x_base`` (a multiple of VEC: 16-byte aligned), row 1 the cumulative chunk count (chunks
+        of BLOCK * UNROLL elements; entry t is where tensor t starts; padded with 2**62), row 2
+        its element count, row 3 its amax slot row's offset from ``amax_base`` and row 4 its count
+        slot row's offset from ``count_base``; the last entry is the total chunk count. The
+        chunks are split into one contiguous range per program, so a program visits few tensors
+        and adds its partials into slot [row, program] of each (no other program touches it)."""
+        CHUNK: tl.constexpr = BLOCK * UNROLL
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        idx = tl.arange(0, KMAX)
+        cum = tl.load(table + KMAX + idx)
+        total = tl.load(table + 5 * KMAX)
+        per = (total + nprog - 1) // nprog
+        c = pid.to(tl.int64) * per
+        cend = tl.minimum(c + per, total)
+        t = tl.sum((cum <= c).to(tl.int64), axis=0) - 1
+        lanes = tl.arange(0, BLOCK)
+        while c < cend:
+            base = tl.load(table + KMAX + t)
+            stop = tl.minimum(tl.load(table + KMAX + t + 1), cend)
+            off = tl.multiple_of(tl.load(table + t), VEC)
+            n = tl.load(table + 2 * KMAX + t).to(tl.int32)
+            x_ptr = x_base + off
+            amax = tl.zeros((BLOCK,), dtype=tl.float32)
+            finite = tl.zeros((BLOCK,), dtype=tl.int32)
+            zero = tl.zeros((BLOCK,), dtype=tl.int32)
+            tiny = tl.zeros((BLOCK,), dtype=tl.int32)
+            small = tl.zeros((BLOCK,), dtype=tl.int32)
+            for k in range(c - base, stop - base):
+                start = k.to(tl.int32) * CHUNK
+                if start + CHUNK <= n:  # a whole chunk: no mask, 16-byte loads
+                    for u in tl.static_range(UNROLL):
+                        a = tl.abs(tl.load(x_ptr + (start + u * BLOCK) + lanes).to(tl.float32))
+                        amax, finite, zero, tiny, small = _accumulate(a, amax, finite, zero, tiny, small)
+                else:  # the tensor's last chunk: lanes past the end load 0.0 (they cancel, see _partials)
+                    for u in tl.static_range(UNROLL):
+                        offs = (start + u * BLOCK) + lanes
+                        a = tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
+                        amax, finite, zero, tiny, small = _accumulate(a, amax, finite, zero, tiny, small)
+            visited = (stop - c) * CHUNK
+            finite_n = tl.sum(finite.to(tl.int64), axis=0)
+            zero_n = tl.sum(zero.to(tl.int64), axis=0)
+            tiny_n = tl.sum(tiny.to(tl.int64), axis=0)
+            small_n = tl.sum(small.to(tl.int64), axis=0)
+            slot = amax_base + tl.load(table + 3 * KMAX + t) + pid
+            tl.store(slot, tl.maximum(tl.load(slot), tl.max(amax, axis=0)))
+            counts = count_base + tl.load(table + 4 * KMAX + t) + pid * 4
+            tl.store(counts + 0, tl.load(counts + 0) + (visited - finite_n))
+            tl.store(counts + 1, tl.load(counts + 1) + (finite_n - zero_n))
+            tl.store(counts + 2, tl.load(counts + 2) + (tiny_n - zero_n))
+            tl.store(counts + 3, tl.load(counts + 3) + (small_n - tiny_n))
+            c = stop
+            t += 1
 
 
 def available(t: torch.Tensor) -> bool:
@@ -265,6 +351,79 @@ class StatsArena:
             amax, counts, amax_ptr, counts_ptr = self._blocks[block]
             self._launch(t, amax, counts, row, amax_ptr, counts_ptr)
         return slot
+
+    def take(self) -> int:
+        """A fresh slot, allocated but not written (a later :meth:`reduce_group` fills it)."""
+        slot = self.used
+        self.used = slot + 1
+        if (slot - self._first) // self.rows == len(self._blocks):
+            self._new_block()
+        return slot
+
+    def group_table(self, tensors: list[torch.Tensor], slots: list[int]) -> tuple[torch.Tensor, list[int], int]:
+        """The table :meth:`reduce_group` launches with, as a host int64 tensor ``[5 * GROUP_TENSORS + 1]``
+        (see ``_group_kernel``), and the grid size.
+
+        Args:
+            tensors: up to ``GROUP_TENSORS - 1`` dense CUDA tensors of one dtype, each non-empty,
+                at most :data:`WIDE_ABOVE` elements, 16-byte aligned. ``tensors[0]`` is the base
+                pointer the launch passes.
+            slots: their slots (from :meth:`take`).
+        """
+        k, width = len(tensors), GROUP_TENSORS
+        assert 0 < k < width and len(slots) == k
+        chunk = BLOCK * UNROLL
+        size = tensors[0].element_size()
+        base = tensors[0].data_ptr()
+        amax0, counts0 = self._blocks[0][2], self._blocks[0][3]
+        table = [0] * (5 * width + 1)
+        cum = 0
+        for i, (t, slot) in enumerate(zip(tensors, slots)):
+            n = t.numel()
+            block, row = divmod(slot - self._first, self.rows)
+            _, _, amax_ptr, counts_ptr = self._blocks[block]
+            table[i] = (t.data_ptr() - base) // size
+            table[width + i] = cum
+            table[2 * width + i] = n
+            table[3 * width + i] = (amax_ptr - amax0) // 4 + row * self._programs
+            table[4 * width + i] = (counts_ptr - counts0) // 8 + row * self._programs * 4
+            cum += (n + chunk - 1) // chunk
+        table[width + k: 2 * width] = [1 << 62] * (width - k)
+        table[5 * width] = cum
+        return torch.tensor(table, dtype=torch.int64), min(cum, self._launch.max_programs)
+
+    def reduce_group(self, tensors: list[torch.Tensor], slots: list[int], table: torch.Tensor, grid: int) -> None:
+        """One launch that reduces every tensor of a group into its slot (no host sync).
+
+        Args:
+            tensors, slots: as in :meth:`group_table`.
+            table: the device copy of :meth:`group_table`'s table (while a CUDA graph is captured,
+                it may be filled after the capture and before the first replay: the kernel reads it
+                when it runs).
+            grid: programs, from :meth:`group_table`.
+        """
+        amax, counts = self._blocks[0][0], self._blocks[0][1]
+        _group_kernel[(grid,)](tensors[0], amax, counts, table, KMAX=GROUP_TENSORS, VEC=16 // tensors[0].element_size(),
+                               BLOCK=BLOCK, UNROLL=UNROLL, num_warps=NUM_WARPS)
+
+    def warm_group(self) -> bool:
+        """Compile the group kernel for every dtype of :data:`DTYPES` now (not inside a capture);
+        False when it does not compile or run (then groups are not used)."""
+        if not self._blocks:
+            self._new_block()
+        try:
+            for dtype in DTYPES:
+                x = torch.zeros(64, dtype=dtype, device=self.device)
+                slot = self.take()
+                host, grid = self.group_table([x], [slot])
+                self.reduce_group([x], [slot], host.to(self.device), grid)
+                self.used -= 1  # give the slot back, zeroed
+                block, row = divmod(slot - self._first, self.rows)
+                self._blocks[block][0][row].zero_()
+                self._blocks[block][1][row].zero_()
+        except Exception:  # noqa: BLE001 - any compile or launch failure: per-tensor launches
+            return False
+        return True
 
     def reserve(self, rows: int) -> None:
         """Allocate blocks until ``rows`` more slots fit (reducing into them allocates nothing)."""
