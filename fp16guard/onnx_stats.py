@@ -197,6 +197,7 @@ def statistics_model(model: onnx.ModelProto, values: Sequence[str], types: Mappi
         raise KeyError(f"cannot measure {missing[0]!r} in the main graph")
 
     def measure(value: str) -> list:
+        """The statistics nodes of ``value`` (its :class:`StatOutputs` recorded in ``results``)."""
         elem = types[value]
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize
         hint = sizes[value] // itemsize if value in sizes else None

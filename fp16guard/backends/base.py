@@ -216,6 +216,7 @@ class Backend(ABC):
 
     def __init__(self) -> None:
         self._engines: dict[str, Engine] = {}
+        self._unhashed: tuple[onnx.ModelProto, Engine] | None = None  # the one engine not yet hashed
         self.builds = 0
 
     def build(self, model) -> Engine:
@@ -254,7 +255,7 @@ class Backend(ABC):
         """``(content hash or None, the engine already built for a model of that content or None)``.
         The hash (a serialization and a SHA-256 of the whole model: a second for BERT-base) is taken
         only from the second model on; the first is hashed then."""
-        last = getattr(self, "_unhashed", None)
+        last = self._unhashed
         if last is not None and last[0] is model:
             return None, last[1]
         if last is None and not self._engines:

@@ -84,7 +84,6 @@ class CachedCut:
         position: the cut (the position of its last node, in the target's execution order).
         values: per input, in the target's input order, the values crossing the cut as the FP16
             prefix computed them (FP32 arrays holding FP16 numbers, integer arrays as they are).
-        nbytes: their size.
     """
 
     position: int
@@ -92,6 +91,7 @@ class CachedCut:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of :attr:`values` over every input (what the cache holds)."""
         return sum(a.nbytes for values in self.values for a in values.values())
 
 
