@@ -85,7 +85,7 @@ class _OpView(TorchDispatchMode):
         mutates = func._schema.is_mutable
         outs = [rec.store.measure(t, fresh=mutates) for t in iter_tensors(out)]
         if outs:
-            scope = probe._stack[-1] if probe._stack else ""
+            scope = probe._open[-1].scope if probe._open else ""
             kind = func.overloadpacket.__name__
             key = f"{scope or '(model)'}::{kind}"
             n = rec.op_counts.get(key, 0)
@@ -160,8 +160,7 @@ class FInspect:
         self._sources: list[Recording | SignatureRecord] = [self._main]  # in the order they began
         self._signatures: dict[tuple, SignatureRecord] = {}
         self._scratch: Recording | None = None  # reused by the eager forwards of run()
-        self._open: list[PendingCall] = []
-        self._stack: list[str] = []
+        self._open: list[PendingCall] = []  # calls begun and not yet returned, innermost last
         self._noted: set[str] = set()
 
     # -- context manager -----------------------------------------------------------------------
@@ -235,7 +234,6 @@ class FInspect:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
         self._open.clear()
-        self._stack.clear()
         self._rec = self._main
         self._main.store.flush()
         for record in self._signatures.values():  # graphs replay hooks; without hooks they must go
@@ -247,6 +245,8 @@ class FInspect:
 
     # -- hooks ---------------------------------------------------------------------------------
     def _measure_all(self, obj: Any) -> list[int]:
+        """Rows of the floating tensors in ``obj`` (a hook's inputs or outputs), weights skipped,
+        with the op view paused."""
         if self._mode is None:  # nothing watches torch ops: no need to pause
             return self._rows_of(obj)
         self._paused = True
@@ -270,8 +270,8 @@ class FInspect:
             n = counts.get(name, 0)
             counts[name] = n + 1
             inputs = args[0] if len(args) == 1 and not kwargs else (args, kwargs)
-            self._open.append(PendingCall(name, kind, name, n, leaf, self._measure_all(inputs)))
-            self._stack.append(name)
+            rows = self._rows_of(inputs) if self._mode is None else self._measure_all(inputs)
+            self._open.append(PendingCall(name, kind, name, n, leaf, rows))
 
         return pre_hook
 
@@ -281,8 +281,7 @@ class FInspect:
             if not self._open:  # hooks were installed while this module was already running
                 return
             pending = self._open.pop()
-            self._stack.pop()
-            pending.outputs = self._measure_all(output)
+            pending.outputs = self._rows_of(output) if self._mode is None else self._measure_all(output)
             calls = self._rec.calls
             pending.index = len(calls)
             calls.append(pending)
@@ -437,7 +436,6 @@ class FInspect:
             captured, graph_rec = self._capture_graph(record, static_args, static_kwargs, stream)
         except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager
             self._open.clear()
-            self._stack.clear()
             if not any(r.captured is not None for r in self._signatures.values()):
                 self._graph_pool = None  # a pool no graph holds is freed; the next capture takes a new one
             record.eager_reason = f"CUDA graph capture failed: {first_line(e)}"

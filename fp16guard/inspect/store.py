@@ -194,9 +194,12 @@ class StatsStore:
         everything with ``fresh=True`` (outputs of in-place ops seen below autograd, where the
         version counter has not been bumped yet).
         """
-        version = None if t.is_inference() else t._version
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor: no version counter
+            version = None
         hit = None if fresh else self._cache.get(id(t))
-        if hit is not None and version is not None and hit[0]() is t and hit[1] == version:
+        if hit is not None and hit[1] == version and version is not None and hit[0]() is t:
             row = hit[2]
         else:
             row = len(self.numel)
