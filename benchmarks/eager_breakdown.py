@@ -4,6 +4,12 @@ then a cProfile of FInspect.
 
     python benchmarks/eager_breakdown.py --device cuda --models resnet50,bert-base --dtype float16
     python benchmarks/eager_breakdown.py --device cpu --models resnet50 --dtype float32 --batch 32 --iters 3
+
+Each model's first line counts what one hooked forward measures: module calls, tensors reduced (one
+kernel launch each on CUDA), and how many of those tensors are overwritten in place later in the
+same forward (an in-place ReLU after a BatchNorm, ``out += identity``). Only the others could wait
+for a shared multi-tensor launch in eager mode: a reduction must run before the write, and an eager
+forward cannot know, at a hook, whether code between it and the next hook will write.
 """
 
 from __future__ import annotations
@@ -26,6 +32,31 @@ from inspect_overhead import make_model, noop_hooks, timed  # noqa: E402
 from fp16guard import FInspect  # noqa: E402
 
 
+def count_in_place(model, a, kw) -> tuple[int, int, int]:
+    """(module calls, tensors reduced, tensors overwritten in place later in the forward) of one
+    hooked forward (no_grad); the reduced tensors are held to the end to read their version counters."""
+    from fp16guard.inspect.store import StatsStore
+
+    held = []
+    store_measure = StatsStore.measure
+
+    def measure(store, t, *, fresh=False):
+        row = store_measure(store, t, fresh=fresh)
+        if row == len(store.numel) - 1 and (not held or held[-1][2] != row):
+            held.append((t, None if t.is_inference() else t._version, row))
+        return row
+
+    probe = FInspect(model, static=False, cuda_graph=False)
+    StatsStore.measure = measure
+    try:
+        with torch.no_grad(), probe:
+            model(*a, **kw)
+    finally:
+        StatsStore.measure = store_measure
+    changed = sum(v is not None and t._version != v for t, v, _ in held)
+    return len(probe._main.calls), len(held), changed
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -44,6 +75,9 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     for name in args.models.split(","):
         model, a, kw = make_model(name, args.batch, device, dtype)
+        calls, reduced, changed = count_in_place(model, a, kw)
+        print(f"{name:10} {args.dtype:8} one forward: {calls} module calls, {reduced} tensors reduced, "
+              f"{changed} of them overwritten in place later in the forward")
         hooked = copy.deepcopy(model)
         handles = noop_hooks(hooked)
         bare = copy.deepcopy(model)
