@@ -31,11 +31,12 @@ OVERLAP_STATISTICS = True
 
 #: While a graph is captured, reduce the tensors in multi-tensor launches, one per group of
 #: :data:`~fp16guard.inspect.triton_stats.GROUP_BYTES` (and at every point where a measured tensor
-#: is about to be overwritten in place), instead of one launch per tensor: each launch costs some
-#: microseconds of ramp and drain (``benchmarks/inspect_overhead.py --graph``). Off by default
-#: until ``tests/test_cuda_graph.py`` (its grouped cases) and the ``--graph`` benchmark have run on
-#: a GPU: the group kernel itself was checked there (exact per-tensor numbers, FP32/FP16/BF16), the
-#: grouped capture not yet (issue 26, item 2).
+#: is about to be overwritten in place), instead of one launch per tensor. Off by default: on a lent
+#: H100 (``benchmarks/results_inspect_graph_h100.txt``) groups of 32 MiB made the statistics
+#: slower than one launch per tensor on the side stream for ResNet-50, ViT-B/16 and BERT-base in
+#: FP32 and FP16 (e.g. 1.25x against 1.13x the read floor, ResNet-50 FP32): inside a graph a launch
+#: costs little, and per-tensor kernels start as soon as their tensor exists, beside the model's
+#: next kernels. Grouped and per-tensor reports are equal value for value (``tests/test_cuda_graph.py``).
 GROUP_STATISTICS = False
 
 #: At most this many input signatures are captured per probe; they share one memory pool, so the

@@ -65,6 +65,7 @@ class StatsStore:
         self.overwritten: dict[int, int] = {}  # row -> tick it was last seen unchanged, for rows whose
         # tensor changed before its statistics were surely read
         self._tables: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device, host) group tables to fill
+        self._table_block: torch.Tensor | None = None  # launch tables reserved before a capture
         self._arenas: dict[int, triton_stats.StatsArena] = {}  # by CUDA device index
         self.clear()
 
@@ -95,6 +96,15 @@ class StatsStore:
             if self._grouped and arena.device.index not in self._group_ok:
                 self._group_ok[arena.device.index] = arena.warm_group()
             arena.reserve(rows)
+            if self._grouped and self._group_ok.get(arena.device.index):
+                # One launch table per possible group, allocated now, outside the graph's memory
+                # pool. A table allocated during the capture may take the memory of an activation
+                # freed earlier in the same forward: every replay writes that activation again and
+                # clobbers the table, which is filled once, after the capture (seen on an H100:
+                # wrong rows, then illegal addresses). One column more than a table keeps every
+                # row 16-byte aligned (as Triton specialized the kernel's pointers when it compiled).
+                self._table_block = torch.zeros(rows, 5 * triton_stats.GROUP_TENSORS + 2, dtype=torch.int64,
+                                                device=arena.device)
 
     def _arena(self, device: torch.device) -> triton_stats.StatsArena:
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -162,7 +172,11 @@ class StatsStore:
                 self.overwritten[row] = self._seen.get(row, -1)
         host, grid = arena.group_table(tensors, slots)
         if torch.cuda.is_current_stream_capturing():  # filled after the capture (fill_tables)
-            table = torch.empty(host.shape, dtype=host.dtype, device=arena.device)
+            block = self._table_block
+            if block is not None and len(self._tables) < len(block) and block.device == arena.device:
+                table = block[len(self._tables), : host.numel()]
+            else:
+                table = torch.empty(host.shape, dtype=host.dtype, device=arena.device)
             self._tables.append((table, host))
         else:
             table = host.to(arena.device)
