@@ -11,8 +11,9 @@ inside the block (which goes through ``run`` by itself on CUDA), in interleaved
 rounds; then the GPU time the statistics add inside the graph (FInspect graph replay - plain graph
 replay) against the read floor: the bytes of every tensor measured over the read bandwidth measured
 here. The statistics run in several variants (``--kernels``: ``triton_stats.REDUCTION``,
-``replay.OVERLAP_STATISTICS``, ``triton_stats.GROUP_BYTES`` or one launch per tensor); the first
-listed is the default, and the reports of all variants must agree value for value (printed).
+``replay.OVERLAP_STATISTICS``, ``triton_stats.GROUP_BYTES`` or one launch per tensor,
+``triton_stats.GROUP_TENSOR_BYTES``); the first listed is the default, and the reports of all
+variants must agree, amax and every count per element read (printed).
 
 ``--baseline DIR`` adds an earlier fp16guard as one more eager row, side by side. Make DIR with::
 
@@ -343,15 +344,18 @@ def set_kernel(key):
     import fp16guard.inspect.triton_stats as T
     from fp16guard.inspect import replay
 
-    T.REDUCTION, replay.OVERLAP_STATISTICS, group = key
+    T.REDUCTION, replay.OVERLAP_STATISTICS, group, below = key
     replay.GROUP_STATISTICS = bool(group)
     if group:
         T.GROUP_BYTES = group
+    T.GROUP_TENSOR_BYTES = below
 
 
 def kernel_label(key) -> str:
-    reduction, overlap, group = key
+    reduction, overlap, group, below = key
     launch = f"groups of {group >> 20} MiB" if group else "per tensor"
+    if group and below:
+        launch += f" of tensors up to {below >> 10} KiB"
     return f"{reduction}, {'side stream' if overlap else 'inline'}, {launch}"
 
 
@@ -371,8 +375,8 @@ def main_graph(args):
     print(f"fp16guard inspect, CUDA graph mode: batch {args.batch}, {torch.cuda.get_device_name(device)}, "
           f"torch {torch.__version__}, triton {triton.__version__}; medians of {args.iters} interleaved rounds")
     print(f"measured read bandwidth: {bandwidth / 1e12:.2f} TB/s (best of torch.amax / torch.sum over 4 GiB)")
-    kernels = [tuple(k.split(":")) for k in args.kernels.split(",")]
-    kernels = [(r, o == "side", int(g) << 20) for r, o, g in kernels]
+    kernels = [(k.split(":") + ["0"])[:4] for k in args.kernels.split(",")]
+    kernels = [(r, o == "side", int(g) << 20, int(b) << 10) for r, o, g, b in kernels]
     for name in args.models.split(","):
         for dt_name in args.dtypes.split(","):
             bench_graph(name, getattr(torch, dt_name), device, args.batch, args.iters, bandwidth, kernels)
@@ -401,8 +405,9 @@ def main():
                     help="CUDA graph mode instead: plain and FInspect, eager and graph, on --models, with the "
                          "statistics' GPU time against the measured read floor")
     ap.add_argument("--models", default="resnet50,vit_b_16,bert-base")
-    ap.add_argument("--kernels", default="partials:side:32,partials:side:8,partials:side:0,partials:inline:32",
-                    help="--graph: statistics variants REDUCTION:side|inline:GROUP_MiB (0: one launch per tensor), "
+    ap.add_argument("--kernels", default="partials:side:0,partials:side:32,partials:side:32:4096,partials:side:32:2048",
+                    help="--graph: statistics variants REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB] (GROUP_MiB 0: one "
+                         "launch per tensor; MAX_TENSOR_KiB: only smaller tensors join groups), "
                          "the first the default; each is captured and timed")
     ap.add_argument("--baseline", metavar="DIR",
                     help="a folder holding an earlier fp16guard renamed to the package fp16guard_base (e.g. "

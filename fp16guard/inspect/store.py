@@ -141,6 +141,9 @@ class StatsStore:
         n = t.numel()
         if t.is_inference() or not 0 < n <= triton_stats.WIDE_ABOVE:
             return False
+        limit = triton_stats.GROUP_TENSOR_BYTES
+        if limit and n * t.element_size() > limit:
+            return False
         if not (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
             t = t.contiguous()
         if t.data_ptr() % 16:

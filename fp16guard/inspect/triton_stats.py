@@ -74,6 +74,9 @@ GROUP_TENSORS = 128
 #: ... and a group is launched once it holds this many bytes (tensors are kept alive until their
 #: group's launch, so this bounds the extra memory a group holds).
 GROUP_BYTES = 32 << 20
+#: ... and only tensors of at most this many bytes join a group (0: any size); larger ones get their
+#: own launch, whose ramp and drain are small next to their read.
+GROUP_TENSOR_BYTES = 0
 
 if triton is not None:
 
