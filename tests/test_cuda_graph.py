@@ -86,14 +86,14 @@ def test_grouped_capture_of_a_resnet_stage_equals_eager(monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torchvision.models.resnet50().layer1, torch.nn.ReLU()).cuda().half().eval()
     xs = [x.half() for x in _cuda_batches((4, 64, 32, 32), [1, 3, 0.5, 2], torch.float32)]
-    for group_bytes in (1 << 16, 1 << 30):
-        triton_stats.GROUP_BYTES, old = group_bytes, triton_stats.GROUP_BYTES
-        try:
-            with torch.no_grad(), FInspect(model) as probe:
-                for x in xs:
-                    probe.run(x)
-        finally:
-            triton_stats.GROUP_BYTES = old
+    # (group size, largest tensor that joins a group): the stage's tensors are 512 KiB and 2 MiB,
+    # so the last case groups the small ones and launches the large ones alone.
+    for group_bytes, tensor_bytes in ((1 << 16, 0), (1 << 30, 0), (1 << 30, 1 << 20)):
+        monkeypatch.setattr(triton_stats, "GROUP_BYTES", group_bytes)
+        monkeypatch.setattr(triton_stats, "GROUP_TENSOR_BYTES", tensor_bytes)
+        with torch.no_grad(), FInspect(model) as probe:
+            for x in xs:
+                probe.run(x)
         assert probe.mode == "CUDA graph: 1 capture, 2 replays; eager: 2 forwards"
         assert as_rows(probe.report().calls) == merged(eager_reports(model, xs, cuda_graph=False))
 
