@@ -270,8 +270,7 @@ class FInspect:
             n = counts.get(name, 0)
             counts[name] = n + 1
             inputs = args[0] if len(args) == 1 and not kwargs else (args, kwargs)
-            rows = self._rows_of(inputs) if self._mode is None else self._measure_all(inputs)
-            self._open.append(PendingCall(name, kind, name, n, leaf, rows))
+            self._open.append(PendingCall(name, kind, name, n, leaf, self._measure_all(inputs)))
 
         return pre_hook
 
@@ -281,7 +280,7 @@ class FInspect:
             if not self._open:  # hooks were installed while this module was already running
                 return
             pending = self._open.pop()
-            pending.outputs = self._rows_of(output) if self._mode is None else self._measure_all(output)
+            pending.outputs = self._measure_all(output)
             calls = self._rec.calls
             pending.index = len(calls)
             calls.append(pending)

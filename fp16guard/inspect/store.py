@@ -176,10 +176,10 @@ class StatsStore:
         host, grid = arena.group_table(tensors, slots)
         if torch.cuda.is_current_stream_capturing():  # filled after the capture (fill_tables)
             block = self._table_block
-            if block is not None and len(self._tables) < len(block) and block.device == arena.device:
-                table = block[len(self._tables), : host.numel()]
-            else:
-                table = torch.empty(host.shape, dtype=host.dtype, device=arena.device)
+            if block is None or len(self._tables) == len(block) or block.device != arena.device:
+                # Not one allocated now: inside the capture's pool, a replay could overwrite it.
+                raise RuntimeError("more statistics groups than tables reserved before the capture")
+            table = block[len(self._tables), : host.numel()]
             self._tables.append((table, host))
         else:
             table = host.to(arena.device)
