@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inspect_overhead import make_model, noop_hooks, timed  # noqa: E402
+from inspect_overhead import check_args, make_model, noop_hooks, timed  # noqa: E402
 
 from fp16guard import FInspect  # noqa: E402
 
@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--baseline", metavar="DIR", help="an earlier fp16guard as package fp16guard_base (see "
                     "inspect_overhead.py): adds its FInspect as a row")
     args = ap.parse_args()
+    check_args(args.models, args.dtype, cuda=args.device.startswith("cuda"))
     base_cls = None
     if args.baseline:
         sys.path.append(args.baseline)

@@ -388,6 +388,33 @@ BASELINE = None
 #: Each variant's fastest round (seconds) of the last :func:`bench`: on a loaded machine the
 #: minimum is the steadier number.
 MINIMA: dict = {}
+MODELS = ("resnet50", "vit_b_16", "bert-base")
+
+
+def bad_input(message: str) -> None:
+    """One line on stderr and exit 2 (bad arguments), before any model is built."""
+    print(f"{Path(sys.argv[0]).name}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_args(models: str, dtypes: str, *, cuda: bool, kernels: str = "") -> None:
+    """Exit 2 with one line for arguments no run could use: an unknown model or dtype (comma
+    lists), a CUDA run where torch sees no GPU, a malformed ``--kernels`` entry."""
+    for name in models.split(","):
+        if name not in MODELS:
+            bad_input(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    for name in dtypes.split(","):
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            bad_input(f"unknown floating dtype {name!r}; e.g. float16,float32")
+    if cuda and not torch.cuda.is_available():
+        bad_input("this needs a CUDA GPU and torch sees none; use --device cpu (not with --graph)")
+    for spec in kernels.split(",") if kernels else ():
+        parts = spec.split(":")
+        if not (3 <= len(parts) <= 4 and parts[0] in ("partials", "atomic") and parts[1] in ("side", "inline")
+                and all(p.isdigit() for p in parts[2:])):
+            bad_input(f"bad --kernels entry {spec!r}; write REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB], "
+                      "e.g. partials:side:0")
 
 
 def main():
@@ -413,6 +440,8 @@ def main():
                     help="a folder holding an earlier fp16guard renamed to the package fp16guard_base (e.g. "
                          "`git archive REV fp16guard` with its imports renamed): adds its FInspect as a row")
     args = ap.parse_args()
+    check_args(args.models, args.dtypes, cuda=args.graph or args.device.startswith("cuda"),
+               kernels=args.kernels if args.graph else "")
     if args.baseline:
         sys.path.append(args.baseline)
         from fp16guard_base import FInspect as BASELINE  # noqa: N811
