@@ -49,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fp16guard import FInspect  # noqa: E402
+from fp16guard.inspect import replay as _replay, triton_stats as _triton_stats  # noqa: E402
 
 
 def make_resnet50() -> tuple[torch.nn.Module, str]:
@@ -338,25 +339,58 @@ def as_rows(report):
     return [(r.name, r.kind, r.inputs, r.outputs) for r in report.calls]
 
 
+#: Knobs as fp16guard ships them, read once at import (a variant's settings are applied over them).
+DEFAULT_KNOBS = {"streams": _replay.STATISTICS_STREAMS, "programs": _triton_stats.PROGRAMS_PER_SM,
+                 "priority": _replay.PRIORITIZE_MODEL}
+
+
+def parse_kernel(spec: str) -> tuple:
+    """One ``--kernels`` entry, ``REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB][:sN][:pN][:prio]``,
+    as (REDUCTION, side stream?, group bytes (0: per tensor), largest grouped tensor's bytes (0: any),
+    side streams, programs per SM, model stream prioritized?); None when malformed."""
+    parts = spec.split(":")
+    if len(parts) < 3 or parts[0] not in ("partials", "atomic") or parts[1] not in ("side", "inline"):
+        return None
+    numbers = [p for p in parts[2:4] if p.isdigit()]
+    options = parts[2 + len(numbers):]
+    if not numbers:
+        return None
+    knobs = dict(DEFAULT_KNOBS)
+    for option in options:
+        if option == "prio":
+            knobs["priority"] = True
+        elif option[:1] in ("s", "p") and option[1:].isdigit() and int(option[1:]) > 0:
+            knobs["streams" if option[0] == "s" else "programs"] = int(option[1:])
+        else:
+            return None
+    group, below = (int(n) for n in (numbers + ["0"])[:2])
+    return (parts[0], parts[1] == "side", group << 20, below << 10, knobs["streams"], knobs["programs"],
+            knobs["priority"])
+
+
 def set_kernel(key):
-    """Select how the statistics run: (REDUCTION, OVERLAP_STATISTICS, GROUP_BYTES or 0 for one launch
-    per tensor)."""
+    """Select how the statistics run (a :func:`parse_kernel` tuple) for the probes captured next."""
     import fp16guard.inspect.triton_stats as T
     from fp16guard.inspect import replay
 
-    T.REDUCTION, replay.OVERLAP_STATISTICS, group, below = key
+    T.REDUCTION, replay.OVERLAP_STATISTICS, group, below, streams, programs, priority = key
     replay.GROUP_STATISTICS = bool(group)
     if group:
         T.GROUP_BYTES = group
     T.GROUP_TENSOR_BYTES = below
+    replay.STATISTICS_STREAMS = streams
+    T.PROGRAMS_PER_SM = programs
+    replay.PRIORITIZE_MODEL = priority
 
 
 def kernel_label(key) -> str:
-    reduction, overlap, group, below = key
+    reduction, overlap, group, below, streams, programs, priority = key
     launch = f"groups of {group >> 20} MiB" if group else "per tensor"
     if group and below:
         launch += f" of tensors up to {below >> 10} KiB"
-    return f"{reduction}, {'side stream' if overlap else 'inline'}, {launch}"
+    where = "inline" if not overlap else "side stream" if streams == 1 else f"{streams} side streams"
+    extra = "" if programs == DEFAULT_KNOBS["programs"] else f", {programs} programs per SM"
+    return f"{reduction}, {where}, {launch}{extra}{', model stream prioritized' if priority else ''}"
 
 
 def graph_ms(graph, iters) -> float:
@@ -375,8 +409,7 @@ def main_graph(args):
     print(f"fp16guard inspect, CUDA graph mode: batch {args.batch}, {torch.cuda.get_device_name(device)}, "
           f"torch {torch.__version__}, triton {triton.__version__}; medians of {args.iters} interleaved rounds")
     print(f"measured read bandwidth: {bandwidth / 1e12:.2f} TB/s (best of torch.amax / torch.sum over 4 GiB)")
-    kernels = [(k.split(":") + ["0"])[:4] for k in args.kernels.split(",")]
-    kernels = [(r, o == "side", int(g) << 20, int(b) << 10) for r, o, g, b in kernels]
+    kernels = [parse_kernel(k) for k in args.kernels.split(",")]
     for name in args.models.split(","):
         for dt_name in args.dtypes.split(","):
             bench_graph(name, getattr(torch, dt_name), device, args.batch, args.iters, bandwidth, kernels)
@@ -410,11 +443,9 @@ def check_args(models: str, dtypes: str, *, cuda: bool, kernels: str = "") -> No
     if cuda and not torch.cuda.is_available():
         bad_input("this needs a CUDA GPU and torch sees none; use --device cpu (not with --graph)")
     for spec in kernels.split(",") if kernels else ():
-        parts = spec.split(":")
-        if not (3 <= len(parts) <= 4 and parts[0] in ("partials", "atomic") and parts[1] in ("side", "inline")
-                and all(p.isdigit() for p in parts[2:])):
-            bad_input(f"bad --kernels entry {spec!r}; write REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB], "
-                      "e.g. partials:side:0")
+        if parse_kernel(spec) is None:
+            bad_input(f"bad --kernels entry {spec!r}; write REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB]"
+                      "[:sSTREAMS][:pPROGRAMS_PER_SM][:prio], e.g. partials:side:0:s2")
 
 
 def main():
@@ -433,8 +464,9 @@ def main():
                          "statistics' GPU time against the measured read floor")
     ap.add_argument("--models", default="resnet50,vit_b_16,bert-base")
     ap.add_argument("--kernels", default="partials:side:0,partials:side:32,partials:side:32:4096,partials:side:32:2048",
-                    help="--graph: statistics variants REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB] (GROUP_MiB 0: one "
-                         "launch per tensor; MAX_TENSOR_KiB: only smaller tensors join groups), "
+                    help="--graph: statistics variants REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB][:sN][:pN][:prio] "
+                         "(GROUP_MiB 0: one launch per tensor; MAX_TENSOR_KiB: only smaller tensors join groups; "
+                         "sN: N side streams in turn; pN: N programs per SM; prio: the model's stream above them), "
                          "the first the default; each is captured and timed")
     ap.add_argument("--baseline", metavar="DIR",
                     help="a folder holding an earlier fp16guard renamed to the package fp16guard_base (e.g. "

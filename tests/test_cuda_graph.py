@@ -18,16 +18,20 @@ def _cuda_batches(shape, scales, dtype, seed=0):
     return [x.to("cuda", dtype) for x in batches(shape, scales, seed)]
 
 
-@pytest.fixture(params=[(True, True), (True, False), (False, True), (False, False)],
-                ids=["side-stream-grouped", "side-stream-per-tensor", "inline-grouped", "inline-per-tensor"])
+@pytest.fixture(params=[(True, True, 1), (True, False, 1), (True, False, 3), (False, True, 1), (False, False, 1)],
+                ids=["side-stream-grouped", "side-stream-per-tensor", "3-side-streams-model-first", "inline-grouped",
+                     "inline-per-tensor"])
 def overlap(request, monkeypatch):
     """Statistics on a side stream or inline; in multi-tensor launches (groups of at most 4 KiB,
-    so a forward of these small models makes several) or one launch per tensor."""
+    so a forward of these small models makes several) or one launch per tensor; or per tensor on
+    three side streams in turn, the model's stream of higher priority."""
     from fp16guard.inspect import replay, triton_stats
 
-    overlap, grouped = request.param
+    overlap, grouped, streams = request.param
     monkeypatch.setattr(replay, "OVERLAP_STATISTICS", overlap)
     monkeypatch.setattr(replay, "GROUP_STATISTICS", grouped)
+    monkeypatch.setattr(replay, "STATISTICS_STREAMS", streams)
+    monkeypatch.setattr(replay, "PRIORITIZE_MODEL", streams > 1)
     monkeypatch.setattr(triton_stats, "GROUP_BYTES", 4096)
     return overlap
 

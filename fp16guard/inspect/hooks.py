@@ -147,8 +147,8 @@ class FInspect:
         self._paused = False
         self._weight_ids: set[int] = set()
         self._graph_pool: Any = None
-        self._streams: dict[int, Any] = {}  # per CUDA device: the stream graphs are captured on
-        self._stats_streams: dict[int, Any] = {}  # ... and the one their statistics run on
+        self._streams: dict[tuple, Any] = {}  # per (CUDA device, priority): the stream graphs are captured on
+        self._stats_streams: dict[int, list] = {}  # ... and the ones their statistics run on
         self._routed: type | None = None  # the model's own class while model(x) goes through run()
         self._inside_run = False
         self.reset()
@@ -416,9 +416,10 @@ class FInspect:
         """Run this batch eagerly on the capture stream (the warm-up; merged like any batch), then
         capture the hooked forward for the batches after it. Returns this batch's output."""
         device = record.rows.device
-        stream = self._streams.get(device.index)
+        priority = -1 if replay.PRIORITIZE_MODEL else 0  # lower is higher (CUDA's convention)
+        stream = self._streams.get((device.index, priority))
         if stream is None:
-            stream = self._streams[device.index] = torch.cuda.Stream(device)
+            stream = self._streams[device.index, priority] = torch.cuda.Stream(device, priority=priority)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with self._bookkeeping():
@@ -455,9 +456,10 @@ class FInspect:
         device = record.rows.device
         side = None
         if replay.OVERLAP_STATISTICS:
-            side = self._stats_streams.get(device.index)
-            if side is None:
-                side = self._stats_streams[device.index] = torch.cuda.Stream(device)
+            streams = self._stats_streams.setdefault(device.index, [])
+            while len(streams) < replay.STATISTICS_STREAMS:
+                streams.append(torch.cuda.Stream(device))
+            side = tuple(streams[:max(1, replay.STATISTICS_STREAMS)])
         deadlines: dict[int, int] = {}
         discarded = []  # kept until the next capture holds the pool (a pool no graph holds is freed)
         for _ in range(4):

@@ -29,6 +29,16 @@ from fp16guard.inspect.store import PendingCall, Recording, StatsStore
 #: stream: :class:`~fp16guard.inspect.store.StatsStore`).
 OVERLAP_STATISTICS = True
 
+#: How many side streams the statistics of a captured graph take turns on (one kernel per tensor,
+#: round robin): with more than one, a kernel's ramp and drain overlap the next one's reads
+#: instead of running one after the other. Every row has its own slot, so the kernels never race.
+STATISTICS_STREAMS = 1
+
+#: Capture the model's kernels on a stream of higher priority than the statistics' side streams,
+#: so that where both wait for a free multiprocessor, the model's kernel goes first (graph kernel
+#: nodes keep the priority of the stream they were captured on, CUDA 11.7 and later).
+PRIORITIZE_MODEL = False
+
 #: While a graph is captured, reduce the tensors in multi-tensor launches, one per group of
 #: :data:`~fp16guard.inspect.triton_stats.GROUP_BYTES` (and at every point where a measured tensor
 #: is about to be overwritten in place), instead of one launch per tensor. Off by default: on a lent

@@ -34,8 +34,9 @@ class StatsStore:
             kernel where it is available (CUDA, float16/bfloat16/float32).
         compact: reduce the arenas' per-program slots at every :meth:`flush` (False for a store a
             CUDA graph is captured into: its replays accumulate in those slots).
-        side: a CUDA stream to reduce on, beside the model's stream, so the statistics overlap
-            the model's next kernels (used while a CUDA graph is captured). Each tensor reduced
+        side: a CUDA stream (or a tuple of them, taken in turn per tensor) to reduce on, beside
+            the model's stream, so the statistics overlap the model's next kernels (used while a
+            CUDA graph is captured). Each tensor reduced
             there is held until :meth:`flush` joins the streams, so its memory is not reused
             meanwhile, and rows whose tensor was overwritten in place before the join are listed in
             :attr:`overwritten` (their numbers may be wrong: capture again with them in ``deadlines``).
@@ -51,11 +52,14 @@ class StatsStore:
             the launch tables are filled by :meth:`fill_tables` after the capture.
     """
 
-    def __init__(self, fused: bool | None, *, compact: bool = True, side: torch.cuda.Stream | None = None,
+    def __init__(self, fused: bool | None, *, compact: bool = True,
+                 side: torch.cuda.Stream | tuple[torch.cuda.Stream, ...] | None = None,
                  deadlines: dict[int, int] | None = None, grouped: bool = False):
         self._fused = fused is not False
         self._compact = compact
-        self._side = side
+        self._sides = tuple(side) if isinstance(side, (tuple, list)) else (side,) if side is not None else ()
+        self._side = self._sides[0] if self._sides else None  # group launches, and turn 0 of the tensors
+        self._turn = 0  # the side stream the next per-tensor reduction goes to (round robin)
         self._deadlines = dict(deadlines or {})
         self._due = frozenset(self._deadlines.values())
         self._grouped = grouped
@@ -124,8 +128,10 @@ class StatsStore:
             if self._grouped and self._group_ok.get(index) and self._grouped_reduce(t, row, index, arena):
                 return
             if self._side is not None and row not in self._deadlines and not t.is_inference():
-                self._side.wait_stream(torch.cuda.current_stream(t.device))
-                with torch.cuda.stream(self._side):
+                side = self._sides[self._turn]
+                self._turn = (self._turn + 1) % len(self._sides)
+                side.wait_stream(torch.cuda.current_stream(t.device))
+                with torch.cuda.stream(side):
                     self._arena_rows.append((row, index, arena.reduce(t)))
                 self._held.append((t, t._version, row))
                 return
@@ -256,7 +262,9 @@ class StatsStore:
         for key in list(self._groups):
             self._launch_group(key)
         if self._held:  # join the side stream; only then may the held tensors' memory be reused
-            torch.cuda.current_stream(self._held[0][0].device).wait_stream(self._side)
+            current = torch.cuda.current_stream(self._held[0][0].device)
+            for side in self._sides:
+                current.wait_stream(side)
             for t, version, row in self._held:
                 if t._version != version:
                     self.overwritten[row] = self._seen.get(row, -1)
