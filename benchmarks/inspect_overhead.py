@@ -297,10 +297,11 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
             if any(r.captured is None for p in probes.values() for r in p._signatures.values()):
                 print(f"{name:10} {str(dtype):8} not captured: {first.mode}")
                 return
+            # Read before graph_ms: its raw replays add into the rows behind the probes' backs.
+            reports = {key: as_rows(p.report()) for key, p in probes.items()}
             gpu = {key: graph_ms(_graph_of(p), iters) for key, p in probes.items()}
         plain_gpu = graph_ms(plain_graph, iters)
         numel = sum(first._signatures[next(iter(first._signatures))].numel)
-    reports = {key: as_rows(p.report()) for key, p in probes.items()}
     eager_rows = as_rows(eager_probe.report())
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
@@ -316,13 +317,19 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
               f"({ms / plain_gpu:.2f}x); statistics {extra:.3f} ms for {nbytes / 1e9:.3f} GB = "
               f"{extra / floor:.2f}x the read floor {floor:.3f} ms [{kernel_label(key)}]")
     # The probes ran different numbers of batches (the first one also ran the timed rounds), all
-    # of the same input: amax and every count as a fraction of the elements read must agree exactly.
+    # of the same input, so amax and every count as a fraction of the elements read are compared.
+    # Each probe's model is a copy captured on its own: cuDNN and cuBLAS may pick other algorithms
+    # for it, whose results differ in the last bits, so exact equality is not expected here
+    # (tests/test_cuda_graph.py checks graph against eager on one model value for value).
     fractions = {key: per_element(rows) for key, rows in reports.items()}
-    same = all(rows == fractions[kernels[0]] for rows in fractions.values())
-    ref = reports[kernels[0]]
-    calls = [(n, k) for n, k, _, _ in eager_rows[:len(ref)]] == [(n, k) for n, k, _, _ in ref]
-    print(f"{name:10} {dt_name:8} reports of every variant equal value for value: {same}; same calls as eager: "
-          f"{calls}")
+    ref = fractions[kernels[0]]
+    same = sum(rows == ref for rows in fractions.values())
+    amax_diff = max((abs(a - b) / max(abs(b), 1e-30) for rows in fractions.values()
+                     for (_, _, *x), (_, _, *y) in zip(rows, ref) for u, v in zip(x, y) for a, b in zip(u[:1], v[:1])),
+                    default=0.0)
+    calls = [(n, k) for n, k, _, _ in eager_rows[:len(ref)]] == [(n, k) for n, k, _, _ in reports[kernels[0]]]
+    print(f"{name:10} {dt_name:8} reports equal to the first variant's value for value: {same} of {len(fractions)}; "
+          f"largest relative amax difference {amax_diff:.2g}; same calls as eager: {calls}")
 
 
 def per_element(rows):
@@ -340,12 +347,13 @@ def as_rows(report):
 
 
 #: Knobs as fp16guard ships them, read once at import (a variant's settings are applied over them).
-DEFAULT_KNOBS = {"streams": _replay.STATISTICS_STREAMS, "programs": _triton_stats.PROGRAMS_PER_SM,
+DEFAULT_KNOBS = {"streams": _replay.STATISTICS_STREAMS, "programs": _triton_stats.SIDE_PROGRAMS_PER_SM,
                  "priority": _replay.PRIORITIZE_MODEL}
 
 
 def parse_kernel(spec: str) -> tuple:
-    """One ``--kernels`` entry, ``REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB][:sN][:pN][:prio]``,
+    """One ``--kernels`` entry, ``REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB][:sN][:pN][:prio|noprio]``
+    (unset options: as fp16guard ships),
     as (REDUCTION, side stream?, group bytes (0: per tensor), largest grouped tensor's bytes (0: any),
     side streams, programs per SM, model stream prioritized?); None when malformed."""
     parts = spec.split(":")
@@ -357,8 +365,8 @@ def parse_kernel(spec: str) -> tuple:
         return None
     knobs = dict(DEFAULT_KNOBS)
     for option in options:
-        if option == "prio":
-            knobs["priority"] = True
+        if option in ("prio", "noprio"):
+            knobs["priority"] = option == "prio"
         elif option[:1] in ("s", "p") and option[1:].isdigit() and int(option[1:]) > 0:
             knobs["streams" if option[0] == "s" else "programs"] = int(option[1:])
         else:
@@ -379,7 +387,7 @@ def set_kernel(key):
         T.GROUP_BYTES = group
     T.GROUP_TENSOR_BYTES = below
     replay.STATISTICS_STREAMS = streams
-    T.PROGRAMS_PER_SM = programs
+    T.SIDE_PROGRAMS_PER_SM = programs
     replay.PRIORITIZE_MODEL = priority
 
 
@@ -388,9 +396,8 @@ def kernel_label(key) -> str:
     launch = f"groups of {group >> 20} MiB" if group else "per tensor"
     if group and below:
         launch += f" of tensors up to {below >> 10} KiB"
-    where = "inline" if not overlap else "side stream" if streams == 1 else f"{streams} side streams"
-    extra = "" if programs == DEFAULT_KNOBS["programs"] else f", {programs} programs per SM"
-    return f"{reduction}, {where}, {launch}{extra}{', model stream prioritized' if priority else ''}"
+    where = "inline" if not overlap else f"{streams} side stream{'s' * (streams > 1)} of {programs} programs per SM"
+    return f"{reduction}, {where}, {launch}, {'model first' if priority else 'no priorities'}"
 
 
 def graph_ms(graph, iters) -> float:
@@ -445,7 +452,7 @@ def check_args(models: str, dtypes: str, *, cuda: bool, kernels: str = "") -> No
     for spec in kernels.split(",") if kernels else ():
         if parse_kernel(spec) is None:
             bad_input(f"bad --kernels entry {spec!r}; write REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB]"
-                      "[:sSTREAMS][:pPROGRAMS_PER_SM][:prio], e.g. partials:side:0:s2")
+                      "[:sSTREAMS][:pPROGRAMS_PER_SM][:prio|noprio], e.g. partials:side:0:s2")
 
 
 def main():
@@ -463,10 +470,12 @@ def main():
                     help="CUDA graph mode instead: plain and FInspect, eager and graph, on --models, with the "
                          "statistics' GPU time against the measured read floor")
     ap.add_argument("--models", default="resnet50,vit_b_16,bert-base")
-    ap.add_argument("--kernels", default="partials:side:0,partials:side:32,partials:side:32:4096,partials:side:32:2048",
-                    help="--graph: statistics variants REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB][:sN][:pN][:prio] "
+    ap.add_argument("--kernels", default="partials:side:0,partials:side:0:s1:p4:noprio,partials:side:0:s2,partials:side:0:s4,"
+                    "partials:side:0:p2,partials:side:0:p4,partials:side:32:2048",
+                    help="--graph: statistics variants REDUCTION:side|inline:GROUP_MiB[:MAX_TENSOR_KiB][:sN][:pN][:prio|noprio] "
                          "(GROUP_MiB 0: one launch per tensor; MAX_TENSOR_KiB: only smaller tensors join groups; "
-                         "sN: N side streams in turn; pN: N programs per SM; prio: the model's stream above them), "
+                         "sN: N side streams in turn; pN: N programs per SM on them; prio|noprio: the model's stream above them or not; "
+                         "unset: as shipped), "
                          "the first the default; each is captured and timed")
     ap.add_argument("--baseline", metavar="DIR",
                     help="a folder holding an earlier fp16guard renamed to the package fp16guard_base (e.g. "

@@ -114,7 +114,8 @@ class StatsStore:
         index = device.index if device.index is not None else torch.cuda.current_device()
         arena = self._arenas.get(index)
         if arena is None:
-            arena = self._arenas[index] = triton_stats.StatsArena(torch.device("cuda", index))
+            programs = triton_stats.SIDE_PROGRAMS_PER_SM if self._side is not None else None
+            arena = self._arenas[index] = triton_stats.StatsArena(torch.device("cuda", index), programs_per_sm=programs)
         return arena
 
     def _reduce(self, t: torch.Tensor, row: int) -> None:

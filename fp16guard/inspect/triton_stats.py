@@ -59,6 +59,12 @@ UNROLL = 4
 NUM_WARPS = 8
 #: Programs per streaming multiprocessor: enough loads in flight to saturate HBM, few atomics.
 PROGRAMS_PER_SM = 4
+#: ... for the kernels of a captured graph that run on side streams, beside the model's kernels
+#: (:data:`fp16guard.inspect.replay.STATISTICS_STREAMS`): fewer, so they take fewer of the
+#: multiprocessors the model's kernels could use. On a lent H100 (three side streams, the model's
+#: stream first) 3 per SM took ResNet-50 FP16's statistics from 1.35x to 1.29x the read floor and
+#: BERT-base FP16's from 1.07x to 1.03x (``benchmarks/results_inspect_graph_h100.txt``).
+SIDE_PROGRAMS_PER_SM = 3
 #: Tensors with more elements than this use 64-bit offsets (32-bit ones could overflow near 2**31).
 WIDE_ABOVE = 2**30
 #: How a program's five partial results reach its row: ``"partials"`` (default) stores them in the
@@ -261,15 +267,17 @@ class _Launcher:
         device: the CUDA device.
         direct: force (True) or forbid (False) the direct launch; None decides by Triton version.
         reduction: ``"partials"`` or ``"atomic"`` (:data:`REDUCTION`).
+        programs_per_sm: the grid's cap per multiprocessor (None: :data:`PROGRAMS_PER_SM`).
     """
 
-    def __init__(self, device: torch.device, direct: bool | None = None, reduction: str = "partials"):
+    def __init__(self, device: torch.device, direct: bool | None = None, reduction: str = "partials",
+                 programs_per_sm: int | None = None):
         self.direct = _direct_launch_supported() if direct is None else direct
         self.partials = reduction == "partials"
         self._compiled: dict[tuple, object] = {}
         self._index = device.index if device.index is not None else torch.cuda.current_device()
         sms = torch.cuda.get_device_properties(self._index).multi_processor_count
-        self.max_programs = PROGRAMS_PER_SM * sms
+        self.max_programs = (programs_per_sm or PROGRAMS_PER_SM) * sms
         try:
             self._stream = torch._C._cuda_getCurrentRawStream  # what Triton's own driver calls
         except AttributeError:  # pragma: no cover - very old torch
@@ -311,14 +319,17 @@ class StatsArena:
         device: the CUDA device of the tensors to reduce.
         rows: slots per preallocated block: float32 amax ``[rows, P]`` and int64 counts
             ``[rows, P, 4]``, P the launch's program cap with :data:`REDUCTION` ``"partials"``
-            (528 on a 132-SM GPU: about 19 MB per block of 1024), P = 1 with ``"atomic"``.
+            (528 on a 132-SM GPU at 4 per SM: about 19 MB per block of 1024), P = 1 with ``"atomic"``.
         direct: force (True) or forbid (False) the direct launch; None decides by Triton version.
+        programs_per_sm: the launches' grid cap per multiprocessor (None: :data:`PROGRAMS_PER_SM`;
+            :data:`SIDE_PROGRAMS_PER_SM` for statistics beside a captured graph's kernels).
     """
 
-    def __init__(self, device: torch.device, rows: int = 1024, direct: bool | None = None):
+    def __init__(self, device: torch.device, rows: int = 1024, direct: bool | None = None,
+                 programs_per_sm: int | None = None):
         self.device = device
         self.rows = rows
-        self._launch = _Launcher(device, direct, REDUCTION)
+        self._launch = _Launcher(device, direct, REDUCTION, programs_per_sm)
         self._programs = self._launch.max_programs if self._launch.partials else 1
         # (amax [rows, P] float32, counts [rows, P, 4] int64, and their device pointers)
         self._blocks: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
