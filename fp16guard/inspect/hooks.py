@@ -454,16 +454,16 @@ class FInspect:
         its statistics were surely read (an in-place ReLU after the BatchNorm it measures) gets its
         row read on the model's stream, at the last hook that saw it unchanged, in a second capture."""
         device = record.rows.device
-        side = None
+        sides: tuple = ()
         if replay.OVERLAP_STATISTICS:
+            count = max(1, replay.STATISTICS_STREAMS)
             streams = self._stats_streams.setdefault(device.index, [])
-            while len(streams) < replay.STATISTICS_STREAMS:
-                streams.append(torch.cuda.Stream(device))
-            side = tuple(streams[:max(1, replay.STATISTICS_STREAMS)])
+            streams += [torch.cuda.Stream(device) for _ in range(count - len(streams))]
+            sides = tuple(streams[:count])
         deadlines: dict[int, int] = {}
         discarded = []  # kept until the next capture holds the pool (a pool no graph holds is freed)
         for _ in range(4):
-            graph_rec = Recording(StatsStore(self._fused, compact=False, side=side, deadlines=deadlines,
+            graph_rec = Recording(StatsStore(self._fused, compact=False, sides=sides, deadlines=deadlines,
                                              grouped=replay.GROUP_STATISTICS))
             graph_rec.store.reserve(device, len(record.numel))
             with self._writing_into(graph_rec):

@@ -34,7 +34,7 @@ class StatsStore:
             kernel where it is available (CUDA, float16/bfloat16/float32).
         compact: reduce the arenas' per-program slots at every :meth:`flush` (False for a store a
             CUDA graph is captured into: its replays accumulate in those slots).
-        side: a CUDA stream (or a tuple of them, taken in turn per tensor) to reduce on, beside
+        sides: CUDA streams to reduce on, taken in turn per tensor (empty: none), beside
             the model's stream, so the statistics overlap the model's next kernels (used while a
             CUDA graph is captured). Each tensor reduced
             there is held until :meth:`flush` joins the streams, so its memory is not reused
@@ -53,19 +53,19 @@ class StatsStore:
     """
 
     def __init__(self, fused: bool | None, *, compact: bool = True,
-                 side: torch.cuda.Stream | tuple[torch.cuda.Stream, ...] | None = None,
-                 deadlines: dict[int, int] | None = None, grouped: bool = False):
+                 sides: tuple[torch.cuda.Stream, ...] = (), deadlines: dict[int, int] | None = None,
+                 grouped: bool = False):
         self._fused = fused is not False
         self._compact = compact
-        self._sides = tuple(side) if isinstance(side, (tuple, list)) else (side,) if side is not None else ()
+        self._sides = tuple(sides)
         self._side = self._sides[0] if self._sides else None  # group launches, and turn 0 of the tensors
         self._turn = 0  # the side stream the next per-tensor reduction goes to (round robin)
         self._deadlines = dict(deadlines or {})
         self._due = frozenset(self._deadlines.values())
         self._grouped = grouped
-        self._track = grouped or side is not None
+        self._track = grouped or bool(self._sides)
         self._group_ok: dict[int, bool] = {}  # by device index: the group kernel compiled and ran
-        self._held: list[tuple[torch.Tensor, int, int]] = []  # (tensor, its version, row) read on `side`
+        self._held: list[tuple[torch.Tensor, int, int]] = []  # (tensor, its version, row) read on a side stream
         self.overwritten: dict[int, int] = {}  # row -> tick it was last seen unchanged, for rows whose
         # tensor changed before its statistics were surely read
         self._tables: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device, host) group tables to fill
@@ -262,7 +262,7 @@ class StatsStore:
         self._cache.clear()
         for key in list(self._groups):
             self._launch_group(key)
-        if self._held:  # join the side stream; only then may the held tensors' memory be reused
+        if self._held:  # join the side streams; only then may the held tensors' memory be reused
             current = torch.cuda.current_stream(self._held[0][0].device)
             for side in self._sides:
                 current.wait_stream(side)
