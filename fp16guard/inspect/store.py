@@ -66,6 +66,10 @@ class StatsStore:
         self._track = grouped or bool(self._sides)
         self._group_ok: dict[int, bool] = {}  # by device index: the group kernel compiled and ran
         self._held: list[tuple[torch.Tensor, int, int]] = []  # (tensor, its version, row) read on a side stream
+        # The side streams forked from the model's stream since the last join. Only these are joined:
+        # during a capture, waiting on a side stream the capture never forked is a dependency on
+        # uncaptured work, which CUDA refuses (cudaErrorStreamCaptureIsolation).
+        self._forked: dict[int, torch.cuda.Stream] = {}
         self.overwritten: dict[int, int] = {}  # row -> tick it was last seen unchanged, for rows whose
         # tensor changed before its statistics were surely read
         self._tables: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device, host) group tables to fill
@@ -132,6 +136,7 @@ class StatsStore:
                 side = self._sides[self._turn]
                 self._turn = (self._turn + 1) % len(self._sides)
                 side.wait_stream(torch.cuda.current_stream(t.device))
+                self._forked[id(side)] = side
                 with torch.cuda.stream(side):
                     self._arena_rows.append((row, index, arena.reduce(t)))
                 self._held.append((t, t._version, row))
@@ -193,6 +198,7 @@ class StatsStore:
         self._table_refs.append(table)  # the launch reads it (every replay, for a graph): kept with the rows
         if side:
             self._side.wait_stream(torch.cuda.current_stream(arena.device))
+            self._forked[id(self._side)] = self._side
             with torch.cuda.stream(self._side):
                 arena.reduce_group(tensors, slots, table, grid)
             self._held += zip(tensors, versions, rows)
@@ -264,8 +270,9 @@ class StatsStore:
             self._launch_group(key)
         if self._held:  # join the side streams; only then may the held tensors' memory be reused
             current = torch.cuda.current_stream(self._held[0][0].device)
-            for side in self._sides:
+            for side in self._forked.values():
                 current.wait_stream(side)
+            self._forked.clear()
             for t, version, row in self._held:
                 if t._version != version:
                     self.overwritten[row] = self._seen.get(row, -1)
