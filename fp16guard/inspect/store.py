@@ -135,9 +135,7 @@ class StatsStore:
             if self._side is not None and row not in self._deadlines and not t.is_inference():
                 side = self._sides[self._turn]
                 self._turn = (self._turn + 1) % len(self._sides)
-                side.wait_stream(torch.cuda.current_stream(t.device))
-                self._forked[id(side)] = side
-                with torch.cuda.stream(side):
+                with self._forking(side, t.device):
                     self._arena_rows.append((row, index, arena.reduce(t)))
                 self._held.append((t, t._version, row))
                 return
@@ -197,13 +195,18 @@ class StatsStore:
             table = host.to(arena.device)
         self._table_refs.append(table)  # the launch reads it (every replay, for a graph): kept with the rows
         if side:
-            self._side.wait_stream(torch.cuda.current_stream(arena.device))
-            self._forked[id(self._side)] = self._side
-            with torch.cuda.stream(self._side):
+            with self._forking(self._side, arena.device):
                 arena.reduce_group(tensors, slots, table, grid)
             self._held += zip(tensors, versions, rows)
         else:
             arena.reduce_group(tensors, slots, table, grid)
+
+    def _forking(self, side: torch.cuda.Stream, device: torch.device):
+        """Fork ``side`` from the model's stream on ``device`` (it waits for the work so far) and
+        make it current; :meth:`flush` joins exactly the streams forked this way."""
+        side.wait_stream(torch.cuda.current_stream(device))
+        self._forked[id(side)] = side
+        return torch.cuda.stream(side)
 
     def _launch_due(self) -> None:
         """Launch the groups of the model's stream (a row in them is due)."""
