@@ -301,7 +301,10 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
             reports = {key: as_rows(p.report()) for key, p in probes.items()}
             gpu = {key: graph_ms(_graph_of(p), iters) for key, p in probes.items()}
         plain_gpu = graph_ms(plain_graph, iters)
-        numel = sum(first._signatures[next(iter(first._signatures))].numel)
+        sizes = list(first._signatures[next(iter(first._signatures))].numel)
+        numel = sum(sizes)
+        bound = {how: read_beside_ms(model, args, kwargs, sizes, dtype, iters, how)
+                 for how in ("after", "beside, one launch", "beside, per tensor")}
     eager_rows = as_rows(eager_probe.report())
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
@@ -316,6 +319,9 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
         print(f"{name:10} {dt_name:8} GPU-only: plain graph {plain_gpu:.3f} ms, FInspect graph {ms:.3f} ms "
               f"({ms / plain_gpu:.2f}x); statistics {extra:.3f} ms for {nbytes / 1e9:.3f} GB = "
               f"{extra / floor:.2f}x the read floor {floor:.3f} ms [{kernel_label(key)}]")
+    print(f"{name:10} {dt_name:8} bound: the plain forward and a read of the same {nbytes / 1e9:.3f} GB from another "
+          f"buffer (torch.amax), GPU-only: " + ", ".join(f"{how} {ms:.3f} ms ({ms / plain_gpu:.2f}x)"
+                                                        for how, ms in bound.items()))
     # The probes ran different numbers of batches (the first one also ran the timed rounds), all
     # of the same input, so amax and every count as a fraction of the elements read are compared.
     # Each probe's model is a copy captured on its own: cuDNN and cuBLAS may pick other algorithms
@@ -398,6 +404,46 @@ def kernel_label(key) -> str:
         launch += f" of tensors up to {below >> 10} KiB"
     where = "inline" if not overlap else f"{streams} side stream{'s' * (streams > 1)} of {programs} programs per SM"
     return f"{reduction}, {where}, {launch}, {'model first' if priority else 'no priorities'}"
+
+
+def read_beside_ms(model, args, kwargs, sizes: list[int], dtype, iters: int, how: str) -> float:
+    """GPU-only milliseconds of one CUDA graph holding the plain forward and a read of
+    ``sum(sizes)`` elements of ``dtype`` from a buffer of its own (``torch.amax``, the kernel the
+    read floor is measured with): the cost of reading the activations' bytes once more from HBM,
+    with no statistics kernel, no hook and no wait for the activations to exist.
+
+    ``how``: ``"after"`` reads on the forward's stream once it ends (no overlap); ``"beside, one
+    launch"`` and ``"beside, per tensor"`` read from the forward's start on a side stream of the
+    lowest priority, the forward on one of the highest (as ``replay.PRIORITIZE_MODEL`` captures it),
+    in one launch or one launch per measured tensor (``sizes``). A statistics scheme that reads each
+    activation from HBM after the model wrote it cannot beat the best of these by much: it has the
+    same bytes to read and less freedom in when to read them (only reads that hit L2 escape it)."""
+    buffer = torch.ones(sum(sizes), dtype=dtype, device="cuda")
+    pieces = [buffer] if how != "beside, per tensor" else list(torch.split(buffer, sizes))
+    high, low = torch.cuda.Stream(priority=-1), torch.cuda.Stream(priority=0)
+
+    def forward_and_read():
+        if how == "after":
+            model(*args, **kwargs)
+            return [torch.amax(p) for p in pieces]
+        low.wait_stream(high)
+        with torch.cuda.stream(low):
+            out = [torch.amax(p) for p in pieces]
+        model(*args, **kwargs)
+        high.wait_stream(low)
+        return out
+
+    high.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad():
+        with torch.cuda.stream(high):  # warm-up outside the capture
+            forward_and_read()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=high):
+            forward_and_read()
+    torch.cuda.current_stream().wait_stream(high)
+    ms = graph_ms(graph, iters)
+    del graph, buffer, pieces
+    return ms
 
 
 def graph_ms(graph, iters) -> float:
