@@ -242,10 +242,15 @@ def read_bandwidth(device) -> float:
     return best
 
 
+def _record_of(probe):
+    """The one signature record of a probe (benchmark-only access to private state)."""
+    (record,) = probe._signatures.values()
+    return record
+
+
 def _graph_of(probe):
     """The CUDA graph FInspect.run captured (benchmark-only access to private state)."""
-    (record,) = probe._signatures.values()
-    return record.captured._graph
+    return _record_of(probe).captured._graph
 
 
 def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: float, kernels: list[tuple]):
@@ -269,6 +274,9 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
     probes = {}
     for key in kernels:
         probes[key] = FInspect(copy.deepcopy(model), static=False)
+    # The shipped kernels under torch.inference_mode(): captured with version counters (as shipped)
+    # and in inference mode (replay.VERSIONED_CAPTURE off, as before the fourth session of issue 26).
+    inference = {versioned: FInspect(copy.deepcopy(model), static=False) for versioned in (True, False)}
     first = probes[kernels[0]]
     variants = {
         "plain eager": lambda: model(*args, **kwargs),
@@ -280,7 +288,7 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
     times = {k: [] for k in variants}
     with torch.no_grad():
         with contextlib.ExitStack() as stack:
-            for p in [eager_probe, called_probe, *probes.values()]:
+            for p in [eager_probe, called_probe, *probes.values(), *inference.values()]:
                 stack.enter_context(p)
             called_model(*args, **kwargs)  # eager, then warm-up + capture: later calls replay
             called_model(*args, **kwargs)
@@ -289,6 +297,12 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
                 p.run(*args, **kwargs)
                 p.run(*args, **kwargs)
             set_kernel(kernels[0])
+            for versioned, p in inference.items():
+                _replay.VERSIONED_CAPTURE = versioned
+                with torch.inference_mode():
+                    p.run(*args, **kwargs)
+                    p.run(*args, **kwargs)
+            _replay.VERSIONED_CAPTURE = True
             for r in range(3 + iters):
                 for k, fn in variants.items():
                     dt = timed(fn, device)
@@ -299,7 +313,10 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
                 return
             # Read before graph_ms: its raw replays add into the rows behind the probes' backs.
             reports = {key: as_rows(p.report()) for key, p in probes.items()}
+            inference_rows = {versioned: as_rows(p.report()) for versioned, p in inference.items()}
             gpu = {key: graph_ms(_graph_of(p), iters) for key, p in probes.items()}
+            inference_gpu = {versioned: (graph_ms(_graph_of(p), iters), len(_record_of(p).graph_store.numel))
+                             for versioned, p in inference.items() if _record_of(p).captured is not None}
         plain_gpu = graph_ms(plain_graph, iters)
         sizes = list(first._signatures[next(iter(first._signatures))].numel)
         numel = sum(sizes)
@@ -319,6 +336,14 @@ def bench_graph(name: str, dtype, device, batch: int, iters: int, bandwidth: flo
         print(f"{name:10} {dt_name:8} GPU-only: plain graph {plain_gpu:.3f} ms, FInspect graph {ms:.3f} ms "
               f"({ms / plain_gpu:.2f}x); statistics {extra:.3f} ms for {nbytes / 1e9:.3f} GB = "
               f"{extra / floor:.2f}x the read floor {floor:.3f} ms [{kernel_label(key)}]")
+    for versioned, (ms, rows) in inference_gpu.items():
+        how = "captured under no_grad (shipped)" if versioned else "captured in inference mode (before)"
+        print(f"{name:10} {dt_name:8} GPU-only under torch.inference_mode, {how}: FInspect graph {ms:.3f} ms "
+              f"({ms / plain_gpu:.2f}x plain graph), {rows} reductions per forward")
+    if len(inference_rows) == 2:
+        a, b = (per_element(rows) for rows in inference_rows.values())
+        print(f"{name:10} {dt_name:8} inference-mode reports equal to each other value for value: {a == b}; "
+              f"same calls as the first variant: {[r[:2] for r in a] == [r[:2] for r in per_element(reports[kernels[0]])]}")
     print(f"{name:10} {dt_name:8} bound: the plain forward and a read of the same {nbytes / 1e9:.3f} GB from another "
           f"buffer (torch.amax), GPU-only: " + ", ".join(f"{how} {ms:.3f} ms ({ms / plain_gpu:.2f}x)"
                                                         for how, ms in bound.items()))

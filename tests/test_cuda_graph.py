@@ -260,3 +260,83 @@ def test_model_calls_with_autograd_on_stay_eager_with_one_line(caplog):
     assert probe.mode.startswith("eager: 3 forwards") and "autograd is on" in probe.mode
     assert sum("autograd is on" in r.getMessage() for r in caplog.records) == 1
     assert as_rows(probe.report().calls) == merged(eager_reports(model, xs, cuda_graph=False))
+
+
+def test_inference_mode_forwards_are_captured_with_version_counters(overlap):
+    """Under ``torch.inference_mode()`` the graph is captured under ``no_grad`` instead: a tensor
+    read by two calls is reduced once (fewer rows in the graph than in the eager record, mapped
+    back row by row), in-place writes are seen (in-place ReLU, ``out += identity``), the report
+    equals the eager one value for value, and the outputs are inference tensors, as eager ones.
+    The probe exits outside inference mode, where the graph's rows are folded into the record's."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchvision.models.resnet50().layer1, torch.nn.ReLU()).cuda().half().eval()
+    xs = [x.half() for x in _cuda_batches((4, 64, 32, 32), [1, 3, 0.5, 2], torch.float32)]
+    with FInspect(model) as probe:  # left outside inference mode: the graph's rows fold in there
+        with torch.inference_mode():
+            outs = [probe.run(x) for x in xs]
+        (record,) = probe._signatures.values()
+        assert record.graph_rows is not None and len(record.graph_store.numel) < len(record.numel)
+    assert probe.mode == "CUDA graph: 1 capture, 2 replays; eager: 2 forwards"
+    assert all(out.is_inference() for out in outs)
+    assert as_rows(probe.report().calls) == merged(eager_reports(model, xs, cuda_graph=False))
+    with torch.no_grad():
+        for x, out in zip(xs, outs):
+            torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
+class _ScalesItsInputInPlace(nn.Module):
+    """``x.mul_(2)`` on its input: allowed on an inference tensor only inside inference mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x.mul_(2))
+
+
+def test_a_forward_that_needs_inference_mode_is_captured_in_it(caplog):
+    """The capture outside inference mode fails on the in-place update of an inference tensor (no
+    data touched: a capture only records); the forward is then captured in inference mode."""
+    model = _ScalesItsInputInPlace().cuda().eval()
+    xs = _cuda_batches((2, 3, 8, 8), [1, 2, 3, 4], torch.float32)
+    with caplog.at_level(logging.INFO, logger="fp16guard"), torch.inference_mode(), FInspect(model) as probe:
+        outs = [probe.run(x.clone()) for x in xs]
+        (record,) = probe._signatures.values()
+        assert record.graph_rows is None
+    assert probe.mode == "CUDA graph: 1 capture, 2 replays; eager: 2 forwards"
+    assert sum("captures in inference mode" in r.getMessage() for r in caplog.records) == 1
+    expected = merged(eager_reports(model, [x.clone() for x in xs], cuda_graph=False))
+    assert as_rows(probe.report().calls) == expected
+    with torch.no_grad():
+        for x, out in zip(xs, outs):
+            torch.testing.assert_close(out, model(x.clone()), rtol=0, atol=0)
+
+
+class _BranchesOnInferenceMode(nn.Module):
+    """Calls ``self.act`` only in inference mode: other calls outside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.act(y) if torch.is_inference_mode_enabled() else y.relu()
+
+
+def test_a_forward_whose_calls_change_outside_inference_mode_is_captured_in_it(caplog):
+    model = _BranchesOnInferenceMode().cuda().eval()
+    xs = _cuda_batches((2, 3, 8, 8), [1, 2, 3, 4], torch.float32)
+    with caplog.at_level(logging.INFO, logger="fp16guard"), torch.inference_mode(), FInspect(model) as probe:
+        for x in xs:
+            probe.run(x)
+        (record,) = probe._signatures.values()
+        assert record.captured is not None and record.graph_rows is None
+    assert probe.mode == "CUDA graph: 1 capture, 2 replays; eager: 2 forwards"
+    assert sum("calls differ" in r.getMessage() for r in caplog.records) == 1
+    with torch.inference_mode():
+        expected = merged(eager_reports(model, xs, cuda_graph=False))
+    assert as_rows(probe.report().calls) == expected

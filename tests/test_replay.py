@@ -210,3 +210,94 @@ def test_run_torch_merges_inputs_of_one_shape_and_the_report_says_how_it_ran(tmp
     assert doc["mode"] == report.mode == (
         "eager: 3 forwards (no CUDA graph: the model runs on cpu, and CUDA graphs need CUDA)")
     assert doc["summary"]["calls"] == len(eager_reports(model, xs[:1])[0].calls)
+
+
+def _record(model, x, mode):
+    """The signature record of one eager forward of ``model`` under ``mode`` (CPU: no graph)."""
+    with mode(), FInspect(model, static=False) as probe:
+        probe.run(x)
+    (record,) = probe._signatures.values()
+    return record
+
+
+def test_row_map_pairs_the_fresh_rows_of_inference_mode_with_the_shared_rows_of_no_grad():
+    """Under inference mode every tensor is measured afresh (no version counter); under no_grad a
+    module's output read again as the next one's input keeps its row. ``row_map`` pairs them, and
+    the paired rows hold the same numbers value for value."""
+    from fp16guard.inspect.replay import row_map
+
+    model = residual_net()
+    x = batches((2, 3, 16, 16), [3.0])[0]
+    fresh = _record(model, x.clone(), torch.inference_mode)
+    shared = _record(model, x.clone(), torch.no_grad)
+    assert len(shared.numel) < len(fresh.numel)  # rows shared under no_grad
+    mapping = row_map(fresh.structure, shared.structure)
+    assert mapping is not None and len(mapping) == len(fresh.numel) and set(mapping) == set(range(len(shared.numel)))
+    fresh_host, _ = fresh.host_rows()
+    shared_host, _ = shared.host_rows()
+    assert [shared_host[m] for m in mapping] == fresh_host
+    assert row_map(fresh.structure, fresh.structure) == list(range(len(fresh.numel)))
+
+
+def test_row_map_refuses_forwards_through_other_calls_or_sizes():
+    from fp16guard.inspect.replay import row_map
+
+    model = residual_net()
+    x = batches((2, 3, 16, 16), [3.0])[0]
+    full = _record(model, x, torch.no_grad)
+    other_size = _record(model, batches((1, 3, 16, 16), [3.0])[0], torch.no_grad)
+    layer = _record(model.layer, torch.randn(2, 8, 16, 16), torch.no_grad)
+    assert row_map(full.structure, other_size.structure) is None  # same calls, other sizes
+    assert row_map(full.structure, layer.structure) is None  # other calls
+    calls, ops, numel = full.structure
+    assert row_map(full.structure, (calls, (("op", "aten", (0,), (1,)),), numel)) is None  # op rows
+
+
+def test_batches_run_inside_and_outside_inference_mode_merge_into_one_record():
+    """The merged rows are a normal tensor, whatever mode the first batch ran in: a later batch
+    folds into them in place outside ``torch.inference_mode()`` too (one Linear: the same rows
+    in both modes, so the batches merge)."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 8).eval()
+    xs = [torch.randn(4, 16) * s for s in (1.0, 30.0, 0.01)]
+    with FInspect(model) as probe:
+        with torch.inference_mode():
+            probe.run(xs[0])
+        with torch.no_grad():
+            probe.run(xs[1])
+            probe.run(xs[2])
+    assert probe.mode.startswith("eager: 3 forwards")
+    assert len(probe._signatures) == 1
+    assert as_rows(probe.report().calls) == merged(eager_reports(model, xs))
+
+
+class _SelfAttentionBlock(nn.Module):
+    """LayerNorm, then ``attn(y, y, y)``: one tensor passed three times to one call."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x):
+        y = self.norm(x)
+        return x + self.attn(y, y, y, need_weights=False)[0]
+
+
+def test_a_tensor_passed_three_times_counts_once_in_inference_mode_as_under_no_grad():
+    """Inference tensors get a row per measurement (no version counter); the same tensor passed
+    as query, key and value still counts once, so both modes report the same numbers and their
+    rows map onto each other."""
+    from fp16guard.inspect.replay import row_map
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_SelfAttentionBlock(), _SelfAttentionBlock()).eval()
+    x = torch.randn(2, 5, 32)
+    fresh = _record(model, x.clone(), torch.inference_mode)
+    shared = _record(model, x.clone(), torch.no_grad)
+    attn = [c for c in fresh.calls if c.kind == "MultiheadAttention"]
+    assert len(attn) == 2 and all(len(c.inputs) == 1 for c in attn)
+    assert row_map(fresh.structure, shared.structure) is not None
+    with torch.inference_mode(), FInspect(model, static=False) as probe:
+        model(x.clone())
+    assert as_rows(probe.report().calls) == as_rows(eager_reports(model, [x])[0].calls)

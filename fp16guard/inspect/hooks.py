@@ -54,6 +54,7 @@ from fp16guard.inspect.replay import (
     capture,
     describe_signature,
     input_signature,
+    row_map,
     static_copy,
 )
 from fp16guard.inspect.report import CallRecord, InspectionReport
@@ -260,8 +261,12 @@ class FInspect:
         measure = self._rec.store.measure
         if type(obj) is torch.Tensor:  # the common case, without the generic walk
             return [] if id(obj) in skip or not obj.is_floating_point() else [measure(obj)]
-        rows = [measure(t) for t in floating_tensors(obj) if id(t) not in skip]
-        return list(dict.fromkeys(rows)) if len(rows) > 1 else rows  # returned twice counts once
+        tensors = [t for t in floating_tensors(obj) if id(t) not in skip]
+        if len(tensors) > 1:  # passed or returned twice counts once (``attn(y, y, y)``), also for
+            # inference tensors, which have no version counter and so get a row per measurement
+            tensors = list({id(t): t for t in tensors}.values())
+        rows = [measure(t) for t in tensors]
+        return list(dict.fromkeys(rows)) if len(rows) > 1 else rows
 
     def _make_pre_hook(self, name: str, kind: str, leaf: bool) -> Callable:
         def pre_hook(module, args, kwargs):
@@ -433,7 +438,7 @@ class FInspect:
             self._note(record, record.eager_reason, warn=True)
             return out
         try:
-            captured, graph_rec = self._capture_graph(record, static_args, static_kwargs, stream)
+            captured, graph_rec = self._capture_versioned(record, static_args, static_kwargs, stream)
         except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager
             self._open.clear()
             if not any(r.captured is not None for r in self._signatures.values()):
@@ -445,6 +450,32 @@ class FInspect:
         if record.eager_reason is not None:
             self._note(record, record.eager_reason, warn=True)
         return out
+
+    def _capture_versioned(self, record: SignatureRecord, args: tuple, kwargs: dict,
+                           stream: torch.cuda.Stream) -> tuple[CapturedForward, Recording]:
+        """:meth:`_capture_graph`; under ``torch.inference_mode()`` first under ``torch.no_grad()``,
+        where activations have version counters (statistics beside the model, a tensor read twice
+        reduced once; rows mapped by :func:`~fp16guard.inspect.replay.row_map`), and in inference
+        mode where that fails or does not map (docs/cuda-graphs.md, "Inference mode")."""
+        discarded = None  # a capture whose rows do not map: kept until the next one holds the pool
+        if replay.VERSIONED_CAPTURE and torch.is_inference_mode_enabled():
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    captured, graph_rec = self._capture_graph(record, args, kwargs, stream)
+                if (graph_rec.structure == record.structure
+                        or row_map(record.structure, graph_rec.structure) is not None):
+                    return captured, graph_rec
+                discarded = captured
+                why = "its calls differ from the eager forward's outside inference mode"
+            except Exception as e:  # noqa: BLE001 - captured in inference mode below instead
+                self._open.clear()
+                if not any(r.captured is not None for r in self._signatures.values()):
+                    self._graph_pool = torch.cuda.graph_pool_handle()  # an unheld pool trips the allocator
+                why = first_line(e)
+            logger.info("FInspect captures in inference mode (statistics on the model's stream): %s", why)
+        result = self._capture_graph(record, args, kwargs, stream)
+        del discarded
+        return result
 
     def _capture_graph(self, record: SignatureRecord, args: tuple, kwargs: dict,
                        stream: torch.cuda.Stream) -> tuple[CapturedForward, Recording]:

@@ -53,6 +53,13 @@ PRIORITIZE_MODEL = True
 #: next kernels. Grouped and per-tensor reports are equal value for value (``tests/test_cuda_graph.py``).
 GROUP_STATISTICS = False
 
+#: Where the caller is in ``torch.inference_mode()``, capture the forward under ``torch.no_grad()``
+#: instead, so that its activations have version counters: their statistics can then run on the
+#: side streams, and a tensor read by two calls is reduced once
+#: (:meth:`~fp16guard.inspect.hooks.FInspect._capture_versioned`). The forward falls back to a
+#: capture in inference mode where it needs it.
+VERSIONED_CAPTURE = True
+
 #: At most this many input signatures are captured per probe; they share one memory pool, so the
 #: memory held is about one forward's activations plus the static inputs and outputs.
 MAX_GRAPHS = 8
@@ -169,6 +176,36 @@ def _fold(rows: torch.Tensor, more: torch.Tensor) -> None:
     rows[:, 1:] += more[:, 1:]
 
 
+def row_map(first: tuple, other: tuple) -> list[int] | None:
+    """For each row of the forward whose :attr:`Recording.structure` is ``first``, the row of
+    ``other`` (a forward through the same calls) that measured the same tensor at the same place.
+
+    Two forwards through the same calls number their rows differently where one of them measured a
+    tensor afresh and the other reused a row: under ``torch.inference_mode()`` every measurement is
+    fresh (inference tensors have no version counter), under ``torch.no_grad()`` a tensor unchanged
+    since it was measured keeps its row (the output of one module read again as the next one's
+    input). Both rows then hold the statistics of the same values.
+
+    Returns:
+        ``mapping`` with ``len(mapping) == len(first's rows)``, or None when the calls differ (name,
+        kind, number of inputs or outputs), a tensor's size differs, a row of ``first`` would map to
+        two rows of ``other``, op-level rows are present, or a row of ``first`` belongs to no call.
+    """
+    calls, ops, numel = first
+    other_calls, other_ops, other_numel = other
+    if ops or other_ops or len(calls) != len(other_calls):
+        return None
+    mapping = [-1] * len(numel)
+    for (name, kind, inputs, outputs), (o_name, o_kind, o_inputs, o_outputs) in zip(calls, other_calls):
+        if (name, kind, len(inputs), len(outputs)) != (o_name, o_kind, len(o_inputs), len(o_outputs)):
+            return None
+        for row, o_row in zip(inputs + outputs, o_inputs + o_outputs):
+            if numel[row] != other_numel[o_row] or mapping[row] not in (-1, o_row):
+                return None
+            mapping[row] = o_row
+    return None if -1 in mapping else mapping
+
+
 @dataclasses.dataclass(eq=False)
 class SignatureRecord:
     """The merged statistics of every batch of one input signature.
@@ -184,6 +221,8 @@ class SignatureRecord:
         replays: CUDA-graph replays, in :attr:`graph_store` or folded into :attr:`rows`.
         captures: CUDA graphs captured for this signature (one per entry of the probe).
         graph_store: the arena the live graph's kernels write into (None when there is none).
+        graph_rows: per row of :attr:`rows`, the row of :attr:`graph_store` that holds it (None:
+            the same numbering; see :func:`row_map`), a long tensor on the model's device.
         captured: the live graph (released, its numbers folded into :attr:`rows`, when the probe
             exits).
         eager_reason: why this signature runs eagerly (None: not decided yet, or captured).
@@ -199,13 +238,16 @@ class SignatureRecord:
     replays: int = 0
     captures: int = 0
     graph_store: StatsStore | None = None
+    graph_rows: torch.Tensor | None = None
     captured: CapturedForward | None = None
     eager_reason: str | None = None
 
     @classmethod
     def first(cls, label: str, recording: Recording, rows: torch.Tensor) -> "SignatureRecord":
         """The record of a signature's first forward (copied out of ``recording``)."""
-        return cls(label, list(recording.calls), list(recording.ops), recording.structure, rows.clone(),
+        with torch.inference_mode(False):  # a normal tensor: later forwards fold into it in any mode
+            rows = rows.clone()
+        return cls(label, list(recording.calls), list(recording.ops), recording.structure, rows,
                    recording.store.all_in_arena)
 
     @property
@@ -241,19 +283,29 @@ class SignatureRecord:
     def adopt(self, captured: CapturedForward, recording: Recording) -> str | None:
         """Keep a graph captured into ``recording`` if it measured what the first forward did, row
         for row in arena slots; otherwise say why not."""
+        graph_rows = None
         if recording.structure != self.structure:
-            return "the captured forward took another path than the first one (control flow in Python)"
+            mapping = row_map(self.structure, recording.structure)
+            if mapping is None:
+                return "the captured forward took another path than the first one (control flow in Python)"
+            graph_rows = torch.tensor(mapping, dtype=torch.long, device=self.rows.device)
         if not recording.store.all_in_arena:
             return "a measured tensor is not float16/bfloat16/float32 on one CUDA device"
-        self.captured, self.graph_store = captured, recording.store
+        self.captured, self.graph_store, self.graph_rows = captured, recording.store, graph_rows
         self.captures += 1
         return None
+
+    def _graph_numbers(self) -> torch.Tensor:
+        """The live graph's rows, numbered as :attr:`rows` (float64 ``[rows, 5]``, on the device)."""
+        assert self.graph_store is not None
+        rows = self.graph_store.device_rows()
+        return rows if self.graph_rows is None else rows[self.graph_rows]
 
     def release(self) -> None:
         """Drop the graph (and its memory) and fold what its replays measured into :attr:`rows`."""
         if self.graph_store is not None:
-            _fold(self.rows, self.graph_store.device_rows())
-        self.captured = self.graph_store = None
+            _fold(self.rows, self._graph_numbers())
+        self.captured = self.graph_store = self.graph_rows = None
 
     def replay(self, args: tuple, kwargs: dict) -> Any:
         """Run one batch through the captured graph; its statistics accumulate in the arena."""
@@ -267,7 +319,7 @@ class SignatureRecord:
         rows = self.rows
         if self.graph_store is not None:  # the live graph's numbers, beside the folded ones
             rows = rows.clone()
-            _fold(rows, self.graph_store.device_rows())
+            _fold(rows, self._graph_numbers())
         host = [tuple(r) for r in rows.cpu().tolist()]
         runs = self.forwards + self.replays
         return host, [n * runs for n in self.numel]

@@ -111,8 +111,9 @@ class StatsStore:
                 # clobbers the table, which is filled once, after the capture (seen on an H100:
                 # wrong rows, then illegal addresses). One column more than a table keeps every
                 # row 16-byte aligned (as Triton specialized the kernel's pointers when it compiled).
-                self._table_block = torch.zeros(rows, 5 * triton_stats.GROUP_TENSORS + 2, dtype=torch.int64,
-                                                device=arena.device)
+                with torch.inference_mode(False):  # filled in place after the capture, in any mode
+                    self._table_block = torch.zeros(rows, 5 * triton_stats.GROUP_TENSORS + 2, dtype=torch.int64,
+                                                    device=arena.device)
 
     def _arena(self, device: torch.device) -> triton_stats.StatsArena:
         index = device.index if device.index is not None else torch.cuda.current_device()

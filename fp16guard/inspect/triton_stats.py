@@ -445,8 +445,11 @@ class StatsArena:
             self._new_block()
 
     def _new_block(self) -> None:
-        amax = torch.zeros(self.rows, self._programs, dtype=torch.float32, device=self.device)
-        counts = torch.zeros(self.rows, self._programs, 4, dtype=torch.int64, device=self.device)
+        # Normal tensors also when first used under torch.inference_mode(): they are zeroed in place
+        # later, maybe outside it, which inference tensors refuse.
+        with torch.inference_mode(False):
+            amax = torch.zeros(self.rows, self._programs, dtype=torch.float32, device=self.device)
+            counts = torch.zeros(self.rows, self._programs, 4, dtype=torch.int64, device=self.device)
         self._blocks.append((amax, counts, amax.data_ptr(), counts.data_ptr()))
 
     def _zero_blocks(self) -> None:
