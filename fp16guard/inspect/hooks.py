@@ -261,12 +261,10 @@ class FInspect:
         measure = self._rec.store.measure
         if type(obj) is torch.Tensor:  # the common case, without the generic walk
             return [] if id(obj) in skip or not obj.is_floating_point() else [measure(obj)]
-        tensors = [t for t in floating_tensors(obj) if id(t) not in skip]
-        if len(tensors) > 1:  # passed or returned twice counts once (``attn(y, y, y)``), also for
-            # inference tensors, which have no version counter and so get a row per measurement
-            tensors = list({id(t): t for t in tensors}.values())
-        rows = [measure(t) for t in tensors]
-        return list(dict.fromkeys(rows)) if len(rows) > 1 else rows
+        # Passed or returned twice counts once (``attn(y, y, y)``), also for inference tensors,
+        # which have no version counter and so get a row per measurement.
+        tensors = {id(t): t for t in floating_tensors(obj) if id(t) not in skip}
+        return [measure(t) for t in tensors.values()]
 
     def _make_pre_hook(self, name: str, kind: str, leaf: bool) -> Callable:
         def pre_hook(module, args, kwargs):
@@ -425,8 +423,6 @@ class FInspect:
         stream = self._streams.get((device.index, priority))
         if stream is None:
             stream = self._streams[device.index, priority] = torch.cuda.Stream(device, priority=priority)
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
         with self._bookkeeping():
             static_args, static_kwargs = tree_map_only(torch.Tensor, static_copy, (args, kwargs))
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -440,9 +436,7 @@ class FInspect:
         try:
             captured, graph_rec = self._capture_versioned(record, static_args, static_kwargs, stream)
         except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager
-            self._open.clear()
-            if not any(r.captured is not None for r in self._signatures.values()):
-                self._graph_pool = None  # a pool no graph holds is freed; the next capture takes a new one
+            self._after_failed_capture()
             record.eager_reason = f"CUDA graph capture failed: {first_line(e)}"
             self._note(record, record.eager_reason, warn=True)
             return out
@@ -457,25 +451,26 @@ class FInspect:
         where activations have version counters (statistics beside the model, a tensor read twice
         reduced once; rows mapped by :func:`~fp16guard.inspect.replay.row_map`), and in inference
         mode where that fails or does not map (docs/cuda-graphs.md, "Inference mode")."""
-        discarded = None  # a capture whose rows do not map: kept until the next one holds the pool
         if replay.VERSIONED_CAPTURE and torch.is_inference_mode_enabled():
             try:
                 with torch.inference_mode(False), torch.no_grad():
                     captured, graph_rec = self._capture_graph(record, args, kwargs, stream)
-                if (graph_rec.structure == record.structure
-                        or row_map(record.structure, graph_rec.structure) is not None):
+                if row_map(record.structure, graph_rec.structure) is not None:
                     return captured, graph_rec
-                discarded = captured
+                # Not kept, but `captured` holds the pool until the capture below holds it too.
                 why = "its calls differ from the eager forward's outside inference mode"
             except Exception as e:  # noqa: BLE001 - captured in inference mode below instead
-                self._open.clear()
-                if not any(r.captured is not None for r in self._signatures.values()):
-                    self._graph_pool = torch.cuda.graph_pool_handle()  # an unheld pool trips the allocator
+                self._after_failed_capture()
                 why = first_line(e)
             logger.info("FInspect captures in inference mode (statistics on the model's stream): %s", why)
-        result = self._capture_graph(record, args, kwargs, stream)
-        del discarded
-        return result
+        return self._capture_graph(record, args, kwargs, stream)
+
+    def _after_failed_capture(self) -> None:
+        """Close the calls the failed capture left open; drop the pool if no graph holds it (it is
+        freed, and capturing into it again trips the caching allocator's use_count assert)."""
+        self._open.clear()
+        if not any(r.captured is not None for r in self._signatures.values()):
+            self._graph_pool = None
 
     def _capture_graph(self, record: SignatureRecord, args: tuple, kwargs: dict,
                        stream: torch.cuda.Stream) -> tuple[CapturedForward, Recording]:
@@ -491,6 +486,8 @@ class FInspect:
             streams = self._stats_streams.setdefault(device.index, [])
             streams += [torch.cuda.Stream(device) for _ in range(count - len(streams))]
             sides = tuple(streams[:count])
+        if self._graph_pool is None:  # one pool for all graphs of the probe
+            self._graph_pool = torch.cuda.graph_pool_handle()
         deadlines: dict[int, int] = {}
         discarded = []  # kept until the next capture holds the pool (a pool no graph holds is freed)
         for _ in range(4):

@@ -281,8 +281,8 @@ class SignatureRecord:
         return True
 
     def adopt(self, captured: CapturedForward, recording: Recording) -> str | None:
-        """Keep a graph captured into ``recording`` if it measured what the first forward did, row
-        for row in arena slots; otherwise say why not."""
+        """Keep a graph captured into ``recording`` if it measured what the first forward did, in
+        arena slots, its rows numbered alike or mapped by :func:`row_map`; otherwise say why not."""
         graph_rows = None
         if recording.structure != self.structure:
             mapping = row_map(self.structure, recording.structure)
