@@ -508,9 +508,14 @@ def bad_input(message: str) -> None:
     raise SystemExit(2)
 
 
-def check_args(models: str, dtypes: str, *, cuda: bool, kernels: str = "") -> None:
+def check_args(models: str, dtypes: str, *, cuda: bool, kernels: str = "", batch: int = 1, iters: int = 1,
+               warmup: int = 0) -> None:
     """Exit 2 with one line for arguments no run could use: an unknown model or dtype (comma
-    lists), a CUDA run where torch sees no GPU, a malformed ``--kernels`` entry."""
+    lists), a CUDA run where torch sees no GPU, a malformed ``--kernels`` entry, a batch or
+    number of timed rounds below 1, a negative warm-up."""
+    for flag, value, least in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
+        if value < least:
+            bad_input(f"{flag} {value}: give {least} or more")
     for name in models.split(","):
         if name not in MODELS:
             bad_input(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
@@ -553,7 +558,7 @@ def main():
                          "`git archive REV fp16guard` with its imports renamed): adds its FInspect as a row")
     args = ap.parse_args()
     check_args(args.models, args.dtypes, cuda=args.graph or args.device.startswith("cuda"),
-               kernels=args.kernels if args.graph else "")
+               kernels=args.kernels if args.graph else "", batch=args.batch, iters=args.iters, warmup=args.warmup)
     if args.baseline:
         sys.path.append(args.baseline)
         from fp16guard_base import FInspect as BASELINE  # noqa: N811

@@ -15,6 +15,7 @@ ROOT = Path(__file__).parents[1]
     ("eager_breakdown.py", ["--device", "cpu", "--models", "resnet50,nosuch"], "unknown model 'nosuch'"),
     ("eager_breakdown.py", ["--device", "cpu", "--dtype", "int8"], "unknown floating dtype 'int8'"),
     ("inspect_overhead.py", ["--device", "cpu", "--dtypes", "float32,float17"], "unknown floating dtype 'float17'"),
+    ("inspect_overhead.py", ["--device", "cpu", "--iters", "0"], "--iters 0: give 1 or more"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(script, args, expected):
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
